@@ -1,0 +1,53 @@
+# hypercache developer tasks. `make test` works from a fresh clone: it creates
+# .venv, installs the package (compiling the Cython core) with the dev extras,
+# then runs pytest, ruff and mypy.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: dev build test quicktest bench run lint fmt clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+dev: $(STAMP)
+
+# Recompile the extensions in place (editable installs do not rebuild on edit).
+build: $(STAMP)
+	$(PY) setup.py --quiet build_ext --inplace -j 2
+
+test: build
+	$(PY) -m pytest -q
+	$(PY) -m ruff check hypercache tests bench
+	$(PY) -m ruff format --check hypercache tests bench
+	$(PY) -m mypy
+
+quicktest: build
+	$(PY) -m pytest -q -x -m "not functional" -p no:randomly
+
+bench: build
+	$(PY) -m bench.report
+
+run: build
+	$(PY) -m hypercache.cli.local
+
+lint: $(STAMP)
+	$(PY) -m ruff check hypercache tests bench
+	$(PY) -m ruff format --check hypercache tests bench
+	$(PY) -m mypy
+
+fmt: $(STAMP)
+	$(PY) -m ruff format hypercache tests bench
+	$(PY) -m ruff check --fix hypercache tests bench
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .benchmarks
+	find hypercache -name '*.so' -delete
+	find hypercache/_core -name '*.c' -delete
+	find hypercache/_core -name '*.html' -delete

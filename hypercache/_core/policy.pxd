@@ -1,0 +1,144 @@
+# Eviction policies of the embedded cache.
+#
+# The cache core (cachecore.pyx) owns the slots: a slot is a small integer that
+# names one entry for as long as it lives. A policy sees only slot numbers and
+# 32-bit key hashes, never Python objects, and keeps its per-slot bookkeeping in
+# C arrays that grow with the core's slot arrays (``grow``). Every method below is
+# pure C: it never calls into Python, so it cannot release the GIL halfway and a
+# core operation that calls it stays atomic.
+#
+# Protocol between core and policy, for one entry's life:
+#   insert(slot, h)    the entry was just stored in ``slot``
+#   access(slot, h)    a read hit the entry (every read counts)
+#   miss(h)            a read missed (frequency policies count it)
+#   remove(slot)       the core drops the entry for its own reasons (delete,
+#                      expiry, clear); the policy forgets the slot, no ghost
+#   evict() -> slot    the core is over a bound: the policy unlinks the entry it
+#                      chooses, records whatever history it keeps (ghosts), and
+#                      returns the slot; the core then frees it without calling
+#                      remove(). NO_SLOT when the policy tracks nothing.
+#   update(slot, h)    the entry's value was overwritten (counts as an access)
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport realloc
+
+cdef enum:
+    NO_SLOT = 0xFFFFFFFF
+
+
+cdef inline void* grow_array(void* p, size_t count, size_t item) except NULL:
+    # realloc that raises MemoryError; the old block stays valid on failure.
+    cdef void* q = realloc(p, count * item if count else item)
+    if q == NULL:
+        raise MemoryError()
+    return q
+
+
+# An intrusive doubly linked list threaded through a policy's prev/next arrays.
+# ``head`` is the most recent end, ``tail`` the least recent (the usual victim).
+ctypedef struct SlotList:
+    uint32_t head
+    uint32_t tail
+    uint32_t size
+
+
+cdef inline void list_init(SlotList* l) noexcept nogil:
+    l.head = NO_SLOT
+    l.tail = NO_SLOT
+    l.size = 0
+
+
+cdef inline void list_push_head(SlotList* l, uint32_t* prev, uint32_t* nxt,
+                                uint32_t s) noexcept nogil:
+    prev[s] = NO_SLOT
+    nxt[s] = l.head
+    if l.head != NO_SLOT:
+        prev[l.head] = s
+    else:
+        l.tail = s
+    l.head = s
+    l.size += 1
+
+
+cdef inline void list_push_tail(SlotList* l, uint32_t* prev, uint32_t* nxt,
+                                uint32_t s) noexcept nogil:
+    nxt[s] = NO_SLOT
+    prev[s] = l.tail
+    if l.tail != NO_SLOT:
+        nxt[l.tail] = s
+    else:
+        l.head = s
+    l.tail = s
+    l.size += 1
+
+
+cdef inline void list_unlink(SlotList* l, uint32_t* prev, uint32_t* nxt,
+                             uint32_t s) noexcept nogil:
+    cdef uint32_t p = prev[s]
+    cdef uint32_t n = nxt[s]
+    if p != NO_SLOT:
+        nxt[p] = n
+    else:
+        l.head = n
+    if n != NO_SLOT:
+        prev[n] = p
+    else:
+        l.tail = p
+    l.size -= 1
+
+
+cdef inline void list_move_head(SlotList* l, uint32_t* prev, uint32_t* nxt,
+                                uint32_t s) noexcept nogil:
+    # Hot path of LRU hits: already at the head is the common case for hot keys.
+    if l.head == s:
+        return
+    list_unlink(l, prev, nxt, s)
+    list_push_head(l, prev, nxt, s)
+
+
+cdef inline uint32_t mix32(uint32_t h, uint32_t seed) noexcept nogil:
+    # A cheap avalanche (murmur3 finaliser) so that several independent indexes
+    # can be drawn from one 32-bit key hash.
+    h ^= seed
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+cdef class Policy:
+    # Per-slot links shared by every policy: each entry sits in one list.
+    cdef uint32_t* prev
+    cdef uint32_t* nxt
+    # Number of slots the arrays can hold (the core's slot capacity).
+    cdef uint32_t cap
+    # Nominal item capacity for policies that size segments or history by it;
+    # 0 when the cache has no item bound (the policy then uses its live count).
+    cdef uint32_t limit
+    # Entries currently tracked.
+    cdef uint32_t count
+
+    cdef int grow(self, uint32_t new_cap) except -1
+    cdef void insert(self, uint32_t slot, uint32_t h) noexcept
+    cdef void access(self, uint32_t slot, uint32_t h) noexcept
+    cdef void update(self, uint32_t slot, uint32_t h) noexcept
+    cdef void miss(self, uint32_t h) noexcept
+    cdef void remove(self, uint32_t slot) noexcept
+    cdef uint32_t evict(self) noexcept
+    cdef void clear(self) noexcept
+
+
+cdef class LRUPolicy(Policy):
+    cdef SlotList lst
+
+
+cdef class FIFOPolicy(Policy):
+    cdef SlotList lst
+
+
+cdef class ClockPolicy(Policy):
+    # Second-chance FIFO: the list is the clock face, the tail the hand.
+    cdef SlotList lst
+    cdef uint8_t* ref
