@@ -1,9 +1,5 @@
-"""hypercache: a performance-first cache for Python.
-
-- :class:`HyperCache`: the embedded, in-process cache.
-"""
+"""hypercache: a performance-first cache for Python."""
 
 from hypercache._version import __version__
-from hypercache.cache import CacheStats, HyperCache
 
-__all__ = ["CacheStats", "HyperCache", "__version__"]
+__all__ = ["__version__"]

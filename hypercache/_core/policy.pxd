@@ -22,8 +22,12 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport realloc
 
-cdef enum:
-    NO_SLOT = 0xFFFFFFFF
+cdef extern from *:
+    """
+    #define HC_NO_SLOT ((uint32_t)0xFFFFFFFFu)
+    """
+    # "No entry": the null of slot numbers and list links.
+    const uint32_t NO_SLOT "HC_NO_SLOT"
 
 
 cdef inline void* grow_array(void* p, size_t count, size_t item) except NULL:
@@ -101,9 +105,9 @@ cdef inline uint32_t mix32(uint32_t h, uint32_t seed) noexcept nogil:
     # can be drawn from one 32-bit key hash.
     h ^= seed
     h ^= h >> 16
-    h *= 0x85EBCA6B
+    h *= 0x85EBCA6BU
     h ^= h >> 13
-    h *= 0xC2B2AE35
+    h *= 0xC2B2AE35U
     h ^= h >> 16
     return h
 
