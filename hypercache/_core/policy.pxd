@@ -123,6 +123,8 @@ cdef class Policy:
     cdef uint32_t limit
     # Entries currently tracked.
     cdef uint32_t count
+    # Whether miss() does anything: the core skips the call when it does not.
+    cdef bint counts_misses
 
     cdef int grow(self, uint32_t new_cap) except -1
     cdef void insert(self, uint32_t slot, uint32_t h) noexcept

@@ -1,0 +1,923 @@
+"""The table behind :class:`hypercache.HyperCache`.
+
+Layout
+------
+An entry lives in a *slot*, a small integer. Per-slot state is spread over
+parallel C arrays (struct-of-arrays, so a lookup touches only what it needs):
+
+    kv[2*s], kv[2*s+1]   key and value (PyObject*), stored in a Python list
+    hashes[s]            32 bits of the key's hash; for a free slot, the next free slot
+    sizes[s]             the entry's size in bytes, as ``sizeof`` measured it
+    expire[s]            absolute expiry in monotonic ns, 0 = none (allocated on first TTL)
+    heap_pos[s]          the slot's place in the expiry heap
+
+plus the policy's own arrays (links, frequencies, ...). The index is an
+open-addressing table of uint32 (slot + 1, 0 = empty) with linear probing,
+Fibonacci hashing of the 32-bit hash, and backward-shift deletion, so there are
+no tombstones and a probe ends at the first empty bucket. The load factor stays
+at or under 1/2. At one million entries that is about 44 bytes per entry, all
+counted: 16 (kv) + 4 (hash) + 8 (policy links) + 8 (size) + ~8 (index).
+
+Why the keys and values sit in a Python list rather than a raw C array: the
+list is what the garbage collector traverses, so a value that refers back to
+the cache forms an ordinary collectable cycle, with no hand-written tp_traverse.
+Free slots hold the private ``_FREE`` marker (never NULL), so the list is
+always a valid list to anyone who reaches it through ``gc``. The list is never
+resized in place: growth builds a new one, and ``kv`` is re-read from it.
+
+Atomicity
+---------
+Every public method is atomic under the GIL. Python code can run inside an
+operation only at four points: the key's ``__hash__``, the key's ``__eq__``
+during a probe, a user ``sizeof`` or ``timer``, and the deallocation of a
+value or key we drop. The first and third run before any mutation. A probe
+that had to call ``__eq__`` re-checks the ``mutations`` counter afterwards and
+starts again if anything changed meanwhile (the same defence CPython's dict
+uses). Dropped references are never released mid-operation: they are pushed on
+a ``pending`` stack and released once the table is consistent again, so a
+``__del__`` that re-enters the cache (or lets another thread in) only ever sees
+a whole state. Allocations of Python objects (which can trigger the cyclic GC
+and so run finalizers) also happen only before the mutation begins.
+
+Expiry
+------
+TTLs are absolute from the write; a read never extends them. Expired entries
+are dropped when read, and reclaimed without being read by an indexed min-heap
+on expiry: each write pops at most ``SWEEP_PER_WRITE`` expired entries from the
+top, so the sweep costs O(expired * log n), never O(size), and needs no thread.
+"""
+
+cimport cython
+from cpython.object cimport PyObject, PyObject_Hash, PyObject_RichCompareBool, Py_EQ, PyTypeObject
+from cpython.ref cimport Py_INCREF, Py_DECREF
+from libc.math cimport isnan, isinf
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free
+from libc.string cimport memcpy, memset
+
+from hypercache._core.clock cimport coarse_monotonic_ns
+from hypercache._core.policy cimport NO_SLOT, Policy, grow_array, LRUPolicy
+
+import types
+
+from hypercache.errors import ConfigError
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyListObject:
+        PyObject** ob_item
+    ctypedef struct PyVarObject:
+        Py_ssize_t ob_size
+    bint PyBytes_CheckExact(object)
+    bint PyUnicode_CheckExact(object)
+    bint PyByteArray_CheckExact(object)
+    Py_ssize_t PyBytes_GET_SIZE(object)
+    Py_ssize_t PyUnicode_GET_LENGTH(object)
+    Py_ssize_t PyByteArray_GET_SIZE(object)
+    PyTypeObject* Py_TYPE(object)
+
+
+cdef enum:
+    MIN_SLOTS = 8
+    MIN_BUCKETS = 16
+    SWEEP_PER_WRITE = 8
+
+cdef extern from *:
+    """
+    #define HC_FIB 0x9E3779B97F4A7C15ULL
+    #define HC_HASH_MASK 0xFFFFFFFF00000000ULL
+    #define HC_SLOT_MASK 0x00000000FFFFFFFFULL
+    """
+    const uint64_t FIB "HC_FIB"
+    const uint64_t HASH_MASK "HC_HASH_MASK"
+    const uint64_t SLOT_MASK "HC_SLOT_MASK"
+    const uint64_t BYTES_LSB "0x0101010101010101ULL"
+    const uint64_t BYTES_MSB "0x8080808080808080ULL"
+    int ctz64 "__builtin_ctzll"(uint64_t) noexcept nogil
+
+
+cdef inline uint8_t ctrl_tag(uint32_t h) noexcept nogil:
+    # Control byte of a full bucket: high bit set, 7 hash bits that the bucket
+    # number (from the top of h * FIB) does not already encode.
+    return <uint8_t>(0x80 | (h & 0x7F))
+cdef int64_t NS = 1000000000
+
+
+cdef class _FreeMarker:
+    """Fills the key and value places of free slots."""
+
+    def __repr__(self):
+        return "<free slot>"
+
+
+cdef object _FREE = _FreeMarker()
+cdef PyObject* FREE = <PyObject*>_FREE
+
+
+cdef extern from *:
+    """
+    /* str caches its hash; read it without a call, as dict does. */
+    static CYTHON_INLINE Py_hash_t hc_cached_str_hash(PyObject *o) {
+        return PyUnicode_CheckExact(o) ? ((PyASCIIObject *)o)->hash : -1;
+    }
+    """
+    Py_hash_t hc_cached_str_hash(object o) noexcept
+
+
+cdef inline uint32_t fold(Py_hash_t h) noexcept nogil:
+    cdef uint64_t u = <uint64_t>h
+    return <uint32_t>(u ^ (u >> 32))
+
+
+cdef inline uint32_t key_hash(object key) except? 0:
+    cdef Py_hash_t h = hc_cached_str_hash(key)
+    if h == -1:
+        h = PyObject_Hash(key)
+    return fold(h)
+
+
+cdef inline uint64_t shallow_size(object value) noexcept:
+    # len() for bytes-like and str; otherwise the object's own footprint as its
+    # type reports it: basic size plus inline items (what sys.getsizeof says
+    # without the GC header), never what it references.
+    if PyBytes_CheckExact(value):
+        return <uint64_t>PyBytes_GET_SIZE(value)
+    if PyUnicode_CheckExact(value):
+        return <uint64_t>PyUnicode_GET_LENGTH(value)
+    if PyByteArray_CheckExact(value):
+        return <uint64_t>PyByteArray_GET_SIZE(value)
+    cdef PyTypeObject* tp = Py_TYPE(value)
+    cdef Py_ssize_t n = 0
+    if tp.tp_itemsize:
+        n = (<PyVarObject*>value).ob_size
+        if n < 0:
+            n = -n
+    return <uint64_t>(tp.tp_basicsize + n * tp.tp_itemsize)
+
+
+@cython.final
+cdef class CacheStats:
+    """Counters of a cache at one moment; see :meth:`CacheCore.stats`."""
+
+    cdef readonly uint64_t hits, misses, sets, deletes, evictions, expirations
+    cdef readonly uint64_t size, bytes
+
+    @property
+    def hit_ratio(self):
+        cdef uint64_t total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def _asdict(self):
+        return {
+            "hits": self.hits, "misses": self.misses, "sets": self.sets,
+            "deletes": self.deletes, "evictions": self.evictions,
+            "expirations": self.expirations, "size": self.size, "bytes": self.bytes,
+        }
+
+    def __eq__(self, other):
+        if not isinstance(other, CacheStats):
+            return NotImplemented
+        return self._asdict() == (<CacheStats>other)._asdict()
+
+    def __repr__(self):
+        return "CacheStats(" + ", ".join(f"{k}={v}" for k, v in self._asdict().items()) + ")"
+
+
+cdef class CacheCore:
+    """An item- and byte-bounded table with pluggable eviction and TTLs.
+
+    Python code uses it through :class:`hypercache.HyperCache`, which validates
+    arguments and adds ``get_or_set`` and ``memoize``.
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        # Always a usable, empty, unbounded LRU table; _configure sets it up.
+        self.kvlist = [_FREE] * (2 * MIN_SLOTS)
+        self.kv = (<PyListObject*>self.kvlist).ob_item
+        self.cap = MIN_SLOTS
+        self.hashes = <uint32_t*>grow_array(NULL, MIN_SLOTS, sizeof(uint32_t))
+        self.sizes = <uint64_t*>grow_array(NULL, MIN_SLOTS, sizeof(uint64_t))
+        self.index = <uint64_t*>grow_array(NULL, MIN_BUCKETS, sizeof(uint64_t))
+        memset(self.index, 0, MIN_BUCKETS * sizeof(uint64_t))
+        self.ctrl = <uint8_t*>grow_array(NULL, MIN_BUCKETS + 8, 1)
+        memset(self.ctrl, 0, MIN_BUCKETS + 8)
+        self.mask = MIN_BUCKETS - 1
+        self.shift = 64 - 4
+        self.used = 0
+        self.free_head = NO_SLOT
+        self.policy = LRUPolicy(0)
+        self.policy.grow(MIN_SLOTS)
+        self.timer = None
+        self.size_fn = None
+
+    def __dealloc__(self):
+        # The kv list releases keys and values itself.
+        free(self.hashes)
+        free(self.sizes)
+        free(self.index)
+        free(self.ctrl)
+        free(self.expiry)
+        free(self.heap_pos)
+        free(self.heap)
+        free(self.pending)
+
+    def _configure(self, Policy policy not None, uint64_t max_items, uint64_t max_bytes,
+                   double default_ttl, size_fn, timer):
+        """Set bounds and policy on an empty table (called once by HyperCache)."""
+        if self.count:
+            raise RuntimeError("cannot reconfigure a cache that holds entries")
+        if max_items > 0xFFFFFFF0:
+            raise OverflowError("capacity too large")
+        policy.grow(self.cap)
+        self.policy = policy
+        self.item_limit = <uint32_t>max_items
+        self.byte_limit = max_bytes
+        self.default_ttl_ns = self._ttl_ns(default_ttl) if default_ttl > 0 else 0
+        self.size_fn = size_fn
+        self.timer = timer
+
+    def __class_getitem__(cls, item):
+        return types.GenericAlias(cls, item)
+
+    # ------------------------------------------------------------------ clock
+
+    @cython.final
+    cdef int64_t _ttl_ns(self, double ttl) except -1:
+        if isnan(ttl) or ttl < 0:
+            raise ConfigError("ttl", f"must be a non-negative number of seconds or None, got {ttl!r}")
+        if isinf(ttl) or ttl > 1e9:
+            return 0
+        return max(<int64_t>(ttl * NS), 1)
+
+    @cython.final
+    cdef int64_t _now(self) except? -1:
+        # Only the injected test timer runs Python code; callers that have
+        # looked up a slot re-check ``mutations`` after calling this.
+        if self.timer is None:
+            return coarse_monotonic_ns()
+        return <int64_t>(float(self.timer()) * NS)
+
+    @cython.final
+    cdef int64_t _expiry_for(self, object ttl, int64_t* now) except -2:
+        # Absolute expiry for a write; 0 = none. Reads the clock only when a TTL applies.
+        cdef int64_t ttl_ns
+        if ttl is None:
+            ttl_ns = self.default_ttl_ns
+        else:
+            ttl_ns = self._ttl_ns(ttl)
+        if ttl_ns == 0:
+            return 0
+        if now[0] == 0:
+            now[0] = self._now()
+        return now[0] + ttl_ns
+
+    # ------------------------------------------------------------------ index
+
+    @cython.final
+    cdef inline uint32_t _bucket(self, uint32_t h) noexcept nogil:
+        return <uint32_t>((<uint64_t>h * FIB) >> self.shift)
+
+    @cython.final
+    cdef int64_t _find(self, object key, uint32_t h) except -2:
+        # The slot holding ``key``, or -1. Scans the control bytes 8 buckets at
+        # a time: a miss is usually settled by one group that holds an empty
+        # byte and no tag match, without touching the index. Identical keys
+        # (interned strings, small ints, the very object stored) are settled
+        # here; an equal-hash, non-identical key takes _find_eq.
+        cdef uint32_t i = self._bucket(h)
+        cdef uint64_t g, m, empty, e
+        cdef uint64_t pattern = BYTES_LSB * ctrl_tag(h)
+        cdef uint64_t tag = (<uint64_t>h) << 32
+        cdef uint32_t b
+        while True:
+            memcpy(&g, self.ctrl + i, 8)
+            m = g ^ pattern
+            m = (m - BYTES_LSB) & ~m & BYTES_MSB
+            empty = ~g & BYTES_MSB
+            if empty:
+                # Only the run before the first empty bucket belongs to the probe.
+                m &= (empty & (~empty + 1)) - 1
+            while m:
+                b = (i + (ctz64(m) >> 3)) & self.mask
+                e = self.index[b]
+                if (e & HASH_MASK) == tag:
+                    if self.kv[2 * ((e & SLOT_MASK) - 1)] == <PyObject*>key:
+                        return <int64_t>(e & SLOT_MASK) - 1
+                    return self._find_eq(key, h)
+                m &= m - 1
+            if empty:
+                return -1
+            i = (i + 8) & self.mask
+
+    @cython.final
+    cdef int64_t _find_eq(self, object key, uint32_t h) except -2:
+        # The full probe, comparing with __eq__, which may run Python code:
+        # if that changed the table, start again (as CPython's dict does).
+        cdef uint32_t i
+        cdef uint64_t e, seen
+        cdef uint64_t tag = (<uint64_t>h) << 32
+        cdef PyObject* k
+        cdef int r
+        while True:
+            i = self._bucket(h)
+            while True:
+                e = self.index[i]
+                if e == 0:
+                    return -1
+                if (e & HASH_MASK) == tag:
+                    k = self.kv[2 * ((e & SLOT_MASK) - 1)]
+                    if k == <PyObject*>key:
+                        return <int64_t>(e & SLOT_MASK) - 1
+                    seen = self.mutations
+                    r = PyObject_RichCompareBool(<object>k, key, Py_EQ)
+                    if seen != self.mutations:
+                        break
+                    if r:
+                        return <int64_t>(e & SLOT_MASK) - 1
+                i = (i + 1) & self.mask
+
+    @cython.final
+    cdef void _index_insert(self, uint32_t slot, uint32_t h) noexcept:
+        cdef uint32_t i = self._bucket(h)
+        while self.index[i]:
+            i = (i + 1) & self.mask
+        self.index[i] = ((<uint64_t>h) << 32) | (slot + 1)
+        self._set_ctrl(i, ctrl_tag(h))
+
+    @cython.final
+    cdef inline void _set_ctrl(self, uint32_t i, uint8_t v) noexcept:
+        # The first 8 control bytes are mirrored past the end, so a group read
+        # at any bucket is one unaligned 8-byte load, with no wrap-around.
+        self.ctrl[i] = v
+        if i < 8:
+            self.ctrl[self.mask + 1 + i] = v
+
+    @cython.final
+    cdef void _index_remove(self, uint32_t slot) noexcept:
+        # Backward-shift deletion: pull later members of the probe run into the
+        # hole unless their home bucket lies cyclically in (hole, their place].
+        cdef uint64_t want = ((<uint64_t>self.hashes[slot]) << 32) | (slot + 1)
+        cdef uint32_t i = self._bucket(self.hashes[slot])
+        cdef uint32_t j, home
+        cdef uint64_t e
+        while self.index[i] != want:
+            i = (i + 1) & self.mask
+        j = i
+        while True:
+            j = (j + 1) & self.mask
+            e = self.index[j]
+            if e == 0:
+                break
+            home = self._bucket(<uint32_t>(e >> 32))
+            if i <= j:
+                if i < home <= j:
+                    continue
+            elif i < home or home <= j:
+                continue
+            self.index[i] = e
+            self._set_ctrl(i, self.ctrl[j])
+            i = j
+        self.index[i] = 0
+        self._set_ctrl(i, 0)
+
+    @cython.final
+    cdef int _index_grow(self) except -1:
+        cdef uint32_t nb = (self.mask + 1) * 2
+        cdef uint32_t s
+        cdef uint64_t* idx = <uint64_t*>grow_array(NULL, nb, sizeof(uint64_t))
+        cdef uint8_t* ctl = <uint8_t*>grow_array(NULL, nb + 8, 1)
+        memset(idx, 0, nb * sizeof(uint64_t))
+        memset(ctl, 0, nb + 8)
+        free(self.index)
+        free(self.ctrl)
+        self.index = idx
+        self.ctrl = ctl
+        self.mask = nb - 1
+        self.shift -= 1
+        for s in range(self.used):
+            if self.kv[2 * s] != FREE:
+                self._index_insert(s, self.hashes[s])
+        return 0
+
+    # ------------------------------------------------------------------ slots
+
+    @cython.final
+    cdef int _grow_slots(self) except -1:
+        # Allocates a Python list, which may run the cyclic GC and finalizers:
+        # callers do this before looking anything up.
+        cdef uint32_t old = self.cap
+        cdef uint64_t seen = self.mutations
+        cdef uint64_t want = <uint64_t>old * 2
+        if self.item_limit and want > <uint64_t>self.item_limit + 1:
+            want = <uint64_t>self.item_limit + 1
+        if want > 0xFFFFFFF0:
+            raise MemoryError("cache holds too many entries")
+        if want <= old:
+            want = old + 1
+        cdef uint32_t new_cap = <uint32_t>want
+        grown = self.kvlist + [_FREE] * (2 * (new_cap - old))
+        if seen != self.mutations:
+            # A finalizer run by that allocation changed the table; the caller
+            # looks again at what it needs.
+            return 0
+        self.kvlist = grown
+        self.kv = (<PyListObject*>self.kvlist).ob_item
+        self.hashes = <uint32_t*>grow_array(self.hashes, new_cap, sizeof(uint32_t))
+        self.sizes = <uint64_t*>grow_array(self.sizes, new_cap, sizeof(uint64_t))
+        if self.expiry != NULL:
+            self.expiry = <int64_t*>grow_array(self.expiry, new_cap, sizeof(int64_t))
+            self.heap_pos = <uint32_t*>grow_array(self.heap_pos, new_cap, sizeof(uint32_t))
+            self.heap = <uint32_t*>grow_array(self.heap, new_cap, sizeof(uint32_t))
+            memset(self.expiry + old, 0, (new_cap - old) * sizeof(int64_t))
+        self.policy.grow(new_cap)
+        self.cap = new_cap
+        self.mutations += 1
+        return 0
+
+    @cython.final
+    cdef inline bint _has_free_slot(self) noexcept:
+        return self.free_head != NO_SLOT or self.used < self.cap
+
+    @cython.final
+    cdef uint32_t _take_slot(self) noexcept:
+        cdef uint32_t s
+        if self.free_head != NO_SLOT:
+            s = self.free_head
+            self.free_head = self.hashes[s]
+        else:
+            s = self.used
+            self.used += 1
+        return s
+
+    @cython.final
+    cdef inline void _defer(self, PyObject* o) noexcept:
+        # Caller guarantees room: _reserve_pending ran before the mutation.
+        self.pending[self.npending] = o
+        self.npending += 1
+
+    @cython.final
+    cdef int _reserve_pending(self, Py_ssize_t n) except -1:
+        if self.npending + n > self.pending_cap:
+            self.pending_cap = max(self.pending_cap * 2, self.npending + n, 16)
+            self.pending = <PyObject**>grow_array(
+                self.pending, self.pending_cap, sizeof(PyObject*))
+        return 0
+
+    @cython.final
+    cdef void _release(self) noexcept:
+        # Runs once the table is consistent; a finalizer that re-enters pushes
+        # and pops above our mark, so re-reading npending each turn is enough.
+        cdef PyObject* o
+        while self.npending:
+            self.npending -= 1
+            o = self.pending[self.npending]
+            Py_DECREF(<object>o)
+
+    @cython.final
+    cdef void _drop_slot(self, uint32_t s) noexcept:
+        # Forget slot ``s`` everywhere but in the policy (the caller tells the
+        # policy, which differs between remove and evict). Needs 2 pending places.
+        self._index_remove(s)
+        self._defer(self.kv[2 * s])
+        self._defer(self.kv[2 * s + 1])
+        Py_INCREF(_FREE)
+        Py_INCREF(_FREE)
+        self.kv[2 * s] = FREE
+        self.kv[2 * s + 1] = FREE
+        self.nbytes -= self.sizes[s]
+        if self.expiry != NULL and self.expiry[s]:
+            self._heap_remove(s)
+            self.expiry[s] = 0
+        self.hashes[s] = self.free_head
+        self.free_head = s
+        self.count -= 1
+        self.mutations += 1
+
+    @cython.final
+    cdef void _evict_over_bounds(self) noexcept:
+        # Needs pending room for every eviction; reserved by the caller via
+        # _reserve_pending(2 * (count + 1)) only when a bound exists. In
+        # practice one write evicts few entries, but a large value under a byte
+        # budget may evict many, so the reservation is for the worst case.
+        cdef uint32_t s
+        while ((self.item_limit and self.count > self.item_limit)
+               or (self.byte_limit and self.nbytes > self.byte_limit)):
+            s = self.policy.evict()
+            if s == NO_SLOT:
+                break
+            self._drop_slot(s)
+            self.evictions += 1
+
+    # ------------------------------------------------------------------ expiry heap
+
+    @cython.final
+    cdef int _enable_expiry(self) except -1:
+        self.expiry = <int64_t*>grow_array(NULL, self.cap, sizeof(int64_t))
+        memset(self.expiry, 0, self.cap * sizeof(int64_t))
+        self.heap_pos = <uint32_t*>grow_array(NULL, self.cap, sizeof(uint32_t))
+        self.heap = <uint32_t*>grow_array(NULL, self.cap, sizeof(uint32_t))
+        self.heap_len = 0
+        return 0
+
+    @cython.final
+    cdef void _heap_place(self, uint32_t pos, uint32_t s) noexcept:
+        self.heap[pos] = s
+        self.heap_pos[s] = pos
+
+    @cython.final
+    cdef void _heap_up(self, uint32_t pos) noexcept:
+        cdef uint32_t s = self.heap[pos]
+        cdef int64_t e = self.expiry[s]
+        cdef uint32_t parent
+        while pos:
+            parent = (pos - 1) >> 1
+            if self.expiry[self.heap[parent]] <= e:
+                break
+            self._heap_place(pos, self.heap[parent])
+            pos = parent
+        self._heap_place(pos, s)
+
+    @cython.final
+    cdef void _heap_down(self, uint32_t pos) noexcept:
+        cdef uint32_t s = self.heap[pos]
+        cdef int64_t e = self.expiry[s]
+        cdef uint32_t child
+        while True:
+            child = 2 * pos + 1
+            if child >= self.heap_len:
+                break
+            if child + 1 < self.heap_len and \
+                    self.expiry[self.heap[child + 1]] < self.expiry[self.heap[child]]:
+                child += 1
+            if self.expiry[self.heap[child]] >= e:
+                break
+            self._heap_place(pos, self.heap[child])
+            pos = child
+        self._heap_place(pos, s)
+
+    @cython.final
+    cdef void _heap_remove(self, uint32_t s) noexcept:
+        cdef uint32_t pos = self.heap_pos[s]
+        self.heap_len -= 1
+        if pos == self.heap_len:
+            return
+        cdef uint32_t moved = self.heap[self.heap_len]
+        self._heap_place(pos, moved)
+        self._heap_up(pos)
+        self._heap_down(self.heap_pos[moved])
+
+    @cython.final
+    cdef void _set_expiry(self, uint32_t s, int64_t at) noexcept:
+        # Requires self.expiry != NULL when at != 0.
+        cdef int64_t old
+        if self.expiry == NULL:
+            return
+        old = self.expiry[s]
+        if old == at:
+            return
+        if at == 0:
+            self._heap_remove(s)
+            self.expiry[s] = 0
+        elif old == 0:
+            self.expiry[s] = at
+            self.heap_pos[s] = self.heap_len
+            self.heap[self.heap_len] = s
+            self.heap_len += 1
+            self._heap_up(self.heap_len - 1)
+        else:
+            self.expiry[s] = at
+            self._heap_up(self.heap_pos[s])
+            self._heap_down(self.heap_pos[s])
+
+    @cython.final
+    cdef uint32_t _sweep(self, int64_t now, uint32_t budget) noexcept:
+        # Needs 2 pending places per entry it may drop.
+        cdef uint32_t s, n = 0
+        while self.heap_len and n < budget:
+            s = self.heap[0]
+            if self.expiry[s] > now:
+                break
+            self.policy.remove(s)
+            self._drop_slot(s)
+            self.expirations += 1
+            n += 1
+        return n
+
+    @cython.final
+    cdef inline bint _expired(self, uint32_t s, int64_t now) noexcept:
+        return self.expiry != NULL and self.expiry[s] != 0 and self.expiry[s] <= now
+
+    # ------------------------------------------------------------------ reads
+
+    @cython.final
+    cdef int64_t _live(self, object key, uint32_t h) except -2:
+        # Lookup that honours TTLs: drops an expired entry it finds, returns -1.
+        cdef int64_t s
+        cdef int64_t now
+        cdef uint64_t seen
+        while True:
+            s = self._find(key, h)
+            if s < 0 or self.expiry == NULL or self.expiry[s] == 0:
+                return s
+            seen = self.mutations
+            now = self._now()
+            if seen != self.mutations:
+                continue
+            if self.expiry[s] > now:
+                return s
+            self._reserve_pending(2)
+            self.policy.remove(<uint32_t>s)
+            self._drop_slot(<uint32_t>s)
+            self.expirations += 1
+            self._release()
+            return -1
+
+    def get(self, key, default=None):
+        """The value stored under ``key``, or ``default``; counts as a use."""
+        cdef uint32_t h = key_hash(key)
+        cdef int64_t s = self._live(key, h)
+        if s < 0:
+            self.misses += 1
+            if self.policy.counts_misses:
+                self.policy.miss(h)
+            return default
+        self.hits += 1
+        self.policy.access(<uint32_t>s, h)
+        return <object>self.kv[2 * s + 1]
+
+    def __getitem__(self, key):
+        cdef uint32_t h = key_hash(key)
+        cdef int64_t s = self._live(key, h)
+        if s < 0:
+            self.misses += 1
+            if self.policy.counts_misses:
+                self.policy.miss(h)
+            raise KeyError(key)
+        self.hits += 1
+        self.policy.access(<uint32_t>s, h)
+        return <object>self.kv[2 * s + 1]
+
+    def __contains__(self, key):
+        return self._live(key, key_hash(key)) >= 0
+
+    def __len__(self):
+        return self.count
+
+    def get_many(self, keys):
+        """A dict of the hits among ``keys``; each lookup counts as a use."""
+        cdef dict out = {}
+        cdef uint32_t h
+        cdef int64_t s
+        for key in keys:
+            h = key_hash(key)
+            s = self._live(key, h)
+            if s < 0:
+                self.misses += 1
+                if self.policy.counts_misses:
+                    self.policy.miss(h)
+            else:
+                self.hits += 1
+                self.policy.access(<uint32_t>s, h)
+                out[key] = <object>self.kv[2 * s + 1]
+        return out
+
+    def ttl(self, key):
+        """Seconds left before ``key`` expires; None if it has no TTL; KeyError if absent."""
+        cdef int64_t s = self._live(key, key_hash(key))
+        if s < 0:
+            raise KeyError(key)
+        if self.expiry == NULL or self.expiry[s] == 0:
+            return None
+        cdef int64_t left = self.expiry[s] - self._now()
+        return max(left, 0) / <double>NS
+
+    def keys(self):
+        """A list of the live keys (in slot order, which is no particular order)."""
+        cdef list out = []
+        cdef uint32_t s
+        cdef int64_t now = 0
+        if self.expiry != NULL and self.heap_len:
+            now = self._now()
+        for s in range(self.used):
+            if self.kv[2 * s] != FREE and not (now and self._expired(s, now)):
+                out.append(<object>self.kv[2 * s])
+        return out
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    # ------------------------------------------------------------------ writes
+
+    @cython.final
+    cdef uint64_t _measure(self, object value) except? 0xFFFFFFFFFFFFFFFF:
+        if self.size_fn is None:
+            return shallow_size(value)
+        n = self.size_fn(value)
+        if n < 0:
+            raise ValueError(f"sizeof returned a negative size: {n!r}")
+        return <uint64_t>n
+
+    @cython.final
+    cdef int _store(self, object key, object value, object ttl) except -1:
+        cdef uint32_t h = key_hash(key)
+        cdef uint64_t size = self._measure(value)
+        cdef int64_t now = 0
+        cdef int64_t at = self._expiry_for(ttl, &now)
+        cdef int64_t s
+        cdef uint32_t slot
+        if self.byte_limit and size > self.byte_limit:
+            raise ValueError(
+                f"value of {size} bytes exceeds the cache's max_bytes={self.byte_limit}")
+        if at and self.expiry == NULL:
+            self._enable_expiry()
+        if self.expiry != NULL and self.heap_len and now == 0:
+            now = self._now()
+        # Everything that can run Python code or allocate happens above or in
+        # this loop; past it the write is pure C until _release().
+        while True:
+            if not self._has_free_slot():
+                self._grow_slots()
+            if (self.count + 1) * 2 > self.mask + 1:
+                self._index_grow()
+            self._reserve_pending(
+                2 * (SWEEP_PER_WRITE + 2) + (2 * (self.count + 2) if self.byte_limit else 0))
+            s = self._find(key, h)
+            if s >= 0 or self._has_free_slot():
+                break
+        if s >= 0:
+            slot = <uint32_t>s
+            self._defer(self.kv[2 * slot + 1])
+            Py_INCREF(value)
+            self.kv[2 * slot + 1] = <PyObject*>value
+            self.nbytes += size - self.sizes[slot]
+            self.sizes[slot] = size
+            self._set_expiry(slot, at)
+            self.policy.update(slot, h)
+        else:
+            slot = self._take_slot()
+            Py_DECREF(_FREE)  # two references to the marker go, they never hit zero
+            Py_DECREF(_FREE)
+            Py_INCREF(key)
+            Py_INCREF(value)
+            self.kv[2 * slot] = <PyObject*>key
+            self.kv[2 * slot + 1] = <PyObject*>value
+            self.hashes[slot] = h
+            self.sizes[slot] = size
+            self.nbytes += size
+            if self.expiry != NULL:
+                self.expiry[slot] = 0
+                self._set_expiry(slot, at)
+            self._index_insert(slot, h)
+            self.count += 1
+            self.mutations += 1
+            self.policy.insert(slot, h)
+        self.sets += 1
+        if self.item_limit or self.byte_limit:
+            self._evict_over_bounds()
+        if now:
+            self._sweep(now, SWEEP_PER_WRITE)
+        return 0
+
+    def set(self, key, value, ttl=None):
+        """Store ``value`` under ``key``; ``ttl`` seconds (None: the default TTL)."""
+        try:
+            self._store(key, value, ttl)
+        finally:
+            self._release()
+
+    def __setitem__(self, key, value):
+        try:
+            self._store(key, value, None)
+        finally:
+            self._release()
+
+    def set_many(self, mapping, ttl=None):
+        """Store every item of ``mapping`` (a mapping or an iterable of pairs)."""
+        items = mapping.items() if hasattr(mapping, "items") else mapping
+        for key, value in items:
+            try:
+                self._store(key, value, ttl)
+            finally:
+                self._release()
+
+    @cython.final
+    cdef bint _remove(self, object key) except -1:
+        cdef int64_t s
+        self._reserve_pending(2)
+        s = self._live(key, key_hash(key))
+        if s < 0:
+            return False
+        self.policy.remove(<uint32_t>s)
+        self._drop_slot(<uint32_t>s)
+        self.deletes += 1
+        self._release()
+        return True
+
+    def delete(self, key):
+        """Remove ``key``; True if it was present (and live)."""
+        return self._remove(key)
+
+    def __delitem__(self, key):
+        if not self._remove(key):
+            raise KeyError(key)
+
+    def delete_many(self, keys):
+        """Remove each of ``keys``; the number that were present."""
+        cdef Py_ssize_t n = 0
+        for key in keys:
+            n += self._remove(key)
+        return n
+
+    def expire(self, key, ttl):
+        """Give a present ``key`` a new TTL from now (None or inf: never); False if absent."""
+        cdef int64_t now = 0
+        cdef int64_t at
+        cdef int64_t s
+        at = self._expiry_for(float("inf") if ttl is None else ttl, &now)
+        if at and self.expiry == NULL:
+            self._enable_expiry()
+        s = self._live(key, key_hash(key))
+        if s < 0:
+            return False
+        self._set_expiry(<uint32_t>s, at)
+        return True
+
+    def sweep(self):
+        """Reclaim every expired entry now; the number reclaimed."""
+        cdef uint32_t n = 0, k
+        cdef int64_t now
+        if self.expiry == NULL or not self.heap_len:
+            return 0
+        now = self._now()
+        while True:
+            self._reserve_pending(2 * 256)
+            k = self._sweep(now, 256)
+            self._release()
+            n += k
+            if k < 256:
+                return n
+
+    def clear(self):
+        """Remove every entry (counters other than size and bytes are kept)."""
+        cdef uint32_t cap
+        # A fresh list first (may run the GC and so re-enter), then reset the C
+        # state, then let the old list, and with it every key and value, go.
+        while True:
+            cap = self.cap
+            new = [_FREE] * (2 * cap)
+            if cap == self.cap:
+                break
+        old = self.kvlist
+        memset(self.index, 0, (self.mask + 1) * sizeof(uint64_t))
+        memset(self.ctrl, 0, self.mask + 1 + 8)
+        if self.expiry != NULL:
+            memset(self.expiry, 0, self.cap * sizeof(int64_t))
+            self.heap_len = 0
+        self.kvlist = new
+        self.kv = (<PyListObject*>self.kvlist).ob_item
+        self.used = 0
+        self.free_head = NO_SLOT
+        self.count = 0
+        self.nbytes = 0
+        self.mutations += 1
+        self.policy.clear()
+        del old
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self):
+        """A :class:`CacheStats` snapshot of the counters."""
+        cdef CacheStats st = CacheStats.__new__(CacheStats)
+        st.hits = self.hits
+        st.misses = self.misses
+        st.sets = self.sets
+        st.deletes = self.deletes
+        st.evictions = self.evictions
+        st.expirations = self.expirations
+        st.size = self.count
+        st.bytes = self.nbytes
+        return st
+
+    @property
+    def policy_name(self):
+        return self.policy.name
+
+    @property
+    def capacity(self):
+        return self.item_limit or None
+
+    @property
+    def max_bytes(self):
+        return self.byte_limit or None
+
+    def items(self):
+        """A list of the live (key, value) pairs."""
+        cdef list out = []
+        cdef uint32_t s
+        cdef int64_t now = 0
+        if self.expiry != NULL and self.heap_len:
+            now = self._now()
+        for s in range(self.used):
+            if self.kv[2 * s] != FREE and not (now and self._expired(s, now)):
+                out.append((<object>self.kv[2 * s], <object>self.kv[2 * s + 1]))
+        return out

@@ -1,0 +1,161 @@
+"""Command-line arguments of ``hypercache-node``.
+
+Every :class:`~hypercache.cluster.config.DistConfig` field has a flag named after it
+(``read_consistency`` -> ``--read-consistency``). Flags default to ``None`` so that
+only the flags actually given override the TOML file and the ``HYPERCACHE_*``
+environment (see :func:`~hypercache.cluster.config.load_config`). Flag values are
+read as text, like environment values, and validated by
+:class:`~hypercache.cluster.config.DistConfig`, so a bad value is reported with the
+name of its field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping
+
+from hypercache import __version__
+from hypercache.cluster.config import (
+    CONFIG_ENV_VAR,
+    LOG_LEVELS,
+    DistConfig,
+    env_var_name,
+    load_config,
+)
+from hypercache.errors import ConfigError
+
+__all__ = ["PROG", "build_node_parser", "node_config_from_argv"]
+
+PROG = "hypercache-node"
+
+_DEFAULTS = DistConfig()
+
+
+def _add(
+    group: argparse._ArgumentGroup,
+    field: str,
+    metavar: str,
+    text: str,
+    *,
+    append: bool = False,
+    default_text: str | None = None,
+) -> None:
+    flag = "--" + field.replace("_", "-")
+    default = getattr(_DEFAULTS, field)
+    if default_text is None:
+        default_text = ",".join(default) if isinstance(default, tuple) else str(default)
+        if default is None or default_text == "":
+            default_text = "none"
+    help_text = f"{text} [env {env_var_name(field)}; default: {default_text}]"
+    group.add_argument(
+        flag,
+        dest=field,
+        metavar=metavar,
+        default=None,
+        action="append" if append else "store",
+        help=help_text,
+    )
+
+
+def build_node_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``hypercache-node``.
+
+    Every option defaults to ``None`` ("not given"); ``--seeds`` may be repeated
+    and collects a list of comma-separated strings; ``--config`` names the TOML file.
+    """
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Run one node of a hypercache cluster. Settings come from defaults, a TOML "
+            f"file (--config or ${CONFIG_ENV_VAR}), HYPERCACHE_* environment variables "
+            "and these flags, each overriding the previous. Sizes accept units "
+            "(64MiB, 1GB); durations accept units (500ms, 30s, 1h)."
+        ),
+    )
+    parser.add_argument(
+        "--config",
+        dest="config",
+        metavar="FILE.toml",
+        default=None,
+        help=f"TOML file of settings, keys named like the fields [env {CONFIG_ENV_VAR}]",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+    node = parser.add_argument_group("node")
+    _add(
+        node,
+        "node_id",
+        "ID",
+        "unique, stable node id",
+        default_text="--bind, or HOSTNAME:PORT when bound to a wildcard address",
+    )
+    _add(node, "cluster_name", "NAME", "nodes only join nodes with the same cluster name")
+    _add(node, "bind", "HOST:PORT", "data-plane address; port 0 picks a free port")
+    _add(node, "http", "HOST:PORT", "management HTTP address; 'off' disables it")
+    _add(
+        node,
+        "seeds",
+        "HOST:PORT[,HOST:PORT...]",
+        "nodes to join through (may be repeated); none = start a new cluster",
+        append=True,
+    )
+    _add(node, "auth_token", "TOKEN", "shared secret required in the handshake")
+    _add(node, "log_level", "LEVEL", f"one of {', '.join(LOG_LEVELS)}")
+
+    placement = parser.add_argument_group("placement and consistency")
+    _add(placement, "replication", "N", "replicas per key")
+    _add(placement, "vnodes", "N", "virtual nodes per node on the ring; 0 = ring default")
+    _add(placement, "partitions", "N", "number of partitions, a power of two <= 65536")
+    _add(placement, "read_consistency", "one|quorum|all", "default consistency of reads")
+    _add(placement, "write_consistency", "one|quorum|all", "default consistency of writes")
+
+    capacity = parser.add_argument_group("capacity and limits")
+    _add(capacity, "max_memory", "BYTES", "memory bound of the local store; 0 = unbounded")
+    _add(capacity, "max_items", "N", "item bound of the local store; 0 = unbounded")
+    _add(capacity, "max_frame", "BYTES", "largest wire frame")
+    _add(capacity, "max_key", "BYTES", "largest key")
+    _add(capacity, "max_value", "BYTES", "largest value")
+
+    timing = parser.add_argument_group("timeouts and intervals (seconds)")
+    _add(timing, "request_timeout", "SECONDS", "deadline of one request to a peer")
+    _add(timing, "connect_timeout", "SECONDS", "deadline of opening a connection")
+    _add(timing, "heartbeat_interval", "SECONDS", "period of heartbeats")
+    _add(timing, "failure_timeout", "SECONDS", "silence after which a peer is down")
+    _add(timing, "seed_retry_interval", "SECONDS", "pause between attempts to reach seeds")
+
+    convergence = parser.add_argument_group("convergence")
+    _add(convergence, "hint_ttl", "SECONDS", "how long a hint for a down replica is kept")
+    _add(convergence, "hint_max_per_node", "N", "hints kept for one down node")
+    _add(convergence, "hint_max_total", "N", "hints kept in all")
+    _add(convergence, "hint_max_bytes", "BYTES", "bytes of hints kept in all")
+    _add(convergence, "hint_replay_batch", "N", "hints sent per replay batch")
+    _add(
+        convergence,
+        "tombstone_ttl",
+        "SECONDS",
+        "how long a delete's tombstone is kept; must exceed hint-ttl + anti-entropy-max-interval",
+    )
+    _add(convergence, "anti_entropy_interval", "SECONDS", "base period of anti-entropy")
+    _add(convergence, "anti_entropy_max_interval", "SECONDS", "longest anti-entropy period")
+    return parser
+
+
+def node_config_from_argv(argv: list[str], environ: Mapping[str, str]) -> DistConfig:
+    """Parse ``argv`` (without the program name), load and validate the configuration.
+
+    Exits like argparse on a usage error; on an invalid setting prints
+    ``hypercache-node: error: <field>: <message>`` to stderr and exits with status 2.
+    """
+    parser = build_node_parser()
+    namespace = parser.parse_args(argv)
+    values = dict(vars(namespace))
+    toml_path = values.pop("config")
+    seeds = values.get("seeds")
+    if seeds is not None:
+        values["seeds"] = ",".join(seeds)
+    try:
+        return load_config(argv_values=values, environ=environ, toml_path=toml_path)
+    except ConfigError as exc:
+        print(f"{parser.prog}: error: {exc.field}: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,1 @@
+"""Cluster node: ring, replication, membership, convergence and their configuration."""

@@ -1,0 +1,800 @@
+"""Configuration of a cluster node: :class:`DistConfig` and :func:`load_config`.
+
+One frozen dataclass holds every setting of a ``hypercache-node``. It validates
+itself on construction and raises :class:`~hypercache.errors.ConfigError` naming
+the offending field, so a :class:`DistConfig` that exists is a valid one.
+
+Sources and precedence
+----------------------
+:func:`load_config` fills the dataclass from four layers; each one overrides the
+layers before it:
+
+1. the defaults of :class:`DistConfig` (a bare ``hypercache-node`` runs a single
+   node on loopback: data plane ``127.0.0.1:7400``, management HTTP ``127.0.0.1:7480``);
+2. a TOML file: ``--config FILE`` or, without it, ``$HYPERCACHE_CONFIG``. Keys are the
+   field names at top level (``replication = 3``, ``seeds = ["10.0.0.1:7400"]``);
+3. environment variables ``HYPERCACHE_<FIELD>`` (the upper-cased field name, e.g.
+   ``HYPERCACHE_READ_CONSISTENCY=quorum``; ``HYPERCACHE_SEEDS`` is comma-separated);
+4. command-line flags ``--<field-with-dashes>`` (see :mod:`hypercache.cli.args`).
+
+Typos never pass silently: an unknown TOML key, or an environment variable that
+starts with ``HYPERCACHE_`` (in any letter case) and is neither a field nor one of
+:data:`NON_NODE_ENV_VARS`, is a :class:`ConfigError` that names it.
+
+Value syntax in text (environment, flags, TOML strings)
+-------------------------------------------------------
+* integers: ``3``, ``100_000``;
+* sizes in bytes (``max_memory``, ``max_frame``, ``max_key``, ``max_value``,
+  ``hint_max_bytes``): an integer or a number with a unit, ``B``, decimal ``KB MB GB TB``
+  (powers of 1000) or binary ``KiB MiB GiB TiB`` (powers of 1024), case-insensitive:
+  ``64MiB``, ``1GB``, ``1.5 GiB``. Bare ``K``/``M``/``G`` are refused as ambiguous;
+* durations in seconds (every ``*_timeout``, ``*_ttl`` and ``*_interval``): a number of
+  seconds or a number with a unit ``ms s m h d``: ``2.5``, ``500ms``, ``30s``, ``1h``;
+* addresses: ``HOST:PORT`` with an IPv4 address, a host name or a bracketed IPv6
+  address (``[::1]:7400``);
+* ``http``: ``""``, ``off`` or ``none`` turn the management HTTP server off;
+* ``auth_token``: ``""`` means no token.
+
+Node id
+-------
+``node_id`` defaults to ``""``, which :class:`DistConfig` replaces with an id derived
+from ``bind`` (see :func:`derive_node_id`): the bind address itself
+(``"127.0.0.1:7400"``), or ``"<hostname>:<port>"`` when bind listens on a wildcard
+address (``0.0.0.0``, ``[::]``), whose text would be the same on every host. The id
+breaks version ties between nodes, so it must be unique in the cluster and stable
+across restarts. A node that binds port 0 learns its real port only after binding;
+it should then call :meth:`DistConfig.with_bind`, which re-derives a derived id.
+
+Tombstone rule
+--------------
+A delete leaves a tombstone that must outlive every hint and a full anti-entropy
+period; otherwise a replica that missed the delete (it was down, its hint was still
+queued, or anti-entropy had not reached it yet) could hand the old value back after
+the tombstone is gone and resurrect the key. Hence
+``tombstone_ttl > hint_ttl + anti_entropy_max_interval``, checked on construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from typing import Any, Final
+
+from hypercache.consistency import Consistency
+from hypercache.errors import ConfigError
+
+__all__ = [
+    "CONFIG_ENV_VAR",
+    "DEFAULT_VNODES",
+    "ENV_PREFIX",
+    "FRAME_OVERHEAD",
+    "LOG_LEVELS",
+    "MAX_FRAME_LIMIT",
+    "NON_NODE_ENV_VARS",
+    "REDACTED",
+    "DistConfig",
+    "derive_node_id",
+    "env_var_name",
+    "format_hostport",
+    "load_config",
+    "parse_duration",
+    "parse_hostport",
+    "parse_size",
+]
+
+KiB: Final = 1024
+MiB: Final = 1024 * KiB
+GiB: Final = 1024 * MiB
+
+#: ``vnodes = 0`` asks the ring for its own default number of virtual nodes per node.
+DEFAULT_VNODES: Final = 0
+
+#: Prefix of every environment variable hypercache reads.
+ENV_PREFIX: Final = "HYPERCACHE_"
+
+#: Environment variable naming the TOML file when ``--config`` is not given.
+CONFIG_ENV_VAR: Final = "HYPERCACHE_CONFIG"
+
+#: ``HYPERCACHE_*`` variables that belong to hypercache but are not node settings;
+#: :func:`load_config` skips them instead of calling them typos. Register new ones here.
+NON_NODE_ENV_VARS: Final = frozenset({CONFIG_ENV_VAR, "HYPERCACHE_DEBUG"})
+
+#: Room a frame needs around the largest key and value for its msgpack envelope
+#: (type, request id, op, version, origin node id, ...).
+FRAME_OVERHEAD: Final = 4 * KiB
+
+#: A frame's length travels as a 4-byte big-endian integer.
+MAX_FRAME_LIMIT: Final = 2**32 - 1
+
+#: Accepted values of ``log_level`` (``"warn"`` is read as ``"warning"``).
+LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+
+#: What :meth:`DistConfig.to_dict` shows instead of a set ``auth_token``.
+REDACTED: Final = "<redacted>"
+
+_MAX_PARTITIONS: Final = 65536
+_MAX_VNODES: Final = 65536
+_WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::"})
+_HTTP_OFF: Final = frozenset({"", "off", "none"})
+
+_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_PORT = re.compile(r"[0-9]{1,5}")
+_NODE_ID = re.compile(r"[!-~]{1,255}")  # printable ASCII, no blanks
+_CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SIZE = re.compile(r"([0-9]+(?:_[0-9]+)*(?:\.[0-9]+)?)\s*([A-Za-z]*)")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h|d)?", re.IGNORECASE)
+
+_SIZE_UNITS: Final = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+def parse_hostport(s: str, *, field: str = "address") -> tuple[str, int]:
+    """Split ``"HOST:PORT"`` into ``(host, port)``.
+
+    ``HOST`` is an IPv4 address, a host name (RFC 1123 labels; ``_`` is tolerated
+    for container service names) or an IPv6 address in brackets, returned without
+    them: ``parse_hostport("[::1]:7400") == ("::1", 7400)``. ``PORT`` is 0..65535.
+    Surrounding blanks are ignored.
+
+    :param field: the configuration field to name in the error.
+    :raises ConfigError: ``s`` is not a valid ``HOST:PORT``.
+    """
+    if not isinstance(s, str):
+        raise ConfigError(field, f"expected HOST:PORT as a string, got {s!r}")
+    text = s.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ConfigError(field, f"unclosed '[' in {s!r}; expected [IPv6]:PORT")
+        if not rest.startswith(":"):
+            raise ConfigError(field, f"expected [IPv6]:PORT, got {s!r} (missing :PORT)")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(field, f"invalid IPv6 address {host!r} in {s!r}") from None
+    else:
+        if ":" not in text:
+            raise ConfigError(field, f"expected HOST:PORT, got {s!r} (missing :PORT)")
+        host, _, port_text = text.rpartition(":")
+        if ":" in host:
+            raise ConfigError(
+                field, f"IPv6 addresses must be written in brackets, e.g. [::1]:7400; got {s!r}"
+            )
+        _check_host(field, host, s)
+    if not _PORT.fullmatch(port_text) or int(port_text) > 65535:
+        raise ConfigError(field, f"expected a port number 0..65535, got {port_text!r} in {s!r}")
+    return host, int(port_text)
+
+
+def _check_host(field: str, host: str, whole: str) -> None:
+    if not host:
+        raise ConfigError(field, f"missing host in {whole!r}; expected HOST:PORT")
+    labels = host.removesuffix(".").split(".")
+    if all(label.isdigit() for label in labels):
+        # Digits and dots only: this can only be meant as an IPv4 address.
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(field, f"invalid IPv4 address {host!r} in {whole!r}") from None
+        return
+    if len(host) > 253 or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels):
+        raise ConfigError(field, f"invalid host name {host!r} in {whole!r}")
+
+
+def format_hostport(host: str, port: int) -> str:
+    """Inverse of :func:`parse_hostport`: brackets an IPv6 host (``"[::1]:7400"``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def derive_node_id(bind: str) -> str:
+    """The default node id for a node bound to ``bind`` (``HOST:PORT``).
+
+    That is the bind address itself, normalised (``"127.0.0.1:7400"``), except for
+    a wildcard host (``0.0.0.0``, ``[::]``), which is replaced with this machine's
+    host name, so that nodes on different hosts get different ids.
+    """
+    host, port = parse_hostport(bind, field="bind")
+    if host in _WILDCARD_HOSTS:
+        host = socket.gethostname()
+    return format_hostport(host, port)
+
+
+# --------------------------------------------------------------------- text values
+
+
+def parse_size(text: str, *, field: str = "size") -> int:
+    """Parse a byte count: ``"1048576"``, ``"64MiB"``, ``"1GB"``, ``"1.5 GiB"``.
+
+    Units (case-insensitive): ``B``; ``KB MB GB TB`` = powers of 1000;
+    ``KiB MiB GiB TiB`` = powers of 1024. The result must be a whole number of bytes.
+
+    :raises ConfigError: the text is not a size.
+    """
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(
+            field, f"expected a size in bytes (e.g. 1048576, 64MiB, 1GB), got {text!r}"
+        )
+    number, unit = match.groups()
+    multiplier = _SIZE_UNITS.get(unit.lower())
+    if multiplier is None:
+        if unit.lower() in {"k", "m", "g", "t"}:
+            letter = unit.upper()
+            raise ConfigError(
+                field,
+                f"ambiguous unit {unit!r} in {text!r}: write {letter}B (powers of 1000) "
+                f"or {letter}iB (powers of 1024)",
+            )
+        raise ConfigError(
+            field, f"unknown size unit {unit!r} in {text!r}; use B, KB, MB, GB, KiB, MiB, GiB"
+        )
+    try:
+        value = Fraction(Decimal(number.replace("_", ""))) * multiplier
+    except InvalidOperation:  # pragma: no cover - the regex admits only decimals
+        raise ConfigError(field, f"expected a size in bytes, got {text!r}") from None
+    if value.denominator != 1:
+        raise ConfigError(field, f"{text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def parse_duration(text: str, *, field: str = "duration") -> float:
+    """Parse a duration in seconds: ``"2.5"``, ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"1d"``.
+
+    :raises ConfigError: the text is not a duration.
+    """
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(
+            field,
+            f"expected a duration in seconds (e.g. 2.5, 500ms, 30s, 5m, 1h, 1d), got {text!r}",
+        )
+    number, unit = match.groups()
+    return float(number) * _DURATION_UNITS[(unit or "s").lower()]
+
+
+# ---------------------------------------------------------------- field validators
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _int(name: str, value: Any, *, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"expected an integer, got {_describe(value)}")
+    if value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ConfigError(name, f"must be {bound}, got {value}")
+    return value
+
+
+def _positive_seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(name, f"expected a number of seconds, got {_describe(value)}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(name, f"must be a positive, finite number of seconds, got {value!r}")
+    return seconds
+
+
+def _str(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(name, f"expected a string, got {_describe(value)}")
+    return value
+
+
+def _address(name: str, value: Any) -> str:
+    return format_hostport(*parse_hostport(_str(name, value), field=name))
+
+
+def _seeds(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items: Iterable[Any] = _split_commas(value)
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        raise ConfigError("seeds", f"expected a list of HOST:PORT, got {_describe(value)}")
+    seeds: dict[str, None] = {}  # ordered set: duplicates are dropped
+    for item in items:
+        host, port = parse_hostport(_str("seeds", item), field="seeds")
+        if port == 0:
+            raise ConfigError("seeds", f"seed {item!r} has port 0; a seed needs a real port")
+        seeds[format_hostport(host, port)] = None
+    return tuple(seeds)
+
+
+def _split_commas(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# ---------------------------------------------------------------------- DistConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DistConfig:
+    """Every setting of a cluster node, validated on construction.
+
+    Construct it directly (``DistConfig(bind="127.0.0.1:0", replication=1)``), with
+    :func:`dataclasses.replace`, or from files, environment and flags with
+    :func:`load_config`. Every invalid value raises
+    :class:`~hypercache.errors.ConfigError` whose ``field`` names the setting.
+
+    A few inputs are normalised: ``node_id=""`` is derived from ``bind`` (see
+    :func:`derive_node_id`); consistency names become :class:`Consistency`;
+    ``http`` of ``""``/``"off"``/``"none"`` and ``auth_token=""`` become ``None``;
+    ``seeds`` becomes a tuple without duplicates (a comma-separated string is split);
+    addresses lose surrounding blanks; integer seconds become floats;
+    ``log_level`` becomes lower case.
+
+    Identity and addresses:
+
+    :ivar node_id: unique, stable id of this node (printable ASCII, no blanks, at
+        most 255 characters). Default ``""``: derived from ``bind``.
+    :ivar cluster_name: nodes only talk to nodes of the same cluster name
+        (``[A-Za-z0-9][A-Za-z0-9._-]*``, at most 64 characters). Default ``"hypercache"``.
+    :ivar bind: ``HOST:PORT`` of the data plane. Default ``"127.0.0.1:7400"``;
+        port 0 picks a free port.
+    :ivar http: ``HOST:PORT`` of the management HTTP server, or ``None`` for none.
+        Default ``"127.0.0.1:7480"``.
+    :ivar seeds: ``HOST:PORT`` of nodes to join through; empty = start a new
+        cluster. Default ``()``.
+
+    Placement and consistency:
+
+    :ivar replication: replicas per key, >= 1. Default 3 (a smaller cluster
+        keeps as many replicas as it has nodes).
+    :ivar vnodes: virtual nodes per node on the ring, 0..65536; 0 = the ring's default.
+    :ivar partitions: fixed number of partitions, a power of two in 1..65536. Default 4096.
+    :ivar read_consistency: default consistency of reads. Default ``QUORUM``.
+    :ivar write_consistency: default consistency of writes. Default ``QUORUM``.
+
+    Capacity and limits (bytes unless stated):
+
+    :ivar max_memory: memory bound of the local store; 0 = unbounded. Default 0.
+    :ivar max_items: item bound of the local store; 0 = unbounded. Default 0.
+    :ivar max_frame: largest wire frame, at most 2**32-1. Default 64 MiB.
+    :ivar max_key: largest key. Default 64 KiB.
+    :ivar max_value: largest value. Default 32 MiB.
+        ``max_key + max_value + FRAME_OVERHEAD`` must not exceed ``max_frame``.
+
+    Timeouts (seconds, positive):
+
+    :ivar request_timeout: deadline of one request to a peer. Default 2.0.
+    :ivar connect_timeout: deadline of opening a connection. Default 1.0.
+
+    Security and logging:
+
+    :ivar auth_token: shared secret checked in the handshake; ``None`` = no
+        authentication. Never shown by ``repr`` or :meth:`to_dict`.
+    :ivar log_level: one of :data:`LOG_LEVELS`. Default ``"info"``.
+
+    Convergence (hinted handoff, tombstones, anti-entropy, failure detection):
+
+    :ivar hint_ttl: seconds a hint for a down replica is kept. Default 3600.
+    :ivar hint_max_per_node: hints kept for one down node, >= 1, at most
+        ``hint_max_total``. Default 100 000.
+    :ivar hint_max_total: hints kept in all, >= 1. Default 1 000 000.
+    :ivar hint_max_bytes: bytes of hints kept in all, >= 1. Default 256 MiB.
+    :ivar hint_replay_batch: hints sent per replay batch, >= 1. Default 512.
+    :ivar tombstone_ttl: seconds a delete's tombstone is kept; must exceed
+        ``hint_ttl + anti_entropy_max_interval`` (see the module docs). Default 86400.
+    :ivar anti_entropy_interval: base period of anti-entropy rounds. Default 30.
+    :ivar anti_entropy_max_interval: longest period (backoff while replicas
+        agree), >= ``anti_entropy_interval``. Default 300.
+    :ivar heartbeat_interval: period of heartbeats. Default 1.
+    :ivar failure_timeout: silence after which a peer is considered down, at
+        least twice ``heartbeat_interval``. Default 5.
+    :ivar seed_retry_interval: pause between attempts to reach the seeds. Default 1.
+    """
+
+    node_id: str = ""
+    cluster_name: str = "hypercache"
+    bind: str = "127.0.0.1:7400"
+    http: str | None = "127.0.0.1:7480"
+    seeds: tuple[str, ...] = ()
+    replication: int = 3
+    vnodes: int = DEFAULT_VNODES
+    partitions: int = 4096
+    read_consistency: Consistency = Consistency.QUORUM
+    write_consistency: Consistency = Consistency.QUORUM
+    max_memory: int = 0
+    max_items: int = 0
+    request_timeout: float = 2.0
+    connect_timeout: float = 1.0
+    max_frame: int = 64 * MiB
+    max_key: int = 64 * KiB
+    max_value: int = 32 * MiB
+    auth_token: str | None = dataclasses.field(default=None, repr=False)
+    log_level: str = "info"
+    hint_ttl: float = 3600.0
+    hint_max_per_node: int = 100_000
+    hint_max_total: int = 1_000_000
+    hint_max_bytes: int = 256 * MiB
+    hint_replay_batch: int = 512
+    tombstone_ttl: float = 86400.0
+    anti_entropy_interval: float = 30.0
+    anti_entropy_max_interval: float = 300.0
+    heartbeat_interval: float = 1.0
+    failure_timeout: float = 5.0
+    seed_retry_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Frozen: normalised values are stored through object.__setattr__. Checks run
+        # in field order, so the first bad field is the one reported.
+        put = object.__setattr__
+
+        # -- identity and addresses
+        node_id = _str("node_id", self.node_id)
+        cluster_name = _str("cluster_name", self.cluster_name)
+        if not _CLUSTER_NAME.fullmatch(cluster_name):
+            raise ConfigError(
+                "cluster_name",
+                "must be 1..64 characters of letters, digits, '.', '_' or '-', "
+                f"starting with a letter or digit; got {cluster_name!r}",
+            )
+        put(self, "bind", _address("bind", self.bind))
+        http = self.http
+        if http is not None and _str("http", http).strip().lower() in _HTTP_OFF:
+            http = None
+        put(self, "http", None if http is None else _address("http", http))
+        put(self, "seeds", _seeds(self.seeds))
+        if node_id == "":
+            node_id = derive_node_id(self.bind)
+        elif not _NODE_ID.fullmatch(node_id):
+            raise ConfigError(
+                "node_id",
+                f"must be 1..255 printable ASCII characters without blanks, got {node_id!r}",
+            )
+        put(self, "node_id", node_id)
+
+        # -- placement and consistency
+        _int("replication", self.replication, low=1)
+        _int("vnodes", self.vnodes, low=0, high=_MAX_VNODES)
+        partitions = _int("partitions", self.partitions, low=1, high=_MAX_PARTITIONS)
+        if partitions & (partitions - 1):
+            raise ConfigError("partitions", f"must be a power of two, got {partitions}")
+        for name in ("read_consistency", "write_consistency"):
+            put(self, name, Consistency.parse(getattr(self, name), field=name))
+
+        # -- capacity and limits
+        _int("max_memory", self.max_memory, low=0)
+        _int("max_items", self.max_items, low=0)
+        for name in ("request_timeout", "connect_timeout"):
+            put(self, name, _positive_seconds(name, getattr(self, name)))
+        max_frame = _int("max_frame", self.max_frame, low=1, high=MAX_FRAME_LIMIT)
+        max_key = _int("max_key", self.max_key, low=1)
+        max_value = _int("max_value", self.max_value, low=1)
+        if max_key + max_value + FRAME_OVERHEAD > max_frame:
+            raise ConfigError(
+                "max_frame",
+                f"must hold the largest key and value plus {FRAME_OVERHEAD} bytes of "
+                f"envelope: max_key + max_value + {FRAME_OVERHEAD} = "
+                f"{max_key + max_value + FRAME_OVERHEAD} > max_frame = {max_frame}",
+            )
+
+        # -- security and logging
+        token = self.auth_token
+        if token is not None and _str("auth_token", token) == "":
+            token = None
+        put(self, "auth_token", token)
+        level = _str("log_level", self.log_level).strip().lower()
+        level = "warning" if level == "warn" else level
+        if level not in LOG_LEVELS:
+            raise ConfigError(
+                "log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
+            )
+        put(self, "log_level", level)
+
+        # -- convergence
+        for name in (
+            "hint_ttl",
+            "tombstone_ttl",
+            "anti_entropy_interval",
+            "anti_entropy_max_interval",
+            "heartbeat_interval",
+            "failure_timeout",
+            "seed_retry_interval",
+        ):
+            put(self, name, _positive_seconds(name, getattr(self, name)))
+        per_node = _int("hint_max_per_node", self.hint_max_per_node, low=1)
+        total = _int("hint_max_total", self.hint_max_total, low=1)
+        if per_node > total:
+            raise ConfigError(
+                "hint_max_per_node",
+                f"must not exceed hint_max_total ({total}), got {per_node}",
+            )
+        _int("hint_max_bytes", self.hint_max_bytes, low=1)
+        _int("hint_replay_batch", self.hint_replay_batch, low=1)
+        if self.anti_entropy_max_interval < self.anti_entropy_interval:
+            raise ConfigError(
+                "anti_entropy_max_interval",
+                f"must be >= anti_entropy_interval ({self.anti_entropy_interval:g} s), "
+                f"got {self.anti_entropy_max_interval:g} s",
+            )
+        if self.failure_timeout < 2 * self.heartbeat_interval:
+            raise ConfigError(
+                "failure_timeout",
+                f"must be at least twice heartbeat_interval ({self.heartbeat_interval:g} s) "
+                f"so that one late heartbeat does not mark a peer down, "
+                f"got {self.failure_timeout:g} s",
+            )
+        horizon = self.hint_ttl + self.anti_entropy_max_interval
+        if self.tombstone_ttl <= horizon:
+            raise ConfigError(
+                "tombstone_ttl",
+                f"must exceed hint_ttl + anti_entropy_max_interval "
+                f"({self.hint_ttl:g} + {self.anti_entropy_max_interval:g} = {horizon:g} s), "
+                f"got {self.tombstone_ttl:g} s: a tombstone must outlive every hint and a "
+                "full anti-entropy period, otherwise a replica that missed the delete "
+                "could resurrect the key",
+            )
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` of :attr:`bind` (IPv6 hosts without brackets)."""
+        return parse_hostport(self.bind, field="bind")
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of :attr:`http`, or ``None`` when the HTTP server is off."""
+        return None if self.http is None else parse_hostport(self.http, field="http")
+
+    @property
+    def seed_addresses(self) -> tuple[tuple[str, int], ...]:
+        """``(host, port)`` of each seed."""
+        return tuple(parse_hostport(seed, field="seeds") for seed in self.seeds)
+
+    @property
+    def partition_bits(self) -> int:
+        """``k`` with ``partitions == 2**k``: a key's partition is ``hash64 >> (64 - k)``."""
+        return self.partitions.bit_length() - 1
+
+    def with_bind(self, bind: str) -> DistConfig:
+        """A copy listening on ``bind``, e.g. the real address after binding port 0.
+
+        A node id that was derived from the old ``bind`` is derived again from the
+        new one; an explicitly configured id is kept.
+        """
+        derived = self.node_id == derive_node_id(self.bind)
+        return dataclasses.replace(self, bind=bind, node_id="" if derived else self.node_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-safe dict (for ``GET /config``).
+
+        Consistency levels are their names, seeds a list, and a set ``auth_token``
+        is replaced with :data:`REDACTED`.
+        """
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Consistency):
+                value = value.value
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[field.name] = value
+        if self.auth_token is not None:
+            out["auth_token"] = REDACTED
+        return out
+
+
+# ----------------------------------------------------------------------- loading
+
+# Each loader turns one raw input (a string from the environment or the command
+# line, or a TOML value) into what DistConfig accepts; DistConfig validates the rest.
+_Loader = Callable[[str, Any], Any]
+
+
+def _load_str(name: str, raw: Any) -> Any:
+    return _str(name, raw)
+
+
+def _load_optional_str(name: str, raw: Any) -> Any:
+    return None if raw is None else _str(name, raw)
+
+
+def _load_int(name: str, raw: Any) -> Any:
+    if isinstance(raw, str):
+        try:
+            return int(raw.strip(), 10)
+        except ValueError:
+            raise ConfigError(name, f"expected an integer, got {raw!r}") from None
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise ConfigError(name, f"expected an integer, got {_describe(raw)}")
+    return raw
+
+
+def _load_size(name: str, raw: Any) -> Any:
+    if isinstance(raw, str):
+        return parse_size(raw, field=name)
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise ConfigError(name, f"expected a size in bytes (e.g. 64MiB), got {_describe(raw)}")
+    return raw
+
+
+def _load_seconds(name: str, raw: Any) -> Any:
+    if isinstance(raw, str):
+        return parse_duration(raw, field=name)
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise ConfigError(name, f"expected a number of seconds, got {_describe(raw)}")
+    return float(raw)
+
+
+def _load_seeds(name: str, raw: Any) -> Any:
+    if isinstance(raw, str):
+        return tuple(_split_commas(raw))
+    if isinstance(raw, list | tuple):
+        return tuple(_str(name, item) for item in raw)
+    raise ConfigError(name, f"expected a list of HOST:PORT, got {_describe(raw)}")
+
+
+_LOADERS: Final[Mapping[str, _Loader]] = {
+    "node_id": _load_str,
+    "cluster_name": _load_str,
+    "bind": _load_str,
+    "http": _load_optional_str,
+    "seeds": _load_seeds,
+    "replication": _load_int,
+    "vnodes": _load_int,
+    "partitions": _load_int,
+    "read_consistency": _load_str,
+    "write_consistency": _load_str,
+    "max_memory": _load_size,
+    "max_items": _load_int,
+    "request_timeout": _load_seconds,
+    "connect_timeout": _load_seconds,
+    "max_frame": _load_size,
+    "max_key": _load_size,
+    "max_value": _load_size,
+    "auth_token": _load_optional_str,
+    "log_level": _load_str,
+    "hint_ttl": _load_seconds,
+    "hint_max_per_node": _load_int,
+    "hint_max_total": _load_int,
+    "hint_max_bytes": _load_size,
+    "hint_replay_batch": _load_int,
+    "tombstone_ttl": _load_seconds,
+    "anti_entropy_interval": _load_seconds,
+    "anti_entropy_max_interval": _load_seconds,
+    "heartbeat_interval": _load_seconds,
+    "failure_timeout": _load_seconds,
+    "seed_retry_interval": _load_seconds,
+}
+
+_FIELDS: Final = tuple(field.name for field in dataclasses.fields(DistConfig))
+if set(_LOADERS) != set(_FIELDS):  # pragma: no cover - guards edits of DistConfig
+    raise AssertionError("every DistConfig field needs a loader in _LOADERS")
+
+
+def env_var_name(field: str) -> str:
+    """The environment variable of ``field`` (``bind`` -> ``HYPERCACHE_BIND``)."""
+    return ENV_PREFIX + field.upper()
+
+
+def _flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path!r}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path!r} is not valid TOML: {exc}") from None
+
+
+def _toml_layer(path: str) -> list[tuple[str, Any, str]]:
+    data = _read_toml(path)
+    unknown = [key for key in data if key not in _LOADERS]
+    if unknown:
+        key = unknown[0]
+        others = f" (also unknown: {', '.join(map(repr, unknown[1:]))})" if unknown[1:] else ""
+        raise ConfigError(
+            key, f"unknown key in config file {path!r}{_suggest(key, _FIELDS)}{others}"
+        )
+    return [(key, value, f"config file {path!r}") for key, value in data.items()]
+
+
+def _env_layer(environ: Mapping[str, str]) -> list[tuple[str, Any, str]]:
+    layer: list[tuple[str, Any, str]] = []
+    for var in sorted(environ):
+        if not var.upper().startswith(ENV_PREFIX) or var in NON_NODE_ENV_VARS:
+            continue
+        field = var[len(ENV_PREFIX) :].lower()
+        if field in _LOADERS and var == env_var_name(field):
+            layer.append((field, environ[var], f"environment variable {var}"))
+            continue
+        if var.upper() in NON_NODE_ENV_VARS or field in _LOADERS:
+            raise ConfigError(var, f"environment variable names are upper case: use {var.upper()}")
+        known = [env_var_name(name) for name in _FIELDS] + sorted(NON_NODE_ENV_VARS)
+        raise ConfigError(var, f"unknown environment variable{_suggest(var.upper(), known)}")
+    return layer
+
+
+def _argv_layer(argv_values: Mapping[str, Any]) -> list[tuple[str, Any, str]]:
+    layer: list[tuple[str, Any, str]] = []
+    for name, value in argv_values.items():
+        if value is None:
+            continue
+        if name not in _LOADERS:
+            raise ConfigError(name, f"unknown option{_suggest(name, _FIELDS)}")
+        layer.append((name, value, f"command-line option {_flag_name(name)}"))
+    return layer
+
+
+def load_config(
+    *,
+    argv_values: Mapping[str, Any] | None,
+    environ: Mapping[str, str],
+    toml_path: str | None,
+) -> DistConfig:
+    """Build and validate a :class:`DistConfig` from its sources.
+
+    Precedence, lowest first: the dataclass defaults, the TOML file, ``HYPERCACHE_*``
+    environment variables, ``argv_values``.
+
+    :param argv_values: field name -> value from the command line; ``None`` values
+        are "not given" and skipped. Values may be strings (parsed like environment
+        values) or already typed.
+    :param environ: the environment, e.g. :data:`os.environ`.
+    :param toml_path: the TOML file; when ``None``, ``environ["HYPERCACHE_CONFIG"]``
+        names it if set and non-empty; otherwise no file is read.
+    :raises ConfigError: a file cannot be read or parsed (field ``"config"``), a key
+        or ``HYPERCACHE_*`` variable is unknown (field = that key or variable), or a
+        value is invalid (field = the setting; the message says where the value came
+        from).
+    """
+    if toml_path is None:
+        toml_path = environ.get(CONFIG_ENV_VAR) or None
+    layers: list[tuple[str, Any, str]] = []
+    if toml_path is not None:
+        layers += _toml_layer(toml_path)
+    layers += _env_layer(environ)
+    layers += _argv_layer(argv_values or {})
+
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for name, raw, where in layers:
+        try:
+            values[name] = _LOADERS[name](name, raw)
+        except ConfigError as exc:
+            raise ConfigError(exc.field, f"{exc.message} (from {where})") from None
+        origin[name] = where
+    try:
+        return DistConfig(**values)
+    except ConfigError as exc:
+        source = origin.get(exc.field)
+        if source is None:
+            raise
+        raise ConfigError(exc.field, f"{exc.message} (from {source})") from None
