@@ -43,6 +43,9 @@ POLICIES: Final[dict[str, type[Policy]]] = {
 
 _MISSING: Final = object()
 
+#: Slots are 32-bit numbers with a few values reserved.
+MAX_CAPACITY: Final = 2**32 - 17
+
 
 class _Flight:
     """One computation in progress, shared by every caller that wants its result."""
@@ -61,13 +64,13 @@ class _Flight:
         return self.result
 
 
-def _check_bound(name: str, value: object) -> int:
+def _check_bound(name: str, value: object, most: int) -> int:
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(name, f"must be a positive integer or None, got {value!r}")
-    if value < 1:
-        raise ConfigError(name, f"must be at least 1, got {value!r}")
+    if not 1 <= value <= most:
+        raise ConfigError(name, f"must be between 1 and {most}, got {value!r}")
     return value
 
 
@@ -116,7 +119,7 @@ class HyperCache(CacheCore[K, V]):
     for all concurrent callers of the same key.
     """
 
-    __slots__ = ("_flights", "_flights_lock")
+    __slots__ = ("__weakref__", "_flights", "_flights_lock")
 
     def __init__(
         self,
@@ -128,8 +131,8 @@ class HyperCache(CacheCore[K, V]):
         sizeof: Callable[[Any], int] | None = None,
         timer: Callable[[], float] | None = None,
     ) -> None:
-        items = _check_bound("capacity", capacity)
-        nbytes = _check_bound("max_bytes", max_bytes)
+        items = _check_bound("capacity", capacity, MAX_CAPACITY)
+        nbytes = _check_bound("max_bytes", max_bytes, 2**64 - 1)
         if not isinstance(policy, str) or policy.lower() not in POLICIES:
             raise ConfigError(
                 "policy", f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}"
@@ -171,8 +174,9 @@ class HyperCache(CacheCore[K, V]):
         if not leader:
             return flight.wait()
         try:
-            # A caller that finished just before we registered may have stored it.
-            value = self.get(key, _MISSING)
+            # A caller that finished just before we registered may have stored
+            # it; look without counting a second lookup.
+            value = self._peek(key, _MISSING)
             if value is _MISSING:
                 value = factory()
                 self.set(key, value, ttl)
@@ -201,6 +205,8 @@ class HyperCache(CacheCore[K, V]):
         _check_ttl("ttl", ttl)
         if key is not None and not callable(key):
             raise ConfigError("key", f"must be callable or None, got {key!r}")
+        # Memoized entries are keyed by call, not by K: use the table untyped.
+        table: Any = self
 
         def decorate(func: F) -> F:
             def cache_key(*args: Any, **kwargs: Any) -> Hashable:
@@ -217,7 +223,7 @@ class HyperCache(CacheCore[K, V]):
                 @functools.wraps(func)
                 async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                     k = cache_key(*args, **kwargs)
-                    value = self.get(k, _MISSING)
+                    value = table.get(k, _MISSING)
                     if value is not _MISSING:
                         return value
                     return await self._async_single_flight(
@@ -230,7 +236,7 @@ class HyperCache(CacheCore[K, V]):
                 @functools.wraps(func)
                 def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
                     k = cache_key(*args, **kwargs)
-                    value = self.get(k, _MISSING)
+                    value = table.get(k, _MISSING)
                     if value is not _MISSING:
                         return value
                     return self._single_flight(k, lambda: func(*args, **kwargs), ttl)
@@ -238,7 +244,7 @@ class HyperCache(CacheCore[K, V]):
                 wrapper = sync_wrapper
 
             wrapper.cache_key = cache_key
-            wrapper.invalidate = lambda *a, **kw: self.delete(cache_key(*a, **kw))
+            wrapper.invalidate = lambda *a, **kw: table.delete(cache_key(*a, **kw))
             return cast(F, wrapper)
 
         return decorate
@@ -265,11 +271,12 @@ class HyperCache(CacheCore[K, V]):
                 raise
         future: asyncio.Future[Any] = loop.create_future()
         flights[key] = future
+        table: Any = self
         try:
-            value = self.get(key, _MISSING)
+            value = table.get(key, _MISSING)
             if value is _MISSING:
                 value = await start()
-                self.set(key, value, ttl)
+                table.set(key, value, ttl)
             future.set_result(value)
             return value
         except asyncio.CancelledError:

@@ -81,7 +81,7 @@ cdef class CacheCore:
     cdef void _drop_slot(self, uint32_t s) noexcept
     @cython.final
     @cython.final
-    cdef void _evict_over_bounds(self) noexcept
+    cdef bint _over_after(self, int64_t s, uint64_t size) noexcept
     @cython.final
     cdef int _enable_expiry(self) except -1
     @cython.final

@@ -71,6 +71,9 @@ cdef extern from "Python.h":
     bint PyBytes_CheckExact(object)
     bint PyUnicode_CheckExact(object)
     bint PyByteArray_CheckExact(object)
+    bint PyLong_CheckExact(object)
+    bint PyFloat_CheckExact(object)
+    bint PyTuple_CheckExact(object)
     Py_ssize_t PyBytes_GET_SIZE(object)
     Py_ssize_t PyUnicode_GET_LENGTH(object)
     Py_ssize_t PyByteArray_GET_SIZE(object)
@@ -101,6 +104,8 @@ cdef inline uint8_t ctrl_tag(uint32_t h) noexcept nogil:
     # number (from the top of h * FIB) does not already encode.
     return <uint8_t>(0x80 | (h & 0x7F))
 cdef int64_t NS = 1000000000
+# "The clock has not been read yet": any real reading, 0 included, differs.
+cdef int64_t NO_TIME = -0x7FFFFFFFFFFFFFFF - 1
 
 
 cdef class _FreeMarker:
@@ -136,10 +141,10 @@ cdef inline uint32_t key_hash(object key) except? 0:
     return fold(h)
 
 
-cdef inline uint64_t shallow_size(object value) noexcept:
-    # len() for bytes-like and str; otherwise the object's own footprint as its
-    # type reports it: basic size plus inline items (what sys.getsizeof says
-    # without the GC header), never what it references.
+cdef inline uint64_t shallow_size(object value) except? 0xFFFFFFFFFFFFFFFF:
+    # len() for bytes-like and str; otherwise ``value.__sizeof__()``: the
+    # object's own footprint without the GC header, not what it references.
+    # The common scalar types are computed here without a call.
     if PyBytes_CheckExact(value):
         return <uint64_t>PyBytes_GET_SIZE(value)
     if PyUnicode_CheckExact(value):
@@ -147,12 +152,18 @@ cdef inline uint64_t shallow_size(object value) noexcept:
     if PyByteArray_CheckExact(value):
         return <uint64_t>PyByteArray_GET_SIZE(value)
     cdef PyTypeObject* tp = Py_TYPE(value)
-    cdef Py_ssize_t n = 0
-    if tp.tp_itemsize:
+    cdef Py_ssize_t n
+    if PyLong_CheckExact(value):
         n = (<PyVarObject*>value).ob_size
-        if n < 0:
-            n = -n
-    return <uint64_t>(tp.tp_basicsize + n * tp.tp_itemsize)
+        n = -n if n < 0 else n
+        return <uint64_t>(tp.tp_basicsize + (n if n else 1) * tp.tp_itemsize)
+    if PyFloat_CheckExact(value) or PyTuple_CheckExact(value) or value is None:
+        n = (<PyVarObject*>value).ob_size if tp.tp_itemsize else 0
+        return <uint64_t>(tp.tp_basicsize + n * tp.tp_itemsize)
+    n = value.__sizeof__()
+    if n < 0:
+        raise ValueError(f"__sizeof__ returned a negative size: {n!r}")
+    return <uint64_t>n
 
 
 @cython.final
@@ -165,7 +176,7 @@ cdef class CacheStats:
     @property
     def hit_ratio(self):
         cdef uint64_t total = self.hits + self.misses
-        return self.hits / total if total else 0.0
+        return <double>self.hits / total if total else 0.0
 
     def _asdict(self):
         return {
@@ -267,7 +278,7 @@ cdef class CacheCore:
             ttl_ns = self._ttl_ns(ttl)
         if ttl_ns == 0:
             return 0
-        if now[0] == 0:
+        if now[0] == NO_TIME:
             now[0] = self._now()
         return now[0] + ttl_ns
 
@@ -456,7 +467,7 @@ cdef class CacheCore:
         self.npending += 1
 
     @cython.final
-    cdef int _reserve_pending(self, Py_ssize_t n) except -1:
+    cdef inline int _reserve_pending(self, Py_ssize_t n) except -1:
         if self.npending + n > self.pending_cap:
             self.pending_cap = max(self.pending_cap * 2, self.npending + n, 16)
             self.pending = <PyObject**>grow_array(
@@ -492,21 +503,6 @@ cdef class CacheCore:
         self.free_head = s
         self.count -= 1
         self.mutations += 1
-
-    @cython.final
-    cdef void _evict_over_bounds(self) noexcept:
-        # Needs pending room for every eviction; reserved by the caller via
-        # _reserve_pending(2 * (count + 1)) only when a bound exists. In
-        # practice one write evicts few entries, but a large value under a byte
-        # budget may evict many, so the reservation is for the worst case.
-        cdef uint32_t s
-        while ((self.item_limit and self.count > self.item_limit)
-               or (self.byte_limit and self.nbytes > self.byte_limit)):
-            s = self.policy.evict()
-            if s == NO_SLOT:
-                break
-            self._drop_slot(s)
-            self.evictions += 1
 
     # ------------------------------------------------------------------ expiry heap
 
@@ -657,6 +653,13 @@ cdef class CacheCore:
         self.policy.access(<uint32_t>s, h)
         return <object>self.kv[2 * s + 1]
 
+    def _peek(self, key, default=None):
+        """The live value under ``key`` or ``default``, without counting a use or a hit."""
+        cdef int64_t s = self._live(key, key_hash(key))
+        if s < 0:
+            return default
+        return <object>self.kv[2 * s + 1]
+
     def __contains__(self, key):
         return self._live(key, key_hash(key)) >= 0
 
@@ -695,11 +698,11 @@ cdef class CacheCore:
         """A list of the live keys (in slot order, which is no particular order)."""
         cdef list out = []
         cdef uint32_t s
-        cdef int64_t now = 0
+        cdef int64_t now = NO_TIME
         if self.expiry != NULL and self.heap_len:
             now = self._now()
         for s in range(self.used):
-            if self.kv[2 * s] != FREE and not (now and self._expired(s, now)):
+            if self.kv[2 * s] != FREE and not (now != NO_TIME and self._expired(s, now)):
                 out.append(<object>self.kv[2 * s])
         return out
 
@@ -710,8 +713,6 @@ cdef class CacheCore:
 
     @cython.final
     cdef uint64_t _measure(self, object value) except? 0xFFFFFFFFFFFFFFFF:
-        if self.size_fn is None:
-            return shallow_size(value)
         n = self.size_fn(value)
         if n < 0:
             raise ValueError(f"sizeof returned a negative size: {n!r}")
@@ -719,31 +720,63 @@ cdef class CacheCore:
 
     @cython.final
     cdef int _store(self, object key, object value, object ttl) except -1:
+        # Raises only before the first mutation, with nothing deferred; on
+        # success it releases what it dropped itself.
+        #
+        # Room is made *before* the write, so a bound never lets a write evict
+        # the entry it stores: the victim is chosen among the entries already
+        # there (TinyLFU still filters admission, through its window).
         cdef uint32_t h = key_hash(key)
-        cdef uint64_t size = self._measure(value)
-        cdef int64_t now = 0
-        cdef int64_t at = self._expiry_for(ttl, &now)
+        cdef uint64_t size
+        cdef int64_t now = NO_TIME
+        cdef int64_t at = 0
         cdef int64_t s
-        cdef uint32_t slot
+        cdef uint32_t slot, v
+        if self.size_fn is None:
+            size = shallow_size(value)
+        else:
+            size = self._measure(value)
+        if ttl is not None or self.default_ttl_ns:
+            at = self._expiry_for(ttl, &now)
+            if self.expiry == NULL:
+                self._enable_expiry()
         if self.byte_limit and size > self.byte_limit:
             raise ValueError(
                 f"value of {size} bytes exceeds the cache's max_bytes={self.byte_limit}")
-        if at and self.expiry == NULL:
-            self._enable_expiry()
-        if self.expiry != NULL and self.heap_len and now == 0:
+        if self.heap_len and now == NO_TIME:
             now = self._now()
-        # Everything that can run Python code or allocate happens above or in
-        # this loop; past it the write is pure C until _release().
-        while True:
-            if not self._has_free_slot():
-                self._grow_slots()
-            if (self.count + 1) * 2 > self.mask + 1:
-                self._index_grow()
-            self._reserve_pending(
-                2 * (SWEEP_PER_WRITE + 2) + (2 * (self.count + 2) if self.byte_limit else 0))
+        s = self._find(key, h)
+        # Growing the slot list allocates a Python object, which may run the
+        # cyclic GC and so finalizers that change the table: look again after.
+        while s < 0 and not self._has_free_slot():
+            self._grow_slots()
             s = self._find(key, h)
-            if s >= 0 or self._has_free_slot():
-                break
+        # From here the write is pure C: no Python code runs until _release().
+        if s < 0 and (self.count + 1) * 2 > self.mask + 1:
+            self._index_grow()
+        self._reserve_pending(
+            2 * (SWEEP_PER_WRITE + 4) + (2 * (self.count + 2) if self.byte_limit else 0))
+        if s >= 0 and now != NO_TIME and self._expired(<uint32_t>s, now):
+            # A write over an expired entry stores a new one.
+            self.policy.remove(<uint32_t>s)
+            self._drop_slot(<uint32_t>s)
+            self.expirations += 1
+            s = -1
+        if now != NO_TIME:
+            # Expired entries go before any live one is evicted for room.
+            self._sweep(now, SWEEP_PER_WRITE)
+        if self.item_limit or self.byte_limit:
+            while self._over_after(s, size):
+                v = self.policy.evict()
+                if v == NO_SLOT:
+                    break
+                self._drop_slot(v)
+                if v == s:
+                    # The policy chose the entry being overwritten: its old
+                    # version goes, and the write stores a new entry.
+                    s = -1
+                else:
+                    self.evictions += 1
         if s >= 0:
             slot = <uint32_t>s
             self._defer(self.kv[2 * slot + 1])
@@ -751,7 +784,8 @@ cdef class CacheCore:
             self.kv[2 * slot + 1] = <PyObject*>value
             self.nbytes += size - self.sizes[slot]
             self.sizes[slot] = size
-            self._set_expiry(slot, at)
+            if self.expiry != NULL:
+                self._set_expiry(slot, at)
             self.policy.update(slot, h)
         else:
             slot = self._take_slot()
@@ -772,33 +806,30 @@ cdef class CacheCore:
             self.mutations += 1
             self.policy.insert(slot, h)
         self.sets += 1
-        if self.item_limit or self.byte_limit:
-            self._evict_over_bounds()
-        if now:
-            self._sweep(now, SWEEP_PER_WRITE)
+        self._release()
         return 0
+
+    @cython.final
+    cdef inline bint _over_after(self, int64_t s, uint64_t size) noexcept:
+        # Would writing ``size`` bytes (over slot s, or as a new entry when
+        # s < 0) break a bound?
+        if s < 0:
+            return ((self.item_limit and self.count + 1 > self.item_limit)
+                    or (self.byte_limit and self.nbytes + size > self.byte_limit))
+        return self.byte_limit and self.nbytes - self.sizes[s] + size > self.byte_limit
 
     def set(self, key, value, ttl=None):
         """Store ``value`` under ``key``; ``ttl`` seconds (None: the default TTL)."""
-        try:
-            self._store(key, value, ttl)
-        finally:
-            self._release()
+        self._store(key, value, ttl)
 
     def __setitem__(self, key, value):
-        try:
-            self._store(key, value, None)
-        finally:
-            self._release()
+        self._store(key, value, None)
 
     def set_many(self, mapping, ttl=None):
         """Store every item of ``mapping`` (a mapping or an iterable of pairs)."""
         items = mapping.items() if hasattr(mapping, "items") else mapping
         for key, value in items:
-            try:
-                self._store(key, value, ttl)
-            finally:
-                self._release()
+            self._store(key, value, ttl)
 
     @cython.final
     cdef bint _remove(self, object key) except -1:
@@ -830,7 +861,7 @@ cdef class CacheCore:
 
     def expire(self, key, ttl):
         """Give a present ``key`` a new TTL from now (None or inf: never); False if absent."""
-        cdef int64_t now = 0
+        cdef int64_t now = NO_TIME
         cdef int64_t at
         cdef int64_t s
         at = self._expiry_for(float("inf") if ttl is None else ttl, &now)
@@ -914,10 +945,10 @@ cdef class CacheCore:
         """A list of the live (key, value) pairs."""
         cdef list out = []
         cdef uint32_t s
-        cdef int64_t now = 0
+        cdef int64_t now = NO_TIME
         if self.expiry != NULL and self.heap_len:
             now = self._now()
         for s in range(self.used):
-            if self.kv[2 * s] != FREE and not (now and self._expired(s, now)):
+            if self.kv[2 * s] != FREE and not (now != NO_TIME and self._expired(s, now)):
                 out.append((<object>self.kv[2 * s], <object>self.kv[2 * s + 1]))
         return out

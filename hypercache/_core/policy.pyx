@@ -18,12 +18,11 @@ cdef class Policy:
         self.count = 0
 
     def __dealloc__(self):
-        free(self.prev)
-        free(self.nxt)
+        free(self.prev)  # nxt points into the same block
 
     cdef int grow(self, uint32_t new_cap) except -1:
-        self.prev = <uint32_t*>grow_array(self.prev, new_cap, sizeof(uint32_t))
-        self.nxt = <uint32_t*>grow_array(self.nxt, new_cap, sizeof(uint32_t))
+        self.prev = <uint32_t*>grow_array(self.prev, 2 * <size_t>new_cap, sizeof(uint32_t))
+        self.nxt = self.prev + 1
         self.cap = new_cap
         return 0
 

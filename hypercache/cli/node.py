@@ -1,0 +1,84 @@
+"""``hypercache-node``: run one cluster node in the foreground.
+
+Configuration comes from defaults, ``--config FILE.toml`` (or ``$HYPERCACHE_CONFIG``),
+``HYPERCACHE_*`` environment variables and flags (see :mod:`hypercache.cli.args`); an
+invalid value prints ``hypercache-node: error: <field>: <message>`` and exits 2.
+
+When the node is ready it prints one line to stdout::
+
+    hypercache-node ready: node_id=127.0.0.1:7400 data=127.0.0.1:7400 http=127.0.0.1:7480
+
+SIGTERM and SIGINT stop it cleanly (exit status 0). Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from hypercache.cli.args import PROG, node_config_from_argv
+from hypercache.cluster.config import DistConfig
+
+__all__ = ["READY_PREFIX", "main", "run"]
+
+#: Start of the line printed when the node is ready (scripts and tests wait for it).
+READY_PREFIX = f"{PROG} ready:"
+
+_log = logging.getLogger("hypercache.cli")
+
+
+async def run(config: DistConfig) -> None:
+    """Run a node until SIGTERM or SIGINT, then stop it."""
+    from hypercache.cluster.node import Node
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    node = Node(config)
+    try:
+        await node.start()
+        print(
+            f"{READY_PREFIX} node_id={node.node_id} data={node.address} "
+            f"http={node.http_address or 'off'}",
+            flush=True,
+        )
+        await stop.wait()
+        _log.info("signal received, stopping")
+    finally:
+        await node.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _run_loop(config: DistConfig) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - non-Linux without uvloop
+        asyncio.run(run(config))
+    else:
+        uvloop.run(run(config))
+
+
+def main() -> None:
+    """Entry point of the ``hypercache-node`` console script."""
+    config = node_config_from_argv(sys.argv[1:], os.environ)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s [" + config.node_id + "] %(message)s",
+    )
+    try:
+        _run_loop(config)
+    except OSError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:  # a signal before the handlers were installed
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Clients of a hypercache cluster.
+
+- :class:`Client`: blocking sockets, for sync code; safe to share between threads.
+- :class:`AsyncClient`: asyncio, one multiplexed connection per node.
+
+Both learn the partition table from any seed and send each operation straight to
+the key's owners (``route="owner"``), failing over to the other owners and then to
+any node. Values are serialised with msgpack by default
+(:mod:`hypercache.client.serializer`); keys are ``str`` or ``bytes``
+(:mod:`hypercache.client.keys`). ``docs/client.md`` is the guide.
+"""
+
+from hypercache.client._common import ClientStats
+from hypercache.client.aio import AsyncClient
+from hypercache.client.keys import Key, normalize_key
+from hypercache.client.serializer import (
+    MsgpackSerializer,
+    PickleSerializer,
+    RawSerializer,
+    Serializer,
+)
+from hypercache.client.sync import Client
+from hypercache.client.topology import NodeInfo, Topology
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "ClientStats",
+    "Key",
+    "MsgpackSerializer",
+    "NodeInfo",
+    "PickleSerializer",
+    "RawSerializer",
+    "Serializer",
+    "Topology",
+    "normalize_key",
+]

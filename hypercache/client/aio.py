@@ -1,0 +1,364 @@
+"""The asyncio client: :class:`AsyncClient`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
+
+from hypercache.client._common import (
+    BATCH,
+    ClientOptions,
+    ClientStats,
+    decode_get,
+    ttl_to_ms,
+    unreachable,
+    wire_consistency,
+)
+from hypercache.client.keys import Key, normalize_key
+from hypercache.client.serializer import Serializer
+from hypercache.client.topology import Router, Topology
+from hypercache.consistency import Consistency
+from hypercache.errors import HyperCacheError, NodeUnavailableError, ProtocolError
+from hypercache.net.protocol import Limits, Op
+from hypercache.net.tcp import ClientConnection, connect
+
+__all__ = ["AsyncClient"]
+
+_GET: Final = int(Op.GET)
+_SET: Final = int(Op.SET)
+_DELETE: Final = int(Op.DELETE)
+_PING: Final = int(Op.PING)
+_TOPOLOGY: Final = int(Op.TOPOLOGY)
+
+
+class AsyncClient:
+    """An asyncio client of a hypercache cluster.
+
+    ::
+
+        async with AsyncClient("10.0.0.1:7400,10.0.0.2:7400") as cache:
+            await cache.set("user:1", {"name": "Ada"}, ttl=60)
+            await cache.get("user:1")        # {'name': 'Ada'}
+
+    Takes the same arguments as :class:`~hypercache.client.Client` (see there).
+    ``async with`` (or :meth:`connect`) reaches the cluster at once; without it the
+    first request does. Each node gets **one** multiplexed connection: any number
+    of tasks may issue requests at the same time, and their requests are pipelined
+    on it. A client belongs to the event loop it first ran on.
+
+    :raises ConfigError: an argument is invalid (``field`` names it).
+    """
+
+    def __init__(
+        self,
+        seeds: str | Sequence[str] = "127.0.0.1:7400",
+        *,
+        cluster_name: str = "hypercache",
+        auth_token: str | None = None,
+        timeout: float = 2.0,
+        connect_timeout: float = 1.0,
+        consistency: Consistency | str | None = None,
+        serializer: Serializer | None = None,
+        route: str = "owner",
+        limits: Limits | None = None,
+        topology_refresh: float = 30.0,
+    ) -> None:
+        options = ClientOptions.build(
+            seeds,
+            cluster_name=cluster_name,
+            auth_token=auth_token,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            consistency=consistency,
+            serializer=serializer,
+            route=route,
+            limits=limits,
+            topology_refresh=topology_refresh,
+        )
+        self.options = options
+        #: counters of this client
+        self.stats = ClientStats()
+        self._router = Router(
+            options.seeds,
+            route=options.route,
+            topology_refresh=options.topology_refresh,
+            retry_down_after=options.retry_down_after,
+        )
+        self._hello = options.hello()
+        self._limits = options.limits
+        self._timeout = options.timeout
+        self._default = options.consistency
+        self._dumps = options.serializer.dumps
+        self._loads = options.serializer.loads
+        self._conns: dict[str, ClientConnection] = {}
+        # One connect in flight per address, shared by every task that needs it.
+        self._connecting: dict[str, asyncio.Future[ClientConnection]] = {}
+        self._refresh_task: asyncio.Task[Topology] | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def connect(self) -> AsyncClient:
+        """Reach the cluster now: fetch the partition table (``route="owner"``) or
+        ping a seed (``route="any"``).
+
+        :raises NodeUnavailableError: no seed is reachable.
+        """
+        if self._router.by_owner:
+            await self._refresh()
+        else:
+            await self.ping()
+        return self
+
+    async def close(self) -> None:
+        """Close every connection and stop the background table refresh. Idempotent."""
+        self._closed = True
+        task, self._refresh_task = self._refresh_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for fut in list(self._connecting.values()):
+            fut.cancel()
+        conns, self._conns = self._conns, {}
+        await asyncio.gather(*(conn.close() for conn in conns.values()), return_exceptions=True)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def __aenter__(self) -> AsyncClient:
+        try:
+            return await self.connect()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        seeds = ",".join(self.options.seeds)
+        return f"AsyncClient(seeds={seeds!r}, route={self.options.route!r})"
+
+    # ------------------------------------------------------------------ operations
+
+    async def get(
+        self, key: Key, default: Any = None, *, consistency: Consistency | str | None = None
+    ) -> Any:
+        """Return the value of ``key``, or ``default`` when absent (see ``Client.get``)."""
+        k = normalize_key(key, self._limits)
+        level = wire_consistency(consistency, self._default)
+        found, value = decode_get(await self._call(k, _GET, [k, level]))
+        return self._loads(value) if found else default
+
+    async def set(
+        self,
+        key: Key,
+        value: Any,
+        ttl: float | None = None,
+        *,
+        consistency: Consistency | str | None = None,
+    ) -> None:
+        """Store ``value`` under ``key`` for ``ttl`` seconds (see ``Client.set``)."""
+        k = normalize_key(key, self._limits)
+        level = wire_consistency(consistency, self._default)
+        await self._call(k, _SET, [k, self._encode(value), ttl_to_ms(ttl), level])
+
+    async def delete(self, key: Key, *, consistency: Consistency | str | None = None) -> bool:
+        """Delete ``key``; return whether it existed."""
+        k = normalize_key(key, self._limits)
+        level = wire_consistency(consistency, self._default)
+        return bool(await self._call(k, _DELETE, [k, level]))
+
+    async def get_many(
+        self, keys: Iterable[Key], *, consistency: Consistency | str | None = None
+    ) -> dict[Key, Any]:
+        """Return ``{key: value}`` for the keys that are present.
+
+        All requests are in flight at once (up to 1024 at a time), each to its own
+        key's owner, pipelined on the nodes' connections; each fails over on its own.
+        The first error is raised once all are done.
+        """
+        level = wire_consistency(consistency, self._default)
+        if isinstance(keys, str | bytes):
+            raise TypeError("keys must be an iterable of keys, not a single key")
+        wire = {normalize_key(key, self._limits): key for key in keys}
+        answers = await self._gather([(k, _GET, [k, level]) for k in wire])
+        out: dict[Key, Any] = {}
+        for k, answer in zip(wire, answers, strict=True):
+            found, value = decode_get(answer)
+            if found:
+                out[wire[k]] = self._loads(value)
+        return out
+
+    async def set_many(
+        self,
+        mapping: Mapping[Key, Any],
+        ttl: float | None = None,
+        *,
+        consistency: Consistency | str | None = None,
+    ) -> None:
+        """Store every item of ``mapping``, concurrently like :meth:`get_many`."""
+        level = wire_consistency(consistency, self._default)
+        ttl_ms = ttl_to_ms(ttl)
+        requests = []
+        for key, value in mapping.items():
+            k = normalize_key(key, self._limits)
+            requests.append((k, _SET, [k, self._encode(value), ttl_ms, level]))
+        await self._gather(requests)
+
+    async def ping(self, address: str | None = None) -> float:
+        """Round trip of a PING to ``address`` (or the first reachable node), in seconds."""
+        start = time.perf_counter()
+        if address is not None:
+            answer = await self._attempt(address, _PING, None)
+        else:
+            answer = await self._call(None, _PING, None)
+        elapsed = time.perf_counter() - start
+        if answer != "pong":
+            raise ProtocolError(f"unexpected PING answer: {answer!r:.100}")
+        return elapsed
+
+    async def topology(self) -> Topology:
+        """Fetch the partition table now and return it (routing uses it too)."""
+        return await self._refresh()
+
+    # ------------------------------------------------------------------ internals
+
+    def _encode(self, value: Any) -> bytes:
+        data = self._dumps(value)
+        self._limits.check_value(data)
+        return data
+
+    async def _gather(self, requests: list[tuple[bytes, int, Any]]) -> list[Any]:
+        answers: list[Any] = []
+        for start in range(0, len(requests), BATCH):
+            chunk = requests[start : start + BATCH]
+            answers += await asyncio.gather(
+                *(self._call(k, op, payload) for k, op, payload in chunk),
+                return_exceptions=True,
+            )
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        return answers
+
+    async def _call(self, key: bytes | None, op: int, payload: Any) -> Any:
+        """Send one request for ``key``, failing over along the router's candidates."""
+        if self._closed:
+            raise NodeUnavailableError("the client is closed")
+        router = self._router
+        if router.needs_refresh(time.monotonic()):
+            if router.topology is None:
+                # On failure (counted), route through the seeds meanwhile.
+                with contextlib.suppress(HyperCacheError):
+                    await self._refresh()
+            else:
+                self._refresh_in_background()
+        self.stats.requests += 1
+        errors: dict[str, BaseException] = {}
+        for address in router.candidates(key):
+            if errors:
+                self.stats.failovers += 1
+            try:
+                return await self._attempt(address, op, payload)
+            except NodeUnavailableError as exc:
+                errors[address] = exc
+        raise unreachable(f"op {Op(op).name}", errors)
+
+    async def _attempt(self, address: str, op: int, payload: Any) -> Any:
+        """One request to ``address``; marks the node down when it cannot be reached.
+
+        :raises NodeUnavailableError: cannot connect, or the connection broke.
+        """
+        conn = self._conns.get(address)
+        if conn is None or conn.closed:
+            try:
+                conn = await self._connection(address)
+            except NodeUnavailableError:
+                self._node_down(address)
+                raise
+        try:
+            return await conn.request(op, payload, self._timeout)
+        except NodeUnavailableError:
+            if conn.closed:  # our connection broke (not an answer from the node)
+                self._node_down(address)
+                if self._conns.get(address) is conn:
+                    del self._conns[address]
+            raise
+
+    async def _connection(self, address: str) -> ClientConnection:
+        if self._closed:
+            raise NodeUnavailableError("the client is closed")
+        fut = self._connecting.get(address)
+        if fut is None:
+            loop = asyncio.get_running_loop()
+            fut = loop.create_task(self._open(address))
+            self._connecting[address] = fut
+            fut.add_done_callback(self._connect_done)
+        # shield: one waiter being cancelled must not cancel the others' connect
+        return await asyncio.shield(fut)
+
+    def _connect_done(self, fut: asyncio.Future[ClientConnection]) -> None:
+        _consume(fut)
+        for address, pending in list(self._connecting.items()):
+            if pending is fut:
+                del self._connecting[address]
+
+    async def _open(self, address: str) -> ClientConnection:
+        conn = await connect(address, self._hello, self._limits, self.options.connect_timeout)
+        if self._closed:
+            await conn.close()
+            raise NodeUnavailableError("the client is closed")
+        old = self._conns.get(address)
+        self._conns[address] = conn
+        self.stats.connections_opened += 1
+        if old is not None and old is not conn:
+            await old.close()
+        return conn
+
+    def _node_down(self, address: str) -> None:
+        self.stats.nodes_marked_down += 1
+        self._router.mark_down(address, time.monotonic())
+
+    def _refresh_in_background(self) -> None:
+        task = self._refresh_task
+        if task is None or task.done():
+            task = self._refresh_task = asyncio.get_running_loop().create_task(self._fetch())
+            task.add_done_callback(_consume)
+
+    async def _refresh(self) -> Topology:
+        """Fetch the table, sharing a fetch already in flight."""
+        task = self._refresh_task
+        if task is None or task.done():
+            task = self._refresh_task = asyncio.get_running_loop().create_task(self._fetch())
+            task.add_done_callback(_consume)
+        return await asyncio.shield(task)
+
+    async def _fetch(self) -> Topology:
+        router = self._router
+        errors: dict[str, BaseException] = {}
+        for address in router.fetch_order():
+            try:
+                topology = Topology.from_wire(await self._attempt(address, _TOPOLOGY, None))
+            except HyperCacheError as exc:
+                errors[address] = exc
+                continue
+            router.set_topology(topology, time.monotonic())
+            router.mark_up(address)
+            self.stats.topology_refreshes += 1
+            return topology
+        self.stats.topology_errors += 1
+        router.refresh_failed(time.monotonic())
+        if all(isinstance(exc, NodeUnavailableError) for exc in errors.values()):
+            raise unreachable("TOPOLOGY", errors)
+        raise next(exc for exc in errors.values() if not isinstance(exc, NodeUnavailableError))
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve a background task's exception so that asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()

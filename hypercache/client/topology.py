@@ -1,0 +1,313 @@
+"""The client's view of the cluster: the partition table, and where to send a request.
+
+A node answers ``TOPOLOGY`` with the table the cluster agreed on::
+
+    {"epoch": int, "partitions": int, "replication": int,
+     "nodes": [[node_id, "host:port"], ...],
+     "table": [[node_index, ...] for each partition]}
+
+:class:`Topology` turns it into a lookup: the key's partition comes from the
+compiled :class:`~hypercache._core.ring.Ring` (``Ring.from_table``, the very code
+the nodes use, so client and node agree bit for bit), and each partition maps to a
+precomputed tuple of owner addresses, primary first. ``owners(key)`` is one xxh3
+hash, one shift and one tuple index.
+
+:class:`Router` decides the order in which a client tries nodes for one request:
+
+- ``route="owner"``: the key's owners that are not known to be down, primary
+  first; then every other node of the table; then the seeds; and last, as a final
+  resort, the nodes recently found down. Any node can coordinate any key, so the
+  later candidates still give a correct answer (one proxy hop further).
+- ``route="any"``: the seeds, round-robin (each node proxies to the owners).
+
+A node that fails to connect is *down* for ``retry_down_after`` seconds, so a dead
+node costs one connection attempt per period, not one per request; it also marks
+the table stale, and the next request fetches a new one (at most once per
+``min_refresh`` seconds). The table is also refetched every ``topology_refresh``
+seconds. The newest fetched table always replaces the old one: the epoch is shown
+for diagnostics, not used to refuse a table (a cluster restarted from scratch
+starts again at a low epoch).
+
+The router keeps only plain attributes and dicts that it never iterates while
+another thread may change them, so the sync client shares one between threads
+without a lock; the worst outcome of a race is one extra table fetch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from hypercache.errors import ConfigError, ProtocolError
+from hypercache.net.transport import parse_address
+
+__all__ = ["NodeInfo", "Router", "Topology"]
+
+# The compiled ring is imported by name so that this module type-checks whether or
+# not the extension has its .pyi yet; it is used through a tiny, stable surface
+# (from_table, partition_of).
+_ring_module: Any = importlib.import_module("hypercache._core.ring")
+
+#: Smallest delay between two table fetches triggered by failures.
+MIN_REFRESH: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A cluster node as the table names it."""
+
+    node_id: str
+    address: str
+
+
+@dataclass(frozen=True, eq=False)
+class Topology:
+    """A partition table fetched from the cluster.
+
+    :ivar epoch: version of the membership the table was built from.
+    :ivar partitions: number of partitions (a power of two).
+    :ivar replication: replicas per key the cluster is configured for.
+    :ivar nodes: the nodes, in the order the table indexes them.
+    :ivar table: per partition, the indexes into :attr:`nodes` of its owners,
+        primary first.
+    """
+
+    epoch: int
+    partitions: int
+    replication: int
+    nodes: tuple[NodeInfo, ...]
+    table: tuple[tuple[int, ...], ...] = field(repr=False)
+    _ring: Any = field(repr=False)
+    _rows: tuple[tuple[str, ...], ...] = field(repr=False)
+
+    @classmethod
+    def from_wire(cls, payload: Any) -> Topology:
+        """Validate a ``TOPOLOGY`` answer and build the lookup.
+
+        :raises ProtocolError: the answer is malformed or inconsistent.
+        """
+        try:
+            return cls._from_wire(payload)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ProtocolError):
+                raise
+            raise ProtocolError(f"malformed TOPOLOGY answer: {exc}") from None
+
+    @classmethod
+    def _from_wire(cls, payload: Any) -> Topology:
+        if type(payload) is not dict:
+            raise ProtocolError(f"TOPOLOGY answer must be a map, got {type(payload).__name__}")
+        epoch, partitions, replication = (
+            payload["epoch"],
+            payload["partitions"],
+            payload["replication"],
+        )
+        for name, value in (
+            ("epoch", epoch),
+            ("partitions", partitions),
+            ("replication", replication),
+        ):
+            if type(value) is not int or value < 0:
+                raise ProtocolError(f"TOPOLOGY field {name!r} must be a natural, got {value!r}")
+        nodes: list[NodeInfo] = []
+        for item in payload["nodes"]:
+            node_id, address = item
+            if type(node_id) is not str or type(address) is not str:
+                raise ProtocolError(f"TOPOLOGY node entry must be [str, str], got {item!r}")
+            try:
+                parse_address(address)
+            except ConfigError:
+                raise ProtocolError(
+                    f"TOPOLOGY node {node_id!r} has a bad address {address!r}"
+                ) from None
+            nodes.append(NodeInfo(node_id, address))
+        table = tuple(tuple(row) for row in payload["table"])
+        if len(table) != partitions:
+            raise ProtocolError(f"TOPOLOGY table has {len(table)} rows for {partitions} partitions")
+        # Ring.from_table wants the node ids sorted (its own order); the wire lists
+        # them in the node's order, so translate the indexes.
+        order = sorted(range(len(nodes)), key=lambda i: nodes[i].node_id)
+        rank = {old: new for new, old in enumerate(order)}
+        try:
+            ring = _ring_module.Ring.from_table(
+                [nodes[i].node_id for i in order],
+                [[rank[o] for o in row] for row in table],
+                replication=max(replication, 1),
+            )
+        except ConfigError as exc:
+            raise ProtocolError(f"TOPOLOGY table rejected: {exc}") from None
+        # Many partitions share an owner list: keep one tuple per distinct list.
+        interned: dict[tuple[int, ...], tuple[str, ...]] = {}
+        rows = []
+        for row in table:
+            owners = interned.get(row)
+            if owners is None:
+                owners = interned[row] = tuple(nodes[o].address for o in row)
+            rows.append(owners)
+        return cls(
+            epoch=epoch,
+            partitions=partitions,
+            replication=replication,
+            nodes=tuple(nodes),
+            table=table,
+            _ring=ring,
+            _rows=tuple(rows),
+        )
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Addresses of all nodes, in table order."""
+        return tuple(node.address for node in self.nodes)
+
+    def partition_of(self, key: bytes) -> int:
+        """The partition of a wire key (``xxh3_64(key) >> (64 - log2(partitions))``)."""
+        partition: int = self._ring.partition_of(key)
+        return partition
+
+    def owners(self, key: bytes) -> tuple[str, ...]:
+        """Addresses of the owners of a wire key, primary first."""
+        return self._rows[self._ring.partition_of(key)]
+
+    def partition_owners(self, partition: int) -> tuple[str, ...]:
+        """Addresses of the owners of ``partition``, primary first."""
+        return self._rows[partition]
+
+    def load(self) -> dict[str, tuple[int, int]]:
+        """Per node address: (partitions it is primary of, partitions it holds)."""
+        primary = dict.fromkeys(self.addresses, 0)
+        held = dict.fromkeys(self.addresses, 0)
+        for row in self._rows:
+            primary[row[0]] += 1
+            for address in row:
+                held[address] += 1
+        return {address: (primary[address], held[address]) for address in self.addresses}
+
+    def as_dict(self) -> dict[str, Any]:
+        """The table in its wire form."""
+        return {
+            "epoch": self.epoch,
+            "partitions": self.partitions,
+            "replication": self.replication,
+            "nodes": [[node.node_id, node.address] for node in self.nodes],
+            "table": [list(row) for row in self.table],
+        }
+
+
+class Router:
+    """Orders the nodes to try for each request (see the module docstring).
+
+    :param seeds: the addresses the client was given.
+    :param route: ``"owner"`` or ``"any"``.
+    :param topology_refresh: seconds between periodic table fetches.
+    :param retry_down_after: seconds a node that failed stays at the back of the line.
+    """
+
+    def __init__(
+        self,
+        seeds: tuple[str, ...],
+        *,
+        route: str = "owner",
+        topology_refresh: float = 30.0,
+        retry_down_after: float = 1.0,
+    ) -> None:
+        self.seeds = seeds
+        self.by_owner = route == "owner"
+        self.topology: Topology | None = None
+        self.topology_refresh = topology_refresh
+        self.retry_down_after = retry_down_after
+        self._next_refresh = 0.0  # monotonic time of the next fetch; 0 = now
+        self._down: dict[str, float] = {}  # address -> monotonic time it may be retried
+        self._rr = itertools.count()
+
+    # -- the table
+
+    def needs_refresh(self, now: float) -> bool:
+        """Whether a table fetch is due (only with ``route="owner"``)."""
+        return self.by_owner and now >= self._next_refresh
+
+    def set_topology(self, topology: Topology, now: float) -> None:
+        self.topology = topology
+        self._next_refresh = now + self.topology_refresh
+
+    def refresh_failed(self, now: float) -> None:
+        """A fetch failed: try again after :data:`MIN_REFRESH` seconds."""
+        self._next_refresh = now + MIN_REFRESH
+
+    def mark_stale(self, now: float) -> None:
+        """Fetch a new table soon (not before :data:`MIN_REFRESH` after the last try)."""
+        self._next_refresh = min(self._next_refresh, now + MIN_REFRESH)
+
+    def fetch_order(self) -> list[str]:
+        """Where to ask for the table: known nodes that are up, the seeds, then the rest."""
+        known = self.topology.addresses if self.topology is not None else ()
+        return self._ordered(dict.fromkeys((*known, *self.seeds)), time.monotonic())
+
+    # -- node health
+
+    def mark_down(self, address: str, now: float) -> None:
+        self._down[address] = now + self.retry_down_after
+        self.mark_stale(now)
+
+    def mark_up(self, address: str) -> None:
+        self._down.pop(address, None)
+
+    def is_down(self, address: str, now: float) -> bool:
+        until = self._down.get(address)
+        if until is None:
+            return False
+        if now >= until:
+            self._down.pop(address, None)
+            return False
+        return True
+
+    @property
+    def down(self) -> list[str]:
+        """Addresses currently considered down."""
+        now = time.monotonic()
+        return [a for a in list(self._down) if self.is_down(a, now)]
+
+    # -- candidates
+
+    def first(self, key: bytes | None) -> str:
+        """The node a request for ``key`` goes to first (used to group batches)."""
+        return next(self.candidates(key))
+
+    def candidates(self, key: bytes | None) -> Iterator[str]:
+        """Addresses to try, in order, for a request about ``key`` (None: any node).
+
+        Every address comes at most once; nodes considered down come last.
+        """
+        now = time.monotonic()
+        topology = self.topology
+        if self.by_owner and topology is not None:
+            if key is not None:
+                owners = topology.owners(key)
+                if not self._down:  # the common case: no allocation
+                    yield from owners
+                    rest = dict.fromkeys((*topology.addresses, *self.seeds))
+                    for address in owners:
+                        rest.pop(address, None)
+                    yield from self._ordered(rest, now)
+                    return
+                order = dict.fromkeys((*owners, *topology.addresses, *self.seeds))
+            else:
+                order = dict.fromkeys(self._rotate(topology.addresses) + self.seeds)
+        else:
+            order = dict.fromkeys(self._rotate(self.seeds))
+        yield from self._ordered(order, now)
+
+    def _rotate(self, addresses: tuple[str, ...]) -> tuple[str, ...]:
+        if len(addresses) < 2:
+            return addresses
+        i = next(self._rr) % len(addresses)
+        return addresses[i:] + addresses[:i]
+
+    def _ordered(self, addresses: dict[str, None], now: float) -> list[str]:
+        up = [a for a in addresses if not self.is_down(a, now)]
+        if len(up) == len(addresses):
+            return up
+        return up + [a for a in addresses if a not in up]

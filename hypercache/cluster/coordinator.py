@@ -1,0 +1,552 @@
+"""Coordination of client operations: quorum fan-out, versions, read repair.
+
+Whichever node receives a client ``GET``, ``SET`` or ``DELETE`` coordinates it:
+
+1. the ring names the key's owners (``n`` of them, ``n = min(replication, members)``);
+2. the request goes to every owner at once: the local replica (when this node is an
+   owner) is read or written directly, the others get ``R_GET`` / ``R_PUT`` over their
+   peer connection. Owners the failure detector marks down are not asked: they count
+   as missing acks at once, so a dead owner costs no waiting;
+3. the operation returns as soon as ``Consistency.required(n)`` owners acknowledged.
+   Owners that answer later still complete in the background (a write still lands on
+   every live owner). When every owner has answered or failed short of the quorum it
+   fails with :class:`~hypercache.errors.QuorumError` carrying the acks that did land
+   (each replica request is bounded by ``request_timeout``, and down owners fail at
+   once, so this is quick when owners are dead rather than slow).
+
+Versions: a write or a delete is stamped once, by the coordinator, with its hybrid
+logical clock: ``(ts, origin)``. Every replica applies an entry only when its version
+is newer than what it holds (equal is a no-op), so replays, late deliveries, repairs
+and concurrent writers all converge on the same newest version everywhere. A replica
+advances its clock past every version it receives. TTLs travel as an absolute expiry
+in wall-clock milliseconds (0 = none). A delete writes a tombstone.
+
+Read repair: a QUORUM or ALL read waits for its quorum, returns the newest version it
+saw, and, once every asked owner has answered (or failed), pushes the newest version
+of all answers with ``R_PUT`` to each owner that answered with an older one or none.
+Each push counts in ``read_repairs``.
+
+``DELETE`` answers whether the key existed: each owner's current entry is read
+(``R_GET``) before the tombstone goes to it (``R_PUT``), and the answer is whether the
+newest of the entries read from acknowledging owners was a live value. That is two
+round trips per owner, the price of a precise answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+from hypercache.cluster.config import DistConfig
+from hypercache.cluster.membership import Membership
+from hypercache.cluster.metrics import DistStats, NodeMetrics
+from hypercache.consistency import Consistency
+from hypercache.errors import (
+    ConfigError,
+    HyperCacheError,
+    ProtocolError,
+    QuorumError,
+)
+from hypercache.net.protocol import Limits, Op
+
+__all__ = ["Coordinator", "Entry", "LocalStore", "entry_is_live", "newest"]
+
+_log = logging.getLogger("hypercache.coordinator")
+
+_R_GET: Final = int(Op.R_GET)
+_R_PUT: Final = int(Op.R_PUT)
+
+#: ``(value, ts, origin, expire_at_ms, tombstone)``: one version of a key. On the wire
+#: (``R_GET`` answer) it travels as a 5-element array.
+Entry = tuple[bytes, int, int, int, bool]
+
+
+class LocalStore(Protocol):
+    """What the coordinator needs of the node's versioned store."""
+
+    def apply(
+        self,
+        key: bytes,
+        value: bytes,
+        ts: int,
+        origin: int,
+        expire_at_ms: int,
+        tombstone: bool,
+        now_ms: int,
+    ) -> bool: ...
+
+    def get(self, key: bytes, now_ms: int) -> tuple[bytes, int, int, int, bool] | None: ...
+
+
+class Clock(Protocol):
+    """What the coordinator needs of the hybrid logical clock."""
+
+    @property
+    def tag(self) -> int: ...
+
+    def now(self) -> int: ...
+
+    def update(self, remote_ts: int) -> int: ...
+
+
+def wall_ms() -> int:
+    """Wall-clock milliseconds since the epoch (the unit of expiries)."""
+    return time.time_ns() // 1_000_000
+
+
+def entry_is_live(entry: Entry | None, now_ms: int) -> bool:
+    """Whether ``entry`` is a value (not a tombstone) that has not expired."""
+    if entry is None or entry[4]:
+        return False
+    expire_at = entry[3]
+    return expire_at == 0 or expire_at > now_ms
+
+
+def newest(entries: list[Entry | None]) -> Entry | None:
+    """The entry with the highest version ``(ts, origin)``; ``None`` if all are None."""
+    best: Entry | None = None
+    for entry in entries:
+        if entry is not None and (best is None or (entry[1], entry[2]) > (best[1], best[2])):
+            best = entry
+    return best
+
+
+def _older(entry: Entry | None, than: Entry) -> bool:
+    return entry is None or (entry[1], entry[2]) < (than[1], than[2])
+
+
+def _entry_from_wire(raw: Any) -> Entry | None:
+    if raw is None:
+        return None
+    if (
+        type(raw) is list
+        and len(raw) == 5
+        and isinstance(raw[0], bytes)
+        and type(raw[1]) is int
+        and type(raw[2]) is int
+        and type(raw[3]) is int
+        and type(raw[4]) is bool
+    ):
+        return (raw[0], raw[1], raw[2], raw[3], raw[4])
+    raise ProtocolError(f"malformed replica entry: {raw!r}")
+
+
+class _Round:
+    """Acks of one operation: wakes the coordinator at quorum, or once all have answered.
+
+    Replica answers arrive through :meth:`ok` / :meth:`fail`, from the local path
+    synchronously or from task callbacks. ``results`` keeps the answer of every owner
+    that acknowledged (for reads: its entry), in arrival order. ``on_complete`` runs
+    once every owner has answered or failed (read repair hooks there).
+    """
+
+    __slots__ = (
+        "acks",
+        "failed",
+        "n",
+        "on_complete",
+        "outstanding",
+        "reasons",
+        "required",
+        "results",
+        "waiter",
+    )
+
+    def __init__(self, n: int, required: int) -> None:
+        self.n = n
+        self.required = required
+        self.acks = 0
+        self.failed = 0
+        self.outstanding = n
+        self.results: dict[str, Any] = {}
+        self.reasons: list[str] = []
+        self.waiter: asyncio.Future[None] | None = None
+        self.on_complete: Callable[[_Round], None] | None = None
+
+    @property
+    def decided(self) -> bool:
+        # Success is decided at the quorum-th ack. Failure waits for every owner
+        # (each bounded by the request timeout) so that QuorumError reports every
+        # ack that did land: the caller learns how far a failed write got.
+        return self.acks >= self.required or self.outstanding == 0
+
+    def ok(self, owner: str, result: Any) -> None:
+        self.acks += 1
+        self.results[owner] = result
+        self._step()
+
+    def fail(self, owner: str, reason: str) -> None:
+        self.failed += 1
+        self.reasons.append(f"{owner}: {reason}")
+        self._step()
+
+    def _step(self) -> None:
+        self.outstanding -= 1
+        waiter = self.waiter
+        if waiter is not None and not waiter.done() and self.decided:
+            waiter.set_result(None)
+        if self.outstanding == 0 and self.on_complete is not None:
+            hook, self.on_complete = self.on_complete, None
+            hook(self)
+
+    async def wait(self) -> None:
+        """Return at quorum; raise :class:`QuorumError` when every owner answered short of it."""
+        if not self.decided:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        if self.acks < self.required:
+            why = "; ".join(self.reasons[:4])
+            raise QuorumError(
+                self.acks,
+                self.required,
+                f"quorum not reached: {self.acks} of {self.required} required acks "
+                f"from {self.n} owners ({why})",
+            )
+
+
+class Coordinator:
+    """Runs client operations against the owners of each key.
+
+    :param config: the node's configuration (defaults, timeouts).
+    :param store: the local versioned store.
+    :param clock: the node's hybrid logical clock.
+    :param membership: peers and their liveness.
+    :param owners: ``key -> [node_id, ...]`` from the current ring.
+    :param metrics: counters and latency histograms.
+    """
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        config: DistConfig,
+        store: LocalStore,
+        clock: Clock,
+        membership: Membership,
+        owners: Callable[[bytes], list[str]],
+        metrics: NodeMetrics,
+        limits: Limits,
+    ) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.membership = membership
+        self.owners = owners
+        self.metrics = metrics
+        self.stats: DistStats = metrics.stats
+        self.limits = limits
+        self.timeout = config.request_timeout
+        self._tag = clock.tag
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+
+    # ------------------------------------------------------------------ replica
+
+    def replica_get(self, key: bytes) -> Entry | None:
+        """This node's entry for ``key`` (tombstones included), or ``None``."""
+        got = self.store.get(key, wall_ms())
+        if got is None:
+            return None
+        value, ts, origin, expire_at, tombstone = got
+        return (value, ts, origin, expire_at, bool(tombstone))
+
+    def replica_put(
+        self, key: bytes, value: bytes, ts: int, origin: int, expire_at: int, tombstone: bool
+    ) -> bool:
+        """Apply one version locally when it is newer than what is held.
+
+        The clock moves past ``ts`` first, so any later write by this node is newer.
+        """
+        self.clock.update(ts)
+        applied = self.store.apply(key, value, ts, origin, expire_at, tombstone, wall_ms())
+        if not applied:
+            self.stats.version_conflicts += 1
+        return applied
+
+    def handle_r_get(self, payload: Any) -> list[Any] | None:
+        """``R_GET [key]`` from a peer coordinator."""
+        if type(payload) is not list or len(payload) != 1:
+            raise ProtocolError("R_GET payload must be [key]")
+        self.stats.replica_gets += 1
+        entry = self.replica_get(self.limits.check_key(payload[0]))
+        return None if entry is None else list(entry)
+
+    def handle_r_put(self, payload: Any) -> bool:
+        """``R_PUT [key, value, ts, origin, expire_at_ms, tombstone]`` from a peer."""
+        if type(payload) is not list or len(payload) != 6:
+            raise ProtocolError("R_PUT payload must be [key, value, ts, origin, expire_at, tomb]")
+        key, value, ts, origin, expire_at, tombstone = payload
+        key = self.limits.check_key(key)
+        value = bytes(self.limits.check_value(value))
+        if (
+            type(ts) is not int
+            or not 0 <= ts < 2**63
+            or type(origin) is not int
+            or not 0 <= origin < 2**32
+            or type(expire_at) is not int
+            or expire_at < 0
+            or type(tombstone) is not bool
+        ):
+            raise ProtocolError("R_PUT version fields must be ts: uint63, origin: uint32, ...")
+        self.stats.replica_puts += 1
+        applied = self.replica_put(key, value, ts, origin, expire_at, tombstone)
+        if applied:
+            self.stats.replica_puts_applied += 1
+        return applied
+
+    # ----------------------------------------------------------------- helpers
+
+    def _level(self, raw: Any, default: Consistency) -> Consistency:
+        if raw is None:
+            return default
+        if isinstance(raw, str | Consistency):
+            return Consistency.parse(raw, field="consistency")
+        raise ConfigError("consistency", f"expected 'one', 'quorum', 'all' or nil, got {raw!r}")
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _remote(self, rnd: _Round, owner: str, op: int, payload: Any, kind: str) -> None:
+        """Send one replica request in the background; its outcome goes to ``rnd``."""
+        peer = self.membership.peers.get(owner)
+        if peer is None or not peer.up:
+            self.stats.replica_failures += 1
+            rnd.fail(owner, "down")
+            return
+        self.stats.forwards[kind] += 1
+        self._track(rnd, owner, peer.request(op, payload, self.timeout))
+
+    def _track(self, rnd: _Round, owner: str, coro: Any) -> None:
+        task = self._spawn(coro)
+        task.add_done_callback(lambda t: self._collect(rnd, owner, t))
+
+    def _collect(self, rnd: _Round, owner: str, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            rnd.fail(owner, "cancelled")
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.stats.replica_failures += 1
+            rnd.fail(owner, str(exc) or type(exc).__name__)
+            return
+        rnd.ok(owner, task.result())
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        stats = self.stats
+        key = (op, type(exc).__name__)
+        stats.errors[key] = stats.errors.get(key, 0) + 1
+        if isinstance(exc, QuorumError):
+            stats.quorum_failures[op] += 1
+
+    # --------------------------------------------------------------------- GET
+
+    async def get(self, key: bytes, consistency: Any = None) -> list[Any]:
+        """Client ``GET``: ``[found, value]`` from the newest version among the acks."""
+        start = time.perf_counter()
+        self.stats.requests["get"] += 1
+        try:
+            key = self.limits.check_key(key)
+            level = self._level(consistency, self.config.read_consistency)
+            entry = await self._read(key, level)
+        except HyperCacheError as exc:
+            self._failed("get", exc)
+            raise
+        finally:
+            self.metrics.latency["get"].observe(time.perf_counter() - start)
+        if entry_is_live(entry, wall_ms()):
+            assert entry is not None
+            return [True, entry[0]]
+        return [False, None]
+
+    async def _read(self, key: bytes, level: Consistency) -> Entry | None:
+        owners = self.owners(key)
+        n = len(owners)
+        stats = self.stats
+        if level is Consistency.ONE and self.node_id in owners:
+            # The local replica answers at once; asking others would only add load.
+            stats.read_attempts += 1
+            stats.read_acks += 1
+            return self.replica_get(key)
+        rnd = _Round(n, level.required(n))
+        if level is not Consistency.ONE:
+            rnd.on_complete = lambda r: self._repair(key, r)
+        payload = [key]
+        for owner in owners:
+            stats.read_attempts += 1
+            if owner == self.node_id:
+                rnd.ok(owner, self.replica_get(key))
+            else:
+                self._remote(rnd, owner, _R_GET, payload, "r_get")
+        await rnd.wait()
+        stats.read_acks += rnd.acks
+        entries: list[Entry | None] = []
+        for owner, raw in rnd.results.items():
+            entries.append(raw if owner == self.node_id else _entry_from_wire(raw))
+        best = newest(entries)
+        if best is not None:
+            self.clock.update(best[1])
+        return best
+
+    def _repair(self, key: bytes, rnd: _Round) -> None:
+        """Push the newest version seen to every owner that answered with an older one."""
+        if self._stopping:
+            return
+        try:
+            results = {
+                owner: raw if owner == self.node_id else _entry_from_wire(raw)
+                for owner, raw in rnd.results.items()
+            }
+        except ProtocolError as exc:
+            _log.warning("read repair of %r skipped: %s", key, exc)
+            return
+        best = newest(list(results.values()))
+        if best is None:
+            return
+        value, ts, origin, expire_at, tombstone = best
+        for owner, entry in results.items():
+            if not _older(entry, best):
+                continue
+            self.stats.read_repairs += 1
+            if owner == self.node_id:
+                self.replica_put(key, value, ts, origin, expire_at, tombstone)
+                continue
+            peer = self.membership.peers.get(owner)
+            if peer is None or not peer.up:
+                continue
+            self.stats.forwards["r_put"] += 1
+            self._spawn(self._push(peer.request(_R_PUT, [key, *best], self.timeout), owner))
+
+    async def _push(self, request: Any, owner: str) -> None:
+        try:
+            await request
+        except HyperCacheError as exc:
+            self.stats.replica_failures += 1
+            _log.debug("read repair push to %s failed: %s", owner, exc)
+
+    # --------------------------------------------------------------------- SET
+
+    async def set(
+        self, key: bytes, value: Any, ttl_ms: Any = None, consistency: Any = None
+    ) -> bool:
+        """Client ``SET``: stamp a version and write it to the owners."""
+        start = time.perf_counter()
+        self.stats.requests["set"] += 1
+        try:
+            key = self.limits.check_key(key)
+            value = bytes(self.limits.check_value(value))
+            if ttl_ms is not None and (type(ttl_ms) is not int or ttl_ms <= 0 or ttl_ms > 2**62):
+                raise ConfigError("ttl_ms", f"must be a positive integer or nil, got {ttl_ms!r}")
+            level = self._level(consistency, self.config.write_consistency)
+            expire_at = 0 if ttl_ms is None else wall_ms() + ttl_ms
+            await self._write(key, value, expire_at, False, level)
+        except HyperCacheError as exc:
+            self._failed("set", exc)
+            raise
+        finally:
+            self.metrics.latency["set"].observe(time.perf_counter() - start)
+        return True
+
+    async def _write(
+        self, key: bytes, value: bytes, expire_at: int, tombstone: bool, level: Consistency
+    ) -> None:
+        owners = self.owners(key)
+        n = len(owners)
+        stats = self.stats
+        ts = self.clock.now()
+        origin = self._tag
+        rnd = _Round(n, level.required(n))
+        payload = [key, value, ts, origin, expire_at, tombstone]
+        for owner in owners:
+            stats.write_attempts += 1
+            if owner == self.node_id:
+                self.replica_put(key, value, ts, origin, expire_at, tombstone)
+                rnd.ok(owner, True)
+            else:
+                self._remote(rnd, owner, _R_PUT, payload, "r_put")
+        await rnd.wait()
+        stats.write_acks += rnd.acks
+        # Acks arriving after the quorum are counted when they land.
+        rnd.on_complete = self._late_write_acks(rnd.acks) if rnd.outstanding else None
+
+    def _late_write_acks(self, counted: int) -> Callable[[_Round], None]:
+        def done(rnd: _Round) -> None:
+            self.stats.write_acks += rnd.acks - counted
+
+        return done
+
+    # ------------------------------------------------------------------ DELETE
+
+    async def delete(self, key: bytes, consistency: Any = None) -> bool:
+        """Client ``DELETE``: write a tombstone; answer whether a live value was seen."""
+        start = time.perf_counter()
+        self.stats.requests["delete"] += 1
+        try:
+            key = self.limits.check_key(key)
+            level = self._level(consistency, self.config.write_consistency)
+            existed = await self._delete(key, level)
+        except HyperCacheError as exc:
+            self._failed("delete", exc)
+            raise
+        finally:
+            self.metrics.latency["delete"].observe(time.perf_counter() - start)
+        return existed
+
+    async def _delete(self, key: bytes, level: Consistency) -> bool:
+        owners = self.owners(key)
+        n = len(owners)
+        stats = self.stats
+        ts = self.clock.now()
+        origin = self._tag
+        rnd = _Round(n, level.required(n))
+        tomb = [key, b"", ts, origin, 0, True]
+        for owner in owners:
+            stats.write_attempts += 1
+            if owner == self.node_id:
+                before = self.replica_get(key)
+                self.replica_put(key, b"", ts, origin, 0, True)
+                rnd.ok(owner, before)
+                continue
+            peer = self.membership.peers.get(owner)
+            if peer is None or not peer.up:
+                stats.replica_failures += 1
+                rnd.fail(owner, "down")
+                continue
+            stats.forwards["r_get"] += 1
+            stats.forwards["r_put"] += 1
+            self._track(rnd, owner, self._read_then_tomb(peer.request, key, tomb))
+        await rnd.wait()
+        stats.write_acks += rnd.acks
+        now = wall_ms()
+        seen = [
+            raw if owner == self.node_id else _entry_from_wire(raw)
+            for owner, raw in rnd.results.items()
+        ]
+        return entry_is_live(newest(seen), now)
+
+    async def _read_then_tomb(self, request: Any, key: bytes, tomb: list[Any]) -> Any:
+        before = await request(_R_GET, [key], self.timeout)
+        await request(_R_PUT, tomb, self.timeout)
+        return before
+
+    # --------------------------------------------------------------- lifecycle
+
+    @property
+    def background(self) -> int:
+        """Replica requests and repairs still running."""
+        return len(self._background)
+
+    async def stop(self) -> None:
+        """Cancel what still runs in the background and wait for it."""
+        self._stopping = True
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

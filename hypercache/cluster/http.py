@@ -1,0 +1,178 @@
+"""Management HTTP of a node (aiohttp), on its own port (``config.http``).
+
+======================  ======================================================
+``GET /health``         ``{"status": "ok", ...}`` while the node runs (503 otherwise)
+``GET /stats``          node, store (incl. ``keys``), network and dist counters
+``GET /config``         the effective configuration (auth token redacted)
+``GET /metrics``        Prometheus text exposition (``hypercache_*``)
+``GET /dist/metrics``   JSON: forwards, write attempts/acks, quorum failures, read
+                        repairs, version conflicts, latency histograms
+``GET /dist/owners``    ``?key=K`` (UTF-8) or ``?key_hex=..``: partition and owners
+``GET /cluster/members`` members with address and liveness
+``GET /cluster/ring``   ring parameters and per-node load; ``?table=1`` adds the table
+======================  ======================================================
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from hypercache.cluster.node import Node
+
+__all__ = ["make_app", "start_http"]
+
+_NODE: web.AppKey[Node] = web.AppKey("node")
+
+
+def _node(request: web.Request) -> Node:
+    return request.app[_NODE]
+
+
+async def _health(request: web.Request) -> web.Response:
+    node = _node(request)
+    running = node.state == "running"
+    membership = node.membership
+    body = {
+        "status": "ok" if running else node.state,
+        "node_id": node.node_id,
+        "address": node.address,
+        "members": len(node.members()),
+        "members_up": membership.up_count() if membership is not None else 1,
+        "seeds_pending": membership.seeds_pending if membership is not None else [],
+        "epoch": node.epoch,
+    }
+    return web.json_response(body, status=200 if running else 503)
+
+
+async def _stats(request: web.Request) -> web.Response:
+    return web.json_response(_node(request).stats())
+
+
+async def _config(request: web.Request) -> web.Response:
+    return web.json_response(_node(request).config.to_dict())
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = _node(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _dist_metrics(request: web.Request) -> web.Response:
+    node = _node(request)
+    body = node.metrics.stats.as_dict()
+    body["node_id"] = node.node_id
+    body["latency"] = node.metrics.latency_summary()
+    return web.json_response(body)
+
+
+def _key_param(request: web.Request) -> bytes:
+    query = request.query
+    if "key_hex" in query:
+        try:
+            return bytes.fromhex(query["key_hex"])
+        except ValueError:
+            raise web.HTTPBadRequest(text="key_hex: not hexadecimal") from None
+    if "key" in query:
+        return query["key"].encode("utf-8")
+    raise web.HTTPBadRequest(text="key: missing query parameter (?key=K or ?key_hex=HEX)")
+
+
+async def _owners(request: web.Request) -> web.Response:
+    node = _node(request)
+    key = _key_param(request)
+    ring = node.ring
+    members = dict((nid, addr) for nid, addr in node.members())
+    membership = node.membership
+    owners = [
+        {
+            "node_id": nid,
+            "address": members.get(nid),
+            "up": membership.is_up(nid) if membership is not None else nid == node.node_id,
+        }
+        for nid in ring.owners(key)
+    ]
+    return web.json_response(
+        {
+            "key": key.decode("utf-8", "replace"),
+            "key_hex": key.hex(),
+            "partition": int(ring.partition_of(key)),
+            "owners": owners,
+            "epoch": node.epoch,
+        }
+    )
+
+
+async def _members(request: web.Request) -> web.Response:
+    node = _node(request)
+    membership = node.membership
+    out: list[dict[str, Any]] = []
+    for nid, addr in node.members():
+        if nid == node.node_id:
+            out.append({"node_id": nid, "address": addr, "up": True, "self": True})
+        elif membership is not None and nid in membership.peers:
+            out.append(membership.peers[nid].as_dict())
+    return web.json_response(
+        {
+            "self": node.node_id,
+            "epoch": node.epoch,
+            "members": out,
+            "seeds_pending": membership.seeds_pending if membership is not None else [],
+        }
+    )
+
+
+async def _ring(request: web.Request) -> web.Response:
+    node = _node(request)
+    ring = node.ring
+    body: dict[str, Any] = {
+        "epoch": node.epoch,
+        "nodes": list(ring.nodes),
+        "partitions": int(ring.partitions),
+        "replication": int(ring.replication),
+        "vnodes": int(ring.vnodes),
+        "load": ring.load(),
+    }
+    if request.query.get("table") in ("1", "true", "yes"):
+        body["table"] = ring.table()
+    return web.json_response(body)
+
+
+def make_app(node: Node) -> web.Application:
+    """The management application of ``node``."""
+    app = web.Application()
+    app[_NODE] = node
+    app.router.add_get("/health", _health)
+    app.router.add_get("/stats", _stats)
+    app.router.add_get("/config", _config)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/dist/metrics", _dist_metrics)
+    app.router.add_get("/dist/owners", _owners)
+    app.router.add_get("/cluster/members", _members)
+    app.router.add_get("/cluster/ring", _ring)
+    return app
+
+
+async def start_http(node: Node) -> tuple[web.AppRunner, str]:
+    """Serve :func:`make_app` on ``node.config.http``; return the runner and bound address."""
+    http = node.config.http_address
+    if http is None:
+        raise RuntimeError("the management HTTP server is off (config.http is None)")
+    host, port = http
+    runner = web.AppRunner(
+        make_app(node), access_log=None, handle_signals=False, shutdown_timeout=1.0
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0]
+    bound_host, bound_port = str(bound[0]), int(bound[1])
+    address = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
+    return runner, address

@@ -1,0 +1,234 @@
+"""Metrics of one node: plain counters on the hot path, Prometheus at scrape time.
+
+The coordinator and the replica handlers bump plain ``int`` attributes of
+:class:`DistStats` (an attribute increment costs a few nanoseconds; a
+prometheus-client ``Counter.inc`` takes a lock). A custom collector turns them into
+Prometheus families when ``/metrics`` is scraped, together with gauges read from the
+store, the server and the membership through :meth:`NodeMetrics.add_source`.
+Latencies go to prometheus-client histograms, whose children are bound once.
+
+Every node has its own :class:`~prometheus_client.CollectorRegistry`, so several
+nodes embedded in one process (tests, benchmarks) never share or clash.
+
+Names: ``hypercache_*`` for the node and its store, ``hypercache_dist_*`` for the
+distributed plane (coordination, replication, repair, membership).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+__all__ = ["CLIENT_OPS", "LATENCY_BUCKETS", "DistStats", "NodeMetrics"]
+
+#: Client-facing operations that the coordinator times and counts.
+CLIENT_OPS: Final = ("get", "set", "delete")
+
+#: Histogram buckets in seconds: 50 us .. 5 s, finer where a healthy cluster lives.
+LATENCY_BUCKETS: Final = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+
+class DistStats:
+    """Counters of the distributed plane; every attribute only grows."""
+
+    __slots__ = (
+        "errors",
+        "forwards",
+        "quorum_failures",
+        "read_acks",
+        "read_attempts",
+        "read_repairs",
+        "replica_failures",
+        "replica_gets",
+        "replica_puts",
+        "replica_puts_applied",
+        "requests",
+        "version_conflicts",
+        "write_acks",
+        "write_attempts",
+    )
+
+    def __init__(self) -> None:
+        #: client-facing requests handled, by op
+        self.requests: dict[str, int] = dict.fromkeys(CLIENT_OPS, 0)
+        #: client-facing requests that failed, by (op, error type)
+        self.errors: dict[tuple[str, str], int] = {}
+        #: replica requests sent to other nodes, by op (R_GET, R_PUT)
+        self.forwards: dict[str, int] = {"r_get": 0, "r_put": 0}
+        #: replica writes attempted (one per owner per write, local included)
+        self.write_attempts = 0
+        #: replica writes acknowledged (applied or already newer there)
+        self.write_acks = 0
+        #: replica reads attempted and answered
+        self.read_attempts = 0
+        self.read_acks = 0
+        #: replica requests that failed (down, timeout, error)
+        self.replica_failures = 0
+        #: operations that did not reach their consistency level, by op
+        self.quorum_failures: dict[str, int] = dict.fromkeys(CLIENT_OPS, 0)
+        #: newer versions pushed to stale owners after a read
+        self.read_repairs = 0
+        #: received entries not applied because the store held a version as new or newer
+        self.version_conflicts = 0
+        #: replica requests served for other nodes
+        self.replica_gets = 0
+        self.replica_puts = 0
+        self.replica_puts_applied = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": dict(self.requests),
+            "errors": {f"{op}:{err}": n for (op, err), n in sorted(self.errors.items())},
+            "forwards": dict(self.forwards),
+            "forwards_total": sum(self.forwards.values()),
+            "write_attempts": self.write_attempts,
+            "write_acks": self.write_acks,
+            "read_attempts": self.read_attempts,
+            "read_acks": self.read_acks,
+            "replica_failures": self.replica_failures,
+            "quorum_failures": dict(self.quorum_failures),
+            "quorum_failures_total": sum(self.quorum_failures.values()),
+            "read_repairs": self.read_repairs,
+            "version_conflicts": self.version_conflicts,
+            "replica_gets": self.replica_gets,
+            "replica_puts": self.replica_puts,
+            "replica_puts_applied": self.replica_puts_applied,
+        }
+
+
+#: A source yields metric families at scrape time.
+Source = Callable[[], Iterable[Metric]]
+
+
+class _Collector:
+    def __init__(self, metrics: NodeMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._metrics._dist_families()
+        for source in self._metrics._sources:
+            yield from source()
+
+
+class NodeMetrics:
+    """The metrics of one node, in a registry of its own.
+
+    :ivar stats: the counters the coordinator bumps.
+    :ivar latency: ``{op: histogram child}`` of client-facing operation latency.
+    """
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.stats = DistStats()
+        self._sources: list[Source] = []
+        self._latency = Histogram(
+            "hypercache_dist_op_latency_seconds",
+            "Latency of client operations coordinated by this node, by op",
+            ["op"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency = {op: self._latency.labels(op) for op in CLIENT_OPS}
+        self.registry.register(_Collector(self))
+
+    def add_source(self, source: Source) -> None:
+        """Add a callable yielding metric families at each scrape."""
+        self._sources.append(source)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric of the node."""
+        data: bytes = generate_latest(self.registry)
+        return data
+
+    def latency_summary(self) -> dict[str, Any]:
+        """``{op: {"count", "sum_s", "buckets": {le: cumulative count}}}`` for JSON."""
+        out: dict[str, Any] = {}
+        for family in self._latency.collect():
+            for sample in family.samples:
+                op = sample.labels.get("op")
+                if op is None:
+                    continue
+                entry = out.setdefault(op, {"count": 0, "sum_s": 0.0, "buckets": {}})
+                if sample.name.endswith("_bucket"):
+                    entry["buckets"][sample.labels["le"]] = int(sample.value)
+                elif sample.name.endswith("_count"):
+                    entry["count"] = int(sample.value)
+                elif sample.name.endswith("_sum"):
+                    entry["sum_s"] = sample.value
+        return out
+
+    def _dist_families(self) -> Iterator[Metric]:
+        s = self.stats
+        fam = CounterMetricFamily(
+            "hypercache_requests", "Client requests handled by this node", labels=["op"]
+        )
+        for op, n in s.requests.items():
+            fam.add_metric([op], n)
+        yield fam
+        fam = CounterMetricFamily(
+            "hypercache_request_errors", "Client requests that failed", labels=["op", "error"]
+        )
+        for (op, err), n in s.errors.items():
+            fam.add_metric([op, err], n)
+        yield fam
+        fam = CounterMetricFamily(
+            "hypercache_dist_forwards", "Replica requests sent to other nodes", labels=["op"]
+        )
+        for op, n in s.forwards.items():
+            fam.add_metric([op], n)
+        yield fam
+        fam = CounterMetricFamily(
+            "hypercache_dist_quorum_failures",
+            "Operations that missed their consistency level",
+            labels=["op"],
+        )
+        for op, n in s.quorum_failures.items():
+            fam.add_metric([op], n)
+        yield fam
+        for name, doc, value in (
+            ("write_attempts", "Replica writes attempted", s.write_attempts),
+            ("write_acks", "Replica writes acknowledged", s.write_acks),
+            ("read_attempts", "Replica reads attempted", s.read_attempts),
+            ("read_acks", "Replica reads answered", s.read_acks),
+            ("replica_failures", "Replica requests that failed", s.replica_failures),
+            ("read_repairs", "Newer versions pushed to stale owners", s.read_repairs),
+            (
+                "version_conflicts",
+                "Received entries not applied (a version as new or newer was held)",
+                s.version_conflicts,
+            ),
+            ("replica_gets", "Replica reads served for other nodes", s.replica_gets),
+            ("replica_puts", "Replica writes received from other nodes", s.replica_puts),
+        ):
+            yield CounterMetricFamily(f"hypercache_dist_{name}", doc, value=value)
+
+
+def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    """A one-sample gauge family (helper for sources)."""
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    """A one-sample counter family (helper for sources)."""
+    return CounterMetricFamily(name, doc, value=value)

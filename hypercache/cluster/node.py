@@ -1,0 +1,405 @@
+"""A cluster node: server, store, clock, ring, membership, coordinator, management HTTP.
+
+:class:`Node` is what ``hypercache-node`` runs, and what an asyncio application can
+embed::
+
+    node = Node(config)
+    await node.start()
+    ...
+    await node.stop()
+
+It is the :class:`~hypercache.net.transport.Handler` of its data-plane server: client
+operations (``GET``, ``SET``, ``DELETE``, ``TOPOLOGY``, ``PING``) are coordinated by
+:class:`~hypercache.cluster.coordinator.Coordinator`; replica operations (``R_GET``,
+``R_PUT``) from peer coordinators are served from the local store. ``docs/cluster.md``
+lists the payloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any, Final
+
+from hypercache._core.hlc import HLC, node_tag, wall_clock_ms
+from hypercache._core.ring import DEFAULT_VNODES, Ring
+from hypercache._core.vstore import VersionedStore
+from hypercache.cluster.config import DistConfig
+from hypercache.cluster.coordinator import Coordinator
+from hypercache.cluster.membership import Membership
+from hypercache.cluster.metrics import NodeMetrics, counter, gauge
+from hypercache.errors import NodeUnavailableError, ProtocolError
+from hypercache.net.protocol import Limits, Op
+from hypercache.net.tcp import TCP
+from hypercache.net.transport import PeerInfo, Server, ServerOptions, Transport
+
+__all__ = ["Node"]
+
+_log = logging.getLogger("hypercache.node")
+
+_PING: Final = int(Op.PING)
+_GET: Final = int(Op.GET)
+_SET: Final = int(Op.SET)
+_DELETE: Final = int(Op.DELETE)
+_TOPOLOGY: Final = int(Op.TOPOLOGY)
+_R_GET: Final = int(Op.R_GET)
+_R_PUT: Final = int(Op.R_PUT)
+
+# Period and batch of the expiry sweep.
+_SWEEP_INTERVAL: Final = 1.0
+_SWEEP_BUDGET: Final = 10_000
+
+
+class Node:
+    """One node of a hypercache cluster.
+
+    :param config: the node's settings (see :class:`~hypercache.cluster.config.DistConfig`).
+    :param transport: how to listen and reach peers; TCP by default, an
+        :class:`~hypercache.net.inproc.InprocNetwork` in unit tests.
+    :param http: start the management HTTP server on ``config.http`` (when set).
+
+    After :meth:`start`, :attr:`address` is the bound data address and
+    :attr:`http_address` the bound management address (``None`` when off); with
+    port 0 in ``bind`` a derived node id is derived again from the real port.
+    """
+
+    def __init__(
+        self, config: DistConfig, *, transport: Transport | None = None, http: bool = True
+    ) -> None:
+        self.config = config
+        self.transport: Transport = transport if transport is not None else TCP
+        self.limits = Limits(
+            max_frame=config.max_frame, max_key=config.max_key, max_value=config.max_value
+        )
+        self.store = VersionedStore(
+            config.partitions,
+            max_bytes=config.max_memory,
+            tombstone_ttl_ms=int(config.tombstone_ttl * 1000),
+        )
+        self._want_http = http and config.http is not None
+        self._sweeper: asyncio.Task[None] | None = None
+        #: entries reclaimed by the expiry loop: (expired, tombstones purged)
+        self.swept = [0, 0]
+        self._server: Server | None = None
+        self._http: Any = None
+        self._started_at = 0.0
+        self._state = "new"
+        self.http_address: str | None = None
+        self.epoch = 0
+        self.ring: Ring = Ring([config.node_id], **self._ring_args())
+        self._topology: dict[str, Any] | None = None
+        # Filled in by start(), once the real address (and so the node id) is known.
+        self.clock: HLC = HLC(node_tag(config.node_id))
+        self.metrics = NodeMetrics(config.node_id)
+        self.membership: Membership | None = None
+        self.coordinator: Coordinator | None = None
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def node_id(self) -> str:
+        return self.config.node_id
+
+    @property
+    def address(self) -> str:
+        """The data-plane address (the bound one once started)."""
+        return self.config.bind
+
+    @property
+    def state(self) -> str:
+        """``new``, ``running``, ``stopping`` or ``stopped``."""
+        return self._state
+
+    def _ring_args(self) -> dict[str, int]:
+        c = self.config
+        return {
+            "vnodes": c.vnodes or DEFAULT_VNODES,
+            "partitions": c.partitions,
+            "replication": c.replication,
+        }
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Listen, join the cluster through the seeds, start the management HTTP server.
+
+        :raises OSError: an address cannot be bound.
+        """
+        if self._state != "new":
+            raise RuntimeError(f"node already {self._state}")
+        config = self.config
+        options = ServerOptions(
+            cluster=config.cluster_name,
+            node_id=config.node_id,
+            auth=config.auth_token,
+            limits=self.limits,
+        )
+        server = self.transport.create_server(self, config.bind, options)
+        await server.start()
+        # No await from here to the end of the membership set-up: no HELLO can be
+        # handled before the node knows its final id and address.
+        self._server = server
+        if server.address != config.bind:
+            self.config = config = config.with_bind(server.address)
+            if config.node_id != options.node_id:
+                server_options = ServerOptions(
+                    cluster=options.cluster,
+                    node_id=config.node_id,
+                    auth=options.auth,
+                    limits=options.limits,
+                )
+                # The server reads its options per connection, so new ones see this.
+                vars(server)["options"] = server_options
+        self.clock = HLC(node_tag(config.node_id))
+        self.metrics = NodeMetrics(config.node_id)
+        self.metrics.add_source(self._collect)
+        self.ring = Ring([config.node_id], **self._ring_args())
+        self.epoch = 1
+        self.membership = Membership(
+            config,
+            self.transport,
+            node_id=config.node_id,
+            address=server.address,
+            limits=self.limits,
+            on_change=self._on_members,
+        )
+        self.coordinator = Coordinator(
+            node_id=config.node_id,
+            config=config,
+            store=self.store,
+            clock=self.clock,
+            membership=self.membership,
+            owners=self._owners,
+            metrics=self.metrics,
+            limits=self.limits,
+        )
+        self._started_at = time.monotonic()
+        self._state = "running"
+        self.membership.start()
+        self._sweeper = asyncio.get_running_loop().create_task(
+            self._sweep_loop(), name="hypercache-expiry"
+        )
+        if self._want_http:
+            from hypercache.cluster.http import start_http
+
+            try:
+                self._http, self.http_address = await start_http(self)
+            except BaseException:
+                await self.stop()
+                raise
+            if self.http_address != config.http:
+                self.config = config = dataclasses.replace(config, http=self.http_address)
+        _log.info(
+            "node %s listening on %s (http %s), seeds %s",
+            config.node_id,
+            server.address,
+            self.http_address or "off",
+            ",".join(config.seeds) or "none",
+        )
+
+    async def stop(self) -> None:
+        """Stop every loop, close every connection and both servers. Idempotent."""
+        if self._state in ("stopping", "stopped", "new"):
+            self._state = "stopped" if self._state == "new" else self._state
+            return
+        self._state = "stopping"
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        if self._http is not None:
+            runner, self._http = self._http, None
+            await runner.cleanup()
+        # Stop serving first (handlers still running are cancelled), then what the
+        # handlers used: background replica requests, then the peer connections.
+        if self._server is not None:
+            await self._server.close()
+        if self.coordinator is not None:
+            await self.coordinator.stop()
+        if self.membership is not None:
+            await self.membership.stop()
+        self._state = "stopped"
+        _log.info("node %s stopped", self.node_id)
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def server(self) -> Server:
+        if self._server is None:
+            raise RuntimeError("node not started")
+        return self._server
+
+    async def _sweep_loop(self) -> None:
+        # Expired entries are reclaimed when touched; this reclaims the untouched
+        # ones, in bounded batches so one pass never stalls the loop.
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            expired, purged = self.store.sweep(wall_clock_ms(), _SWEEP_BUDGET)
+            self.swept[0] += expired
+            self.swept[1] += purged
+
+    # ---------------------------------------------------------------------- ring
+
+    def _owners(self, key: bytes) -> list[str]:
+        owners: list[str] = self.ring.owners(key)
+        return owners
+
+    def _on_members(self, members: list[tuple[str, str]]) -> None:
+        self.ring = Ring([nid for nid, _ in members], **self._ring_args())
+        self.epoch += 1
+        self._topology = None
+        _log.info("ring rebuilt for %d members (epoch %d)", len(members), self.epoch)
+
+    def members(self) -> list[list[str]]:
+        """``[[node_id, address], ...]`` sorted by id, this node included."""
+        if self.membership is None:
+            return [[self.node_id, self.address]]
+        return self.membership.member_list()
+
+    def topology(self) -> dict[str, Any]:
+        """The ``TOPOLOGY`` answer: what a client needs to route to owners itself."""
+        topo = self._topology
+        if topo is None:
+            ring = self.ring
+            topo = self._topology = {
+                "epoch": self.epoch,
+                "partitions": int(ring.partitions),
+                "replication": int(ring.replication),
+                "nodes": self.members(),
+                "table": ring.table(),
+            }
+        return topo
+
+    # ------------------------------------------------------------------- handler
+
+    def hello_info(self, peer_hello: dict[str, Any]) -> dict[str, Any]:
+        """HELLO answer ``info``: our id, address and members; learn from node peers."""
+        membership = self.membership
+        if membership is None:
+            return {"node_id": self.node_id, "address": self.address, "members": []}
+        if peer_hello.get("node_id") is not None:
+            info = dict(peer_hello.get("info") or {})
+            info.setdefault("node_id", peer_hello["node_id"])
+            if peer_hello.get("address"):
+                info.setdefault("address", peer_hello["address"])
+            membership.merge_hello_info(info)
+        return membership.hello_info()
+
+    async def handle(self, conn_info: PeerInfo, op: int, payload: Any) -> Any:
+        """Carry out one request (see the module docstring for the operations)."""
+        coord = self.coordinator
+        if coord is None or self._state != "running":
+            raise NodeUnavailableError(f"{self.node_id}: node is {self._state}")
+        if op == _R_GET:
+            return coord.handle_r_get(payload)
+        if op == _R_PUT:
+            return coord.handle_r_put(payload)
+        if op == _GET:
+            key, consistency = _fields(payload, 2, "GET", "[key, consistency]")
+            return await coord.get(key, consistency)
+        if op == _SET:
+            key, value, ttl_ms, consistency = _fields(
+                payload, 4, "SET", "[key, value, ttl_ms, consistency]"
+            )
+            return await coord.set(key, value, ttl_ms, consistency)
+        if op == _DELETE:
+            key, consistency = _fields(payload, 2, "DELETE", "[key, consistency]")
+            return await coord.delete(key, consistency)
+        if op == _PING:
+            if conn_info.node_id is not None and self.membership is not None:
+                self.membership.observe_ping(conn_info.node_id, payload)
+            return "pong"
+        if op == _TOPOLOGY:
+            return self.topology()
+        raise ProtocolError(f"unsupported operation {op}")
+
+    # ------------------------------------------------------------------- metrics
+
+    def key_count(self) -> int:
+        """Live entries in the local store (tombstones excluded)."""
+        return len(self.store)
+
+    def stats(self) -> dict[str, Any]:
+        """What ``GET /stats`` shows."""
+        store = self.store
+        membership = self.membership
+        return {
+            "node_id": self.node_id,
+            "state": self._state,
+            "address": self.address,
+            "http": self.http_address,
+            "uptime_s": round(time.monotonic() - self._started_at, 3) if self._started_at else 0,
+            "keys": self.key_count(),
+            "store": {
+                "keys": self.key_count(),
+                "bytes": int(store.bytes),
+                "max_bytes": int(store.max_bytes),
+                "tombstones": int(store.tombstones),
+                "evictions": int(store.evictions),
+                "expirations": int(store.expirations),
+                "tombstones_purged": int(store.tombstones_purged),
+            },
+            "members": len(self.members()),
+            "members_up": membership.up_count() if membership is not None else 1,
+            "epoch": self.epoch,
+            "net": self._server.stats.as_dict() if self._server is not None else {},
+            "dist": self.metrics.stats.as_dict(),
+            "background": self.coordinator.background if self.coordinator else 0,
+        }
+
+    def _collect(self) -> Iterator[Any]:
+        store = self.store
+        yield gauge("hypercache_keys", "Live entries in the local store", self.key_count())
+        yield gauge("hypercache_bytes", "Bytes charged to the local store", int(store.bytes))
+        yield gauge("hypercache_max_bytes", "Byte budget of the store (0 = none)", store.max_bytes)
+        yield gauge("hypercache_tombstones", "Tombstones held", int(store.tombstones))
+        yield counter("hypercache_evictions", "Entries evicted by the budget", store.evictions)
+        yield counter("hypercache_expirations", "Entries expired by TTL", store.expirations)
+        yield counter("hypercache_tombstones_purged", "Tombstones purged", store.tombstones_purged)
+        membership = self.membership
+        if membership is not None:
+            yield gauge("hypercache_dist_members", "Members known", len(membership.members))
+            yield gauge("hypercache_dist_members_up", "Members up", membership.up_count())
+            yield counter(
+                "hypercache_dist_heartbeat_failures",
+                "Heartbeats that failed",
+                membership.heartbeats_failed,
+            )
+        yield gauge("hypercache_dist_ring_epoch", "Ring rebuilds seen", self.epoch)
+        if self.coordinator is not None:
+            yield gauge(
+                "hypercache_dist_background_requests",
+                "Replica requests and repairs still running",
+                self.coordinator.background,
+            )
+        if self._server is not None:
+            net = self._server.stats
+            for name in (
+                "frames_in",
+                "frames_out",
+                "bytes_in",
+                "bytes_out",
+                "protocol_errors",
+                "handshake_failures",
+                "connections_accepted",
+                "connections_rejected",
+            ):
+                yield counter(f"hypercache_net_{name}", f"Server {name}", getattr(net, name))
+            yield gauge("hypercache_net_connections_open", "Open connections", net.connections_open)
+            yield gauge("hypercache_net_in_flight", "Requests being handled", net.in_flight)
+
+
+def _fields(payload: Any, n: int, op: str, shape: str) -> list[Any]:
+    if type(payload) is not list or len(payload) != n:
+        raise ProtocolError(f"{op} payload must be {shape}")
+    return payload

@@ -1,0 +1,490 @@
+"""The hypercache wire protocol: framing, message types, operations, limits, handshake.
+
+Every frame is a 4-byte big-endian unsigned length followed by that many bytes of
+msgpack body, and every body is a 4-element array::
+
+    [type: MsgType, request_id: uint, op: Op, payload: any]
+
+This module is pure (no I/O). The transports (:mod:`hypercache.net.tcp`,
+:mod:`hypercache.net.inproc`, :mod:`hypercache.net.blocking`) feed received bytes
+to a :class:`FrameDecoder` and send what a :class:`FrameEncoder` produces.
+``docs/protocol.md`` is the full specification.
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+import threading
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Final, NamedTuple
+
+import msgpack
+
+from hypercache.errors import (
+    ConfigError,
+    FrameTooLargeError,
+    HandshakeError,
+    KeyTooLargeError,
+    ProtocolError,
+    ValueTooLargeError,
+    error_to_wire,
+)
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_KEY",
+    "DEFAULT_MAX_VALUE",
+    "HEADER_SIZE",
+    "HELLO_MAX_FRAME",
+    "PROTOCOL_VERSION",
+    "Frame",
+    "FrameDecoder",
+    "FrameEncoder",
+    "Limits",
+    "MsgType",
+    "Op",
+    "encode_error",
+    "encode_request",
+    "encode_response",
+    "make_hello",
+    "prepare_hello",
+    "validate_hello",
+    "validate_hello_answer",
+]
+
+#: Version spoken by this build. Peers must speak exactly this version (see the
+#: versioning policy in ``docs/protocol.md``).
+PROTOCOL_VERSION: Final = 1
+
+#: Size of the length prefix of every frame.
+HEADER_SIZE: Final = 4
+
+_KiB: Final = 1024
+_MiB: Final = 1024 * 1024
+
+#: Default limit of a frame body (the length prefix excluded).
+DEFAULT_MAX_FRAME: Final = 64 * _MiB
+#: Default limit of a key.
+DEFAULT_MAX_KEY: Final = 64 * _KiB
+#: Default limit of a value.
+DEFAULT_MAX_VALUE: Final = 32 * _MiB
+#: Frame limit that applies until the handshake completes: an unauthenticated peer
+#: cannot make a server buffer more than this.
+HELLO_MAX_FRAME: Final = 64 * _KiB
+
+_MAX_U32: Final = 0xFFFFFFFF
+
+
+class MsgType(IntEnum):
+    """First element of a frame body."""
+
+    REQUEST = 0
+    RESPONSE = 1
+    ERROR = 2
+
+
+class Op(IntEnum):
+    """Operations carried by the protocol; the node layer implements them.
+
+    Numbers are stable and never reused. Gaps leave room to group related
+    operations: 0-9 client face, 10-19 replication, 20-29 anti-entropy.
+    """
+
+    HELLO = 0
+    PING = 1
+    GET = 2
+    SET = 3
+    DELETE = 4
+    TOPOLOGY = 5
+    R_GET = 10
+    R_PUT = 11
+    R_PUT_MANY = 12
+    MERKLE = 20
+    KEYS = 21
+    PULL = 22
+
+
+_REQUEST: Final = 0
+_RESPONSE: Final = 1
+_ERROR: Final = 2
+
+
+class Frame(NamedTuple):
+    """A decoded frame body."""
+
+    type: int
+    request_id: int
+    op: int
+    payload: Any
+
+
+# --------------------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Limits:
+    """Size limits of the protocol, in bytes.
+
+    :param max_frame: largest frame body a peer may send or receive (default 64 MiB);
+        checked on the length header, before the body is buffered.
+    :param max_key: largest key (default 64 KiB), see :meth:`check_key`.
+    :param max_value: largest value (default 32 MiB), see :meth:`check_value`.
+
+    ``max_key + max_value`` must be smaller than ``max_frame`` so that the largest
+    key/value pair fits in one frame.
+    """
+
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_key: int = DEFAULT_MAX_KEY
+    max_value: int = DEFAULT_MAX_VALUE
+
+    def __post_init__(self) -> None:
+        for name in ("max_frame", "max_key", "max_value"):
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        if self.max_frame > _MAX_U32:
+            raise ConfigError("max_frame", f"must fit the 4-byte length header (<= {_MAX_U32})")
+        if self.max_key + self.max_value >= self.max_frame:
+            raise ConfigError(
+                "max_value",
+                f"max_key + max_value ({self.max_key} + {self.max_value}) must be smaller "
+                f"than max_frame ({self.max_frame})",
+            )
+
+    def check_key(self, key: object) -> bytes:
+        """Return ``key`` if it is ``bytes`` within ``max_key``.
+
+        :raises ProtocolError: the key is not ``bytes``.
+        :raises KeyTooLargeError: the key is longer than ``max_key``.
+        """
+        if type(key) is not bytes:
+            raise ProtocolError(f"key must be bytes, not {type(key).__name__}")
+        if len(key) > self.max_key:
+            raise KeyTooLargeError(f"key of {len(key)} bytes exceeds max_key={self.max_key}")
+        return key
+
+    def check_value(self, value: object) -> bytes | bytearray | memoryview:
+        """Return ``value`` if it is bytes-like within ``max_value``.
+
+        :raises ProtocolError: the value is not bytes-like.
+        :raises ValueTooLargeError: the value is longer than ``max_value``.
+        """
+        if type(value) is bytes or type(value) is bytearray:
+            size = len(value)
+        elif isinstance(value, memoryview):
+            size = value.nbytes
+        elif isinstance(value, bytes | bytearray):
+            size = len(value)
+        else:
+            raise ProtocolError(f"value must be bytes, not {type(value).__name__}")
+        if size > self.max_value:
+            raise ValueTooLargeError(f"value of {size} bytes exceeds max_value={self.max_value}")
+        return value
+
+
+# --------------------------------------------------------------------------- decoding
+
+_unpack_header = struct.Struct(">I").unpack_from
+_pack_header = struct.Struct(">I").pack
+_unpackb = msgpack.unpackb
+_tuple_new = tuple.__new__
+
+# Bodies up to this size are sliced out (a small copy); bigger ones are decoded
+# through a memoryview to avoid copying a multi-megabyte value.
+_COPY_MAX: Final = 64 * _KiB
+
+
+class FrameDecoder:
+    """Incremental decoder: :meth:`feed` it bytes, then iterate to get :class:`Frame`\\ s.
+
+    ::
+
+        decoder.feed(data)
+        for frame in decoder:
+            ...
+
+    Iteration stops when the buffer holds no complete frame; whatever is left stays
+    buffered for the next :meth:`feed`. A consumer may stop iterating at any point
+    (flow control): the frames not yet taken stay buffered too.
+
+    :param max_frame: largest accepted body. A length header above it raises
+        :class:`~hypercache.errors.FrameTooLargeError` as soon as the 4 header bytes
+        have arrived, before any of the body is buffered. The attribute may be
+        changed between frames (servers raise it once the handshake is done).
+
+    A body that is not valid msgpack, or not ``[type, request_id, op, payload]`` with
+    ``type`` a :class:`MsgType`, ``request_id`` and ``op`` non-negative integers,
+    raises :class:`~hypercache.errors.ProtocolError`. After any error the stream is
+    out of sync: the decoder must be discarded (and the connection closed).
+
+    Map keys in payloads must be ``str`` or ``bytes`` (``strict_map_key``); arrays
+    decode as lists, msgpack ``bin`` as ``bytes`` and ``str`` as ``str``.
+    """
+
+    __slots__ = ("_buf", "max_frame")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Number of bytes received but not yet decoded."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes (copied: the caller may reuse ``data``).
+
+        :raises FrameTooLargeError: the next frame's header announces more than
+            ``max_frame`` bytes.
+        """
+        buf = self._buf
+        buf += data
+        if len(buf) >= HEADER_SIZE:
+            size = _unpack_header(buf)[0]
+            if size > self.max_frame:
+                raise FrameTooLargeError(
+                    f"frame of {size} bytes exceeds max_frame={self.max_frame}"
+                )
+
+    def __iter__(self) -> FrameDecoder:
+        return self
+
+    def __next__(self) -> Frame:
+        buf = self._buf
+        avail = len(buf)
+        if avail < HEADER_SIZE:
+            raise StopIteration
+        size = _unpack_header(buf)[0]
+        if size > self.max_frame:
+            raise FrameTooLargeError(f"frame of {size} bytes exceeds max_frame={self.max_frame}")
+        end = HEADER_SIZE + size
+        if avail < end:
+            raise StopIteration
+        try:
+            if size <= _COPY_MAX:
+                body = _unpackb(buf[HEADER_SIZE:end], raw=False)
+            else:
+                view = memoryview(buf)[HEADER_SIZE:end]
+                try:
+                    body = _unpackb(view, raw=False)
+                finally:
+                    view.release()
+        except Exception as exc:
+            raise ProtocolError(f"undecodable frame body: {exc}") from None
+        # Deleting from the front of a bytearray is O(1) in CPython (it moves the
+        # start offset), so consuming frame by frame does not go quadratic.
+        del buf[:end]
+        if type(body) is not list or len(body) != 4:
+            raise ProtocolError("frame body must be a 4-element array")
+        msg_type, request_id, op, _ = body
+        if (
+            type(msg_type) is not int
+            or not _REQUEST <= msg_type <= _ERROR
+            or type(request_id) is not int
+            or request_id < 0
+            or type(op) is not int
+            or op < 0
+        ):
+            raise ProtocolError(
+                f"malformed frame header fields: type={msg_type!r} "
+                f"request_id={request_id!r} op={op!r}"
+            )
+        frame: Frame = _tuple_new(Frame, body)
+        return frame
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+class FrameEncoder:
+    """Encodes frames with one reusable msgpack ``Packer``; keep one per connection.
+
+    Not thread-safe (the packer has an internal buffer).
+
+    :param max_frame: largest body this side agrees to send; a larger one raises
+        :class:`~hypercache.errors.FrameTooLargeError` and nothing is produced.
+    """
+
+    __slots__ = ("_pack", "max_frame")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        # autoreset: pack() returns the bytes and empties the buffer (also on error).
+        self._pack = msgpack.Packer(use_bin_type=True, datetime=False, autoreset=True).pack
+
+    def encode_body(self, msg_type: int, request_id: int, op: int, payload: Any) -> bytes:
+        """Return the msgpack body of a frame, without its length header.
+
+        :raises ProtocolError: the payload cannot be encoded by msgpack.
+        :raises FrameTooLargeError: the body is larger than ``max_frame``.
+        """
+        try:
+            body: bytes = self._pack([msg_type, request_id, op, payload])
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ProtocolError(f"payload of op {op} cannot be encoded: {exc}") from None
+        if len(body) > self.max_frame:
+            raise FrameTooLargeError(
+                f"frame of {len(body)} bytes exceeds max_frame={self.max_frame}"
+            )
+        return body
+
+    def encode_error_body(self, request_id: int, op: int, exc: BaseException) -> bytes:
+        """Return the body of an ERROR frame carrying :func:`error_to_wire` of ``exc``."""
+        return self.encode_body(_ERROR, request_id, op, error_to_wire(exc))
+
+    def encode_request(self, request_id: int, op: int, payload: Any) -> bytes:
+        """Return a complete REQUEST frame (length header included)."""
+        body = self.encode_body(_REQUEST, request_id, op, payload)
+        return _pack_header(len(body)) + body
+
+    def encode_response(self, request_id: int, op: int, payload: Any) -> bytes:
+        """Return a complete RESPONSE frame (length header included)."""
+        body = self.encode_body(_RESPONSE, request_id, op, payload)
+        return _pack_header(len(body)) + body
+
+    def encode_error(self, request_id: int, op: int, exc: BaseException) -> bytes:
+        """Return a complete ERROR frame (length header included) for ``exc``."""
+        body = self.encode_error_body(request_id, op, exc)
+        return _pack_header(len(body)) + body
+
+
+#: Length header of a body of ``n`` bytes.
+frame_header = _pack_header
+
+_local = threading.local()
+
+
+def _encoder(limits: Limits | None) -> FrameEncoder:
+    if limits is not None:
+        return FrameEncoder(limits.max_frame)
+    enc: FrameEncoder | None = getattr(_local, "encoder", None)
+    if enc is None:
+        enc = _local.encoder = FrameEncoder()
+    return enc
+
+
+def encode_request(
+    request_id: int, op: int, payload: Any, *, limits: Limits | None = None
+) -> bytes:
+    """Encode a REQUEST frame. Connections use their own :class:`FrameEncoder`."""
+    return _encoder(limits).encode_request(request_id, op, payload)
+
+
+def encode_response(
+    request_id: int, op: int, payload: Any, *, limits: Limits | None = None
+) -> bytes:
+    """Encode a RESPONSE frame. Connections use their own :class:`FrameEncoder`."""
+    return _encoder(limits).encode_response(request_id, op, payload)
+
+
+def encode_error(
+    request_id: int, op: int, exc: BaseException, *, limits: Limits | None = None
+) -> bytes:
+    """Encode an ERROR frame for ``exc``. Connections use their own :class:`FrameEncoder`."""
+    return _encoder(limits).encode_error(request_id, op, exc)
+
+
+# --------------------------------------------------------------------------- handshake
+
+
+def make_hello(
+    cluster: str,
+    *,
+    node_id: str | None = None,
+    address: str | None = None,
+    auth: str | None = None,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build the payload of a HELLO request (``node_id=None`` for clients)."""
+    return {
+        "version": PROTOCOL_VERSION,
+        "cluster": cluster,
+        "node_id": node_id,
+        "address": address,
+        "auth": auth,
+        "info": {} if info is None else info,
+    }
+
+
+def prepare_hello(hello: dict[str, Any]) -> dict[str, Any]:
+    """Copy a HELLO payload given to ``connect``, filling in ``version``.
+
+    :raises ConfigError: ``hello`` does not name the cluster (field ``hello``).
+    """
+    payload = dict(hello)
+    payload.setdefault("version", PROTOCOL_VERSION)
+    cluster = payload.get("cluster")
+    if type(cluster) is not str or not cluster:
+        raise ConfigError("hello", f"'cluster' must be a non-empty string, got {cluster!r}")
+    return payload
+
+
+def _optional_str(payload: dict[Any, Any], key: str) -> str | None:
+    value = payload.get(key)
+    if value is not None and type(value) is not str:
+        raise HandshakeError(f"HELLO field {key!r} must be a string or nil, got {value!r}")
+    return value
+
+
+def _check_version_cluster(payload: Any, cluster: str, what: str) -> dict[Any, Any]:
+    if type(payload) is not dict:
+        raise HandshakeError(f"{what} payload must be a map, got {type(payload).__name__}")
+    version = payload.get("version")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise HandshakeError(
+            f"protocol version mismatch: peer speaks {version!r}, "
+            f"this side speaks {PROTOCOL_VERSION}"
+        )
+    peer_cluster = payload.get("cluster")
+    if peer_cluster != cluster:
+        raise HandshakeError(f"cluster mismatch: peer is in {peer_cluster!r}, expected {cluster!r}")
+    info = payload.get("info", {})
+    if info is None:
+        info = {}
+    if type(info) is not dict:
+        raise HandshakeError(f"{what} field 'info' must be a map")
+    return info
+
+
+def validate_hello(payload: Any, *, cluster: str, auth: str | None) -> dict[str, Any]:
+    """Check a HELLO request on the server side and return it normalised.
+
+    The result has the keys ``version``, ``cluster``, ``node_id``, ``address`` and
+    ``info``; the auth token is checked (in constant time, when ``auth`` is set)
+    and left out.
+
+    :raises HandshakeError: version or cluster mismatch, bad auth token, malformed payload.
+    """
+    info = _check_version_cluster(payload, cluster, "HELLO")
+    node_id = _optional_str(payload, "node_id")
+    address = _optional_str(payload, "address")
+    token = _optional_str(payload, "auth")
+    if auth is not None and (
+        token is None or not hmac.compare_digest(token.encode(), auth.encode())
+    ):
+        raise HandshakeError("authentication failed: bad or missing auth token")
+    return {
+        "version": PROTOCOL_VERSION,
+        "cluster": cluster,
+        "node_id": node_id,
+        "address": address,
+        "info": info,
+    }
+
+
+def validate_hello_answer(payload: Any, *, cluster: str) -> dict[str, Any]:
+    """Check the server's answer to HELLO on the client side; return it normalised.
+
+    :raises HandshakeError: version or cluster mismatch, malformed payload.
+    """
+    info = _check_version_cluster(payload, cluster, "HELLO answer")
+    return {
+        "version": PROTOCOL_VERSION,
+        "cluster": cluster,
+        "node_id": _optional_str(payload, "node_id"),
+        "info": info,
+    }

@@ -1,0 +1,751 @@
+"""TCP transport: ``asyncio.Protocol`` classes on whatever loop runs (uvloop in production).
+
+One connection carries many requests at once. The client matches answers to
+requests by request id with one future per request (no task per request); the
+server runs each request in its own task and answers in order of completion.
+
+Writes are coalesced: frames produced during one loop iteration go out in a single
+``transport.write`` (the buffer is flushed by one ``call_soon`` per iteration), so a
+pipelined burst costs one syscall instead of one per frame.
+
+Flow control, server side: a connection stops reading while its transport asks us
+to stop writing (the peer does not read its answers) or while ``max_inflight``
+requests are being handled; frames already received stay in the decoder and are
+taken once the pressure is gone. Client side: ``request`` waits while the
+transport's write buffer is above its high mark.
+
+The protocol classes do not touch sockets themselves, so :mod:`hypercache.net.inproc`
+runs the very same classes over an in-memory transport pair.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Any, Final, cast
+
+from hypercache.errors import (
+    FrameTooLargeError,
+    HyperCacheError,
+    NodeUnavailableError,
+    ProtocolError,
+    RequestTimeoutError,
+    ServerError,
+    error_from_wire,
+)
+from hypercache.net.protocol import (
+    HELLO_MAX_FRAME,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    FrameEncoder,
+    Limits,
+    MsgType,
+    Op,
+    frame_header,
+    prepare_hello,
+    validate_hello,
+    validate_hello_answer,
+)
+from hypercache.net.transport import (
+    DEFAULT_CONNECT_TIMEOUT,
+    Handler,
+    NetStats,
+    PeerInfo,
+    ServerOptions,
+    format_address,
+    parse_address,
+)
+
+__all__ = [
+    "TCP",
+    "ClientConnection",
+    "ServerBase",
+    "ServerProtocol",
+    "TcpServer",
+    "TcpTransport",
+    "connect",
+    "start_server",
+]
+
+_log = logging.getLogger("hypercache.net")
+
+_REQUEST: Final = int(MsgType.REQUEST)
+_RESPONSE: Final = int(MsgType.RESPONSE)
+_ERROR: Final = int(MsgType.ERROR)
+_HELLO: Final = int(Op.HELLO)
+
+# Request ids wrap here so that they always encode as msgpack uint32 or smaller.
+_MAX_REQUEST_ID: Final = 0xFFFFFFFF
+# A body at least this big is written on its own rather than copied into the batch.
+_LARGE_WRITE: Final = 256 * 1024
+# Request deadlines are rounded up to ticks of 1/_TICKS_PER_SECOND s.
+_TICKS_PER_SECOND: Final = 200
+# How long a client's close() lets buffered writes drain before aborting.
+_CLIENT_CLOSE_GRACE: Final = 5.0
+
+
+class _Expired(RequestTimeoutError):
+    """Set on a request's future when its deadline passes (rewritten with details)."""
+
+
+def _remote_name(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return format_address(str(peer[0]), int(peer[1]))
+    return str(peer)
+
+
+def _set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError):  # a platform without TCP_NODELAY
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _FramedProtocol(asyncio.Protocol):
+    """What both ends share: decoder, encoder, coalesced writes, counters."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits) -> None:
+        self._loop = loop
+        self._limits = limits
+        self._decoder = FrameDecoder(limits.max_frame)
+        self._encoder = FrameEncoder(limits.max_frame)
+        self._transport: asyncio.Transport | None = None
+        # Frames waiting for the end of the loop iteration. The bytearray is handed
+        # to transport.write() and replaced, never mutated after: a transport may
+        # keep a reference to it (uvloop does) instead of copying.
+        self._wbuf = bytearray()
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._closing = False
+        self._lost: asyncio.Future[None] = loop.create_future()
+        #: counters of this connection
+        self.stats = NetStats()
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport implements the interface without subclassing
+        # asyncio.Transport, so no isinstance check here.
+        self._transport = cast(asyncio.Transport, transport)
+        _set_nodelay(transport)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self.stats.write_pauses += 1
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+
+    # -- writing
+
+    def _send(self, body: bytes) -> None:
+        """Queue one frame (body without header) for the end of this loop iteration."""
+        self.stats.frames_out += 1
+        size = len(body)
+        buf = self._wbuf
+        buf += frame_header(size)
+        if size >= _LARGE_WRITE:
+            # Don't copy a big body into the batch: write what is queued (ending
+            # with this frame's header), then the body itself.
+            self._flush()
+            self._write(body)
+            return
+        buf += body
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        buf = self._wbuf
+        if buf:
+            self._wbuf = bytearray()
+            self._write(buf)
+
+    def _write(self, data: bytes | bytearray) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return  # the peer is gone: nobody to answer
+        stats = self.stats
+        stats.bytes_out += len(data)
+        stats.writes += 1
+        transport.write(data)
+
+    def abort(self) -> None:
+        """Drop the connection at once, without flushing."""
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+
+# ============================================================================ server
+
+
+class ServerBase:
+    """Bookkeeping shared by the TCP and in-process servers: connections and counters."""
+
+    address: str
+
+    def __init__(self, handler: Handler, options: ServerOptions) -> None:
+        self.handler = handler
+        self.options = options
+        self._conns: set[ServerProtocol] = set()
+        self._totals = NetStats()  # closed connections + server-level counters
+        self._closing = True  # until start()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def stats(self) -> NetStats:
+        """A snapshot of the counters of all connections, live and closed."""
+        total = NetStats()
+        total.add(self._totals)
+        for conn in self._conns:
+            total.add(conn.stats)
+            total.in_flight += len(conn._tasks)
+        total.connections_open = len(self._conns)
+        return total
+
+    @property
+    def connections_open(self) -> int:
+        return len(self._conns)
+
+    def _new_protocol(self) -> ServerProtocol:
+        assert self._loop is not None
+        return ServerProtocol(self, self._loop)
+
+    def _accept(self, conn: ServerProtocol) -> bool:
+        if self._closing or len(self._conns) >= self.options.max_connections:
+            self._totals.connections_rejected += 1
+            return False
+        self._conns.add(conn)
+        self._totals.connections_accepted += 1
+        return True
+
+    def _release(self, conn: ServerProtocol) -> None:
+        if conn in self._conns:
+            self._conns.remove(conn)
+            self._totals.add(conn.stats)
+
+    async def _close_connections(self) -> None:
+        conns = list(self._conns)
+        if not conns:
+            return
+        for conn in conns:
+            conn.close()
+        grace = self.options.close_grace
+        tasks = [task for conn in conns for task in conn._tasks.values()]
+        lost = [conn._lost for conn in conns]
+        _, pending = await asyncio.wait([*lost, *tasks], timeout=grace)
+        if pending:
+            for conn in conns:
+                if not conn._lost.done():
+                    conn.abort()
+            stuck = [t for t in tasks if not t.done()]
+            if stuck:
+                _log.warning("%d request handlers ignored cancellation on close", len(stuck))
+            await asyncio.wait([f for f in lost if not f.done()] or lost)
+
+
+class ServerProtocol(_FramedProtocol):
+    """Server side of one connection: handshake, dispatch, answers, flow control."""
+
+    def __init__(self, server: ServerBase, loop: asyncio.AbstractEventLoop) -> None:
+        options = server.options
+        super().__init__(loop, options.limits)
+        self._server = server
+        self._handler = server.handler
+        self._options = options
+        self._max_inflight = options.max_inflight
+        self._resume_at = options.max_inflight // 2
+        # An unauthenticated peer gets a small frame limit until its HELLO passes.
+        self._decoder.max_frame = min(HELLO_MAX_FRAME, options.limits.max_frame)
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._reading_paused = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self.remote = "?"
+        #: what the peer said in its HELLO; None until the handshake is done.
+        self.peer: PeerInfo | None = None
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.remote = _remote_name(transport)
+        if not self._server._accept(self):
+            _log.warning("refusing connection from %s: server closing or full", self.remote)
+            self.abort()
+            return
+        self._handshake_timer = self._loop.call_later(
+            self._options.handshake_timeout, self._on_handshake_timeout
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        for task in self._tasks.values():
+            task.cancel()
+        self._server._release(self)
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.stats.bytes_in += len(data)
+        try:
+            self._decoder.feed(data)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._process()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._update_flow()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._update_flow()
+
+    # -- closing
+
+    def close(self) -> None:
+        """Flush what is queued, close, and cancel the handlers still running."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        for task in self._tasks.values():
+            task.cancel()
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        self.stats.protocol_errors += 1
+        _log.warning("closing connection from %s: %s", self.remote, exc)
+        self.close()
+
+    def _on_handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        if self.peer is None and not self._closing:
+            self.stats.handshake_failures += 1
+            _log.warning("closing connection from %s: no HELLO in time", self.remote)
+            self.close()
+
+    # -- reading
+
+    def _process(self) -> None:
+        """Take frames from the decoder until it is empty or we must stop reading."""
+        stats = self.stats
+        try:
+            for msg_type, request_id, op, payload in self._decoder:
+                stats.frames_in += 1
+                if self.peer is None:
+                    self._on_hello(msg_type, request_id, op, payload)
+                else:
+                    self._dispatch(msg_type, request_id, op, payload)
+                if self._reading_paused or self._closing:
+                    break
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+
+    def _update_flow(self) -> None:
+        """Pause reading under pressure; resume (with hysteresis) once it is gone."""
+        transport = self._transport
+        if self._closing or transport is None:
+            return
+        in_flight = len(self._tasks)
+        if self._reading_paused:
+            if not self._write_paused and in_flight <= self._resume_at:
+                self._reading_paused = False
+                transport.resume_reading()
+                self._process()  # frames received before the pause
+        elif self._write_paused or in_flight >= self._max_inflight:
+            self._reading_paused = True
+            transport.pause_reading()
+            if not self._write_paused:
+                self.stats.inflight_pauses += 1
+
+    def _on_hello(self, msg_type: int, request_id: int, op: int, payload: Any) -> None:
+        if msg_type != _REQUEST or op != _HELLO:
+            self.stats.handshake_failures += 1
+            raise ProtocolError("the first frame must be a HELLO request")
+        options = self._options
+        encoder = self._encoder
+        try:
+            hello = validate_hello(payload, cluster=options.cluster, auth=options.auth)
+            info = self._handler.hello_info(hello)
+            if type(info) is not dict:
+                raise ServerError(f"hello_info returned {type(info).__name__}, not a dict")
+            answer = {
+                "version": PROTOCOL_VERSION,
+                "cluster": options.cluster,
+                "node_id": options.node_id,
+                "info": info,
+            }
+            body = encoder.encode_body(_RESPONSE, request_id, _HELLO, answer)
+        except Exception as exc:
+            self.stats.handshake_failures += 1
+            if isinstance(exc, HyperCacheError):
+                _log.warning("refusing HELLO from %s: %s", self.remote, exc)
+            else:
+                _log.error("hello_info failed for %s", self.remote, exc_info=exc)
+            self._send(encoder.encode_error_body(request_id, _HELLO, exc))
+            self.close()
+            return
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self.peer = PeerInfo(
+            remote=self.remote,
+            version=hello["version"],
+            cluster=hello["cluster"],
+            node_id=hello["node_id"],
+            address=hello["address"],
+            info=hello["info"],
+        )
+        self._decoder.max_frame = options.limits.max_frame
+        self._send(body)
+
+    def _dispatch(self, msg_type: int, request_id: int, op: int, payload: Any) -> None:
+        if msg_type != _REQUEST:
+            raise ProtocolError(f"a client sent a {MsgType(msg_type).name} frame")
+        tasks = self._tasks
+        if op == _HELLO or request_id in tasks:
+            why = "HELLO after the handshake" if op == _HELLO else "request id already in flight"
+            self._send(self._encoder.encode_error_body(request_id, op, ProtocolError(why)))
+            return
+        peer = self.peer
+        assert peer is not None
+        tasks[request_id] = self._loop.create_task(self._run(peer, request_id, op, payload))
+        if len(tasks) >= self._max_inflight:
+            self._update_flow()
+
+    async def _run(self, peer: PeerInfo, request_id: int, op: int, payload: Any) -> None:
+        encoder = self._encoder
+        try:
+            result = await self._handler.handle(peer, op, payload)
+        except Exception as exc:
+            if not isinstance(exc, HyperCacheError):
+                _log.error("handler failed on op %s from %s", op, self.remote, exc_info=exc)
+            body = encoder.encode_error_body(request_id, op, exc)
+        else:
+            try:
+                body = encoder.encode_body(_RESPONSE, request_id, op, result)
+            except FrameTooLargeError as exc:
+                body = encoder.encode_error_body(request_id, op, exc)
+            except ProtocolError as exc:
+                error = ServerError(f"response to op {op} cannot be encoded: {exc}")
+                body = encoder.encode_error_body(request_id, op, error)
+        finally:
+            del self._tasks[request_id]
+        self._send(body)
+        if self._reading_paused:
+            self._update_flow()
+
+
+class TcpServer(ServerBase):
+    """A TCP server for ``handler`` on ``address`` (``"host:port"``, port 0 picks one).
+
+    After :meth:`start`, :attr:`address` holds the bound port. Use an IP address
+    as host with port 0 (a name resolving to several addresses would bind each to
+    a different port).
+    """
+
+    def __init__(self, handler: Handler, address: str, options: ServerOptions) -> None:
+        super().__init__(handler, options)
+        self._host, self._port = parse_address(address)
+        self.address = address
+        self._listener: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        if self._listener is not None:
+            raise RuntimeError("server already started")
+        loop = self._loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            self._new_protocol,
+            self._host,
+            self._port,
+            backlog=self.options.backlog,
+            reuse_address=True,
+        )
+        self._closing = False
+        port = self._listener.sockets[0].getsockname()[1]
+        self.address = format_address(self._host, port)
+
+    async def close(self) -> None:
+        self._closing = True
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        await self._close_connections()
+        if listener is not None:
+            await listener.wait_closed()
+
+
+async def start_server(handler: Handler, address: str, options: ServerOptions) -> TcpServer:
+    """Create and start a :class:`TcpServer`."""
+    server = TcpServer(handler, address, options)
+    await server.start()
+    return server
+
+
+# ============================================================================ client
+
+
+class ClientConnection(_FramedProtocol):
+    """Client side of one multiplexed connection; made by :func:`connect`.
+
+    Many coroutines may call :meth:`request` concurrently; each waits on its own
+    future, resolved when the answer with its request id arrives.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, address: str, limits: Limits) -> None:
+        super().__init__(loop, limits)
+        #: the address this connection was made to
+        self.address = address
+        #: the server's HELLO answer (``version``, ``cluster``, ``node_id``, ``info``)
+        self.peer_hello: dict[str, Any] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._next_id = 1
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._deadlines: dict[int, list[int]] = {}  # tick -> ids of requests due then
+        self._lost_reason = "connection closed"
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for an answer."""
+        return len(self._pending)
+
+    # -- asyncio.Protocol
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if exc is not None:
+            self._lost_reason = f"connection lost: {exc}"
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(NodeUnavailableError(f"{self.address}: {self._lost_reason}"))
+        self._wake_writers()
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        self._lost_reason = "connection closed by the server"
+        return None
+
+    def data_received(self, data: bytes) -> None:
+        stats = self.stats
+        stats.bytes_in += len(data)
+        pending = self._pending
+        try:
+            decoder = self._decoder
+            decoder.feed(data)
+            for msg_type, request_id, _, payload in decoder:
+                stats.frames_in += 1
+                if msg_type == _REQUEST:
+                    raise ProtocolError("the server sent a REQUEST frame")
+                fut = pending.pop(request_id, None)
+                if fut is None or fut.done():
+                    stats.late_responses += 1  # timed out or cancelled meanwhile
+                elif msg_type == _RESPONSE:
+                    fut.set_result(payload)
+                else:
+                    fut.set_exception(error_from_wire(payload))
+        except ProtocolError as exc:
+            stats.protocol_errors += 1
+            _log.warning("closing connection to %s: %s", self.address, exc)
+            self._lost_reason = f"protocol error: {exc}"
+            self._start_close()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._wake_writers()
+
+    # -- API
+
+    async def request(self, op: int, payload: Any, timeout: float) -> Any:
+        """Send one request and return the answer's payload.
+
+        :raises HyperCacheError: the error the server answered with.
+        :raises RequestTimeoutError: no answer within ``timeout`` seconds; the
+            connection stays usable and a late answer is dropped.
+        :raises NodeUnavailableError: the connection is closed or was lost.
+        :raises ProtocolError: ``payload`` cannot be encoded (nothing is sent).
+        :raises FrameTooLargeError: the request is over ``max_frame`` (nothing is sent).
+        """
+        if self._closing:
+            raise NodeUnavailableError(f"{self.address}: {self._lost_reason}")
+        loop = self._loop
+        if self._write_paused:
+            deadline = loop.time() + timeout
+            await self._wait_writable(op, timeout)
+            timeout = max(deadline - loop.time(), 0.0)
+        request_id = self._next_id
+        self._next_id = request_id + 1 if request_id < _MAX_REQUEST_ID else 1
+        body = self._encoder.encode_body(_REQUEST, request_id, op, payload)
+        fut = loop.create_future()
+        pending = self._pending
+        pending[request_id] = fut
+        self._send(body)
+        # Arm the deadline in its tick bucket (see _expire_tick).
+        tick = int((loop.time() + timeout) * _TICKS_PER_SECOND) + 1
+        bucket = self._deadlines.get(tick)
+        if bucket is None:
+            self._deadlines[tick] = [request_id]
+            loop.call_at(tick / _TICKS_PER_SECOND, self._expire_tick, tick)
+        else:
+            bucket.append(request_id)
+        try:
+            return await fut
+        except _Expired:
+            raise RequestTimeoutError(
+                f"{self.address}: op {op} got no answer within {timeout}s"
+            ) from None
+        finally:
+            pending.pop(request_id, None)
+
+    async def close(self) -> None:
+        """Close the connection and wait until it is closed.
+
+        Requests still pending fail with :class:`NodeUnavailableError`.
+        """
+        if self._transport is None:
+            self._closing = True
+            return
+        self._start_close()
+        lost = self._lost
+        if not lost.done():
+            try:
+                async with asyncio.timeout(_CLIENT_CLOSE_GRACE):
+                    await asyncio.shield(lost)
+            except TimeoutError:
+                self.abort()
+                await asyncio.shield(lost)
+
+    # -- internals
+
+    def _start_close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _expire_tick(self, tick: int) -> None:
+        # Deadlines are kept per tick rather than one timer per request: arming and
+        # cancelling a loop timer costs about as much as the rest of a request, while
+        # appending an id to the tick's list is nearly free. A request that completed
+        # meanwhile is simply no longer pending. Timeouts fire up to one tick late,
+        # never early.
+        request_ids = self._deadlines.pop(tick, ())
+        pending = self._pending
+        for request_id in request_ids:
+            fut = pending.get(request_id)
+            if fut is not None and not fut.done():
+                self.stats.timeouts += 1
+                fut.set_exception(_Expired())
+
+    async def _wait_writable(self, op: int, timeout: float) -> None:
+        fut = self._loop.create_future()
+        self._drain_waiters.append(fut)
+        timer = self._loop.call_later(timeout, fut.cancel)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if not timer.cancelled() and self._loop.time() >= timer.when():
+                self.stats.timeouts += 1
+                raise RequestTimeoutError(
+                    f"{self.address}: op {op} could not be sent within {timeout}s"
+                ) from None
+            raise
+        finally:
+            timer.cancel()
+            if fut in self._drain_waiters:
+                self._drain_waiters.remove(fut)
+        if self._closing:
+            raise NodeUnavailableError(f"{self.address}: {self._lost_reason}")
+
+    def _wake_writers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _handshake(self, payload: dict[str, Any], timeout: float) -> None:
+        """Send the HELLO (prepared by :func:`prepare_hello`) and check the answer."""
+        try:
+            answer = await self.request(_HELLO, payload, timeout)
+            self.peer_hello = validate_hello_answer(answer, cluster=payload["cluster"])
+        except BaseException as exc:
+            self.abort()
+            if not isinstance(exc, asyncio.CancelledError):
+                await asyncio.shield(self._lost)
+            if isinstance(exc, RequestTimeoutError):
+                raise NodeUnavailableError(
+                    f"{self.address}: no HELLO answer within {timeout}s"
+                ) from None
+            raise
+
+
+async def connect(
+    address: str,
+    hello: dict[str, Any],
+    limits: Limits | None = None,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT,
+) -> ClientConnection:
+    """Connect to ``address`` (``"host:port"``) over TCP and handshake with ``hello``.
+
+    ``hello`` is the HELLO payload (see :func:`~hypercache.net.protocol.make_hello`);
+    ``version`` is filled in when missing. ``timeout`` covers connecting and the
+    handshake.
+
+    :raises NodeUnavailableError: cannot connect, or no HELLO answer within ``timeout``.
+    :raises HandshakeError: the server refused the HELLO, or answered for another
+        cluster or protocol version.
+    """
+    host, port = parse_address(address)
+    payload = prepare_hello(hello)
+    loop = asyncio.get_running_loop()
+    conn = ClientConnection(loop, address, limits if limits is not None else Limits())
+    deadline = loop.time() + timeout
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.create_connection(lambda: conn, host, port)
+    except TimeoutError:
+        raise NodeUnavailableError(f"{address}: connect timed out after {timeout}s") from None
+    except OSError as exc:
+        raise NodeUnavailableError(f"{address}: cannot connect: {exc}") from None
+    await conn._handshake(payload, max(deadline - loop.time(), 0.001))
+    return conn
+
+
+class TcpTransport:
+    """The TCP :class:`~hypercache.net.transport.Transport`."""
+
+    def create_server(self, handler: Handler, address: str, options: ServerOptions) -> TcpServer:
+        return TcpServer(handler, address, options)
+
+    async def connect(
+        self,
+        address: str,
+        hello: dict[str, Any],
+        limits: Limits | None = None,
+        timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> ClientConnection:
+        return await connect(address, hello, limits, timeout)
+
+
+#: The TCP transport.
+TCP: Final = TcpTransport()

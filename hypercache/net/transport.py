@@ -1,0 +1,251 @@
+"""What every transport provides, and what the node layer provides to it.
+
+A *transport* moves frames (:mod:`hypercache.net.protocol`) between a client-side
+:class:`Connection` and a :class:`Server`, which hands each request to a
+:class:`Handler`. Implementations: :mod:`hypercache.net.tcp` (production),
+:mod:`hypercache.net.inproc` (unit tests of the node logic, no sockets) and
+:mod:`hypercache.net.blocking` (the sync client's connection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Final, Protocol
+
+from hypercache.errors import ConfigError
+from hypercache.net.protocol import Limits
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "Connection",
+    "Handler",
+    "NetStats",
+    "PeerInfo",
+    "Server",
+    "ServerOptions",
+    "Transport",
+    "format_address",
+    "parse_address",
+]
+
+#: Default deadline of ``connect`` (connection and handshake together), in seconds.
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (or ``"[v6addr]:port"``) into ``(host, port)``.
+
+    :raises ConfigError: the address is malformed (field ``address``).
+    """
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError("address", f"expected 'host:port', got {address!r}")
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError("address", f"port out of range in {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError("address", f"IPv6 hosts must be bracketed: {address!r}")
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    """Inverse of :func:`parse_address`."""
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """What a server knows about the peer of one connection, from its HELLO.
+
+    :ivar remote: transport-level address of the peer (``"host:port"``).
+    :ivar node_id: the peer's node id, ``None`` for a client.
+    :ivar address: the address the peer advertises (where it listens), if any.
+    :ivar info: the ``info`` map of the peer's HELLO.
+    """
+
+    remote: str
+    version: int
+    cluster: str
+    node_id: str | None
+    address: str | None
+    info: dict[str, Any]
+
+    @property
+    def is_node(self) -> bool:
+        """True when the peer is a cluster node (it sent a node id), not a client."""
+        return self.node_id is not None
+
+
+class Handler(Protocol):
+    """The upper layer's side of a server (implemented by the node)."""
+
+    async def handle(self, conn_info: PeerInfo, op: int, payload: Any) -> Any:
+        """Carry out one request and return the response payload.
+
+        Raise :class:`~hypercache.errors.HyperCacheError` subclasses for typed
+        errors; any other exception reaches the peer as ``ServerError``. Requests
+        of one connection run concurrently and may complete in any order.
+        """
+        ...
+
+    def hello_info(self, peer_hello: dict[str, Any]) -> dict[str, Any]:
+        """Return the ``info`` map of the HELLO answer to a peer.
+
+        ``peer_hello`` is the peer's validated HELLO (``version``, ``cluster``,
+        ``node_id``, ``address``, ``info``; the auth token is left out). Raise
+        :class:`~hypercache.errors.HandshakeError` to refuse the peer.
+        """
+        ...
+
+
+@dataclass(slots=True)
+class NetStats:
+    """Counters of a connection or (aggregated) of a server, read by the metrics layer.
+
+    All counters only grow, except ``connections_open`` and ``in_flight`` (gauges).
+    """
+
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    #: transport writes: fewer than ``frames_out`` when writes are coalesced.
+    writes: int = 0
+    #: malformed or oversized frames (each closes its connection).
+    protocol_errors: int = 0
+    handshake_failures: int = 0
+    #: times a server connection stopped reading because ``max_inflight`` was reached.
+    inflight_pauses: int = 0
+    #: times the transport asked us to stop writing (its buffer passed the high mark).
+    write_pauses: int = 0
+    #: requests that ran out of time (client side).
+    timeouts: int = 0
+    #: responses that arrived after their request timed out or was cancelled.
+    late_responses: int = 0
+    #: requests being handled now (server side).
+    in_flight: int = 0
+    connections_open: int = 0
+    connections_accepted: int = 0
+    #: connections refused because ``max_connections`` was reached or the server closing.
+    connections_rejected: int = 0
+
+    def add(self, other: NetStats) -> None:
+        """Add every counter of ``other`` into this one."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerOptions:
+    """Settings of a server, shared by all transports.
+
+    :param cluster: cluster name; HELLOs naming another cluster are refused.
+    :param node_id: this node's id, sent in HELLO answers.
+    :param auth: shared secret; when set, HELLOs must carry it in ``auth``.
+    :param limits: size limits (frames received above ``max_frame`` close the connection).
+    :param max_inflight: requests handled concurrently per connection; at the cap the
+        server stops reading that connection until half of them have completed.
+    :param max_connections: open connections; more are closed on accept.
+    :param handshake_timeout: seconds a new connection has to send its HELLO.
+    :param close_grace: seconds ``close()`` lets connections flush before aborting them.
+    :param backlog: listen backlog (TCP).
+    """
+
+    cluster: str
+    node_id: str | None = None
+    auth: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    max_inflight: int = 1024
+    max_connections: int = 10_000
+    handshake_timeout: float = 10.0
+    close_grace: float = 5.0
+    backlog: int = 1024
+
+    def __post_init__(self) -> None:
+        if type(self.cluster) is not str or not self.cluster:
+            raise ConfigError("cluster", "must be a non-empty string")
+        for name in ("max_inflight", "max_connections", "backlog"):
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        for name in ("handshake_timeout", "close_grace"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(name, f"must be a positive number, got {value!r}")
+
+
+class Connection(Protocol):
+    """Client side of one multiplexed connection (implemented per transport)."""
+
+    #: the server's validated HELLO answer (``version``, ``cluster``, ``node_id``, ``info``).
+    peer_hello: dict[str, Any]
+    #: the address this connection was made to.
+    address: str
+    stats: NetStats
+
+    async def request(self, op: int, payload: Any, timeout: float) -> Any:
+        """Send one request and return the response payload.
+
+        :raises HyperCacheError: the remote error, rebuilt by ``error_from_wire``.
+        :raises RequestTimeoutError: no answer within ``timeout`` seconds (the
+            connection stays usable; a late answer is dropped).
+        :raises NodeUnavailableError: the connection is closed or lost.
+        :raises ProtocolError: the payload cannot be encoded.
+        :raises FrameTooLargeError: the request exceeds ``max_frame`` (not sent).
+        """
+        ...
+
+    async def close(self) -> None:
+        """Close the connection; pending requests fail with NodeUnavailableError."""
+        ...
+
+    @property
+    def closed(self) -> bool: ...
+
+
+class Server(Protocol):
+    """A listening server (implemented per transport)."""
+
+    #: where the server listens (``"host:port"``; the real port once started).
+    address: str
+
+    @property
+    def stats(self) -> NetStats:
+        """Counters of all connections, live and closed, plus connection gauges."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None:
+        """Stop listening, close every connection and wait for them (and their handlers)."""
+        ...
+
+
+class Transport(Protocol):
+    """A factory of servers and connections, so the node layer can pick one."""
+
+    def create_server(self, handler: Handler, address: str, options: ServerOptions) -> Server:
+        """Return an unstarted server for ``handler`` bound to ``address``."""
+        ...
+
+    async def connect(
+        self,
+        address: str,
+        hello: dict[str, Any],
+        limits: Limits | None = None,
+        timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> Connection:
+        """Connect and handshake.
+
+        :raises NodeUnavailableError: cannot connect, or no handshake within ``timeout``.
+        :raises HandshakeError: the server refused the HELLO (or answered for another
+            cluster or version).
+        """
+        ...

@@ -1,0 +1,327 @@
+"""HyperCache against a plain-Python model, with hypothesis stateful testing.
+
+One machine per policy and bound (items, or bytes only), with TTLs on an
+injected clock. For every policy the model knows the latest value written for
+each key and when it expires: the cache may have dropped a key, but whatever it
+returns must be that latest value, and never after it expired. For ``lru`` and
+``fifo`` the model is exact: it predicts which key each write evicts, so the
+cache must hold exactly the model's live entries after every step.
+
+The exact model's semantics, where the docstrings leave room:
+
+* an expired entry is gone from the moment it expires: a write never evicts a
+  live entry while an expired one could be reclaimed instead, and writing an
+  expired key again stores a new entry (the newest, for FIFO);
+* a write never evicts the entry it has just written.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+)
+
+from hypercache.cache import POLICIES, HyperCache
+
+KEYS = st.integers(0, 4)
+CAPACITY = 3
+MAX_BYTES = 10
+SIZES = st.integers(0, 6)
+TTLS = st.sampled_from([0.5, 1.0, 2.5, 5.0])
+STEPS = st.sampled_from([0.5, 1.0, 2.0, 4.0])
+READS = st.sampled_from(["get", "getitem", "get_many", "contains", "ttl"])
+# Clearing often would keep the cache nearly empty.
+CHANGES = st.sampled_from(["delete", "delete", "expire", "expire", "sweep", "sweep", "clear"])
+MISSING: Any = object()
+
+
+def value_size(value: tuple[int, int, int]) -> int:
+    return value[2]
+
+
+@dataclass
+class Entry:
+    value: tuple[int, int, int]
+    expires: float | None
+
+    @property
+    def size(self) -> int:
+        return self.value[2]
+
+
+class CacheMachine(RuleBasedStateMachine):
+    """Rules and invariants shared by every variant; subclasses set the class vars."""
+
+    POLICY: ClassVar[str] = "lru"
+    BY_BYTES: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+        self.exact = self.POLICY in ("lru", "fifo")
+        if self.BY_BYTES:
+            self.cache: HyperCache[int, Any] = HyperCache(
+                max_bytes=MAX_BYTES, policy=self.POLICY, sizeof=value_size, timer=self.clock
+            )
+        else:
+            self.cache = HyperCache(
+                CAPACITY, policy=self.POLICY, sizeof=value_size, timer=self.clock
+            )
+        # Exact policies: the live entries, next victim first. Others: the
+        # latest write of every key the cache may still hold.
+        self.model: OrderedDict[int, Entry] = OrderedDict()
+        self.version = 0
+        self.hits = 0
+        self.misses = 0
+
+    def clock(self) -> float:
+        return self.now
+
+    # ------------------------------------------------------------ model helpers
+
+    def live(self, key: int) -> Entry | None:
+        e = self.model.get(key)
+        if e is None:
+            return None
+        if e.expires is not None and e.expires <= self.now:
+            return None
+        return e
+
+    def purge_expired(self) -> None:
+        for k in [k for k in self.model if self.live(k) is None]:
+            del self.model[k]
+
+    def over_bounds(self) -> bool:
+        if self.BY_BYTES:
+            return sum(e.size for e in self.model.values()) > MAX_BYTES
+        return len(self.model) > CAPACITY
+
+    def expires_at(self, ttl: float | None) -> float | None:
+        return None if ttl is None else self.now + ttl
+
+    def forget(self, key: int) -> None:
+        # Non-exact policies: the cache told us it does not hold ``key``.
+        if not self.exact:
+            self.model.pop(key, None)
+
+    def check_read(self, key: int, got: Any) -> None:
+        e = self.live(key)
+        if got is MISSING:
+            self.misses += 1
+            if self.exact:
+                assert e is None, f"key {key} should hold {e}, cache missed"
+            self.forget(key)
+            return
+        self.hits += 1
+        assert e is not None, f"key {key}: returned {got!r}, model has {self.model.get(key)}"
+        assert got == e.value, f"key {key}: returned {got!r}, latest is {e.value!r}"
+        if self.POLICY == "lru":
+            self.model.move_to_end(key)
+
+    # ------------------------------------------------------------------- rules
+
+    @rule(key=KEYS, size=SIZES)
+    def set(self, key: int, size: int) -> None:
+        self.version += 1
+        value = (key, self.version, size)
+        self.cache.set(key, value)
+        self.store(key, value, None)
+
+    @rule(key=KEYS, size=SIZES, ttl=TTLS)
+    def set_with_ttl(self, key: int, size: int, ttl: float) -> None:
+        self.version += 1
+        value = (key, self.version, size)
+        self.cache.set(key, value, ttl)
+        self.store(key, value, ttl)
+
+    @precondition(lambda self: self.BY_BYTES)
+    @rule(key=KEYS, extra=st.integers(1, 3))
+    def set_too_large(self, key: int, extra: int) -> None:
+        self.version += 1
+        value = (key, self.version, MAX_BYTES + extra)
+        try:
+            self.cache.set(key, value)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("a value over max_bytes was accepted")
+
+    @rule(key=KEYS, size=SIZES)
+    def set_many(self, key: int, size: int) -> None:
+        # Two keys in one call; applied in order, each atomically.
+        other = (key + 1) % 5
+        self.version += 1
+        items = {key: (key, self.version, size), other: (other, self.version, 1)}
+        self.cache.set_many(items)
+        for k, v in items.items():
+            self.store(k, v, None)
+
+    def store(self, key: int, value: tuple[int, int, int], ttl: float | None) -> None:
+        entry = Entry(value, self.expires_at(ttl))
+        if not self.exact:
+            self.model[key] = entry
+            return
+        self.purge_expired()
+        if key in self.model:
+            self.model[key] = entry  # an overwrite keeps its place (FIFO)...
+            if self.POLICY == "lru":
+                self.model.move_to_end(key)  # ...or is a use (LRU)
+        else:
+            self.model[key] = entry
+        while self.over_bounds():
+            victim = next(k for k in self.model if k != key)
+            del self.model[victim]
+
+    @rule(key=KEYS, how=READS)
+    def read(self, key: int, how: str) -> None:
+        if how == "get":
+            self.check_read(key, self.cache.get(key, MISSING))
+        elif how == "getitem":
+            try:
+                got = self.cache[key]
+            except KeyError:
+                got = MISSING
+            self.check_read(key, got)
+        elif how == "get_many":
+            keys = [key, (key + 2) % 5]
+            many = self.cache.get_many(keys)
+            assert set(many) <= set(keys)
+            for k in keys:
+                self.check_read(k, many.get(k, MISSING))
+        elif how == "contains":
+            self.contains(key)
+        else:
+            self.ttl(key)
+
+    def contains(self, key: int) -> None:
+        present = key in self.cache
+        if self.exact:
+            assert present == (self.live(key) is not None)
+        elif present:
+            assert self.live(key) is not None
+        else:
+            self.forget(key)
+
+    @rule(key=KEYS, how=CHANGES, ttl=st.none() | TTLS)
+    def change(self, key: int, how: str, ttl: float | None) -> None:
+        if how == "delete":
+            self.delete(key)
+        elif how == "expire":
+            self.expire(key, ttl)
+        elif how == "sweep":
+            self.sweep()
+        elif how == "clear":
+            self.clear()
+
+    def delete(self, key: int) -> None:
+        removed = self.cache.delete(key)
+        if self.exact:
+            assert removed == (self.live(key) is not None)
+        elif removed:
+            assert self.live(key) is not None
+        self.model.pop(key, None)
+
+    def ttl(self, key: int) -> None:
+        e = self.live(key)
+        try:
+            left = self.cache.ttl(key)
+        except KeyError:
+            if self.exact:
+                assert e is None
+            self.forget(key)
+            return
+        assert e is not None
+        if e.expires is None:
+            assert left is None
+        else:
+            assert left == pytest.approx(e.expires - self.now)
+
+    def expire(self, key: int, ttl: float | None) -> None:
+        e = self.live(key)
+        ok = self.cache.expire(key, ttl)
+        if self.exact:
+            assert ok == (e is not None)
+        if ok:
+            assert e is not None
+            e.expires = self.expires_at(ttl)
+        else:
+            self.forget(key)
+
+    @rule(dt=STEPS)
+    def advance_clock(self, dt: float) -> None:
+        self.now += dt
+
+    def sweep(self) -> None:
+        self.cache.sweep()
+        items = self.cache.items()
+        assert len(self.cache) == len(items)
+        assert self.cache.stats().bytes == sum(v[2] for _, v in items)
+        if self.exact:
+            self.purge_expired()
+            assert len(self.cache) == len(self.model)
+
+    def clear(self) -> None:
+        self.cache.clear()
+        self.model.clear()
+        assert len(self.cache) == 0
+        assert self.cache.stats().bytes == 0
+
+    # -------------------------------------------------------------- invariants
+
+    @invariant()
+    def bounds_and_stats(self) -> None:
+        stats = self.cache.stats()
+        assert stats.size == len(self.cache)
+        if self.BY_BYTES:
+            assert stats.bytes <= MAX_BYTES
+        else:
+            assert len(self.cache) <= CAPACITY
+        assert (stats.hits, stats.misses) == (self.hits, self.misses)
+
+    @invariant()
+    def contents_agree(self) -> None:
+        items = self.cache.items()
+        keys = [k for k, _ in items]
+        assert len(keys) == len(set(keys))
+        assert sorted(keys) == sorted(self.cache.keys())
+        assert self.cache.stats().bytes >= sum(v[2] for _, v in items)
+        for k, v in items:
+            e = self.live(k)
+            assert e is not None, f"cache holds {k}={v!r}, model has {self.model.get(k)}"
+            assert v == e.value, f"cache holds {k}={v!r}, latest is {e.value!r}"
+        if self.exact:
+            live = {k: e.value for k in self.model if (e := self.live(k)) is not None}
+            assert dict(items) == live
+
+
+MODEL_SETTINGS = settings(
+    max_examples=150, stateful_step_count=50, deadline=None, database=None
+)
+
+
+def machine(policy: str, by_bytes: bool) -> type[CacheMachine]:
+    name = f"{policy.upper()}{'Bytes' if by_bytes else 'Items'}"
+    attrs = {"POLICY": policy, "BY_BYTES": by_bytes}
+    return type(name, (CacheMachine,), attrs)
+
+
+VARIANTS = [(p, b) for p in sorted(POLICIES) for b in (False, True)]
+
+
+@pytest.mark.parametrize(
+    ("policy", "by_bytes"), VARIANTS, ids=[f"{p}-{'bytes' if b else 'items'}" for p, b in VARIANTS]
+)
+def test_cache_matches_model(policy: str, by_bytes: bool) -> None:
+    cls = machine(policy, by_bytes)
+    cls.TestCase.settings = MODEL_SETTINGS
+    cls.TestCase().runTest()

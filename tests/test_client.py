@@ -1,0 +1,849 @@
+"""Tests of the client SDK: serializers, keys, options, routing, failover, errors, CLI.
+
+End-to-end tests run the real clients (blocking sockets and asyncio) over real TCP
+against ``FakeNode``: a unit-test double of ``hypercache-node`` built on the net
+layer's TCP server, answering GET/SET/DELETE/TOPOLOGY/PING from a dict shared by
+the fake nodes of one "cluster". It records which node received which key, so the
+tests can check the client's routing. The fake servers run on an event loop in a
+background thread, so the sync client can call them from the test thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import pickle
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from cluster_harness import Cluster, running_cluster
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hypercache._core.ring import Ring
+from hypercache.cli.client import EXIT_ERROR, EXIT_MISS, EXIT_OK, EXIT_USAGE, main
+from hypercache.client import (
+    AsyncClient,
+    Client,
+    MsgpackSerializer,
+    PickleSerializer,
+    RawSerializer,
+    Topology,
+    normalize_key,
+)
+from hypercache.client._common import parse_seeds, ttl_to_ms, wire_consistency
+from hypercache.consistency import Consistency
+from hypercache.errors import (
+    ConfigError,
+    HandshakeError,
+    KeyTooLargeError,
+    NodeUnavailableError,
+    ProtocolError,
+    QuorumError,
+    RequestTimeoutError,
+    ServerError,
+    ValueTooLargeError,
+)
+from hypercache.net.protocol import Limits, Op
+from hypercache.net.tcp import TcpServer
+from hypercache.net.transport import PeerInfo, ServerOptions
+
+T = TypeVar("T")
+DEADLINE = 10.0
+
+
+# ============================================================================ fake node
+
+
+class FakeNode:
+    """Handler answering the client ops over ``store`` (shared by a fake cluster)."""
+
+    def __init__(self, name: str, store: dict[bytes, bytes]) -> None:
+        self.name = name
+        self.store = store
+        self.address = ""
+        self.topology: dict[str, Any] | None = None
+        self.received: list[tuple[str, Any]] = []
+        self.fail: Exception | None = None
+        self.delay = 0.0
+        self.inflight = 0
+        self.max_inflight = 0
+
+    def hello_info(self, peer_hello: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def keys_of(self, op: str) -> list[Any]:
+        return [k for o, k in self.received if o == op]
+
+    async def handle(self, conn_info: PeerInfo, op: int, payload: Any) -> Any:
+        name = Op(op).name
+        key: Any = payload[0] if op in (Op.GET, Op.SET, Op.DELETE) else None
+        self.received.append((name, key))
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.fail is not None:
+                raise self.fail
+            if op == Op.PING:
+                return "pong"
+            if op == Op.TOPOLOGY:
+                if self.topology is None:
+                    raise ServerError("no topology")
+                return self.topology
+            if op == Op.GET:
+                value = self.store.get(key)
+                return [value is not None, value]
+            if op == Op.SET:
+                _, value, ttl_ms, consistency = payload
+                assert ttl_ms is None or type(ttl_ms) is int
+                assert consistency in (None, "one", "quorum", "all")
+                self.store[key] = value
+                return True
+            if op == Op.DELETE:
+                return self.store.pop(key, None) is not None
+            raise ServerError(f"unknown op {op}")
+        finally:
+            self.inflight -= 1
+
+
+class ServerThread:
+    """An event loop in a thread that hosts fake nodes; closes all of them on close()."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.servers: dict[str, TcpServer] = {}
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(DEADLINE)
+
+    def start(
+        self, node: FakeNode, address: str = "127.0.0.1:0", cluster: str = "hypercache"
+    ) -> str:
+        async def go() -> TcpServer:
+            server = TcpServer(node, address, ServerOptions(cluster=cluster, close_grace=1.0))
+            await server.start()
+            return server
+
+        server = self.run(go())
+        node.address = server.address
+        self.servers[server.address] = server
+        return server.address
+
+    def stop(self, address: str) -> None:
+        server = self.servers.pop(address)
+        self.run(server.close())
+
+    def close(self) -> None:
+        for address in list(self.servers):
+            self.stop(address)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(DEADLINE)
+        self.loop.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[ServerThread]:
+    st_ = ServerThread()
+    try:
+        yield st_
+    finally:
+        st_.close()
+
+
+def dead_address(servers: ServerThread) -> str:
+    """A loopback address where nothing listens (a server started and stopped)."""
+    address = servers.start(FakeNode("dead", {}))
+    servers.stop(address)
+    return address
+
+
+def topology_payload(
+    nodes: dict[str, str], replication: int, partitions: int = 64, epoch: int = 1
+) -> tuple[dict[str, Any], Ring]:
+    """A TOPOLOGY answer for ``{node_id: address}`` built with the real ring."""
+    ring = Ring(list(nodes), partitions=partitions, replication=replication, vnodes=16)
+    payload = {
+        "epoch": epoch,
+        "partitions": partitions,
+        "replication": replication,
+        "nodes": [[nid, nodes[nid]] for nid in ring.nodes],
+        "table": ring.table(),
+    }
+    return payload, ring
+
+
+def cluster(
+    servers: ServerThread, n: int, replication: int
+) -> tuple[list[FakeNode], dict[str, Any], Ring]:
+    """``n`` fake nodes sharing one store, each answering TOPOLOGY with the same table."""
+    store: dict[bytes, bytes] = {}
+    nodes = [FakeNode(f"n{i}", store) for i in range(n)]
+    for node in nodes:
+        servers.start(node)
+    payload, ring = topology_payload({nd.name: nd.address for nd in nodes}, replication)
+    for node in nodes:
+        node.topology = payload
+    return nodes, payload, ring
+
+
+def arun(coro: Coroutine[Any, Any, T]) -> T:
+    async def bounded() -> T:
+        async with asyncio.timeout(DEADLINE):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+def wait_for(cond: Callable[[], bool], deadline: float = DEADLINE) -> None:
+    end = time.monotonic() + deadline
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+KEYS = [f"key-{i}" for i in range(40)]
+
+
+# ============================================================================ serializers
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.binary(),
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.dictionaries(st.text() | st.integers(-1000, 1000), children, max_size=5)
+    ),
+    max_leaves=20,
+)
+
+
+@given(msgpack_values)
+def test_msgpack_round_trip(value: Any) -> None:
+    s = MsgpackSerializer()
+    data = s.dumps(value)
+    assert type(data) is bytes
+    assert s.loads(data) == value
+
+
+@given(msgpack_values | st.tuples(st.integers(), st.text()) | st.frozensets(st.integers()))
+def test_pickle_round_trip(value: Any) -> None:
+    s = PickleSerializer()
+    assert s.loads(s.dumps(value)) == value
+
+
+@given(st.binary())
+def test_raw_round_trip(value: bytes) -> None:
+    s = RawSerializer()
+    assert s.loads(s.dumps(value)) == value
+    assert s.dumps(bytearray(value)) == value
+    assert s.dumps(memoryview(value)) == value
+
+
+def test_serializer_errors() -> None:
+    with pytest.raises(TypeError, match="msgpack"):
+        MsgpackSerializer().dumps(object())
+    with pytest.raises(TypeError, match="bytes-like"):
+        RawSerializer().dumps("text")
+    with pytest.raises(TypeError, match="pickle"):
+        PickleSerializer().dumps(lambda: None)
+    assert MsgpackSerializer().loads(MsgpackSerializer().dumps((1, 2))) == [1, 2]
+    assert PickleSerializer(protocol=2).dumps(1) == pickle.dumps(1, protocol=2)
+    with pytest.raises(TypeError, match="dumps"):
+        Client(serializer=object())  # type: ignore[arg-type]
+
+
+# ============================================================================ keys, options
+
+
+@given(st.text())
+def test_str_key_is_utf8(key: str) -> None:
+    assert normalize_key(key, Limits(max_key=1 << 20)) == key.encode()
+
+
+def test_key_normalisation_and_limits() -> None:
+    limits = Limits(max_frame=1024, max_key=8, max_value=64)
+    assert normalize_key(b"\xff\x00", limits) == b"\xff\x00"
+    assert normalize_key("é", limits) == "é".encode()
+    assert normalize_key("", limits) == b""
+
+    class B(bytes):
+        pass
+
+    assert type(normalize_key(B(b"ab"), limits)) is bytes
+    assert normalize_key("12345678", limits) == b"12345678"
+    with pytest.raises(KeyTooLargeError):
+        normalize_key("123456789", limits)
+    with pytest.raises(KeyTooLargeError):
+        normalize_key("éééé" + "e", limits)  # 9 bytes in UTF-8
+    for bad in (1, 1.5, None, ("a",), bytearray(b"a"), memoryview(b"a")):
+        with pytest.raises(TypeError, match="str or bytes"):
+            normalize_key(bad, limits)
+
+
+def test_limits_checked_before_sending(servers: ServerThread) -> None:
+    node = FakeNode("n", {})
+    address = servers.start(node)
+    limits = Limits(max_frame=1024, max_key=8, max_value=64)
+    with Client(address, limits=limits, route="any") as client:
+        with pytest.raises(KeyTooLargeError):
+            client.set("x" * 9, 1)
+        with pytest.raises(ValueTooLargeError):
+            client.set("k", b"x" * 100)
+        with pytest.raises(KeyTooLargeError):
+            client.get_many(["ok", "x" * 9])
+        with pytest.raises(TypeError):
+            client.get(1)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="single key"):
+            client.get_many("abc")
+        assert client.stats.connections_opened == 0
+    assert node.received == []
+
+
+def test_consistency_parsing() -> None:
+    assert wire_consistency(None, None) is None
+    assert wire_consistency(None, "all") == "all"
+    assert wire_consistency("QUORUM", "one") == "quorum"
+    assert wire_consistency(Consistency.ALL, None) == "all"
+    with pytest.raises(ConfigError) as err:
+        wire_consistency("most", None)
+    assert err.value.field == "consistency"
+    with pytest.raises(ConfigError):
+        Client(consistency="two")
+    with pytest.raises(ValueError):  # ConfigError is a ValueError
+        AsyncClient(consistency=3)  # type: ignore[arg-type]
+    assert Client(consistency=" One ").options.consistency == "one"
+
+
+def test_options_validation() -> None:
+    assert parse_seeds("a:1, b:2,a:1") == ("a:1", "b:2")
+    assert parse_seeds(["[::1]:7400"]) == ("[::1]:7400",)
+    for bad, field in (
+        ({"seeds": ""}, "seeds"),
+        ({"seeds": "nohost"}, "seeds"),
+        ({"seeds": "h:99999"}, "seeds"),
+        ({"timeout": 0}, "timeout"),
+        ({"connect_timeout": -1}, "connect_timeout"),
+        ({"timeout": math.inf}, "timeout"),
+        ({"route": "proxy"}, "route"),
+        ({"cluster_name": ""}, "cluster_name"),
+        ({"topology_refresh": 0}, "topology_refresh"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            Client(**bad)
+        assert err.value.field == field
+    assert ttl_to_ms(None) is None
+    assert ttl_to_ms(1.5) == 1500
+    assert ttl_to_ms(0.0001) == 1
+    for bad_ttl in (0, -1, math.nan, math.inf):
+        with pytest.raises(ConfigError):
+            ttl_to_ms(bad_ttl)
+    with pytest.raises(TypeError):
+        ttl_to_ms("1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        ttl_to_ms(True)
+
+
+def test_topology_from_wire() -> None:
+    nodes = {"b": "127.0.0.1:2", "a": "127.0.0.1:1", "c": "127.0.0.1:3"}
+    payload, ring = topology_payload(nodes, replication=2)
+    # The wire may list nodes in any order: shuffle them and translate the table.
+    order = ["c", "a", "b"]
+    index = {nid: i for i, nid in enumerate(order)}
+    shuffled = dict(payload)
+    shuffled["nodes"] = [[nid, nodes[nid]] for nid in order]
+    shuffled["table"] = [[index[ring.nodes[o]] for o in row] for row in payload["table"]]
+    for wire in (payload, shuffled):
+        topo = Topology.from_wire(wire)
+        for i in range(200):
+            key = f"k{i}".encode()
+            assert topo.owners(key) == tuple(nodes[nid] for nid in ring.owners(key))
+            assert topo.partition_of(key) == ring.partition_of(key)
+    topo = Topology.from_wire(payload)
+    assert sum(p for p, _ in topo.load().values()) == 64
+    assert sum(h for _, h in topo.load().values()) == 128
+    assert Topology.from_wire(topo.as_dict()).owners(b"x") == topo.owners(b"x")
+    bad_cases = [
+        None,
+        {},
+        {**payload, "partitions": 32},
+        {**payload, "epoch": -1},
+        {**payload, "nodes": [["a", "nohostport"]]},
+        {**payload, "table": [[0, 9]] * 64},
+        {**payload, "table": [[0, 0]] * 64},
+    ]
+    for bad in bad_cases:
+        with pytest.raises(ProtocolError):
+            Topology.from_wire(bad)
+
+
+# ============================================================================ end to end, sync
+
+
+def test_sync_basic_ops(servers: ServerThread) -> None:
+    nodes, _, _ = cluster(servers, 1, replication=1)
+    with Client(nodes[0].address, consistency="quorum") as client:
+        assert client.get("missing") is None
+        assert client.get("missing", 7) == 7
+        client.set("a", {"x": [1, 2.5, "s", b"b"]}, ttl=1.5)
+        assert client.get("a") == {"x": [1, 2.5, "s", b"b"]}
+        assert client.get(b"a", consistency=Consistency.ONE) == {"x": [1, 2.5, "s", b"b"]}
+        assert client.delete("a") is True
+        assert client.delete("a", consistency="all") is False
+        assert client.get("a") is None
+        client.set_many({"m1": 1, "m2": None}, ttl=10)
+        assert client.get_many(["m1", "m2", "m3"]) == {"m1": 1, "m2": None}
+        assert client.ping() > 0
+        assert client.topology().epoch == 1
+        assert client.stats.topology_refreshes >= 1
+    assert client.closed
+    with pytest.raises(NodeUnavailableError, match="closed"):
+        client.get("a")
+
+
+def test_sync_routes_to_owner(servers: ServerThread) -> None:
+    nodes, _, ring = cluster(servers, 2, replication=2)
+    by_id = {nd.name: nd for nd in nodes}
+    with Client([nd.address for nd in nodes]) as client:
+        client.connect()
+        for key in KEYS:
+            client.set(key, key)
+        for key in KEYS:
+            assert client.get(key) == key
+    for key in KEYS:
+        k = key.encode()
+        primary = by_id[ring.owners(k)[0]]
+        other = next(nd for nd in nodes if nd is not primary)
+        assert primary.keys_of("SET").count(k) == 1
+        assert primary.keys_of("GET").count(k) == 1
+        assert k not in other.keys_of("SET") + other.keys_of("GET")
+    assert all(nd.keys_of("SET") for nd in nodes)  # both are primary of some keys
+    assert client.stats.failovers == 0
+
+
+def test_sync_route_any_round_robin(servers: ServerThread) -> None:
+    nodes, _, _ = cluster(servers, 2, replication=1)
+    with Client([nd.address for nd in nodes], route="any") as client:
+        for key in KEYS:
+            client.set(key, 1)
+    counts = [len(nd.keys_of("SET")) for nd in nodes]
+    assert sum(counts) == len(KEYS)
+    assert min(counts) >= len(KEYS) // 2 - 1
+    assert not any(nd.keys_of("TOPOLOGY") for nd in nodes)
+
+
+def test_sync_failover_when_owner_down(servers: ServerThread) -> None:
+    store: dict[bytes, bytes] = {}
+    live = FakeNode("live", store)
+    live_address = servers.start(live)
+    down = dead_address(servers)
+    payload, ring = topology_payload({"down": down, "live": live_address}, replication=2)
+    live.topology = payload
+    keys_down_primary = [k for k in KEYS if ring.owners(k.encode())[0] == "down"]
+    assert keys_down_primary
+    with Client(live_address) as client:
+        for key in keys_down_primary:
+            client.set(key, key)
+            assert client.get(key) == key
+        assert client.stats.nodes_marked_down >= 1
+        assert client.stats.failovers >= 1
+        assert down in client._router.down
+    assert sorted(live.keys_of("SET")) == sorted(k.encode() for k in keys_down_primary)
+
+
+def test_sync_failover_to_non_owner(servers: ServerThread) -> None:
+    # replication 1: the only owner is down, so the request goes to another node,
+    # which coordinates it (the proxy path).
+    store: dict[bytes, bytes] = {}
+    live = FakeNode("live", store)
+    live_address = servers.start(live)
+    down = dead_address(servers)
+    payload, ring = topology_payload({"down": down, "live": live_address}, replication=1)
+    live.topology = payload
+    key = next(k for k in KEYS if ring.owners(k.encode()) == ["down"])
+    with Client(live_address) as client:
+        client.set(key, "v")
+        assert client.get(key) == "v"
+
+
+def test_sync_no_node_reachable(servers: ServerThread) -> None:
+    seeds = [dead_address(servers), dead_address(servers)]
+    with Client(seeds, connect_timeout=0.5) as client:
+        with pytest.raises(NodeUnavailableError) as err:
+            client.get("k")
+        assert isinstance(err.value, ConnectionError)
+        assert seeds[0] in str(err.value) and seeds[1] in str(err.value)
+        with pytest.raises(NodeUnavailableError):
+            client.connect()
+        with pytest.raises(NodeUnavailableError):
+            client.get_many(["a", "b"])
+
+
+def test_sync_error_mapping(servers: ServerThread) -> None:
+    nodes, _, _ = cluster(servers, 1, replication=1)
+    node = nodes[0]
+    with Client(node.address, route="any", timeout=0.3) as client:
+        node.fail = QuorumError(1, 2)
+        with pytest.raises(QuorumError) as err:
+            client.set("k", 1, consistency="quorum")
+        assert (err.value.acks, err.value.required) == (1, 2)
+        with pytest.raises(QuorumError):
+            client.get_many(["a", "b"])
+        node.fail = None
+        node.delay = 1.0
+        with pytest.raises(RequestTimeoutError) as terr:
+            client.get("k")
+        assert isinstance(terr.value, TimeoutError)
+        node.delay = 0.0
+        client.set("k", 2)  # the connection survived the error answers and the timeout
+        assert client.get("k") == 2
+        assert client.stats.connections_opened == 1
+    with Client(node.address, cluster_name="other") as client, pytest.raises(HandshakeError):
+        client.get("k")
+
+
+def test_sync_topology_unsupported_falls_back_to_seeds(servers: ServerThread) -> None:
+    node = FakeNode("old", {})  # answers TOPOLOGY with an error
+    address = servers.start(node)
+    with Client(address) as client:
+        client.set("k", 1)
+        assert client.get("k") == 1
+        assert client.stats.topology_errors >= 1
+        with pytest.raises(ServerError):
+            client.topology()
+
+
+def test_sync_topology_refresh(servers: ServerThread) -> None:
+    store: dict[bytes, bytes] = {}
+    a, b = FakeNode("a", store), FakeNode("b", store)
+    servers.start(a)
+    servers.start(b)
+    old, _ = topology_payload({"a": a.address}, replication=1, epoch=1)
+    new, _ = topology_payload({"b": b.address}, replication=1, epoch=2)
+    a.topology = old
+    b.topology = new
+    with Client(a.address, topology_refresh=0.05) as client:
+        client.set("k", 1)
+        assert a.keys_of("SET") == [b"k"]
+        a.topology = new
+
+        def routed_to_b() -> bool:
+            client.get("k")
+            return bool(b.keys_of("GET"))
+
+        wait_for(routed_to_b)
+        assert client.stats.topology_refreshes >= 2
+
+
+def test_sync_get_many_pipelined(servers: ServerThread) -> None:
+    nodes, _, _ = cluster(servers, 2, replication=1)
+    for nd in nodes:
+        nd.delay = 0.02
+    with Client([nd.address for nd in nodes]) as client:
+        client.set_many({k: k.upper() for k in KEYS})
+        start = time.monotonic()
+        got = client.get_many([*KEYS, "absent-1", "absent-2", KEYS[0]])
+        elapsed = time.monotonic() - start
+        assert got == {k: k.upper() for k in KEYS}
+        assert client.stats.connections_opened == 2
+    # 42 distinct keys one after the other would take >= 0.84 s; pipelined they overlap.
+    assert elapsed < 0.5
+    assert all(nd.max_inflight > 1 for nd in nodes)
+
+
+def test_sync_get_many_failover(servers: ServerThread) -> None:
+    store: dict[bytes, bytes] = {}
+    live = FakeNode("live", store)
+    live_address = servers.start(live)
+    down = dead_address(servers)
+    payload, _ = topology_payload({"down": down, "live": live_address}, replication=2)
+    live.topology = payload
+    with Client(live_address) as client:
+        client.set_many({k: 1 for k in KEYS})
+        assert client.get_many(KEYS) == dict.fromkeys(KEYS, 1)
+    assert len(set(live.keys_of("SET"))) == len(KEYS)
+
+
+def test_sync_threads(servers: ServerThread) -> None:
+    nodes, _, _ = cluster(servers, 2, replication=2)
+    errors: list[BaseException] = []
+    with Client([nd.address for nd in nodes]) as client:
+
+        def work(t: int) -> None:
+            try:
+                for i in range(30):
+                    client.set(f"t{t}-{i}", [t, i])
+                    assert client.get(f"t{t}-{i}") == [t, i]
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(DEADLINE)
+        assert not any(th.is_alive() for th in threads)
+    assert errors == []
+
+
+def test_sync_serializer_hook(servers: ServerThread) -> None:
+    nodes, _, _ = cluster(servers, 1, replication=1)
+    with Client(nodes[0].address, serializer=RawSerializer()) as raw:
+        raw.set("r", b"\x00bytes")
+        assert nodes[0].store[b"r"] == b"\x00bytes"
+        assert raw.get("r") == b"\x00bytes"
+    with Client(nodes[0].address, serializer=PickleSerializer()) as pk:
+        pk.set("p", (1, {2}))
+        assert pk.get("p") == (1, {2})
+
+
+# ============================================================================ end to end, async
+
+
+def test_async_basic_ops(servers: ServerThread) -> None:
+    nodes, _, _ = cluster(servers, 1, replication=1)
+
+    async def go() -> None:
+        async with AsyncClient(nodes[0].address, consistency="one") as client:
+            assert await client.get("missing", "d") == "d"
+            await client.set("a", [1, "two"], ttl=5)
+            assert await client.get("a") == [1, "two"]
+            assert await client.delete("a") is True
+            assert await client.delete("a") is False
+            await client.set_many({"x": 1, "y": 2})
+            assert await client.get_many(["x", "y", "z"]) == {"x": 1, "y": 2}
+            assert await client.ping() > 0
+            assert (await client.topology()).partitions == 64
+        assert client.closed
+        with pytest.raises(NodeUnavailableError):
+            await client.get("a")
+
+    arun(go())
+
+
+def test_async_routes_to_owner(servers: ServerThread) -> None:
+    nodes, _, ring = cluster(servers, 2, replication=2)
+    by_id = {nd.name: nd for nd in nodes}
+
+    async def go() -> None:
+        async with AsyncClient([nd.address for nd in nodes]) as client:
+            await asyncio.gather(*(client.set(k, k) for k in KEYS))
+            assert [await client.get(k) for k in KEYS] == KEYS
+            assert client.stats.connections_opened == 2
+
+    arun(go())
+    for key in KEYS:
+        k = key.encode()
+        primary = by_id[ring.owners(k)[0]]
+        assert primary.keys_of("SET").count(k) == 1
+        for nd in nodes:
+            if nd is not primary:
+                assert k not in nd.keys_of("SET") + nd.keys_of("GET")
+
+
+def test_async_failover_and_unreachable(servers: ServerThread) -> None:
+    store: dict[bytes, bytes] = {}
+    live = FakeNode("live", store)
+    live_address = servers.start(live)
+    down = dead_address(servers)
+    payload, ring = topology_payload({"down": down, "live": live_address}, replication=2)
+    live.topology = payload
+    keys = [k for k in KEYS if ring.owners(k.encode())[0] == "down"]
+
+    async def go() -> None:
+        async with AsyncClient([down, live_address]) as client:
+            for key in keys:
+                await client.set(key, key)
+                assert await client.get(key) == key
+            # the dead seed was found down while fetching the table: skipped since
+            assert client.stats.nodes_marked_down >= 1
+        async with AsyncClient([down], connect_timeout=0.5, route="any"):
+            pass  # pragma: no cover
+
+    with pytest.raises(NodeUnavailableError):
+        arun(go())
+    assert sorted(live.keys_of("SET")) == sorted(k.encode() for k in keys)
+
+    async def lazy() -> None:
+        client = AsyncClient(down, connect_timeout=0.5)
+        try:
+            with pytest.raises(NodeUnavailableError):
+                await client.get("k")
+        finally:
+            await client.close()
+
+    arun(lazy())
+
+
+def test_async_error_mapping(servers: ServerThread) -> None:
+    nodes, _, _ = cluster(servers, 1, replication=1)
+    node = nodes[0]
+
+    async def go() -> None:
+        async with AsyncClient(node.address, route="any", timeout=0.3) as client:
+            node.fail = QuorumError(2, 3)
+            with pytest.raises(QuorumError) as err:
+                await client.delete("k", consistency="all")
+            assert (err.value.acks, err.value.required) == (2, 3)
+            with pytest.raises(QuorumError):
+                await client.get_many(["a", "b", "c"])
+            node.fail = None
+            node.delay = 1.0
+            with pytest.raises(RequestTimeoutError):
+                await client.get("k")
+            node.delay = 0.0
+            await client.set("k", 1)
+            assert await client.get("k") == 1
+        with pytest.raises(HandshakeError):
+            async with AsyncClient(node.address, cluster_name="other"):
+                pass  # pragma: no cover
+
+    arun(go())
+
+
+def test_async_get_many_pipelined(servers: ServerThread) -> None:
+    nodes, _, _ = cluster(servers, 2, replication=1)
+    for nd in nodes:
+        nd.delay = 0.02
+
+    async def go() -> float:
+        async with AsyncClient([nd.address for nd in nodes]) as client:
+            await client.set_many({k: k for k in KEYS})
+            start = time.monotonic()
+            got = await client.get_many([*KEYS, "absent"])
+            assert got == {k: k for k in KEYS}
+            assert client.stats.connections_opened == 2
+            return time.monotonic() - start
+
+    assert arun(go()) < 0.5
+    assert all(nd.max_inflight > 1 for nd in nodes)
+
+
+# ============================================================================ CLI
+
+
+def test_cli_set_get_delete(servers: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    nodes, _, _ = cluster(servers, 2, replication=2)
+    seeds = ",".join(nd.address for nd in nodes)
+    assert main(["--seeds", seeds, "set", "greeting", "hello", "--ttl", "30"]) == EXIT_OK
+    assert capsys.readouterr().out == "OK\n"
+    assert main(["get", "greeting", "--seeds", seeds, "--consistency", "quorum"]) == EXIT_OK
+    assert capsys.readouterr().out == "hello\n"
+    with Client(seeds) as client:  # the CLI stores what the Python client reads
+        assert client.get("greeting") == "hello"
+        client.set("doc", {"a": [1, 2]})
+    assert main(["--seeds", seeds, "get", "doc"]) == EXIT_OK
+    assert capsys.readouterr().out == '{"a": [1, 2]}\n'
+    assert main(["--seeds", seeds, "set", "n", "[1, 2]", "--json"]) == EXIT_OK
+    capsys.readouterr()
+    with Client(seeds) as client:
+        assert client.get("n") == [1, 2]
+    assert main(["--seeds", seeds, "--raw", "set", "r", "bytes"]) == EXIT_OK
+    assert main(["--seeds", seeds, "--raw", "get", "r"]) == EXIT_OK
+    assert capsys.readouterr().out == "OK\nbytes\n"
+    assert main(["--seeds", seeds, "delete", "greeting"]) == EXIT_OK
+    assert capsys.readouterr().out == "deleted\n"
+    assert main(["--seeds", seeds, "delete", "greeting"]) == EXIT_OK
+    assert capsys.readouterr().out == "not found\n"
+    assert main(["--seeds", seeds, "get", "greeting"]) == EXIT_MISS
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "not found" in captured.err
+
+
+def test_cli_env_ping_topology_stats(
+    servers: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nodes, _, _ = cluster(servers, 2, replication=2)
+    env = {"HYPERCACHE_SEEDS": nodes[0].address}
+    assert main(["set", "k", "v"], env=env) == EXIT_OK
+    assert main(["get", "k"], env=env) == EXIT_OK
+    assert capsys.readouterr().out == "OK\nv\n"
+    assert main(["ping"], env=env) == EXIT_OK
+    out = capsys.readouterr().out
+    assert all(f"{nd.address}" in out for nd in nodes) and out.count("pong") == 2
+    assert main(["topology"], env=env) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "epoch 1" in out and "n0" in out and "n1" in out
+    assert main(["stats"], env=env) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "reachable: 2 of 2" in out and "client:" in out
+    assert (
+        main(["ping"], env={"HYPERCACHE_SEEDS": nodes[0].address, "HYPERCACHE_CLUSTER_NAME": "x"})
+        == EXIT_ERROR
+    )
+    assert "refused" in capsys.readouterr().err
+
+
+def test_cli_errors(servers: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    nodes, _, _ = cluster(servers, 1, replication=1)
+    seeds = nodes[0].address
+    assert main([]) == EXIT_USAGE
+    assert main(["frobnicate"]) == EXIT_USAGE
+    assert main(["get"]) == EXIT_USAGE
+    assert main(["--seeds", "nohost", "get", "k"]) == EXIT_USAGE
+    assert "seeds" in capsys.readouterr().err
+    assert main(["--seeds", seeds, "--consistency", "most", "get", "k"]) == EXIT_USAGE
+    assert "consistency" in capsys.readouterr().err
+    assert main(["--seeds", seeds, "set", "k", "v", "--ttl", "-1"]) == EXIT_USAGE
+    assert main(["--seeds", seeds, "set", "k", "{", "--json"]) == EXIT_USAGE
+    capsys.readouterr()
+    assert main(["--seeds", dead_address(servers), "--timeout", "0.5", "get", "k"]) == EXIT_ERROR
+    assert "cluster unavailable" in capsys.readouterr().err
+    nodes[0].fail = QuorumError(1, 2)
+    assert main(["--seeds", seeds, "--route", "any", "set", "k", "v"]) == EXIT_ERROR
+    assert "quorum not reached (1 of 2 acks)" in capsys.readouterr().err
+    assert main(["--help"]) == EXIT_OK
+    assert "usage" in capsys.readouterr().out
+
+
+# ============================================================================ real nodes
+
+
+@pytest.mark.functional
+def test_real_nodes_sync_and_async(tmp_path: Path) -> None:
+    """Both clients against 3 real ``hypercache-node`` processes (tests/cluster_harness.py)."""
+    with running_cluster(3, tmp_path) as real:
+        _real_nodes_checks(real)
+
+
+def _real_nodes_checks(real: Cluster) -> None:
+    seeds = real.addresses
+    keys = [f"real-{i}" for i in range(100)]
+    with Client(seeds, consistency="quorum") as client:
+        client.set_many({k: [k, 1] for k in keys}, ttl=60)
+        assert client.get_many(keys) == {k: [k, 1] for k in keys}
+        assert client.delete(keys[0]) is True
+        assert client.get(keys[0]) is None
+        assert client.topology().replication == 3
+
+    async def via_async() -> None:
+        async with AsyncClient(seeds, consistency="quorum") as client:
+            assert await client.get_many(keys[1:]) == {k: [k, 1] for k in keys[1:]}
+            await client.set("async", {"x": 1})
+            assert await client.get("async", consistency="all") == {"x": 1}
+
+    arun(via_async())
+    # SIGKILL one node: QUORUM still works for every key through the survivors,
+    # ALL fails with QuorumError.
+    dead = seeds[0]
+    real.kill(0)
+    with Client(seeds, consistency="quorum", timeout=3.0) as client:
+        assert client.get_many(keys[1:]) == {k: [k, 1] for k in keys[1:]}
+        client.set("after-kill", 2)
+        assert client.get("after-kill") == 2
+        with pytest.raises(QuorumError):
+            client.set("all", 1, consistency="all")
+        assert dead in client._router.down

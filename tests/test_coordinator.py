@@ -1,0 +1,422 @@
+"""Coordinator, membership and node logic on the in-process transport (no sockets).
+
+Every test runs its nodes in one event loop on its own :class:`InprocNetwork` and
+stops them in a ``finally``; waits poll a condition against a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from hypercache._core.hlc import wall_clock_ms
+from hypercache.cluster.config import DistConfig
+from hypercache.cluster.coordinator import entry_is_live, newest
+from hypercache.cluster.node import Node
+from hypercache.errors import (
+    ConfigError,
+    KeyTooLargeError,
+    ProtocolError,
+    QuorumError,
+)
+from hypercache.net.inproc import InprocNetwork
+from hypercache.net.protocol import Op, make_hello
+from hypercache.net.tcp import ClientConnection
+
+T = TypeVar("T")
+
+FAST: dict[str, Any] = {
+    "http": None,
+    "heartbeat_interval": 0.05,
+    "failure_timeout": 0.3,
+    "seed_retry_interval": 0.05,
+    "request_timeout": 1.0,
+    "connect_timeout": 0.5,
+    "partitions": 256,
+}
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+    async def bounded() -> T:
+        async with asyncio.timeout(timeout):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+async def until(
+    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, what: str = ""
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        await asyncio.sleep(0.01)
+
+
+def address(i: int) -> str:
+    return f"10.0.0.{i + 1}:7400"
+
+
+def make_node(net: InprocNetwork, i: int, seeds: tuple[str, ...], **overrides: Any) -> Node:
+    config = DistConfig(node_id=f"n{i + 1}", bind=address(i), seeds=seeds, **{**FAST, **overrides})
+    return Node(config, transport=net)
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    size: int = 3, **overrides: Any
+) -> AsyncIterator[tuple[InprocNetwork, list[Node]]]:
+    net = InprocNetwork()
+    nodes = [make_node(net, i, (address(0),), **overrides) for i in range(size)]
+    try:
+        for node in nodes:
+            await node.start()
+        await until(lambda: all(len(n.members()) == size for n in nodes), what="membership")
+        yield net, nodes
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+@contextlib.asynccontextmanager
+async def client(net: InprocNetwork, node: Node) -> AsyncIterator[ClientConnection]:
+    conn = await net.connect(node.address, make_hello("hypercache"))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def local(node: Node, key: bytes) -> Any:
+    assert node.coordinator is not None
+    return node.coordinator.replica_get(key)
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_quorum_write_through_one_node_is_read_through_another() -> None:
+    async def main() -> None:
+        async with cluster() as (net, nodes):
+            async with client(net, nodes[0]) as c0, client(net, nodes[1]) as c1:
+                assert await c0.request(Op.SET, [b"k", b"v", None, "quorum"], 2) is True
+                assert await c1.request(Op.GET, [b"k", "quorum"], 2) == [True, b"v"]
+                assert await c1.request(Op.GET, [b"k", None], 2) == [True, b"v"]
+                assert await c1.request(Op.GET, [b"k", "one"], 2) == [True, b"v"]
+                assert await c1.request(Op.GET, [b"missing", "all"], 2) == [False, None]
+            # The write landed on every owner, in the background if not before.
+            await until(lambda: all(local(n, b"k") is not None for n in nodes), what="replicas")
+            entries = {tuple(local(n, b"k")) for n in nodes}
+            assert len(entries) == 1
+
+    run(main())
+
+
+def test_delete_answers_existed_and_replicates_a_tombstone() -> None:
+    async def main() -> None:
+        async with cluster() as (net, nodes):
+            async with client(net, nodes[2]) as c:
+                await c.request(Op.SET, [b"d", b"1", None, "all"], 2)
+                assert await c.request(Op.DELETE, [b"d", "quorum"], 2) is True
+                assert await c.request(Op.DELETE, [b"d", "quorum"], 2) is False
+                assert await c.request(Op.DELETE, [b"never", "one"], 2) is False
+                assert await c.request(Op.GET, [b"d", "all"], 2) == [False, None]
+            await until(lambda: all(local(n, b"d") is not None for n in nodes), what="tombstones")
+            for n in nodes:
+                assert local(n, b"d")[4] is True
+
+    run(main())
+
+
+def test_ttl_travels_as_absolute_expiry() -> None:
+    async def main() -> None:
+        async with cluster() as (net, nodes), client(net, nodes[0]) as c:
+            before = wall_clock_ms()
+            await c.request(Op.SET, [b"t", b"x", 60_000, "all"], 2)
+            expiries = {local(n, b"t")[3] for n in nodes}
+            assert len(expiries) == 1
+            (expire_at,) = expiries
+            assert before + 60_000 <= expire_at <= wall_clock_ms() + 60_000
+            await c.request(Op.SET, [b"t2", b"x", 50, "all"], 2)
+            await asyncio.sleep(0.1)
+            assert await c.request(Op.GET, [b"t2", "all"], 2) == [False, None]
+
+    run(main())
+
+
+def test_topology_ping_and_bad_requests() -> None:
+    async def main() -> None:
+        async with cluster(max_key=16) as (net, nodes), client(net, nodes[1]) as c:
+            assert await c.request(Op.PING, None, 2) == "pong"
+            topo = await c.request(Op.TOPOLOGY, None, 2)
+            assert topo["nodes"] == [[f"n{i + 1}", address(i)] for i in range(3)]
+            assert topo["partitions"] == 256 and topo["replication"] == 3
+            assert topo["table"] == nodes[0].ring.table()
+            assert isinstance(topo["epoch"], int)
+            with pytest.raises(ProtocolError):
+                await c.request(Op.GET, [b"k"], 2)
+            with pytest.raises(ProtocolError):
+                await c.request(Op.GET, ["not-bytes", None], 2)
+            with pytest.raises(ConfigError) as info:
+                await c.request(Op.SET, [b"k", b"v", None, "most"], 2)
+            assert info.value.field == "consistency"
+            with pytest.raises(ConfigError) as info:
+                await c.request(Op.SET, [b"k", b"v", -5, None], 2)
+            assert info.value.field == "ttl_ms"
+            with pytest.raises(KeyTooLargeError):
+                await c.request(Op.SET, [b"k" * 17, b"v", None, None], 2)
+
+    run(main())
+
+
+# ------------------------------------------------------------------ failures
+
+
+def test_dead_owner_quorum_works_all_fails() -> None:
+    async def main() -> None:
+        async with cluster() as (net, nodes):
+            await nodes[2].server.close()  # n3 dies: its server is gone
+            async with client(net, nodes[0]) as c:
+                for i in range(20):
+                    key = f"key-{i}".encode()
+                    assert await c.request(Op.SET, [key, b"v", None, "quorum"], 3) is True
+                    assert await c.request(Op.GET, [key, "quorum"], 3) == [True, b"v"]
+                with pytest.raises(QuorumError) as info:
+                    await c.request(Op.SET, [b"key-0", b"w", None, "all"], 3)
+                assert (info.value.acks, info.value.required) == (2, 3)
+                with pytest.raises(QuorumError) as info:
+                    await c.request(Op.GET, [b"key-0", "all"], 3)
+                assert (info.value.acks, info.value.required) == (2, 3)
+                with pytest.raises(QuorumError):
+                    await c.request(Op.DELETE, [b"key-0", "all"], 3)
+            stats = nodes[0].metrics.stats
+            assert stats.quorum_failures["set"] == 1 and stats.quorum_failures["get"] == 1
+            # The failure detector marks it down; the coordinator then skips it.
+            assert nodes[0].membership is not None
+            await until(lambda: not nodes[0].membership.is_up("n3"), what="n3 down")  # type: ignore[union-attr]
+
+    run(main())
+
+
+def test_failure_detector_marks_down_and_up() -> None:
+    async def main() -> None:
+        async with cluster() as (net, nodes):
+            m0 = nodes[0].membership
+            assert m0 is not None
+            await nodes[2].stop()
+            await until(lambda: not m0.is_up("n3"), what="n3 down")
+            assert m0.up_count() == 2
+            # n3 comes back at the same address with an empty store.
+            nodes[2] = make_node(net, 2, (address(0),))
+            await nodes[2].start()
+            await until(lambda: m0.is_up("n3") and m0.up_count() == 3, what="n3 up")
+
+    run(main())
+
+
+# ---------------------------------------------------------------- versions
+
+
+def test_stale_replica_repaired_by_quorum_read() -> None:
+    async def main() -> None:
+        async with cluster() as (net, nodes):
+            key = b"stale"
+            async with client(net, nodes[0]) as c:
+                await c.request(Op.SET, [key, b"old", None, "all"], 2)
+                _, ts, origin, _, _ = local(nodes[0], key)
+                owners = nodes[0].ring.owners(key)
+                by_id = {n.node_id: n for n in nodes}
+                fresh, stale = [by_id[o] for o in owners[:2]], by_id[owners[2]]
+                for n in fresh:  # a newer version reaches two owners only
+                    assert n.coordinator is not None
+                    assert n.coordinator.replica_put(key, b"new", ts + 1, origin, 0, False)
+                assert local(stale, key)[0] == b"old"
+                assert await c.request(Op.GET, [key, "quorum"], 2) == [True, b"new"]
+            await until(lambda: local(stale, key)[0] == b"new", what="read repair")
+            assert local(stale, key)[1:3] == (ts + 1, origin)
+            assert nodes[0].metrics.stats.read_repairs >= 1
+
+    run(main())
+
+
+def test_one_read_does_not_repair() -> None:
+    async def main() -> None:
+        async with cluster() as (_net, nodes):
+            key = b"one"
+            coordinator = nodes[0].coordinator
+            assert coordinator is not None
+            await coordinator.set(key, b"v", None, "all")
+            _, ts, origin, _, _ = local(nodes[0], key)
+            nodes[1].store.apply(key, b"v2", ts + 1, origin, 0, False, wall_clock_ms())
+            assert await coordinator.get(key, "one") == [True, b"v"]  # local, stale
+            await asyncio.sleep(0.1)
+            assert nodes[0].metrics.stats.read_repairs == 0
+            assert await coordinator.get(key, "all") == [True, b"v2"]
+
+    run(main())
+
+
+def test_concurrent_writers_leave_one_value_on_all_owners() -> None:
+    async def main() -> None:
+        async with cluster() as (_net, nodes):
+            key = b"hot"
+            coords = [n.coordinator for n in nodes]
+            assert all(c is not None for c in coords)
+            await asyncio.gather(
+                *(
+                    coords[i % 3].set(key, f"v{i}".encode(), None, "quorum")  # type: ignore[union-attr]
+                    for i in range(60)
+                )
+            )
+
+            def converged() -> bool:
+                entries = [local(n, key) for n in nodes]
+                return entries[0] is not None and all(e == entries[0] for e in entries)
+
+            await until(converged, what="convergence")
+            value = local(nodes[0], key)[0]
+            for c in coords:
+                assert await c.get(key, "all") == [True, value]  # type: ignore[union-attr]
+
+    run(main())
+
+
+def test_versions_compared_on_receive() -> None:
+    async def main() -> None:
+        async with cluster(size=1) as (net, nodes):
+            node = nodes[0]
+            async with client(net, node) as c:
+                ts = (wall_clock_ms() + 10_000) << 16  # ahead of the node's clock
+                put = [b"v", b"a", ts, 7, 0, False]
+                assert await c.request(Op.R_PUT, put, 2) is True
+                assert await c.request(Op.R_PUT, put, 2) is False  # replay: no-op
+                assert await c.request(Op.R_PUT, [b"v", b"b", ts - 1, 9, 0, False], 2) is False
+                assert await c.request(Op.R_PUT, [b"v", b"c", ts, 6, 0, False], 2) is False
+                assert await c.request(Op.R_GET, [b"v"], 2) == [b"a", ts, 7, 0, False]
+                assert await c.request(Op.R_PUT, [b"v", b"d", ts, 8, 0, False], 2) is True
+                assert (await c.request(Op.R_GET, [b"v"], 2))[0] == b"d"
+                assert node.metrics.stats.version_conflicts == 3
+                # The clock moved past the received version: the next local write wins.
+                assert node.clock.last > ts
+                assert await c.request(Op.SET, [b"v", b"mine", None, "one"], 2) is True
+                assert await c.request(Op.GET, [b"v", "one"], 2) == [True, b"mine"]
+                assert await c.request(Op.R_GET, [b"absent"], 2) is None
+                with pytest.raises(ProtocolError):
+                    await c.request(Op.R_PUT, [b"v", b"x", -1, 0, 0, False], 2)
+
+    run(main())
+
+
+def test_newest_and_liveness_helpers() -> None:
+    a = (b"a", 10, 1, 0, False)
+    b = (b"b", 10, 2, 0, False)
+    c = (b"c", 9, 9, 0, False)
+    assert newest([None, a, c, b]) == b
+    assert newest([None, None]) is None
+    assert entry_is_live(a, 5)
+    assert not entry_is_live((b"", 10, 1, 0, True), 5)
+    assert not entry_is_live((b"x", 10, 1, 100, False), 100)
+    assert entry_is_live((b"x", 10, 1, 100, False), 99)
+    assert not entry_is_live(None, 0)
+
+
+# --------------------------------------------------------------- membership
+
+
+def test_membership_converges_whatever_the_join_order() -> None:
+    async def main() -> None:
+        net = InprocNetwork()
+        # A chain: n2 knows only n1, n3 only n2, n4 only n3; n1 starts last.
+        nodes = [
+            make_node(net, 1, (address(0),)),
+            make_node(net, 2, (address(1),)),
+            make_node(net, 3, (address(2),)),
+            make_node(net, 0, ()),
+        ]
+        try:
+            for node in nodes:
+                await node.start()
+            await until(lambda: all(len(n.members()) == 4 for n in nodes), what="convergence")
+            tables = {str(n.ring.table()) for n in nodes}
+            assert len(tables) == 1
+            assert {tuple(n.ring.nodes) for n in nodes} == {("n1", "n2", "n3", "n4")}
+            topo = {str(n.topology()["nodes"]) for n in nodes}
+            assert len(topo) == 1
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    run(main())
+
+
+def test_seed_down_at_start_is_retried() -> None:
+    async def main() -> None:
+        net = InprocNetwork()
+        late_seed = make_node(net, 0, ())
+        joiner = make_node(net, 1, (address(0),))
+        try:
+            await joiner.start()
+            assert joiner.membership is not None
+            await asyncio.sleep(0.2)  # a few failed attempts
+            assert joiner.membership.seeds_pending == [address(0)]
+            await late_seed.start()
+            m = joiner.membership
+            await until(
+                lambda: (
+                    len(joiner.members()) == 2
+                    and len(late_seed.members()) == 2
+                    and m.seeds_pending == []
+                ),
+                what="the late seed to be reached",
+            )
+        finally:
+            await joiner.stop()
+            await late_seed.stop()
+
+    run(main())
+
+
+def test_node_stop_is_idempotent_and_restartable_elsewhere() -> None:
+    async def main() -> None:
+        net = InprocNetwork()
+        node = make_node(net, 0, ())
+        await node.stop()  # never started: no-op
+        node = make_node(net, 0, ())
+        await node.start()
+        assert node.state == "running"
+        with pytest.raises(RuntimeError):
+            await node.start()
+        await node.stop()
+        await node.stop()
+        assert node.state == "stopped"
+        assert net.server(address(0)) is None
+
+    run(main())
+
+
+def test_port_zero_rederives_the_node_id() -> None:
+    async def main() -> None:
+        net = InprocNetwork()
+        node = Node(DistConfig(bind="10.9.9.9:0", **FAST), transport=net)
+        try:
+            await node.start()
+            assert node.address != "10.9.9.9:0"
+            assert node.node_id == node.address
+            async with client(net, node) as c:
+                assert c.peer_hello["node_id"] == node.node_id
+                assert await c.request(Op.SET, [b"k", b"v", None, None], 2) is True
+        finally:
+            await node.stop()
+
+    run(main())

@@ -1,0 +1,456 @@
+"""Unit tests of the wire protocol: framing, limits, handshake validation (no I/O)."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hypercache.errors import (
+    ConfigError,
+    FrameTooLargeError,
+    HandshakeError,
+    HyperCacheError,
+    KeyTooLargeError,
+    NodeUnavailableError,
+    ProtocolError,
+    QuorumError,
+    RequestTimeoutError,
+    ServerError,
+    ValueTooLargeError,
+    error_from_wire,
+)
+from hypercache.net.protocol import (
+    DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_KEY,
+    DEFAULT_MAX_VALUE,
+    PROTOCOL_VERSION,
+    Frame,
+    FrameDecoder,
+    FrameEncoder,
+    Limits,
+    MsgType,
+    Op,
+    encode_error,
+    encode_request,
+    encode_response,
+    make_hello,
+    prepare_hello,
+    validate_hello,
+    validate_hello_answer,
+)
+from hypercache.net.transport import ServerOptions, format_address, parse_address
+
+# Everything msgpack carries losslessly with our options (lists, str-keyed maps,
+# bin as bytes, finite floats).
+payloads = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=50)
+    | st.binary(max_size=200),
+    lambda children: (
+        st.lists(children, max_size=6)
+        | st.dictionaries(st.text(max_size=10) | st.binary(max_size=10), children, max_size=6)
+    ),
+    max_leaves=30,
+)
+request_ids = st.integers(min_value=0, max_value=2**32 - 1)
+ops = st.sampled_from(list(Op)) | st.integers(min_value=0, max_value=255)
+errors = st.sampled_from(
+    [
+        ProtocolError("bad"),
+        FrameTooLargeError("big"),
+        HandshakeError("no"),
+        NodeUnavailableError("gone"),
+        RequestTimeoutError("slow"),
+        QuorumError(1, 2),
+        ConfigError("field", "wrong"),
+        KeyTooLargeError("key"),
+        ValueTooLargeError("value"),
+        ServerError("oops"),
+        KeyError("not ours"),
+    ]
+)
+
+
+def decode_all(data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> list[Frame]:
+    decoder = FrameDecoder(max_frame)
+    decoder.feed(data)
+    frames = list(decoder)
+    assert decoder.buffered == 0
+    return frames
+
+
+def raw_frame(body: Any) -> bytes:
+    packed = msgpack.packb(body, use_bin_type=True)
+    return struct.pack(">I", len(packed)) + packed
+
+
+# ------------------------------------------------------------------------ enums
+
+
+def test_message_types_and_ops_are_stable() -> None:
+    assert [int(t) for t in MsgType] == [0, 1, 2]
+    assert {op.name: int(op) for op in Op} == {
+        "HELLO": 0,
+        "PING": 1,
+        "GET": 2,
+        "SET": 3,
+        "DELETE": 4,
+        "TOPOLOGY": 5,
+        "R_GET": 10,
+        "R_PUT": 11,
+        "R_PUT_MANY": 12,
+        "MERKLE": 20,
+        "KEYS": 21,
+        "PULL": 22,
+    }
+
+
+# ------------------------------------------------------------------------ round trips
+
+
+@given(request_id=request_ids, op=ops, payload=payloads)
+def test_request_round_trip(request_id: int, op: int, payload: Any) -> None:
+    (frame,) = decode_all(encode_request(request_id, op, payload))
+    assert frame == Frame(MsgType.REQUEST, request_id, op, payload)
+    assert isinstance(frame, Frame)
+
+
+@given(request_id=request_ids, op=ops, payload=payloads)
+def test_response_round_trip(request_id: int, op: int, payload: Any) -> None:
+    (frame,) = decode_all(encode_response(request_id, op, payload))
+    assert frame == (MsgType.RESPONSE, request_id, op, payload)
+
+
+@given(request_id=request_ids, op=ops, exc=errors)
+def test_error_round_trip_keeps_the_error_type(
+    request_id: int, op: int, exc: BaseException
+) -> None:
+    (frame,) = decode_all(encode_error(request_id, op, exc))
+    assert frame.type == MsgType.ERROR
+    assert (frame.request_id, frame.op) == (request_id, op)
+    rebuilt = error_from_wire(frame.payload)
+    if isinstance(exc, HyperCacheError):
+        assert type(rebuilt) is type(exc)
+        assert str(rebuilt) == str(exc)
+    else:
+        assert type(rebuilt) is ServerError
+        assert "KeyError" in str(rebuilt)
+    if isinstance(exc, QuorumError):
+        assert isinstance(rebuilt, QuorumError)
+        assert (rebuilt.acks, rebuilt.required) == (exc.acks, exc.required)
+
+
+def test_values_travel_as_bin_and_strings_as_str() -> None:
+    (frame,) = decode_all(encode_request(1, Op.SET, {"key": b"k", "value": b"\xff\x00", "s": "é"}))
+    assert frame.payload == {"key": b"k", "value": b"\xff\x00", "s": "é"}
+    body = FrameEncoder().encode_body(0, 1, 3, b"\xff")
+    assert b"\xc4\x01\xff" in body  # msgpack bin 8, not str
+
+
+@given(
+    frames=st.lists(st.tuples(st.sampled_from(list(MsgType)), request_ids, ops, payloads), min_size=1, max_size=8),
+    data=st.data(),
+)
+@settings(max_examples=60)
+def test_decoder_random_chunkings(frames: list[tuple[int, int, int, Any]], data: Any) -> None:
+    encoder = FrameEncoder()
+    stream = b"".join(
+        encoder.encode_request(r, o, p)
+        if t == MsgType.REQUEST
+        else encoder.encode_response(r, o, p)
+        if t == MsgType.RESPONSE
+        else encoder.encode_error(r, o, ServerError(str(p)))
+        for t, r, o, p in frames
+    )
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    decoder = FrameDecoder()
+    out: list[Frame] = []
+    start = 0
+    for cut in [*cuts, len(stream)]:
+        decoder.feed(stream[start:cut])
+        out.extend(decoder)
+        start = cut
+    assert [(f.type, f.request_id, f.op) for f in out] == [(t, r, o) for t, r, o, _ in frames]
+    assert decoder.buffered == 0
+
+
+def test_decoder_byte_by_byte() -> None:
+    encoder = FrameEncoder()
+    stream = b"".join(encoder.encode_request(i, Op.SET, [b"k%d" % i, b"v" * i]) for i in range(50))
+    decoder = FrameDecoder()
+    out = []
+    for i in range(len(stream)):
+        decoder.feed(stream[i : i + 1])
+        out.extend(decoder)
+    assert [f.payload for f in out] == [[b"k%d" % i, b"v" * i] for i in range(50)]
+
+
+def test_decoder_large_frame_through_memoryview_path() -> None:
+    value = bytes(range(256)) * 4096  # 1 MiB: decoded without slicing a copy
+    (frame,) = decode_all(encode_response(7, Op.GET, value))
+    assert frame.payload == value
+
+
+def test_decoder_leaves_untaken_frames_buffered() -> None:
+    stream = encode_request(1, Op.PING, None) + encode_request(2, Op.PING, None)
+    decoder = FrameDecoder()
+    decoder.feed(stream)
+    assert next(decoder).request_id == 1
+    assert decoder.buffered == len(stream) // 2
+    assert [f.request_id for f in decoder] == [2]
+
+
+# ------------------------------------------------------------------------ rejects
+
+
+def test_oversized_frame_rejected_on_its_header() -> None:
+    decoder = FrameDecoder(max_frame=1000)
+    decoder.feed(b"\x00\x00")  # not even a whole header yet
+    assert list(decoder) == []
+    with pytest.raises(FrameTooLargeError):
+        decoder.feed(struct.pack(">H", 1001))  # header complete, no body byte sent
+
+
+def test_oversized_frame_rejected_when_it_follows_another() -> None:
+    decoder = FrameDecoder(max_frame=1000)
+    decoder.feed(encode_request(1, Op.PING, None) + struct.pack(">I", 10**6))
+    it = iter(decoder)
+    assert next(it).request_id == 1
+    with pytest.raises(FrameTooLargeError):
+        next(it)
+
+
+def test_frame_exactly_at_the_limit_is_accepted() -> None:
+    frame = encode_request(1, Op.SET, b"x" * 100)
+    size = len(frame) - 4
+    assert decode_all(frame, max_frame=size)[0].payload == b"x" * 100
+    with pytest.raises(FrameTooLargeError):
+        decode_all(frame, max_frame=size - 1)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"not": "a list"},
+        [0, 1, 2],
+        [0, 1, 2, None, 5],
+        [3, 1, 2, None],  # unknown type
+        [-1, 1, 2, None],
+        [0, -1, 2, None],  # negative id
+        [0, 1, -2, None],
+        [0, "1", 2, None],
+        [0, 1, "op", None],
+        [True, 1, 2, None],  # bools are not integers here
+        [0, 1.0, 2, None],
+        [0, 1, 2, {1: "int keys"}],  # strict_map_key
+    ],
+)
+def test_malformed_bodies_are_protocol_errors(body: Any) -> None:
+    with pytest.raises(ProtocolError):
+        decode_all(raw_frame(body))
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x00\x00\x01\xc1",  # reserved msgpack byte
+        b"\x00\x00\x00\x02\x94\x00",  # truncated array inside the frame
+        b"\x00\x00\x00\x06\x94\x00\x01\x02\xc0\xc0",  # trailing data
+        b"\x00\x00\x00\x00",  # empty body
+        b"\x00\x00\x00\x03\xa2\xff\xfe",  # invalid utf-8 str
+    ],
+)
+def test_garbage_is_a_protocol_error(garbage: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_all(garbage)
+
+
+def test_garbage_header_is_rejected_as_too_large() -> None:
+    with pytest.raises(FrameTooLargeError):
+        decode_all(b"GET / HTTP/1.1\r\n")
+
+
+# ------------------------------------------------------------------------ encoder
+
+
+def test_encoder_refuses_oversized_frames_and_recovers() -> None:
+    encoder = FrameEncoder(max_frame=100)
+    with pytest.raises(FrameTooLargeError):
+        encoder.encode_request(1, Op.SET, b"x" * 200)
+    assert decode_all(encoder.encode_request(2, Op.PING, None))[0].request_id == 2
+
+
+def test_encoder_unserialisable_payload_is_a_protocol_error_and_packer_recovers() -> None:
+    encoder = FrameEncoder()
+    with pytest.raises(ProtocolError):
+        encoder.encode_request(1, Op.SET, [1, object()])
+    with pytest.raises(ProtocolError):
+        encoder.encode_request(1, Op.SET, 2**64)
+    (frame,) = decode_all(encoder.encode_request(2, Op.SET, [1, 2]))
+    assert frame == (0, 2, Op.SET, [1, 2])
+
+
+def test_encode_helpers_accept_limits() -> None:
+    with pytest.raises(FrameTooLargeError):
+        encode_request(1, Op.SET, b"x" * 100, limits=Limits(max_frame=50, max_key=1, max_value=1))
+
+
+# ------------------------------------------------------------------------ limits
+
+
+def test_limits_defaults() -> None:
+    limits = Limits()
+    assert limits.max_frame == DEFAULT_MAX_FRAME == 64 * 1024 * 1024
+    assert limits.max_key == DEFAULT_MAX_KEY == 64 * 1024
+    assert limits.max_value == DEFAULT_MAX_VALUE == 32 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_frame": 0}, "max_frame"),
+        ({"max_key": -1}, "max_key"),
+        ({"max_value": 1.5}, "max_value"),
+        ({"max_frame": 2**32}, "max_frame"),
+        ({"max_frame": 1000, "max_key": 10, "max_value": 990}, "max_value"),
+    ],
+)
+def test_limits_validation_names_the_field(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Limits(**kwargs)
+    assert info.value.field == field
+
+
+def test_check_key() -> None:
+    limits = Limits(max_frame=1000, max_key=4, max_value=10)
+    assert limits.check_key(b"abcd") == b"abcd"
+    assert limits.check_key(b"") == b""
+    with pytest.raises(KeyTooLargeError):
+        limits.check_key(b"abcde")
+    for bad in ("abc", bytearray(b"abc"), 1, None):
+        with pytest.raises(ProtocolError):
+            limits.check_key(bad)
+
+
+def test_check_value() -> None:
+    limits = Limits(max_frame=1000, max_key=4, max_value=10)
+    for ok in (b"x" * 10, bytearray(10), memoryview(b"x" * 10)):
+        assert limits.check_value(ok) is ok
+    for big in (b"x" * 11, bytearray(11), memoryview(bytes(11))):
+        with pytest.raises(ValueTooLargeError):
+            limits.check_value(big)
+    with pytest.raises(ValueTooLargeError):
+        limits.check_value(memoryview(bytes(16)).cast("I"))  # 4 items, 16 bytes
+    for bad in ("text", 1, None, [b"x"]):
+        with pytest.raises(ProtocolError):
+            limits.check_value(bad)
+
+
+# ------------------------------------------------------------------------ handshake
+
+
+def test_validate_hello_accepts_and_normalises() -> None:
+    hello = make_hello("prod", node_id="n1", address="10.0.0.1:7000", auth="s", info={"a": 1})
+    assert validate_hello(hello, cluster="prod", auth="s") == {
+        "version": PROTOCOL_VERSION,
+        "cluster": "prod",
+        "node_id": "n1",
+        "address": "10.0.0.1:7000",
+        "info": {"a": 1},
+    }
+    # a server without a token ignores the peer's
+    assert validate_hello(hello, cluster="prod", auth=None)["node_id"] == "n1"
+    # a client: no node id, no address, no info
+    minimal = {"version": PROTOCOL_VERSION, "cluster": "prod"}
+    assert validate_hello(minimal, cluster="prod", auth=None)["info"] == {}
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"version": PROTOCOL_VERSION + 1}, "version"),
+        ({"version": None}, "version"),
+        ({"version": True}, "version"),
+        ({"cluster": "other"}, "cluster"),
+        ({"auth": "wrong"}, "auth"),
+        ({"auth": None}, "auth"),
+        ({"node_id": 5}, "node_id"),
+        ({"address": b"bytes"}, "address"),
+        ({"info": [1]}, "info"),
+    ],
+)
+def test_validate_hello_rejects(change: dict[str, Any], match: str) -> None:
+    hello = {**make_hello("prod", auth="secret"), **change}
+    with pytest.raises(HandshakeError, match=match):
+        validate_hello(hello, cluster="prod", auth="secret")
+
+
+def test_validate_hello_rejects_non_maps() -> None:
+    for bad in (None, [], "hello"):
+        with pytest.raises(HandshakeError):
+            validate_hello(bad, cluster="c", auth=None)
+        with pytest.raises(HandshakeError):
+            validate_hello_answer(bad, cluster="c")
+
+
+def test_validate_hello_answer() -> None:
+    answer = {"version": PROTOCOL_VERSION, "cluster": "c", "node_id": "n", "info": {"x": 1}}
+    assert validate_hello_answer(answer, cluster="c") == answer
+    with pytest.raises(HandshakeError, match="cluster"):
+        validate_hello_answer(answer, cluster="d")
+    with pytest.raises(HandshakeError, match="version"):
+        validate_hello_answer({**answer, "version": 0}, cluster="c")
+
+
+def test_prepare_hello() -> None:
+    assert prepare_hello({"cluster": "c"}) == {"cluster": "c", "version": PROTOCOL_VERSION}
+    assert prepare_hello({"cluster": "c", "version": 9})["version"] == 9
+    with pytest.raises(ConfigError, match="hello"):
+        prepare_hello({})
+
+
+# ------------------------------------------------------------------------ addresses, options
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("127.0.0.1:7000", ("127.0.0.1", 7000)),
+        ("node-a:0", ("node-a", 0)),
+        ("[::1]:65535", ("::1", 65535)),
+    ],
+)
+def test_addresses_round_trip(text: str, parsed: tuple[str, int]) -> None:
+    assert parse_address(text) == parsed
+    assert format_address(*parsed) == text
+
+
+@pytest.mark.parametrize("bad", ["", "host", ":80", "host:", "host:http", "h:70000", "::1:80"])
+def test_bad_addresses(bad: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_address(bad)
+    assert info.value.field == "address"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"cluster": ""}, "cluster"),
+        ({"cluster": "c", "max_inflight": 0}, "max_inflight"),
+        ({"cluster": "c", "max_connections": -1}, "max_connections"),
+        ({"cluster": "c", "handshake_timeout": 0}, "handshake_timeout"),
+        ({"cluster": "c", "close_grace": "1"}, "close_grace"),
+    ],
+)
+def test_server_options_validation(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ServerOptions(**kwargs)
+    assert info.value.field == field
