@@ -156,7 +156,11 @@ def test_values_travel_as_bin_and_strings_as_str() -> None:
 
 
 @given(
-    frames=st.lists(st.tuples(st.sampled_from(list(MsgType)), request_ids, ops, payloads), min_size=1, max_size=8),
+    frames=st.lists(
+        st.tuples(st.sampled_from(list(MsgType)), request_ids, ops, payloads),
+        min_size=1,
+        max_size=8,
+    ),
     data=st.data(),
 )
 @settings(max_examples=60)
@@ -296,6 +300,15 @@ def test_encoder_unserialisable_payload_is_a_protocol_error_and_packer_recovers(
         encoder.encode_request(1, Op.SET, 2**64)
     (frame,) = decode_all(encoder.encode_request(2, Op.SET, [1, 2]))
     assert frame == (0, 2, Op.SET, [1, 2])
+
+
+def test_error_with_unencodable_message_still_encodes() -> None:
+    (frame,) = decode_all(encode_error(3, Op.GET, QuorumError(1, 2, "bad \udc80 surrogate")))
+    rebuilt = error_from_wire(frame.payload)
+    assert type(rebuilt) is ServerError and "QuorumError" in str(rebuilt)
+    encoder = FrameEncoder(max_frame=100)
+    (frame,) = decode_all(encoder.encode_error(4, Op.GET, ServerError("x" * 500)))
+    assert type(error_from_wire(frame.payload)) is ServerError
 
 
 def test_encode_helpers_accept_limits() -> None:

@@ -20,7 +20,7 @@ import asyncio
 import errno
 import itertools
 from collections import deque
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from hypercache.errors import NodeUnavailableError
 from hypercache.net.protocol import Limits, prepare_hello
@@ -300,6 +300,12 @@ class InprocNetwork:
 
 #: The default network (prefer a network per test).
 NETWORK = InprocNetwork()
+
+if TYPE_CHECKING:  # the classes above implement the interfaces of transport.py
+    from hypercache.net.transport import Server, Transport
+
+    _transport: Transport = NETWORK
+    _server: Server = InprocServer.__new__(InprocServer)
 
 
 async def connect(

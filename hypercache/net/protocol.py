@@ -28,6 +28,7 @@ from hypercache.errors import (
     HandshakeError,
     KeyTooLargeError,
     ProtocolError,
+    ServerError,
     ValueTooLargeError,
     error_to_wire,
 )
@@ -211,9 +212,10 @@ class FrameDecoder:
     (flow control): the frames not yet taken stay buffered too.
 
     :param max_frame: largest accepted body. A length header above it raises
-        :class:`~hypercache.errors.FrameTooLargeError` as soon as the 4 header bytes
-        have arrived, before any of the body is buffered. The attribute may be
-        changed between frames (servers raise it once the handshake is done).
+        :class:`~hypercache.errors.FrameTooLargeError` as soon as its 4 bytes have
+        arrived, without waiting for the body: nothing beyond the read that carried
+        the header is ever buffered. The attribute may be changed between frames
+        (servers raise it once the handshake is done).
 
     A body that is not valid msgpack, or not ``[type, request_id, op, payload]`` with
     ``type`` a :class:`MsgType`, ``request_id`` and ``op`` non-negative integers,
@@ -333,8 +335,16 @@ class FrameEncoder:
         return body
 
     def encode_error_body(self, request_id: int, op: int, exc: BaseException) -> bytes:
-        """Return the body of an ERROR frame carrying :func:`error_to_wire` of ``exc``."""
-        return self.encode_body(_ERROR, request_id, op, error_to_wire(exc))
+        """Return the body of an ERROR frame carrying :func:`error_to_wire` of ``exc``.
+
+        Never fails: an error whose message cannot be encoded (or is too large) is
+        sent as a ``ServerError`` naming its type.
+        """
+        try:
+            return self.encode_body(_ERROR, request_id, op, error_to_wire(exc))
+        except ProtocolError:
+            message = f"{type(exc).__name__} (its message could not be encoded)"
+            return self.encode_body(_ERROR, request_id, op, [ServerError.code, message, []])
 
     def encode_request(self, request_id: int, op: int, payload: Any) -> bytes:
         """Return a complete REQUEST frame (length header included)."""

@@ -23,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from hypercache.errors import (
     FrameTooLargeError,
@@ -82,6 +83,7 @@ _MAX_REQUEST_ID: Final = 0xFFFFFFFF
 _LARGE_WRITE: Final = 256 * 1024
 # Request deadlines are rounded up to ticks of 1/_TICKS_PER_SECOND s.
 _TICKS_PER_SECOND: Final = 200
+_NO_DEADLINE: Final = math.inf
 # How long a client's close() lets buffered writes drain before aborting.
 _CLIENT_CLOSE_GRACE: Final = 5.0
 
@@ -577,6 +579,9 @@ class ClientConnection(_FramedProtocol):
     async def request(self, op: int, payload: Any, timeout: float) -> Any:
         """Send one request and return the answer's payload.
 
+        ``timeout`` is in seconds (``math.inf`` for none); it is honoured with a
+        granularity of 5 ms (never early).
+
         :raises HyperCacheError: the error the server answered with.
         :raises RequestTimeoutError: no answer within ``timeout`` seconds; the
             connection stays usable and a late answer is dropped.
@@ -598,14 +603,15 @@ class ClientConnection(_FramedProtocol):
         pending = self._pending
         pending[request_id] = fut
         self._send(body)
-        # Arm the deadline in its tick bucket (see _expire_tick).
-        tick = int((loop.time() + timeout) * _TICKS_PER_SECOND) + 1
-        bucket = self._deadlines.get(tick)
-        if bucket is None:
-            self._deadlines[tick] = [request_id]
-            loop.call_at(tick / _TICKS_PER_SECOND, self._expire_tick, tick)
-        else:
-            bucket.append(request_id)
+        if timeout != _NO_DEADLINE:
+            # Arm the deadline in its tick bucket (see _expire_tick).
+            tick = int((loop.time() + timeout) * _TICKS_PER_SECOND) + 1
+            bucket = self._deadlines.get(tick)
+            if bucket is None:
+                self._deadlines[tick] = [request_id]
+                loop.call_at(tick / _TICKS_PER_SECOND, self._expire_tick, tick)
+            else:
+                bucket.append(request_id)
         try:
             return await fut
         except _Expired:
@@ -658,24 +664,29 @@ class ClientConnection(_FramedProtocol):
                 fut.set_exception(_Expired())
 
     async def _wait_writable(self, op: int, timeout: float) -> None:
-        fut = self._loop.create_future()
+        fut: asyncio.Future[None] = self._loop.create_future()
         self._drain_waiters.append(fut)
-        timer = self._loop.call_later(timeout, fut.cancel)
+        timer = None
+        if timeout != _NO_DEADLINE:
+            timer = self._loop.call_later(timeout, self._expire_waiter, fut)
         try:
             await fut
-        except asyncio.CancelledError:
-            if not timer.cancelled() and self._loop.time() >= timer.when():
-                self.stats.timeouts += 1
-                raise RequestTimeoutError(
-                    f"{self.address}: op {op} could not be sent within {timeout}s"
-                ) from None
-            raise
+        except _Expired:
+            raise RequestTimeoutError(
+                f"{self.address}: op {op} could not be sent within {timeout}s"
+            ) from None
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             if fut in self._drain_waiters:
                 self._drain_waiters.remove(fut)
         if self._closing:
             raise NodeUnavailableError(f"{self.address}: {self._lost_reason}")
+
+    def _expire_waiter(self, fut: asyncio.Future[None]) -> None:
+        if not fut.done():
+            self.stats.timeouts += 1
+            fut.set_exception(_Expired())
 
     def _wake_writers(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []
@@ -749,3 +760,10 @@ class TcpTransport:
 
 #: The TCP transport.
 TCP: Final = TcpTransport()
+
+if TYPE_CHECKING:  # the classes above implement the interfaces of transport.py
+    from hypercache.net.transport import Connection, Server, Transport
+
+    _transport: Transport = TCP
+    _server: Server = TcpServer.__new__(TcpServer)
+    _connection: Connection = ClientConnection.__new__(ClientConnection)
