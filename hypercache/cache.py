@@ -273,7 +273,8 @@ class HyperCache(CacheCore[K, V]):
         flights[key] = future
         table: Any = self
         try:
-            value = table.get(key, _MISSING)
+            # The caller has counted its miss; look again without counting.
+            value = table._peek(key, _MISSING)
             if value is _MISSING:
                 value = await start()
                 table.set(key, value, ttl)

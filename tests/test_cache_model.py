@@ -7,12 +7,14 @@ returns must be that latest value, and never after it expired. For ``lru`` and
 ``fifo`` the model is exact: it predicts which key each write evicts, so the
 cache must hold exactly the model's live entries after every step.
 
-The exact model's semantics, where the docstrings leave room:
+The exact model's semantics (cachecore's ``_store``):
 
 * an expired entry is gone from the moment it expires: a write never evicts a
   live entry while an expired one could be reclaimed instead, and writing an
   expired key again stores a new entry (the newest, for FIFO);
-* a write never evicts the entry it has just written.
+* room is made before the write, among the entries already there, so a write
+  never evicts what it stores; when the victim is the old version of the key
+  being overwritten, the write stores a new entry (the newest, for FIFO).
 """
 
 from __future__ import annotations
@@ -101,10 +103,12 @@ class CacheMachine(RuleBasedStateMachine):
         for k in [k for k in self.model if self.live(k) is None]:
             del self.model[k]
 
-    def over_bounds(self) -> bool:
+    def over_after(self, key: int, size: int, present: bool) -> bool:
+        # Would writing ``size`` bytes under ``key`` break the bound?
         if self.BY_BYTES:
-            return sum(e.size for e in self.model.values()) > MAX_BYTES
-        return len(self.model) > CAPACITY
+            total = sum(e.size for k, e in self.model.items() if not (present and k == key))
+            return total + size > MAX_BYTES
+        return not present and len(self.model) + 1 > CAPACITY
 
     def expires_at(self, ttl: float | None) -> float | None:
         return None if ttl is None else self.now + ttl
@@ -172,15 +176,19 @@ class CacheMachine(RuleBasedStateMachine):
             self.model[key] = entry
             return
         self.purge_expired()
-        if key in self.model:
+        # Room is made before the write, among the entries already there.
+        present = key in self.model
+        while self.over_after(key, entry.size, present):
+            victim = next(iter(self.model))
+            del self.model[victim]
+            if victim == key:
+                present = False  # its old version went: the write is a new entry
+        if present:
             self.model[key] = entry  # an overwrite keeps its place (FIFO)...
             if self.POLICY == "lru":
                 self.model.move_to_end(key)  # ...or is a use (LRU)
         else:
-            self.model[key] = entry
-        while self.over_bounds():
-            victim = next(k for k in self.model if k != key)
-            del self.model[victim]
+            self.model[key] = entry  # a new entry is the newest
 
     @rule(key=KEYS, how=READS)
     def read(self, key: int, how: str) -> None:
@@ -304,9 +312,7 @@ class CacheMachine(RuleBasedStateMachine):
             assert dict(items) == live
 
 
-MODEL_SETTINGS = settings(
-    max_examples=150, stateful_step_count=50, deadline=None, database=None
-)
+MODEL_SETTINGS = settings(max_examples=150, stateful_step_count=50, deadline=None, database=None)
 
 
 def machine(policy: str, by_bytes: bool) -> type[CacheMachine]:

@@ -254,8 +254,8 @@ cdef class CacheCore:
 
     @cython.final
     cdef int64_t _ttl_ns(self, double ttl) except -1:
-        if isnan(ttl) or ttl < 0:
-            raise ConfigError("ttl", f"must be a non-negative number of seconds or None, got {ttl!r}")
+        if isnan(ttl) or ttl <= 0:
+            raise ConfigError("ttl", f"must be a positive number of seconds, inf or None, got {ttl!r}")
         if isinf(ttl) or ttl > 1e9:
             return 0
         return max(<int64_t>(ttl * NS), 1)
@@ -274,6 +274,8 @@ cdef class CacheCore:
         cdef int64_t ttl_ns
         if ttl is None:
             ttl_ns = self.default_ttl_ns
+        elif isinstance(ttl, bool):
+            raise ConfigError("ttl", f"must be a number of seconds, got {ttl!r}")
         else:
             ttl_ns = self._ttl_ns(ttl)
         if ttl_ns == 0:
@@ -833,11 +835,12 @@ cdef class CacheCore:
 
     @cython.final
     cdef bint _remove(self, object key) except -1:
-        cdef int64_t s
-        self._reserve_pending(2)
-        s = self._live(key, key_hash(key))
+        cdef int64_t s = self._live(key, key_hash(key))
         if s < 0:
             return False
+        # Reserve only now: _live may run Python code (__eq__, the timer),
+        # during which another thread can use up room reserved earlier.
+        self._reserve_pending(2)
         self.policy.remove(<uint32_t>s)
         self._drop_slot(<uint32_t>s)
         self.deletes += 1
