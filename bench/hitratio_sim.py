@@ -1,16 +1,19 @@
 """Hit-ratio simulator for the eviction policies of ``hypercache._core``.
 
 Drives a policy through its Python test drivers the way the cache core does
-(a dict from key to slot, a free-slot list, ``_miss`` + ``_insert`` on a miss,
-``_access`` on a hit, ``_evict`` while over capacity) and compares it with
+(a dict from key to slot, a free-slot list, ``_access`` on a hit; on a miss
+``_miss``, then ``_evict`` until there is room, then ``_insert``;
+``--insert-first`` evicts after the insert instead) and compares it with
 theine (a W-TinyLFU cache in Rust) fed the same trace, both through theine's
 public ``Cache`` and through its core alone (no lossy read buffer).
 
 Traces are synthetic and seeded: Zipf(s) over a key universe, and the same
-polluted by scans (runs of never-repeated sequential keys)::
+polluted by scans (runs of never-repeated sequential keys); optionally a Zipf
+whose popularity drifts and an LRU-friendly reuse load::
 
     python bench/hitratio_sim.py                        # the default matrix
     python bench/hitratio_sim.py --requests 200000 --sizes 1,5 --policies tinylfu,lru
+    python bench/hitratio_sim.py --traces drift,reuse --sizes 1,10
 """
 
 from __future__ import annotations
@@ -88,17 +91,51 @@ def scan_trace(
     return out[:requests]
 
 
+def drift_trace(
+    requests: int, universe: int, s: float, seed: int, every: int, shift: int
+) -> list[int]:
+    """Zipf(s) whose popular keys drift: every ``every`` requests the ranking
+    moves ``shift`` keys along, so yesterday's hot keys cool down (recency pays)."""
+    base = zipf_trace(requests, universe, s, seed)
+    return [r + (i // every) * shift for i, r in enumerate(base)]
+
+
+def reuse_trace(requests: int, seed: int, reuse: float, distance: float) -> list[int]:
+    """Fresh keys, each re-requested with probability ``reuse`` at an exponential
+    stack distance of mean ``distance`` requests: an LRU-friendly load on which
+    frequency carries little information."""
+    rnd = random.Random(seed)
+    out: list[int] = []
+    fresh = 0
+    for _ in range(requests):
+        if out and rnd.random() < reuse:
+            back = min(int(rnd.expovariate(1 / distance)), len(out) - 1)
+            out.append(out[-1 - back])
+        else:
+            out.append(fresh)
+            fresh += 1
+    return out
+
+
 # ---- drivers ----------------------------------------------------------------
 
 
-def simulate(policy: Any, trace: Iterable[int], capacity: int) -> float:
+def simulate(
+    policy: Any, trace: Iterable[int], capacity: int, *, evict_first: bool = True
+) -> float:
     """Hit ratio of ``policy`` (a fresh ``hypercache._core`` policy) on ``trace``
-    with room for ``capacity`` entries."""
+    with room for ``capacity`` entries.
+
+    ``evict_first`` mirrors the cache core, which makes room before it stores a
+    new entry (so a write never evicts what it stores); ``False`` inserts first
+    and then evicts while over capacity. Both must give the same quality.
+    """
     policy._grow(capacity + 1)
     slot_of: dict[int, int] = {}
     key_of = [0] * (capacity + 1)
     free = list(range(capacity, -1, -1))
     access, miss, insert, evict = policy._access, policy._miss, policy._insert, policy._evict
+    room = capacity if evict_first else capacity + 1
     hits = total = 0
     for key in trace:
         total += 1
@@ -109,14 +146,20 @@ def simulate(policy: Any, trace: Iterable[int], capacity: int) -> float:
             access(slot, h)
             continue
         miss(h)
+        if evict_first:
+            while len(policy) >= room:
+                victim = evict()
+                del slot_of[key_of[victim]]
+                free.append(victim)
         slot = free.pop()
         slot_of[key] = slot
         key_of[slot] = key
         insert(slot, h)
-        while len(policy) > capacity:
-            victim = evict()
-            del slot_of[key_of[victim]]
-            free.append(victim)
+        if not evict_first:
+            while len(policy) >= room:
+                victim = evict()
+                del slot_of[key_of[victim]]
+                free.append(victim)
     return hits / total if total else 0.0
 
 
@@ -166,6 +209,8 @@ def run(
     names: Sequence[str],
     traces: dict[str, list[int]],
     sizes: Sequence[int],
+    *,
+    evict_first: bool = True,
 ) -> list[tuple[str, int, str, float, float]]:
     """(trace, capacity, policy, hit ratio, seconds) for each combination."""
     rows = []
@@ -178,7 +223,7 @@ def run(
                 elif name == "theine-core":
                     ratio = simulate_theine_core(trace, cap)
                 else:
-                    ratio = simulate(POLICIES[name](cap), trace, cap)
+                    ratio = simulate(POLICIES[name](cap), trace, cap, evict_first=evict_first)
                 rows.append((tname, cap, name, ratio, time.perf_counter() - t0))
     return rows
 
@@ -199,7 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="lru,arc,lfu,tinylfu,theine,theine-core",
         help="comma list of: " + ", ".join([*POLICIES, "theine", "theine-core"]),
     )
-    ap.add_argument("--traces", default="zipf,scan", help="comma list of: zipf, scan")
+    ap.add_argument("--traces", default="zipf,scan", help="comma list of: zipf, scan, drift, reuse")
+    ap.add_argument(
+        "--insert-first", action="store_true", help="insert, then evict (default: room first)"
+    )
     args = ap.parse_args(argv)
 
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
@@ -220,6 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.scan_every,
                 args.scan_length,
             )
+        elif t == "drift":
+            traces["drift"] = drift_trace(
+                args.requests, args.universe, args.zipf, args.seed, 1000, args.universe // 500
+            )
+        elif t == "reuse":
+            traces["reuse"] = reuse_trace(args.requests, args.seed, 0.7, args.universe / 50)
         else:
             ap.error(f"unknown trace {t!r}")
 
@@ -228,7 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"seed={args.seed} scan={args.scan_length}/{args.scan_every}"
     )
     print(f"{'trace':<6} {'capacity':>8} {'policy':<12} {'hit ratio':>9} {'secs':>6}")
-    for tname, cap, name, ratio, secs in run(names, traces, sizes):
+    for tname, cap, name, ratio, secs in run(
+        names, traces, sizes, evict_first=not args.insert_first
+    ):
         print(f"{tname:<6} {cap:>8} {name:<12} {ratio:>9.4f} {secs:>6.1f}", flush=True)
     return 0
 

@@ -39,6 +39,11 @@ cdef class ARCPolicy(Policy):
     Ghosts are 32-bit hashes: two keys with the same hash share one ghost, which
     at worst lets one key in through another's history. ``remove`` (delete,
     expiry) leaves no ghost; only ``evict`` does.
+
+    The paper adapts ``p`` and then runs REPLACE for the request that missed.
+    The core evicts before it inserts (and ``miss`` is not reported to ARC), so
+    here REPLACE runs with the ``p`` and the B2 tie rule of the previous insert;
+    the adaptation itself is the paper's.
     """
 
     # Bounds (checked at the end of every operation): |T1| + |B1| <= c and

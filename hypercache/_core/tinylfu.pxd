@@ -13,8 +13,8 @@ cdef class TinyLFUPolicy(Policy):
     cdef uint8_t* seg
     cdef uint32_t* hv
 
-    # Count-min sketch: ``swords`` 64-bit words of sixteen 4-bit counters, in
-    # blocks of 8 words (one cache line); a key's 4 counters share a block.
+    # Count-min sketch: ``swords`` 64-bit words of sixteen 4-bit counters, as
+    # four rows (row i: nibbles 4i..4i+3 of every word).
     cdef uint64_t* sketch
     cdef uint32_t swords
     # Doorkeeper bloom filter: ``dkwords`` words, a key's bits in one word.
@@ -42,7 +42,9 @@ cdef class TinyLFUPolicy(Policy):
     cdef uint32_t gspan
     cdef uint32_t gfill[2]
     cdef uint8_t gcur[2]
-    cdef bint gturned[2]
+    # Evictions remembered since the rings were (re)made: the rings judge
+    # only after 2 * gspan, when a ring that stays empty means something.
+    cdef uint32_t gseen
     cdef uint32_t ghits[2]
 
     cdef uint32_t capacity(self) noexcept
@@ -55,5 +57,5 @@ cdef class TinyLFUPolicy(Policy):
     cdef void ghost_put(self, int ring, uint32_t h) noexcept
     cdef bint ghost_has(self, int ring, uint32_t h) noexcept
     cdef void adapt(self, uint32_t h) noexcept
-    cdef void reshape(self, uint32_t c) noexcept
+    cdef void drain(self, uint32_t c) noexcept
     cdef void promote(self, uint32_t slot, uint32_t c) noexcept

@@ -26,6 +26,13 @@ saw, and, once every asked owner has answered (or failed), pushes the newest ver
 of all answers with ``R_PUT`` to each owner that answered with an older one or none.
 Each push counts in ``read_repairs``.
 
+Hinted handoff: when an owner misses a write or a delete (it is down, the request
+timed out, failed or was refused), the coordinator hands the entry to its
+:class:`HintSink` (the node's hint buffer) for that owner, and the handoff loop
+replays it when the owner is back (:mod:`hypercache.cluster.handoff`). Queuing a
+hint never blocks: a full buffer drops it and counts the drop. ``R_PUT_MANY``
+carries replayed hints and anti-entropy pushes to a replica.
+
 ``DELETE`` answers whether the key existed: each owner's current entry is read
 (``R_GET``) before the tombstone goes to it (``R_PUT``), and the answer is whether the
 newest of the entries read from acknowledging owners was a live value. That is two
@@ -38,8 +45,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeAlias
 
+from hypercache.cluster.antientropy import admits_repair
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.membership import Membership
 from hypercache.cluster.metrics import DistStats, NodeMetrics
@@ -52,12 +60,20 @@ from hypercache.errors import (
 )
 from hypercache.net.protocol import Limits, Op
 
-__all__ = ["Coordinator", "Entry", "LocalStore", "entry_is_live", "newest"]
+__all__ = ["Coordinator", "Entry", "HintSink", "LocalStore", "entry_is_live", "newest"]
 
 _log = logging.getLogger("hypercache.coordinator")
 
+# LocalStore has a ``bytes`` counter, which shadows the builtin in its body.
+_Bytes: TypeAlias = bytes
+
 _R_GET: Final = int(Op.R_GET)
 _R_PUT: Final = int(Op.R_PUT)
+
+#: ``R_PUT_MANY`` modes: hints replayed (applied like writes) and anti-entropy
+#: pushes (subject to the capacity rule, see :mod:`hypercache.cluster.antientropy`).
+PUT_MANY_HINTS: Final = 0
+PUT_MANY_REPAIR: Final = 1
 
 #: ``(value, ts, origin, expire_at_ms, tombstone)``: one version of a key. On the wire
 #: (``R_GET`` answer) it travels as a 5-element array.
@@ -69,8 +85,8 @@ class LocalStore(Protocol):
 
     def apply(
         self,
-        key: bytes,
-        value: bytes,
+        key: _Bytes,
+        value: _Bytes,
         ts: int,
         origin: int,
         expire_at_ms: int,
@@ -78,7 +94,30 @@ class LocalStore(Protocol):
         now_ms: int,
     ) -> bool: ...
 
-    def get(self, key: bytes, now_ms: int) -> tuple[bytes, int, int, int, bool] | None: ...
+    def get(self, key: _Bytes, now_ms: int) -> tuple[_Bytes, int, int, int, bool] | None: ...
+
+    def peek(self, key: _Bytes, now_ms: int) -> tuple[_Bytes, int, int, int, bool] | None: ...
+
+    @property
+    def max_bytes(self) -> int: ...
+
+    @property
+    def bytes(self) -> int: ...
+
+
+class HintSink(Protocol):
+    """Where the coordinator leaves the writes an owner missed (never blocks)."""
+
+    def hint(
+        self,
+        target: str,
+        key: bytes,
+        value: bytes,
+        ts: int,
+        origin: int,
+        expire_at: int,
+        tombstone: bool,
+    ) -> None: ...
 
 
 class Clock(Protocol):
@@ -243,6 +282,8 @@ class Coordinator:
         self._tag = clock.tag
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        #: receives the writes owners missed; None: no hinted handoff
+        self.hints: HintSink | None = None
 
     # ------------------------------------------------------------------ replica
 
@@ -277,6 +318,44 @@ class Coordinator:
 
     def handle_r_put(self, payload: Any) -> bool:
         """``R_PUT [key, value, ts, origin, expire_at_ms, tombstone]`` from a peer."""
+        key, value, ts, origin, expire_at, tombstone = self._check_r_put(payload)
+        self.stats.replica_puts += 1
+        applied = self.replica_put(key, value, ts, origin, expire_at, tombstone)
+        if applied:
+            self.stats.replica_puts_applied += 1
+        return applied
+
+    def handle_r_put_many(self, payload: Any) -> int:
+        """``R_PUT_MANY [[entry, ...], mode]``, each entry as ``R_PUT``'s payload.
+
+        Mode 0 (replayed hints) applies every entry newer-wins; mode 1 (anti-entropy
+        push) also refuses a missing data entry while the store is above its
+        high-water mark (the capacity rule). Answers how many entries were applied.
+        The whole batch is checked before any entry is applied.
+        """
+        if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not list:
+            raise ProtocolError("R_PUT_MANY payload must be [[entry, ...], mode]")
+        entries, mode = payload
+        if mode not in (PUT_MANY_HINTS, PUT_MANY_REPAIR) or type(mode) is not int:
+            raise ProtocolError(f"R_PUT_MANY mode must be 0 or 1, got {mode!r}")
+        checked = [self._check_r_put(e) for e in entries]
+        stats = self.stats
+        stats.replica_puts += len(checked)
+        now = wall_ms()
+        applied = 0
+        store = self.store
+        for key, value, ts, origin, expire_at, tombstone in checked:
+            if mode == PUT_MANY_REPAIR and not admits_repair(
+                store, key, len(key) + len(value), tombstone, now
+            ):
+                stats.version_conflicts += 1
+                continue
+            if self.replica_put(key, value, ts, origin, expire_at, tombstone):
+                applied += 1
+        stats.replica_puts_applied += applied
+        return applied
+
+    def _check_r_put(self, payload: Any) -> tuple[bytes, bytes, int, int, int, bool]:
         if type(payload) is not list or len(payload) != 6:
             raise ProtocolError("R_PUT payload must be [key, value, ts, origin, expire_at, tomb]")
         key, value, ts, origin, expire_at, tombstone = payload
@@ -292,11 +371,7 @@ class Coordinator:
             or type(tombstone) is not bool
         ):
             raise ProtocolError("R_PUT version fields must be ts: uint63, origin: uint32, ...")
-        self.stats.replica_puts += 1
-        applied = self.replica_put(key, value, ts, origin, expire_at, tombstone)
-        if applied:
-            self.stats.replica_puts_applied += 1
-        return applied
+        return key, value, ts, origin, expire_at, tombstone
 
     # ----------------------------------------------------------------- helpers
 
@@ -313,21 +388,36 @@ class Coordinator:
         task.add_done_callback(self._background.discard)
         return task
 
-    def _remote(self, rnd: _Round, owner: str, op: int, payload: Any, kind: str) -> None:
-        """Send one replica request in the background; its outcome goes to ``rnd``."""
+    def _remote(
+        self,
+        rnd: _Round,
+        owner: str,
+        op: int,
+        payload: Any,
+        kind: str,
+        hint: list[Any] | None = None,
+    ) -> None:
+        """Send one replica request in the background; its outcome goes to ``rnd``.
+
+        With ``hint`` (an ``R_PUT`` payload), a failure queues it as a hint for ``owner``.
+        """
         peer = self.membership.peers.get(owner)
         if peer is None or not peer.up:
             self.stats.replica_failures += 1
             rnd.fail(owner, "down")
+            if hint is not None:
+                self._hint(owner, hint)
             return
         self.stats.forwards[kind] += 1
-        self._track(rnd, owner, peer.request(op, payload, self.timeout))
+        self._track(rnd, owner, peer.request(op, payload, self.timeout), hint)
 
-    def _track(self, rnd: _Round, owner: str, coro: Any) -> None:
+    def _track(self, rnd: _Round, owner: str, coro: Any, hint: list[Any] | None = None) -> None:
         task = self._spawn(coro)
-        task.add_done_callback(lambda t: self._collect(rnd, owner, t))
+        task.add_done_callback(lambda t: self._collect(rnd, owner, t, hint))
 
-    def _collect(self, rnd: _Round, owner: str, task: asyncio.Task[Any]) -> None:
+    def _collect(
+        self, rnd: _Round, owner: str, task: asyncio.Task[Any], hint: list[Any] | None
+    ) -> None:
         if task.cancelled():
             rnd.fail(owner, "cancelled")
             return
@@ -335,8 +425,18 @@ class Coordinator:
         if exc is not None:
             self.stats.replica_failures += 1
             rnd.fail(owner, str(exc) or type(exc).__name__)
+            # A request the replica could never accept (malformed, too large) is
+            # not worth a hint; anything else (down, timeout, refused) is.
+            if hint is not None and not isinstance(exc, ProtocolError | ConfigError):
+                self._hint(owner, hint)
             return
         rnd.ok(owner, task.result())
+
+    def _hint(self, owner: str, payload: list[Any]) -> None:
+        sink = self.hints
+        if sink is not None and not self._stopping:
+            key, value, ts, origin, expire_at, tombstone = payload
+            sink.hint(owner, key, value, ts, origin, expire_at, tombstone)
 
     def _failed(self, op: str, exc: BaseException) -> None:
         stats = self.stats
@@ -469,7 +569,7 @@ class Coordinator:
                 self.replica_put(key, value, ts, origin, expire_at, tombstone)
                 rnd.ok(owner, True)
             else:
-                self._remote(rnd, owner, _R_PUT, payload, "r_put")
+                self._remote(rnd, owner, _R_PUT, payload, "r_put", hint=payload)
         await rnd.wait()
         stats.write_acks += rnd.acks
         # Acks arriving after the quorum are counted when they land.
@@ -517,10 +617,11 @@ class Coordinator:
             if peer is None or not peer.up:
                 stats.replica_failures += 1
                 rnd.fail(owner, "down")
+                self._hint(owner, tomb)
                 continue
             stats.forwards["r_get"] += 1
             stats.forwards["r_put"] += 1
-            self._track(rnd, owner, self._read_then_tomb(peer.request, key, tomb))
+            self._track(rnd, owner, self._read_then_tomb(peer.request, key, tomb), tomb)
         await rnd.wait()
         stats.write_acks += rnd.acks
         now = wall_ms()

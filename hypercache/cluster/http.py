@@ -10,6 +10,13 @@
 ``GET /dist/owners``    ``?key=K`` (UTF-8) or ``?key_hex=..``: partition and owners
 ``GET /cluster/members`` members with address and liveness
 ``GET /cluster/ring``   ring parameters and per-node load; ``?table=1`` adds the table
+``GET /dist/antientropy`` anti-entropy counters and current interval
+``GET /dist/hints``     hinted handoff: ``queued`` (waiting now), per-target pending,
+                        counters (queued, replayed, expired, dropped per cap, bytes)
+``GET /internal/merkle`` partition digests (non-empty partitions; hex), or with
+                        ``?partition=P`` its sub-bucket digests
+``GET /internal/keys``  ``?partition=P&cursor=HEX&limit=L``: one page of the
+                        partition's entries sorted by key (keys hex)
 ======================  ======================================================
 """
 
@@ -19,6 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from hypercache._core.hlc import wall_clock_ms
+from hypercache.cluster.antientropy import list_keys
 
 if TYPE_CHECKING:
     from hypercache.cluster.node import Node
@@ -141,6 +151,79 @@ async def _ring(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+def _int_param(request: web.Request, name: str, default: int | None, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        if default is None:
+            raise web.HTTPBadRequest(text=f"{name}: missing query parameter")
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{name}: not an integer: {raw!r}") from None
+    if not low <= value <= high:
+        raise web.HTTPBadRequest(text=f"{name}: must be between {low} and {high}")
+    return value
+
+
+async def _merkle(request: web.Request) -> web.Response:
+    node = _node(request)
+    store = node.store
+    parts = int(store.partitions)
+    body: dict[str, Any] = {
+        "node_id": node.node_id,
+        "partitions": parts,
+        "sub_buckets": int(store.sub_buckets),
+    }
+    if "partition" in request.query:
+        p = _int_param(request, "partition", None, 0, parts - 1)
+        body["partition"] = p
+        body["digest"] = f"{store.digest(p):016x}"
+        body["entries"] = int(store.partition_len(p))
+        body["sub_digests"] = [f"{d:016x}" for d in store.sub_digests(p)]
+    else:
+        body["digests"] = {
+            str(p): f"{store.digest(p):016x}" for p in range(parts) if store.partition_len(p)
+        }
+    return web.json_response(body)
+
+
+async def _keys(request: web.Request) -> web.Response:
+    node = _node(request)
+    store = node.store
+    p = _int_param(request, "partition", None, 0, int(store.partitions) - 1)
+    limit = _int_param(request, "limit", 1000, 1, 100_000)
+    raw_cursor = request.query.get("cursor")
+    try:
+        cursor = bytes.fromhex(raw_cursor) if raw_cursor else None
+    except ValueError:
+        raise web.HTTPBadRequest(text="cursor: not hexadecimal") from None
+    page, next_cursor = list_keys(store, p, cursor, limit, wall_clock_ms())
+    return web.json_response(
+        {
+            "partition": p,
+            "keys": [
+                {"key": k.hex(), "ts": ts, "origin": origin, "tombstone": tomb, "expire_at": exp}
+                for k, ts, origin, tomb, exp in page
+            ],
+            "next_cursor": None if next_cursor is None else next_cursor.hex(),
+        }
+    )
+
+
+async def _antientropy(request: web.Request) -> web.Response:
+    node = _node(request)
+    ae = node.antientropy
+    body: dict[str, Any] = {"node_id": node.node_id}
+    if ae is not None:
+        body.update(ae.stats.as_dict())
+    return web.json_response(body)
+
+
+async def _hints(request: web.Request) -> web.Response:
+    return web.json_response(_node(request).hint_stats())
+
+
 def make_app(node: Node) -> web.Application:
     """The management application of ``node``."""
     app = web.Application()
@@ -153,6 +236,10 @@ def make_app(node: Node) -> web.Application:
     app.router.add_get("/dist/owners", _owners)
     app.router.add_get("/cluster/members", _members)
     app.router.add_get("/cluster/ring", _ring)
+    app.router.add_get("/dist/antientropy", _antientropy)
+    app.router.add_get("/dist/hints", _hints)
+    app.router.add_get("/internal/merkle", _merkle)
+    app.router.add_get("/internal/keys", _keys)
     return app
 
 

@@ -101,13 +101,13 @@ class Peer:
         if not self.up:
             self.up = True
             _log.info("peer %s (%s) is up", self.node_id, self.address)
-            self._membership._changed_liveness()
+            self._membership._changed_liveness(self.node_id, True)
 
     def mark_down(self, why: str) -> None:
         if self.up:
             self.up = False
             _log.warning("peer %s (%s) is down: %s", self.node_id, self.address, why)
-            self._membership._changed_liveness()
+            self._membership._changed_liveness(self.node_id, False)
 
     async def connection(self) -> Connection:
         """The open connection to this peer, connecting (once, shared) if needed.
@@ -232,6 +232,8 @@ class Membership:
         self.gossip_rounds = 0
         self.heartbeats_failed = 0
         self.liveness_changes = 0
+        #: called with ``(node_id, up)`` whenever a peer goes down or comes back up
+        self.liveness_listeners: list[Callable[[str, bool], None]] = []
 
     # ------------------------------------------------------------------ members
 
@@ -311,8 +313,13 @@ class Membership:
         if type(payload) is dict:
             self.merge(_member_entries(payload.get("members")))
 
-    def _changed_liveness(self) -> None:
+    def _changed_liveness(self, node_id: str, up: bool) -> None:
         self.liveness_changes += 1
+        for listener in self.liveness_listeners:
+            try:
+                listener(node_id, up)
+            except Exception:  # a listener's bug must not break the failure detector
+                _log.exception("liveness listener failed")
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -11,8 +11,14 @@ embed::
 It is the :class:`~hypercache.net.transport.Handler` of its data-plane server: client
 operations (``GET``, ``SET``, ``DELETE``, ``TOPOLOGY``, ``PING``) are coordinated by
 :class:`~hypercache.cluster.coordinator.Coordinator`; replica operations (``R_GET``,
-``R_PUT``) from peer coordinators are served from the local store. ``docs/cluster.md``
-lists the payloads.
+``R_PUT``, ``R_PUT_MANY``) from peer coordinators and the handoff loops are served
+from the local store, and so are the anti-entropy requests (``MERKLE``, ``KEYS``,
+``PULL``) of :mod:`hypercache.cluster.antientropy`. ``docs/cluster.md`` lists the
+payloads.
+
+Background loops, each stopped by :meth:`Node.stop`: membership (seeds,
+heartbeats), expiry sweep (expired entries and tombstones), anti-entropy, hint
+replay (:mod:`hypercache.cluster.handoff`).
 """
 
 from __future__ import annotations
@@ -25,11 +31,15 @@ import time
 from collections.abc import Iterator
 from typing import Any, Final
 
+from hypercache._core.hints import HintBuffer
 from hypercache._core.hlc import HLC, node_tag, wall_clock_ms
 from hypercache._core.ring import DEFAULT_VNODES, Ring
 from hypercache._core.vstore import VersionedStore
+from hypercache.cluster import antientropy
+from hypercache.cluster.antientropy import AntiEntropy
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.coordinator import Coordinator
+from hypercache.cluster.handoff import Handoff
 from hypercache.cluster.membership import Membership
 from hypercache.cluster.metrics import NodeMetrics, counter, gauge
 from hypercache.errors import NodeUnavailableError, ProtocolError
@@ -48,6 +58,10 @@ _DELETE: Final = int(Op.DELETE)
 _TOPOLOGY: Final = int(Op.TOPOLOGY)
 _R_GET: Final = int(Op.R_GET)
 _R_PUT: Final = int(Op.R_PUT)
+_R_PUT_MANY: Final = int(Op.R_PUT_MANY)
+_MERKLE: Final = int(Op.MERKLE)
+_KEYS: Final = int(Op.KEYS)
+_PULL: Final = int(Op.PULL)
 
 # Period and batch of the expiry sweep.
 _SWEEP_INTERVAL: Final = 1.0
@@ -97,6 +111,9 @@ class Node:
         self.metrics = NodeMetrics(config.node_id)
         self.membership: Membership | None = None
         self.coordinator: Coordinator | None = None
+        self.antientropy: AntiEntropy | None = None
+        self.handoff: Handoff | None = None
+        self._leads: tuple[int, dict[str, list[int]]] = (-1, {})
 
     # ------------------------------------------------------------------ identity
 
@@ -177,9 +194,38 @@ class Node:
             metrics=self.metrics,
             limits=self.limits,
         )
+        coordinator = self.coordinator
+        membership = self.membership
+        self.antientropy = AntiEntropy(
+            store=self.store,
+            limits=self.limits,
+            apply=coordinator.replica_put,
+            peers=lambda: dict(membership.peers),
+            leads=self.leads,
+            interval=config.anti_entropy_interval,
+            max_interval=config.anti_entropy_max_interval,
+            timeout=config.request_timeout,
+        )
+        self.metrics.add_source(self.antientropy.collect)
+        self.handoff = Handoff(
+            buffer=HintBuffer(
+                max_per_node=config.hint_max_per_node,
+                max_total=config.hint_max_total,
+                max_bytes=config.hint_max_bytes,
+                ttl_ms=int(config.hint_ttl * 1000),
+            ),
+            peers=lambda: dict(membership.peers),
+            batch=config.hint_replay_batch,
+            timeout=config.request_timeout,
+        )
+        coordinator.hints = self.handoff
+        self.metrics.add_source(self.handoff.collect)
+        membership.liveness_listeners.append(self._on_liveness)
         self._started_at = time.monotonic()
         self._state = "running"
         self.membership.start()
+        self.antientropy.start()
+        self.handoff.start()
         self._sweeper = asyncio.get_running_loop().create_task(
             self._sweep_loop(), name="hypercache-expiry"
         )
@@ -212,6 +258,10 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+        if self.antientropy is not None:
+            await self.antientropy.stop()
+        if self.handoff is not None:
+            await self.handoff.stop()
         if self._http is not None:
             runner, self._http = self._http, None
             await runner.cleanup()
@@ -260,6 +310,31 @@ class Node:
         self._topology = None
         _log.info("ring rebuilt for %d members (epoch %d)", len(members), self.epoch)
 
+    def _on_liveness(self, node_id: str, up: bool) -> None:
+        # A peer back up may have missed writes: replay its hints and compare with it.
+        if up and self._state == "running":
+            if self.handoff is not None:
+                self.handoff.wake(node_id)
+            if self.antientropy is not None:
+                self.antientropy.wake()
+
+    def leads(self, peer_id: str) -> list[int]:
+        """Partitions this node syncs with ``peer_id`` by anti-entropy: those both
+        own where this node comes first in the owner list (so each pair of owners
+        of a partition is synced by one of the two). Cached per ring."""
+        epoch, table = self._leads
+        if epoch != self.epoch:
+            ring = self.ring
+            me = self.node_id
+            table = {}
+            for p in range(int(ring.partitions)):
+                owners: list[str] = ring.partition_owners(p)
+                if me in owners:
+                    for other in owners[owners.index(me) + 1 :]:
+                        table.setdefault(other, []).append(p)
+            self._leads = (self.epoch, table)
+        return table.get(peer_id, [])
+
     def members(self) -> list[list[str]]:
         """``[[node_id, address], ...]`` sorted by id, this node included."""
         if self.membership is None:
@@ -304,6 +379,14 @@ class Node:
             return coord.handle_r_get(payload)
         if op == _R_PUT:
             return coord.handle_r_put(payload)
+        if op == _R_PUT_MANY:
+            return coord.handle_r_put_many(payload)
+        if op == _MERKLE:
+            return antientropy.handle_merkle(self.store, payload)
+        if op == _KEYS:
+            return antientropy.handle_keys(self.store, payload)
+        if op == _PULL:
+            return antientropy.handle_pull(self.store, self.limits, payload)
         if op == _GET:
             key, consistency = _fields(payload, 2, "GET", "[key, consistency]")
             return await coord.get(key, consistency)
@@ -324,6 +407,15 @@ class Node:
         raise ProtocolError(f"unsupported operation {op}")
 
     # ------------------------------------------------------------------- metrics
+
+    def hint_stats(self) -> dict[str, Any]:
+        """What ``GET /dist/hints`` shows (``queued``: hints waiting now)."""
+        body: dict[str, Any] = {"node_id": self.node_id}
+        if self.handoff is not None:
+            body.update(self.handoff.as_dict())
+        else:
+            body["queued"] = 0
+        return body
 
     def key_count(self) -> int:
         """Live entries in the local store (tombstones excluded)."""
@@ -354,6 +446,7 @@ class Node:
             "epoch": self.epoch,
             "net": self._server.stats.as_dict() if self._server is not None else {},
             "dist": self.metrics.stats.as_dict(),
+            "antientropy": self.antientropy.stats.as_dict() if self.antientropy else {},
             "background": self.coordinator.background if self.coordinator else 0,
         }
 

@@ -1,0 +1,919 @@
+"""Cluster benchmarks: QUORUM set/get of a 3-node cluster, in-process against TCP,
+with redis as the outside reference. Run with ``python -m bench.cluster_report``.
+
+What is measured, in one process and one run:
+
+``inproc``    three :class:`~hypercache.cluster.node.Node` objects on one
+              :class:`~hypercache.net.inproc.InprocNetwork`, all in the benchmark's
+              event loop, driven by an ``AsyncClient`` in that same loop whose node
+              connections are opened on the in-process network
+              (:class:`InprocAsyncClient`); everything above the byte pipe - client,
+              framing, handshake, coordinator, store - is the code that runs over TCP.
+``tcp``       three real ``hypercache-node`` processes (uvloop) on free 127.0.0.1 ports,
+              driven by an ``AsyncClient`` in the benchmark process (uvloop).
+``tcp-sync``  the same processes driven by the blocking :class:`~hypercache.client.Client`
+              (1 client only): the like-for-like peer of redis-py's sync client.
+``redis``     a ``redis-server`` started here on a free loopback port with ``--save ''
+              --appendonly no``: ``redis.Redis`` sequentially, ``redis.asyncio.Redis``
+              (a pool, one connection per request in flight) for 32 concurrent requests.
+              Skipped, with the reason in the report, when ``redis-server`` is not on
+              ``PATH`` or redis-py is not installed.
+
+Every hypercache request is QUORUM (``consistency="quorum"`` as the client default;
+replication 3, so 2 of 3 owners ack). Clients route to the key's owners
+(``route="owner"``, the default): the primary coordinates, writes its own replica and
+needs one remote ack. Values are :data:`VALUE_SIZE` random bytes stored with
+:class:`~hypercache.client.RawSerializer` (exactly those bytes on the wire, as for
+redis); keys are ``"key:<n>"`` for n < :data:`KEYS`, all written before the first
+timed request, so every get hits. Each cell walks a seeded permutation of the keys.
+
+``clients=1`` awaits each request before sending the next. ``clients=32`` runs 32
+closed-loop workers sharing one client (one multiplexed connection per node for
+hypercache, a 32-connection pool for redis.asyncio): 32 requests always in flight.
+Each request is timed alone with :func:`time.perf_counter_ns` around its ``await`` (or
+call); ops/s is requests completed over the run's wall time. A run of a cell stops at
+its request count or its time cap, whichever comes first; the report gives the median
+over the runs of each figure. The runs are interleaved - run 1 of every cell, then run
+2, ... - so that a burst of load from elsewhere lands on all systems rather than one.
+
+Why a plain timed harness and not pytest-benchmark: pytest-benchmark times a callable
+per round and reports statistics of rounds; it cannot time each of 32 requests in
+flight, report per-request percentiles, or keep an event loop, three node processes
+and a redis-server alive across cells. The loops here are short and shared by every
+system, and ``bench.cluster_report`` prints its own markdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
+
+from hypercache.client import AsyncClient, Client, RawSerializer
+from hypercache.cluster.config import DistConfig
+from hypercache.cluster.node import Node
+from hypercache.errors import NodeUnavailableError
+from hypercache.net.inproc import InprocNetwork
+from hypercache.net.tcp import ClientConnection
+
+NODES: Final = 3
+REPLICATION: Final = 3
+CONSISTENCY: Final = "quorum"
+VALUE_SIZE: Final = 100
+KEYS: Final = 10_000
+CLIENTS: Final = (1, 32)
+OPS: Final = ("set", "get")
+SEED: Final = 20240601
+
+#: system -> label in the report, in report order.
+SYSTEMS: Final = {
+    "inproc": "hypercache in-process (AsyncClient)",
+    "tcp": "hypercache TCP (AsyncClient)",
+    "tcp-sync": "hypercache TCP (sync Client)",
+    "redis": "redis-server (redis-py)",
+}
+#: systems that only run with one client (a blocking client has one request in flight).
+SEQUENTIAL_ONLY: Final = frozenset({"tcp-sync"})
+
+NODE_COMMAND: Final = (sys.executable, "-m", "hypercache.cli.node")
+READY_PREFIX: Final = "hypercache-node ready:"
+#: Deadlines of the set-up waits, and the per-request timeout of every client.
+START_TIMEOUT: Final = 30.0
+REQUEST_TIMEOUT: Final = 5.0
+#: SIGTERM, then SIGKILL after this many seconds.
+STOP_GRACE: Final = 5.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterBenchConfig:
+    """How much to measure.
+
+    :param runs: timed runs of every cell (the report shows their medians).
+    :param sequential: requests per run with one client.
+    :param concurrent: requests per run with 32 in flight.
+    :param warmup: untimed requests per cell before the first run.
+    :param run_seconds: time cap of one run of one cell.
+    """
+
+    quick: bool
+    runs: int
+    sequential: int
+    concurrent: int
+    warmup: int
+    run_seconds: float
+
+
+FULL = ClusterBenchConfig(
+    quick=False, runs=5, sequential=5_000, concurrent=16_000, warmup=1_000, run_seconds=10.0
+)
+QUICK = ClusterBenchConfig(
+    quick=True, runs=1, sequential=200, concurrent=640, warmup=50, run_seconds=2.0
+)
+
+
+# -- statistics ----------------------------------------------------------------------------
+
+
+def percentile(ordered: Sequence[int], q: float) -> int:
+    """Nearest-rank percentile of an ascending, non-empty sequence (``q`` in 0..1)."""
+    rank = max(1, -(-len(ordered) * q // 1))  # ceil(n * q), at least 1
+    return ordered[int(rank) - 1]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One timed run of one cell."""
+
+    requests: int
+    wall_ns: int
+    p50_ns: int
+    p95_ns: int
+    p99_ns: int
+
+    @classmethod
+    def from_latencies(cls, latencies: list[int], wall_ns: int) -> Run:
+        if not latencies:
+            raise RuntimeError("a run completed no request")
+        ordered = sorted(latencies)
+        return cls(
+            requests=len(ordered),
+            wall_ns=wall_ns,
+            p50_ns=percentile(ordered, 0.50),
+            p95_ns=percentile(ordered, 0.95),
+            p99_ns=percentile(ordered, 0.99),
+        )
+
+    @property
+    def ops_per_s(self) -> float:
+        return self.requests / (self.wall_ns / 1e9)
+
+
+@dataclass
+class Cell:
+    """All runs of one (system, op, clients)."""
+
+    system: str
+    op: str
+    clients: int
+    runs: list[Run] = field(default_factory=list)
+
+    def median(self, metric: str) -> float:
+        """Median over the runs of ``metric`` (a :class:`Run` attribute)."""
+        return float(statistics.median(getattr(run, metric) for run in self.runs))
+
+
+@dataclass
+class Results:
+    cells: dict[tuple[str, str, int], Cell] = field(default_factory=dict)
+    #: system -> why it was not measured
+    skipped: dict[str, str] = field(default_factory=dict)
+    #: "redis-server" -> version line, etc.
+    versions: dict[str, str] = field(default_factory=dict)
+    #: CPU use over the whole measurement (None where /proc/stat is missing).
+    cpu: CpuUse | None = None
+
+    def get(self, system: str, op: str, clients: int) -> Cell | None:
+        cell = self.cells.get((system, op, clients))
+        return cell if cell is not None and cell.runs else None
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """Machine-wide CPU counters (``/proc/stat``) and our own CPU time, at one instant."""
+
+    wall: float
+    busy: float  # CPU-seconds of every process: user, nice, system, irq, softirq
+    steal: float  # CPU-seconds the hypervisor gave to other guests
+    ours: float  # CPU-seconds of this process and its reaped children
+
+    @classmethod
+    def take(cls) -> CpuSample | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                ticks = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+        return cls(
+            wall=time.monotonic(),
+            busy=(user + nice + system + irq + softirq) / hz,
+            steal=steal / hz,
+            ours=me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+        )
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """Average CPUs busy during the measurement: ours (this process, the nodes, redis)
+    and everything else on the machine, plus hypervisor steal."""
+
+    ours: float
+    others: float
+    steal: float
+
+    @classmethod
+    def between(cls, before: CpuSample | None, after: CpuSample | None) -> CpuUse | None:
+        if before is None or after is None or after.wall <= before.wall:
+            return None
+        wall = after.wall - before.wall
+        ours = (after.ours - before.ours) / wall
+        busy = (after.busy - before.busy) / wall
+        steal = (after.steal - before.steal) / wall
+        return cls(ours=ours, others=max(0.0, busy - ours), steal=steal)
+
+
+# -- timed loops (shared by every system) --------------------------------------------------
+
+AsyncOp = Callable[[str], Awaitable[Any]]
+SyncOp = Callable[[str], Any]
+
+
+async def run_async(call: AsyncOp, keys: Sequence[str], n: int, clients: int, cap: float) -> Run:
+    """``n`` requests (or ``cap`` seconds) with ``clients`` requests in flight."""
+    clock = time.perf_counter_ns
+    deadline = clock() + int(cap * 1e9)
+    latencies: list[int] = []
+    indexes = iter(range(n))  # shared by the workers: each index is taken once
+    size = len(keys)
+
+    async def worker() -> None:
+        record = latencies.append
+        for i in indexes:
+            key = keys[i % size]
+            start = clock()
+            await call(key)
+            end = clock()
+            record(end - start)
+            if end > deadline:
+                break
+
+    start = clock()
+    if clients == 1:
+        await worker()
+    else:
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return Run.from_latencies(latencies, clock() - start)
+
+
+def run_sync(call: SyncOp, keys: Sequence[str], n: int, cap: float, stop: threading.Event) -> Run:
+    """``n`` blocking requests one after the other (or ``cap`` seconds, or until
+    ``stop`` is set: this runs in a worker thread, which cancellation cannot reach)."""
+    clock = time.perf_counter_ns
+    deadline = clock() + int(cap * 1e9)
+    latencies: list[int] = []
+    record = latencies.append
+    stopped = stop.is_set
+    size = len(keys)
+    start = clock()
+    for i in range(n):
+        key = keys[i % size]
+        t0 = clock()
+        call(key)
+        t1 = clock()
+        record(t1 - t0)
+        if t1 > deadline or stopped():
+            break
+    return Run.from_latencies(latencies, clock() - start)
+
+
+# -- stopping on a signal ------------------------------------------------------------------
+
+_STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; everything started was stopped on the way out.
+
+    :ivar signum: the signal.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class _Stopper:
+    """Turns SIGINT and SIGTERM into an orderly unwinding, so that every ``finally``
+    runs and stops the nodes and redis-server.
+
+    Outside the event loop the Python-level handler raises :class:`Interrupted`.
+    Inside it, a handler raised from a protocol callback would be swallowed by the
+    loop, so the loop's own signal handler cancels the main task instead, and sets
+    :attr:`event` for the timed loop running in a worker thread.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.event = threading.Event()
+        self.task: asyncio.Task[Any] | None = None
+
+    def sync_handler(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        self.event.set()
+        raise Interrupted(signum)
+
+    def loop_handler(self, signum: int) -> None:
+        self.signum = signum
+        self.event.set()
+        if self.task is not None:
+            self.task.cancel()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Python-level handlers for the duration (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.sync_handler) for sig in _STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def in_loop(self) -> Iterator[None]:
+        """The loop's handlers while the current task runs, then the Python-level ones."""
+        loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, self.loop_handler, sig)
+        try:
+            yield
+        finally:
+            for sig in _STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, self.sync_handler)
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, wait :data:`STOP_GRACE`, then SIGKILL; always reaped."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=STOP_GRACE)
+
+
+def _wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``condition`` until truthy; exceptions count as "not yet"."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except Exception as exc:
+            last = exc
+        else:
+            if value:
+                return value
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}") from last
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class _NodeProc:
+    name: str
+    proc: subprocess.Popen[bytes]
+    out: Path
+    log: Path
+    data: str = ""
+    http: str = ""
+
+    def ready(self) -> bool:
+        for line in self.out.read_text(errors="replace").splitlines():
+            if line.startswith(READY_PREFIX):
+                fields = dict(part.split("=", 1) for part in line.split()[2:])
+                self.data, self.http = fields["data"], fields["http"]
+                return True
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"{self.name} exited with {self.proc.returncode} before it was ready:\n"
+                + _tail(self.log)
+            )
+        return False
+
+    def health(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://{self.http}/health", timeout=1.0) as resp:
+            body: dict[str, Any] = json.loads(resp.read())
+            return body
+
+
+@contextlib.contextmanager
+def tcp_cluster(workdir: Path, size: int = NODES) -> Iterator[list[str]]:
+    """Start ``size`` ``hypercache-node`` processes on 127.0.0.1; yield their data
+    addresses once every node sees every member up. Always stops them all."""
+    procs: list[_NodeProc] = []
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("HYPERCACHE_")}
+
+    def spawn(index: int, seeds: list[str]) -> _NodeProc:
+        name = f"node-{index + 1}"
+        argv = [
+            *NODE_COMMAND,
+            "--node-id",
+            name,
+            "--bind",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--replication",
+            str(REPLICATION),
+            "--log-level",
+            "warning",
+        ]
+        if seeds:
+            argv += ["--seeds", ",".join(seeds)]
+        out, log = workdir / f"{name}.out", workdir / f"{name}.log"
+        with open(out, "wb") as out_file, open(log, "wb") as log_file:
+            proc = subprocess.Popen(
+                argv, stdout=out_file, stderr=log_file, stdin=subprocess.DEVNULL, env=env
+            )
+        node = _NodeProc(name, proc, out, log)
+        procs.append(node)
+        return node
+
+    try:
+        first = spawn(0, [])
+        _wait_for(first.ready, START_TIMEOUT, f"{first.name} to be ready")
+        for i in range(1, size):
+            spawn(i, [first.data])
+        for node in procs[1:]:
+            _wait_for(node.ready, START_TIMEOUT, f"{node.name} to be ready")
+
+        def converged() -> bool:
+            for node in procs:
+                health = node.health()
+                if health["members"] != size or health["members_up"] != size:
+                    return False
+            return True
+
+        try:
+            _wait_for(converged, START_TIMEOUT, f"{size} nodes to see each other up")
+        except RuntimeError as exc:
+            tails = "\n".join(f"-- {n.name}:\n{_tail(n.log)}" for n in procs)
+            raise RuntimeError(f"{exc}\n{tails}") from exc
+        yield [node.data for node in procs]
+    finally:
+        for node in procs:
+            if node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGTERM)
+        for node in procs:
+            _stop_process(node.proc)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def redis_unavailable() -> str | None:
+    """Why the redis reference cannot run here, or ``None`` when it can."""
+    if shutil.which("redis-server") is None:
+        return (
+            "redis: `redis-server` is not on PATH "
+            "(`apt-get install redis-server` brings it); redis rows skipped"
+        )
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return "redis: redis-py is not installed (`pip install redis`); redis rows skipped"
+    return None
+
+
+def redis_version() -> str:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        return "not installed"
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False).stdout
+    for part in out.split():
+        if part.startswith("v="):
+            return part[2:]
+    return out.strip() or "unknown"
+
+
+def _redis_answers(proc: subprocess.Popen[bytes], port: int) -> bool:
+    """Wait until the redis-server on ``port`` answers PING; False if it exited first."""
+    import redis
+
+    conn = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0)
+    try:
+        up = _wait_for(
+            lambda: "exited" if proc.poll() is not None else conn.ping(),
+            START_TIMEOUT,
+            "redis-server to answer PING",
+        )
+    finally:
+        conn.close()
+    return up != "exited"
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[tuple[str, int]]:
+    """A ``redis-server`` on a free 127.0.0.1 port, persistence off; always stopped."""
+    exe = shutil.which("redis-server")
+    assert exe is not None
+    log = workdir / "redis.log"
+    for _attempt in range(3):  # the free port may be taken before redis binds it
+        port = _free_port()
+        argv = [
+            exe,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(workdir),
+        ]
+        with open(log, "wb") as log_file:
+            proc = subprocess.Popen(
+                argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        try:
+            if _redis_answers(proc, port):
+                yield "127.0.0.1", port
+                return
+        finally:
+            _stop_process(proc)
+    raise RuntimeError(f"redis-server did not start:\n{_tail(log)}")
+
+
+# -- the systems ---------------------------------------------------------------------------
+
+
+def bench_keys() -> list[str]:
+    return [f"key:{i}" for i in range(KEYS)]
+
+
+def bench_value() -> bytes:
+    return random.Random(SEED).randbytes(VALUE_SIZE)
+
+
+def _client_args() -> dict[str, Any]:
+    return {
+        "consistency": CONSISTENCY,
+        "serializer": RawSerializer(),
+        "timeout": REQUEST_TIMEOUT,
+        "connect_timeout": REQUEST_TIMEOUT,
+    }
+
+
+class InprocAsyncClient(AsyncClient):
+    """The ``AsyncClient`` with its node connections opened on an in-process network.
+
+    Only :meth:`AsyncClient._open` is replaced, by a copy of it that calls
+    ``network.connect`` where the original calls :func:`hypercache.net.tcp.connect`
+    (same signature, same ``ClientConnection`` class, an in-memory pipe instead of a
+    socket); routing, encoding and the request path are the inherited ones.
+    """
+
+    def __init__(self, seeds: Sequence[str], *, network: InprocNetwork, **kwargs: Any) -> None:
+        super().__init__(seeds, **kwargs)
+        self._network = network
+
+    async def _open(self, address: str) -> ClientConnection:
+        conn = await self._network.connect(
+            address, self._hello, self._limits, self.options.connect_timeout
+        )
+        if self._closed:
+            await conn.close()
+            raise NodeUnavailableError("the client is closed")
+        old = self._conns.get(address)
+        self._conns[address] = conn
+        self.stats.connections_opened += 1
+        if old is not None and old is not conn:
+            await old.close()
+        return conn
+
+
+@contextlib.asynccontextmanager
+async def inproc_cluster(size: int = NODES) -> AsyncIterator[AsyncClient]:
+    """``size`` Nodes on one in-process network in this loop, and a client of them."""
+    net = InprocNetwork()
+    nodes: list[Node] = []
+    client: AsyncClient | None = None
+    try:
+        for i in range(size):
+            config = DistConfig(
+                node_id=f"node-{i + 1}",
+                bind=f"10.0.0.{i + 1}:7400",
+                http=None,
+                seeds=(nodes[0].address,) if nodes else (),
+                replication=REPLICATION,
+                log_level="warning",
+            )
+            node = Node(config, transport=net)
+            nodes.append(node)
+            await node.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
+        while not all(
+            len(n.members()) == size
+            and n.membership is not None
+            and n.membership.up_count() == size
+            for n in nodes
+        ):
+            if loop.time() > deadline:
+                raise RuntimeError(f"in-process nodes did not see {size} members up")
+            await asyncio.sleep(0.01)
+        client = InprocAsyncClient([n.address for n in nodes], network=net, **_client_args())
+        await client.connect()
+        yield client
+    finally:
+        if client is not None:
+            await client.close()
+        for node in reversed(nodes):
+            await node.stop()
+
+
+@dataclass
+class Driver:
+    """One system as the timed loops see it: a set and a get of one key."""
+
+    name: str
+    set: AsyncOp | SyncOp
+    get: AsyncOp | SyncOp
+    sync: bool = False
+
+
+def _hypercache_async(name: str, client: AsyncClient, value: bytes) -> Driver:
+    async def set_(key: str) -> None:
+        await client.set(key, value)
+
+    async def get(key: str) -> None:
+        if await client.get(key) is None:
+            raise RuntimeError(f"{name}: {key!r} missing: the key space was not populated")
+
+    return Driver(name, set_, get)
+
+
+def _hypercache_sync(name: str, client: Client, value: bytes) -> Driver:
+    def set_(key: str) -> None:
+        client.set(key, value)
+
+    def get(key: str) -> None:
+        if client.get(key) is None:
+            raise RuntimeError(f"{name}: {key!r} missing: the key space was not populated")
+
+    return Driver(name, set_, get, sync=True)
+
+
+def _redis_targets(
+    host: str, port: int, value: bytes
+) -> tuple[Driver, Driver, Callable[[], Awaitable[None]]]:
+    """(sequential target, concurrent target, close)."""
+    import redis
+    import redis.asyncio as aredis
+
+    sync_conn = redis.Redis(host=host, port=port, socket_timeout=REQUEST_TIMEOUT)
+    async_conn = aredis.Redis(
+        host=host, port=port, socket_timeout=REQUEST_TIMEOUT, max_connections=max(CLIENTS)
+    )
+    sync_set, sync_get = sync_conn.set, sync_conn.get
+    async_set, async_get = async_conn.set, async_conn.get
+
+    def s_set(key: str) -> None:
+        sync_set(key, value)
+
+    def s_get(key: str) -> None:
+        if sync_get(key) is None:
+            raise RuntimeError(f"redis: {key!r} missing")
+
+    async def a_set(key: str) -> None:
+        await async_set(key, value)
+
+    async def a_get(key: str) -> None:
+        if await async_get(key) is None:
+            raise RuntimeError(f"redis: {key!r} missing")
+
+    async def close() -> None:
+        sync_conn.close()
+        await async_conn.aclose()
+
+    return (
+        Driver("redis", s_set, s_get, sync=True),
+        Driver("redis", a_set, a_get),
+        close,
+    )
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+Progress = Callable[[str], None]
+
+
+async def _measure(
+    drivers: dict[tuple[str, int], Driver],
+    keys: list[str],
+    config: ClusterBenchConfig,
+    results: Results,
+    progress: Progress,
+    stopper: _Stopper,
+) -> None:
+    """Warm every cell up, then run every cell ``config.runs`` times, interleaved."""
+    order = random.Random(SEED).sample(keys, len(keys))
+    cells = [
+        (system, op, clients)
+        for op in OPS
+        for clients in CLIENTS
+        for system in SYSTEMS
+        if (system, clients) in drivers
+    ]
+    cursor = 0
+
+    async def once(system: str, op: str, clients: int, n: int) -> Run:
+        nonlocal cursor
+        driver = drivers[(system, clients)]
+        call = getattr(driver, op)
+        # Each run walks the next slice of the permutation (wrapping around).
+        start = cursor % len(order)
+        cursor += n
+        walk = order[start:] + order[:start]
+        if driver.sync:
+            return await asyncio.to_thread(
+                run_sync, call, walk, n, config.run_seconds, stopper.event
+            )
+        return await run_async(call, walk, n, clients, config.run_seconds)
+
+    for system, op, clients in cells:
+        await once(system, op, clients, config.warmup)
+    for r in range(config.runs):
+        for system, op, clients in cells:
+            n = config.sequential if clients == 1 else config.concurrent
+            run = await once(system, op, clients, n)
+            cell = results.cells.setdefault((system, op, clients), Cell(system, op, clients))
+            cell.runs.append(run)
+            progress(
+                f"run {r + 1}/{config.runs} {system:8} {op} x{clients:<2}: "
+                f"p50 {run.p50_ns / 1e3:7.1f} us  p95 {run.p95_ns / 1e3:7.1f} us  "
+                f"{run.ops_per_s:9,.0f} ops/s  ({run.requests} requests)"
+            )
+
+
+async def _populate_hypercache(client: AsyncClient, keys: list[str], value: bytes) -> None:
+    await client.set_many(dict.fromkeys(keys, value))
+
+
+async def _main_loop(
+    tcp_seeds: list[str] | None,
+    redis_addr: tuple[str, int] | None,
+    config: ClusterBenchConfig,
+    results: Results,
+    progress: Progress,
+    systems: Sequence[str],
+    stopper: _Stopper,
+) -> None:
+    keys, value = bench_keys(), bench_value()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(stopper.in_loop())
+        drivers: dict[tuple[str, int], Driver] = {}
+
+        inproc = await stack.enter_async_context(inproc_cluster())
+        await _populate_hypercache(inproc, keys, value)
+        for clients in CLIENTS:
+            drivers[("inproc", clients)] = _hypercache_async("inproc", inproc, value)
+
+        if tcp_seeds is not None:
+            tcp = AsyncClient(tcp_seeds, **_client_args())
+            stack.push_async_callback(tcp.close)
+            await tcp.connect()
+            await _populate_hypercache(tcp, keys, value)
+            if "tcp" in systems:
+                for clients in CLIENTS:
+                    drivers[("tcp", clients)] = _hypercache_async("tcp", tcp, value)
+            if "tcp-sync" in systems:
+                sync_client = Client(tcp_seeds, **_client_args())
+                stack.callback(sync_client.close)
+                sync_client.connect()
+                drivers[("tcp-sync", 1)] = _hypercache_sync("tcp-sync", sync_client, value)
+
+        if redis_addr is not None:
+            sequential, concurrent, close = _redis_targets(*redis_addr, value)
+            stack.push_async_callback(close)
+            with _redis_pipeline(*redis_addr) as pipe:
+                for key in keys:
+                    pipe.set(key, value)
+                pipe.execute()
+            for clients in CLIENTS:
+                drivers[("redis", clients)] = sequential if clients == 1 else concurrent
+
+        progress(f"populated {KEYS:,} keys of {VALUE_SIZE} bytes; timing")
+        await _measure(drivers, keys, config, results, progress, stopper)
+
+
+@contextlib.contextmanager
+def _redis_pipeline(host: str, port: int) -> Iterator[Any]:
+    import redis
+
+    conn = redis.Redis(host=host, port=port, socket_timeout=REQUEST_TIMEOUT)
+    try:
+        with conn.pipeline(transaction=False) as pipe:
+            yield pipe
+    finally:
+        conn.close()
+
+
+def _run_loop(main: Coroutine[Any, Any, None], stopper: _Stopper) -> None:
+    try:
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - non-Linux without uvloop
+            asyncio.run(main)
+        else:
+            uvloop.run(main)
+    except asyncio.CancelledError:
+        if stopper.signum is None:
+            raise
+        raise Interrupted(stopper.signum) from None
+
+
+def measure(
+    config: ClusterBenchConfig, *, systems: Sequence[str] = tuple(SYSTEMS), progress: Progress
+) -> Results:
+    """Start what ``systems`` need, measure every cell, stop everything; return results.
+
+    The in-process cluster always runs (it is the baseline). Every process and server
+    started here is stopped before this returns or raises.
+
+    :raises Interrupted: SIGINT or SIGTERM arrived (from the main thread only).
+    """
+    stopper = _Stopper()
+    results = Results()
+    results.versions["redis-server"] = redis_version()
+    want_tcp = "tcp" in systems or "tcp-sync" in systems
+    for system in SYSTEMS:
+        if system not in systems:
+            results.skipped[system] = f"{system}: not selected (--only)"
+    redis_reason = redis_unavailable() if "redis" in systems else None
+    if redis_reason is not None:
+        results.skipped["redis"] = redis_reason
+        progress(redis_reason)
+    before = CpuSample.take()
+    with (
+        stopper.installed(),
+        tempfile.TemporaryDirectory(prefix="hypercache-cluster-bench-") as tmp,
+    ):
+        workdir = Path(tmp)
+        with contextlib.ExitStack() as stack:
+            seeds = None
+            if want_tcp:
+                progress(f"starting {NODES} hypercache-node processes")
+                seeds = stack.enter_context(tcp_cluster(workdir))
+            redis_addr = None
+            if redis_reason is None and "redis" in systems:
+                progress("starting redis-server")
+                redis_addr = stack.enter_context(redis_server(workdir))
+            _run_loop(
+                _main_loop(seeds, redis_addr, config, results, progress, systems, stopper),
+                stopper,
+            )
+    # After the ExitStack: the nodes and redis-server are reaped, their CPU counted.
+    results.cpu = CpuUse.between(before, CpuSample.take())
+    return results
