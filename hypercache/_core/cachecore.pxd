@@ -105,6 +105,8 @@ cdef class CacheCore:
     @cython.final
     cdef bint _expired(self, uint32_t s, int64_t now) noexcept
     @cython.final
+    cdef list _live_entries(self, bint with_values)
+    @cython.final
     cdef int64_t _live(self, object key, uint32_t h) except -2
     @cython.final
     cdef uint64_t _measure(self, object value) except? 0xFFFFFFFFFFFFFFFF

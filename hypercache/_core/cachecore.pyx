@@ -696,17 +696,26 @@ cdef class CacheCore:
         cdef int64_t left = self.expiry[s] - self._now()
         return max(left, 0) / <double>NS
 
-    def keys(self):
-        """A list of the live keys (in slot order, which is no particular order)."""
+    @cython.final
+    cdef list _live_entries(self, bint with_values):
+        # Keys (or (key, value) pairs) of the live entries, in slot order.
         cdef list out = []
         cdef uint32_t s
         cdef int64_t now = NO_TIME
         if self.expiry != NULL and self.heap_len:
             now = self._now()
         for s in range(self.used):
-            if self.kv[2 * s] != FREE and not (now != NO_TIME and self._expired(s, now)):
+            if self.kv[2 * s] == FREE or (now != NO_TIME and self._expired(s, now)):
+                continue
+            if with_values:
+                out.append((<object>self.kv[2 * s], <object>self.kv[2 * s + 1]))
+            else:
                 out.append(<object>self.kv[2 * s])
         return out
+
+    def keys(self):
+        """A list of the live keys (in slot order, which is no particular order)."""
+        return self._live_entries(False)
 
     def __iter__(self):
         return iter(self.keys())
@@ -946,12 +955,4 @@ cdef class CacheCore:
 
     def items(self):
         """A list of the live (key, value) pairs."""
-        cdef list out = []
-        cdef uint32_t s
-        cdef int64_t now = NO_TIME
-        if self.expiry != NULL and self.heap_len:
-            now = self._now()
-        for s in range(self.used):
-            if self.kv[2 * s] != FREE and not (now != NO_TIME and self._expired(s, now)):
-                out.append((<object>self.kv[2 * s], <object>self.kv[2 * s + 1]))
-        return out
+        return self._live_entries(True)

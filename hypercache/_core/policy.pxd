@@ -142,15 +142,19 @@ cdef class Policy:
     cdef void clear(self) noexcept
 
 
-cdef class LRUPolicy(Policy):
+cdef class ListPolicy(Policy):
+    # One recency list: head = most recent insert (or use), tail = next victim.
     cdef SlotList lst
 
 
-cdef class FIFOPolicy(Policy):
-    cdef SlotList lst
+cdef class LRUPolicy(ListPolicy):
+    pass
 
 
-cdef class ClockPolicy(Policy):
+cdef class FIFOPolicy(ListPolicy):
+    pass
+
+
+cdef class ClockPolicy(ListPolicy):
     # Second-chance FIFO: the list is the clock face, the tail the hand.
-    cdef SlotList lst
     cdef uint8_t* ref

@@ -70,18 +70,21 @@ class Policy:
     def __len__(self) -> int:
         """Number of entries tracked."""
 
+class ListPolicy(Policy):
+    """One recency list: inserts at the head, evicts the tail (FIFO as it stands)."""
+
 @final
-class LRUPolicy(Policy):
+class LRUPolicy(ListPolicy):
     """Least recently used: every hit or overwrite moves the entry to the front;
     the least recent entry goes."""
 
 @final
-class FIFOPolicy(Policy):
+class FIFOPolicy(ListPolicy):
     """First in, first out: reads and overwrites do not reorder; the oldest
     insert goes."""
 
 @final
-class ClockPolicy(Policy):
+class ClockPolicy(ListPolicy):
     """CLOCK (second chance): a hit sets the entry's reference bit; the hand
     gives each referenced entry one more round before it goes. New entries
     start unreferenced."""

@@ -81,9 +81,11 @@ cdef class Policy:
         return self.count
 
 
-@cython.final
-cdef class LRUPolicy(Policy):
-    """Least recently used: every hit moves the entry to the head; the tail goes."""
+cdef class ListPolicy(Policy):
+    """One recency list: inserts at the head, evicts the tail; reads do not reorder.
+
+    As it stands this is FIFO; LRU and CLOCK refine how reads count.
+    """
 
     def __cinit__(self, limit=0):
         list_init(&self.lst)
@@ -92,11 +94,8 @@ cdef class LRUPolicy(Policy):
         list_push_head(&self.lst, self.prev, self.nxt, slot)
         self.count += 1
 
-    cdef void access(self, uint32_t slot, uint32_t h) noexcept:
-        list_move_head(&self.lst, self.prev, self.nxt, slot)
-
     cdef void update(self, uint32_t slot, uint32_t h) noexcept:
-        list_move_head(&self.lst, self.prev, self.nxt, slot)
+        pass
 
     cdef void remove(self, uint32_t slot) noexcept:
         list_unlink(&self.lst, self.prev, self.nxt, slot)
@@ -112,6 +111,17 @@ cdef class LRUPolicy(Policy):
     cdef void clear(self) noexcept:
         list_init(&self.lst)
         self.count = 0
+
+
+@cython.final
+cdef class LRUPolicy(ListPolicy):
+    """Least recently used: every hit and overwrite moves the entry to the head."""
+
+    cdef void access(self, uint32_t slot, uint32_t h) noexcept:
+        list_move_head(&self.lst, self.prev, self.nxt, slot)
+
+    cdef void update(self, uint32_t slot, uint32_t h) noexcept:
+        list_move_head(&self.lst, self.prev, self.nxt, slot)
 
     @property
     def name(self):
@@ -119,36 +129,8 @@ cdef class LRUPolicy(Policy):
 
 
 @cython.final
-cdef class FIFOPolicy(Policy):
+cdef class FIFOPolicy(ListPolicy):
     """First in, first out: reads and overwrites do not reorder; the oldest insert goes."""
-
-    def __cinit__(self, limit=0):
-        list_init(&self.lst)
-
-    cdef void insert(self, uint32_t slot, uint32_t h) noexcept:
-        list_push_head(&self.lst, self.prev, self.nxt, slot)
-        self.count += 1
-
-    cdef void access(self, uint32_t slot, uint32_t h) noexcept:
-        pass
-
-    cdef void update(self, uint32_t slot, uint32_t h) noexcept:
-        pass
-
-    cdef void remove(self, uint32_t slot) noexcept:
-        list_unlink(&self.lst, self.prev, self.nxt, slot)
-        self.count -= 1
-
-    cdef uint32_t evict(self) noexcept:
-        cdef uint32_t s = self.lst.tail
-        if s != NO_SLOT:
-            list_unlink(&self.lst, self.prev, self.nxt, s)
-            self.count -= 1
-        return s
-
-    cdef void clear(self) noexcept:
-        list_init(&self.lst)
-        self.count = 0
 
     @property
     def name(self):
@@ -156,7 +138,7 @@ cdef class FIFOPolicy(Policy):
 
 
 @cython.final
-cdef class ClockPolicy(Policy):
+cdef class ClockPolicy(ListPolicy):
     """CLOCK (second chance): a hit sets the entry's reference bit; the hand, at the
     tail of a FIFO, gives each referenced entry one more round before it goes.
 
@@ -165,7 +147,6 @@ cdef class ClockPolicy(Policy):
     """
 
     def __cinit__(self, limit=0):
-        list_init(&self.lst)
         self.ref = NULL
 
     def __dealloc__(self):
@@ -187,10 +168,6 @@ cdef class ClockPolicy(Policy):
     cdef void update(self, uint32_t slot, uint32_t h) noexcept:
         self.ref[slot] = 1
 
-    cdef void remove(self, uint32_t slot) noexcept:
-        list_unlink(&self.lst, self.prev, self.nxt, slot)
-        self.count -= 1
-
     cdef uint32_t evict(self) noexcept:
         # Terminates: each pass clears the bit of the entry it skips, so within
         # one full turn of the face some entry is found unreferenced.
@@ -204,10 +181,6 @@ cdef class ClockPolicy(Policy):
             list_unlink(&self.lst, self.prev, self.nxt, s)
             self.count -= 1
         return s
-
-    cdef void clear(self) noexcept:
-        list_init(&self.lst)
-        self.count = 0
 
     @property
     def name(self):
