@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal
 
 from hypercache.client.serializer import Serializer, resolve_serializer
+from hypercache.client.topology import Router
 from hypercache.consistency import Consistency
 from hypercache.errors import ConfigError, NodeUnavailableError, ProtocolError
 from hypercache.net.protocol import Limits, make_hello
@@ -199,3 +200,56 @@ class ClientStats:
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class ClientBase:
+    """What :class:`~hypercache.Client` and :class:`~hypercache.AsyncClient` share:
+    the constructor, validated options, the router and the counters. Each
+    subclass sets up its own connections in :meth:`_init_transport`."""
+
+    def __init__(
+        self,
+        seeds: str | Sequence[str] = "127.0.0.1:7400",
+        *,
+        cluster_name: str = "hypercache",
+        auth_token: str | None = None,
+        timeout: float = 2.0,
+        connect_timeout: float = 1.0,
+        consistency: Consistency | str | None = None,
+        serializer: Serializer | None = None,
+        route: str = "owner",
+        limits: Limits | None = None,
+        topology_refresh: float = 30.0,
+    ) -> None:
+        options = ClientOptions.build(
+            seeds,
+            cluster_name=cluster_name,
+            auth_token=auth_token,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            consistency=consistency,
+            serializer=serializer,
+            route=route,
+            limits=limits,
+            topology_refresh=topology_refresh,
+        )
+        self.options = options
+        #: counters of this client
+        self.stats = ClientStats()
+        self._router = Router(
+            options.seeds,
+            route=options.route,
+            topology_refresh=options.topology_refresh,
+            retry_down_after=options.retry_down_after,
+        )
+        self._hello = options.hello()
+        self._limits = options.limits
+        self._timeout = options.timeout
+        self._default = options.consistency
+        self._dumps = options.serializer.dumps
+        self._loads = options.serializer.loads
+        self._closed = False
+        self._init_transport()
+
+    def _init_transport(self) -> None:
+        raise NotImplementedError

@@ -5,24 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from hypercache.client._common import (
     BATCH,
-    ClientOptions,
-    ClientStats,
+    ClientBase,
     decode_get,
     ttl_to_ms,
     unreachable,
     wire_consistency,
 )
 from hypercache.client.keys import Key, normalize_key
-from hypercache.client.serializer import Serializer
-from hypercache.client.topology import Router, Topology
+from hypercache.client.topology import Topology
 from hypercache.consistency import Consistency
 from hypercache.errors import HyperCacheError, NodeUnavailableError, ProtocolError
-from hypercache.net.protocol import Limits, Op
+from hypercache.net.protocol import Op
 from hypercache.net.tcp import ClientConnection, connect
 
 __all__ = ["AsyncClient"]
@@ -34,7 +32,7 @@ _PING: Final = int(Op.PING)
 _TOPOLOGY: Final = int(Op.TOPOLOGY)
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """An asyncio client of a hypercache cluster.
 
     ::
@@ -52,52 +50,11 @@ class AsyncClient:
     :raises ConfigError: an argument is invalid (``field`` names it).
     """
 
-    def __init__(
-        self,
-        seeds: str | Sequence[str] = "127.0.0.1:7400",
-        *,
-        cluster_name: str = "hypercache",
-        auth_token: str | None = None,
-        timeout: float = 2.0,
-        connect_timeout: float = 1.0,
-        consistency: Consistency | str | None = None,
-        serializer: Serializer | None = None,
-        route: str = "owner",
-        limits: Limits | None = None,
-        topology_refresh: float = 30.0,
-    ) -> None:
-        options = ClientOptions.build(
-            seeds,
-            cluster_name=cluster_name,
-            auth_token=auth_token,
-            timeout=timeout,
-            connect_timeout=connect_timeout,
-            consistency=consistency,
-            serializer=serializer,
-            route=route,
-            limits=limits,
-            topology_refresh=topology_refresh,
-        )
-        self.options = options
-        #: counters of this client
-        self.stats = ClientStats()
-        self._router = Router(
-            options.seeds,
-            route=options.route,
-            topology_refresh=options.topology_refresh,
-            retry_down_after=options.retry_down_after,
-        )
-        self._hello = options.hello()
-        self._limits = options.limits
-        self._timeout = options.timeout
-        self._default = options.consistency
-        self._dumps = options.serializer.dumps
-        self._loads = options.serializer.loads
+    def _init_transport(self) -> None:
         self._conns: dict[str, ClientConnection] = {}
         # One connect in flight per address, shared by every task that needs it.
         self._connecting: dict[str, asyncio.Future[ClientConnection]] = {}
         self._refresh_task: asyncio.Task[Topology] | None = None
-        self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
 

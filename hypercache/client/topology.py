@@ -35,22 +35,17 @@ without a lock; the worst outcome of a race is one extra table fetch.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from hypercache._core.ring import Ring
 from hypercache.errors import ConfigError, ProtocolError
 from hypercache.net.transport import parse_address
 
 __all__ = ["NodeInfo", "Router", "Topology"]
-
-# The compiled ring is imported by name so that this module type-checks whether or
-# not the extension has its .pyi yet; it is used through a tiny, stable surface
-# (from_table, partition_of).
-_ring_module: Any = importlib.import_module("hypercache._core.ring")
 
 #: Smallest delay between two table fetches triggered by failures.
 MIN_REFRESH: Final = 1.0
@@ -133,7 +128,7 @@ class Topology:
         order = sorted(range(len(nodes)), key=lambda i: nodes[i].node_id)
         rank = {old: new for new, old in enumerate(order)}
         try:
-            ring = _ring_module.Ring.from_table(
+            ring = Ring.from_table(
                 [nodes[i].node_id for i in order],
                 [[rank[o] for o in row] for row in table],
                 replication=max(replication, 1),
