@@ -29,7 +29,7 @@ test: build
 	$(PY) -m mypy
 
 quicktest: build
-	$(PY) -m pytest -q -x -m "not functional" -p no:randomly
+	$(PY) -m pytest -q -x -m "not functional"
 
 bench: build
 	$(PY) -m bench.report
