@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -396,17 +397,35 @@ def test_handlers_refuse_malformed_payloads() -> None:
 
     store = VersionedStore(64)
     limits = Limits()
-    for bad in (None, [0], [2, []], [0, [[0, 1]]], [1, [64]], [1, [[64, 0]]], [0, [[4, 1, 0]]]):
+    tops = bytes(32)
+    for bad in (
+        None,
+        [0],
+        [2, []],
+        [0, [[0, 1]]],
+        [1, [64]],
+        [1, [[64, 0]]],
+        [1, [[64, 100, tops]]],
+        [1, [[0, 100, tops[:28]]]],
+        [0, [[4, 1, 0]]],
+    ):
         with pytest.raises(ProtocolError):
             antientropy.handle_merkle(store, bad)
-    for bad in (None, [[0]], [[64, [0]]], [[0, [64]]]):
+    for bad in (None, [[0]], [[0, [0]]], [[64, 0, b""]], [[0, 64, b""]], [[0, 0, b"1234"]]):
         with pytest.raises(ProtocolError):
             antientropy.handle_keys(store, bad)
     with pytest.raises(ProtocolError):
         antientropy.handle_pull(store, limits, [1])
     store.apply(b"k", b"v", 5 << 16, 1, 0, False, wall_clock_ms())
     p, b = store.bucket_of(b"k")
-    assert antientropy.handle_keys(store, [[p, [b]]]) == [[b"k", 5 << 16, 1, False, 0]]
+    # KEYS lists the entries whose term the asker lacks and the asker's terms not held.
+    ((term, key, _),) = antientropy.bucket_terms(store, p, b, wall_clock_ms())
+    assert key == b"k"
+    packed = struct.pack("<Q", term)
+    other = struct.pack("<Q", term ^ 1)
+    assert antientropy.handle_keys(store, [[p, b, b""]]) == [[[[b"k", 5 << 16, 1]], []]]
+    assert antientropy.handle_keys(store, [[p, b, packed]]) == [[[], []]]
+    assert antientropy.handle_keys(store, [[p, b, other + packed]]) == [[[], [0]]]
     assert antientropy.handle_pull(store, limits, [b"k", b"nope"]) == [
         [b"k", b"v", 5 << 16, 1, 0, False]
     ]
@@ -428,15 +447,23 @@ def test_merkle_and_keys_over_the_wire() -> None:
                 assert answer == [[g, [node.store.digest(p)]]]
                 digest = antientropy.group_digest([node.store.digest(p)])
                 assert await net_conn.request(Op.MERKLE, [0, [[g, mask, digest]]], 2) == []
-                # A small partition is listed whole, a larger one by sub-bucket digests.
-                listing = await net_conn.request(Op.MERKLE, [1, [[p, 0]]], 2)
+                # A small partition is listed whole, a larger one by the sub-digests
+                # of the blocks that differ.
+                subs = node.store.sub_digests(p)
+                tops = antientropy.block_digests(subs)
+                listing = await net_conn.request(Op.MERKLE, [1, [[p, 0, tops]]], 2)
                 entry = node.store.peek(b"a", wall_clock_ms())
                 assert entry is not None
-                assert listing == [[p, 1, [[b"a", entry[1], entry[2], False, 0]]]]
-                subs = await net_conn.request(Op.MERKLE, [1, [[p, 1000]]], 2)
-                assert subs == [[p, 0, node.store.sub_digests(p)]]
+                assert listing == [[p, 1, [[b"a", entry[1], entry[2]]]]]
+                same = await net_conn.request(Op.MERKLE, [1, [[p, 1000, tops]]], 2)
+                assert same == [[p, 0, 0, b""]]
+                _, b = node.store.bucket_of(b"a")
+                block = b // antientropy.BLOCK
+                answer = await net_conn.request(Op.MERKLE, [1, [[p, 1000, bytes(32)]]], 2)
+                low = [d & 0xFFFFFFFF for d in subs[block * 8 : block * 8 + 8]]
+                assert answer == [[p, 0, 1 << block, struct.pack("<8I", *low)]]
                 with pytest.raises(ProtocolError):
-                    await net_conn.request(Op.KEYS, [[p, [9999]]], 2)
+                    await net_conn.request(Op.KEYS, [[p, 9999, b""]], 2)
             finally:
                 await net_conn.close()
 

@@ -113,6 +113,8 @@ _log = logging.getLogger("hypercache.antientropy")
 
 # Store protocols have a ``bytes`` counter, which shadows the builtin in their body.
 _Bytes: TypeAlias = bytes
+#: A parsed ``key_row``: ``(key, ts, origin, tombstone, expire_at_ms)``.
+_KeyRow: TypeAlias = tuple[bytes, int, int, bool, int]
 
 _MERKLE: Final = int(Op.MERKLE)
 _KEYS: Final = int(Op.KEYS)
@@ -319,10 +321,10 @@ def handle_merkle(store: AEStore, payload: Any) -> list[Any]:
             if len(tops) != 4 * blocks:
                 raise ProtocolError("peer has a different number of sub-buckets")
             subs = store.sub_digests(p)
-            mine = block_digests(subs)
+            my_tops = block_digests(subs)
             mask = 0
             for i in range(blocks):
-                if mine[4 * i : 4 * i + 4] != tops[4 * i : 4 * i + 4]:
+                if my_tops[4 * i : 4 * i + 4] != tops[4 * i : 4 * i + 4]:
                     mask |= 1 << i
             out.append([p, 0, mask, _pack_subs(subs, mask)])
         return out
@@ -677,7 +679,7 @@ class AntiEntropy:
         answer = await self._call(peer, _MERKLE, [1, request])
         now = wall_ms()
         # Per partition: the peer's differing rows and the keys of ours it lacks.
-        remote: dict[int, list[list[Any]]] = {}
+        remote: dict[int, list[_KeyRow]] = {}
         lacking: dict[int, list[bytes]] = {}
         asks: list[list[Any]] = []
         for item in _list(answer, "MERKLE answer"):
@@ -685,10 +687,12 @@ class AntiEntropy:
                 raise ProtocolError("MERKLE level-1 answer must be [partition, kind, ...]")
             p, kind = item[0], item[1]
             if kind == 1 and len(item) == 3:
-                rows = remote[p] = _list(item[2], "MERKLE listing")
-                seen = {row[0] for row in rows if type(row) is list and row}
-                lacking[p] = [k for k, _, _ in store.keys(p) if k not in seen]
+                rows = remote[p] = [_key_row(row) for row in _list(item[2], "MERKLE listing")]
+                listed = {row[0] for row in rows}
+                lacking[p] = [k for k, _, _ in store.keys(p) if k not in listed]
                 continue
+            if len(item) != 4:
+                raise ProtocolError("malformed MERKLE level-1 answer")
             mask, packed = item[2], item[3]
             mine = subs[p]
             width = min(BLOCK, len(mine))
@@ -724,8 +728,7 @@ class AntiEntropy:
             p_pulls: list[bytes] = []
             p_pushes: list[list[Any]] = []
             seen: set[bytes] = set()
-            for row in remote[p]:
-                key, ts, origin, tomb, expire_at = _key_row(row)
+            for key, ts, origin, tomb, expire_at in remote[p]:
                 seen.add(key)
                 if expire_at and expire_at <= now:
                     continue
@@ -773,7 +776,7 @@ class AntiEntropy:
         self,
         peer: _Peer,
         asks: list[list[Any]],
-        remote: dict[int, list[list[Any]]],
+        remote: dict[int, list[_KeyRow]],
         lacking: dict[int, list[bytes]],
     ) -> None:
         """``KEYS`` for ``asks`` (``[p, b, bucket_terms]``): add the peer's differing
@@ -797,7 +800,7 @@ class AntiEntropy:
                 if type(item) is not list or len(item) != 2:
                     raise ProtocolError("KEYS answer item must be [rows, missing]")
                 rows, missing = _list(item[0], "KEYS rows"), _list(item[1], "KEYS missing")
-                remote[p].extend(rows)
+                remote[p].extend(_key_row(row) for row in rows)
                 for m in missing:
                     if type(m) is not int or not 0 <= m < len(terms):
                         raise ProtocolError("KEYS missing position out of range")
@@ -814,9 +817,10 @@ class AntiEntropy:
         while i < len(keys):
             chunk = keys[i : i + BATCH_KEYS]
             rows = _list(await self._call(peer, _PULL, [k for k, _ in chunk]), "PULL answer")
-            if not rows:
-                break
-            where = dict(chunk)
+            where = {key: (n, p) for n, (key, p) in enumerate(chunk)}
+            # The answer keeps the request's order, skips keys the peer no longer
+            # holds and may stop early (byte budget): go on after its last key.
+            consumed = len(chunk)
             now = wall_ms()
             for row in rows:
                 if type(row) is not list or len(row) != 6:
@@ -824,9 +828,10 @@ class AntiEntropy:
                 key, value, ts, origin, expire_at, tomb = row
                 key = self.limits.check_key(key)
                 value = bytes(self.limits.check_value(value))
-                p = where.get(key)
-                if p is None:
+                at = where.get(key)
+                if at is None:
                     raise ProtocolError("PULL answer holds a key not asked for")
+                consumed, p = at[0] + 1, at[1]
                 if expire_at and expire_at <= now:
                     continue
                 if not admits_repair(self.store, key, len(key) + len(value), tomb, now):
@@ -836,7 +841,7 @@ class AntiEntropy:
                     applied_in.add(p)
                 else:
                     refused += 1
-            i += len(rows)
+            i += consumed
         self.stats.keys_pulled += applied
         return applied, refused
 
@@ -908,15 +913,21 @@ def _list(value: Any, what: str) -> list[Any]:
     return value
 
 
-def _key_row(row: Any) -> tuple[bytes, int, int, bool, int]:
+def _key_row(row: Any) -> _KeyRow:
     """``(key, ts, origin, tombstone, expire_at)`` of a ``key_row``."""
-    if type(row) is not list or type(row[0] if row else None) is not bytes:
+    if (
+        type(row) is not list
+        or len(row) not in (3, 5)
+        or type(row[0]) is not bytes
+        or type(row[1]) is not int
+        or type(row[2]) is not int
+    ):
         raise ProtocolError("malformed key row")
     if len(row) == 3:
         return row[0], row[1], row[2], False, 0
-    if len(row) == 5:
-        return row[0], row[1], row[2], row[3], row[4]
-    raise ProtocolError("malformed key row")
+    if type(row[3]) is not bool or type(row[4]) is not int:
+        raise ProtocolError("malformed key row")
+    return row[0], row[1], row[2], row[3], row[4]
 
 
 def _pair(value: Any, what: str) -> tuple[int, Any]:
