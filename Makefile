@@ -33,6 +33,8 @@ quicktest: build
 
 bench: build
 	$(PY) -m bench.report
+	$(PY) -m bench.cluster_report
+	$(PY) -m bench.convergence_report
 
 run: build
 	$(PY) -m hypercache.cli.local

@@ -35,6 +35,14 @@ call); ops/s is requests completed over the run's wall time. A run of a cell sto
 its request count or its time cap, whichever comes first; the report gives the median
 over the runs of each figure. The runs are interleaved - run 1 of every cell, then run
 2, ... - so that a burst of load from elsewhere lands on all systems rather than one.
+The garbage collector stays on, as in an application.
+
+The machine is shared, so each run also records how many CPUs *other* processes kept
+busy meanwhile (``/proc/stat`` minus this process, its nodes and its redis-server):
+the report shows it per cell, so that a figure timed on a busy machine says so.
+
+Every process and server started here is stopped on the way out, whatever happens:
+SIGINT and SIGTERM unwind through the same ``finally`` blocks (:class:`_Stopper`).
 
 Why a plain timed harness and not pytest-benchmark: pytest-benchmark times a callable
 per round and reports statistics of rounds; it cannot time each of 32 requests in
@@ -47,7 +55,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import random
 import resource
@@ -134,8 +144,8 @@ QUICK = ClusterBenchConfig(
 
 def percentile(ordered: Sequence[int], q: float) -> int:
     """Nearest-rank percentile of an ascending, non-empty sequence (``q`` in 0..1)."""
-    rank = max(1, -(-len(ordered) * q // 1))  # ceil(n * q), at least 1
-    return ordered[int(rank) - 1]
+    rank = max(1, math.ceil(len(ordered) * q))
+    return ordered[rank - 1]
 
 
 @dataclass(frozen=True)
@@ -147,6 +157,8 @@ class Run:
     p50_ns: int
     p95_ns: int
     p99_ns: int
+    #: average CPUs that other processes of the machine kept busy meanwhile (NaN: unknown)
+    others_cpu: float = math.nan
 
     @classmethod
     def from_latencies(cls, latencies: list[int], wall_ns: int) -> Run:
@@ -202,24 +214,33 @@ class CpuSample:
     wall: float
     busy: float  # CPU-seconds of every process: user, nice, system, irq, softirq
     steal: float  # CPU-seconds the hypervisor gave to other guests
-    ours: float  # CPU-seconds of this process and its reaped children
+    ours: float  # CPU-seconds of this process and its children, live or reaped
 
     @classmethod
-    def take(cls) -> CpuSample | None:
+    def take(cls, children: Sequence[int] = ()) -> CpuSample | None:
+        """Now; ``children``: the pids of live children (the nodes, redis-server)."""
+        hz = os.sysconf("SC_CLK_TCK")
         try:
             with open("/proc/stat", encoding="ascii") as f:
                 ticks = [int(x) for x in f.readline().split()[1:9]]
         except (OSError, ValueError):
             return None
-        hz = os.sysconf("SC_CLK_TCK")
         me = resource.getrusage(resource.RUSAGE_SELF)
-        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ours = me.ru_utime + me.ru_stime + reaped.ru_utime + reaped.ru_stime
+        for pid in children:
+            try:
+                with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # reaped meanwhile: counted in RUSAGE_CHILDREN
+            ours += (int(fields[11]) + int(fields[12])) / hz  # utime, stime
         user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
         return cls(
             wall=time.monotonic(),
             busy=(user + nice + system + irq + softirq) / hz,
             steal=steal / hz,
-            ours=me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+            ours=ours,
         )
 
 
@@ -437,9 +458,14 @@ class _NodeProc:
 
 
 @contextlib.contextmanager
-def tcp_cluster(workdir: Path, size: int = NODES) -> Iterator[list[str]]:
+def tcp_cluster(
+    workdir: Path, size: int = NODES, pids: list[int] | None = None
+) -> Iterator[list[str]]:
     """Start ``size`` ``hypercache-node`` processes on 127.0.0.1; yield their data
-    addresses once every node sees every member up. Always stops them all."""
+    addresses once every node sees every member up. Always stops them all.
+
+    :param pids: the pid of each process started is appended to it.
+    """
     procs: list[_NodeProc] = []
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("HYPERCACHE_")}
 
@@ -467,6 +493,8 @@ def tcp_cluster(workdir: Path, size: int = NODES) -> Iterator[list[str]]:
             )
         node = _NodeProc(name, proc, out, log)
         procs.append(node)
+        if pids is not None:
+            pids.append(proc.pid)
         return node
 
     try:
@@ -543,12 +571,15 @@ def _redis_answers(proc: subprocess.Popen[bytes], port: int) -> bool:
         )
     finally:
         conn.close()
-    return up != "exited"
+    return bool(up != "exited")
 
 
 @contextlib.contextmanager
-def redis_server(workdir: Path) -> Iterator[tuple[str, int]]:
-    """A ``redis-server`` on a free 127.0.0.1 port, persistence off; always stopped."""
+def redis_server(workdir: Path, pids: list[int] | None = None) -> Iterator[tuple[str, int]]:
+    """A ``redis-server`` on a free 127.0.0.1 port, persistence off; always stopped.
+
+    :param pids: the pid of the server is appended to it.
+    """
     exe = shutil.which("redis-server")
     assert exe is not None
     log = workdir / "redis.log"
@@ -575,6 +606,8 @@ def redis_server(workdir: Path) -> Iterator[tuple[str, int]]:
             proc = subprocess.Popen(
                 argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
+        if pids is not None:
+            pids.append(proc.pid)
         try:
             if _redis_answers(proc, port):
                 yield "127.0.0.1", port
@@ -704,10 +737,10 @@ def _hypercache_sync(name: str, client: Client, value: bytes) -> Driver:
     return Driver(name, set_, get, sync=True)
 
 
-def _redis_targets(
+def _redis_drivers(
     host: str, port: int, value: bytes
 ) -> tuple[Driver, Driver, Callable[[], Awaitable[None]]]:
-    """(sequential target, concurrent target, close)."""
+    """(sequential driver, concurrent driver, close)."""
     import redis
     import redis.asyncio as aredis
 
@@ -756,6 +789,7 @@ async def _measure(
     results: Results,
     progress: Progress,
     stopper: _Stopper,
+    children: Sequence[int],
 ) -> None:
     """Warm every cell up, then run every cell ``config.runs`` times, interleaved."""
     order = random.Random(SEED).sample(keys, len(keys))
@@ -776,11 +810,15 @@ async def _measure(
         start = cursor % len(order)
         cursor += n
         walk = order[start:] + order[:start]
+        before = CpuSample.take(children)
         if driver.sync:
-            return await asyncio.to_thread(
+            run = await asyncio.to_thread(
                 run_sync, call, walk, n, config.run_seconds, stopper.event
             )
-        return await run_async(call, walk, n, clients, config.run_seconds)
+        else:
+            run = await run_async(call, walk, n, clients, config.run_seconds)
+        use = CpuUse.between(before, CpuSample.take(children))
+        return run if use is None else dataclasses.replace(run, others_cpu=use.others)
 
     for system, op, clients in cells:
         await once(system, op, clients, config.warmup)
@@ -793,7 +831,8 @@ async def _measure(
             progress(
                 f"run {r + 1}/{config.runs} {system:8} {op} x{clients:<2}: "
                 f"p50 {run.p50_ns / 1e3:7.1f} us  p95 {run.p95_ns / 1e3:7.1f} us  "
-                f"{run.ops_per_s:9,.0f} ops/s  ({run.requests} requests)"
+                f"{run.ops_per_s:9,.0f} ops/s  ({run.requests} requests, "
+                f"others' CPU {run.others_cpu:.2f})"
             )
 
 
@@ -809,6 +848,7 @@ async def _main_loop(
     progress: Progress,
     systems: Sequence[str],
     stopper: _Stopper,
+    children: Sequence[int],
 ) -> None:
     keys, value = bench_keys(), bench_value()
     async with contextlib.AsyncExitStack() as stack:
@@ -835,7 +875,7 @@ async def _main_loop(
                 drivers[("tcp-sync", 1)] = _hypercache_sync("tcp-sync", sync_client, value)
 
         if redis_addr is not None:
-            sequential, concurrent, close = _redis_targets(*redis_addr, value)
+            sequential, concurrent, close = _redis_drivers(*redis_addr, value)
             stack.push_async_callback(close)
             with _redis_pipeline(*redis_addr) as pipe:
                 for key in keys:
@@ -845,7 +885,7 @@ async def _main_loop(
                 drivers[("redis", clients)] = sequential if clients == 1 else concurrent
 
         progress(f"populated {KEYS:,} keys of {VALUE_SIZE} bytes; timing")
-        await _measure(drivers, keys, config, results, progress, stopper)
+        await _measure(drivers, keys, config, results, progress, stopper, children)
 
 
 @contextlib.contextmanager
@@ -901,19 +941,20 @@ def measure(
         tempfile.TemporaryDirectory(prefix="hypercache-cluster-bench-") as tmp,
     ):
         workdir = Path(tmp)
+        children: list[int] = []
         with contextlib.ExitStack() as stack:
             seeds = None
             if want_tcp:
                 progress(f"starting {NODES} hypercache-node processes")
-                seeds = stack.enter_context(tcp_cluster(workdir))
+                seeds = stack.enter_context(tcp_cluster(workdir, pids=children))
             redis_addr = None
             if redis_reason is None and "redis" in systems:
                 progress("starting redis-server")
-                redis_addr = stack.enter_context(redis_server(workdir))
-            _run_loop(
-                _main_loop(seeds, redis_addr, config, results, progress, systems, stopper),
-                stopper,
+                redis_addr = stack.enter_context(redis_server(workdir, pids=children))
+            main = _main_loop(
+                seeds, redis_addr, config, results, progress, systems, stopper, children
             )
+            _run_loop(main, stopper)
     # After the ExitStack: the nodes and redis-server are reaped, their CPU counted.
     results.cpu = CpuUse.between(before, CpuSample.take())
     return results

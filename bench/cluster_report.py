@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import math
 import os
 import platform
 import shlex
@@ -133,7 +134,9 @@ def render_cells(results: Results) -> list[str]:
         "Latency: `perf_counter_ns` around each request, µs. `clients=1`: each request "
         f"awaited before the next; `clients={max(CLIENTS)}`: {max(CLIENTS)} closed-loop "
         "workers on one client, so that many requests always in flight. ops/s: requests "
-        "over the run's wall time.",
+        "over the run's wall time. others' CPU: CPUs kept busy meanwhile by processes "
+        "other than this benchmark, its nodes and its redis-server (from `/proc`); "
+        "well above 0, the cell timed a shared machine.",
         "",
     ]
     rows = []
@@ -145,8 +148,9 @@ def render_cells(results: Results) -> list[str]:
                 cell = results.get(system, op, clients)
                 name = f"QUORUM {op}" if system != "redis" else op.upper()
                 if cell is None:
-                    rows.append([label, name, str(clients), *["n/a"] * 5])
+                    rows.append([label, name, str(clients), *["n/a"] * 6])
                     continue
+                others = cell.median("others_cpu")
                 rows.append(
                     [
                         label,
@@ -157,12 +161,23 @@ def render_cells(results: Results) -> list[str]:
                         us(cell.median("p99_ns")),
                         f"{cell.median('ops_per_s'):,.0f}",
                         f"{cell.median('requests'):,.0f}",
+                        "n/a" if math.isnan(others) else f"{others:.2f}",
                     ]
                 )
     lines += table(
-        ["system", "op", "clients", "p50 µs", "p95 µs", "p99 µs", "ops/s", "requests/run"],
+        [
+            "system",
+            "op",
+            "clients",
+            "p50 µs",
+            "p95 µs",
+            "p99 µs",
+            "ops/s",
+            "requests/run",
+            "others' CPU",
+        ],
         rows,
-        "llrrrrrr",
+        "llrrrrrrr",
     )
     return lines
 

@@ -188,7 +188,10 @@ def git_commit() -> str:
     def git(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
 
-    head = git("rev-parse", "--short", "HEAD")
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+    except FileNotFoundError:  # no git on PATH
+        return "unknown"
     if head.returncode != 0:
         return "unknown"
     dirty = git("status", "--porcelain").stdout.strip()
