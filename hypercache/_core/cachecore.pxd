@@ -11,7 +11,7 @@ cdef class CacheCore:
     cdef PyObject** kv
     cdef uint32_t* hashes
     cdef uint64_t* sizes
-    cdef uint64_t* index
+    cdef uint32_t* index
     cdef uint8_t* ctrl
     cdef uint32_t mask
     cdef int shift

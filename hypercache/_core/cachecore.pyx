@@ -8,15 +8,17 @@ parallel C arrays (struct-of-arrays, so a lookup touches only what it needs):
     kv[2*s], kv[2*s+1]   key and value (PyObject*), stored in a Python list
     hashes[s]            32 bits of the key's hash; for a free slot, the next free slot
     sizes[s]             the entry's size in bytes, as ``sizeof`` measured it
-    expire[s]            absolute expiry in monotonic ns, 0 = none (allocated on first TTL)
+    expiry[s]            absolute expiry in monotonic ns, 0 = none (allocated on first TTL)
     heap_pos[s]          the slot's place in the expiry heap
 
 plus the policy's own arrays (links, frequencies, ...). The index is an
 open-addressing table of uint32 (slot + 1, 0 = empty) with linear probing,
 Fibonacci hashing of the 32-bit hash, and backward-shift deletion, so there are
-no tombstones and a probe ends at the first empty bucket. The load factor stays
-at or under 1/2. At one million entries that is about 44 bytes per entry, all
-counted: 16 (kv) + 4 (hash) + 8 (policy links) + 8 (size) + ~8 (index).
+no tombstones and a probe ends at the first empty bucket. In front of it, one
+control byte per bucket (0 = empty, else 0x80 | 7 hash bits) lets a probe test
+8 buckets with one load (see _find). The load factor stays at or under 1/2. At
+one million entries that is about 46 bytes per entry: 16 (kv) + 4 (hash) +
+8 (policy links) + 8 (size) + ~8 (index) + ~2 (control bytes).
 
 Why the keys and values sit in a Python list rather than a raw C array: the
 list is what the garbage collector traverses, so a value that refers back to
@@ -88,15 +90,12 @@ cdef enum:
 cdef extern from *:
     """
     #define HC_FIB 0x9E3779B97F4A7C15ULL
-    #define HC_HASH_MASK 0xFFFFFFFF00000000ULL
-    #define HC_SLOT_MASK 0x00000000FFFFFFFFULL
     """
     const uint64_t FIB "HC_FIB"
-    const uint64_t HASH_MASK "HC_HASH_MASK"
-    const uint64_t SLOT_MASK "HC_SLOT_MASK"
     const uint64_t BYTES_LSB "0x0101010101010101ULL"
     const uint64_t BYTES_MSB "0x8080808080808080ULL"
     int ctz64 "__builtin_ctzll"(uint64_t) noexcept nogil
+    void prefetch "__builtin_prefetch"(const void*) noexcept nogil
 
 
 cdef inline uint8_t ctrl_tag(uint32_t h) noexcept nogil:
@@ -208,8 +207,8 @@ cdef class CacheCore:
         self.cap = MIN_SLOTS
         self.hashes = <uint32_t*>grow_array(NULL, MIN_SLOTS, sizeof(uint32_t))
         self.sizes = <uint64_t*>grow_array(NULL, MIN_SLOTS, sizeof(uint64_t))
-        self.index = <uint64_t*>grow_array(NULL, MIN_BUCKETS, sizeof(uint64_t))
-        memset(self.index, 0, MIN_BUCKETS * sizeof(uint64_t))
+        self.index = <uint32_t*>grow_array(NULL, MIN_BUCKETS, sizeof(uint32_t))
+        memset(self.index, 0, MIN_BUCKETS * sizeof(uint32_t))
         self.ctrl = <uint8_t*>grow_array(NULL, MIN_BUCKETS + 8, 1)
         memset(self.ctrl, 0, MIN_BUCKETS + 8)
         self.mask = MIN_BUCKETS - 1
@@ -294,14 +293,14 @@ cdef class CacheCore:
     cdef int64_t _find(self, object key, uint32_t h) except -2:
         # The slot holding ``key``, or -1. Scans the control bytes 8 buckets at
         # a time: a miss is usually settled by one group that holds an empty
-        # byte and no tag match, without touching the index. Identical keys
-        # (interned strings, small ints, the very object stored) are settled
-        # here; an equal-hash, non-identical key takes _find_eq.
+        # byte and no tag match, without touching the index. A tag match whose
+        # slot holds the very key object (interned strings, small ints, the
+        # object stored) is a hit without reading the stored hash; any other
+        # candidate with an equal hash takes _find_eq, which may call __eq__.
         cdef uint32_t i = self._bucket(h)
-        cdef uint64_t g, m, empty, e
+        cdef uint64_t g, m, empty
         cdef uint64_t pattern = BYTES_LSB * ctrl_tag(h)
-        cdef uint64_t tag = (<uint64_t>h) << 32
-        cdef uint32_t b
+        cdef uint32_t s
         while True:
             memcpy(&g, self.ctrl + i, 8)
             m = g ^ pattern
@@ -311,11 +310,13 @@ cdef class CacheCore:
                 # Only the run before the first empty bucket belongs to the probe.
                 m &= (empty & (~empty + 1)) - 1
             while m:
-                b = (i + (ctz64(m) >> 3)) & self.mask
-                e = self.index[b]
-                if (e & HASH_MASK) == tag:
-                    if self.kv[2 * ((e & SLOT_MASK) - 1)] == <PyObject*>key:
-                        return <int64_t>(e & SLOT_MASK) - 1
+                s = self.index[(i + (ctz64(m) >> 3)) & self.mask] - 1
+                # A hit goes on to the policy's links of this slot: start
+                # that load now so it overlaps the key comparison's.
+                prefetch(self.policy.prev + 2 * s)
+                if self.kv[2 * s] == <PyObject*>key:
+                    return s
+                if self.hashes[s] == h:
                     return self._find_eq(key, h)
                 m &= m - 1
             if empty:
@@ -326,27 +327,27 @@ cdef class CacheCore:
     cdef int64_t _find_eq(self, object key, uint32_t h) except -2:
         # The full probe, comparing with __eq__, which may run Python code:
         # if that changed the table, start again (as CPython's dict does).
-        cdef uint32_t i
-        cdef uint64_t e, seen
-        cdef uint64_t tag = (<uint64_t>h) << 32
+        cdef uint32_t i, b
+        cdef uint64_t seen
         cdef PyObject* k
         cdef int r
         while True:
             i = self._bucket(h)
             while True:
-                e = self.index[i]
-                if e == 0:
+                b = self.index[i]
+                if b == 0:
                     return -1
-                if (e & HASH_MASK) == tag:
-                    k = self.kv[2 * ((e & SLOT_MASK) - 1)]
+                b -= 1
+                if self.hashes[b] == h:
+                    k = self.kv[2 * b]
                     if k == <PyObject*>key:
-                        return <int64_t>(e & SLOT_MASK) - 1
+                        return b
                     seen = self.mutations
                     r = PyObject_RichCompareBool(<object>k, key, Py_EQ)
                     if seen != self.mutations:
                         break
                     if r:
-                        return <int64_t>(e & SLOT_MASK) - 1
+                        return b
                 i = (i + 1) & self.mask
 
     @cython.final
@@ -354,7 +355,7 @@ cdef class CacheCore:
         cdef uint32_t i = self._bucket(h)
         while self.index[i]:
             i = (i + 1) & self.mask
-        self.index[i] = ((<uint64_t>h) << 32) | (slot + 1)
+        self.index[i] = slot + 1
         self._set_ctrl(i, ctrl_tag(h))
 
     @cython.final
@@ -369,25 +370,23 @@ cdef class CacheCore:
     cdef void _index_remove(self, uint32_t slot) noexcept:
         # Backward-shift deletion: pull later members of the probe run into the
         # hole unless their home bucket lies cyclically in (hole, their place].
-        cdef uint64_t want = ((<uint64_t>self.hashes[slot]) << 32) | (slot + 1)
         cdef uint32_t i = self._bucket(self.hashes[slot])
-        cdef uint32_t j, home
-        cdef uint64_t e
-        while self.index[i] != want:
+        cdef uint32_t j, home, b
+        while self.index[i] != slot + 1:
             i = (i + 1) & self.mask
         j = i
         while True:
             j = (j + 1) & self.mask
-            e = self.index[j]
-            if e == 0:
+            b = self.index[j]
+            if b == 0:
                 break
-            home = self._bucket(<uint32_t>(e >> 32))
+            home = self._bucket(self.hashes[b - 1])
             if i <= j:
                 if i < home <= j:
                     continue
             elif i < home or home <= j:
                 continue
-            self.index[i] = e
+            self.index[i] = b
             self._set_ctrl(i, self.ctrl[j])
             i = j
         self.index[i] = 0
@@ -397,9 +396,9 @@ cdef class CacheCore:
     cdef int _index_grow(self) except -1:
         cdef uint32_t nb = (self.mask + 1) * 2
         cdef uint32_t s
-        cdef uint64_t* idx = <uint64_t*>grow_array(NULL, nb, sizeof(uint64_t))
+        cdef uint32_t* idx = <uint32_t*>grow_array(NULL, nb, sizeof(uint32_t))
         cdef uint8_t* ctl = <uint8_t*>grow_array(NULL, nb + 8, 1)
-        memset(idx, 0, nb * sizeof(uint64_t))
+        memset(idx, 0, nb * sizeof(uint32_t))
         memset(ctl, 0, nb + 8)
         free(self.index)
         free(self.ctrl)
@@ -911,7 +910,7 @@ cdef class CacheCore:
             if cap == self.cap:
                 break
         old = self.kvlist
-        memset(self.index, 0, (self.mask + 1) * sizeof(uint64_t))
+        memset(self.index, 0, (self.mask + 1) * sizeof(uint32_t))
         memset(self.ctrl, 0, self.mask + 1 + 8)
         if self.expiry != NULL:
             memset(self.expiry, 0, self.cap * sizeof(int64_t))
