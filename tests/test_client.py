@@ -60,7 +60,12 @@ DEADLINE = 10.0
 
 
 class FakeNode:
-    """Handler answering the client ops over ``store`` (shared by a fake cluster)."""
+    """Handler answering the client ops over ``store`` (shared by a fake cluster).
+
+    ``R_GET`` answers ``entries[key]`` when the test chose this node's version of
+    the key (a 5-element list, or None), else the shared store's value at version
+    ``(1, 0)``; ``R_PUT`` records the entry in ``entries`` (and in ``received``).
+    """
 
     def __init__(self, name: str, store: dict[bytes, bytes]) -> None:
         self.name = name
@@ -69,9 +74,12 @@ class FakeNode:
         self.topology: dict[str, Any] | None = None
         self.received: list[tuple[str, Any]] = []
         self.fail: Exception | None = None
+        self.fail_r_get: Exception | None = None
         self.delay = 0.0
         self.inflight = 0
         self.max_inflight = 0
+        self.entries: dict[bytes, list[Any] | None] = {}
+        self.r_puts: list[list[Any]] = []
 
     def hello_info(self, peer_hello: dict[str, Any]) -> dict[str, Any]:
         return {}
@@ -81,7 +89,7 @@ class FakeNode:
 
     async def handle(self, conn_info: PeerInfo, op: int, payload: Any) -> Any:
         name = Op(op).name
-        key: Any = payload[0] if op in (Op.GET, Op.SET, Op.DELETE) else None
+        key: Any = payload[0] if op in (Op.GET, Op.SET, Op.DELETE, Op.R_GET, Op.R_PUT) else None
         self.received.append((name, key))
         self.inflight += 1
         self.max_inflight = max(self.max_inflight, self.inflight)
@@ -107,6 +115,17 @@ class FakeNode:
                 return True
             if op == Op.DELETE:
                 return self.store.pop(key, None) is not None
+            if op == Op.R_GET:
+                if self.fail_r_get is not None:
+                    raise self.fail_r_get
+                if key in self.entries:
+                    return self.entries[key]
+                value = self.store.get(key)
+                return None if value is None else [value, 1, 0, 0, False]
+            if op == Op.R_PUT:
+                self.r_puts.append(list(payload))
+                self.entries[key] = list(payload[1:])
+                return True
             raise ServerError(f"unknown op {op}")
         finally:
             self.inflight -= 1
@@ -809,6 +828,224 @@ def test_cli_errors(servers: ServerThread, capsys: pytest.CaptureFixture[str]) -
     assert "usage" in capsys.readouterr().out
 
 
+# ============================================================================ owner reads
+
+# Client-coordinated reads: with a table and a known level, get/get_many send R_GET
+# straight to the key's owners and resolve the newest version themselves.
+
+KIND = pytest.mark.parametrize("kind", ["sync", "async"])
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def owner_nodes(nodes: list[FakeNode], ring: Ring, key: str) -> list[FakeNode]:
+    by_id = {nd.name: nd for nd in nodes}
+    return [by_id[o] for o in ring.owners(key.encode())]
+
+
+def entry(value: Any, ts: int, origin: int = 1, expire: int = 0, tomb: bool = False) -> list[Any]:
+    return [MsgpackSerializer().dumps(value), ts, origin, expire, tomb]
+
+
+def read(
+    kind: str, seeds: list[str], keys: list[str], consistency: str | None = "quorum", **kw: Any
+) -> tuple[Any, dict[str, int]]:
+    """``get`` (one key) or ``get_many`` with a fresh client of ``kind``; the result
+    and the client's stats. A raised error is returned as the result."""
+    if kind == "sync":
+        with Client(seeds, consistency=consistency, **kw) as client:
+            try:
+                out: Any = client.get(keys[0]) if len(keys) == 1 else client.get_many(keys)
+            except Exception as exc:
+                out = exc
+            return out, client.stats.as_dict()
+
+    async def go() -> tuple[Any, dict[str, int]]:
+        async with AsyncClient(seeds, consistency=consistency, **kw) as client:
+            try:
+                out: Any = (
+                    await client.get(keys[0]) if len(keys) == 1 else await client.get_many(keys)
+                )
+            except Exception as exc:
+                out = exc
+            await asyncio.sleep(0.05)  # let the background repairs go out
+            return out, client.stats.as_dict()
+
+    return arun(go())
+
+
+def r_gets(node: FakeNode) -> list[Any]:
+    return node.keys_of("R_GET")
+
+
+@KIND
+def test_owner_read_newest_wins_and_repairs(servers: ServerThread, kind: str) -> None:
+    nodes, _, ring = cluster(servers, 3, replication=3)
+    a, b, c = owner_nodes(nodes, ring, "k")
+    a.entries[b"k"] = entry("old", 100, origin=9)
+    b.entries[b"k"] = entry("new", 200, origin=1)
+    value, stats = read(kind, [nd.address for nd in nodes], ["k"])
+    assert value == "new"
+    # QUORUM of 3: the first two owners in table order, not the third; no proxy GET.
+    assert r_gets(a) == [b"k"] and r_gets(b) == [b"k"] and r_gets(c) == []
+    assert not any(nd.keys_of("GET") for nd in nodes)
+    wait_for(lambda: len(a.r_puts) == 1)
+    assert a.r_puts == [[b"k", *entry("new", 200, origin=1)]]
+    assert b.r_puts == [] and c.r_puts == []
+    assert stats["read_repairs"] == 1 and stats["owner_reads"] == 1
+
+
+@KIND
+def test_owner_read_origin_breaks_ties(servers: ServerThread, kind: str) -> None:
+    nodes, _, ring = cluster(servers, 3, replication=3)
+    a, b, _ = owner_nodes(nodes, ring, "k")
+    a.entries[b"k"] = entry("from-7", 100, origin=7)
+    b.entries[b"k"] = entry("from-3", 100, origin=3)
+    assert read(kind, [nd.address for nd in nodes], ["k"])[0] == "from-7"
+    wait_for(lambda: len(b.r_puts) == 1)
+    assert b.r_puts[0][1:] == entry("from-7", 100, origin=7)
+
+
+@KIND
+def test_owner_read_tombstone_newer_is_a_miss(servers: ServerThread, kind: str) -> None:
+    nodes, _, ring = cluster(servers, 3, replication=3)
+    a, b, _ = owner_nodes(nodes, ring, "k")
+    a.entries[b"k"] = entry("alive", 100)
+    b.entries[b"k"] = [b"", 200, 1, 0, True]
+    value, stats = read(kind, [nd.address for nd in nodes], ["k"])
+    assert value is None
+    wait_for(lambda: len(a.r_puts) == 1)
+    assert a.r_puts[0] == [b"k", b"", 200, 1, 0, True]  # the tombstone travels
+    assert stats["read_repairs"] == 1
+
+
+@KIND
+def test_owner_read_expired_is_a_miss(servers: ServerThread, kind: str) -> None:
+    nodes, _, ring = cluster(servers, 3, replication=3)
+    a, b, _ = owner_nodes(nodes, ring, "k")
+    a.entries[b"k"] = entry("gone", 300, expire=_now_ms() - 1000)
+    b.entries[b"k"] = None
+    value, stats = read(kind, [nd.address for nd in nodes], ["k"])
+    assert value is None  # two answers (acks), both misses: no QuorumError
+    assert stats["read_repairs"] == 0
+    # A live entry with a future expiry is a hit.
+    a.entries[b"k"] = entry("soon", 300, expire=_now_ms() + 60_000)
+    assert read(kind, [nd.address for nd in nodes], ["k"])[0] == "soon"
+
+
+@KIND
+def test_owner_read_fails_over_to_next_owner(servers: ServerThread, kind: str) -> None:
+    nodes, _, ring = cluster(servers, 3, replication=3)
+    a, b, c = owner_nodes(nodes, ring, "k")
+    for nd in (a, b, c):
+        nd.entries[b"k"] = entry("v", 100)
+    seeds = [nd.address for nd in nodes]
+    # An owner answering with an error is replaced by the next one.
+    a.fail_r_get = ServerError("boom")
+    value, stats = read(kind, seeds, ["k"])
+    assert value == "v"
+    assert r_gets(a) == r_gets(b) == r_gets(c) == [b"k"]
+    assert stats["failovers"] == 1
+    # The primary is down: the same.
+    a.fail_r_get = None
+    for nd in nodes:
+        nd.received.clear()
+    servers.stop(a.address)
+    value, stats = read(kind, [b.address], ["k"])
+    assert value == "v"
+    assert r_gets(b) == [b"k"] and r_gets(c) == [b"k"]
+    assert stats["nodes_marked_down"] >= 1 and stats["failovers"] >= 1
+
+
+@KIND
+def test_owner_read_too_few_owners(servers: ServerThread, kind: str) -> None:
+    nodes, _, ring = cluster(servers, 3, replication=3)
+    a, b, c = owner_nodes(nodes, ring, "k")
+    c.entries[b"k"] = entry("v", 100)
+    servers.stop(a.address)
+    servers.stop(b.address)
+    err, _ = read(kind, [c.address], ["k"])
+    assert isinstance(err, QuorumError)
+    assert (err.acks, err.required) == (1, 2)
+    # ONE still reads from the owner that is left.
+    assert read(kind, [c.address], ["k"], consistency="one")[0] == "v"
+    # Error answers from every owner: QuorumError(0, 3) at ALL.
+    c.fail_r_get = ServerError("boom")
+    err, _ = read(kind, [c.address], ["k"], consistency="all")
+    assert isinstance(err, QuorumError)
+    assert (err.acks, err.required) == (0, 3)
+
+
+@KIND
+def test_owner_read_unreachable_owners_fall_back_to_proxy(servers: ServerThread, kind: str) -> None:
+    store: dict[bytes, bytes] = {}
+    live = FakeNode("live", store)
+    live_address = servers.start(live)
+    down = [dead_address(servers) for _ in range(2)]
+    payload, ring = topology_payload({"d1": down[0], "d2": down[1], "live": live_address}, 2)
+    live.topology = payload
+    key = next(k for k in KEYS if "live" not in ring.owners(k.encode()))
+    store[key.encode()] = MsgpackSerializer().dumps("proxied")
+    value, _ = read(kind, [live_address], [key])
+    assert value == "proxied"  # no owner reachable: the live node coordinates
+    assert live.keys_of("GET") == [key.encode()]
+
+
+@KIND
+@pytest.mark.parametrize(("level", "asked"), [("one", 1), ("quorum", 2), ("all", 3)])
+def test_owner_read_asks_as_many_as_the_level(
+    servers: ServerThread, kind: str, level: str, asked: int
+) -> None:
+    nodes, _, ring = cluster(servers, 3, replication=3)
+    owners = owner_nodes(nodes, ring, "k")
+    for nd in owners:
+        nd.entries[b"k"] = entry("v", 100)
+    assert read(kind, [nd.address for nd in nodes], ["k"], consistency=level)[0] == "v"
+    assert [len(r_gets(nd)) for nd in owners] == [1] * asked + [0] * (3 - asked)
+
+
+@KIND
+def test_owner_read_level_unknown_uses_proxy(servers: ServerThread, kind: str) -> None:
+    nodes, payload, _ = cluster(servers, 3, replication=3)
+    for nd in nodes:
+        nd.store[b"k"] = MsgpackSerializer().dumps("v")
+    seeds = [nd.address for nd in nodes]
+    # No level given and none advertised: the node applies its default (GET).
+    assert read(kind, seeds, ["k"], consistency=None)[0] == "v"
+    assert sum(len(nd.keys_of("GET")) for nd in nodes) == 1
+    assert not any(r_gets(nd) for nd in nodes)
+    # The table advertises the default read level: the client reads the owners.
+    for nd in nodes:
+        nd.topology = {**payload, "read_consistency": "all"}
+    assert read(kind, seeds, ["k"], consistency=None)[0] == "v"
+    assert sorted(len(r_gets(nd)) for nd in nodes) == [1, 1, 1]
+    # route="any": always the proxy GET.
+    assert read(kind, seeds, ["k"], route="any")[0] == "v"
+    assert sum(len(nd.keys_of("GET")) for nd in nodes) == 2
+
+
+@KIND
+def test_owner_read_get_many(servers: ServerThread, kind: str) -> None:
+    nodes, _, ring = cluster(servers, 3, replication=3)
+    keys = KEYS[:20]
+    for key in keys:
+        a, b, c = owner_nodes(nodes, ring, key)
+        a.entries[key.encode()] = entry(key + "-old", 100)
+        b.entries[key.encode()] = c.entries[key.encode()] = entry(key, 200)
+    down = nodes[0]
+    servers.stop(down.address)
+    value, stats = read(kind, [nd.address for nd in nodes[1:]], [*keys, "absent"])
+    assert value == {key: key for key in keys}
+    assert stats["owner_reads"] == len(keys) + 1
+    # Each stale primary that answered got its repair (the stopped node answered none).
+    stale = {key.encode() for key in keys if owner_nodes(nodes, ring, key)[0] is not down}
+    assert stale
+    wait_for(lambda: {k for nd in nodes for k in nd.keys_of("R_PUT")} == stale)
+    assert stats["read_repairs"] == len(stale)
+
+
 # ============================================================================ real nodes
 
 
@@ -836,14 +1073,49 @@ def _real_nodes_checks(real: Cluster) -> None:
             assert await client.get("async", consistency="all") == {"x": 1}
 
     arun(via_async())
+    _real_stale_replica_repaired(real)
     # SIGKILL one node: QUORUM still works for every key through the survivors,
     # ALL fails with QuorumError.
     dead = seeds[0]
     real.kill(0)
     with Client(seeds, consistency="quorum", timeout=3.0) as client:
         assert client.get_many(keys[1:]) == {k: [k, 1] for k in keys[1:]}
+        for k in keys[1:]:
+            assert client.get(k) == [k, 1]
+        assert client.stats.owner_reads == 2 * len(keys[1:])
         client.set("after-kill", 2)
         assert client.get("after-kill") == 2
         with pytest.raises(QuorumError):
             client.set("all", 1, consistency="all")
+        with pytest.raises(QuorumError) as info:
+            client.get("after-kill", consistency="all")
+        assert (info.value.acks, info.value.required) == (2, 3)
         assert dead in client._router.down
+
+    async def after_kill() -> None:
+        async with AsyncClient(seeds, consistency="quorum", timeout=3.0) as client:
+            for k in keys[1:]:
+                assert await client.get(k) == [k, 1]
+            assert await client.get("after-kill") == 2
+
+    arun(after_kill())
+
+
+def _real_stale_replica_repaired(real: Cluster) -> None:
+    """A replica given an older version (R_PUT) is repaired by a client QUORUM read."""
+    seeds = real.addresses
+    serializer = MsgpackSerializer()
+    key = b"stale-replica"
+    now = time.time_ns() // 1_000_000
+    old = [serializer.dumps("old"), (now - 20_000) << 16, 7, 0, False]
+    new = [serializer.dumps("new"), (now - 10_000) << 16, 7, 0, False]
+    with Client(seeds, consistency="quorum") as client:
+        owners = client.topology().owners(key)
+        stale = seeds.index(owners[0])  # the primary: asked by every QUORUM read
+        assert real.request(stale, Op.R_PUT, [key, *old]) is True
+        for address in owners[1:]:
+            assert real.request(seeds.index(address), Op.R_PUT, [key, *new]) is True
+        assert real.request(stale, Op.R_GET, [key]) == old
+        assert client.get(key) == "new"
+        assert client.stats.read_repairs == 1
+        wait_for(lambda: real.request(stale, Op.R_GET, [key]) == new)

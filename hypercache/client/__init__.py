@@ -3,11 +3,11 @@
 - :class:`Client`: blocking sockets, for sync code; safe to share between threads.
 - :class:`AsyncClient`: asyncio, one multiplexed connection per node.
 
-Both learn the partition table from any seed and send each operation straight to
-the key's owners (``route="owner"``), failing over to the other owners and then to
-any node. Values are serialised with msgpack by default
-(:mod:`hypercache.client.serializer`); keys are ``str`` or ``bytes``
-(:mod:`hypercache.client.keys`). ``docs/client.md`` is the guide.
+Both learn the partition table from any seed (``route="owner"``): reads go straight
+to the key's owners (``R_GET``, resolved and read-repaired by the client), writes to
+the key's primary, failing over to the other owners and then to any node. Values are
+serialised with msgpack by default (:mod:`hypercache.client.serializer`); keys are
+``str`` or ``bytes`` (:mod:`hypercache.client.keys`). ``docs/client.md`` is the guide.
 """
 
 from hypercache.client._common import ClientStats

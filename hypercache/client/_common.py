@@ -7,6 +7,7 @@ decision that does not wait lives here, written once.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal
@@ -14,7 +15,12 @@ from typing import Any, Final, Literal
 from hypercache.client.serializer import Serializer, resolve_serializer
 from hypercache.client.topology import Router
 from hypercache.consistency import Consistency
-from hypercache.errors import ConfigError, NodeUnavailableError, ProtocolError
+from hypercache.errors import (
+    ConfigError,
+    NodeUnavailableError,
+    ProtocolError,
+    QuorumError,
+)
 from hypercache.net.protocol import Limits, make_hello
 from hypercache.net.transport import parse_address
 
@@ -22,8 +28,12 @@ __all__ = [
     "BATCH",
     "ClientOptions",
     "ClientStats",
+    "Entry",
+    "OwnerRead",
     "Route",
     "decode_get",
+    "entry_from_wire",
+    "entry_is_live",
     "parse_seeds",
     "ttl_to_ms",
     "unreachable",
@@ -93,6 +103,161 @@ def decode_get(answer: Any) -> tuple[bool, Any]:
     if found and not isinstance(value, bytes):
         raise ProtocolError(f"GET answer value must be bytes, got {type(value).__name__}")
     return found, value
+
+
+#: One version of a key as an owner's ``R_GET`` answers it:
+#: ``(value, ts, origin, expire_at_ms, tombstone)``.
+Entry = tuple[bytes, int, int, int, bool]
+
+
+def wall_ms() -> int:
+    """Wall-clock milliseconds since the epoch (the unit of ``expire_at_ms``)."""
+    return time.time_ns() // 1_000_000
+
+
+def entry_from_wire(raw: Any) -> Entry | None:
+    """Validate an ``R_GET`` answer: ``[value, ts, origin, expire_at_ms, tombstone]`` or nil.
+
+    :raises ProtocolError: the answer has another shape.
+    """
+    if raw is None:
+        return None
+    if (
+        type(raw) is list
+        and len(raw) == 5
+        and isinstance(raw[0], bytes)
+        and type(raw[1]) is int
+        and type(raw[2]) is int
+        and type(raw[3]) is int
+        and type(raw[4]) is bool
+    ):
+        return (raw[0], raw[1], raw[2], raw[3], raw[4])
+    raise ProtocolError(f"malformed R_GET answer: {raw!r:.200}")
+
+
+def entry_is_live(entry: Entry | None, now_ms: int) -> bool:
+    """Whether ``entry`` is a value (not a tombstone) that has not expired."""
+    if entry is None or entry[4]:
+        return False
+    expire_at = entry[3]
+    return expire_at == 0 or expire_at > now_ms
+
+
+def _older(entry: Entry | None, than: Entry) -> bool:
+    return entry is None or (entry[1], entry[2]) < (than[1], than[2])
+
+
+class OwnerRead:
+    """One client-coordinated read of a key (``route="owner"``): which owners to ask,
+    the answers, and the outcome. Pure bookkeeping, shared by both clients; they do
+    the asking.
+
+    The first ``required`` owners (in the router's order: table order, owners known
+    to be down last) are asked at once; each owner that fails (unreachable, timed
+    out, an error answer, a malformed answer) is replaced at once by the next owner
+    not asked yet. The read succeeds at ``required`` answers and fails once every
+    owner asked has answered or failed with fewer.
+
+    :param key: the wire key.
+    :param owners: the owners, in the order to ask them.
+    :param required: answers needed (``Consistency.required(len(owners))``).
+    """
+
+    __slots__ = ("_next", "answers", "errors", "key", "outstanding", "owners", "required")
+
+    def __init__(self, key: bytes, owners: tuple[str, ...], required: int) -> None:
+        self.key = key
+        self.owners = owners
+        self.required = required
+        #: owner -> its entry (``None``: it holds nothing)
+        self.answers: dict[str, Entry | None] = {}
+        #: owner -> why it gave no answer
+        self.errors: dict[str, BaseException] = {}
+        #: requests sent and not answered yet
+        self.outstanding = 0
+        self._next = 0
+
+    def start(self) -> list[str]:
+        """The owners to ask first (``required`` of them, or all if fewer)."""
+        first = self.owners[: self.required]
+        self._next = len(first)
+        self.outstanding = len(first)
+        return list(first)
+
+    def ok(self, owner: str, raw: Any) -> str | None:
+        """Record ``owner``'s answer; return an owner to ask instead if it is malformed."""
+        try:
+            entry = entry_from_wire(raw)
+        except ProtocolError as exc:
+            return self.failed(owner, exc)
+        self.outstanding -= 1
+        self.answers[owner] = entry
+        return None
+
+    def failed(self, owner: str, exc: BaseException) -> str | None:
+        """Record a failure of ``owner``; return the next owner to ask, if any."""
+        self.outstanding -= 1
+        self.errors[owner] = exc
+        if self._next < len(self.owners) and len(self.answers) < self.required:
+            nxt = self.owners[self._next]
+            self._next += 1
+            self.outstanding += 1
+            return nxt
+        return None
+
+    @property
+    def acks(self) -> int:
+        return len(self.answers)
+
+    @property
+    def done(self) -> bool:
+        """Whether the read is over: quorum reached, or nothing left to wait for (every
+        owner asked has answered or failed and none is left to ask; like a node, the
+        client waits for the requests out so that ``acks`` is exact)."""
+        return len(self.answers) >= self.required or self.outstanding == 0
+
+    @property
+    def unreachable(self) -> bool:
+        """No owner answered and every one asked was unreachable (the table may be
+        wrong for this client: it then goes through the proxy path)."""
+        return not self.answers and all(
+            isinstance(exc, NodeUnavailableError) for exc in self.errors.values()
+        )
+
+    def outcome(self) -> tuple[Entry | None, list[tuple[str, Entry]]]:
+        """The newest entry among the answers and the repairs to push.
+
+        Versions compare as ``(ts, origin)``. An entry expired by now counts as an
+        answer holding nothing (as a node's own ``R_GET`` does); a tombstone counts
+        with its version, so the newest may be one (the caller sees a miss through
+        :func:`entry_is_live`). The repairs are ``(owner, newest)`` for each owner
+        that answered with an older version or none.
+
+        :raises QuorumError: fewer than ``required`` owners answered.
+        """
+        answers = self.answers
+        if len(answers) < self.required:
+            raise QuorumError(len(answers), self.required)
+        now = wall_ms()
+        best: Entry | None = None
+        expired = False
+        for entry in answers.values():
+            if entry is None:
+                continue
+            if entry[3] and entry[3] <= now:
+                expired = True
+                continue
+            if best is None or (entry[1], entry[2]) > (best[1], best[2]):
+                best = entry
+        if best is None or len(answers) < 2:
+            return best, []
+        stale = []
+        for owner, entry in answers.items():
+            if expired and entry is not None and entry[3] and entry[3] <= now:
+                entry = None
+            if _older(entry, best):
+                stale.append((owner, best))
+        return best, stale
 
 
 def unreachable(what: str, errors: Mapping[str, BaseException]) -> NodeUnavailableError:
@@ -189,6 +354,9 @@ class ClientStats:
     :ivar topology_refreshes: partition tables fetched.
     :ivar topology_errors: table fetches that failed.
     :ivar connections_opened: connections made to nodes.
+    :ivar owner_reads: reads the client coordinated itself (``R_GET`` to the owners).
+    :ivar read_repairs: ``R_PUT`` pushes of the newest version to a stale owner,
+        sent by the client after a read whose owners disagreed.
     """
 
     requests: int = 0
@@ -197,6 +365,8 @@ class ClientStats:
     topology_refreshes: int = 0
     topology_errors: int = 0
     connections_opened: int = 0
+    owner_reads: int = 0
+    read_repairs: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

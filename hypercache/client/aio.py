@@ -11,9 +11,13 @@ from typing import Any, Final
 from hypercache.client._common import (
     BATCH,
     ClientBase,
+    Entry,
+    OwnerRead,
     decode_get,
+    entry_is_live,
     ttl_to_ms,
     unreachable,
+    wall_ms,
     wire_consistency,
 )
 from hypercache.client.keys import Key, normalize_key
@@ -30,6 +34,8 @@ _SET: Final = int(Op.SET)
 _DELETE: Final = int(Op.DELETE)
 _PING: Final = int(Op.PING)
 _TOPOLOGY: Final = int(Op.TOPOLOGY)
+_R_GET: Final = int(Op.R_GET)
+_R_PUT: Final = int(Op.R_PUT)
 
 
 class AsyncClient(ClientBase):
@@ -55,6 +61,9 @@ class AsyncClient(ClientBase):
         # One connect in flight per address, shared by every task that needs it.
         self._connecting: dict[str, asyncio.Future[ClientConnection]] = {}
         self._refresh_task: asyncio.Task[Topology] | None = None
+        # Read repairs in flight (fire and forget; referenced so that they are not
+        # collected half-way).
+        self._background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -77,6 +86,8 @@ class AsyncClient(ClientBase):
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        for pending in list(self._background):
+            pending.cancel()
         for fut in list(self._connecting.values()):
             fut.cancel()
         conns, self._conns = self._conns, {}
@@ -107,8 +118,7 @@ class AsyncClient(ClientBase):
     ) -> Any:
         """Return the value of ``key``, or ``default`` when absent (see ``Client.get``)."""
         k = normalize_key(key, self._limits)
-        level = wire_consistency(consistency, self._default)
-        found, value = decode_get(await self._call(k, _GET, [k, level]))
+        found, value = await self._read(k, wire_consistency(consistency, self._default))
         return self._loads(value) if found else default
 
     async def set(
@@ -135,18 +145,26 @@ class AsyncClient(ClientBase):
     ) -> dict[Key, Any]:
         """Return ``{key: value}`` for the keys that are present.
 
-        All requests are in flight at once (up to 1024 at a time), each to its own
-        key's owner, pipelined on the nodes' connections; each fails over on its own.
-        The first error is raised once all are done.
+        Every key is read as by :meth:`get` (from its owners), all at once (up to
+        1024 keys at a time), pipelined on the nodes' connections; each fails over
+        on its own. The first error is raised once all are done.
         """
         level = wire_consistency(consistency, self._default)
         if isinstance(keys, str | bytes):
             raise TypeError("keys must be an iterable of keys, not a single key")
         wire = {normalize_key(key, self._limits): key for key in keys}
-        answers = await self._gather([(k, _GET, [k, level]) for k in wire])
+        ks = list(wire)
+        answers: list[Any] = []
+        for start in range(0, len(ks), BATCH):
+            answers += await asyncio.gather(
+                *(self._read(k, level) for k in ks[start : start + BATCH]),
+                return_exceptions=True,
+            )
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
         out: dict[Key, Any] = {}
-        for k, answer in zip(wire, answers, strict=True):
-            found, value = decode_get(answer)
+        for k, (found, value) in zip(ks, answers, strict=True):
             if found:
                 out[wire[k]] = self._loads(value)
         return out
@@ -203,18 +221,111 @@ class AsyncClient(ClientBase):
                 raise answer
         return answers
 
+    async def _refresh_due(self) -> None:
+        """The table is due: fetch it (first time) or refresh it in the background."""
+        if self._router.topology is None:
+            # On failure (counted), route through the seeds meanwhile.
+            with contextlib.suppress(HyperCacheError):
+                await self._refresh()
+        else:
+            self._refresh_in_background()
+
+    async def _read(self, key: bytes, level: str | None) -> tuple[bool, Any]:
+        """``[found, value]`` of ``key``: read from its owners (``R_GET``) when the
+        table and the level are known, else through a node (``GET``)."""
+        if self._closed:
+            raise NodeUnavailableError("the client is closed")
+        router = self._router
+        if router.needs_refresh(time.monotonic()):
+            await self._refresh_due()
+        owners = router.read_owners(key)
+        read_level = None if owners is None else router.read_level(level)
+        if owners is None or read_level is None:
+            return decode_get(await self._call(key, _GET, [key, level]))
+        rd = OwnerRead(key, owners, read_level.required(len(owners)))
+        self.stats.requests += 1
+        self.stats.owner_reads += 1
+        await self._ask_owners(rd)
+        if rd.unreachable:
+            # No owner reachable at all: maybe the table is wrong for this client;
+            # any node that answers can still coordinate the read.
+            self.stats.requests -= 1  # _call counts it again
+            return decode_get(await self._call(key, _GET, [key, level]))
+        best, repairs = rd.outcome()  # QuorumError when too few answered
+        for owner, entry in repairs:
+            self._repair(owner, key, entry)
+        if entry_is_live(best, wall_ms()):
+            assert best is not None
+            return True, best[0]
+        return False, None
+
+    async def _ask_owners(self, rd: OwnerRead) -> None:
+        """Send ``R_GET`` to ``rd``'s owners, replacing each that fails, until done."""
+        payload = [rd.key]
+        stats = self.stats
+        first = rd.start()
+        if len(first) == 1:  # ONE (or a single owner): ask one after the other
+            address: str | None = first[0]
+            while address is not None:
+                try:
+                    raw = await self._attempt(address, _R_GET, payload)
+                except HyperCacheError as exc:
+                    address = rd.failed(address, exc)
+                    if address is not None:
+                        stats.failovers += 1
+                    continue
+                address = rd.ok(address, raw)
+                if address is not None:
+                    stats.failovers += 1
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def launch(address: str) -> None:
+            task = loop.create_task(self._attempt(address, _R_GET, payload))
+            task.add_done_callback(lambda t: finished(address, t))
+
+        def finished(address: str, task: asyncio.Task[Any]) -> None:
+            if task.cancelled():
+                nxt = rd.failed(address, NodeUnavailableError(f"{address}: request cancelled"))
+            else:
+                exc = task.exception()
+                if exc is None:
+                    nxt = rd.ok(address, task.result())
+                elif isinstance(exc, HyperCacheError):
+                    nxt = rd.failed(address, exc)
+                else:  # not a node's failure: a bug or an interrupt, let it through
+                    if not done.done():
+                        done.set_exception(exc)
+                    return
+            if nxt is not None:
+                stats.failovers += 1
+                launch(nxt)
+            if rd.done and not done.done():
+                done.set_result(None)
+
+        for address in first:
+            launch(address)
+        await done
+
+    def _repair(self, owner: str, key: bytes, entry: Entry) -> None:
+        """Push ``entry`` to ``owner`` in the background (``R_PUT``), not waiting."""
+        self.stats.read_repairs += 1
+        task = asyncio.get_running_loop().create_task(self._attempt(owner, _R_PUT, [key, *entry]))
+        self._background.add(task)
+        task.add_done_callback(self._repair_done)
+
+    def _repair_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        _consume(task)
+
     async def _call(self, key: bytes | None, op: int, payload: Any) -> Any:
         """Send one request for ``key``, failing over along the router's candidates."""
         if self._closed:
             raise NodeUnavailableError("the client is closed")
         router = self._router
         if router.needs_refresh(time.monotonic()):
-            if router.topology is None:
-                # On failure (counted), route through the seeds meanwhile.
-                with contextlib.suppress(HyperCacheError):
-                    await self._refresh()
-            else:
-                self._refresh_in_background()
+            await self._refresh_due()
         self.stats.requests += 1
         errors: dict[str, BaseException] = {}
         for address in router.candidates(key):

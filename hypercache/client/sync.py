@@ -5,20 +5,24 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
 from hypercache.client._common import (
     BATCH,
     ClientBase,
+    OwnerRead,
     decode_get,
+    entry_is_live,
     ttl_to_ms,
     unreachable,
+    wall_ms,
     wire_consistency,
 )
 from hypercache.client.keys import Key, normalize_key
 from hypercache.client.topology import Topology
 from hypercache.consistency import Consistency
-from hypercache.errors import HyperCacheError, NodeUnavailableError, ProtocolError
+from hypercache.errors import HyperCacheError, NodeUnavailableError, ProtocolError, QuorumError
 from hypercache.net.blocking import BlockingConnection
 from hypercache.net.protocol import Op
 
@@ -30,6 +34,11 @@ _SET: Final = int(Op.SET)
 _DELETE: Final = int(Op.DELETE)
 _PING: Final = int(Op.PING)
 _TOPOLOGY: Final = int(Op.TOPOLOGY)
+_R_GET: Final = int(Op.R_GET)
+_R_PUT: Final = int(Op.R_PUT)
+# Worker threads of one client: they send the requests of a read to its other
+# owners while the calling thread sends its own, and push read repairs.
+_WORKERS: Final = 16
 # Idle connections kept per node; more threads at once open more, closed on return.
 _MAX_IDLE: Final = 8
 
@@ -88,9 +97,11 @@ class Client(ClientBase):
         apply its configured read/write defaults.
     :param serializer: how values become bytes; default msgpack (see
         :mod:`hypercache.client.serializer`).
-    :param route: ``"owner"`` (default) fetches the partition table once and sends
-        each request straight to the key's owners, failing over to the other owners
-        and then to any node; ``"any"`` sends to the seeds round-robin and lets the
+    :param route: ``"owner"`` (default) fetches the partition table once, reads
+        straight from the key's owners (``R_GET`` to as many as the level needs,
+        newest version wins, stale owners repaired in the background) and sends
+        writes to the key's primary, failing over to the other owners and then to
+        any node; ``"any"`` sends to the seeds round-robin and lets the
         node proxy (for clients that cannot reach the addresses nodes advertise).
     :param limits: size limits; keys and values are checked before sending.
     :param topology_refresh: seconds between two fetches of the partition table.
@@ -109,6 +120,7 @@ class Client(ClientBase):
         self._pools: dict[str, _Pool] = {}
         self._lock = threading.Lock()
         self._refreshing = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -125,10 +137,18 @@ class Client(ClientBase):
         return self
 
     def close(self) -> None:
-        """Close every connection. Idempotent; the client cannot be used afterwards."""
+        """Close every connection, once the read repairs still queued went out (each
+        bounded by ``timeout``). Idempotent; the client cannot be used afterwards."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
         with self._lock:
             self._closed = True
             pools, self._pools = self._pools, {}
+            executor, self._executor = self._executor, None
+        if executor is not None:  # made by a request that raced with close()
+            executor.shutdown(wait=False, cancel_futures=True)
         for pool in pools.values():
             pool.close()
 
@@ -160,7 +180,10 @@ class Client(ClientBase):
         """
         k = normalize_key(key, self._limits)
         level = wire_consistency(consistency, self._default)
-        found, value = decode_get(self._call(k, _GET, [k, level]))
+        result = self._read({k: None}, level)[k]
+        if isinstance(result, BaseException):
+            raise result
+        found, value = result
         return self._loads(value) if found else default
 
     def set(
@@ -198,20 +221,27 @@ class Client(ClientBase):
     ) -> dict[Key, Any]:
         """Return ``{key: value}`` for the keys that are present (misses are left out).
 
-        Keys are grouped by the node they go to and each group is pipelined on one
-        connection (one write, then the answers), so n keys on m nodes cost about m
-        round trips, not n. A group whose node fails is retried key by key with the
-        usual failover. The first error of any key is raised once all are done.
+        Each key is read as by :meth:`get`, from its owners: the ``R_GET`` requests
+        are grouped by owner and each group is pipelined on one connection (one
+        write, then the answers), the groups of different owners at the same time,
+        so n keys on m nodes cost about one round trip per wave, not n. A key whose
+        owner fails moves on to its next owner. The first error of any key is
+        raised once all are done.
         """
         level = wire_consistency(consistency, self._default)
         wire = self._wire_keys(keys)
-        requests = {k: (_GET, [k, level]) for k in wire}
-        answers = self._batch(requests)
+        results = self._read(dict.fromkeys(wire), level)
         out: dict[Key, Any] = {}
-        for k, answer in answers.items():
-            found, value = decode_get(answer)
+        first_error: BaseException | None = None
+        for k, result in results.items():
+            if isinstance(result, BaseException):
+                first_error = first_error or result
+                continue
+            found, value = result
             if found:
                 out[wire[k]] = self._loads(value)
+        if first_error is not None:
+            raise first_error
         return out
 
     def set_many(
@@ -349,6 +379,154 @@ class Client(ClientBase):
     def _node_down(self, address: str) -> None:
         self.stats.nodes_marked_down += 1
         self._router.mark_down(address, time.monotonic())
+
+    def _read(
+        self, keys: dict[bytes, None], level: str | None
+    ) -> dict[bytes, tuple[bool, Any] | BaseException]:
+        """``[found, value]`` (or the error) of each key, read from its owners
+        (``R_GET``) when the table and the level are known, else through a node."""
+        if self._closed:
+            raise NodeUnavailableError("the client is closed")
+        router = self._router
+        if router.needs_refresh(time.monotonic()):
+            self._try_refresh()
+        stats = self.stats
+        reads: dict[bytes, OwnerRead] = {}
+        proxied: list[bytes] = []
+        wave: dict[str, list[bytes]] = {}
+        for k in keys:
+            owners = router.read_owners(k)
+            read_level = None if owners is None else router.read_level(level)
+            if owners is None or read_level is None:
+                proxied.append(k)
+                continue
+            rd = reads[k] = OwnerRead(k, owners, read_level.required(len(owners)))
+            for address in rd.start():
+                wave.setdefault(address, []).append(k)
+        stats.requests += len(reads)
+        stats.owner_reads += len(reads)
+        while wave:
+            answers = self._fanout(
+                {address: [(_R_GET, [k]) for k in ks] for address, ks in wave.items()}
+            )
+            asked, wave = wave, {}
+            for address, ks in asked.items():
+                got = answers[address]
+                for i, k in enumerate(ks):
+                    raw = got if isinstance(got, BaseException) else got[i]
+                    if isinstance(raw, HyperCacheError):
+                        nxt = reads[k].failed(address, raw)
+                    else:
+                        nxt = reads[k].ok(address, raw)
+                    if nxt is not None:
+                        stats.failovers += 1
+                        wave.setdefault(nxt, []).append(k)
+        out: dict[bytes, tuple[bool, Any] | BaseException] = {}
+        repairs: dict[str, list[tuple[int, Any]]] = {}
+        now = wall_ms()
+        for k, rd in reads.items():
+            if rd.unreachable:
+                # No owner reachable at all: maybe the table is wrong for this
+                # client; any node that answers can still coordinate the read.
+                stats.requests -= 1  # counted again on the proxy path
+                proxied.append(k)
+                continue
+            try:
+                best, stale = rd.outcome()
+            except QuorumError as exc:
+                out[k] = exc
+                continue
+            for owner, entry in stale:
+                stats.read_repairs += 1
+                repairs.setdefault(owner, []).append((_R_PUT, [k, *entry]))
+            out[k] = (
+                (True, best[0]) if best is not None and entry_is_live(best, now) else (False, None)
+            )
+        if repairs:
+            self._repair(repairs)
+        if proxied:
+            try:
+                if len(proxied) == 1:
+                    k = proxied[0]
+                    out[k] = decode_get(self._call(k, _GET, [k, level]))
+                else:
+                    batch = self._batch({k: (_GET, [k, level]) for k in proxied})
+                    for k in proxied:
+                        out[k] = decode_get(batch[k])
+            except HyperCacheError as exc:
+                for k in proxied:
+                    out.setdefault(k, exc)
+        return out
+
+    def _workers(self) -> ThreadPoolExecutor:
+        executor = self._executor
+        if executor is None:
+            with self._lock:
+                if self._closed:
+                    raise NodeUnavailableError("the client is closed")
+                executor = self._executor
+                if executor is None:
+                    executor = self._executor = ThreadPoolExecutor(
+                        _WORKERS, thread_name_prefix="hypercache-client"
+                    )
+        return executor
+
+    def _send_group(
+        self, address: str, requests: list[tuple[int, Any]]
+    ) -> list[Any] | BaseException:
+        """Pipeline ``requests`` to ``address``: the answers (or errors) in order, or
+        the error that kept every one of them from the node."""
+        results: list[Any] = []
+        try:
+            for start in range(0, len(requests), BATCH):
+                chunk = requests[start : start + BATCH]
+                if len(chunk) == 1:
+                    op, payload = chunk[0]
+                    try:
+                        results.append(self._attempt(address, op, payload, pipeline=False))
+                    except NodeUnavailableError:
+                        raise
+                    except HyperCacheError as exc:
+                        results.append(exc)
+                else:
+                    results += self._attempt(address, 0, chunk, pipeline=True)
+        except HyperCacheError as exc:
+            if not results:
+                return exc
+            results += [exc] * (len(requests) - len(results))
+        return results
+
+    def _fanout(
+        self, groups: dict[str, list[tuple[int, Any]]]
+    ) -> dict[str, list[Any] | BaseException]:
+        """Send each group to its node, all nodes at once: the calling thread takes
+        one group and the client's worker threads the others."""
+        items = list(groups.items())
+        if len(items) == 1:
+            address, requests = items[0]
+            return {address: self._send_group(address, requests)}
+        try:
+            executor = self._workers()
+            futures: list[Future[list[Any] | BaseException]] = [
+                executor.submit(self._send_group, address, requests)
+                for address, requests in items[1:]
+            ]
+        except RuntimeError:  # the executor shut down: the client was closed meanwhile
+            raise NodeUnavailableError("the client is closed") from None
+        out = {items[0][0]: self._send_group(*items[0])}
+        for (address, _), fut in zip(items[1:], futures, strict=True):
+            out[address] = fut.result()
+        return out
+
+    def _repair(self, repairs: dict[str, list[tuple[int, Any]]]) -> None:
+        """Push the newest entries to stale owners from the worker threads, without
+        waiting (a failed push is dropped: anti-entropy repairs it later)."""
+        try:
+            executor = self._workers()
+            for address, requests in repairs.items():
+                executor.submit(self._send_group, address, requests)
+        except (RuntimeError, NodeUnavailableError):
+            pass  # closed meanwhile
 
     def _batch(self, requests: dict[bytes, tuple[int, Any]]) -> dict[bytes, Any]:
         """Send many keyed requests, pipelined per node; return key -> answer."""

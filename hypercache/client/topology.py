@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from hypercache._core.ring import Ring
+from hypercache.consistency import Consistency
 from hypercache.errors import ConfigError, ProtocolError
 from hypercache.net.transport import parse_address
 
@@ -69,6 +70,10 @@ class Topology:
     :ivar nodes: the nodes, in the order the table indexes them.
     :ivar table: per partition, the indexes into :attr:`nodes` of its owners,
         primary first.
+    :ivar read_consistency: the nodes' default read level (``"one"``, ``"quorum"``,
+        ``"all"``) when the answer carries the optional ``read_consistency`` key,
+        else ``None``. A client that reads from the owners itself uses it for reads
+        without an explicit level; without it such reads go through a node.
     """
 
     epoch: int
@@ -78,6 +83,7 @@ class Topology:
     table: tuple[tuple[int, ...], ...] = field(repr=False)
     _ring: Any = field(repr=False)
     _rows: tuple[tuple[str, ...], ...] = field(repr=False)
+    read_consistency: str | None = None
 
     @classmethod
     def from_wire(cls, payload: Any) -> Topology:
@@ -143,6 +149,14 @@ class Topology:
             if owners is None:
                 owners = interned[row] = tuple(nodes[o].address for o in row)
             rows.append(owners)
+        read_level = payload.get("read_consistency")
+        if read_level is not None:
+            try:
+                read_level = Consistency.parse(read_level).value
+            except ConfigError:
+                raise ProtocolError(
+                    f"TOPOLOGY field 'read_consistency' is not a level: {read_level!r:.50}"
+                ) from None
         return cls(
             epoch=epoch,
             partitions=partitions,
@@ -151,6 +165,7 @@ class Topology:
             table=table,
             _ring=ring,
             _rows=tuple(rows),
+            read_consistency=read_level,
         )
 
     @property
@@ -183,13 +198,16 @@ class Topology:
 
     def as_dict(self) -> dict[str, Any]:
         """The table in its wire form."""
-        return {
+        out: dict[str, Any] = {
             "epoch": self.epoch,
             "partitions": self.partitions,
             "replication": self.replication,
             "nodes": [[node.node_id, node.address] for node in self.nodes],
             "table": [list(row) for row in self.table],
         }
+        if self.read_consistency is not None:
+            out["read_consistency"] = self.read_consistency
+        return out
 
 
 class Router:
@@ -266,6 +284,33 @@ class Router:
         return [a for a in list(self._down) if self.is_down(a, now)]
 
     # -- candidates
+
+    def read_owners(self, key: bytes) -> tuple[str, ...] | None:
+        """The owners of ``key`` to read from directly, in the order to ask them:
+        table order (primary first), owners known to be down last. ``None`` when
+        the client does not route by owner or has no table (use the proxy path).
+        """
+        topology = self.topology
+        if not self.by_owner or topology is None:
+            return None
+        owners = topology.owners(key)
+        if not self._down:
+            return owners
+        now = time.monotonic()
+        up = tuple(a for a in owners if not self.is_down(a, now))
+        if len(up) == len(owners):
+            return owners
+        return up + tuple(a for a in owners if a not in up)
+
+    def read_level(self, level: str | None) -> Consistency | None:
+        """The level of a direct read: ``level``, else the cluster's advertised default
+        read level; ``None`` when neither is known (the node must apply its own)."""
+        if level is None:
+            topology = self.topology
+            level = None if topology is None else topology.read_consistency
+            if level is None:
+                return None
+        return Consistency(level)
 
     def first(self, key: bytes | None) -> str:
         """The node a request for ``key`` goes to first (used to group batches)."""
