@@ -198,7 +198,7 @@ def test_oversize_hint_is_refused_and_nothing_else_goes() -> None:
 def test_caps_never_exceeded_under_churn() -> None:
     b = buf(per_node=50, total=120, max_bytes=120 * (HINT_OVERHEAD + 20))
     for i in range(5000):
-        put(b, "t%d" % (i % 7), b"%d" % i, T0 + i // 3, value=b"x" * (i % 37))
+        put(b, f"t{i % 7}", b"%d" % i, T0 + i // 3, value=b"x" * (i % 37))
         assert len(b) <= 120 and b.bytes <= b.max_bytes
         assert all(b.pending(t) <= 50 for t in b.targets())
     assert b.dropped_node_cap + b.dropped_total_cap + b.dropped_bytes_cap > 0
@@ -211,10 +211,10 @@ def test_caps_never_exceeded_under_churn() -> None:
 def _work_per_enqueue_at_cap(n: int) -> float:
     b = buf(per_node=n, total=n)
     for i in range(n):
-        put(b, "t%d" % (i % 8), b"%d" % i, T0 + i)
+        put(b, f"t{i % 8}", b"%d" % i, T0 + i)
     before = b.work
     for i in range(n, n + 200):
-        put(b, "t%d" % (i % 8), b"%d" % i, T0 + i)
+        put(b, f"t{i % 8}", b"%d" % i, T0 + i)
     assert b.dropped_total_cap == 200
     return (b.work - before) / 200
 
@@ -233,9 +233,9 @@ def test_enqueue_and_dequeue_cost_does_not_grow_with_size() -> None:
 def test_expire_cost_is_proportional_to_what_expired() -> None:
     b = buf(per_node=100_000, total=100_000, ttl=100)
     for i in range(10):
-        put(b, "t%d" % (i % 5), b"old%d" % i, T0)
+        put(b, f"t{i % 5}", b"old%d" % i, T0)
     for i in range(50_000):
-        put(b, "t%d" % (i % 5), b"new%d" % i, T0 + 60)
+        put(b, f"t{i % 5}", b"new%d" % i, T0 + 60)
     before = b.work
     assert b.expire(T0 + 100, 1 << 30) == 10
     assert b.work - before <= 10 + 5 * 4  # the 10 hints, plus heap work per target
@@ -329,6 +329,50 @@ def test_requeue_front_without_a_window_dates_by_version_time() -> None:
     assert b.expire(T0 + 120, 10) == 1  # ts >> 16 is T0 + 20
 
 
+def test_requeue_front_clamps_ages_to_keep_the_fifo_sorted() -> None:
+    b = buf(ttl=100)
+    put(b, "a", b"k0", T0 + 50)
+    batch = b.dequeue_batch("a", 10, T0 + 50)
+    put(b, "a", b"k1", T0)  # the clock stepped back 50 ms; "a" was empty
+    b.requeue_front("a", batch)
+    # k0 (queued at T0 + 50) is put in front of k1 (T0): it is dated T0 too.
+    assert [(h[0], h[6]) for h in b.peek("a", 10, T0)] == [(b"k0", T0), (b"k1", T0)]
+    assert b.expire(T0 + 100, 10) == 2
+
+
+def test_an_empty_requeue_spends_the_window() -> None:
+    b = buf(ttl=100)
+    put(b, "a", b"k0", T0 + 50)
+    batch = b.dequeue_batch("a", 10, T0 + 50)
+    assert b.requeue_front("a", []) == 0
+    b.requeue_front("a", batch)  # no window left: dated by version time
+    assert b.peek("a", 10, T0)[0][6] == T0 + 50
+    put(b, "b", b"k0", T0 + 50, ts=ts_at(T0 + 10))
+    batch = b.dequeue_batch("b", 10, T0 + 50)
+    assert b.requeue_front("b", []) == 0
+    b.requeue_front("b", batch)
+    assert b.peek("b", 10, T0)[0][6] == T0 + 10
+
+
+def test_peek_shows_what_dequeue_would_return_and_drops_expired_heads() -> None:
+    b = buf(ttl=100)
+    put(b, "a", b"k0", T0)
+    put(b, "a", b"k1", T0 + 10)
+    put(b, "a", b"k2", T0 + 20)
+    assert b.peek("a", 2, T0 + 50) == [
+        (b"k0", b"v", ts_at(T0), 1, 0, False, T0),
+        (b"k1", b"v", ts_at(T0 + 10), 1, 0, False, T0 + 10),
+    ]
+    assert b.pending("a") == 3 and b.dequeued == 0
+    assert keys_of(b.dequeue_batch("a", 2, T0 + 50)) == [b"k0", b"k1"]  # peek took nothing
+    put(b, "a", b"k3", T0 + 60)
+    assert [h[0] for h in b.peek("a", 10, T0 + 125)] == [b"k3"]  # k2 expired on the way
+    assert b.expired == 1 and b.pending("a") == 1
+    assert b.peek("nobody", 10, T0) == [] and b.peek("a", 0, T0) == []
+    with pytest.raises(ConfigError):
+        b.peek("a", -1, T0)
+
+
 def test_requeue_front_is_dropped_first_at_the_node_cap() -> None:
     b = buf(per_node=3)
     for i in range(3):
@@ -365,9 +409,9 @@ def test_requeue_front_rejects_bad_items_without_changing_anything() -> None:
     b = buf()
     put(b, "a", b"k")
     with pytest.raises(TypeError):
-        b.requeue_front("a", [("k", b"v", 1, 1, 0, False)])
+        b.requeue_front("a", [("k", b"v", 1, 1, 0, False)])  # type: ignore[list-item]
     with pytest.raises(ValueError):
-        b.requeue_front("a", [(b"k", b"v", 1)])
+        b.requeue_front("a", [(b"k", b"v", 1)])  # type: ignore[list-item]
     with pytest.raises(OverflowError):
         b.requeue_front("a", [(b"k2", b"v", -1, 1, 0, False)])
     assert b.pending("a") == 1 and b.requeued == 0
@@ -446,10 +490,10 @@ def test_many_targets_come_and_go() -> None:
     b = buf(per_node=5, total=40)
     for round_ in range(5):
         for t in range(30):
-            put(b, "n%d-%d" % (round_, t), b"k", T0 + round_)
+            put(b, f"n{round_}-{t}", b"k", T0 + round_)
         for t in range(30):
-            drain(b, "n%d-%d" % (round_, t))
-            drain(b, "n%d-%d" % (round_, t))
+            drain(b, f"n{round_}-{t}")
+            drain(b, f"n{round_}-{t}")
     assert len(b) == 0 and b.targets() == [] and conserved(b)
 
 
@@ -506,7 +550,7 @@ def test_bad_constructor_arguments_name_the_field(field: str, value: object) -> 
 
 def test_constructor_is_keyword_only_and_complete() -> None:
     with pytest.raises(TypeError):
-        HintBuffer(10, 100, 10_000, 1000)  # type: ignore[misc]
+        HintBuffer(10, 100, 10_000, 1000)  # type: ignore[call-arg]
     with pytest.raises(TypeError):
         HintBuffer(max_per_node=10, max_total=100, max_bytes=10_000)  # type: ignore[call-arg]
     b = HintBuffer(max_per_node=1, max_total=1, max_bytes=1, ttl_ms=1)
@@ -668,7 +712,8 @@ class HintModel(RuleBasedStateMachine):
     def dequeue(self, t: str, n: int) -> None:
         got = self.b.dequeue_batch(t, n, self.now)
         q = self.q.get(t, [])
-        want, window = [], []
+        want: list[tuple[bytes, bytes, int, int, int, bool]] = []
+        window: list[tuple[int, int]] = []
         limit = min(n, len(q))
         while len(want) < limit and q:
             h = q.pop(0)
@@ -838,7 +883,7 @@ class HintModel(RuleBasedStateMachine):
 
 TestHintModel = HintModel.TestCase
 TestHintModel.settings = settings(
-    max_examples=150,
+    max_examples=300,
     stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

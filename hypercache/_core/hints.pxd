@@ -23,7 +23,7 @@ ctypedef struct Hint:
     uint64_t ts         # version timestamp (HLC)
     int64_t expire_at   # the entry's absolute expiry, wall ms, 0 = never (payload only)
     int64_t queued_at   # wall ms the hint counts its age from
-    int64_t seq         # tie-break of queued_at: enqueue order
+    int64_t seq         # tie-break of queued_at: enqueue order (< 0: set by requeue_front)
     uint32_t origin     # version origin tag
     uint32_t target     # index of the target the hint is queued for
     uint32_t prev       # toward the target's head (older)
@@ -116,7 +116,7 @@ cdef class HintBuffer:
     cdef void _account_in(self, uint32_t t, uint32_t r) noexcept
     cdef int _link_tail(self, uint32_t t, uint32_t r) except -1
     cdef int _link_head(self, uint32_t t, uint32_t r) except -1
-    cdef int _unlink(self, uint32_t r, bint fix) except -1
+    cdef int _unlink(self, uint32_t r, bint fix, bint unindex=*) except -1
     cdef void _free(self, uint32_t r) noexcept
     cdef int _drop(self, uint32_t r) except -1
     cdef int _drop_oldest(self, uint32_t keep) except -1

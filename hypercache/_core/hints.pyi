@@ -44,13 +44,13 @@ Rules:
 """
 
 from collections.abc import Iterable
-from typing import TypeAlias
+from typing import TypeAlias, final
 
 # ``HintBuffer.bytes`` (a counter) shadows the builtin inside the class.
 _Bytes: TypeAlias = bytes
 
 #: ``(key, value, ts, origin, expire_at_ms, tombstone)``, as dequeue_batch returns it.
-HintTuple: TypeAlias = tuple[bytes, bytes, int, int, int, bool]
+_HintTuple: TypeAlias = tuple[bytes, bytes, int, int, int, bool]
 
 #: Fixed per-hint cost added to ``len(key) + len(value)`` in the byte cap: the
 #: buffer's own structures (about 150 B per hint, measured) plus the headers of the
@@ -63,6 +63,7 @@ MAX_BYTES: int
 #: Upper bound of ``ttl_ms``: ``2**40`` (about 35 years).
 MAX_TTL_MS: int
 
+@final
 class HintBuffer:
     """The hints a node holds for the owners that missed writes, one FIFO per target.
 
@@ -106,7 +107,9 @@ class HintBuffer:
     #: use it to check the cost of an operation by counting instead of timing.
     work: int
 
-    def __init__(self, *, max_per_node: int, max_total: int, max_bytes: int, ttl_ms: int) -> None: ...
+    def __init__(
+        self, *, max_per_node: int, max_total: int, max_bytes: int, ttl_ms: int
+    ) -> None: ...
     def enqueue(
         self,
         target: str,
@@ -137,7 +140,7 @@ class HintBuffer:
         :raises OverflowError: ``ts``, ``origin`` or a time does not fit its C type.
         """
 
-    def dequeue_batch(self, target: str, max_count: int, now_ms: int) -> list[HintTuple]:
+    def dequeue_batch(self, target: str, max_count: int, now_ms: int) -> list[_HintTuple]:
         """Pop up to ``max_count`` hints of ``target``, oldest first.
 
         Expired hints met on the way are dropped (``expired``) and do not count
@@ -162,7 +165,7 @@ class HintBuffer:
         :raises hypercache.errors.ConfigError: ``max_count`` is negative.
         """
 
-    def requeue_front(self, target: str, batch: Iterable[HintTuple]) -> int:
+    def requeue_front(self, target: str, batch: Iterable[_HintTuple]) -> int:
         """Put hints that could not be delivered back at the head of ``target``, in
         the same order, ahead of anything queued since.
 

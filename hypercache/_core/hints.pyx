@@ -3,7 +3,7 @@ per-node cap, a global count cap, a global byte cap and a TTL."""
 
 cimport cython
 from cpython.bytes cimport PyBytes_CheckExact, PyBytes_GET_SIZE
-from cpython.dict cimport PyDict_DelItem, PyDict_GetItem, PyDict_SetItem
+from cpython.dict cimport PyDict_DelItem, PyDict_GetItem, PyDict_SetDefault, PyDict_SetItem
 from cpython.list cimport PyList_GET_ITEM
 from cpython.long cimport PyLong_AsSsize_t
 from cpython.object cimport PyObject
@@ -41,7 +41,9 @@ from hypercache.errors import ConfigError
 # * Complexity. enqueue is O(1) record work plus O(log T) heap work when a
 #   target's head changes (T = targets with hints, i.e. at most the peers that
 #   share partitions with this node); a hint dropped by a cap costs the same.
-#   dequeue_batch is O(batch + expired skipped + log T). expire() is
+#   dequeue_batch is O(batch + expired skipped + log T). In practice the
+#   per-target key dict (one probe per enqueue, one per dequeued hint) costs
+#   more than all the rest. expire() is
 #   O(expired + targets touched x log T): expired hints are at the heads, and the
 #   heap hands out heads oldest first, so it never looks at a live hint but one
 #   per target it stops at. ``work`` counts the records linked or unlinked and
@@ -54,7 +56,7 @@ from hypercache.errors import ConfigError
 #   payload for the target only: a write whose value has since expired still
 #   supersedes older versions on the target, so it is delivered like any other.
 #
-# * Caps and victims. Room is made BEFORE a hint is linked, so records in use
+# * Caps and victims. Room is made BEFORE a hint is linked, so the queued hints
 #   never exceed max_total, bytes never exceed max_bytes and no target exceeds
 #   max_per_node, at every moment, not just between calls. The writer is never
 #   refused for lack of room (only a hint larger than max_bytes alone is): the
@@ -73,9 +75,10 @@ from hypercache.errors import ConfigError
 #   one dropped.
 #
 # * Dedup. A newer version (hlc.newer on (ts, origin)) for a (target, key) that
-#   already has a queued hint replaces it: the old record leaves (superseded) and
-#   the new hint is queued at the tail with a fresh stamp, so the FIFO stays
-#   sorted and the TTL runs from the newest write. A hint that is not newer than
+#   already has a queued hint replaces it: the old hint is superseded and the
+#   new one takes over its record (and so its dict entry), moved to the tail
+#   with a fresh stamp, so the FIFO stays sorted and the TTL runs from the
+#   newest write (kept in place, the newest write would expire with the first). A hint that is not newer than
 #   the queued one (an older write arriving late, or the same write hinted
 #   twice) is superseded on arrival. Replay then sends one version per key, the
 #   newest, which the target applies newer-wins; order between keys is free.
@@ -95,11 +98,12 @@ from hypercache.errors import ConfigError
 #   finalizer that calls into the buffer always finds it consistent.
 # ---------------------------------------------------------------------------
 
-# Fixed cost charged per hint on top of len(key) + len(value). Measured (RSS over
-# 1M queued hints of 16 B keys): the 72 B record, its id int and list slot (~36 B),
-# the per-target dict entry (~45 B at the dict's average load), plus the two bytes
-# object headers (2 x 33 B) that the buffer ends up owning alone once the write
-# that made the hint has completed.
+# Fixed cost charged per hint on top of len(key) + len(value). Measured: RSS grows
+# by 145-165 B per hint over 0.1M-1M queued hints (16 B keys, 1 to 50 targets):
+# the 72 B record, its id int and list slot (~36 B), the per-target dict entry
+# (~45 B at a dict's average load), slab slack. Plus the two bytes object headers
+# (2 x 33 B) that the buffer ends up owning alone once the write that made the
+# hint has completed.
 HINT_OVERHEAD = 224
 cdef uint64_t OVERHEAD = 224
 
@@ -192,24 +196,26 @@ cdef class HintBuffer:
     # -- records --------------------------------------------------------------------
 
     cdef int _grow_recs(self) except -1:
-        # Doubling, capped at max_total: room is made before a record is
-        # allocated, so more than max_total records are never in use. Records
-        # past rec_high are never read before _alloc_rec hands them out (the
-        # allocation is not touched, so it costs no RSS until used).
+        # Doubling, up to max_total + 1 records: at most max_total are queued,
+        # and enqueue takes its record (and indexes it) before making room, so
+        # one more may be in hand. Records past rec_high are never read before
+        # _alloc_rec hands them out (and untouched memory costs no RSS).
         cdef uint32_t new_cap
-        if self.rec_cap >= self.max_total:
+        cdef uint32_t limit = <uint32_t>self.max_total + 1
+        if self.rec_cap >= limit:
             return 0
         new_cap = self.rec_cap * 2 if self.rec_cap else INITIAL_RECS
-        if new_cap > self.max_total:
-            new_cap = <uint32_t>self.max_total
+        if new_cap > limit:
+            new_cap = limit
         self.recs = <Hint*>grow_array(self.recs, new_cap, sizeof(Hint))
         self.rec_cap = new_cap
         return 0
 
     cdef int _reserve_recs(self, uint32_t n) except -1:
         # Make sure n records can be allocated without growing the slab or
-        # rec_ids (or that the slab is at max_total, where room-making frees
-        # what is needed), so that _alloc_rec cannot fail once changes began.
+        # rec_ids (or that the slab is full, where room-making frees what
+        # requeue_front needs), so that _alloc_rec cannot fail once changes
+        # began. With at most max_total queued, one is always available.
         cdef uint32_t free_seen = 0
         cdef uint32_t r = self.rec_free
         cdef Py_ssize_t want
@@ -218,7 +224,7 @@ cdef class HintBuffer:
             free_seen += 1
             r = self.recs[r].next
         while (<uint64_t>free_seen + (self.rec_cap - self.rec_high) < n
-               and self.rec_cap < self.max_total):
+               and self.rec_cap <= self.max_total):
             self._grow_recs()
         # The ids of the records that may be handed out for the first time.
         want = <Py_ssize_t>self.rec_high + n - free_seen
@@ -237,6 +243,9 @@ cdef class HintBuffer:
             raise MemoryError("hint records not reserved")  # a broken invariant
         r = self.rec_high
         self.rec_high += 1
+        # A record is handed out empty (free ones are, by _free).
+        self.recs[r].key = NULL
+        self.recs[r].value = NULL
         return r
 
     # -- targets --------------------------------------------------------------------
@@ -435,10 +444,10 @@ cdef class HintBuffer:
         self._heap_fix(t)
         return 0
 
-    cdef int _unlink(self, uint32_t r, bint fix) except -1:
-        # Take r off its FIFO and out of its target's dict; its references stay
-        # in the record. ``fix`` restores the heap when r was the head; batch
-        # pops pass False and fix it once at the end.
+    cdef int _unlink(self, uint32_t r, bint fix, bint unindex=True) except -1:
+        # Take r off its FIFO and (with ``unindex``) out of its target's dict;
+        # its references stay in the record. ``fix`` restores the heap when r
+        # was the head; batch pops pass False and fix it once at the end.
         cdef Hint* h = &self.recs[r]
         cdef uint32_t t = h.target
         cdef Target* tg = &self.tgts[t]
@@ -457,7 +466,8 @@ cdef class HintBuffer:
         self.count -= 1
         self.bytes -= size
         self.work += 1
-        PyDict_DelItem(<dict>PyList_GET_ITEM(self.tgt_keys, t), <object>h.key)
+        if unindex:
+            PyDict_DelItem(<dict>PyList_GET_ITEM(self.tgt_keys, t), <object>h.key)
         if fix and was_head:
             self._heap_fix(t)
         return 0
@@ -502,17 +512,32 @@ cdef class HintBuffer:
         # Everything that can allocate or fail comes first (see Re-entrancy).
         t = self._target_slot(target)
         self._reserve_recs(1)
+        r = self._alloc_rec()
+        # One probe of the key dict both finds a queued hint for the key and
+        # indexes the new record if there is none (half the dict work of a
+        # lookup then an insert; the dict is the main cost of an enqueue).
+        try:
+            p = PyDict_SetDefault(<dict>PyList_GET_ITEM(self.tgt_keys, t), key,
+                                  <object>PyList_GET_ITEM(self.rec_ids, r))
+        except BaseException:
+            self._free(r)
+            self._release_if_idle(t)
+            raise
         self.queued_total += 1
-
-        p = PyDict_GetItem(<dict>PyList_GET_ITEM(self.tgt_keys, t), key)
-        if p != NULL:
+        if p != PyList_GET_ITEM(self.rec_ids, r):
+            # The key has a hint queued: r goes back, and if the new version
+            # wins it takes over the old record (and so its dict entry), which
+            # leaves its place in the FIFO for the tail.
+            self._free(r)
             r = <uint32_t>PyLong_AsSsize_t(<object>p)
             h = &self.recs[r]
             self.superseded += 1
             if not newer(ts, origin, h.ts, h.origin):
                 return False
-            self._drop(r)
+            self._unlink(r, True, False)
+            release_refs(h)
 
+        # r is in hand: indexed, on no FIFO, so never a victim below.
         tg = &self.tgts[t]
         qa = now_ms
         if tg.tail != HB_NONE and self.recs[tg.tail].queued_at > qa:
@@ -530,7 +555,6 @@ cdef class HintBuffer:
             self._drop_oldest(t)
             self.dropped_bytes_cap += 1
 
-        r = self._alloc_rec()
         h = &self.recs[r]
         Py_INCREF(key)
         Py_INCREF(value)
@@ -543,12 +567,6 @@ cdef class HintBuffer:
         h.queued_at = qa
         h.seq = self.seq_next
         self.seq_next += 1
-        try:
-            self._index(t, r)
-        except BaseException:
-            self._free(r)
-            self._release_if_idle(t)
-            raise
         self._link_tail(t, r)
         return True
 
@@ -702,6 +720,11 @@ cdef class HintBuffer:
             raise ConfigError("batch", "too many hints")
         n = <uint32_t>len(seq_batch)
         if n == 0:
+            # Nothing to put back still ends the batch: the window is spent.
+            t = self._find_target(target)
+            if t != HB_NONE:
+                self.tgts[t].window_n = 0
+                self._release_if_idle(t)
             return 0
         items = <Hint*>malloc(n * sizeof(Hint))
         if items == NULL:
