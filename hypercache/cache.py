@@ -291,4 +291,3 @@ class HyperCache(CacheCore[K, V]):
         finally:
             if flights.get(key) is future:
                 del flights[key]
-
