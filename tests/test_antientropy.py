@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from aio_helpers import run, until
 
 from hypercache._core.hlc import wall_clock_ms
 from hypercache.cluster import antientropy
@@ -21,8 +22,6 @@ from hypercache.cluster.node import Node
 from hypercache.errors import ProtocolError
 from hypercache.net.inproc import InprocNetwork
 from hypercache.net.protocol import Limits, Op, make_hello
-
-T = TypeVar("T")
 
 FAST: dict[str, Any] = {
     "http": None,
@@ -40,32 +39,8 @@ FAST: dict[str, Any] = {
 }
 
 
-def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
-
-
-async def until(
-    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, what: str = ""
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        await asyncio.sleep(0.01)
-
-
 def address(i: int) -> str:
-    return f"10.0.1.{i + 1}:7400"
+    return f"127.0.11.{i + 1}:7400"
 
 
 @contextlib.asynccontextmanager

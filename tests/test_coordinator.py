@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from aio_helpers import run, until
 
 from hypercache._core.hlc import wall_clock_ms
 from hypercache.cluster.config import DistConfig
@@ -27,8 +28,6 @@ from hypercache.net.inproc import InprocNetwork
 from hypercache.net.protocol import Op, make_hello
 from hypercache.net.tcp import ClientConnection
 
-T = TypeVar("T")
-
 FAST: dict[str, Any] = {
     "http": None,
     "heartbeat_interval": 0.05,
@@ -40,32 +39,8 @@ FAST: dict[str, Any] = {
 }
 
 
-def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
-
-
-async def until(
-    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, what: str = ""
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        await asyncio.sleep(0.01)
-
-
 def address(i: int) -> str:
-    return f"10.0.0.{i + 1}:7400"
+    return f"127.0.10.{i + 1}:7400"
 
 
 def make_node(net: InprocNetwork, i: int, seeds: tuple[str, ...], **overrides: Any) -> Node:
@@ -408,10 +383,10 @@ def test_node_stop_is_idempotent_and_restartable_elsewhere() -> None:
 def test_port_zero_rederives_the_node_id() -> None:
     async def main() -> None:
         net = InprocNetwork()
-        node = Node(DistConfig(bind="10.9.9.9:0", **FAST), transport=net)
+        node = Node(DistConfig(bind="127.9.9.9:0", **FAST), transport=net)
         try:
             await node.start()
-            assert node.address != "10.9.9.9:0"
+            assert node.address != "127.9.9.9:0"
             assert node.node_id == node.address
             async with client(net, node) as c:
                 assert c.peer_hello["node_id"] == node.node_id
