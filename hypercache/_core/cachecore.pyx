@@ -370,27 +370,38 @@ cdef class CacheCore:
     cdef void _index_remove(self, uint32_t slot) noexcept:
         # Backward-shift deletion: pull later members of the probe run into the
         # hole unless their home bucket lies cyclically in (hole, their place].
-        cdef uint32_t i = self._bucket(self.hashes[slot])
+        # Fields live in locals: the stores through ``index`` and ``ctrl`` would
+        # otherwise make the compiler reload them on every step.
+        cdef uint32_t* index = self.index
+        cdef uint32_t* hashes = self.hashes
+        cdef uint8_t* ctrl = self.ctrl
+        cdef uint32_t mask = self.mask
+        cdef int shift = self.shift
+        cdef uint32_t i = <uint32_t>((<uint64_t>hashes[slot] * FIB) >> shift)
         cdef uint32_t j, home, b
-        while self.index[i] != slot + 1:
-            i = (i + 1) & self.mask
+        while index[i] != slot + 1:
+            i = (i + 1) & mask
         j = i
         while True:
-            j = (j + 1) & self.mask
-            b = self.index[j]
+            j = (j + 1) & mask
+            b = index[j]
             if b == 0:
                 break
-            home = self._bucket(self.hashes[b - 1])
+            home = <uint32_t>((<uint64_t>hashes[b - 1] * FIB) >> shift)
             if i <= j:
                 if i < home <= j:
                     continue
             elif i < home or home <= j:
                 continue
-            self.index[i] = b
-            self._set_ctrl(i, self.ctrl[j])
+            index[i] = b
+            ctrl[i] = ctrl[j]
+            if i < 8:
+                ctrl[mask + 1 + i] = ctrl[j]
             i = j
-        self.index[i] = 0
-        self._set_ctrl(i, 0)
+        index[i] = 0
+        ctrl[i] = 0
+        if i < 8:
+            ctrl[mask + 1 + i] = 0
 
     @cython.final
     cdef int _index_grow(self) except -1:
