@@ -33,6 +33,16 @@ replays it when the owner is back (:mod:`hypercache.cluster.handoff`). Queuing a
 hint never blocks: a full buffer drops it and counts the drop. ``R_PUT_MANY``
 carries replayed hints and anti-entropy pushes to a replica.
 
+Cost: the coordinator runs no task per operation nor per replica request. A client
+operation arrives through :meth:`Node.handle_sync` (inline, from the read that
+brought it) and gets a :class:`~hypercache.net.transport.Later`; replica requests go
+out with :meth:`~hypercache.net.tcp.ClientConnection.send_callback` and their answers
+feed the :class:`_Round` from the read that brings them; the round answers the
+``Later`` at quorum, from that same read. A QUORUM set thus costs the coordinator one
+loop iteration per network hop. (A peer not connected yet, and ``DELETE``'s two
+round trips per owner, go through a task.) The async :meth:`Coordinator.get`,
+:meth:`~Coordinator.set` and :meth:`~Coordinator.delete` wrap the same code.
+
 ``DELETE`` answers whether the key existed: each owner's current entry is read
 (``R_GET``) before the tombstone goes to it (``R_PUT``), and the answer is whether the
 newest of the entries read from acknowledging owners was a live value. That is two
@@ -49,16 +59,18 @@ from typing import Any, Final, Protocol, TypeAlias
 
 from hypercache.cluster.antientropy import admits_repair
 from hypercache.cluster.config import DistConfig
-from hypercache.cluster.membership import Membership
+from hypercache.cluster.membership import Membership, Peer
 from hypercache.cluster.metrics import DistStats, NodeMetrics
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
     HyperCacheError,
+    NodeUnavailableError,
     ProtocolError,
     QuorumError,
 )
 from hypercache.net.protocol import Limits, Op
+from hypercache.net.transport import Later
 
 __all__ = ["Coordinator", "Entry", "HintSink", "LocalStore", "entry_is_live", "newest"]
 
@@ -69,6 +81,11 @@ _Bytes: TypeAlias = bytes
 
 _R_GET: Final = int(Op.R_GET)
 _R_PUT: Final = int(Op.R_PUT)
+
+_ONE: Final = Consistency.ONE
+#: wire spelling -> level; anything else goes through Consistency.parse (which
+#: accepts other letter cases and blanks, and raises the validation error).
+_LEVELS: Final = {level.value: level for level in Consistency}
 
 #: ``R_PUT_MANY`` modes: hints replayed (applied like writes) and anti-entropy
 #: pushes (subject to the capacity rule, see :mod:`hypercache.cluster.antientropy`).
@@ -153,6 +170,14 @@ def newest(entries: list[Entry | None]) -> Entry | None:
     return best
 
 
+def _get_answer(entry: Entry | None) -> list[Any]:
+    """The ``GET`` answer for the newest entry found."""
+    if entry_is_live(entry, wall_ms()):
+        assert entry is not None
+        return [True, entry[0]]
+    return [False, None]
+
+
 def _older(entry: Entry | None, than: Entry) -> bool:
     return entry is None or (entry[1], entry[2]) < (than[1], than[2])
 
@@ -174,12 +199,14 @@ def _entry_from_wire(raw: Any) -> Entry | None:
 
 
 class _Round:
-    """Acks of one operation: wakes the coordinator at quorum, or once all have answered.
+    """Acks of one operation: decided at quorum, or once all have answered short of it.
 
     Replica answers arrive through :meth:`ok` / :meth:`fail`, from the local path
-    synchronously or from task callbacks. ``results`` keeps the answer of every owner
-    that acknowledged (for reads: its entry), in arrival order. ``on_complete`` runs
-    once every owner has answered or failed (read repair hooks there).
+    synchronously or from request callbacks. ``results`` keeps the answer of every
+    owner that acknowledged (for reads: its entry), in arrival order. The hook given
+    to :meth:`arm` (once every request is out) runs once, when the round is decided;
+    ``on_complete`` runs once every owner has answered or failed (read repair hooks
+    there), after the decision hook when both fall on the same answer.
     """
 
     __slots__ = (
@@ -187,11 +214,11 @@ class _Round:
         "failed",
         "n",
         "on_complete",
+        "on_decided",
         "outstanding",
         "reasons",
         "required",
         "results",
-        "waiter",
     )
 
     def __init__(self, n: int, required: int) -> None:
@@ -202,7 +229,7 @@ class _Round:
         self.outstanding = n
         self.results: dict[str, Any] = {}
         self.reasons: list[str] = []
-        self.waiter: asyncio.Future[None] | None = None
+        self.on_decided: Callable[[_Round], None] | None = None
         self.on_complete: Callable[[_Round], None] | None = None
 
     @property
@@ -224,26 +251,32 @@ class _Round:
 
     def _step(self) -> None:
         self.outstanding -= 1
-        waiter = self.waiter
-        if waiter is not None and not waiter.done() and self.decided:
-            waiter.set_result(None)
+        hook = self.on_decided
+        if hook is not None and (self.acks >= self.required or self.outstanding == 0):
+            self.on_decided = None
+            hook(self)
         if self.outstanding == 0 and self.on_complete is not None:
             hook, self.on_complete = self.on_complete, None
             hook(self)
 
-    async def wait(self) -> None:
-        """Return at quorum; raise :class:`QuorumError` when every owner answered short of it."""
-        if not self.decided:
-            self.waiter = asyncio.get_running_loop().create_future()
-            await self.waiter
-        if self.acks < self.required:
-            why = "; ".join(self.reasons[:4])
-            raise QuorumError(
-                self.acks,
-                self.required,
-                f"quorum not reached: {self.acks} of {self.required} required acks "
-                f"from {self.n} owners ({why})",
-            )
+    def arm(self, hook: Callable[[_Round], None]) -> None:
+        """Run ``hook(self)`` once decided (now, if it already is)."""
+        if self.decided:
+            hook(self)
+        else:
+            self.on_decided = hook
+
+    def error(self) -> QuorumError | None:
+        """``None`` when the quorum was reached, else the :class:`QuorumError` to raise."""
+        if self.acks >= self.required:
+            return None
+        why = "; ".join(self.reasons[:4])
+        return QuorumError(
+            self.acks,
+            self.required,
+            f"quorum not reached: {self.acks} of {self.required} required acks "
+            f"from {self.n} owners ({why})",
+        )
 
 
 class Coordinator:
@@ -281,7 +314,12 @@ class Coordinator:
         self.timeout = config.request_timeout
         self._tag = clock.tag
         self._background: set[asyncio.Task[Any]] = set()
+        self._in_flight = 0  # replica requests sent with a callback, not answered yet
         self._stopping = False
+        # The running loop, taken once (asyncio.get_running_loop() costs a getpid()
+        # system call per call on CPython 3.11).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._latency = {op: metrics.latency[op].observe for op in ("get", "set", "delete")}
         #: receives the writes owners missed; None: no hinted handoff
         self.hints: HintSink | None = None
 
@@ -378,15 +416,39 @@ class Coordinator:
     def _level(self, raw: Any, default: Consistency) -> Consistency:
         if raw is None:
             return default
+        level = _LEVELS.get(raw) if type(raw) is str else None
+        if level is not None:
+            return level
         if isinstance(raw, str | Consistency):
             return Consistency.parse(raw, field="consistency")
         raise ConfigError("consistency", f"expected 'one', 'quorum', 'all' or nil, got {raw!r}")
 
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = self._get_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+    async def _wait(self, later: Later) -> Any:
+        """Await the answer of a :class:`Later` (the async API over the sync one)."""
+        fut: asyncio.Future[Any] = self._get_loop().create_future()
+
+        def settle(value: Any, error: BaseException | None) -> None:
+            if fut.done():
+                return
+            if error is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(error)
+
+        later.bind(settle)
+        return await fut
 
     def _remote(
         self,
@@ -409,7 +471,53 @@ class Coordinator:
                 self._hint(owner, hint)
             return
         self.stats.forwards[kind] += 1
-        self._track(rnd, owner, peer.request(op, payload, self.timeout), hint)
+        conn = peer.conn
+        if conn is None or conn.closed:
+            # Not connected (yet, or any more): Peer.request connects, in a task.
+            self._track(rnd, owner, peer.request(op, payload, self.timeout), hint)
+            return
+        # The fast path: no task, no future; the answer is handled from the read
+        # that brings it. What Peer.request does around conn.request (liveness) is
+        # done in _answered.
+        self._in_flight += 1
+
+        def answered(value: Any, error: BaseException | None) -> None:
+            self._answered(rnd, owner, peer, hint, value, error)
+
+        try:
+            conn.send_callback(op, payload, self.timeout, answered)
+        except HyperCacheError as exc:
+            answered(None, exc)
+
+    def _answered(
+        self,
+        rnd: _Round,
+        owner: str,
+        peer: Peer,
+        hint: list[Any] | None,
+        value: Any,
+        error: BaseException | None,
+    ) -> None:
+        self._in_flight -= 1
+        if error is None:
+            peer.last_ok = time.monotonic()
+            if not peer.up:
+                peer.mark_ok()
+            rnd.ok(owner, value)
+            return
+        if isinstance(error, NodeUnavailableError) and not self._stopping:
+            peer.mark_down(str(error))  # (not for connections closed by our own stop)
+        self._replica_failed(rnd, owner, error, hint)
+
+    def _replica_failed(
+        self, rnd: _Round, owner: str, exc: BaseException, hint: list[Any] | None
+    ) -> None:
+        self.stats.replica_failures += 1
+        rnd.fail(owner, str(exc) or type(exc).__name__)
+        # A request the replica could never accept (malformed, too large) is
+        # not worth a hint; anything else (down, timeout, refused) is.
+        if hint is not None and not isinstance(exc, ProtocolError | ConfigError):
+            self._hint(owner, hint)
 
     def _track(self, rnd: _Round, owner: str, coro: Any, hint: list[Any] | None = None) -> None:
         task = self._spawn(coro)
@@ -423,12 +531,7 @@ class Coordinator:
             return
         exc = task.exception()
         if exc is not None:
-            self.stats.replica_failures += 1
-            rnd.fail(owner, str(exc) or type(exc).__name__)
-            # A request the replica could never accept (malformed, too large) is
-            # not worth a hint; anything else (down, timeout, refused) is.
-            if hint is not None and not isinstance(exc, ProtocolError | ConfigError):
-                self._hint(owner, hint)
+            self._replica_failed(rnd, owner, exc, hint)
             return
         rnd.ok(owner, task.result())
 
@@ -449,50 +552,73 @@ class Coordinator:
 
     async def get(self, key: bytes, consistency: Any = None) -> list[Any]:
         """Client ``GET``: ``[found, value]`` from the newest version among the acks."""
+        result: list[Any] = await self._wait(self.start_get(key, consistency))
+        return result
+
+    def start_get(self, key: bytes, consistency: Any = None) -> Later:
+        """Start a client ``GET``; the :class:`Later` gets what :meth:`get` returns.
+
+        :raises HyperCacheError: the request is invalid (the ``Later`` is not returned).
+        """
         start = time.perf_counter()
-        self.stats.requests["get"] += 1
+        stats = self.stats
+        stats.requests["get"] += 1
+        later = Later()
         try:
             key = self.limits.check_key(key)
             level = self._level(consistency, self.config.read_consistency)
-            entry = await self._read(key, level)
+            owners = self.owners(key)
+            n = len(owners)
+            node_id = self.node_id
+            if level is _ONE and node_id in owners:
+                # The local replica answers at once; asking others would only add load.
+                stats.read_attempts += 1
+                stats.read_acks += 1
+                entry = self.replica_get(key)
+                self._latency["get"](time.perf_counter() - start)
+                later.resolve(_get_answer(entry))
+                return later
+            rnd = _Round(n, level.required(n))
+            if level is not _ONE:
+                rnd.on_complete = lambda r: self._repair(key, r)
+            payload = [key]
+            for owner in owners:
+                stats.read_attempts += 1
+                if owner == node_id:
+                    rnd.ok(owner, self.replica_get(key))
+                else:
+                    self._remote(rnd, owner, _R_GET, payload, "r_get")
         except HyperCacheError as exc:
             self._failed("get", exc)
+            self._latency["get"](time.perf_counter() - start)
             raise
-        finally:
-            self.metrics.latency["get"].observe(time.perf_counter() - start)
-        if entry_is_live(entry, wall_ms()):
-            assert entry is not None
-            return [True, entry[0]]
-        return [False, None]
+        rnd.arm(lambda r: self._get_decided(r, later, start))
+        return later
 
-    async def _read(self, key: bytes, level: Consistency) -> Entry | None:
-        owners = self.owners(key)
-        n = len(owners)
-        stats = self.stats
-        if level is Consistency.ONE and self.node_id in owners:
-            # The local replica answers at once; asking others would only add load.
-            stats.read_attempts += 1
-            stats.read_acks += 1
-            return self.replica_get(key)
-        rnd = _Round(n, level.required(n))
-        if level is not Consistency.ONE:
-            rnd.on_complete = lambda r: self._repair(key, r)
-        payload = [key]
-        for owner in owners:
-            stats.read_attempts += 1
-            if owner == self.node_id:
-                rnd.ok(owner, self.replica_get(key))
-            else:
-                self._remote(rnd, owner, _R_GET, payload, "r_get")
-        await rnd.wait()
-        stats.read_acks += rnd.acks
-        entries: list[Entry | None] = []
-        for owner, raw in rnd.results.items():
-            entries.append(raw if owner == self.node_id else _entry_from_wire(raw))
-        best = newest(entries)
-        if best is not None:
-            self.clock.update(best[1])
-        return best
+    def _get_decided(self, rnd: _Round, later: Later, start: float) -> None:
+        try:
+            error = rnd.error()
+            if error is not None:
+                raise error
+            self.stats.read_acks += rnd.acks
+            entries: list[Entry | None] = []
+            node_id = self.node_id
+            for owner, raw in rnd.results.items():
+                entries.append(raw if owner == node_id else _entry_from_wire(raw))
+            best = newest(entries)
+            if best is not None:
+                self.clock.update(best[1])
+        except Exception as exc:
+            self._settle_failed("get", later, start, exc)
+            return
+        self._latency["get"](time.perf_counter() - start)
+        later.resolve(_get_answer(best))
+
+    def _settle_failed(self, op: str, later: Later, start: float, exc: Exception) -> None:
+        if isinstance(exc, HyperCacheError):
+            self._failed(op, exc)
+        self._latency[op](time.perf_counter() - start)
+        later.reject(exc)
 
     def _repair(self, key: bytes, rnd: _Round) -> None:
         """Push the newest version seen to every owner that answered with an older one."""
@@ -536,8 +662,20 @@ class Coordinator:
         self, key: bytes, value: Any, ttl_ms: Any = None, consistency: Any = None
     ) -> bool:
         """Client ``SET``: stamp a version and write it to the owners."""
+        result: bool = await self._wait(self.start_set(key, value, ttl_ms, consistency))
+        return result
+
+    def start_set(
+        self, key: bytes, value: Any, ttl_ms: Any = None, consistency: Any = None
+    ) -> Later:
+        """Start a client ``SET``; the :class:`Later` gets ``True`` at its consistency level.
+
+        :raises HyperCacheError: the request is invalid (the ``Later`` is not returned).
+        """
         start = time.perf_counter()
-        self.stats.requests["set"] += 1
+        stats = self.stats
+        stats.requests["set"] += 1
+        later = Later()
         try:
             key = self.limits.check_key(key)
             value = bytes(self.limits.check_value(value))
@@ -545,35 +683,37 @@ class Coordinator:
                 raise ConfigError("ttl_ms", f"must be a positive integer or nil, got {ttl_ms!r}")
             level = self._level(consistency, self.config.write_consistency)
             expire_at = 0 if ttl_ms is None else wall_ms() + ttl_ms
-            await self._write(key, value, expire_at, False, level)
+            owners = self.owners(key)
+            n = len(owners)
+            ts = self.clock.now()
+            origin = self._tag
+            rnd = _Round(n, level.required(n))
+            payload = [key, value, ts, origin, expire_at, False]
+            node_id = self.node_id
+            for owner in owners:
+                stats.write_attempts += 1
+                if owner == node_id:
+                    self.replica_put(key, value, ts, origin, expire_at, False)
+                    rnd.ok(owner, True)
+                else:
+                    self._remote(rnd, owner, _R_PUT, payload, "r_put", hint=payload)
         except HyperCacheError as exc:
             self._failed("set", exc)
+            self._latency["set"](time.perf_counter() - start)
             raise
-        finally:
-            self.metrics.latency["set"].observe(time.perf_counter() - start)
-        return True
+        rnd.arm(lambda r: self._set_decided(r, later, start))
+        return later
 
-    async def _write(
-        self, key: bytes, value: bytes, expire_at: int, tombstone: bool, level: Consistency
-    ) -> None:
-        owners = self.owners(key)
-        n = len(owners)
-        stats = self.stats
-        ts = self.clock.now()
-        origin = self._tag
-        rnd = _Round(n, level.required(n))
-        payload = [key, value, ts, origin, expire_at, tombstone]
-        for owner in owners:
-            stats.write_attempts += 1
-            if owner == self.node_id:
-                self.replica_put(key, value, ts, origin, expire_at, tombstone)
-                rnd.ok(owner, True)
-            else:
-                self._remote(rnd, owner, _R_PUT, payload, "r_put", hint=payload)
-        await rnd.wait()
-        stats.write_acks += rnd.acks
+    def _set_decided(self, rnd: _Round, later: Later, start: float) -> None:
+        error = rnd.error()
+        if error is not None:
+            self._settle_failed("set", later, start, error)
+            return
+        self.stats.write_acks += rnd.acks
         # Acks arriving after the quorum are counted when they land.
         rnd.on_complete = self._late_write_acks(rnd.acks) if rnd.outstanding else None
+        self._latency["set"](time.perf_counter() - start)
+        later.resolve(True)
 
     def _late_write_acks(self, counted: int) -> Callable[[_Round], None]:
         def done(rnd: _Round) -> None:
@@ -585,51 +725,67 @@ class Coordinator:
 
     async def delete(self, key: bytes, consistency: Any = None) -> bool:
         """Client ``DELETE``: write a tombstone; answer whether a live value was seen."""
+        result: bool = await self._wait(self.start_delete(key, consistency))
+        return result
+
+    def start_delete(self, key: bytes, consistency: Any = None) -> Later:
+        """Start a client ``DELETE``; the :class:`Later` gets what :meth:`delete` returns.
+
+        :raises HyperCacheError: the request is invalid (the ``Later`` is not returned).
+        """
         start = time.perf_counter()
-        self.stats.requests["delete"] += 1
+        stats = self.stats
+        stats.requests["delete"] += 1
+        later = Later()
         try:
             key = self.limits.check_key(key)
             level = self._level(consistency, self.config.write_consistency)
-            existed = await self._delete(key, level)
+            owners = self.owners(key)
+            n = len(owners)
+            ts = self.clock.now()
+            origin = self._tag
+            rnd = _Round(n, level.required(n))
+            tomb = [key, b"", ts, origin, 0, True]
+            for owner in owners:
+                stats.write_attempts += 1
+                if owner == self.node_id:
+                    before = self.replica_get(key)
+                    self.replica_put(key, b"", ts, origin, 0, True)
+                    rnd.ok(owner, before)
+                    continue
+                peer = self.membership.peers.get(owner)
+                if peer is None or not peer.up:
+                    stats.replica_failures += 1
+                    rnd.fail(owner, "down")
+                    self._hint(owner, tomb)
+                    continue
+                stats.forwards["r_get"] += 1
+                stats.forwards["r_put"] += 1
+                self._track(rnd, owner, self._read_then_tomb(peer.request, key, tomb), tomb)
         except HyperCacheError as exc:
             self._failed("delete", exc)
+            self._latency["delete"](time.perf_counter() - start)
             raise
-        finally:
-            self.metrics.latency["delete"].observe(time.perf_counter() - start)
-        return existed
+        rnd.arm(lambda r: self._delete_decided(r, later, start))
+        return later
 
-    async def _delete(self, key: bytes, level: Consistency) -> bool:
-        owners = self.owners(key)
-        n = len(owners)
-        stats = self.stats
-        ts = self.clock.now()
-        origin = self._tag
-        rnd = _Round(n, level.required(n))
-        tomb = [key, b"", ts, origin, 0, True]
-        for owner in owners:
-            stats.write_attempts += 1
-            if owner == self.node_id:
-                before = self.replica_get(key)
-                self.replica_put(key, b"", ts, origin, 0, True)
-                rnd.ok(owner, before)
-                continue
-            peer = self.membership.peers.get(owner)
-            if peer is None or not peer.up:
-                stats.replica_failures += 1
-                rnd.fail(owner, "down")
-                self._hint(owner, tomb)
-                continue
-            stats.forwards["r_get"] += 1
-            stats.forwards["r_put"] += 1
-            self._track(rnd, owner, self._read_then_tomb(peer.request, key, tomb), tomb)
-        await rnd.wait()
-        stats.write_acks += rnd.acks
-        now = wall_ms()
-        seen = [
-            raw if owner == self.node_id else _entry_from_wire(raw)
-            for owner, raw in rnd.results.items()
-        ]
-        return entry_is_live(newest(seen), now)
+    def _delete_decided(self, rnd: _Round, later: Later, start: float) -> None:
+        try:
+            error = rnd.error()
+            if error is not None:
+                raise error
+            self.stats.write_acks += rnd.acks
+            now = wall_ms()
+            seen = [
+                raw if owner == self.node_id else _entry_from_wire(raw)
+                for owner, raw in rnd.results.items()
+            ]
+            existed = entry_is_live(newest(seen), now)
+        except Exception as exc:
+            self._settle_failed("delete", later, start, exc)
+            return
+        self._latency["delete"](time.perf_counter() - start)
+        later.resolve(existed)
 
     async def _read_then_tomb(self, request: Any, key: bytes, tomb: list[Any]) -> Any:
         before = await request(_R_GET, [key], self.timeout)
@@ -641,10 +797,14 @@ class Coordinator:
     @property
     def background(self) -> int:
         """Replica requests and repairs still running."""
-        return len(self._background)
+        return len(self._background) + self._in_flight
 
     async def stop(self) -> None:
-        """Cancel what still runs in the background and wait for it."""
+        """Cancel what still runs in the background and wait for it.
+
+        Replica requests sent with a callback are not waited for: they end at
+        their deadline or when the node closes its peer connections.
+        """
         self._stopping = True
         tasks = list(self._background)
         for task in tasks:

@@ -5,7 +5,8 @@ The coordinator and the replica handlers bump plain ``int`` attributes of
 prometheus-client ``Counter.inc`` takes a lock). A custom collector turns them into
 Prometheus families when ``/metrics`` is scraped, together with gauges read from the
 store, the server and the membership through :meth:`NodeMetrics.add_source`.
-Latencies go to prometheus-client histograms, whose children are bound once.
+Latencies go to :class:`LatencyHistogram` (a bisect and two additions, no lock),
+exported as Prometheus histograms by the same collector.
 
 Every node has its own :class:`~prometheus_client.CollectorRegistry`, so several
 nodes embedded in one process (tests, benchmarks) never share or clash.
@@ -16,13 +17,20 @@ distributed plane (coordination, replication, repair, membership).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
-__all__ = ["CLIENT_OPS", "LATENCY_BUCKETS", "DistStats", "NodeMetrics"]
+__all__ = ["CLIENT_OPS", "LATENCY_BUCKETS", "DistStats", "LatencyHistogram", "NodeMetrics"]
 
 #: Client-facing operations that the coordinator times and counts.
 CLIENT_OPS: Final = ("get", "set", "delete")
@@ -46,6 +54,45 @@ LATENCY_BUCKETS: Final = (
     2.5,
     5.0,
 )
+
+
+_go_float: Callable[[float], str] = floatToGoString  # (untyped in prometheus-client)
+
+#: The ``le`` labels of LATENCY_BUCKETS and of the ``+Inf`` bucket, as Prometheus writes them.
+_LE_LABELS: Final = (*(_go_float(b) for b in LATENCY_BUCKETS), "+Inf")
+
+
+class LatencyHistogram:
+    """A histogram over :data:`LATENCY_BUCKETS` for one event loop's hot path.
+
+    :meth:`observe` costs a bisect and two additions: no lock, unlike
+    prometheus-client's ``Histogram`` (a node updates it from its event loop only).
+    Counts are per bucket (not cumulative) until exported.
+    """
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: a value equal to a bound falls in that bucket (le = "<=").
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``[(le, observations <= le), ...]``, ending with ``("+Inf", count)``."""
+        out: list[tuple[str, int]] = []
+        total = 0
+        for le, n in zip(_LE_LABELS, self.counts, strict=True):
+            total += n
+            out.append((le, total))
+        return out
 
 
 class DistStats:
@@ -134,7 +181,7 @@ class NodeMetrics:
     """The metrics of one node, in a registry of its own.
 
     :ivar stats: the counters the coordinator bumps.
-    :ivar latency: ``{op: histogram child}`` of client-facing operation latency.
+    :ivar latency: ``{op: LatencyHistogram}`` of client-facing operation latency.
     """
 
     def __init__(self, node_id: str) -> None:
@@ -142,14 +189,7 @@ class NodeMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.stats = DistStats()
         self._sources: list[Source] = []
-        self._latency = Histogram(
-            "hypercache_dist_op_latency_seconds",
-            "Latency of client operations coordinated by this node, by op",
-            ["op"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.latency = {op: self._latency.labels(op) for op in CLIENT_OPS}
+        self.latency = {op: LatencyHistogram() for op in CLIENT_OPS}
         self.registry.register(_Collector(self))
 
     def add_source(self, source: Source) -> None:
@@ -164,21 +204,20 @@ class NodeMetrics:
     def latency_summary(self) -> dict[str, Any]:
         """``{op: {"count", "sum_s", "buckets": {le: cumulative count}}}`` for JSON."""
         out: dict[str, Any] = {}
-        for family in self._latency.collect():
-            for sample in family.samples:
-                op = sample.labels.get("op")
-                if op is None:
-                    continue
-                entry = out.setdefault(op, {"count": 0, "sum_s": 0.0, "buckets": {}})
-                if sample.name.endswith("_bucket"):
-                    entry["buckets"][sample.labels["le"]] = int(sample.value)
-                elif sample.name.endswith("_count"):
-                    entry["count"] = int(sample.value)
-                elif sample.name.endswith("_sum"):
-                    entry["sum_s"] = sample.value
+        for op, hist in self.latency.items():
+            buckets = hist.cumulative()
+            out[op] = {"count": buckets[-1][1], "sum_s": hist.sum, "buckets": dict(buckets)}
         return out
 
     def _dist_families(self) -> Iterator[Metric]:
+        hist_family = HistogramMetricFamily(
+            "hypercache_dist_op_latency_seconds",
+            "Latency of client operations coordinated by this node, by op",
+            labels=["op"],
+        )
+        for op, hist in self.latency.items():
+            hist_family.add_metric([op], hist.cumulative(), hist.sum)
+        yield hist_family
         s = self.stats
         fam = CounterMetricFamily(
             "hypercache_requests", "Client requests handled by this node", labels=["op"]

@@ -8,7 +8,9 @@ embed::
     ...
     await node.stop()
 
-It is the :class:`~hypercache.net.transport.Handler` of its data-plane server: client
+It is the :class:`~hypercache.net.transport.SyncHandler` of its data-plane server:
+every operation is handled inline by :meth:`Node.handle_sync` (no task per request;
+client operations answer through a :class:`~hypercache.net.transport.Later`). Client
 operations (``GET``, ``SET``, ``DELETE``, ``TOPOLOGY``, ``PING``) are coordinated by
 :class:`~hypercache.cluster.coordinator.Coordinator`; replica operations (``R_GET``,
 ``R_PUT``, ``R_PUT_MANY``) from peer coordinators and the handoff loops are served
@@ -29,7 +31,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from hypercache._core.hints import HintBuffer
 from hypercache._core.hlc import HLC, node_tag, wall_clock_ms
@@ -45,7 +47,7 @@ from hypercache.cluster.metrics import NodeMetrics, counter, gauge
 from hypercache.errors import NodeUnavailableError, ProtocolError
 from hypercache.net.protocol import Limits, Op
 from hypercache.net.tcp import TCP
-from hypercache.net.transport import PeerInfo, Server, ServerOptions, Transport
+from hypercache.net.transport import Later, PeerInfo, Server, ServerOptions, Transport
 
 __all__ = ["Node"]
 
@@ -372,13 +374,47 @@ class Node:
 
     async def handle(self, conn_info: PeerInfo, op: int, payload: Any) -> Any:
         """Carry out one request (see the module docstring for the operations)."""
+        result = self.handle_sync(conn_info, op, payload)
+        if type(result) is Later:
+            return await self._await_later(result)
+        return result
+
+    async def _await_later(self, later: Later) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def settle(value: Any, error: BaseException | None) -> None:
+            if not fut.done():
+                if error is None:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(error)
+
+        later.bind(settle)
+        return await fut
+
+    def handle_sync(self, conn_info: PeerInfo, op: int, payload: Any) -> Any:
+        """Carry out one request inline: the answer, or a :class:`Later` for client
+        operations, which wait on other owners. Every handler here is synchronous
+        (the store is in memory), so no request needs a task."""
         coord = self.coordinator
         if coord is None or self._state != "running":
             raise NodeUnavailableError(f"{self.node_id}: node is {self._state}")
-        if op == _R_GET:
-            return coord.handle_r_get(payload)
+        # Most frequent first: replica traffic, then client operations.
         if op == _R_PUT:
             return coord.handle_r_put(payload)
+        if op == _R_GET:
+            return coord.handle_r_get(payload)
+        if op == _GET:
+            key, consistency = _fields(payload, 2, "GET", "[key, consistency]")
+            return coord.start_get(key, consistency)
+        if op == _SET:
+            key, value, ttl_ms, consistency = _fields(
+                payload, 4, "SET", "[key, value, ttl_ms, consistency]"
+            )
+            return coord.start_set(key, value, ttl_ms, consistency)
+        if op == _DELETE:
+            key, consistency = _fields(payload, 2, "DELETE", "[key, consistency]")
+            return coord.start_delete(key, consistency)
         if op == _R_PUT_MANY:
             return coord.handle_r_put_many(payload)
         if op == _MERKLE:
@@ -387,17 +423,6 @@ class Node:
             return antientropy.handle_keys(self.store, payload)
         if op == _PULL:
             return antientropy.handle_pull(self.store, self.limits, payload)
-        if op == _GET:
-            key, consistency = _fields(payload, 2, "GET", "[key, consistency]")
-            return await coord.get(key, consistency)
-        if op == _SET:
-            key, value, ttl_ms, consistency = _fields(
-                payload, 4, "SET", "[key, value, ttl_ms, consistency]"
-            )
-            return await coord.set(key, value, ttl_ms, consistency)
-        if op == _DELETE:
-            key, consistency = _fields(payload, 2, "DELETE", "[key, consistency]")
-            return await coord.delete(key, consistency)
         if op == _PING:
             if conn_info.node_id is not None and self.membership is not None:
                 self.membership.observe_ping(conn_info.node_id, payload)
@@ -490,6 +515,12 @@ class Node:
                 yield counter(f"hypercache_net_{name}", f"Server {name}", getattr(net, name))
             yield gauge("hypercache_net_connections_open", "Open connections", net.connections_open)
             yield gauge("hypercache_net_in_flight", "Requests being handled", net.in_flight)
+
+
+if TYPE_CHECKING:  # Node implements the server's handler interface, fast path included
+    from hypercache.net.transport import SyncHandler
+
+    _handler: SyncHandler = Node.__new__(Node)
 
 
 def _fields(payload: Any, n: int, op: str, shape: str) -> list[Any]:

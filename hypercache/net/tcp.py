@@ -1,12 +1,17 @@
 """TCP transport: ``asyncio.Protocol`` classes on whatever loop runs (uvloop in production).
 
 One connection carries many requests at once. The client matches answers to
-requests by request id with one future per request (no task per request); the
-server runs each request in its own task and answers in order of completion.
+requests by request id with one future or callback per request (no task per
+request). The server answers a request inline, from the read that brought it, when
+its handler has a synchronous fast path for it (``handle_sync``, possibly answering
+later through a :class:`~hypercache.net.transport.Later`), and otherwise runs it in a
+task of its own; answers go out in order of completion.
 
-Writes are coalesced: frames produced during one loop iteration go out in a single
-``transport.write`` (the buffer is flushed by one ``call_soon`` per iteration), so a
-pipelined burst costs one syscall instead of one per frame.
+Writes are coalesced. Frames produced while a read is handled (a ``data_received``
+of any connection of the loop: answers, requests sent to other nodes by callbacks
+run from it) are flushed when that read is done, so a burst costs one syscall per
+connection and no extra loop iteration. Frames written from elsewhere (tasks, timer
+or future callbacks) wait for one ``call_soon`` flush per connection and iteration.
 
 Flow control, server side: a connection stops reading while its transport asks us
 to stop writing (the peer does not read its answers) or while ``max_inflight``
@@ -25,6 +30,8 @@ import contextlib
 import logging
 import math
 import socket
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from hypercache.errors import (
@@ -51,8 +58,11 @@ from hypercache.net.protocol import (
 )
 from hypercache.net.transport import (
     DEFAULT_CONNECT_TIMEOUT,
+    NOT_SYNC,
     Handler,
+    Later,
     NetStats,
+    Outcome,
     PeerInfo,
     ServerOptions,
     format_address,
@@ -89,7 +99,40 @@ _CLIENT_CLOSE_GRACE: Final = 5.0
 
 
 class _Expired(RequestTimeoutError):
-    """Set on a request's future when its deadline passes (rewritten with details)."""
+    """Set on a wait for room in the write buffer when its deadline passes (rewritten
+    with details). A request's own deadline sets the final RequestTimeoutError."""
+
+
+class _ReadScope:
+    """Per event loop: how deep we are in ``data_received`` calls, and which
+    connections queued frames meanwhile (flushed when the outermost one returns)."""
+
+    __slots__ = ("depth", "dirty")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.dirty: list[_FramedProtocol] = []
+
+    def leave(self) -> None:
+        self.depth -= 1
+        if self.depth == 0 and self.dirty:
+            # A flush may not add to the list (depth is 0 now: later frames schedule
+            # their own flush), so one pass empties it.
+            dirty, self.dirty = self.dirty, []
+            for proto in dirty:
+                proto._flush()
+
+
+_scopes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _ReadScope] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _scope(loop: asyncio.AbstractEventLoop) -> _ReadScope:
+    scope = _scopes.get(loop)
+    if scope is None:
+        scope = _scopes[loop] = _ReadScope()
+    return scope
 
 
 def _remote_name(transport: asyncio.BaseTransport) -> str:
@@ -112,15 +155,17 @@ class _FramedProtocol(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits) -> None:
         self._loop = loop
+        self._scope = _scope(loop)
         self._limits = limits
         self._decoder = FrameDecoder(limits.max_frame)
         self._encoder = FrameEncoder(limits.max_frame)
         self._transport: asyncio.Transport | None = None
-        # Frames waiting for the end of the loop iteration. The bytearray is handed
-        # to transport.write() and replaced, never mutated after: a transport may
-        # keep a reference to it (uvloop does) instead of copying.
+        # Frames waiting for the end of the current read or loop iteration. The
+        # bytearray is handed to transport.write() and replaced, never mutated after:
+        # a transport may keep a reference to it (uvloop does) instead of copying.
         self._wbuf = bytearray()
-        self._flush_scheduled = False
+        self._flush_scheduled = False  # a call_soon(_flush) is pending
+        self._dirty = False  # in the read scope's list
         self._write_paused = False
         self._closing = False
         self._lost: asyncio.Future[None] = loop.create_future()
@@ -145,7 +190,7 @@ class _FramedProtocol(asyncio.Protocol):
     # -- writing
 
     def _send(self, body: bytes) -> None:
-        """Queue one frame (body without header) for the end of this loop iteration."""
+        """Queue one frame (body without header) for the end of this read or iteration."""
         self.stats.frames_out += 1
         size = len(body)
         buf = self._wbuf
@@ -157,12 +202,20 @@ class _FramedProtocol(asyncio.Protocol):
             self._write(body)
             return
         buf += body
-        if not self._flush_scheduled:
+        scope = self._scope
+        if scope.depth:
+            if not self._dirty:
+                self._dirty = True
+                scope.dirty.append(self)
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        # Called by the read scope, by call_soon, or directly (close, large body);
+        # a flush that finds the buffer empty (done by another of them) is a no-op.
         self._flush_scheduled = False
+        self._dirty = False
         buf = self._wbuf
         if buf:
             self._wbuf = bytearray()
@@ -207,7 +260,7 @@ class ServerBase:
         total.add(self._totals)
         for conn in self._conns:
             total.add(conn.stats)
-            total.in_flight += len(conn._tasks)
+            total.in_flight += conn.in_flight
         total.connections_open = len(self._conns)
         return total
 
@@ -266,11 +319,22 @@ class ServerProtocol(_FramedProtocol):
         # An unauthenticated peer gets a small frame limit until its HELLO passes.
         self._decoder.max_frame = min(HELLO_MAX_FRAME, options.limits.max_frame)
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        # The handler's synchronous fast path, if it has one (see SyncHandler).
+        self._sync: Callable[[PeerInfo, int, Any], Any] | None = getattr(
+            server.handler, "handle_sync", None
+        )
+        # Ids of requests handled inline whose answer comes later (a Later).
+        self._later: set[int] = set()
         self._reading_paused = False
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.remote = "?"
         #: what the peer said in its HELLO; None until the handshake is done.
         self.peer: PeerInfo | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Requests received and not answered yet."""
+        return len(self._tasks) + len(self._later)
 
     # -- asyncio.Protocol
 
@@ -291,6 +355,7 @@ class ServerProtocol(_FramedProtocol):
             self._handshake_timer.cancel()
         for task in self._tasks.values():
             task.cancel()
+        self._later.clear()  # their answers will find the transport closed
         self._server._release(self)
         if not self._lost.done():
             self._lost.set_result(None)
@@ -342,8 +407,13 @@ class ServerProtocol(_FramedProtocol):
     # -- reading
 
     def _process(self) -> None:
-        """Take frames from the decoder until it is empty or we must stop reading."""
+        """Take frames from the decoder until it is empty or we must stop reading.
+
+        Answers given meanwhile (inline handling) go out in one write at the end.
+        """
         stats = self.stats
+        scope = self._scope
+        scope.depth += 1
         try:
             for msg_type, request_id, op, payload in self._decoder:
                 stats.frames_in += 1
@@ -355,13 +425,15 @@ class ServerProtocol(_FramedProtocol):
                     break
         except ProtocolError as exc:
             self._protocol_error(exc)
+        finally:
+            scope.leave()
 
     def _update_flow(self) -> None:
         """Pause reading under pressure; resume (with hysteresis) once it is gone."""
         transport = self._transport
         if self._closing or transport is None:
             return
-        in_flight = len(self._tasks)
+        in_flight = len(self._tasks) + len(self._later)
         if self._reading_paused:
             if not self._write_paused and in_flight <= self._resume_at:
                 self._reading_paused = False
@@ -418,35 +490,71 @@ class ServerProtocol(_FramedProtocol):
         if msg_type != _REQUEST:
             raise ProtocolError(f"a client sent a {MsgType(msg_type).name} frame")
         tasks = self._tasks
-        if op == _HELLO or request_id in tasks:
+        later = self._later
+        if op == _HELLO or request_id in tasks or request_id in later:
             why = "HELLO after the handshake" if op == _HELLO else "request id already in flight"
             self._send(self._encoder.encode_error_body(request_id, op, ProtocolError(why)))
             return
         peer = self.peer
         assert peer is not None
+        sync = self._sync
+        if sync is not None:
+            try:
+                result = sync(peer, op, payload)
+            except Exception as exc:
+                self._answer(request_id, op, None, exc)
+                return
+            if result is not NOT_SYNC:
+                if type(result) is Later:
+                    later.add(request_id)
+                    result.bind(lambda value, exc: self._answer_later(request_id, op, value, exc))
+                    if request_id in later and len(tasks) + len(later) >= self._max_inflight:
+                        self._update_flow()
+                else:
+                    self._answer(request_id, op, result, None)
+                return
         tasks[request_id] = self._loop.create_task(self._run(peer, request_id, op, payload))
-        if len(tasks) >= self._max_inflight:
+        if len(tasks) + len(later) >= self._max_inflight:
             self._update_flow()
 
-    async def _run(self, peer: PeerInfo, request_id: int, op: int, payload: Any) -> None:
+    def _answer(self, request_id: int, op: int, result: Any, exc: BaseException | None) -> None:
+        """Queue the answer to one request: ``result``, or the error ``exc``."""
         encoder = self._encoder
-        try:
-            result = await self._handler.handle(peer, op, payload)
-        except Exception as exc:
+        if exc is not None:
             if not isinstance(exc, HyperCacheError):
                 _log.error("handler failed on op %s from %s", op, self.remote, exc_info=exc)
             body = encoder.encode_error_body(request_id, op, exc)
         else:
             try:
                 body = encoder.encode_body(_RESPONSE, request_id, op, result)
-            except FrameTooLargeError as exc:
-                body = encoder.encode_error_body(request_id, op, exc)
-            except ProtocolError as exc:
-                error = ServerError(f"response to op {op} cannot be encoded: {exc}")
+            except FrameTooLargeError as error:
                 body = encoder.encode_error_body(request_id, op, error)
+            except ProtocolError as error:
+                wrapped = ServerError(f"response to op {op} cannot be encoded: {error}")
+                body = encoder.encode_error_body(request_id, op, wrapped)
+        self._send(body)
+
+    def _answer_later(
+        self, request_id: int, op: int, result: Any, exc: BaseException | None
+    ) -> None:
+        later = self._later
+        if request_id not in later:
+            return  # the connection is gone
+        later.discard(request_id)
+        self._answer(request_id, op, result, exc)
+        if self._reading_paused:
+            self._update_flow()
+
+    async def _run(self, peer: PeerInfo, request_id: int, op: int, payload: Any) -> None:
+        result: Any = None
+        error: Exception | None = None
+        try:
+            result = await self._handler.handle(peer, op, payload)
+        except Exception as exc:
+            error = exc
         finally:
             del self._tasks[request_id]
-        self._send(body)
+        self._answer(request_id, op, result, error)
         if self._reading_paused:
             self._update_flow()
 
@@ -504,7 +612,9 @@ class ClientConnection(_FramedProtocol):
     """Client side of one multiplexed connection; made by :func:`connect`.
 
     Many coroutines may call :meth:`request` concurrently; each waits on its own
-    future, resolved when the answer with its request id arrives.
+    future, resolved when the answer with its request id arrives. Code running in
+    callbacks sends with :meth:`send` (a future) or :meth:`send_callback` (a callback
+    run from the read that brings the answer: no task, no extra loop iteration).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, address: str, limits: Limits) -> None:
@@ -514,9 +624,13 @@ class ClientConnection(_FramedProtocol):
         #: the server's HELLO answer (``version``, ``cluster``, ``node_id``, ``info``)
         self.peer_hello: dict[str, Any] = {}
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._callbacks: dict[int, Outcome] = {}
         self._next_id = 1
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._deadlines: dict[int, list[int]] = {}  # tick -> ids of requests due then
+        # tick -> (request id, op, timeout) of the requests due then
+        self._deadlines: dict[int, list[tuple[int, int, float]]] = {}
+        # send()/send_callback() calls waiting for room in the write buffer
+        self._waiting: set[asyncio.Task[Any]] = set()
         self._lost_reason = "connection closed"
 
     @property
@@ -526,7 +640,7 @@ class ClientConnection(_FramedProtocol):
     @property
     def pending(self) -> int:
         """Requests waiting for an answer."""
-        return len(self._pending)
+        return len(self._pending) + len(self._callbacks) + len(self._waiting)
 
     # -- asyncio.Protocol
 
@@ -538,6 +652,16 @@ class ClientConnection(_FramedProtocol):
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(NodeUnavailableError(f"{self.address}: {self._lost_reason}"))
+        callbacks, self._callbacks = self._callbacks, {}
+        if callbacks:
+            scope = self._scope
+            scope.depth += 1
+            try:
+                for callback in callbacks.values():
+                    error = NodeUnavailableError(f"{self.address}: {self._lost_reason}")
+                    self._deliver(callback, None, error)
+            finally:
+                scope.leave()
         self._wake_writers()
         if not self._lost.done():
             self._lost.set_result(None)
@@ -550,6 +674,11 @@ class ClientConnection(_FramedProtocol):
         stats = self.stats
         stats.bytes_in += len(data)
         pending = self._pending
+        callbacks = self._callbacks
+        # Frames that callbacks write (answers, requests to other nodes) go out in
+        # one write per connection once this read is handled.
+        scope = self._scope
+        scope.depth += 1
         try:
             decoder = self._decoder
             decoder.feed(data)
@@ -558,17 +687,28 @@ class ClientConnection(_FramedProtocol):
                 if msg_type == _REQUEST:
                     raise ProtocolError("the server sent a REQUEST frame")
                 fut = pending.pop(request_id, None)
-                if fut is None or fut.done():
+                if fut is not None:
+                    if fut.done():
+                        stats.late_responses += 1  # cancelled meanwhile
+                    elif msg_type == _RESPONSE:
+                        fut.set_result(payload)
+                    else:
+                        fut.set_exception(error_from_wire(payload))
+                    continue
+                callback = callbacks.pop(request_id, None)
+                if callback is None:
                     stats.late_responses += 1  # timed out or cancelled meanwhile
                 elif msg_type == _RESPONSE:
-                    fut.set_result(payload)
+                    self._deliver(callback, payload, None)
                 else:
-                    fut.set_exception(error_from_wire(payload))
+                    self._deliver(callback, None, error_from_wire(payload))
         except ProtocolError as exc:
             stats.protocol_errors += 1
             _log.warning("closing connection to %s: %s", self.address, exc)
             self._lost_reason = f"protocol error: {exc}"
             self._start_close()
+        finally:
+            scope.leave()
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -591,35 +731,60 @@ class ClientConnection(_FramedProtocol):
         """
         if self._closing:
             raise NodeUnavailableError(f"{self.address}: {self._lost_reason}")
-        loop = self._loop
         if self._write_paused:
+            loop = self._loop
             deadline = loop.time() + timeout
             await self._wait_writable(op, timeout)
             timeout = max(deadline - loop.time(), 0.0)
-        request_id = self._next_id
-        self._next_id = request_id + 1 if request_id < _MAX_REQUEST_ID else 1
-        body = self._encoder.encode_body(_REQUEST, request_id, op, payload)
-        fut = loop.create_future()
-        pending = self._pending
-        pending[request_id] = fut
-        self._send(body)
-        if timeout != _NO_DEADLINE:
-            # Arm the deadline in its tick bucket (see _expire_tick).
-            tick = int((loop.time() + timeout) * _TICKS_PER_SECOND) + 1
-            bucket = self._deadlines.get(tick)
-            if bucket is None:
-                self._deadlines[tick] = [request_id]
-                loop.call_at(tick / _TICKS_PER_SECOND, self._expire_tick, tick)
-            else:
-                bucket.append(request_id)
+        request_id = self._encode_and_send(op, payload, timeout)
+        fut = self._pending[request_id] = self._loop.create_future()
         try:
             return await fut
-        except _Expired:
-            raise RequestTimeoutError(
-                f"{self.address}: op {op} got no answer within {timeout}s"
-            ) from None
         finally:
-            pending.pop(request_id, None)
+            self._pending.pop(request_id, None)
+
+    def send(self, op: int, payload: Any, timeout: float) -> asyncio.Future[Any]:
+        """Send one request now, without a task; the future gets the answer.
+
+        The future fails as :meth:`request` would raise; cancelling it drops the
+        answer. While the write buffer is above its high mark the request waits for
+        room in a task (the future returned is then that task).
+
+        :raises NodeUnavailableError: the connection is closed.
+        :raises ProtocolError: ``payload`` cannot be encoded (nothing is sent).
+        :raises FrameTooLargeError: the request is over ``max_frame`` (nothing is sent).
+        """
+        if self._closing:
+            raise NodeUnavailableError(f"{self.address}: {self._lost_reason}")
+        if self._write_paused:
+            return self._loop.create_task(self.request(op, payload, timeout))
+        request_id = self._encode_and_send(op, payload, timeout)
+        fut = self._pending[request_id] = self._loop.create_future()
+        return fut
+
+    def send_callback(self, op: int, payload: Any, timeout: float, callback: Outcome) -> None:
+        """Send one request now, without a task nor a future.
+
+        ``callback(answer, error)`` runs exactly once: ``error`` is None on success,
+        else what :meth:`request` would raise. It runs from the read that brings the
+        answer (frames it writes go out at the end of that read), from the deadline
+        timer, or when the connection is lost; it must not block, and what it raises
+        is logged and dropped. While the write buffer is above its high mark the
+        request waits for room in a task, and its errors all go to ``callback``.
+
+        :raises NodeUnavailableError: the connection is closed (``callback`` not called).
+        :raises ProtocolError: ``payload`` cannot be encoded (nothing is sent).
+        :raises FrameTooLargeError: the request is over ``max_frame`` (nothing is sent).
+        """
+        if self._closing:
+            raise NodeUnavailableError(f"{self.address}: {self._lost_reason}")
+        if self._write_paused:
+            task = self._loop.create_task(self._request_then(op, payload, timeout, callback))
+            self._waiting.add(task)
+            task.add_done_callback(self._waiting.discard)
+            return
+        request_id = self._encode_and_send(op, payload, timeout)
+        self._callbacks[request_id] = callback
 
     async def close(self) -> None:
         """Close the connection and wait until it is closed.
@@ -649,19 +814,77 @@ class ClientConnection(_FramedProtocol):
         if self._transport is not None:
             self._transport.close()
 
+    def _encode_and_send(self, op: int, payload: Any, timeout: float) -> int:
+        """Encode and queue one request, arm its deadline; return its request id.
+
+        The caller registers the request's future or callback under that id before
+        the loop runs again.
+        """
+        request_id = self._next_id
+        self._next_id = request_id + 1 if request_id < _MAX_REQUEST_ID else 1
+        self._send(self._encoder.encode_body(_REQUEST, request_id, op, payload))
+        if timeout != _NO_DEADLINE:
+            # Arm the deadline in its tick bucket (see _expire_tick).
+            loop = self._loop
+            tick = int((loop.time() + timeout) * _TICKS_PER_SECOND) + 1
+            bucket = self._deadlines.get(tick)
+            if bucket is None:
+                self._deadlines[tick] = [(request_id, op, timeout)]
+                loop.call_at(tick / _TICKS_PER_SECOND, self._expire_tick, tick)
+            else:
+                bucket.append((request_id, op, timeout))
+        return request_id
+
+    @staticmethod
+    def _deliver(callback: Outcome, value: Any, error: BaseException | None) -> None:
+        try:
+            callback(value, error)
+        except Exception:
+            _log.exception("request callback failed")
+
+    async def _request_then(self, op: int, payload: Any, timeout: float, callback: Outcome) -> None:
+        try:
+            result = await self.request(op, payload, timeout)
+        except asyncio.CancelledError:
+            error = NodeUnavailableError(f"{self.address}: request cancelled")
+            self._deliver(callback, None, error)
+            raise
+        except Exception as exc:
+            self._deliver(callback, None, exc)
+        else:
+            self._deliver(callback, result, None)
+
     def _expire_tick(self, tick: int) -> None:
         # Deadlines are kept per tick rather than one timer per request: arming and
         # cancelling a loop timer costs about as much as the rest of a request, while
         # appending an id to the tick's list is nearly free. A request that completed
         # meanwhile is simply no longer pending. Timeouts fire up to one tick late,
         # never early.
-        request_ids = self._deadlines.pop(tick, ())
+        due = self._deadlines.pop(tick, ())
+        if not due:
+            return
         pending = self._pending
-        for request_id in request_ids:
-            fut = pending.get(request_id)
-            if fut is not None and not fut.done():
-                self.stats.timeouts += 1
-                fut.set_exception(_Expired())
+        callbacks = self._callbacks
+        stats = self.stats
+        scope = self._scope
+        scope.depth += 1
+        try:
+            for request_id, op, timeout in due:
+                fut = pending.pop(request_id, None)
+                if fut is not None:
+                    if not fut.done():
+                        stats.timeouts += 1
+                        fut.set_exception(self._timeout_error(op, timeout))
+                    continue
+                callback = callbacks.pop(request_id, None)
+                if callback is not None:
+                    stats.timeouts += 1
+                    self._deliver(callback, None, self._timeout_error(op, timeout))
+        finally:
+            scope.leave()
+
+    def _timeout_error(self, op: int, timeout: float) -> RequestTimeoutError:
+        return RequestTimeoutError(f"{self.address}: op {op} got no answer within {timeout}s")
 
     async def _wait_writable(self, op: int, timeout: float) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()

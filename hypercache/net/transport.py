@@ -9,6 +9,8 @@ A *transport* moves frames (:mod:`hypercache.net.protocol`) between a client-sid
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Protocol
 
@@ -17,12 +19,16 @@ from hypercache.net.protocol import Limits
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
+    "NOT_SYNC",
     "Connection",
     "Handler",
+    "Later",
     "NetStats",
+    "Outcome",
     "PeerInfo",
     "Server",
     "ServerOptions",
+    "SyncHandler",
     "Transport",
     "format_address",
     "parse_address",
@@ -99,6 +105,92 @@ class Handler(Protocol):
         ``node_id``, ``address``, ``info``; the auth token is left out). Raise
         :class:`~hypercache.errors.HandshakeError` to refuse the peer.
         """
+        ...
+
+
+class _NotSync:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOT_SYNC"
+
+
+#: What :meth:`SyncHandler.handle_sync` returns for a request it leaves to ``handle``.
+NOT_SYNC: Final = _NotSync()
+
+#: ``callback(value, error)``: how a :class:`Later` or :meth:`Connection.send_callback`
+#: delivers an outcome (``error`` is None on success).
+Outcome = Callable[[Any, BaseException | None], None]
+
+
+class Later:
+    """An answer that a synchronous handler gives later, without a task.
+
+    :meth:`SyncHandler.handle_sync` returns one for a request that waits on other
+    nodes (a coordinated ``GET``/``SET``); the handler calls :meth:`resolve` or
+    :meth:`reject` exactly once, from any callback, and the server sends the answer
+    then. The server binds its callback right after ``handle_sync`` returns; an answer
+    given before that is kept until then. Only the first answer counts.
+    """
+
+    __slots__ = ("_callback", "_done", "_error", "_value")
+
+    def __init__(self) -> None:
+        self._callback: Outcome | None = None
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def resolve(self, value: Any) -> None:
+        if self._done:
+            return
+        self._done = True
+        callback = self._callback
+        if callback is None:
+            self._value = value
+        else:
+            self._callback = None
+            callback(value, None)
+
+    def reject(self, error: BaseException) -> None:
+        if self._done:
+            return
+        self._done = True
+        callback = self._callback
+        if callback is None:
+            self._error = error
+        else:
+            self._callback = None
+            callback(None, error)
+
+    def bind(self, callback: Outcome) -> None:
+        """Call ``callback(value, error)`` with the answer (at once if already given)."""
+        if self._done:
+            value, error = self._value, self._error
+            self._value = self._error = None
+            callback(value, error)
+        else:
+            self._callback = callback
+
+
+class SyncHandler(Handler, Protocol):
+    """A handler with a synchronous fast path, tried before :meth:`Handler.handle`.
+
+    A server whose handler has ``handle_sync`` calls it inline, from the read that
+    brought the request, without a task: it answers at once (same iteration as the
+    read, in the same write as the other answers of that read) with the value it
+    returns, the error it raises, or later through the :class:`Later` it returns. A
+    request it returns :data:`NOT_SYNC` for goes to ``handle`` in a task of its own.
+    Requests answered through a :class:`Later` count as in flight (``max_inflight``).
+    ``handle_sync`` must not block: it runs on the event loop, between reads.
+    """
+
+    def handle_sync(self, conn_info: PeerInfo, op: int, payload: Any) -> Any:
+        """Answer a request now, or return a :class:`Later`, or :data:`NOT_SYNC`."""
         ...
 
 
@@ -199,6 +291,27 @@ class Connection(Protocol):
         :raises NodeUnavailableError: the connection is closed or lost.
         :raises ProtocolError: the payload cannot be encoded.
         :raises FrameTooLargeError: the request exceeds ``max_frame`` (not sent).
+        """
+        ...
+
+    def send_callback(self, op: int, payload: Any, timeout: float, callback: Outcome) -> None:
+        """Send one request without a task; ``callback(answer, error)`` gets its outcome.
+
+        The callback runs exactly once, from the loop (possibly from inside the read
+        that brought the answer, so it must not block): ``error`` is None on success,
+        else what :meth:`request` would raise. While the write buffer is full the
+        request waits for room like :meth:`request` does (in a task).
+
+        :raises NodeUnavailableError: the connection is closed (nothing is sent).
+        :raises ProtocolError: the payload cannot be encoded (nothing is sent).
+        :raises FrameTooLargeError: the request exceeds ``max_frame`` (not sent).
+        """
+        ...
+
+    def send(self, op: int, payload: Any, timeout: float) -> asyncio.Future[Any]:
+        """Send one request without a task; the returned future gets its outcome.
+
+        Same errors as :meth:`send_callback`, raised here or set on the future.
         """
         ...
 
