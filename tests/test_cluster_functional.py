@@ -74,7 +74,18 @@ def test_management_http(cluster: Cluster) -> None:
     stats = node.http_json("/stats")
     assert stats["node_id"] == "node-1" and stats["keys"] >= 1
     assert "hypercache_" in node.http_text("/metrics")
-    assert "hypercache_dist_write_acks" in node.http_text("/metrics")
+    metrics = node.http_text("/metrics")
+    assert "hypercache_dist_write_acks" in metrics
+    # Every cap that can bite has its counter: in-flight cap, write backpressure,
+    # deadlines, hint caps, the store's byte budget.
+    for name in (
+        "hypercache_net_inflight_pauses",
+        "hypercache_net_write_pauses",
+        "hypercache_net_timeouts",
+        "hypercache_dist_hints_dropped",
+        "hypercache_evictions",
+    ):
+        assert name in metrics, name
     assert node.http_json("/config")["node_id"] == "node-1"
     owners_answer = node.http_json("/dist/owners?key=http-key")
     assert sorted(o["node_id"] for o in owners_answer["owners"]) == [

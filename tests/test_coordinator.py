@@ -139,6 +139,8 @@ def test_topology_ping_and_bad_requests() -> None:
             assert topo["partitions"] == 256 and topo["replication"] == 3
             assert topo["table"] == nodes[0].ring.table()
             assert isinstance(topo["epoch"], int)
+            # Clients coordinate reads at this level when a call names none.
+            assert topo["read_consistency"] == "quorum"
             with pytest.raises(ProtocolError):
                 await c.request(Op.GET, [b"k"], 2)
             with pytest.raises(ProtocolError):

@@ -354,6 +354,8 @@ class Node:
                 "replication": int(ring.replication),
                 "nodes": self.members(),
                 "table": ring.table(),
+                # Clients coordinate reads themselves; they need the default level.
+                "read_consistency": self.config.read_consistency.value,
             }
         return topo
 
@@ -511,6 +513,11 @@ class Node:
                 "handshake_failures",
                 "connections_accepted",
                 "connections_rejected",
+                # Caps and backpressure that bite: reading paused at the in-flight
+                # cap, writing paused by a full socket buffer, request deadlines.
+                "inflight_pauses",
+                "write_pauses",
+                "timeouts",
             ):
                 yield counter(f"hypercache_net_{name}", f"Server {name}", getattr(net, name))
             yield gauge("hypercache_net_connections_open", "Open connections", net.connections_open)
