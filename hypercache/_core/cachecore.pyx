@@ -140,6 +140,23 @@ cdef inline uint32_t key_hash(object key) except? 0:
     return fold(h)
 
 
+cdef object _object_sizeof = object.__sizeof__
+# The last type seen that keeps object's __sizeof__: values of one type are
+# usually written over and over, so one comparison settles most calls.
+cdef object _plain_type = None
+
+
+cdef inline bint _inherits_object_sizeof(object value):
+    global _plain_type
+    cdef object t = type(value)
+    if t is _plain_type:
+        return True
+    if getattr(t, "__sizeof__", None) is _object_sizeof:
+        _plain_type = t
+        return True
+    return False
+
+
 cdef inline uint64_t shallow_size(object value) except? 0xFFFFFFFFFFFFFFFF:
     # len() for bytes-like and str; otherwise ``value.__sizeof__()``: the
     # object's own footprint without the GC header, not what it references.
@@ -156,7 +173,9 @@ cdef inline uint64_t shallow_size(object value) except? 0xFFFFFFFFFFFFFFFF:
         n = (<PyVarObject*>value).ob_size
         n = -n if n < 0 else n
         return <uint64_t>(tp.tp_basicsize + (n if n else 1) * tp.tp_itemsize)
-    if PyFloat_CheckExact(value) or PyTuple_CheckExact(value) or value is None:
+    if (PyFloat_CheckExact(value) or PyTuple_CheckExact(value) or value is None
+            or _inherits_object_sizeof(value)):
+        # What object.__sizeof__ computes, without the call.
         n = (<PyVarObject*>value).ob_size if tp.tp_itemsize else 0
         return <uint64_t>(tp.tp_basicsize + n * tp.tp_itemsize)
     n = value.__sizeof__()
