@@ -60,6 +60,8 @@ cdef class CacheCore:
     @cython.final
     cdef void _index_remove(self, uint32_t slot) noexcept
     @cython.final
+    cdef bint _index_full(self) noexcept
+    @cython.final
     cdef int _index_grow(self) except -1
     @cython.final
     cdef int _grow_slots(self) except -1
