@@ -97,9 +97,10 @@ class HyperCache(CacheCore[K, V]):
     :param default_ttl: seconds an entry lives when ``set`` gives no ``ttl``;
         None means entries do not expire.
     :param sizeof: a function giving a value's size in bytes. The default is
-        ``len()`` for bytes, bytearray and str, and otherwise the object's
-        shallow footprint as its type reports it (what ``sys.getsizeof``
-        reports, without the GC header and without following references).
+        ``len()`` for bytes, bytearray and str, and otherwise
+        ``value.__sizeof__()``: the object's own footprint (what
+        ``sys.getsizeof`` reports without the GC header), not what it
+        references. Common types are measured in C without a call.
     :param timer: a monotonic clock in seconds, for tests. The default reads
         the kernel's coarse monotonic clock from C (1-4 ms resolution).
 
