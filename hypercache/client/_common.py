@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal
 
 from hypercache.client.serializer import Serializer, resolve_serializer
-from hypercache.client.topology import Router
+from hypercache.client.topology import Router, Topology
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
@@ -423,3 +423,18 @@ class ClientBase:
 
     def _init_transport(self) -> None:
         raise NotImplementedError
+
+    def _topology_fetched(self, address: str, topology: Topology) -> Topology:
+        """Adopt a table fetched from ``address``."""
+        self._router.set_topology(topology, time.monotonic())
+        self._router.mark_up(address)
+        self.stats.topology_refreshes += 1
+        return topology
+
+    def _topology_unavailable(self, errors: Mapping[str, BaseException]) -> BaseException:
+        """Record a refresh that no seed answered; the error to raise for it."""
+        self.stats.topology_errors += 1
+        self._router.refresh_failed(time.monotonic())
+        if all(isinstance(exc, NodeUnavailableError) for exc in errors.values()):
+            return unreachable("TOPOLOGY", errors)
+        return next(exc for exc in errors.values() if not isinstance(exc, NodeUnavailableError))

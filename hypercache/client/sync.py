@@ -595,12 +595,5 @@ class Client(ClientBase):
             except HyperCacheError as exc:
                 errors[address] = exc
                 continue
-            router.set_topology(topology, time.monotonic())
-            router.mark_up(address)
-            self.stats.topology_refreshes += 1
-            return topology
-        self.stats.topology_errors += 1
-        router.refresh_failed(time.monotonic())
-        if all(isinstance(exc, NodeUnavailableError) for exc in errors.values()):
-            raise unreachable("TOPOLOGY", errors)
-        raise next(exc for exc in errors.values() if not isinstance(exc, NodeUnavailableError))
+            return self._topology_fetched(address, topology)
+        raise self._topology_unavailable(errors)
