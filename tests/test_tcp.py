@@ -13,13 +13,21 @@ import math
 import random
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from net_helpers import (
+    CLUSTER,
+    HELLO_FRAME,
+    LOOPS,
+    Runner,
+    connected,
+    serving,
+    spin,
+    wait_until,
+)
 
 from hypercache.errors import (
     FrameTooLargeError,
@@ -32,7 +40,6 @@ from hypercache.errors import (
 )
 from hypercache.net import (
     TCP,
-    ClientConnection,
     Frame,
     FrameDecoder,
     InprocNetwork,
@@ -46,15 +53,6 @@ from hypercache.net import (
     make_hello,
 )
 from hypercache.net.tcp import ServerBase
-
-T = TypeVar("T")
-Runner = Callable[[Coroutine[Any, Any, T]], T]
-
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
-CLUSTER = "test-cluster"
 
 payloads = st.recursive(
     st.none()
@@ -76,18 +74,6 @@ FAIL = Op.DELETE  # raise the error named by the payload
 BLOCK = Op.TOPOLOGY  # wait for the handler's gate
 WHOAMI = Op.KEYS  # answer what the server knows of the peer
 BIG = Op.PULL  # answer payload bytes
-
-
-@pytest.fixture(params=list(LOOPS))
-def run(request: pytest.FixtureRequest) -> Iterator[Runner[Any]]:
-    """Run a coroutine on a fresh loop of each kind; the loop lives for the test."""
-    with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
-        yield runner.run
-
-
-@pytest.fixture(params=["tcp", "inproc"])
-def transport(request: pytest.FixtureRequest) -> Transport:
-    return TCP if request.param == "tcp" else InprocNetwork()
 
 
 class ScriptedHandler:
@@ -144,49 +130,6 @@ class ScriptedHandler:
         if op == BIG:
             return b"x" * payload
         raise ProtocolError(f"unknown op {op}")
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)
-
-
-async def spin(iterations: int = 50) -> None:
-    """Let the loop run a number of iterations (no wall-clock wait)."""
-    for _ in range(iterations):
-        await asyncio.sleep(0)
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    transport: Transport, handler: ScriptedHandler, **options: Any
-) -> AsyncIterator[ServerBase]:
-    server = transport.create_server(
-        handler, "127.0.0.1:0", ServerOptions(cluster=CLUSTER, node_id="server-1", **options)
-    )
-    await server.start()
-    assert isinstance(server, ServerBase)
-    try:
-        yield server
-    finally:
-        await server.close()
-
-
-@contextlib.asynccontextmanager
-async def connected(
-    transport: Transport, server_address: str, limits: Limits | None = None, **hello: Any
-) -> AsyncIterator[ClientConnection]:
-    conn = await transport.connect(server_address, make_hello(CLUSTER, **hello), limits, timeout=5)
-    assert isinstance(conn, ClientConnection)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 # ============================================================================ round trips
@@ -633,9 +576,6 @@ async def assert_closed_by_peer(reader: asyncio.StreamReader) -> None:
     async with asyncio.timeout(5):
         with contextlib.suppress(ConnectionResetError):
             assert await reader.read() == b""
-
-
-HELLO_FRAME = encode_request(1, Op.HELLO, make_hello(CLUSTER))
 
 
 @pytest.mark.parametrize("after_hello", [False, True])

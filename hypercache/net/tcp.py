@@ -639,7 +639,8 @@ class ClientConnection(_FramedProtocol):
 
     @property
     def pending(self) -> int:
-        """Requests waiting for an answer."""
+        """Requests waiting for an answer, each counted once (a ``send_callback``
+        still waiting for room in the write buffer included)."""
         return len(self._pending) + len(self._callbacks) + len(self._waiting)
 
     # -- asyncio.Protocol
@@ -843,16 +844,28 @@ class ClientConnection(_FramedProtocol):
             _log.exception("request callback failed")
 
     async def _request_then(self, op: int, payload: Any, timeout: float, callback: Outcome) -> None:
+        # Waits for room in the write buffer, then sends like send_callback: from
+        # then on the request counts in ``_callbacks``, so it leaves ``_waiting``
+        # (``pending`` counts each request once).
+        task = asyncio.current_task()
         try:
-            result = await self.request(op, payload, timeout)
+            loop = self._loop
+            deadline = loop.time() + timeout
+            if self._write_paused:  # room may have come back before this task ran
+                await self._wait_writable(op, timeout)
+            if self._closing:
+                raise NodeUnavailableError(f"{self.address}: {self._lost_reason}")
+            request_id = self._encode_and_send(op, payload, max(deadline - loop.time(), 0.0))
         except asyncio.CancelledError:
             error = NodeUnavailableError(f"{self.address}: request cancelled")
             self._deliver(callback, None, error)
             raise
         except Exception as exc:
             self._deliver(callback, None, exc)
-        else:
-            self._deliver(callback, result, None)
+            return
+        if task is not None:
+            self._waiting.discard(task)
+        self._callbacks[request_id] = callback
 
     def _expire_tick(self, tick: int) -> None:
         # Deadlines are kept per tick rather than one timer per request: arming and
