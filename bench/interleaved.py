@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for k in fresh:
         hash(k)  # hash them once, outside the timed loops
     ours: HyperCache[str, str] = HyperCache(n)
-    peer = cachebox.LRUCache(n)
+    peer: cachebox.LRUCache[str, str] = cachebox.LRUCache(n)
     for k in keys:
         ours[k] = k
         peer[k] = k

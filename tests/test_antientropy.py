@@ -373,6 +373,7 @@ def test_handlers_refuse_malformed_payloads() -> None:
     store = VersionedStore(64)
     limits = Limits()
     tops = bytes(32)
+    bad: Any
     for bad in (
         None,
         [0],

@@ -6,6 +6,7 @@ Coordination is by Barrier and Event only; nothing sleeps to wait.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import subprocess
@@ -127,7 +128,7 @@ def test_mixed_operations_stress(policy: str, fast_switching: None) -> None:
                 elif r < 0.86:
                     _ = k in cache
                 elif r < 0.90:
-                    check(k, cache.get_or_set(k, lambda i=i, seq=seq: value(i, seq)), "gos")
+                    check(k, cache.get_or_set(k, functools.partial(value, i, seq)), "gos")
                 elif r < 0.93:
                     cache.sweep()
                 elif r < 0.96:
@@ -325,7 +326,9 @@ def test_get_or_set_after_flight_uses_stored_value() -> None:
         return r
 
     for r in range(30):
-        results, errors = run_concurrently(8, lambda r=r: cache.get_or_set(r, lambda: factory(r)))
+        results, errors = run_concurrently(
+            8, functools.partial(cache.get_or_set, r, functools.partial(factory, r))
+        )
         assert not errors
         assert results == [r] * 8
     assert counts == {r: 1 for r in range(30)}

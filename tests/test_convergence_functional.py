@@ -195,7 +195,7 @@ def test_injected_divergence_converges_within_one_interval(tmp_path: Path) -> No
         assert 1.4 < double / large < 2.6, (large, double)
         # The paged listing shows the same versions on every replica.
         p = cluster[0].http_json(f"/dist/owners?key_hex={keys[0].hex()}")["partition"]
-        listings = []
+        listings: list[Any] = []
         for i in range(3):
             rows, cursor = [], ""
             while cursor is not None:

@@ -88,7 +88,7 @@ def decode_all(data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> list[Frame]:
 
 
 def raw_frame(body: Any) -> bytes:
-    packed = msgpack.packb(body, use_bin_type=True)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
     return struct.pack(">I", len(packed)) + packed
 
 
@@ -190,7 +190,7 @@ def test_decoder_byte_by_byte() -> None:
     encoder = FrameEncoder()
     stream = b"".join(encoder.encode_request(i, Op.SET, [b"k%d" % i, b"v" * i]) for i in range(50))
     decoder = FrameDecoder()
-    out = []
+    out: list[Frame] = []
     for i in range(len(stream)):
         decoder.feed(stream[i : i + 1])
         out.extend(decoder)
@@ -407,6 +407,7 @@ def test_validate_hello_rejects(change: dict[str, Any], match: str) -> None:
 
 
 def test_validate_hello_rejects_non_maps() -> None:
+    bad: object
     for bad in (None, [], "hello"):
         with pytest.raises(HandshakeError):
             validate_hello(bad, cluster="c", auth=None)

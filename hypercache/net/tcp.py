@@ -268,6 +268,14 @@ class ServerBase:
     def connections_open(self) -> int:
         return len(self._conns)
 
+    async def start(self) -> None:
+        """Start accepting connections (each transport's server implements it)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Stop accepting, close every connection and wait for them."""
+        raise NotImplementedError
+
     def _new_protocol(self) -> ServerProtocol:
         assert self._loop is not None
         return ServerProtocol(self, self._loop)
