@@ -23,7 +23,7 @@ from hypothesis.stateful import (
 
 from hypercache._core.arc import ARCPolicy
 from hypercache._core.lfu import LFUPolicy
-from hypercache._core.policy import ClockPolicy, FIFOPolicy, LRUPolicy
+from hypercache._core.policy import ClockPolicy, FIFOPolicy, LRUPolicy, Policy
 from hypercache._core.tinylfu import TinyLFUPolicy
 
 ALL = [LRUPolicy, FIFOPolicy, ClockPolicy, LFUPolicy, ARCPolicy, TinyLFUPolicy]
@@ -645,3 +645,21 @@ def test_stateful(name: str) -> None:
         MACHINES[name],
         settings=settings(max_examples=200, stateful_step_count=40, deadline=None),
     )
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_drivers_refuse_slots_outside_the_arrays(cls: type[Policy]) -> None:
+    # The C methods trust the core; the Python drivers must not let a test write
+    # outside the per-slot arrays.
+    p = cls(4)
+    p._grow(4)
+    p._insert(3, 7)
+    for bad in (4, -1, 2**40):
+        with pytest.raises(IndexError):
+            p._insert(bad, 7)
+        with pytest.raises(IndexError):
+            p._access(bad, 7)
+        with pytest.raises(IndexError):
+            p._remove(bad)
+    assert len(p) == 1
+    assert p._evict() == 3

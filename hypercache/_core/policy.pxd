@@ -140,6 +140,7 @@ cdef class Policy:
     cdef void remove(self, uint32_t slot) noexcept
     cdef uint32_t evict(self) noexcept
     cdef void clear(self) noexcept
+    cdef uint32_t _checked(self, slot) except? 0xFFFFFFFF
 
 
 cdef class ListPolicy(Policy):

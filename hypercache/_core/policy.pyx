@@ -52,23 +52,30 @@ cdef class Policy:
         return "base"
 
     # Python-visible drivers of the C protocol, for unit tests of a policy alone.
+    # They check slot numbers: the C methods trust the core and would write out
+    # of bounds.
+    cdef uint32_t _checked(self, slot) except? 0xFFFFFFFF:
+        if not 0 <= slot < self.cap:
+            raise IndexError(f"slot {slot} outside 0..{self.cap - 1} (call _grow first)")
+        return <uint32_t>slot
+
     def _grow(self, new_cap):
         self.grow(new_cap)
 
     def _insert(self, slot, h):
-        self.insert(slot, h)
+        self.insert(self._checked(slot), h)
 
     def _access(self, slot, h):
-        self.access(slot, h)
+        self.access(self._checked(slot), h)
 
     def _update(self, slot, h):
-        self.update(slot, h)
+        self.update(self._checked(slot), h)
 
     def _miss(self, h):
         self.miss(h)
 
     def _remove(self, slot):
-        self.remove(slot)
+        self.remove(self._checked(slot))
 
     def _evict(self):
         cdef uint32_t s = self.evict()
