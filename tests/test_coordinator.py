@@ -103,13 +103,36 @@ def test_delete_answers_existed_and_replicates_a_tombstone() -> None:
         async with cluster() as (net, nodes):
             async with client(net, nodes[2]) as c:
                 await c.request(Op.SET, [b"d", b"1", None, "all"], 2)
+                forwards = nodes[2].metrics.stats.forwards
+                before = dict(forwards)
                 assert await c.request(Op.DELETE, [b"d", "quorum"], 2) is True
                 assert await c.request(Op.DELETE, [b"d", "quorum"], 2) is False
                 assert await c.request(Op.DELETE, [b"never", "one"], 2) is False
+                # One round trip per remote owner (R_DEL), no R_GET first.
+                assert forwards["r_del"] - before["r_del"] == 6
+                assert forwards["r_get"] == before["r_get"]
                 assert await c.request(Op.GET, [b"d", "all"], 2) == [False, None]
             await until(lambda: all(local(n, b"d") is not None for n in nodes), what="tombstones")
             for n in nodes:
                 assert local(n, b"d")[4] is True
+
+    run(main())
+
+
+def test_r_del_applies_the_tombstone_and_answers_what_was_held() -> None:
+    async def main() -> None:
+        async with cluster() as (net, nodes), client(net, nodes[0]) as c:
+            await c.request(Op.SET, [b"k", b"v", None, "all"], 2)
+            held = await c.request(Op.R_GET, [b"k"], 2)
+            tomb = [b"k", b"", held[1] + 1, held[2], 0, True]
+            assert await c.request(Op.R_DEL, tomb, 2) == held
+            assert local(nodes[0], b"k")[4] is True
+            # A replay answers the tombstone it now holds and changes nothing.
+            assert (await c.request(Op.R_DEL, tomb, 2))[4] is True
+            older = [b"k", b"", held[1] - 1, held[2], 0, True]
+            assert (await c.request(Op.R_DEL, older, 2))[1] == held[1] + 1
+            with pytest.raises(ProtocolError):
+                await c.request(Op.R_DEL, [b"k", b"v", held[1] + 2, held[2], 0, False], 2)
 
     run(main())
 

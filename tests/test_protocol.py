@@ -107,6 +107,7 @@ def test_message_types_and_ops_are_stable() -> None:
         "R_GET": 10,
         "R_PUT": 11,
         "R_PUT_MANY": 12,
+        "R_DEL": 13,
         "MERKLE": 20,
         "KEYS": 21,
         "PULL": 22,

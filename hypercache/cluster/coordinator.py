@@ -81,6 +81,7 @@ _Bytes: TypeAlias = bytes
 
 _R_GET: Final = int(Op.R_GET)
 _R_PUT: Final = int(Op.R_PUT)
+_R_DEL: Final = int(Op.R_DEL)
 
 _ONE: Final = Consistency.ONE
 #: wire spelling -> level; anything else goes through Consistency.parse (which
@@ -362,6 +363,20 @@ class Coordinator:
         if applied:
             self.stats.replica_puts_applied += 1
         return applied
+
+    def handle_r_del(self, payload: Any) -> list[Any] | None:
+        """``R_DEL [key, b"", ts, origin, 0, true]`` from a peer coordinator: apply the
+        tombstone (newer wins, as ``R_PUT``) and answer what was held before it, as
+        ``R_GET`` would have, so a delete learns ``existed`` in one round trip."""
+        key, value, ts, origin, expire_at, tombstone = self._check_r_put(payload)
+        if not tombstone:
+            raise ProtocolError("R_DEL carries a tombstone")
+        self.stats.replica_gets += 1
+        self.stats.replica_puts += 1
+        before = self.replica_get(key)
+        if self.replica_put(key, value, ts, origin, expire_at, tombstone):
+            self.stats.replica_puts_applied += 1
+        return None if before is None else list(before)
 
     def handle_r_put_many(self, payload: Any) -> int:
         """``R_PUT_MANY [[entry, ...], mode]``, each entry as ``R_PUT``'s payload.
@@ -752,16 +767,10 @@ class Coordinator:
                     before = self.replica_get(key)
                     self.replica_put(key, b"", ts, origin, 0, True)
                     rnd.ok(owner, before)
-                    continue
-                peer = self.membership.peers.get(owner)
-                if peer is None or not peer.up:
-                    stats.replica_failures += 1
-                    rnd.fail(owner, "down")
-                    self._hint(owner, tomb)
-                    continue
-                stats.forwards["r_get"] += 1
-                stats.forwards["r_put"] += 1
-                self._track(rnd, owner, self._read_then_tomb(peer.request, key, tomb), tomb)
+                else:
+                    # One round trip: R_DEL writes the tombstone and answers what
+                    # the owner held before it.
+                    self._remote(rnd, owner, _R_DEL, tomb, "r_del", hint=tomb)
         except HyperCacheError as exc:
             self._failed("delete", exc)
             self._latency["delete"](time.perf_counter() - start)
@@ -786,11 +795,6 @@ class Coordinator:
             return
         self._latency["delete"](time.perf_counter() - start)
         later.resolve(existed)
-
-    async def _read_then_tomb(self, request: Any, key: bytes, tomb: list[Any]) -> Any:
-        before = await request(_R_GET, [key], self.timeout)
-        await request(_R_PUT, tomb, self.timeout)
-        return before
 
     # --------------------------------------------------------------- lifecycle
 

@@ -61,6 +61,7 @@ _TOPOLOGY: Final = int(Op.TOPOLOGY)
 _R_GET: Final = int(Op.R_GET)
 _R_PUT: Final = int(Op.R_PUT)
 _R_PUT_MANY: Final = int(Op.R_PUT_MANY)
+_R_DEL: Final = int(Op.R_DEL)
 _MERKLE: Final = int(Op.MERKLE)
 _KEYS: Final = int(Op.KEYS)
 _PULL: Final = int(Op.PULL)
@@ -417,6 +418,8 @@ class Node:
         if op == _DELETE:
             key, consistency = _fields(payload, 2, "DELETE", "[key, consistency]")
             return coord.start_delete(key, consistency)
+        if op == _R_DEL:
+            return coord.handle_r_del(payload)
         if op == _R_PUT_MANY:
             return coord.handle_r_put_many(payload)
         if op == _MERKLE:

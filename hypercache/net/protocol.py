@@ -102,6 +102,7 @@ class Op(IntEnum):
     R_GET = 10
     R_PUT = 11
     R_PUT_MANY = 12
+    R_DEL = 13
     MERKLE = 20
     KEYS = 21
     PULL = 22
