@@ -331,6 +331,11 @@ def main(
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except UnicodeError as exc:
+        # An argument that was not valid UTF-8 in the shell (Python keeps such
+        # bytes as lone surrogates): a usage error, not a crash.
+        print(f"{PROG}: error: argument not encodable as UTF-8 ({exc})", file=sys.stderr)
+        return EXIT_USAGE
     except HyperCacheError as exc:
         print(f"{PROG}: error: {_describe(exc)}", file=sys.stderr)
         return EXIT_ERROR

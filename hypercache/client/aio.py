@@ -20,7 +20,7 @@ from hypercache.client._common import (
     wall_ms,
     wire_consistency,
 )
-from hypercache.client.keys import Key, normalize_key
+from hypercache.client.keys import Key, normalize_key, wire_keys
 from hypercache.client.topology import Topology
 from hypercache.consistency import Consistency
 from hypercache.errors import HyperCacheError, NodeUnavailableError, ProtocolError
@@ -150,9 +150,7 @@ class AsyncClient(ClientBase):
         on its own. The first error is raised once all are done.
         """
         level = wire_consistency(consistency, self._default)
-        if isinstance(keys, str | bytes):
-            raise TypeError("keys must be an iterable of keys, not a single key")
-        wire = {normalize_key(key, self._limits): key for key in keys}
+        wire = wire_keys(keys, self._limits)
         ks = list(wire)
         answers: list[Any] = []
         for start in range(0, len(ks), BATCH):
@@ -166,7 +164,9 @@ class AsyncClient(ClientBase):
         out: dict[Key, Any] = {}
         for k, (found, value) in zip(ks, answers, strict=True):
             if found:
-                out[wire[k]] = self._loads(value)
+                loaded = self._loads(value)
+                for key in wire[k]:
+                    out[key] = loaded
         return out
 
     async def set_many(

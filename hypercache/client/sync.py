@@ -19,7 +19,7 @@ from hypercache.client._common import (
     wall_ms,
     wire_consistency,
 )
-from hypercache.client.keys import Key, normalize_key
+from hypercache.client.keys import Key, normalize_key, wire_keys
 from hypercache.client.topology import Topology
 from hypercache.consistency import Consistency
 from hypercache.errors import HyperCacheError, NodeUnavailableError, ProtocolError, QuorumError
@@ -229,7 +229,7 @@ class Client(ClientBase):
         raised once all are done.
         """
         level = wire_consistency(consistency, self._default)
-        wire = self._wire_keys(keys)
+        wire = wire_keys(keys, self._limits)
         results = self._read(dict.fromkeys(wire), level)
         out: dict[Key, Any] = {}
         first_error: BaseException | None = None
@@ -239,7 +239,9 @@ class Client(ClientBase):
                 continue
             found, value = result
             if found:
-                out[wire[k]] = self._loads(value)
+                loaded = self._loads(value)
+                for key in wire[k]:
+                    out[key] = loaded
         if first_error is not None:
             raise first_error
         return out
@@ -290,12 +292,6 @@ class Client(ClientBase):
         data = self._dumps(value)
         self._limits.check_value(data)
         return data
-
-    def _wire_keys(self, keys: Iterable[Key]) -> dict[bytes, Key]:
-        if isinstance(keys, str | bytes):
-            raise TypeError("keys must be an iterable of keys, not a single key")
-        limits = self._limits
-        return {normalize_key(key, limits): key for key in keys}
 
     def _pool(self, address: str) -> _Pool:
         pool = self._pools.get(address)

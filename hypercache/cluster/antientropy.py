@@ -781,11 +781,13 @@ class AntiEntropy:
     ) -> None:
         """``KEYS`` for ``asks`` (``[p, b, bucket_terms]``): add the peer's differing
         rows to ``remote[p]`` and the keys of ours it lacks to ``lacking[p]``."""
+        # Requests stay within the frame limit whatever it is configured to.
+        budget = min(KEYS_BYTES, self.limits.max_frame // 2)
         i = 0
         while i < len(asks):
             j = i
             size = 0
-            while j < len(asks) and (j == i or size + 8 * len(asks[j][2]) <= KEYS_BYTES):
+            while j < len(asks) and (j == i or size + 8 * len(asks[j][2]) <= budget):
                 size += 8 * len(asks[j][2])
                 j += 1
             batch = asks[i:j]
@@ -853,13 +855,16 @@ class AntiEntropy:
         count). Return ``(applied, not taken)``."""
         applied = 0
         sent = 0
+        # One entry always fits a frame (key and value limits leave room); a batch
+        # stays within half of it, as handle_pull's answers do.
+        budget = min(BATCH_BYTES, self.limits.max_frame // 2)
         i = 0
         while i < len(entries):
             size = 0
             j = i
             while j < len(entries) and j - i < BATCH_KEYS:
                 size += len(entries[j][0][0]) + len(entries[j][0][1]) + 32
-                if j > i and size > BATCH_BYTES:
+                if j > i and size > budget:
                     break
                 j += 1
             batch = entries[i:j]

@@ -82,6 +82,8 @@ _Bytes: TypeAlias = bytes
 _R_GET: Final = int(Op.R_GET)
 _R_PUT: Final = int(Op.R_PUT)
 _R_DEL: Final = int(Op.R_DEL)
+# The hybrid logical clock refuses to move past this (it keeps room to tick).
+_MAX_REMOTE_TS: Final = 2**63 - 2
 
 _ONE: Final = Consistency.ONE
 #: wire spelling -> level; anything else goes through Consistency.parse (which
@@ -414,16 +416,21 @@ class Coordinator:
         key, value, ts, origin, expire_at, tombstone = payload
         key = self.limits.check_key(key)
         value = bytes(self.limits.check_value(value))
+        # The bounds are what the store and the clock accept: a value past them
+        # must be refused here, as a protocol error, before anything is applied.
         if (
             type(ts) is not int
-            or not 0 <= ts < 2**63
+            or not 0 <= ts < _MAX_REMOTE_TS
             or type(origin) is not int
             or not 0 <= origin < 2**32
             or type(expire_at) is not int
-            or expire_at < 0
+            or not 0 <= expire_at < 2**63
             or type(tombstone) is not bool
         ):
-            raise ProtocolError("R_PUT version fields must be ts: uint63, origin: uint32, ...")
+            raise ProtocolError(
+                "R_PUT version fields must be ts: int in [0, 2**63-2), origin: uint32, "
+                "expire_at: int in [0, 2**63), tombstone: bool"
+            )
         return key, value, ts, origin, expire_at, tombstone
 
     # ----------------------------------------------------------------- helpers
@@ -789,7 +796,12 @@ class Coordinator:
                 raw if owner == self.node_id else _entry_from_wire(raw)
                 for owner, raw in rnd.results.items()
             ]
-            existed = entry_is_live(newest(seen), now)
+            best = newest(seen)
+            if best is not None:
+                # Past every version received, as on every other path: a retried
+                # delete must be newer than what this one found.
+                self.clock.update(best[1])
+            existed = entry_is_live(best, now)
         except Exception as exc:
             self._settle_failed("delete", later, start, exc)
             return

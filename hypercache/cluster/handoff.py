@@ -106,10 +106,14 @@ class Handoff:
         peers: Callable[[], dict[str, _Peer]],
         batch: int,
         timeout: float,
+        batch_bytes: int = 4 << 20,
     ) -> None:
         self.buffer = buffer
         self._peers = peers
         self.batch = batch
+        #: what one R_PUT_MANY may carry (keys and values), so that a batch of big
+        #: hints never exceeds the frame limit and blocks its target for good
+        self.batch_bytes = batch_bytes
         self.timeout = timeout
         #: hints delivered (acknowledged by the target, applied or not)
         self.replayed = 0
@@ -205,6 +209,7 @@ class Handoff:
             batch = buffer.dequeue_batch(target, self.batch, wall_ms())
             if not batch:
                 return
+            batch = self._within_bytes(target, batch)
             entries = [list(hint) for hint in batch]
             try:
                 applied = await peer.request(_R_PUT_MANY, [entries, 0], self.timeout)
@@ -230,6 +235,17 @@ class Handoff:
             self.replayed += len(batch)
             if type(applied) is int:
                 self.replayed_applied += applied
+
+    def _within_bytes(self, target: str, batch: list[Any]) -> list[Any]:
+        """The longest prefix of ``batch`` within ``batch_bytes`` (at least one hint;
+        one hint always fits a frame); the rest goes back to the front, in order."""
+        size = 0
+        for i, hint in enumerate(batch):
+            size += len(hint[0]) + len(hint[1])
+            if size > self.batch_bytes and i:
+                self.buffer.requeue_front(target, batch[i:])
+                return batch[:i]
+        return batch
 
     # ---------------------------------------------------------------- metrics
 

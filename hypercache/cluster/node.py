@@ -219,6 +219,7 @@ class Node:
             ),
             peers=lambda: dict(membership.peers),
             batch=config.hint_replay_batch,
+            batch_bytes=config.max_frame // 2,
             timeout=config.request_timeout,
         )
         coordinator.hints = self.handoff
