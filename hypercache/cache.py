@@ -10,6 +10,7 @@ and adds what waits or coordinates: :meth:`HyperCache.get_or_set` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import math
@@ -22,7 +23,7 @@ from hypercache._core.cachecore import CacheCore, CacheStats
 from hypercache._core.lfu import LFUPolicy
 from hypercache._core.policy import ClockPolicy, FIFOPolicy, LRUPolicy, Policy
 from hypercache._core.tinylfu import TinyLFUPolicy
-from hypercache.errors import ConfigError
+from hypercache.errors import ConfigError, EntryTooLargeError
 
 __all__ = ["POLICIES", "CacheStats", "HyperCache"]
 
@@ -50,18 +51,24 @@ MAX_CAPACITY: Final = 2**32 - 17
 class _Flight:
     """One computation in progress, shared by every caller that wants its result."""
 
-    __slots__ = ("done", "error", "result")
+    __slots__ = ("done", "error", "owner", "result")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
+        #: the thread computing it: waiting on it from there would never end
+        self.owner = threading.get_ident()
 
     def wait(self) -> Any:
         self.done.wait()
         if self.error is not None:
             raise self.error
         return self.result
+
+
+#: An ``async def`` computation in progress: its future and the task computing it.
+_AsyncFlight = tuple["asyncio.Future[Any]", "asyncio.Task[Any] | None"]
 
 
 def _check_bound(name: str, value: object, most: int) -> int:
@@ -173,6 +180,10 @@ class HyperCache(CacheCore[K, V]):
             if flight is None:
                 flight = self._flights[key] = _Flight()
         if not leader:
+            if flight.owner == threading.get_ident():
+                raise RuntimeError(
+                    f"re-entrant computation of key {key!r}: its factory asks for it"
+                )
             return flight.wait()
         try:
             # A caller that finished just before we registered may have stored
@@ -180,7 +191,7 @@ class HyperCache(CacheCore[K, V]):
             value = self._peek(key, _MISSING)
             if value is _MISSING:
                 value = factory()
-                self.set(key, value, ttl)
+                self._store_result(key, value, ttl)
             flight.result = value
             return value
         except BaseException as exc:
@@ -190,6 +201,12 @@ class HyperCache(CacheCore[K, V]):
             with self._flights_lock:
                 del self._flights[key]
             flight.done.set()
+
+    def _store_result(self, key: Any, value: Any, ttl: float | None) -> None:
+        # A computed value too large for the whole byte budget is still the
+        # caller's answer: it is returned, just not cached.
+        with contextlib.suppress(EntryTooLargeError):
+            self.set(key, value, ttl)
 
     def memoize(
         self, ttl: float | None = None, key: Callable[..., Hashable] | None = None
@@ -219,7 +236,7 @@ class HyperCache(CacheCore[K, V]):
 
             wrapper: Any
             if inspect.iscoroutinefunction(func):
-                async_flights: dict[Hashable, asyncio.Future[Any]] = {}
+                async_flights: dict[Hashable, _AsyncFlight] = {}
 
                 @functools.wraps(func)
                 async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -252,17 +269,21 @@ class HyperCache(CacheCore[K, V]):
 
     async def _async_single_flight(
         self,
-        flights: dict[Hashable, asyncio.Future[Any]],
+        flights: dict[Hashable, _AsyncFlight],
         key: Hashable,
         start: Callable[[], Awaitable[Any]],
         ttl: float | None,
     ) -> Any:
         loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
         while True:
-            pending = flights.get(key)
+            flight = flights.get(key)
             # A future belongs to one loop; awaiters on another loop compute alone.
-            if pending is None or pending.get_loop() is not loop:
+            if flight is None or flight[0].get_loop() is not loop:
                 break
+            pending, owner = flight
+            if owner is me:
+                raise RuntimeError(f"re-entrant computation of {key!r}: it awaits itself")
             try:
                 return await asyncio.shield(pending)
             except asyncio.CancelledError:
@@ -271,14 +292,14 @@ class HyperCache(CacheCore[K, V]):
                     continue  # the leader was cancelled, not us: take over
                 raise
         future: asyncio.Future[Any] = loop.create_future()
-        flights[key] = future
+        flights[key] = (future, me)
         table: Any = self
         try:
             # The caller has counted its miss; look again without counting.
             value = table._peek(key, _MISSING)
             if value is _MISSING:
                 value = await start()
-                table.set(key, value, ttl)
+                self._store_result(key, value, ttl)
             future.set_result(value)
             return value
         except asyncio.CancelledError:
@@ -290,5 +311,6 @@ class HyperCache(CacheCore[K, V]):
             future.exception()
             raise
         finally:
-            if flights.get(key) is future:
+            flight = flights.get(key)
+            if flight is not None and flight[0] is future:
                 del flights[key]

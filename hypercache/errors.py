@@ -95,6 +95,12 @@ class ValueTooLargeError(FrameTooLargeError):
     code = 9
 
 
+class EntryTooLargeError(HyperCacheError, ValueError):
+    """A value is larger than the embedded cache's whole byte budget (``max_bytes``)."""
+
+    code = 11
+
+
 class ServerError(HyperCacheError):
     """A node failed to carry out a request for a reason of its own."""
 
@@ -114,6 +120,7 @@ _BY_CODE: dict[int, type[HyperCacheError]] = {
         QuorumError,
         KeyTooLargeError,
         ValueTooLargeError,
+        EntryTooLargeError,
         ServerError,
     )
 }

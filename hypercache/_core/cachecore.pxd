@@ -44,7 +44,7 @@ cdef class CacheCore:
     @cython.final
     cdef int64_t _now(self) except? -1
     @cython.final
-    cdef int64_t _expiry_for(self, object ttl, int64_t* now) except -2
+    cdef int64_t _expiry_for(self, object ttl, int64_t* now) except? -2
     @cython.final
     cdef uint32_t _bucket(self, uint32_t h) noexcept nogil
     @cython.final

@@ -63,7 +63,7 @@ from hypercache._core.policy cimport NO_SLOT, Policy, grow_array, LRUPolicy
 
 import types
 
-from hypercache.errors import ConfigError
+from hypercache.errors import ConfigError, EntryTooLargeError
 
 
 cdef extern from "Python.h":
@@ -74,6 +74,7 @@ cdef extern from "Python.h":
     bint PyBytes_CheckExact(object)
     bint PyUnicode_CheckExact(object)
     bint PyByteArray_CheckExact(object)
+    object PyNumber_Index(object)
     bint PyLong_CheckExact(object)
     bint PyFloat_CheckExact(object)
     bint PyTuple_CheckExact(object)
@@ -141,19 +142,40 @@ cdef inline uint32_t key_hash(object key) except? 0:
     return fold(h)
 
 
+cdef extern from *:
+    """
+    /* Exact ints keep their digit count in ob_size only before 3.12. */
+    #if PY_VERSION_HEX >= 0x030C0000
+    #define HC_LONG_FAST 0
+    #else
+    #define HC_LONG_FAST 1
+    #endif
+    static CYTHON_INLINE unsigned int hc_type_tag(PyTypeObject *t) {
+        return (t->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) ? t->tp_version_tag : 0;
+    }
+    """
+    bint HC_LONG_FAST
+    unsigned int hc_type_tag(PyTypeObject* t) noexcept
+
+
 cdef object _object_sizeof = object.__sizeof__
-# The last type seen that keeps object's __sizeof__: values of one type are
-# usually written over and over, so one comparison settles most calls.
+# The last type seen that keeps object's __sizeof__, with its version tag:
+# values of one type are usually written over and over, so one comparison
+# settles most calls, and the tag changes if the class is patched later.
 cdef object _plain_type = None
+cdef unsigned int _plain_tag = 0
 
 
-cdef inline bint _inherits_object_sizeof(object value):
-    global _plain_type
+cdef inline bint _inherits_object_sizeof(object value, PyTypeObject* tp):
+    global _plain_type, _plain_tag
     cdef object t = type(value)
-    if t is _plain_type:
+    cdef unsigned int tag
+    if t is _plain_type and _plain_tag and hc_type_tag(tp) == _plain_tag:
         return True
     if getattr(t, "__sizeof__", None) is _object_sizeof:
-        _plain_type = t
+        tag = hc_type_tag(tp)  # the attribute lookup gave the type a tag
+        _plain_type = t if tag else None
+        _plain_tag = tag
         return True
     return False
 
@@ -170,16 +192,18 @@ cdef inline uint64_t shallow_size(object value) except? 0xFFFFFFFFFFFFFFFF:
         return <uint64_t>PyByteArray_GET_SIZE(value)
     cdef PyTypeObject* tp = Py_TYPE(value)
     cdef Py_ssize_t n
-    if PyLong_CheckExact(value):
+    if HC_LONG_FAST and PyLong_CheckExact(value):
         n = (<PyVarObject*>value).ob_size
         n = -n if n < 0 else n
         return <uint64_t>(tp.tp_basicsize + (n if n else 1) * tp.tp_itemsize)
     if (PyFloat_CheckExact(value) or PyTuple_CheckExact(value) or value is None
-            or _inherits_object_sizeof(value)):
+            or _inherits_object_sizeof(value, tp)):
         # What object.__sizeof__ computes, without the call.
         n = (<PyVarObject*>value).ob_size if tp.tp_itemsize else 0
         return <uint64_t>(tp.tp_basicsize + n * tp.tp_itemsize)
-    n = value.__sizeof__()
+    # Through the type: a class stored as a value must not find its own
+    # unbound __sizeof__ (sys.getsizeof does the same).
+    n = PyNumber_Index(type(value).__sizeof__(value))
     if n < 0:
         raise ValueError(f"__sizeof__ returned a negative size: {n!r}")
     return <uint64_t>n
@@ -288,7 +312,7 @@ cdef class CacheCore:
         return <int64_t>(float(self.timer()) * NS)
 
     @cython.final
-    cdef int64_t _expiry_for(self, object ttl, int64_t* now) except -2:
+    cdef int64_t _expiry_for(self, object ttl, int64_t* now) except? -2:
         # Absolute expiry for a write; 0 = none. Reads the clock only when a TTL applies.
         cdef int64_t ttl_ns
         if ttl is None:
@@ -301,7 +325,8 @@ cdef class CacheCore:
             return 0
         if now[0] == NO_TIME:
             now[0] = self._now()
-        return now[0] + ttl_ns
+        # 0 means "no TTL": an expiry that lands exactly on it moves by 1 ns.
+        return now[0] + ttl_ns or 1
 
     # ------------------------------------------------------------------ index
 
@@ -737,7 +762,9 @@ cdef class CacheCore:
             raise KeyError(key)
         if self.expiry == NULL or self.expiry[s] == 0:
             return None
-        cdef int64_t left = self.expiry[s] - self._now()
+        # Read the entry before the clock: a Python timer may change the table.
+        cdef int64_t at = self.expiry[s]
+        cdef int64_t left = at - self._now()
         return max(left, 0) / <double>NS
 
     @cython.final
@@ -768,7 +795,8 @@ cdef class CacheCore:
 
     @cython.final
     cdef uint64_t _measure(self, object value) except? 0xFFFFFFFFFFFFFFFF:
-        n = self.size_fn(value)
+        # An integer, strictly: a float would be truncated and slip under the budget.
+        n = PyNumber_Index(self.size_fn(value))
         if n < 0:
             raise ValueError(f"sizeof returned a negative size: {n!r}")
         return <uint64_t>n
@@ -796,7 +824,7 @@ cdef class CacheCore:
             if self.expiry == NULL:
                 self._enable_expiry()
         if self.byte_limit and size > self.byte_limit:
-            raise ValueError(
+            raise EntryTooLargeError(
                 f"value of {size} bytes exceeds the cache's max_bytes={self.byte_limit}")
         if self.heap_len and now == NO_TIME:
             now = self._now()
@@ -868,10 +896,12 @@ cdef class CacheCore:
     cdef inline bint _over_after(self, int64_t s, uint64_t size) noexcept:
         # Would writing ``size`` bytes (over slot s, or as a new entry when
         # s < 0) break a bound?
+        # Subtractions, not sums: sizes near 2**64 must not wrap. Between
+        # operations nbytes <= byte_limit, so the differences never go negative.
         if s < 0:
             return ((self.item_limit and self.count + 1 > self.item_limit)
-                    or (self.byte_limit and self.nbytes + size > self.byte_limit))
-        return self.byte_limit and self.nbytes - self.sizes[s] + size > self.byte_limit
+                    or (self.byte_limit and size > self.byte_limit - self.nbytes))
+        return self.byte_limit and size > self.byte_limit - (self.nbytes - self.sizes[s])
 
     def set(self, key, value, ttl=None):
         """Store ``value`` under ``key``; ``ttl`` seconds (None: the default TTL)."""
