@@ -218,7 +218,10 @@ class HyperCache(CacheCore[K, V]):
         Concurrent callers (threads) or awaiters (tasks) with the same
         arguments share one computation; exceptions are not cached. The
         wrapper has ``cache_key(*args, **kwargs)`` and
-        ``invalidate(*args, **kwargs) -> bool``.
+        ``invalidate(*args, **kwargs) -> bool``. On a method, ``self`` is one of the
+        arguments: call them on the class, ``Repo.load.invalidate(repo, 3)``
+        (``repo.load.invalidate(3)`` builds a key without ``repo`` and matches
+        nothing).
         """
         _check_ttl("ttl", ttl)
         if key is not None and not callable(key):
