@@ -137,6 +137,32 @@ cdef inline int64_t ttl_cutoff(int64_t now_ms, int64_t ttl_ms) noexcept nogil:
     return now_ms - ttl_ms
 
 
+cdef list hand_over(Hint* scratch, uint32_t got, bint with_age):
+    # The answer tuples of dequeue_batch (and, with ages, of peek). ``scratch``
+    # owns the references not handed over yet; whatever happens it is released
+    # and freed here.
+    cdef uint32_t i = 0
+    cdef Hint* h
+    cdef list out = []
+    try:
+        while i < got:
+            h = &scratch[i]
+            if with_age:
+                out.append((<object>h.key, <object>h.value, h.ts, h.origin, h.expire_at,
+                            <bint>h.tomb, h.queued_at))
+            else:
+                out.append((<object>h.key, <object>h.value, h.ts, h.origin, h.expire_at,
+                            <bint>h.tomb))
+            release_refs(h)
+            i += 1
+        return out
+    finally:
+        while i < got:
+            release_refs(&scratch[i])
+            i += 1
+        free(scratch)
+
+
 cdef inline void release_refs(Hint* h) noexcept:
     if h.key != NULL:
         Py_DECREF(<object>h.key)
@@ -578,7 +604,6 @@ cdef class HintBuffer:
         cdef Hint* scratch = NULL
         cdef uint32_t n
         cdef uint32_t got = 0
-        cdef uint32_t i
         cdef uint32_t r
         cdef uint64_t skipped = 0
         cdef int64_t cutoff = ttl_cutoff(now_ms, self.ttl_ms)
@@ -620,33 +645,17 @@ cdef class HintBuffer:
         if got == 0:
             self._release_if_idle(t)
 
-        # Phase 2: build the tuples; scratch owns what is not yet handed over.
-        i = 0
-        try:
-            out = []
-            while i < got:
-                h = &scratch[i]
-                out.append((<object>h.key, <object>h.value, h.ts, h.origin, h.expire_at,
-                            <bint>h.tomb))
-                release_refs(h)
-                i += 1
-            return out
-        finally:
-            while i < got:
-                release_refs(&scratch[i])
-                i += 1
-            free(scratch)
+        # Phase 2: build the tuples.
+        return hand_over(scratch, got, False)
 
     def peek(self, str target not None, Py_ssize_t max_count, int64_t now_ms):
         """The hints ``dequeue_batch`` would return next, without taking them; see
         hints.pyi."""
         cdef uint32_t t
         cdef Target* tg
-        cdef Hint* h
         cdef Hint* scratch = NULL
         cdef uint32_t n
         cdef uint32_t got = 0
-        cdef uint32_t i
         cdef uint32_t r
         cdef uint64_t skipped = 0
         cdef int64_t cutoff = ttl_cutoff(now_ms, self.ttl_ms)
@@ -681,21 +690,7 @@ cdef class HintBuffer:
         if tg.count == 0:
             self._release_if_idle(t)
 
-        i = 0
-        try:
-            out = []
-            while i < got:
-                h = &scratch[i]
-                out.append((<object>h.key, <object>h.value, h.ts, h.origin, h.expire_at,
-                            <bint>h.tomb, h.queued_at))
-                release_refs(h)
-                i += 1
-            return out
-        finally:
-            while i < got:
-                release_refs(&scratch[i])
-                i += 1
-            free(scratch)
+        return hand_over(scratch, got, True)
 
     def requeue_front(self, str target not None, batch):
         """Put an undelivered batch back at the head of ``target``; see hints.pyi."""
