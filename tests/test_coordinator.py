@@ -420,3 +420,15 @@ def test_port_zero_rederives_the_node_id() -> None:
             await node.stop()
 
     run(main())
+
+
+def test_max_items_bounds_each_node_store() -> None:
+    async def main() -> None:
+        async with cluster(max_items=3) as (net, nodes), client(net, nodes[0]) as c:
+            for i in range(10):
+                await c.request(Op.SET, [b"k%d" % i, b"v", None, "all"], 2)
+            for n in nodes:
+                assert len(n.store) == 3
+                assert n.store.evictions == 7
+
+    run(main())

@@ -220,6 +220,24 @@ def test_budget_evicts_least_recently_used_data() -> None:
     assert s.bytes <= s.max_bytes
 
 
+def test_item_bound_evicts_least_recently_used_data_not_tombstones() -> None:
+    s = VersionedStore(16, max_items=3)
+    for k in (b"a", b"b", b"c"):
+        s.apply(k, b"v", ts(1), 1, 0, False, 0)
+    s.get(b"a", 0)  # a is now the most recent
+    s.apply(b"d", b"v", ts(2), 1, 0, False, 0)
+    assert len(s) == 3 and s.evictions == 1
+    assert s.get(b"b", 0) is None and s.get(b"a", 0) is not None
+    # Tombstones are not data entries: they neither count nor get evicted.
+    for k in (b"t1", b"t2", b"t3"):
+        s.apply(k, b"", ts(3), 1, 0, True, 0)
+    assert len(s) == 3 and s.tombstones == 3 and s.evictions == 1
+    assert s.stats()["max_items"] == 3
+    with pytest.raises(ConfigError) as info:
+        VersionedStore(16, max_items=-1)
+    assert info.value.field == "max_items"
+
+
 def test_overwrite_and_read_refresh_recency_but_peek_does_not() -> None:
     per = 1 + ENTRY_OVERHEAD
     s = VersionedStore(16, max_bytes=3 * per)

@@ -96,6 +96,7 @@ cdef class VersionedStore:
     cdef Policy policy          # recency of data entries (tombstones never enter)
 
     cdef readonly int64_t max_bytes
+    cdef readonly int64_t max_items
     cdef readonly int64_t tombstone_ttl_ms
     cdef readonly uint64_t bytes
     cdef readonly uint64_t evictions
@@ -139,6 +140,7 @@ cdef class VersionedStore:
     cdef int _record_eviction(self, Slot* e) except -1
     cdef bint _evicted_covers(self, object key, uint64_t ts, uint32_t origin,
                               int64_t now_ms) noexcept
+    cdef bint _over_budget(self) noexcept
     cdef int _enforce_budget(self) except -1
     cdef int _insert(self, bytes key, uint64_t h, bytes value, uint64_t ts, uint32_t origin,
                      int64_t exp, bint tomb, uint32_t size) except -1

@@ -71,6 +71,8 @@ class VersionedStore:
         ``2**16`` (``partitions * sub_buckets`` at most ``2**22``). A key's
         sub-bucket is given by the hash bits right after its partition bits.
     :param max_bytes: byte budget, 0 for none.
+    :param max_items: most data entries held (tombstones not counted), 0 for none;
+        over it, writes evict least-recently-used data entries as for the byte budget.
     :param tombstone_ttl_ms: how long a tombstone is kept after its delete's time.
     :param evicted_history: how many recently evicted keys are remembered (0: none).
     :raises hypercache.errors.ConfigError: an argument is invalid; ``field`` names it.
@@ -79,6 +81,7 @@ class VersionedStore:
     partitions: int
     sub_buckets: int
     max_bytes: int
+    max_items: int
     tombstone_ttl_ms: int
     #: Bytes charged for all held entries (data and tombstones).
     bytes: int
@@ -97,6 +100,7 @@ class VersionedStore:
         *,
         sub_buckets: int = 64,
         max_bytes: int = 0,
+        max_items: int = 0,
         tombstone_ttl_ms: int = 3_600_000,
         evicted_history: int = 1024,
     ) -> None: ...

@@ -115,7 +115,7 @@ cdef class VersionedStore:
     """Versioned key/value store of a cluster node; see vstore.pyi."""
 
     def __cinit__(self, partitions, *, sub_buckets=DEFAULT_SUB_BUCKETS, max_bytes=0,
-                  tombstone_ttl_ms=DEFAULT_TOMBSTONE_TTL_MS,
+                  max_items=0, tombstone_ttl_ms=DEFAULT_TOMBSTONE_TTL_MS,
                   evicted_history=DEFAULT_EVICTED_HISTORY):
         self.slots = NULL
         self.sub_digest = NULL
@@ -137,11 +137,13 @@ cdef class VersionedStore:
             raise ConfigError("sub_buckets",
                               f"partitions x sub_buckets must not exceed {MAX_BUCKETS}")
         _check_int("max_bytes", max_bytes, 0, (1 << 62))
+        _check_int("max_items", max_items, 0, 0x7FFFFFFF)
         _check_int("tombstone_ttl_ms", tombstone_ttl_ms, 1, (1 << 40))
         _check_int("evicted_history", evicted_history, 0, MAX_EVICTED_HISTORY)
         self.partitions = <uint32_t>partitions
         self.sub_buckets = <uint32_t>sub_buckets
         self.max_bytes = max_bytes
+        self.max_items = max_items
         self.tombstone_ttl_ms = tombstone_ttl_ms
 
         cdef size_t nb = <size_t>self.partitions * self.sub_buckets
@@ -443,9 +445,14 @@ cdef class VersionedStore:
             return False
         return not newer(ts, origin, self.ev_ts[i], self.ev_origin[i])
 
+    cdef inline bint _over_budget(self) noexcept:
+        # Data entries count against max_items; tombstones never do (nor are evicted).
+        return ((self.max_bytes and self.bytes > <uint64_t>self.max_bytes)
+                or (self.max_items and self.live > <uint64_t>self.max_items))
+
     cdef int _enforce_budget(self) except -1:
         cdef uint32_t v
-        while self.bytes > <uint64_t>self.max_bytes:
+        while self._over_budget():
             v = self.policy.evict()
             if v == NO_SLOT:
                 break
@@ -554,7 +561,7 @@ cdef class VersionedStore:
             self._insert(key, h, value, ts, origin, exp, tombstone, <uint32_t>size)
         else:
             self._replace(s, value, ts, origin, exp, tombstone, <uint32_t>size)
-        if self.max_bytes and self.bytes > <uint64_t>self.max_bytes:
+        if self._over_budget():
             self._enforce_budget()
         return True
 
@@ -722,6 +729,7 @@ cdef class VersionedStore:
             "tombstones": self.tombstones,
             "bytes": self.bytes,
             "max_bytes": self.max_bytes,
+            "max_items": self.max_items,
             "evictions": self.evictions,
             "expirations": self.expirations,
             "tombstones_purged": self.tombstones_purged,

@@ -95,6 +95,7 @@ class Node:
         self.store = VersionedStore(
             config.partitions,
             max_bytes=config.max_memory,
+            max_items=config.max_items,
             tombstone_ttl_ms=int(config.tombstone_ttl * 1000),
         )
         self._want_http = http and config.http is not None
