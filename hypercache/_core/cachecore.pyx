@@ -837,8 +837,10 @@ cdef class CacheCore:
         # From here the write is pure C: no Python code runs until _release().
         if s < 0 and self._index_full():
             self._index_grow()
-        self._reserve_pending(
-            2 * (SWEEP_PER_WRITE + 4) + (2 * (self.count + 2) if self.byte_limit else 0))
+        # Room for the old value, the expired entries the sweep may drop and
+        # one eviction; a byte budget may need more evictions, each of which
+        # reserves its own room below (a C realloc: no Python code runs).
+        self._reserve_pending(2 * (SWEEP_PER_WRITE + 4))
         if s >= 0 and now != NO_TIME and self._expired(<uint32_t>s, now):
             # A write over an expired entry stores a new one.
             self.policy.remove(<uint32_t>s)
@@ -850,6 +852,9 @@ cdef class CacheCore:
             self._sweep(now, SWEEP_PER_WRITE)
         if self.item_limit or self.byte_limit:
             while self._over_after(s, size):
+                # Fails only for lack of memory, between whole evictions; what
+                # is pending then goes with the next operation's release.
+                self._reserve_pending(2)
                 v = self.policy.evict()
                 if v == NO_SLOT:
                     break
