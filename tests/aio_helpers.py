@@ -33,4 +33,4 @@ async def until(
             return
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what or condition}")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.001)

@@ -1,6 +1,6 @@
 """What the transport tests share: a server and a connection as context managers,
-and waits that poll with a deadline. Their fixtures (``run``, ``transport``) live in
-``conftest.py``."""
+and waits that poll with a deadline (``wait_until`` is ``aio_helpers.until``).
+Their fixtures (``run``, ``transport``) live in ``conftest.py``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 import uvloop
+from aio_helpers import until
 
 from hypercache.net import (
     ClientConnection,
@@ -31,17 +32,8 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "uvloop": uvloop.new_event_loop,
 }
 CLUSTER = "test-cluster"
+wait_until = until
 HELLO_FRAME = encode_request(1, Op.HELLO, make_hello(CLUSTER))
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)
 
 
 async def spin(iterations: int = 50) -> None:
