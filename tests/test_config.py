@@ -264,6 +264,11 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("heartbeat_interval", -1),
     ("failure_timeout", 1.5),  # less than twice heartbeat_interval (1)
     ("seed_retry_interval", 0),
+    ("cpu_latency_limit", -1e-6),
+    ("cpu_latency_limit", 2.0),
+    ("cpu_latency_limit", float("nan")),
+    ("cpu_latency_limit", "0"),
+    ("cpu_latency_limit", True),
 ]
 
 
@@ -467,7 +472,16 @@ def test_size_fields_accept_suffixes_from_every_source(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("2.5", 2.5), ("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("1D", 86400.0)],
+    [
+        ("2.5", 2.5),
+        ("20us", 20e-6),
+        ("7µs", 7e-6),
+        ("500ms", 0.5),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1D", 86400.0),
+    ],
 )
 def test_parse_duration(text: str, expected: float) -> None:
     assert parse_duration(text) == pytest.approx(expected)
@@ -477,6 +491,32 @@ def test_parse_duration(text: str, expected: float) -> None:
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(ConfigError):
         parse_duration(text)
+
+
+def test_cpu_latency_limit_is_off_unless_asked_and_reads_from_every_source(
+    tmp_path: Path,
+) -> None:
+    assert DistConfig().cpu_latency_limit is None
+    assert DistConfig(cpu_latency_limit=0).cpu_latency_limit == 0.0
+    for off in ("off", "None", " "):
+        assert load(env={"HYPERCACHE_CPU_LATENCY_LIMIT": off}).cpu_latency_limit is None
+    assert load(env={"HYPERCACHE_CPU_LATENCY_LIMIT": "0"}).cpu_latency_limit == 0.0
+    from_toml = load(toml='cpu_latency_limit = "50us"\n', tmp_path=tmp_path)
+    assert from_toml.cpu_latency_limit == pytest.approx(50e-6)
+    from_toml = load(toml="cpu_latency_limit = 0.001\n", tmp_path=tmp_path)
+    assert from_toml.cpu_latency_limit == pytest.approx(0.001)
+    assert node_config_from_argv(["--cpu-latency-limit", "0"], {}).cpu_latency_limit == 0.0
+    assert node_config_from_argv(["--cpu-latency-limit", "off"], {}).cpu_latency_limit is None
+
+
+@pytest.mark.parametrize("text", ["soon", "-5us", "2s"])
+def test_bad_cpu_latency_limit_exits_2_naming_the_field(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        node_config_from_argv([f"--cpu-latency-limit={text}"], {})
+    assert info.value.code == 2
+    assert "error: cpu_latency_limit: " in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ unknown names
@@ -649,6 +689,7 @@ def test_all_flags_parse() -> None:
         "--heartbeat-interval=200ms",
         "--failure-timeout=2s",
         "--seed-retry-interval=3s",
+        "--cpu-latency-limit=20us",
     ]
     config = node_config_from_argv(argv, {})
     assert config == DistConfig(
@@ -682,6 +723,7 @@ def test_all_flags_parse() -> None:
         heartbeat_interval=0.2,
         failure_timeout=2.0,
         seed_retry_interval=3.0,
+        cpu_latency_limit=20e-6,
     )
 
 

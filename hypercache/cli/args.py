@@ -138,6 +138,16 @@ def build_node_parser() -> argparse.ArgumentParser:
     )
     _add(convergence, "anti_entropy_interval", "SECONDS", "base period of anti-entropy")
     _add(convergence, "anti_entropy_max_interval", "SECONDS", "longest anti-entropy period")
+
+    latency = parser.add_argument_group("latency")
+    _add(
+        latency,
+        "cpu_latency_limit",
+        "SECONDS",
+        "hold this CPU wake-up latency limit while running (PM QoS, needs root; "
+        "0 keeps idle CPUs polling, e.g. 0 or 20us); 'off' = don't ask",
+        default_text="off",
+    )
     return parser
 
 

@@ -124,13 +124,14 @@ _MAX_PARTITIONS: Final = 65536
 _MAX_VNODES: Final = 65536
 _WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::"})
 _HTTP_OFF: Final = frozenset({"", "off", "none"})
+_MAX_CPU_LATENCY_LIMIT: Final = 1.0
 
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 _PORT = re.compile(r"[0-9]{1,5}")
 _NODE_ID = re.compile(r"[!-~]{1,255}")  # printable ASCII, no blanks
 _CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SIZE = re.compile(r"([0-9]+(?:_[0-9]+)*(?:\.[0-9]+)?)\s*([A-Za-z]*)")
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h|d)?", re.IGNORECASE)
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(us|µs|ms|s|m|h|d)?", re.IGNORECASE)
 
 _SIZE_UNITS: Final = {
     "": 1,
@@ -144,7 +145,16 @@ _SIZE_UNITS: Final = {
     "gib": 2**30,
     "tib": 2**40,
 }
-_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# unit -> (multiplier, divisor): dividing keeps "20us" == 20e-6 exactly.
+_DURATION_UNITS: Final = {
+    "us": (1, 1_000_000),
+    "µs": (1, 1_000_000),
+    "ms": (1, 1000),
+    "s": (1, 1),
+    "m": (60, 1),
+    "h": (3600, 1),
+    "d": (86400, 1),
+}
 
 
 # --------------------------------------------------------------------------- addresses
@@ -261,7 +271,8 @@ def parse_size(text: str, *, field: str = "size") -> int:
 
 
 def parse_duration(text: str, *, field: str = "duration") -> float:
-    """Parse a duration in seconds: ``"2.5"``, ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"1d"``.
+    """Parse a duration in seconds: ``"2.5"``, ``"50us"``, ``"500ms"``, ``"30s"``, ``"5m"``,
+    ``"1h"``, ``"1d"``.
 
     :raises ConfigError: the text is not a duration.
     """
@@ -269,10 +280,12 @@ def parse_duration(text: str, *, field: str = "duration") -> float:
     if match is None:
         raise ConfigError(
             field,
-            f"expected a duration in seconds (e.g. 2.5, 500ms, 30s, 5m, 1h, 1d), got {text!r}",
+            "expected a duration in seconds (e.g. 2.5, 50us, 500ms, 30s, 5m, 1h, 1d), "
+            f"got {text!r}",
         )
     number, unit = match.groups()
-    return float(number) * _DURATION_UNITS[(unit or "s").lower()]
+    multiplier, divisor = _DURATION_UNITS[(unit or "s").lower()]
+    return float(number) * multiplier / divisor
 
 
 # ---------------------------------------------------------------- field validators
@@ -408,6 +421,16 @@ class DistConfig:
     :ivar failure_timeout: silence after which a peer is considered down, at
         least twice ``heartbeat_interval``. Default 5.
     :ivar seed_retry_interval: pause between attempts to reach the seeds. Default 1.
+
+    Latency:
+
+    :ivar cpu_latency_limit: while the node runs, hold this CPU wake-up latency
+        limit (seconds, 0..1, rounded to microseconds) through Linux's PM QoS device
+        ``/dev/cpu_dma_latency``: 0 keeps idle CPUs polling instead of halting, so
+        that no hop of a request waits for a CPU to wake (see
+        :mod:`hypercache.cluster.cpulatency`). Machine-wide, costs CPU time, needs
+        root; a node that cannot hold it logs a warning and runs on. ``None`` (or
+        ``"off"``) = don't ask. Default ``None``.
     """
 
     node_id: str = ""
@@ -440,6 +463,7 @@ class DistConfig:
     heartbeat_interval: float = 1.0
     failure_timeout: float = 5.0
     seed_retry_interval: float = 1.0
+    cpu_latency_limit: float | None = None
 
     def __post_init__(self) -> None:
         # Frozen: normalised values are stored through object.__setattr__. Checks run
@@ -552,6 +576,20 @@ class DistConfig:
                 "could resurrect the key",
             )
 
+        # -- latency
+        limit = self.cpu_latency_limit
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int | float):
+                raise ConfigError(
+                    "cpu_latency_limit", f"expected a number of seconds, got {_describe(limit)}"
+                )
+            if not 0 <= limit <= _MAX_CPU_LATENCY_LIMIT:
+                raise ConfigError(
+                    "cpu_latency_limit",
+                    f"must be between 0 and {_MAX_CPU_LATENCY_LIMIT:g} s, got {limit!r}",
+                )
+            put(self, "cpu_latency_limit", float(limit))
+
     # ------------------------------------------------------------------ helpers
 
     @property
@@ -644,6 +682,12 @@ def _load_seconds(name: str, raw: Any) -> Any:
     return float(raw)
 
 
+def _load_optional_seconds(name: str, raw: Any) -> Any:
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in _HTTP_OFF):
+        return None
+    return _load_seconds(name, raw)
+
+
 def _load_seeds(name: str, raw: Any) -> Any:
     if isinstance(raw, str):
         return tuple(_split_commas(raw))
@@ -683,6 +727,7 @@ _LOADERS: Final[Mapping[str, _Loader]] = {
     "heartbeat_interval": _load_seconds,
     "failure_timeout": _load_seconds,
     "seed_retry_interval": _load_seconds,
+    "cpu_latency_limit": _load_optional_seconds,
 }
 
 _FIELDS: Final = tuple(field.name for field in dataclasses.fields(DistConfig))

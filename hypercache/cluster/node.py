@@ -41,6 +41,7 @@ from hypercache.cluster import antientropy
 from hypercache.cluster.antientropy import AntiEntropy
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.coordinator import Coordinator
+from hypercache.cluster.cpulatency import CpuLatencyRequest
 from hypercache.cluster.handoff import Handoff
 from hypercache.cluster.membership import Membership
 from hypercache.cluster.metrics import NodeMetrics, counter, gauge
@@ -118,6 +119,11 @@ class Node:
         self.antientropy: AntiEntropy | None = None
         self.handoff: Handoff | None = None
         self._leads: tuple[int, dict[str, list[int]]] = (-1, {})
+        limit = config.cpu_latency_limit
+        #: the CPU wake-up latency limit held while running, if one is configured
+        self.cpu_latency: CpuLatencyRequest | None = (
+            None if limit is None else CpuLatencyRequest(round(limit * 1e6))
+        )
 
     # ------------------------------------------------------------------ identity
 
@@ -228,6 +234,8 @@ class Node:
         membership.liveness_listeners.append(self._on_liveness)
         self._started_at = time.monotonic()
         self._state = "running"
+        if self.cpu_latency is not None:
+            self.cpu_latency.acquire()
         self.membership.start()
         self.antientropy.start()
         self.handoff.start()
@@ -278,6 +286,8 @@ class Node:
             await self.coordinator.stop()
         if self.membership is not None:
             await self.membership.stop()
+        if self.cpu_latency is not None:
+            self.cpu_latency.release()
         self._state = "stopped"
         _log.info("node %s stopped", self.node_id)
 
@@ -480,7 +490,14 @@ class Node:
             "dist": self.metrics.stats.as_dict(),
             "antientropy": self.antientropy.stats.as_dict() if self.antientropy else {},
             "background": self.coordinator.background if self.coordinator else 0,
+            "cpu_latency_limit": self._cpu_latency_stats(),
         }
+
+    def _cpu_latency_stats(self) -> dict[str, Any] | None:
+        request = self.cpu_latency
+        if request is None:
+            return None
+        return {"limit_us": request.limit_us, "held": request.held, "error": request.error}
 
     def _collect(self) -> Iterator[Any]:
         store = self.store
@@ -501,6 +518,12 @@ class Node:
                 membership.heartbeats_failed,
             )
         yield gauge("hypercache_dist_ring_epoch", "Ring rebuilds seen", self.epoch)
+        if self.cpu_latency is not None:
+            yield gauge(
+                "hypercache_cpu_latency_limit_held",
+                "1 while the configured CPU wake-up latency limit is held, else 0",
+                int(self.cpu_latency.held),
+            )
         if self.coordinator is not None:
             yield gauge(
                 "hypercache_dist_background_requests",
