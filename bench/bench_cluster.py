@@ -323,6 +323,10 @@ def run_sync(call: SyncOp, keys: Sequence[str], n: int, cap: float, stop: thread
 _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
 
+class CpuLatencyUnavailable(RuntimeError):
+    """The nodes were asked for ``--cpu-latency-limit`` and could not hold it."""
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived; everything started was stopped on the way out.
 
@@ -452,19 +456,29 @@ class _NodeProc:
         return False
 
     def health(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://{self.http}/health", timeout=1.0) as resp:
+        return self._get("/health")
+
+    def stats(self) -> dict[str, Any]:
+        return self._get("/stats")
+
+    def _get(self, path: str) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://{self.http}{path}", timeout=1.0) as resp:
             body: dict[str, Any] = json.loads(resp.read())
             return body
 
 
 @contextlib.contextmanager
 def tcp_cluster(
-    workdir: Path, size: int = NODES, pids: list[int] | None = None
+    workdir: Path,
+    size: int = NODES,
+    pids: list[int] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[list[str]]:
     """Start ``size`` ``hypercache-node`` processes on 127.0.0.1; yield their data
     addresses once every node sees every member up. Always stops them all.
 
     :param pids: the pid of each process started is appended to it.
+    :param extra_args: more flags for every node.
     """
     procs: list[_NodeProc] = []
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("HYPERCACHE_")}
@@ -483,6 +497,7 @@ def tcp_cluster(
             str(REPLICATION),
             "--log-level",
             "warning",
+            *extra_args,
         ]
         if seeds:
             argv += ["--seeds", ",".join(seeds)]
@@ -517,6 +532,13 @@ def tcp_cluster(
         except RuntimeError as exc:
             tails = "\n".join(f"-- {n.name}:\n{_tail(n.log)}" for n in procs)
             raise RuntimeError(f"{exc}\n{tails}") from exc
+        if "--cpu-latency-limit" in extra_args:
+            for node in procs:
+                held = node.stats().get("cpu_latency_limit") or {}
+                if not held.get("held"):
+                    raise CpuLatencyUnavailable(
+                        f"{node.name} does not hold its CPU latency limit: {held.get('error')}"
+                    )
         yield [node.data for node in procs]
     finally:
         for node in procs:
@@ -915,9 +937,17 @@ def _run_loop(main: Coroutine[Any, Any, None], stopper: _Stopper) -> None:
 
 
 def measure(
-    config: ClusterBenchConfig, *, systems: Sequence[str] = tuple(SYSTEMS), progress: Progress
+    config: ClusterBenchConfig,
+    *,
+    systems: Sequence[str] = tuple(SYSTEMS),
+    progress: Progress,
+    node_args: Sequence[str] = (),
 ) -> Results:
     """Start what ``systems`` need, measure every cell, stop everything; return results.
+
+    ``node_args`` are more flags for every ``hypercache-node``; with
+    ``--cpu-latency-limit`` among them, :class:`CpuLatencyUnavailable` is raised
+    (after stopping everything) when a node could not hold the limit.
 
     The in-process cluster always runs (it is the baseline). Every process and server
     started here is stopped before this returns or raises.
@@ -946,7 +976,9 @@ def measure(
             seeds = None
             if want_tcp:
                 progress(f"starting {NODES} hypercache-node processes")
-                seeds = stack.enter_context(tcp_cluster(workdir, pids=children))
+                seeds = stack.enter_context(
+                    tcp_cluster(workdir, pids=children, extra_args=node_args)
+                )
             redis_addr = None
             if redis_reason is None and "redis" in systems:
                 progress("starting redis-server")

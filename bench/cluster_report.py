@@ -7,10 +7,17 @@ exactly what is timed. Progress goes to stderr and the report to stdout, so::
 
     .venv/bin/python -m bench.cluster_report > cluster-report.md
 
+Two phases, one after the other. First the nodes as they start by default; then,
+unless ``--no-cpu-latency``, the in-process baseline and the TCP cluster again with
+every node started with ``--cpu-latency-limit 0`` (idle CPUs poll instead of halting
+while the nodes run; see :mod:`hypercache.cluster.cpulatency`). The limit is
+machine-wide, so the second phase cannot be interleaved with the first; it needs root
+and is skipped, with the reason in the report, where the nodes cannot hold it.
+
 ``--quick`` runs one short run per cell: a smoke test of the harness, not numbers to
 quote. ``--only tcp`` (repeatable; ``tcp``, ``tcp-sync``, ``redis``) measures the
 in-process baseline and the named systems only. Exit status 0 whether targets pass or
-miss; 1 when the benchmark itself failed. A full run takes about two minutes.
+miss; 1 when the benchmark itself failed. A full run takes about three minutes.
 """
 
 from __future__ import annotations
@@ -41,17 +48,24 @@ from bench.bench_cluster import (
     VALUE_SIZE,
     Cell,
     ClusterBenchConfig,
+    CpuLatencyUnavailable,
     Interrupted,
     Results,
     measure,
 )
 from bench.report import cpu_model, git_commit, load_average, table
+from hypercache.cluster.cpulatency import DEVICE
 
 VERSIONED = ("hypercache", "uvloop", "msgpack", "redis")
 
 #: op -> p95 of the TCP cluster over the in-process cluster's, same client count, must
 #: stay strictly below this (the issue's targets).
 P95_GOALS = {"set": 3.0, "get": 2.0}
+
+#: The node flags of the second phase, and how the report names each phase.
+CPU_LATENCY_ARGS = ("--cpu-latency-limit", "0")
+DEFAULT_PHASE = "nodes as started by default"
+CPU_LATENCY_PHASE = "nodes started with `--cpu-latency-limit 0`"
 
 
 def us(ns: float) -> str:
@@ -126,10 +140,10 @@ def render_header(
     return lines
 
 
-def render_cells(results: Results) -> list[str]:
+def render_cells(results: Results, phase: str = DEFAULT_PHASE) -> list[str]:
     lines = [
         "",
-        "## Latency per request and throughput (median of the runs)",
+        f"## Latency per request and throughput, {phase} (median of the runs)",
         "",
         "Latency: `perf_counter_ns` around each request, µs. `clients=1`: each request "
         f"awaited before the next; `clients={max(CLIENTS)}`: {max(CLIENTS)} closed-loop "
@@ -144,6 +158,8 @@ def render_cells(results: Results) -> list[str]:
         for clients in CLIENTS:
             for system, label in SYSTEMS.items():
                 if clients != 1 and system in SEQUENTIAL_ONLY:
+                    continue
+                if phase != DEFAULT_PHASE and system not in ("inproc", "tcp"):
                     continue
                 cell = results.get(system, op, clients)
                 name = f"QUORUM {op}" if system != "redis" else op.upper()
@@ -186,7 +202,7 @@ def _per_run(cell: Cell, metric: str) -> str:
     return " / ".join(us(getattr(run, metric)) for run in cell.runs)
 
 
-def render_targets(results: Results) -> list[str]:
+def render_targets(phases: dict[str, Results]) -> list[str]:
     lines = [
         "",
         "## Targets",
@@ -195,14 +211,23 @@ def render_targets(results: Results) -> list[str]:
         "cluster **at the same client count**, both driven by `AsyncClient`: "
         "TCP `clients=1` over in-process `clients=1`, and TCP "
         f"`clients={max(CLIENTS)}` over in-process `clients={max(CLIENTS)}`. "
-        "Ratio of the medians of the runs; per-run p95s (TCP ; in-process) alongside.",
+        "Ratio of the medians of the runs; per-run p95s (TCP ; in-process) alongside. "
+        "Each phase has its own in-process baseline, measured in the same phase.",
         "",
     ]
+    rows = []
+    for phase, results in phases.items():
+        rows += _target_rows(phase, results)
+    lines += table(["target", "ratio", "goal", "result", "per-run p95 µs"], rows, "lrrll")
+    return lines
+
+
+def _target_rows(phase: str, results: Results) -> list[list[str]]:
     rows = []
     for op in OPS:
         goal = P95_GOALS[op]
         for clients in CLIENTS:
-            label = f"QUORUM {op} p95, clients={clients}: TCP / in-process"
+            label = f"QUORUM {op} p95, clients={clients}, {phase}: TCP / in-process"
             tcp, inproc = results.get("tcp", op, clients), results.get("inproc", op, clients)
             if tcp is None or inproc is None:
                 rows.append([label, "n/a", f"< {goal:.2f}", "n/a", ""])
@@ -219,8 +244,7 @@ def render_targets(results: Results) -> list[str]:
                     f"{_per_run(tcp, 'p95_ns')} ; {_per_run(inproc, 'p95_ns')}",
                 ]
             )
-    lines += table(["target", "ratio", "goal", "result", "per-run p95 µs"], rows, "lrrll")
-    return lines
+    return rows
 
 
 def render_redis(results: Results) -> list[str]:
@@ -264,20 +288,33 @@ def render_redis(results: Results) -> list[str]:
 
 
 def render(
-    results: Results,
+    phases: dict[str, Results],
     config: ClusterBenchConfig,
     started: dt.datetime,
     loads: tuple[float, float],
     argv: list[str],
+    notes: list[str],
 ) -> str:
+    results = phases[DEFAULT_PHASE]
     lines = render_header(results, config, started, loads, argv)
-    lines += render_cells(results)
-    lines += render_targets(results)
+    for phase, phase_results in phases.items():
+        lines += render_cells(phase_results, phase)
+    lines += render_targets(phases)
     lines += render_redis(results)
-    if results.skipped:
+    skipped = [*results.skipped.values(), *notes]
+    if skipped:
         lines += ["", "Skipped (n/a above):", ""]
-        lines += [f"- {reason}" for reason in results.skipped.values()]
+        lines += [f"- {reason}" for reason in skipped]
     return "\n".join(lines) + "\n"
+
+
+def cpu_latency_unavailable() -> str | None:
+    """Why the second phase cannot run here, or None."""
+    if not os.path.exists(DEVICE):
+        return f"{CPU_LATENCY_PHASE}: no {DEVICE} on this machine"
+    if not os.access(DEVICE, os.W_OK):
+        return f"{CPU_LATENCY_PHASE}: {DEVICE} is not writable (needs root)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.cluster_report", description=__doc__.split("\n", 1)[0]
     )
     parser.add_argument("--quick", action="store_true", help="one short run per cell")
+    parser.add_argument(
+        "--no-cpu-latency",
+        action="store_true",
+        help="skip the second phase (nodes holding --cpu-latency-limit 0)",
+    )
     parser.add_argument(
         "--only",
         action="append",
@@ -296,11 +338,32 @@ def main(argv: list[str] | None = None) -> int:
     config = QUICK if args.quick else FULL
     systems = ["inproc", *(args.only or [s for s in SYSTEMS if s != "inproc"])]
 
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
     started, load_before = dt.datetime.now(dt.UTC), load_average()
+    phases: dict[str, Results] = {}
+    notes: list[str] = []
     try:
-        results = measure(
-            config, systems=systems, progress=lambda msg: print(msg, file=sys.stderr, flush=True)
-        )
+        phases[DEFAULT_PHASE] = measure(config, systems=systems, progress=progress)
+        reason = cpu_latency_unavailable()
+        if args.no_cpu_latency:
+            notes.append(f"{CPU_LATENCY_PHASE}: not selected (--no-cpu-latency)")
+        elif "tcp" not in systems:
+            notes.append(f"{CPU_LATENCY_PHASE}: tcp not selected (--only)")
+        elif reason is not None:
+            notes.append(reason)
+        else:
+            progress(f"second phase: {CPU_LATENCY_PHASE}")
+            try:
+                phases[CPU_LATENCY_PHASE] = measure(
+                    config,
+                    systems=("inproc", "tcp"),
+                    progress=progress,
+                    node_args=CPU_LATENCY_ARGS,
+                )
+            except CpuLatencyUnavailable as exc:
+                notes.append(f"{CPU_LATENCY_PHASE}: {exc}")
     except Interrupted as exc:
         print(f"cluster benchmark {exc}; every process it started was stopped", file=sys.stderr)
         return 128 + exc.signum
@@ -309,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         print("cluster benchmark failed; every process it started was stopped", file=sys.stderr)
         return 1
     loads = (load_before, load_average())
-    sys.stdout.write(render(results, config, started, loads, args_list))
+    sys.stdout.write(render(phases, config, started, loads, args_list, notes))
     return 0
 
 
