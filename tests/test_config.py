@@ -475,7 +475,9 @@ def test_size_fields_accept_suffixes_from_every_source(tmp_path: Path) -> None:
     [
         ("2.5", 2.5),
         ("20us", 20e-6),
-        ("7µs", 7e-6),
+        ("7\u00b5s", 7e-6),  # micro sign
+        ("7\u03bcs", 7e-6),  # Greek small mu
+        ("7\u039cS", 7e-6),  # Greek capital mu: what case-insensitive matching lets in
         ("500ms", 0.5),
         ("30s", 30.0),
         ("5m", 300.0),

@@ -123,7 +123,7 @@ REDACTED: Final = "<redacted>"
 _MAX_PARTITIONS: Final = 65536
 _MAX_VNODES: Final = 65536
 _WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::"})
-_HTTP_OFF: Final = frozenset({"", "off", "none"})
+_OFF_WORDS: Final = frozenset({"", "off", "none"})
 _MAX_CPU_LATENCY_LIMIT: Final = 1.0
 
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
@@ -131,7 +131,9 @@ _PORT = re.compile(r"[0-9]{1,5}")
 _NODE_ID = re.compile(r"[!-~]{1,255}")  # printable ASCII, no blanks
 _CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SIZE = re.compile(r"([0-9]+(?:_[0-9]+)*(?:\.[0-9]+)?)\s*([A-Za-z]*)")
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(us|µs|ms|s|m|h|d)?", re.IGNORECASE)
+_DURATION = re.compile(
+    r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(us|\u00b5s|\u03bcs|ms|s|m|h|d)?", re.IGNORECASE
+)
 
 _SIZE_UNITS: Final = {
     "": 1,
@@ -148,7 +150,8 @@ _SIZE_UNITS: Final = {
 # unit -> (multiplier, divisor): dividing keeps "20us" == 20e-6 exactly.
 _DURATION_UNITS: Final = {
     "us": (1, 1_000_000),
-    "µs": (1, 1_000_000),
+    "\u00b5s": (1, 1_000_000),  # micro sign
+    "\u03bcs": (1, 1_000_000),  # Greek mu (what the micro sign matches without case)
     "ms": (1, 1000),
     "s": (1, 1),
     "m": (60, 1),
@@ -481,7 +484,7 @@ class DistConfig:
             )
         put(self, "bind", _address("bind", self.bind))
         http = self.http
-        if http is not None and _str("http", http).strip().lower() in _HTTP_OFF:
+        if http is not None and _str("http", http).strip().lower() in _OFF_WORDS:
             http = None
         put(self, "http", None if http is None else _address("http", http))
         put(self, "seeds", _seeds(self.seeds))
@@ -683,7 +686,7 @@ def _load_seconds(name: str, raw: Any) -> Any:
 
 
 def _load_optional_seconds(name: str, raw: Any) -> Any:
-    if raw is None or (isinstance(raw, str) and raw.strip().lower() in _HTTP_OFF):
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in _OFF_WORDS):
         return None
     return _load_seconds(name, raw)
 
