@@ -41,6 +41,7 @@ from hypercache.net import (
     TcpServer,
     make_hello,
 )
+from hypercache.net.blocking import pipeline_all
 
 CLUSTER = "blocking-test"
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -392,3 +393,80 @@ def test_server_hangs_up_mid_request() -> None:
             assert conn.closed
     finally:
         raw.close()
+
+
+# ======================================================================= pipeline_all
+
+
+@pytest.fixture
+def two_servers() -> Iterator[tuple[ServerThread, ServerThread]]:
+    first, second = ServerThread("uvloop").start(), ServerThread("uvloop").start()
+    try:
+        yield first, second
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_pipeline_all_sends_every_group_before_waiting(
+    two_servers: tuple[ServerThread, ServerThread],
+) -> None:
+    # Each server's BLOCK request is released only once BOTH servers hold theirs: a
+    # caller that waited for one group's answers before sending the next would see
+    # both time out.
+    a, b = two_servers
+
+    def release_when_both_entered() -> None:
+        wait_until(lambda: a.handler.entered == 1 and b.handler.entered == 1)
+        a.call(a.handler.gate.set)
+        b.call(b.handler.gate.set)
+
+    with (
+        connection(a.address) as ca,
+        connection(b.address) as cb,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        watcher = pool.submit(release_when_both_entered)
+        results = pipeline_all(
+            [(ca, [(BLOCK, None), (ECHO, "a")]), (cb, [(ECHO, "b"), (BLOCK, None)])], 5.0
+        )
+        watcher.result(5)
+        assert results == [["released", "a"], ["b", "released"]]
+        assert ca.stats.frames_in == cb.stats.frames_in == 3  # HELLO + two answers
+
+
+def test_pipeline_all_times_out_one_group_and_answers_the_other(
+    two_servers: tuple[ServerThread, ServerThread],
+) -> None:
+    a, b = two_servers
+    with connection(a.address) as ca, connection(b.address) as cb:
+        slow, fast = pipeline_all([(ca, [(BLOCK, None)]), (cb, [(ECHO, 1), (FAIL, "x")])], 0.1)
+        assert len(slow) == 1 and isinstance(slow[0], RequestTimeoutError)
+        assert fast[0] == 1 and isinstance(fast[1], ServerError)
+        assert ca.stats.timeouts == 1 and cb.stats.timeouts == 0
+        assert not ca.closed and ca.request(ECHO, 2) == 2  # still usable
+
+
+def test_pipeline_all_a_lost_connection_fails_only_its_group(server: ServerThread) -> None:
+    def script(sock: socket.socket) -> None:
+        hello = read_frame(sock)
+        sock.sendall(FrameEncoder().encode_response(hello.request_id, Op.HELLO, HELLO_ANSWER))
+        read_frame(sock)  # then hang up without answering
+
+    raw = RawServer(script)
+    try:
+        with connection(raw.address) as lost, connection(server.address) as ok:
+            dead, alive = pipeline_all([(lost, [(Op.PING, None)]), (ok, [(ECHO, 7)])])
+            assert isinstance(dead[0], NodeUnavailableError) and lost.closed
+            assert alive == [7] and not ok.closed
+            with pytest.raises(NodeUnavailableError):  # a closed connection refuses
+                pipeline_all([(lost, [(Op.PING, None)])])
+    finally:
+        raw.close()
+
+
+def test_pipeline_all_of_nothing(server: ServerThread) -> None:
+    assert pipeline_all([]) == []
+    with connection(server.address) as conn:
+        assert pipeline_all([(conn, [])]) == [[]]
+        assert conn.request(ECHO, 1) == 1

@@ -23,7 +23,7 @@ from hypercache.client.keys import Key, normalize_key, wire_keys
 from hypercache.client.topology import Topology
 from hypercache.consistency import Consistency
 from hypercache.errors import HyperCacheError, NodeUnavailableError, ProtocolError, QuorumError
-from hypercache.net.blocking import BlockingConnection
+from hypercache.net.blocking import BlockingConnection, pipeline_all
 from hypercache.net.protocol import Op
 
 __all__ = ["Client"]
@@ -495,12 +495,15 @@ class Client(ClientBase):
     def _fanout(
         self, groups: dict[str, list[tuple[int, Any]]]
     ) -> dict[str, list[Any] | BaseException]:
-        """Send each group to its node, all nodes at once: the calling thread takes
-        one group and the client's worker threads the others."""
+        """Send each group to its node, all nodes at once: from the calling thread
+        alone (:meth:`_send_groups_at_once`), or, when a group is too big for one
+        pipeline, the calling thread takes one group and the worker threads the others."""
         items = list(groups.items())
         if len(items) == 1:
             address, requests = items[0]
             return {address: self._send_group(address, requests)}
+        if all(len(requests) <= BATCH for _, requests in items):
+            return self._send_groups_at_once(groups)
         try:
             executor = self._workers()
             futures: list[Future[list[Any] | BaseException]] = [
@@ -512,6 +515,35 @@ class Client(ClientBase):
         out = {items[0][0]: self._send_group(*items[0])}
         for (address, _), fut in zip(items[1:], futures, strict=True):
             out[address] = fut.result()
+        return out
+
+    def _send_groups_at_once(
+        self, groups: dict[str, list[tuple[int, Any]]]
+    ) -> dict[str, list[Any] | BaseException]:
+        """:meth:`_fanout` from this thread alone: one connection per node, every
+        group sent before any answer is awaited (see ``pipeline_all``)."""
+        out: dict[str, list[Any] | BaseException] = {}
+        taken: list[tuple[str, _Pool, BlockingConnection]] = []
+        try:
+            for address in groups:
+                pool = self._pool(address)
+                try:
+                    taken.append((address, pool, pool.acquire()))
+                except NodeUnavailableError as exc:
+                    self._node_down(address)
+                    out[address] = exc
+            answers = pipeline_all(
+                [(conn, groups[address]) for address, _, conn in taken], self._timeout
+            )
+        except BaseException:
+            for _, _, conn in taken:  # streams in doubt
+                conn.close()
+            raise
+        for (address, pool, conn), results in zip(taken, answers, strict=True):
+            if conn.closed:  # the connection broke: what it did not answer failed
+                self._node_down(address)
+            pool.release(conn)
+            out[address] = results
         return out
 
     def _repair(self, repairs: dict[str, list[tuple[int, Any]]]) -> None:

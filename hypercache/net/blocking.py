@@ -2,7 +2,9 @@
 
 Same wire protocol, handshake and error mapping as :mod:`hypercache.net.tcp`, no
 event loop. :meth:`BlockingConnection.pipeline` sends a batch of requests in one
-``sendall`` and collects the answers by request id.
+``sendall`` and collects the answers by request id; :func:`pipeline_all` does that
+on several connections at once (every batch sent, then one ``poll`` over their
+sockets), so that one thread can wait for several nodes in parallel.
 
 **Not thread-safe**: one thread at a time may use a connection (hold one per
 thread, or a lock around it).
@@ -10,6 +12,8 @@ thread, or a lock around it).
 
 from __future__ import annotations
 
+import math
+import select
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -34,13 +38,29 @@ from hypercache.net.protocol import (
 )
 from hypercache.net.transport import DEFAULT_CONNECT_TIMEOUT, NetStats, parse_address
 
-__all__ = ["BlockingConnection"]
+__all__ = ["BlockingConnection", "pipeline_all"]
 
 _REQUEST: Final = int(MsgType.REQUEST)
 _RESPONSE: Final = int(MsgType.RESPONSE)
 _MAX_REQUEST_ID: Final = 0xFFFFFFFF
 _RECV_SIZE: Final = 256 * 1024
 _MISSING: Final = object()
+
+
+class _Batch:
+    """The requests of one send on one connection, and their answers as they come."""
+
+    __slots__ = ("deadline", "missing", "ops", "results", "slots", "timeout")
+
+    def __init__(
+        self, ops: list[int], slots: dict[int, int], timeout: float, deadline: float
+    ) -> None:
+        self.ops = ops
+        self.slots = slots  # request id -> index in ops/results, until answered
+        self.timeout = timeout
+        self.deadline = deadline
+        self.results: list[Any] = [_MISSING] * len(ops)
+        self.missing = len(ops)
 
 
 class BlockingConnection:
@@ -148,6 +168,18 @@ class BlockingConnection:
     # -- internals
 
     def _exchange(self, requests: Iterable[tuple[int, Any]], timeout: float | None) -> list[Any]:
+        batch = self._begin(requests, timeout)
+        while not self._pump(batch, block=True):
+            pass
+        return batch.results
+
+    def _begin(self, requests: Iterable[tuple[int, Any]], timeout: float | None) -> _Batch:
+        """Encode and send ``requests``; the :class:`_Batch` that collects their answers.
+
+        :raises NodeUnavailableError: the connection is already closed.
+        :raises ProtocolError, FrameTooLargeError: a request cannot be encoded;
+            nothing is sent.
+        """
         sock = self._sock
         if sock is None:
             raise NodeUnavailableError(f"{self.address}: {self._lost_reason}")
@@ -166,61 +198,84 @@ class BlockingConnection:
             ops.append(op)
             request_id = request_id + 1 if request_id < _MAX_REQUEST_ID else 1
         self._next_id = request_id
-        results: list[Any] = [_MISSING] * len(ops)
+        batch = _Batch(ops, slots, timeout, time.monotonic() + timeout)
         if not ops:
-            return results
-        stats = self.stats
-        deadline = time.monotonic() + timeout
+            return batch
         try:
             sock.settimeout(timeout)
             sock.sendall(out)
         except OSError as exc:
             # Part of the batch may be on the wire: the stream is unusable.
             self._lost(f"send failed: {exc}")
-            return self._fill(results, ops, self._unavailable)
+            self._end(batch, self._unavailable)
+            return batch
+        stats = self.stats
         stats.frames_out += len(ops)
         stats.bytes_out += len(out)
         stats.writes += 1
-        missing = len(ops)
-        decoder = self._decoder
+        return batch
+
+    def _pump(self, batch: _Batch, *, block: bool) -> bool:
+        """Read once (waiting until the batch's deadline when ``block``, else taking only
+        what has arrived) and take the answers it brings; return whether ``batch`` is
+        complete: every answer in, or the rest failed (timed out, or the connection
+        lost, which closes it)."""
+        stats = self.stats
         view = memoryview(self._rbuf)
         try:
-            while True:
-                for msg_type, rid, _, payload in decoder:
-                    stats.frames_in += 1
-                    if msg_type == _REQUEST:
-                        raise ProtocolError("the server sent a REQUEST frame")
-                    slot = slots.pop(rid, None)
-                    if slot is None:
-                        stats.late_responses += 1  # answer to a request that timed out
-                        continue
-                    results[slot] = payload if msg_type == _RESPONSE else error_from_wire(payload)
-                    missing -= 1
-                if not missing:
-                    return results
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    stats.timeouts += missing
-                    return self._fill(results, ops, self._timed_out(timeout))
-                sock.settimeout(left)
-                try:
-                    n = sock.recv_into(view)
-                except TimeoutError:
-                    continue  # the deadline check above turns it into timeouts
-                except OSError as exc:
-                    self._lost(f"connection lost: {exc}")
-                    return self._fill(results, ops, self._unavailable)
-                if not n:
-                    self._lost("connection closed by the server")
-                    return self._fill(results, ops, self._unavailable)
-                stats.bytes_in += n
-                decoder.feed(view[:n])
+            if self._take(batch):
+                return True
+            sock = self._sock
+            if sock is None:  # closed meanwhile (by close() from this thread)
+                self._end(batch, self._unavailable)
+                return True
+            left = batch.deadline - time.monotonic()
+            if left <= 0:
+                stats.timeouts += batch.missing
+                self._end(batch, self._timed_out(batch.timeout))
+                return True
+            sock.settimeout(left if block else 0.0)
+            try:
+                n = sock.recv_into(view)
+            except (TimeoutError, BlockingIOError):
+                return False  # the deadline check above turns it into timeouts
+            except OSError as exc:
+                self._lost(f"connection lost: {exc}")
+                self._end(batch, self._unavailable)
+                return True
+            if not n:
+                self._lost("connection closed by the server")
+                self._end(batch, self._unavailable)
+                return True
+            stats.bytes_in += n
+            self._decoder.feed(view[:n])
+            return self._take(batch)
         except ProtocolError as exc:
             stats.protocol_errors += 1
             self._lost(f"protocol error: {exc}")
-            return self._fill(results, ops, self._unavailable)
+            self._end(batch, self._unavailable)
+            return True
         finally:
             view.release()
+
+    def _take(self, batch: _Batch) -> bool:
+        """Move the answers decoded so far into ``batch``; return whether it is complete.
+
+        :raises ProtocolError: the server sent a malformed frame or a request.
+        """
+        stats = self.stats
+        slots, results = batch.slots, batch.results
+        for msg_type, rid, _, payload in self._decoder:
+            stats.frames_in += 1
+            if msg_type == _REQUEST:
+                raise ProtocolError("the server sent a REQUEST frame")
+            slot = slots.pop(rid, None)
+            if slot is None:
+                stats.late_responses += 1  # answer to a request that timed out
+                continue
+            results[slot] = payload if msg_type == _RESPONSE else error_from_wire(payload)
+            batch.missing -= 1
+        return batch.missing == 0
 
     def _lost(self, reason: str) -> None:
         self._lost_reason = reason
@@ -237,10 +292,55 @@ class BlockingConnection:
         return make
 
     @staticmethod
-    def _fill(
-        results: list[Any], ops: list[int], make: Callable[[int], HyperCacheError]
-    ) -> list[Any]:
+    def _end(batch: _Batch, make: Callable[[int], HyperCacheError]) -> None:
+        """Fail every request of ``batch`` still without an answer."""
+        results, ops = batch.results, batch.ops
         for i, value in enumerate(results):
             if value is _MISSING:
                 results[i] = make(ops[i])
-        return results
+        batch.missing = 0
+
+
+def pipeline_all(
+    groups: list[tuple[BlockingConnection, list[tuple[int, Any]]]], timeout: float | None = None
+) -> list[list[Any]]:
+    """Send each group of ``(op, payload)`` requests on its connection, all before
+    waiting for any answer, then collect the answers of all of them from this thread.
+
+    The result has one list per group, as :meth:`BlockingConnection.pipeline` returns
+    it (answers, or the exception of each request). ``timeout`` (default: each
+    connection's own) is every group's deadline from now. Each connection must be
+    a different one and not used by another thread meanwhile.
+
+    :raises NodeUnavailableError: a connection was already closed.
+    :raises ProtocolError, FrameTooLargeError: a request cannot be encoded. Nothing
+        of its group is sent; groups sent before it are answered later, and those
+        answers skipped as late ones by the next exchange on their connection.
+    """
+    batches = [conn._begin(requests, timeout) for conn, requests in groups]
+    waiting: dict[int, tuple[BlockingConnection, _Batch]] = {}
+    for (conn, _), batch in zip(groups, batches, strict=True):
+        sock = conn._sock
+        if batch.missing and sock is not None:
+            waiting[sock.fileno()] = (conn, batch)
+    while waiting:
+        # Sleep until a socket has something or the earliest deadline passes; a
+        # batch past its deadline is ended by its own _pump.
+        left = min(batch.deadline for _, batch in waiting.values()) - time.monotonic()
+        ready = _readable(list(waiting), max(left, 0.0)) or list(waiting)
+        for fd in ready:
+            conn, batch = waiting[fd]
+            if conn._pump(batch, block=False):
+                del waiting[fd]
+    return [batch.results for batch in batches]
+
+
+def _readable(fds: list[int], timeout: float) -> list[int]:
+    """The fds of ``fds`` readable within ``timeout`` seconds (empty: none in time)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        return [fd for fd, _ in poller.poll(math.ceil(timeout * 1000))]
+    ready, _, _ = select.select(fds, [], [], timeout)  # pragma: no cover - no poll()
+    return ready
