@@ -7,17 +7,20 @@ exactly what is timed. Progress goes to stderr and the report to stdout, so::
 
     .venv/bin/python -m bench.cluster_report > cluster-report.md
 
-Two phases, one after the other. First the nodes as they start by default; then,
-unless ``--no-cpu-latency``, the in-process baseline and the TCP cluster again with
-every node started with ``--cpu-latency-limit 0`` (idle CPUs poll instead of halting
-while the nodes run; see :mod:`hypercache.cluster.cpulatency`). The limit is
-machine-wide, so the second phase cannot be interleaved with the first; it needs root
-and is skipped, with the reason in the report, where the nodes cannot hold it.
+Three phases, one after the other. First the nodes as they start by default; then
+the in-process baseline and the TCP cluster again with every node started with
+``--busy-poll 100us`` (each node's loop polls instead of sleeping for 100 µs after a
+write; :mod:`hypercache.net.busypoll`), unless ``--no-busy-poll``; then with
+``--cpu-latency-limit 0`` (idle CPUs poll instead of halting while the nodes run;
+:mod:`hypercache.cluster.cpulatency`), unless ``--no-cpu-latency``. Both tunings
+change how the whole machine schedules, so their phases cannot be interleaved with
+the first. The last needs root and is skipped, with the reason in the report, where
+the nodes cannot hold the limit.
 
 ``--quick`` runs one short run per cell: a smoke test of the harness, not numbers to
 quote. ``--only tcp`` (repeatable; ``tcp``, ``tcp-sync``, ``redis``) measures the
 in-process baseline and the named systems only. Exit status 0 whether targets pass or
-miss; 1 when the benchmark itself failed. A full run takes about three minutes.
+miss; 1 when the benchmark itself failed. A full run takes about four minutes.
 """
 
 from __future__ import annotations
@@ -62,9 +65,11 @@ VERSIONED = ("hypercache", "uvloop", "msgpack", "redis")
 #: stay strictly below this (the issue's targets).
 P95_GOALS = {"set": 3.0, "get": 2.0}
 
-#: The node flags of the second phase, and how the report names each phase.
-CPU_LATENCY_ARGS = ("--cpu-latency-limit", "0")
+#: How the report names each phase, and the node flags of the tuned ones.
 DEFAULT_PHASE = "nodes as started by default"
+BUSY_POLL_ARGS = ("--busy-poll", "100us")
+BUSY_POLL_PHASE = "nodes started with `--busy-poll 100us`"
+CPU_LATENCY_ARGS = ("--cpu-latency-limit", "0")
 CPU_LATENCY_PHASE = "nodes started with `--cpu-latency-limit 0`"
 
 
@@ -309,11 +314,11 @@ def render(
 
 
 def cpu_latency_unavailable() -> str | None:
-    """Why the second phase cannot run here, or None."""
+    """Why nodes cannot hold a CPU latency limit here, or None."""
     if not os.path.exists(DEVICE):
-        return f"{CPU_LATENCY_PHASE}: no {DEVICE} on this machine"
+        return f"no {DEVICE} on this machine"
     if not os.access(DEVICE, os.W_OK):
-        return f"{CPU_LATENCY_PHASE}: {DEVICE} is not writable (needs root)"
+        return f"{DEVICE} is not writable (needs root)"
     return None
 
 
@@ -324,9 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="one short run per cell")
     parser.add_argument(
+        "--no-busy-poll",
+        action="store_true",
+        help="skip the phase of nodes started with --busy-poll 100us",
+    )
+    parser.add_argument(
         "--no-cpu-latency",
         action="store_true",
-        help="skip the second phase (nodes holding --cpu-latency-limit 0)",
+        help="skip the phase of nodes holding --cpu-latency-limit 0",
     )
     parser.add_argument(
         "--only",
@@ -346,24 +356,27 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     try:
         phases[DEFAULT_PHASE] = measure(config, systems=systems, progress=progress)
-        reason = cpu_latency_unavailable()
-        if args.no_cpu_latency:
-            notes.append(f"{CPU_LATENCY_PHASE}: not selected (--no-cpu-latency)")
-        elif "tcp" not in systems:
-            notes.append(f"{CPU_LATENCY_PHASE}: tcp not selected (--only)")
-        elif reason is not None:
-            notes.append(reason)
-        else:
-            progress(f"second phase: {CPU_LATENCY_PHASE}")
-            try:
-                phases[CPU_LATENCY_PHASE] = measure(
-                    config,
-                    systems=("inproc", "tcp"),
-                    progress=progress,
-                    node_args=CPU_LATENCY_ARGS,
-                )
-            except CpuLatencyUnavailable as exc:
-                notes.append(f"{CPU_LATENCY_PHASE}: {exc}")
+        tuned = [
+            (BUSY_POLL_PHASE, BUSY_POLL_ARGS, "--no-busy-poll" if args.no_busy_poll else None),
+            (
+                CPU_LATENCY_PHASE,
+                CPU_LATENCY_ARGS,
+                "--no-cpu-latency" if args.no_cpu_latency else cpu_latency_unavailable(),
+            ),
+        ]
+        for phase, node_args, unavailable in tuned:
+            if "tcp" not in systems:
+                notes.append(f"{phase}: tcp not selected (--only)")
+            elif unavailable is not None:
+                notes.append(f"{phase}: not measured ({unavailable})")
+            else:
+                progress(f"next phase: {phase}")
+                try:
+                    phases[phase] = measure(
+                        config, systems=("inproc", "tcp"), progress=progress, node_args=node_args
+                    )
+                except CpuLatencyUnavailable as exc:
+                    notes.append(f"{phase}: {exc}")
     except Interrupted as exc:
         print(f"cluster benchmark {exc}; every process it started was stopped", file=sys.stderr)
         return 128 + exc.signum

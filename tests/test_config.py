@@ -264,6 +264,9 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("heartbeat_interval", -1),
     ("failure_timeout", 1.5),  # less than twice heartbeat_interval (1)
     ("seed_retry_interval", 0),
+    ("busy_poll", -1e-6),
+    ("busy_poll", 0.02),
+    ("busy_poll", None),
     ("cpu_latency_limit", -1e-6),
     ("cpu_latency_limit", 2.0),
     ("cpu_latency_limit", float("nan")),
@@ -691,6 +694,7 @@ def test_all_flags_parse() -> None:
         "--heartbeat-interval=200ms",
         "--failure-timeout=2s",
         "--seed-retry-interval=3s",
+        "--busy-poll=100us",
         "--cpu-latency-limit=20us",
     ]
     config = node_config_from_argv(argv, {})
@@ -725,6 +729,7 @@ def test_all_flags_parse() -> None:
         heartbeat_interval=0.2,
         failure_timeout=2.0,
         seed_retry_interval=3.0,
+        busy_poll=100e-6,
         cpu_latency_limit=20e-6,
     )
 

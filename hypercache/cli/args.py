@@ -142,6 +142,13 @@ def build_node_parser() -> argparse.ArgumentParser:
     latency = parser.add_argument_group("latency")
     _add(
         latency,
+        "busy_poll",
+        "SECONDS",
+        "after a socket write, poll instead of sleeping for this long (e.g. 100us; "
+        "costs CPU time); 0 = off",
+    )
+    _add(
+        latency,
         "cpu_latency_limit",
         "SECONDS",
         "hold this CPU wake-up latency limit while running (PM QoS, needs root; "

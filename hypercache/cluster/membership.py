@@ -130,6 +130,7 @@ class Peer:
             conn = await m.transport.connect(
                 self.address, m.hello(), m.limits, m.config.connect_timeout
             )
+            conn.busy_poll = m.config.busy_poll
             peer_id = conn.peer_hello.get("node_id")
             if peer_id != self.node_id:
                 await conn.close()

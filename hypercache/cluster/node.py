@@ -46,6 +46,7 @@ from hypercache.cluster.handoff import Handoff
 from hypercache.cluster.membership import Membership
 from hypercache.cluster.metrics import NodeMetrics, counter, gauge
 from hypercache.errors import NodeUnavailableError, ProtocolError
+from hypercache.net.busypoll import BusyPoller, poller
 from hypercache.net.protocol import Limits, Op
 from hypercache.net.tcp import TCP
 from hypercache.net.transport import Later, PeerInfo, Server, ServerOptions, Transport
@@ -119,6 +120,8 @@ class Node:
         self.antientropy: AntiEntropy | None = None
         self.handoff: Handoff | None = None
         self._leads: tuple[int, dict[str, list[int]]] = (-1, {})
+        # This loop's busy polling, when the node has a window (counted in /stats).
+        self._poller: BusyPoller | None = None
         limit = config.cpu_latency_limit
         #: the CPU wake-up latency limit held while running, if one is configured
         self.cpu_latency: CpuLatencyRequest | None = (
@@ -164,6 +167,7 @@ class Node:
             node_id=config.node_id,
             auth=config.auth_token,
             limits=self.limits,
+            busy_poll=config.busy_poll,
         )
         server = self.transport.create_server(self, config.bind, options)
         await server.start()
@@ -178,6 +182,7 @@ class Node:
                     node_id=config.node_id,
                     auth=options.auth,
                     limits=options.limits,
+                    busy_poll=options.busy_poll,
                 )
                 # The server reads its options per connection, so new ones see this.
                 vars(server)["options"] = server_options
@@ -236,6 +241,8 @@ class Node:
         self._state = "running"
         if self.cpu_latency is not None:
             self.cpu_latency.acquire()
+        if config.busy_poll:
+            self._poller = poller(asyncio.get_running_loop())
         self.membership.start()
         self.antientropy.start()
         self.handoff.start()
@@ -490,7 +497,18 @@ class Node:
             "dist": self.metrics.stats.as_dict(),
             "antientropy": self.antientropy.stats.as_dict() if self.antientropy else {},
             "background": self.coordinator.background if self.coordinator else 0,
+            "busy_poll": self._busy_poll_stats(),
             "cpu_latency_limit": self._cpu_latency_stats(),
+        }
+
+    def _busy_poll_stats(self) -> dict[str, Any] | None:
+        p = self._poller
+        if p is None:
+            return None
+        return {
+            "window_us": round(self.config.busy_poll * 1e6, 3),
+            "windows": p.windows,
+            "polling_s": round(p.spin_ns / 1e9, 6),
         }
 
     def _cpu_latency_stats(self) -> dict[str, Any] | None:
@@ -518,6 +536,17 @@ class Node:
                 membership.heartbeats_failed,
             )
         yield gauge("hypercache_dist_ring_epoch", "Ring rebuilds seen", self.epoch)
+        if self._poller is not None:
+            yield counter(
+                "hypercache_busy_poll_windows",
+                "Times the event loop was kept awake after a socket write",
+                self._poller.windows,
+            )
+            yield counter(
+                "hypercache_busy_poll_seconds",
+                "Seconds the event loop polled instead of sleeping",
+                self._poller.spin_ns / 1e9,
+            )
         if self.cpu_latency is not None:
             yield gauge(
                 "hypercache_cpu_latency_limit_held",

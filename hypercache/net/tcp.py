@@ -43,6 +43,7 @@ from hypercache.errors import (
     ServerError,
     error_from_wire,
 )
+from hypercache.net.busypoll import BusyPoller, check_window, poller
 from hypercache.net.protocol import (
     HELLO_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -169,8 +170,39 @@ class _FramedProtocol(asyncio.Protocol):
         self._write_paused = False
         self._closing = False
         self._lost: asyncio.Future[None] = loop.create_future()
+        # Busy polling after writes (hypercache.net.busypoll): the window asked for,
+        # and the one in force in ns (0 unless the transport is a kernel socket).
+        self._busy_poll = 0.0
+        self._busy_ns = 0
+        self._poller: BusyPoller | None = None
         #: counters of this connection
         self.stats = NetStats()
+
+    @property
+    def busy_poll(self) -> float:
+        """Seconds the loop stays awake after this connection writes; 0 = off.
+
+        Only a connection over a kernel socket polls: over the in-process transport
+        the setting is kept and does nothing.
+
+        :raises ValueError: not a number of seconds in 0..``MAX_BUSY_POLL``.
+        """
+        return self._busy_poll
+
+    @busy_poll.setter
+    def busy_poll(self, seconds: float) -> None:
+        try:
+            self._busy_poll = check_window(seconds)
+        except ValueError as exc:
+            raise ValueError(f"busy_poll {exc}") from None
+        self._arm_busy_poll()
+
+    def _arm_busy_poll(self) -> None:
+        transport = self._transport
+        on_socket = transport is not None and transport.get_extra_info("socket") is not None
+        self._busy_ns = round(self._busy_poll * 1e9) if on_socket else 0
+        if self._busy_ns and self._poller is None:
+            self._poller = poller(self._loop)
 
     # -- asyncio.Protocol
 
@@ -179,6 +211,8 @@ class _FramedProtocol(asyncio.Protocol):
         # asyncio.Transport, so no isinstance check here.
         self._transport = cast(asyncio.Transport, transport)
         _set_nodelay(transport)
+        if self._busy_poll:
+            self._arm_busy_poll()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -229,6 +263,9 @@ class _FramedProtocol(asyncio.Protocol):
         stats.bytes_out += len(data)
         stats.writes += 1
         transport.write(data)
+        if self._busy_ns:
+            # An answer, or the peer's next request, is due soon: don't sleep.
+            cast(BusyPoller, self._poller).poke(self._busy_ns)
 
     def abort(self) -> None:
         """Drop the connection at once, without flushing."""
@@ -324,6 +361,7 @@ class ServerProtocol(_FramedProtocol):
         self._options = options
         self._max_inflight = options.max_inflight
         self._resume_at = options.max_inflight // 2
+        self._busy_poll = options.busy_poll
         # An unauthenticated peer gets a small frame limit until its HELLO passes.
         self._decoder.max_frame = min(HELLO_MAX_FRAME, options.limits.max_frame)
         self._tasks: dict[int, asyncio.Task[None]] = {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final, Protocol
 
 from hypercache.errors import ConfigError
+from hypercache.net.busypoll import check_window
 from hypercache.net.protocol import Limits
 
 __all__ = [
@@ -248,6 +249,8 @@ class ServerOptions:
     :param handshake_timeout: seconds a new connection has to send its HELLO.
     :param close_grace: seconds ``close()`` lets connections flush before aborting them.
     :param backlog: listen backlog (TCP).
+    :param busy_poll: seconds the loop stays awake after a connection writes (see
+        :mod:`hypercache.net.busypoll`); 0 = off. Over kernel sockets only.
     """
 
     cluster: str
@@ -259,10 +262,15 @@ class ServerOptions:
     handshake_timeout: float = 10.0
     close_grace: float = 5.0
     backlog: int = 1024
+    busy_poll: float = 0.0
 
     def __post_init__(self) -> None:
         if type(self.cluster) is not str or not self.cluster:
             raise ConfigError("cluster", "must be a non-empty string")
+        try:
+            check_window(self.busy_poll)
+        except ValueError as exc:
+            raise ConfigError("busy_poll", str(exc)) from None
         for name in ("max_inflight", "max_connections", "backlog"):
             value = getattr(self, name)
             if type(value) is not int or value <= 0:
@@ -281,6 +289,9 @@ class Connection(Protocol):
     #: the address this connection was made to.
     address: str
     stats: NetStats
+    #: seconds the loop stays awake after this connection writes; 0 = off (see
+    #: :mod:`hypercache.net.busypoll`).
+    busy_poll: float
 
     async def request(self, op: int, payload: Any, timeout: float) -> Any:
         """Send one request and return the response payload.
