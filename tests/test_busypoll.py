@@ -8,10 +8,12 @@ nothing asserts how long anything took beyond "the window was at least this long
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aio_helpers import run, until
+from cluster_harness import running_cluster
 from net_helpers import CLUSTER, Runner, connected, serving
 
 from hypercache.cluster.config import DistConfig
@@ -157,3 +159,16 @@ def test_node_without_a_window_reports_none() -> None:
     assert node.config.busy_poll == 0.0
     assert node.stats()["busy_poll"] is None
     assert b"hypercache_busy_poll" not in node.metrics.render()
+
+
+@pytest.mark.functional
+def test_node_process_with_the_flag_polls_after_answering(tmp_path: Path) -> None:
+    with running_cluster(2, tmp_path, ("--busy-poll", "500us")) as cluster:
+        for i in range(20):
+            cluster.request(0, Op.SET, [f"k{i}".encode(), b"v", None, "all"])
+        for index in (0, 1):  # the coordinator, and the replica it wrote to
+            stats = cluster[index].http_json("/stats")["busy_poll"]
+            assert stats["window_us"] == 500
+            assert stats["windows"] >= 1
+        metrics = cluster[0].http_text("/metrics")
+        assert "hypercache_busy_poll_windows_total" in metrics
