@@ -960,6 +960,23 @@ def test_owner_read_fails_over_to_next_owner(servers: ServerThread, kind: str) -
 
 
 @KIND
+def test_owner_read_replaces_an_owner_that_refuses_the_handshake(
+    servers: ServerThread, kind: str
+) -> None:
+    nodes, _, ring = cluster(servers, 3, replication=3)
+    a, b, c = owner_nodes(nodes, ring, "k")
+    for nd in (b, c):
+        nd.entries[b"k"] = entry("v", 100)
+    # The primary's address now answers for another cluster: its HELLO is refused.
+    servers.stop(a.address)
+    servers.start(FakeNode("stranger", {}), address=a.address, cluster="another-cluster")
+    value, stats = read(kind, [b.address], ["k"])
+    assert value == "v"
+    assert r_gets(b) == r_gets(c) == [b"k"]
+    assert stats["failovers"] >= 1
+
+
+@KIND
 def test_owner_read_too_few_owners(servers: ServerThread, kind: str) -> None:
     nodes, _, ring = cluster(servers, 3, replication=3)
     a, b, c = owner_nodes(nodes, ring, "k")

@@ -529,8 +529,9 @@ class Client(ClientBase):
                 pool = self._pool(address)
                 try:
                     taken.append((address, pool, pool.acquire()))
-                except NodeUnavailableError as exc:
-                    self._node_down(address)
+                except HyperCacheError as exc:  # cannot connect, or the HELLO refused
+                    if isinstance(exc, NodeUnavailableError):
+                        self._node_down(address)
                     out[address] = exc
             answers = pipeline_all(
                 [(conn, groups[address]) for address, _, conn in taken], self._timeout
