@@ -43,7 +43,7 @@ from hypercache.errors import (
     ServerError,
     error_from_wire,
 )
-from hypercache.net.busypoll import BusyPoller, check_window, poller
+from hypercache.net.busypoll import check_window, poller
 from hypercache.net.protocol import (
     HELLO_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -143,6 +143,10 @@ def _remote_name(transport: asyncio.BaseTransport) -> str:
     return str(peer)
 
 
+def _no_poke(window_ns: int) -> None:
+    """What a connection without a busy-poll window calls: nothing."""
+
+
 def _set_nodelay(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
@@ -174,7 +178,7 @@ class _FramedProtocol(asyncio.Protocol):
         # and the one in force in ns (0 unless the transport is a kernel socket).
         self._busy_poll = 0.0
         self._busy_ns = 0
-        self._poller: BusyPoller | None = None
+        self._poke: Callable[[int], None] = _no_poke  # the loop poller's, once armed
         #: counters of this connection
         self.stats = NetStats()
 
@@ -201,8 +205,8 @@ class _FramedProtocol(asyncio.Protocol):
         transport = self._transport
         on_socket = transport is not None and transport.get_extra_info("socket") is not None
         self._busy_ns = round(self._busy_poll * 1e9) if on_socket else 0
-        if self._busy_ns and self._poller is None:
-            self._poller = poller(self._loop)
+        if self._busy_ns:
+            self._poke = poller(self._loop).poke
 
     # -- asyncio.Protocol
 
@@ -265,7 +269,7 @@ class _FramedProtocol(asyncio.Protocol):
         transport.write(data)
         if self._busy_ns:
             # An answer, or the peer's next request, is due soon: don't sleep.
-            cast(BusyPoller, self._poller).poke(self._busy_ns)
+            self._poke(self._busy_ns)
 
     def abort(self) -> None:
         """Drop the connection at once, without flushing."""
