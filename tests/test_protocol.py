@@ -38,6 +38,7 @@ from hypercache.net.protocol import (
     encode_error,
     encode_request,
     encode_response,
+    entry_from_wire,
     make_hello,
     prepare_hello,
     validate_hello,
@@ -261,6 +262,31 @@ def test_frame_exactly_at_the_limit_is_accepted() -> None:
 def test_malformed_bodies_are_protocol_errors(body: Any) -> None:
     with pytest.raises(ProtocolError):
         decode_all(raw_frame(body))
+
+
+def test_an_entry_travels_as_a_five_element_array() -> None:
+    wire = msgpack.unpackb(msgpack.packb([b"v", 7, 3, 0, False]))
+    assert entry_from_wire(wire) == (b"v", 7, 3, 0, False)
+    assert entry_from_wire(None) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [b"v", 7, 3, 0],  # too short
+        [b"v", 7, 3, 0, False, 1],  # too long
+        ("v", 7, 3, 0, False),  # not a list
+        ["v", 7, 3, 0, False],  # value not bytes
+        [b"v", 7.0, 3, 0, False],  # ts not an int
+        [b"v", True, 3, 0, False],  # bools are not integers here
+        [b"v", 7, 3, None, False],
+        [b"v", 7, 3, 0, 0],  # tombstone not a bool
+        b"v",
+    ],
+)
+def test_a_malformed_entry_is_a_protocol_error(raw: Any) -> None:
+    with pytest.raises(ProtocolError, match="malformed R_GET answer"):
+        entry_from_wire(raw)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from hypercache.errors import (
     ProtocolError,
     QuorumError,
 )
-from hypercache.net.protocol import Limits, make_hello
+from hypercache.net.protocol import Entry, Limits, entry_from_wire, make_hello
 from hypercache.net.transport import parse_address
 
 __all__ = [
@@ -105,34 +105,9 @@ def decode_get(answer: Any) -> tuple[bool, Any]:
     return found, value
 
 
-#: One version of a key as an owner's ``R_GET`` answers it:
-#: ``(value, ts, origin, expire_at_ms, tombstone)``.
-Entry = tuple[bytes, int, int, int, bool]
-
-
 def wall_ms() -> int:
     """Wall-clock milliseconds since the epoch (the unit of ``expire_at_ms``)."""
     return time.time_ns() // 1_000_000
-
-
-def entry_from_wire(raw: Any) -> Entry | None:
-    """Validate an ``R_GET`` answer: ``[value, ts, origin, expire_at_ms, tombstone]`` or nil.
-
-    :raises ProtocolError: the answer has another shape.
-    """
-    if raw is None:
-        return None
-    if (
-        type(raw) is list
-        and len(raw) == 5
-        and isinstance(raw[0], bytes)
-        and type(raw[1]) is int
-        and type(raw[2]) is int
-        and type(raw[3]) is int
-        and type(raw[4]) is bool
-    ):
-        return (raw[0], raw[1], raw[2], raw[3], raw[4])
-    raise ProtocolError(f"malformed R_GET answer: {raw!r:.200}")
 
 
 def entry_is_live(entry: Entry | None, now_ms: int) -> bool:

@@ -69,7 +69,7 @@ from hypercache.errors import (
     ProtocolError,
     QuorumError,
 )
-from hypercache.net.protocol import Limits, Op
+from hypercache.net.protocol import Entry, Limits, Op, entry_from_wire
 from hypercache.net.transport import Later
 
 __all__ = ["Coordinator", "Entry", "HintSink", "LocalStore", "entry_is_live", "newest"]
@@ -94,10 +94,6 @@ _LEVELS: Final = {level.value: level for level in Consistency}
 #: pushes (subject to the capacity rule, see :mod:`hypercache.cluster.antientropy`).
 PUT_MANY_HINTS: Final = 0
 PUT_MANY_REPAIR: Final = 1
-
-#: ``(value, ts, origin, expire_at_ms, tombstone)``: one version of a key. On the wire
-#: (``R_GET`` answer) it travels as a 5-element array.
-Entry = tuple[bytes, int, int, int, bool]
 
 
 class LocalStore(Protocol):
@@ -183,22 +179,6 @@ def _get_answer(entry: Entry | None) -> list[Any]:
 
 def _older(entry: Entry | None, than: Entry) -> bool:
     return entry is None or (entry[1], entry[2]) < (than[1], than[2])
-
-
-def _entry_from_wire(raw: Any) -> Entry | None:
-    if raw is None:
-        return None
-    if (
-        type(raw) is list
-        and len(raw) == 5
-        and isinstance(raw[0], bytes)
-        and type(raw[1]) is int
-        and type(raw[2]) is int
-        and type(raw[3]) is int
-        and type(raw[4]) is bool
-    ):
-        return (raw[0], raw[1], raw[2], raw[3], raw[4])
-    raise ProtocolError(f"malformed replica entry: {raw!r}")
 
 
 class _Round:
@@ -626,7 +606,7 @@ class Coordinator:
             entries: list[Entry | None] = []
             node_id = self.node_id
             for owner, raw in rnd.results.items():
-                entries.append(raw if owner == node_id else _entry_from_wire(raw))
+                entries.append(raw if owner == node_id else entry_from_wire(raw))
             best = newest(entries)
             if best is not None:
                 self.clock.update(best[1])
@@ -648,7 +628,7 @@ class Coordinator:
             return
         try:
             results = {
-                owner: raw if owner == self.node_id else _entry_from_wire(raw)
+                owner: raw if owner == self.node_id else entry_from_wire(raw)
                 for owner, raw in rnd.results.items()
             }
         except ProtocolError as exc:
@@ -793,7 +773,7 @@ class Coordinator:
             self.stats.write_acks += rnd.acks
             now = wall_ms()
             seen = [
-                raw if owner == self.node_id else _entry_from_wire(raw)
+                raw if owner == self.node_id else entry_from_wire(raw)
                 for owner, raw in rnd.results.items()
             ]
             best = newest(seen)

@@ -40,6 +40,7 @@ __all__ = [
     "HEADER_SIZE",
     "HELLO_MAX_FRAME",
     "PROTOCOL_VERSION",
+    "Entry",
     "Frame",
     "FrameDecoder",
     "FrameEncoder",
@@ -49,6 +50,7 @@ __all__ = [
     "encode_error",
     "encode_request",
     "encode_response",
+    "entry_from_wire",
     "make_hello",
     "prepare_hello",
     "validate_hello",
@@ -499,3 +501,28 @@ def validate_hello_answer(payload: Any, *, cluster: str) -> dict[str, Any]:
         "node_id": _optional_str(payload, "node_id"),
         "info": info,
     }
+
+
+#: One version of a key, as an owner's ``R_GET`` answers it:
+#: ``(value, ts, origin, expire_at_ms, tombstone)`` (a 5-element array on the wire).
+Entry = tuple[bytes, int, int, int, bool]
+
+
+def entry_from_wire(raw: Any) -> Entry | None:
+    """Validate an ``R_GET`` answer: ``[value, ts, origin, expire_at_ms, tombstone]`` or nil.
+
+    :raises ProtocolError: the answer has another shape.
+    """
+    if raw is None:
+        return None
+    if (
+        type(raw) is list
+        and len(raw) == 5
+        and isinstance(raw[0], bytes)
+        and type(raw[1]) is int
+        and type(raw[2]) is int
+        and type(raw[3]) is int
+        and type(raw[4]) is bool
+    ):
+        return (raw[0], raw[1], raw[2], raw[3], raw[4])
+    raise ProtocolError(f"malformed R_GET answer: {raw!r:.200}")
