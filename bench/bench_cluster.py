@@ -80,7 +80,6 @@ from typing import Any, Final
 from hypercache.client import AsyncClient, Client, RawSerializer
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.node import Node
-from hypercache.errors import NodeUnavailableError
 from hypercache.net.inproc import InprocNetwork
 from hypercache.net.tcp import ClientConnection
 
@@ -662,29 +661,20 @@ def _client_args() -> dict[str, Any]:
 class InprocAsyncClient(AsyncClient):
     """The ``AsyncClient`` with its node connections opened on an in-process network.
 
-    Only :meth:`AsyncClient._open` is replaced, by a copy of it that calls
-    ``network.connect`` where the original calls :func:`hypercache.net.tcp.connect`
-    (same signature, same ``ClientConnection`` class, an in-memory pipe instead of a
-    socket); routing, encoding and the request path are the inherited ones.
+    Only :meth:`AsyncClient._dial` is replaced: it calls ``network.connect`` where
+    the original calls :func:`hypercache.net.tcp.connect` (same signature, same
+    ``ClientConnection`` class, an in-memory pipe instead of a socket); routing,
+    encoding and the request path are the inherited ones.
     """
 
     def __init__(self, seeds: Sequence[str], *, network: InprocNetwork, **kwargs: Any) -> None:
         super().__init__(seeds, **kwargs)
         self._network = network
 
-    async def _open(self, address: str) -> ClientConnection:
-        conn = await self._network.connect(
+    async def _dial(self, address: str) -> ClientConnection:
+        return await self._network.connect(
             address, self._hello, self._limits, self.options.connect_timeout
         )
-        if self._closed:
-            await conn.close()
-            raise NodeUnavailableError("the client is closed")
-        old = self._conns.get(address)
-        self._conns[address] = conn
-        self.stats.connections_opened += 1
-        if old is not None and old is not conn:
-            await old.close()
-        return conn
 
 
 @contextlib.asynccontextmanager

@@ -376,8 +376,12 @@ class AsyncClient(ClientBase):
             if pending is fut:
                 del self._connecting[address]
 
+    async def _dial(self, address: str) -> ClientConnection:
+        """Open and handshake one connection to ``address`` (over TCP)."""
+        return await connect(address, self._hello, self._limits, self.options.connect_timeout)
+
     async def _open(self, address: str) -> ClientConnection:
-        conn = await connect(address, self._hello, self._limits, self.options.connect_timeout)
+        conn = await self._dial(address)
         if self._closed:
             await conn.close()
             raise NodeUnavailableError("the client is closed")
