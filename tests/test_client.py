@@ -976,6 +976,45 @@ def test_owner_read_replaces_an_owner_that_refuses_the_handshake(
     assert stats["failovers"] >= 1
 
 
+def test_async_owner_read_fails_over_on_open_connections(servers: ServerThread) -> None:
+    # Once connected, the owners are asked without a task each (an answer callback):
+    # each kind of failure still hands the read to the next owner.
+    nodes, _, ring = cluster(servers, 3, replication=3)
+    a, b, c = owner_nodes(nodes, ring, "k")
+    for nd in (a, b, c):
+        nd.entries[b"k"] = entry("v", 100)
+
+    async def go() -> None:
+        async with AsyncClient(
+            [nd.address for nd in nodes], consistency="quorum", timeout=0.3
+        ) as client:
+            assert await client.get("k") == "v"  # connects to a and b
+            for nd in nodes:
+                nd.received.clear()
+            # an error answer from a: c replaces it
+            a.fail_r_get = ServerError("boom")
+            assert await client.get("k") == "v"
+            assert r_gets(a) == r_gets(b) == r_gets(c) == [b"k"]
+            a.fail_r_get = None
+            # a malformed answer from b: c replaces it
+            b.entries[b"k"] = [b"v", "not a version"]
+            assert await client.get("k") == "v"
+            b.entries[b"k"] = entry("v", 100)
+            # no answer from a in time: c replaces it
+            a.delay = 2.0
+            assert await client.get("k") == "v"
+            a.delay = 0.0
+            assert client.stats.failovers == 3
+            assert client.stats.connections_opened == 3  # one per node, kept open
+            # a stale owner answering over an open connection is repaired
+            b.entries[b"k"] = entry("new", 200)
+            assert await client.get("k") == "new"
+            await asyncio.sleep(0.05)
+            assert a.r_puts[-1] == [b"k", *entry("new", 200)]
+
+    arun(go())
+
+
 @KIND
 def test_owner_read_too_few_owners(servers: ServerThread, kind: str) -> None:
     nodes, _, ring = cluster(servers, 3, replication=3)

@@ -280,24 +280,46 @@ class AsyncClient(ClientBase):
             return
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
+        timeout = self._timeout
 
         def launch(address: str) -> None:
-            task = loop.create_task(self._attempt(address, _R_GET, payload))
-            task.add_done_callback(lambda t: finished(address, t))
+            conn = self._conns.get(address)
+            if conn is None or conn.closed:
+                # Not connected yet: connect (shared with other tasks) in a task.
+                task = loop.create_task(self._attempt(address, _R_GET, payload))
+                task.add_done_callback(lambda t: connected(address, t))
+                return
+            # Connected: the answer comes back through a callback, no task per owner.
+            try:
+                conn.send_callback(
+                    _R_GET, payload, timeout, lambda raw, exc: answered(address, conn, raw, exc)
+                )
+            except HyperCacheError as exc:  # closed meanwhile, or cannot be encoded
+                answered(address, conn, None, exc)
 
-        def finished(address: str, task: asyncio.Task[Any]) -> None:
+        def connected(address: str, task: asyncio.Task[Any]) -> None:
             if task.cancelled():
-                nxt = rd.failed(address, NodeUnavailableError(f"{address}: request cancelled"))
-            else:
-                exc = task.exception()
-                if exc is None:
-                    nxt = rd.ok(address, task.result())
-                elif isinstance(exc, HyperCacheError):
-                    nxt = rd.failed(address, exc)
-                else:  # not a node's failure: a bug or an interrupt, let it through
-                    if not done.done():
-                        done.set_exception(exc)
-                    return
+                outcome(address, None, NodeUnavailableError(f"{address}: request cancelled"))
+                return
+            exc = task.exception()
+            outcome(address, None if exc is not None else task.result(), exc)
+
+        def answered(
+            address: str, conn: ClientConnection, raw: Any, exc: BaseException | None
+        ) -> None:
+            if exc is not None:
+                self._check_connection(address, conn, exc)
+            outcome(address, raw, exc)
+
+        def outcome(address: str, raw: Any, exc: BaseException | None) -> None:
+            if exc is None:
+                nxt = rd.ok(address, raw)
+            elif isinstance(exc, HyperCacheError):
+                nxt = rd.failed(address, exc)
+            else:  # not a node's failure: a bug or an interrupt, let it through
+                if not done.done():
+                    done.set_exception(exc)
+                return
             if nxt is not None:
                 stats.failovers += 1
                 launch(nxt)
@@ -351,12 +373,17 @@ class AsyncClient(ClientBase):
                 raise
         try:
             return await conn.request(op, payload, self._timeout)
-        except NodeUnavailableError:
-            if conn.closed:  # our connection broke (not an answer from the node)
-                self._node_down(address)
-                if self._conns.get(address) is conn:
-                    del self._conns[address]
+        except NodeUnavailableError as exc:
+            self._check_connection(address, conn, exc)
             raise
+
+    def _check_connection(self, address: str, conn: ClientConnection, exc: BaseException) -> None:
+        """After a request to ``address`` failed with ``exc``: if ``conn`` broke (not an
+        answer from the node), mark the node down and forget the connection."""
+        if isinstance(exc, NodeUnavailableError) and conn.closed:
+            self._node_down(address)
+            if self._conns.get(address) is conn:
+                del self._conns[address]
 
     async def _connection(self, address: str) -> ClientConnection:
         if self._closed:
