@@ -21,7 +21,14 @@ from hypercache.errors import (
     ProtocolError,
     QuorumError,
 )
-from hypercache.net.protocol import Entry, Limits, entry_from_wire, make_hello
+from hypercache.net.protocol import (
+    Entry,
+    Limits,
+    entry_from_wire,
+    entry_is_live,
+    entry_older,
+    make_hello,
+)
 from hypercache.net.transport import parse_address
 
 __all__ = [
@@ -108,18 +115,6 @@ def decode_get(answer: Any) -> tuple[bool, Any]:
 def wall_ms() -> int:
     """Wall-clock milliseconds since the epoch (the unit of ``expire_at_ms``)."""
     return time.time_ns() // 1_000_000
-
-
-def entry_is_live(entry: Entry | None, now_ms: int) -> bool:
-    """Whether ``entry`` is a value (not a tombstone) that has not expired."""
-    if entry is None or entry[4]:
-        return False
-    expire_at = entry[3]
-    return expire_at == 0 or expire_at > now_ms
-
-
-def _older(entry: Entry | None, than: Entry) -> bool:
-    return entry is None or (entry[1], entry[2]) < (than[1], than[2])
 
 
 class OwnerRead:
@@ -230,7 +225,7 @@ class OwnerRead:
         for owner, entry in answers.items():
             if expired and entry is not None and entry[3] and entry[3] <= now:
                 entry = None
-            if _older(entry, best):
+            if entry_older(entry, best):
                 stale.append((owner, best))
         return best, stale
 

@@ -69,7 +69,14 @@ from hypercache.errors import (
     ProtocolError,
     QuorumError,
 )
-from hypercache.net.protocol import Entry, Limits, Op, entry_from_wire
+from hypercache.net.protocol import (
+    Entry,
+    Limits,
+    Op,
+    entry_from_wire,
+    entry_is_live,
+    entry_older,
+)
 from hypercache.net.transport import Later
 
 __all__ = ["Coordinator", "Entry", "HintSink", "LocalStore", "entry_is_live", "newest"]
@@ -152,14 +159,6 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def entry_is_live(entry: Entry | None, now_ms: int) -> bool:
-    """Whether ``entry`` is a value (not a tombstone) that has not expired."""
-    if entry is None or entry[4]:
-        return False
-    expire_at = entry[3]
-    return expire_at == 0 or expire_at > now_ms
-
-
 def newest(entries: list[Entry | None]) -> Entry | None:
     """The entry with the highest version ``(ts, origin)``; ``None`` if all are None."""
     best: Entry | None = None
@@ -175,10 +174,6 @@ def _get_answer(entry: Entry | None) -> list[Any]:
         assert entry is not None
         return [True, entry[0]]
     return [False, None]
-
-
-def _older(entry: Entry | None, than: Entry) -> bool:
-    return entry is None or (entry[1], entry[2]) < (than[1], than[2])
 
 
 class _Round:
@@ -639,7 +634,7 @@ class Coordinator:
             return
         value, ts, origin, expire_at, tombstone = best
         for owner, entry in results.items():
-            if not _older(entry, best):
+            if not entry_older(entry, best):
                 continue
             self.stats.read_repairs += 1
             if owner == self.node_id:

@@ -51,6 +51,8 @@ __all__ = [
     "encode_request",
     "encode_response",
     "entry_from_wire",
+    "entry_is_live",
+    "entry_older",
     "make_hello",
     "prepare_hello",
     "validate_hello",
@@ -526,3 +528,16 @@ def entry_from_wire(raw: Any) -> Entry | None:
     ):
         return (raw[0], raw[1], raw[2], raw[3], raw[4])
     raise ProtocolError(f"malformed R_GET answer: {raw!r:.200}")
+
+
+def entry_is_live(entry: Entry | None, now_ms: int) -> bool:
+    """Whether ``entry`` is a value (not a tombstone) that has not expired by ``now_ms``."""
+    if entry is None or entry[4]:
+        return False
+    expire_at = entry[3]
+    return expire_at == 0 or expire_at > now_ms
+
+
+def entry_older(entry: Entry | None, than: Entry) -> bool:
+    """Whether ``entry`` is absent or has an older version ``(ts, origin)`` than ``than``."""
+    return entry is None or (entry[1], entry[2]) < (than[1], than[2])
