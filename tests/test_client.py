@@ -909,6 +909,36 @@ def test_owner_read_origin_breaks_ties(servers: ServerThread, kind: str) -> None
 
 
 @KIND
+def test_owner_read_repairs_in_flight_are_capped(servers: ServerThread, kind: str) -> None:
+    # Two stale owners, slow to answer; room for one push: the other is dropped.
+    nodes, _, ring = cluster(servers, 3, replication=3)
+    a, b, c = owner_nodes(nodes, ring, "k")
+    a.entries[b"k"] = entry("old", 100)
+    b.entries[b"k"] = entry("old", 100)
+    c.entries[b"k"] = entry("new", 200)
+    a.delay = b.delay = 0.3
+    seeds = [nd.address for nd in nodes]
+    if kind == "sync":
+        with Client(seeds, consistency="all") as client:
+            client.max_pending_repairs = 1
+            assert client.get("k") == "new"
+            stats = client.stats.as_dict()
+    else:
+
+        async def go() -> dict[str, int]:
+            async with AsyncClient(seeds, consistency="all") as client:
+                client.max_pending_repairs = 1
+                assert await client.get("k") == "new"
+                await asyncio.sleep(0.5)  # the push that went out lands
+                return client.stats.as_dict()
+
+        stats = arun(go())
+    assert (stats["read_repairs"], stats["read_repairs_dropped"]) == (1, 1)
+    wait_for(lambda: len(a.r_puts) + len(b.r_puts) == 1)
+    assert (a.r_puts + b.r_puts)[0] == [b"k", *entry("new", 200)]
+
+
+@KIND
 def test_owner_read_tombstone_newer_is_a_miss(servers: ServerThread, kind: str) -> None:
     nodes, _, ring = cluster(servers, 3, replication=3)
     a, b, _ = owner_nodes(nodes, ring, "k")

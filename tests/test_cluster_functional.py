@@ -77,12 +77,13 @@ def test_management_http(cluster: Cluster) -> None:
     metrics = node.http_text("/metrics")
     assert "hypercache_dist_write_acks" in metrics
     # Every cap that can bite has its counter: in-flight cap, write backpressure,
-    # deadlines, hint caps, the store's byte budget.
+    # deadlines, hint caps, read repairs in flight, the store's byte budget.
     for name in (
         "hypercache_net_inflight_pauses",
         "hypercache_net_write_pauses",
         "hypercache_net_timeouts",
         "hypercache_dist_hints_dropped",
+        "hypercache_dist_read_repairs_dropped",
         "hypercache_evictions",
     ):
         assert name in metrics, name

@@ -15,6 +15,7 @@ import pytest
 from aio_helpers import run, until
 
 from hypercache._core.hlc import wall_clock_ms
+from hypercache.cluster import coordinator as coordinator_module
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.coordinator import entry_is_live, newest
 from hypercache.cluster.node import Node
@@ -246,6 +247,35 @@ def test_stale_replica_repaired_by_quorum_read() -> None:
             await until(lambda: local(stale, key)[0] == b"new", what="read repair")
             assert local(stale, key)[1:3] == (ts + 1, origin)
             assert nodes[0].metrics.stats.read_repairs >= 1
+
+    run(main())
+
+
+def test_read_repairs_in_flight_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two stale owners, room for one push: the other is dropped and counted.
+    monkeypatch.setattr(coordinator_module, "MAX_PENDING_REPAIRS", 1)
+
+    async def main() -> None:
+        async with cluster() as (_net, nodes):
+            key = b"capped"
+            coordinator = nodes[0].coordinator
+            assert coordinator is not None
+            await coordinator.set(key, b"old", None, "all")
+            _, ts, origin, _, _ = local(nodes[0], key)
+            # Only the coordinator holds the newer version.
+            assert coordinator.replica_put(key, b"new", ts + 1, origin, 0, False)
+            stats = nodes[0].metrics.stats
+            assert await coordinator.get(key, "all") == [True, b"new"]
+            await until(lambda: coordinator.background == 0, what="pushes done")
+            assert (stats.read_repairs, stats.read_repairs_dropped) == (1, 1)
+            assert sorted(local(n, key)[0] for n in nodes[1:]) == [b"new", b"old"]
+            # With the push done there is room again: the next read repairs the other.
+            assert await coordinator.get(key, "all") == [True, b"new"]
+            await until(lambda: all(local(n, key)[0] == b"new" for n in nodes), what="repair")
+            assert (stats.read_repairs, stats.read_repairs_dropped) == (2, 1)
+            assert nodes[0].metrics.stats.as_dict()["read_repairs_dropped"] == 1
+            text = nodes[0].metrics.render().decode()
+            assert "hypercache_dist_read_repairs_dropped_total 1.0" in text
 
     run(main())
 

@@ -33,6 +33,7 @@ from hypercache.net.transport import parse_address
 
 __all__ = [
     "BATCH",
+    "MAX_PENDING_REPAIRS",
     "ClientOptions",
     "ClientStats",
     "Entry",
@@ -52,6 +53,9 @@ Route = Literal["owner", "any"]
 #: Requests sent in one pipelined batch (sync) or gathered at once (async) by
 #: ``get_many``/``set_many``: bounds the buffers of a huge batch.
 BATCH: Final = 1024
+#: Read-repair pushes a client keeps in flight at most; beyond, a push is dropped
+#: (counted in ``stats.read_repairs_dropped``) and anti-entropy repairs the owner later.
+MAX_PENDING_REPAIRS: Final = 1024
 
 
 def parse_seeds(seeds: str | Sequence[str]) -> tuple[str, ...]:
@@ -327,6 +331,8 @@ class ClientStats:
     :ivar owner_reads: reads the client coordinated itself (``R_GET`` to the owners).
     :ivar read_repairs: ``R_PUT`` pushes of the newest version to a stale owner,
         sent by the client after a read whose owners disagreed.
+    :ivar read_repairs_dropped: pushes not sent because ``max_pending_repairs`` were
+        in flight already.
     """
 
     requests: int = 0
@@ -337,6 +343,7 @@ class ClientStats:
     connections_opened: int = 0
     owner_reads: int = 0
     read_repairs: int = 0
+    read_repairs_dropped: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -346,6 +353,9 @@ class ClientBase:
     """What :class:`~hypercache.Client` and :class:`~hypercache.AsyncClient` share:
     the constructor, validated options, the router and the counters. Each
     subclass sets up its own connections in :meth:`_init_transport`."""
+
+    #: read-repair pushes in flight at most (see ``MAX_PENDING_REPAIRS``)
+    max_pending_repairs: int = MAX_PENDING_REPAIRS
 
     def __init__(
         self,

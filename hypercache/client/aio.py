@@ -62,7 +62,7 @@ class AsyncClient(ClientBase):
         self._connecting: dict[str, asyncio.Future[ClientConnection]] = {}
         self._refresh_task: asyncio.Task[Topology] | None = None
         # Read repairs in flight (fire and forget; referenced so that they are not
-        # collected half-way).
+        # collected half-way; at most max_pending_repairs).
         self._background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -331,7 +331,11 @@ class AsyncClient(ClientBase):
         await done
 
     def _repair(self, owner: str, key: bytes, entry: Entry) -> None:
-        """Push ``entry`` to ``owner`` in the background (``R_PUT``), not waiting."""
+        """Push ``entry`` to ``owner`` in the background (``R_PUT``), not waiting; dropped
+        when ``max_pending_repairs`` pushes are in flight already."""
+        if len(self._background) >= self.max_pending_repairs:
+            self.stats.read_repairs_dropped += 1
+            return
         self.stats.read_repairs += 1
         task = asyncio.get_running_loop().create_task(self._attempt(owner, _R_PUT, [key, *entry]))
         self._background.add(task)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -121,6 +122,7 @@ class Client(ClientBase):
         self._lock = threading.Lock()
         self._refreshing = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
+        self._repairs_pending = 0  # read-repair pushes queued or in flight
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -433,7 +435,6 @@ class Client(ClientBase):
                 out[k] = exc
                 continue
             for owner, entry in stale:
-                stats.read_repairs += 1
                 repairs.setdefault(owner, []).append((_R_PUT, [k, *entry]))
             out[k] = (
                 (True, best[0]) if best is not None and entry_is_live(best, now) else (False, None)
@@ -549,13 +550,33 @@ class Client(ClientBase):
 
     def _repair(self, repairs: dict[str, list[tuple[int, Any]]]) -> None:
         """Push the newest entries to stale owners from the worker threads, without
-        waiting (a failed push is dropped: anti-entropy repairs it later)."""
+        waiting (a failed push is dropped: anti-entropy repairs it later). Pushes
+        beyond ``max_pending_repairs`` in flight are dropped and counted."""
+        stats = self.stats
         try:
             executor = self._workers()
-            for address, requests in repairs.items():
-                executor.submit(self._send_group, address, requests)
-        except (RuntimeError, NodeUnavailableError):
-            pass  # closed meanwhile
+        except NodeUnavailableError:
+            return  # closed meanwhile
+        for address, requests in repairs.items():
+            with self._lock:
+                room = max(self.max_pending_repairs - self._repairs_pending, 0)
+                if len(requests) > room:
+                    stats.read_repairs_dropped += len(requests) - room
+                    requests = requests[:room]
+                self._repairs_pending += len(requests)
+            if not requests:
+                continue
+            try:
+                pushed = executor.submit(self._send_group, address, requests)
+            except RuntimeError:  # closed meanwhile
+                self._repairs_done(len(requests))
+                return
+            stats.read_repairs += len(requests)
+            pushed.add_done_callback(functools.partial(self._repairs_done, len(requests)))
+
+    def _repairs_done(self, n: int, _pushed: object = None) -> None:
+        with self._lock:
+            self._repairs_pending -= n
 
     def _batch(self, requests: dict[bytes, tuple[int, Any]]) -> dict[bytes, Any]:
         """Send many keyed requests, pipelined per node; return key -> answer."""

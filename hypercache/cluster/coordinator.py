@@ -24,7 +24,8 @@ in wall-clock milliseconds (0 = none). A delete writes a tombstone.
 Read repair: a QUORUM or ALL read waits for its quorum, returns the newest version it
 saw, and, once every asked owner has answered (or failed), pushes the newest version
 of all answers with ``R_PUT`` to each owner that answered with an older one or none.
-Each push counts in ``read_repairs``.
+Each push counts in ``read_repairs``; at most ``MAX_PENDING_REPAIRS`` are in flight, and
+a push beyond that is dropped (``read_repairs_dropped``: anti-entropy repairs later).
 
 Hinted handoff: when an owner misses a write or a delete (it is down, the request
 timed out, failed or was refused), the coordinator hands the entry to its
@@ -91,6 +92,9 @@ _R_PUT: Final = int(Op.R_PUT)
 _R_DEL: Final = int(Op.R_DEL)
 # The hybrid logical clock refuses to move past this (it keeps room to tick).
 _MAX_REMOTE_TS: Final = 2**63 - 2
+#: Read-repair pushes a coordinator keeps in flight at most; beyond, a push is dropped
+#: (counted in ``read_repairs_dropped``) and anti-entropy repairs the owner later.
+MAX_PENDING_REPAIRS: Final = 1024
 
 _ONE: Final = Consistency.ONE
 #: wire spelling -> level; anything else goes through Consistency.parse (which
@@ -293,6 +297,7 @@ class Coordinator:
         self._tag = clock.tag
         self._background: set[asyncio.Task[Any]] = set()
         self._in_flight = 0  # replica requests sent with a callback, not answered yet
+        self._repairs_pending = 0  # read-repair pushes in flight
         self._stopping = False
         # The running loop, taken once (asyncio.get_running_loop() costs a getpid()
         # system call per call on CPython 3.11).
@@ -633,17 +638,23 @@ class Coordinator:
         if best is None:
             return
         value, ts, origin, expire_at, tombstone = best
+        stats = self.stats
         for owner, entry in results.items():
             if not entry_older(entry, best):
                 continue
-            self.stats.read_repairs += 1
             if owner == self.node_id:
+                stats.read_repairs += 1
                 self.replica_put(key, value, ts, origin, expire_at, tombstone)
                 continue
             peer = self.membership.peers.get(owner)
             if peer is None or not peer.up:
                 continue
-            self.stats.forwards["r_put"] += 1
+            if self._repairs_pending >= MAX_PENDING_REPAIRS:
+                stats.read_repairs_dropped += 1
+                continue
+            stats.read_repairs += 1
+            stats.forwards["r_put"] += 1
+            self._repairs_pending += 1
             self._spawn(self._push(peer.request(_R_PUT, [key, *best], self.timeout), owner))
 
     async def _push(self, request: Any, owner: str) -> None:
@@ -652,6 +663,8 @@ class Coordinator:
         except HyperCacheError as exc:
             self.stats.replica_failures += 1
             _log.debug("read repair push to %s failed: %s", owner, exc)
+        finally:
+            self._repairs_pending -= 1
 
     # --------------------------------------------------------------------- SET
 

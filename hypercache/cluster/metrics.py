@@ -105,6 +105,7 @@ class DistStats:
         "read_acks",
         "read_attempts",
         "read_repairs",
+        "read_repairs_dropped",
         "replica_failures",
         "replica_gets",
         "replica_puts",
@@ -135,6 +136,8 @@ class DistStats:
         self.quorum_failures: dict[str, int] = dict.fromkeys(CLIENT_OPS, 0)
         #: newer versions pushed to stale owners after a read
         self.read_repairs = 0
+        #: pushes to stale owners dropped because too many were in flight
+        self.read_repairs_dropped = 0
         #: received entries not applied because the store held a version as new or newer
         self.version_conflicts = 0
         #: replica requests served for other nodes
@@ -156,6 +159,7 @@ class DistStats:
             "quorum_failures": dict(self.quorum_failures),
             "quorum_failures_total": sum(self.quorum_failures.values()),
             "read_repairs": self.read_repairs,
+            "read_repairs_dropped": self.read_repairs_dropped,
             "version_conflicts": self.version_conflicts,
             "replica_gets": self.replica_gets,
             "replica_puts": self.replica_puts,
@@ -252,6 +256,11 @@ class NodeMetrics:
             ("read_acks", "Replica reads answered", s.read_acks),
             ("replica_failures", "Replica requests that failed", s.replica_failures),
             ("read_repairs", "Newer versions pushed to stale owners", s.read_repairs),
+            (
+                "read_repairs_dropped",
+                "Read-repair pushes dropped: too many in flight",
+                s.read_repairs_dropped,
+            ),
             (
                 "version_conflicts",
                 "Received entries not applied (a version as new or newer was held)",
