@@ -908,6 +908,29 @@ def test_owner_read_origin_breaks_ties(servers: ServerThread, kind: str) -> None
     assert b.r_puts[0][1:] == entry("from-7", 100, origin=7)
 
 
+def test_async_owner_read_cancelled_asks_no_replacement(servers: ServerThread) -> None:
+    nodes, _, ring = cluster(servers, 3, replication=3)
+    a, b, c = owner_nodes(nodes, ring, "k")
+    for nd in (a, b, c):
+        nd.entries[b"k"] = entry("v", 100)
+
+    async def go() -> None:
+        async with AsyncClient([nd.address for nd in nodes], consistency="quorum") as client:
+            assert await client.get("k") == "v"  # connects to a and b
+            for nd in nodes:
+                nd.received.clear()
+            a.delay, a.fail_r_get = 0.3, ServerError("boom")  # fails, but late
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await client.get("k")
+            await asyncio.sleep(0.5)  # a's error has come back meanwhile
+            assert r_gets(a) == r_gets(b) == [b"k"]
+            assert r_gets(c) == []  # nobody asked in a's place for a read given up
+            assert client.stats.failovers == 0
+
+    arun(go())
+
+
 @KIND
 def test_owner_read_repairs_in_flight_are_capped(servers: ServerThread, kind: str) -> None:
     # Two stale owners, slow to answer; room for one push: the other is dropped.

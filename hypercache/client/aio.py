@@ -312,6 +312,8 @@ class AsyncClient(ClientBase):
             outcome(address, raw, exc)
 
         def outcome(address: str, raw: Any, exc: BaseException | None) -> None:
+            if done.cancelled():  # the caller gave up: replace no one
+                return
             if exc is None:
                 nxt = rd.ok(address, raw)
             elif isinstance(exc, HyperCacheError):
