@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hypercache._core import framing
 from hypercache.errors import (
     ConfigError,
     FrameTooLargeError,
@@ -190,6 +191,38 @@ def test_decoder_random_chunkings(frames: list[tuple[int, int, int, Any]], data:
     assert decoder.buffered == 0
 
 
+@given(
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=12),
+    data=st.data(),
+)
+@settings(max_examples=60)
+def test_decoder_partial_consumption_between_feeds(sizes: list[int], data: Any) -> None:
+    # A consumer that takes only some of the frames ready (flow control) before the
+    # next bytes arrive still gets every frame once, in order.
+    stream = b"".join(encode_request(i, Op.SET, b"v" * n) for i, n in enumerate(sizes))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    decoder = FrameDecoder()
+    got: list[int] = []
+    start = 0
+    for cut in [*cuts, len(stream)]:
+        decoder.feed(stream[start:cut])
+        start = cut
+        for _ in range(data.draw(st.integers(0, 2))):
+            frame = next(decoder, None)
+            if frame is None:
+                break
+            got.append(frame.request_id)
+    got.extend(f.request_id for f in decoder)
+    assert got == list(range(len(sizes)))
+    assert decoder.buffered == 0
+
+
+def test_decoder_defaults_match_the_protocol() -> None:
+    assert FrameDecoder().max_frame == DEFAULT_MAX_FRAME
+    assert framing.HEADER_SIZE == 4
+    assert max(MsgType) == framing.MAX_MSG_TYPE
+
+
 def test_decoder_byte_by_byte() -> None:
     encoder = FrameEncoder()
     stream = b"".join(encoder.encode_request(i, Op.SET, [b"k%d" % i, b"v" * i]) for i in range(50))
@@ -234,6 +267,14 @@ def test_oversized_frame_rejected_when_it_follows_another() -> None:
     assert next(it).request_id == 1
     with pytest.raises(FrameTooLargeError):
         next(it)
+
+
+def test_oversized_frame_rejected_on_feed_while_frames_are_untaken() -> None:
+    decoder = FrameDecoder(max_frame=1000)
+    decoder.feed(encode_request(1, Op.PING, None) + b"\x00\x01")
+    assert next(decoder).request_id == 1  # the consumer stops here
+    with pytest.raises(FrameTooLargeError):
+        decoder.feed(b"\x00\x00")  # the next header is now whole: 65536 bytes
 
 
 def test_frame_exactly_at_the_limit_is_accepted() -> None:

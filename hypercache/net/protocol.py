@@ -18,10 +18,11 @@ import struct
 import threading
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import msgpack
 
+from hypercache._core.framing import HEADER_SIZE, Frame, FrameDecoder
 from hypercache.errors import (
     ConfigError,
     FrameTooLargeError,
@@ -63,8 +64,6 @@ __all__ = [
 #: versioning policy in ``docs/protocol.md``).
 PROTOCOL_VERSION: Final = 1
 
-#: Size of the length prefix of every frame.
-HEADER_SIZE: Final = 4
 
 _KiB: Final = 1024
 _MiB: Final = 1024 * 1024
@@ -115,15 +114,6 @@ class Op(IntEnum):
 _REQUEST: Final = 0
 _RESPONSE: Final = 1
 _ERROR: Final = 2
-
-
-class Frame(NamedTuple):
-    """A decoded frame body."""
-
-    type: int
-    request_id: int
-    op: int
-    payload: Any
 
 
 # --------------------------------------------------------------------------- limits
@@ -191,120 +181,12 @@ class Limits:
         return value
 
 
-# --------------------------------------------------------------------------- decoding
+# --------------------------------------------------------------------------- framing
 
-_unpack_header = struct.Struct(">I").unpack_from
+# Decoding (FrameDecoder, Frame) is compiled, in hypercache/_core/framing.pyx: every
+# message received goes through it. Encoding is one msgpack Packer call.
+
 _pack_header = struct.Struct(">I").pack
-_unpackb = msgpack.unpackb
-_tuple_new = tuple.__new__
-
-# Bodies up to this size are sliced out (a small copy); bigger ones are decoded
-# through a memoryview to avoid copying a multi-megabyte value.
-_COPY_MAX: Final = 64 * _KiB
-
-
-class FrameDecoder:
-    """Incremental decoder: :meth:`feed` it bytes, then iterate to get :class:`Frame`\\ s.
-
-    ::
-
-        decoder.feed(data)
-        for frame in decoder:
-            ...
-
-    Iteration stops when the buffer holds no complete frame; whatever is left stays
-    buffered for the next :meth:`feed`. A consumer may stop iterating at any point
-    (flow control): the frames not yet taken stay buffered too.
-
-    :param max_frame: largest accepted body. A length header above it raises
-        :class:`~hypercache.errors.FrameTooLargeError` as soon as its 4 bytes have
-        arrived, without waiting for the body: nothing beyond the read that carried
-        the header is ever buffered. The attribute may be changed between frames
-        (servers raise it once the handshake is done).
-
-    A body that is not valid msgpack, or not ``[type, request_id, op, payload]`` with
-    ``type`` a :class:`MsgType`, ``request_id`` and ``op`` non-negative integers,
-    raises :class:`~hypercache.errors.ProtocolError`. After any error the stream is
-    out of sync: the decoder must be discarded (and the connection closed).
-
-    Map keys in payloads must be ``str`` or ``bytes`` (``strict_map_key``); arrays
-    decode as lists, msgpack ``bin`` as ``bytes`` and ``str`` as ``str``.
-    """
-
-    __slots__ = ("_buf", "max_frame")
-
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        self.max_frame = max_frame
-        self._buf = bytearray()
-
-    @property
-    def buffered(self) -> int:
-        """Number of bytes received but not yet decoded."""
-        return len(self._buf)
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Append received bytes (copied: the caller may reuse ``data``).
-
-        :raises FrameTooLargeError: the next frame's header announces more than
-            ``max_frame`` bytes.
-        """
-        buf = self._buf
-        buf += data
-        if len(buf) >= HEADER_SIZE:
-            size = _unpack_header(buf)[0]
-            if size > self.max_frame:
-                raise FrameTooLargeError(
-                    f"frame of {size} bytes exceeds max_frame={self.max_frame}"
-                )
-
-    def __iter__(self) -> FrameDecoder:
-        return self
-
-    def __next__(self) -> Frame:
-        buf = self._buf
-        avail = len(buf)
-        if avail < HEADER_SIZE:
-            raise StopIteration
-        size = _unpack_header(buf)[0]
-        if size > self.max_frame:
-            raise FrameTooLargeError(f"frame of {size} bytes exceeds max_frame={self.max_frame}")
-        end = HEADER_SIZE + size
-        if avail < end:
-            raise StopIteration
-        try:
-            if size <= _COPY_MAX:
-                body = _unpackb(buf[HEADER_SIZE:end], raw=False)
-            else:
-                view = memoryview(buf)[HEADER_SIZE:end]
-                try:
-                    body = _unpackb(view, raw=False)
-                finally:
-                    view.release()
-        except Exception as exc:
-            raise ProtocolError(f"undecodable frame body: {exc}") from None
-        # Deleting from the front of a bytearray is O(1) in CPython (it moves the
-        # start offset), so consuming frame by frame does not go quadratic.
-        del buf[:end]
-        if type(body) is not list or len(body) != 4:
-            raise ProtocolError("frame body must be a 4-element array")
-        msg_type, request_id, op, _ = body
-        if (
-            type(msg_type) is not int
-            or not _REQUEST <= msg_type <= _ERROR
-            or type(request_id) is not int
-            or request_id < 0
-            or type(op) is not int
-            or op < 0
-        ):
-            raise ProtocolError(
-                f"malformed frame header fields: type={msg_type!r} "
-                f"request_id={request_id!r} op={op!r}"
-            )
-        frame: Frame = _tuple_new(Frame, body)
-        return frame
-
-
-# --------------------------------------------------------------------------- encoding
 
 
 class FrameEncoder:
