@@ -83,6 +83,21 @@ class QuorumError(HyperCacheError):
         return (type(self), (self.acks, self.required, str(self)))
 
 
+class ClockSkewError(ProtocolError):
+    """A version (hybrid logical timestamp) is further ahead of this node's wall clock
+    than ``max_clock_skew`` allows: the sender's clock is wrong, or the version is
+    forged. Nothing of the request was applied."""
+
+    code = 12
+
+
+class PermissionDeniedError(HyperCacheError, PermissionError):
+    """The connection may not send this operation (for instance a client sending an
+    operation reserved to authenticated cluster peers)."""
+
+    code = 13
+
+
 class KeyTooLargeError(FrameTooLargeError):
     """A key exceeds the configured maximum key size."""
 
@@ -115,6 +130,8 @@ _BY_CODE: dict[int, type[HyperCacheError]] = {
         ProtocolError,
         FrameTooLargeError,
         HandshakeError,
+        ClockSkewError,
+        PermissionDeniedError,
         NodeUnavailableError,
         RequestTimeoutError,
         QuorumError,

@@ -201,7 +201,7 @@ def test_expired_entries_are_never_brought_back() -> None:
 def test_tombstones_replicate_and_are_purged_after_their_ttl() -> None:
     async def main() -> None:
         async with cluster(
-            tombstone_ttl=2.0,
+            tombstone_ttl=60.0,
             hint_ttl=0.5,
             anti_entropy_interval=1.0,
             anti_entropy_max_interval=1.0,
@@ -214,7 +214,10 @@ def test_tombstones_replicate_and_are_purged_after_their_ttl() -> None:
                 entry = n.store.peek(b"gone", wall_clock_ms())
                 assert entry is not None and entry[4] is True
                 assert n.store.tombstones == 1
-            # The expiry loop purges every tombstone once its TTL has passed.
+            # The expiry loop purges every tombstone once its TTL has passed (the
+            # nodes' wall clock is moved past it rather than slept through).
+            for n in nodes:
+                n.wall_ms = lambda: wall_clock_ms() + 61_000
             await until(
                 lambda: all(n.store.tombstones == 0 for n in nodes), timeout=6, what="purge"
             )
@@ -461,5 +464,37 @@ def test_read_repair_never_brings_an_older_write_back() -> None:
             # The repaired tombstone stays through anti-entropy too.
             await full_round(nodes)
             assert all(n.store.peek(b"rr", wall_clock_ms())[4] for n in nodes)  # type: ignore[index]
+
+    run(main())
+
+
+def test_anti_entropy_refuses_a_peers_version_past_the_horizon() -> None:
+    async def main() -> None:
+        async with cluster(size=2) as nodes:
+            a, b = nodes
+            year = 366 * 86_400_000
+
+            def led_by(node: Node) -> bytes:
+                return next(
+                    k
+                    for k in (f"forged-{i}".encode() for i in range(10_000))
+                    if node.ring.owners(k)[0] == node.node_id
+                )
+
+            # b holds forged entries a year ahead, and an honest one a is missing:
+            # a pulls what it leads, b pushes what it leads.
+            pulled, pushed = led_by(a), led_by(b)
+            for key in (pulled, pushed):
+                assert put(b, key, b"x", now_ts(year))
+            assert put(b, b"honest", b"y", now_ts())
+            await full_round(nodes)
+            now = wall_clock_ms()
+            assert a.store.peek(b"honest", now) is not None
+            assert a.store.peek(pulled, now) is None
+            assert a.store.peek(pushed, now) is None
+            refused = a.metrics.stats.versions_refused
+            assert refused["antientropy"] == 1
+            assert refused["repair_push"] == 1
+            assert a.clock.last < now_ts(round(a.config.max_clock_skew * 1000) + 1)
 
     run(main())

@@ -147,8 +147,9 @@ def test_delete_coordinator_advances_its_clock_past_r_del_answers() -> None:
             n1, n2, n3 = nodes
             assert n1.coordinator is not None
             key = key_owned_by(n1, ["n2", "n3"])
-            # An owner clock 10 s ahead wrote this version (n1 has never seen it).
-            ahead = (wall_ms() + 10_000) << 16
+            # An owner clock 3 s ahead (within max_clock_skew) wrote this version
+            # (n1 has never seen it).
+            ahead = (wall_ms() + 3_000) << 16
             for owner in (n2, n3):
                 assert owner.coordinator is not None
                 owner.coordinator.replica_put(key, b"v", ahead, owner.clock.tag, 0, False)

@@ -14,6 +14,7 @@ import hypercache
 from hypercache.cli.args import build_node_parser, node_config_from_argv
 from hypercache.cluster.config import (
     FRAME_OVERHEAD,
+    MIN_TOMBSTONE_TTL,
     REDACTED,
     DistConfig,
     derive_node_id,
@@ -251,6 +252,15 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("max_key", 0),
     ("max_value", 0),
     ("auth_token", 123),
+    ("cluster_secret", "too-short"),
+    ("cluster_secret", 42),
+    ("max_connections", 0),
+    ("max_connections_per_source", 0),
+    ("max_pending_handshakes", -1),
+    ("handshake_timeout", 0),
+    ("frame_timeout", float("inf")),
+    ("idle_timeout", 0),
+    ("max_output_buffer", 1024),  # cannot hold the largest answer
     ("log_level", "verbose"),
     ("hint_ttl", 0),
     ("hint_max_per_node", 0),
@@ -264,6 +274,8 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("heartbeat_interval", -1),
     ("failure_timeout", 1.5),  # less than twice heartbeat_interval (1)
     ("seed_retry_interval", 0),
+    ("max_clock_skew", 0),
+    ("max_clock_skew", 7200),
     ("busy_poll", -1e-6),
     ("busy_poll", 0.02),
     ("busy_poll", None),
@@ -580,13 +592,35 @@ def test_unknown_argv_key_is_rejected() -> None:
 
 
 def test_tombstone_ttl_must_exceed_hint_ttl_plus_anti_entropy_period() -> None:
-    DistConfig(hint_ttl=100, anti_entropy_max_interval=50, tombstone_ttl=150.001)
+    # 100 + 50 + 5 (failure_timeout) + 2 (request_timeout) = 157
+    DistConfig(hint_ttl=100, anti_entropy_max_interval=50, tombstone_ttl=157.001)
     with pytest.raises(ConfigError) as info:
-        DistConfig(hint_ttl=100, anti_entropy_max_interval=50, tombstone_ttl=150)
+        DistConfig(hint_ttl=100, anti_entropy_max_interval=50, tombstone_ttl=157)
     assert info.value.field == "tombstone_ttl"
-    assert "hint_ttl + anti_entropy_max_interval" in info.value.message
-    assert "100 + 50 = 150" in info.value.message
+    assert "hint_ttl + anti_entropy_max_interval + failure_timeout" in info.value.message
+    assert "100 + 50 + 5 + 2 = 157" in info.value.message
     assert "resurrect" in info.value.message
+
+
+def test_tombstone_ttl_has_a_floor_whatever_the_other_settings() -> None:
+    # The settings of the reported resurrection: every term of the rule made tiny.
+    tiny: dict[str, Any] = {
+        "hint_ttl": 0.5,
+        "anti_entropy_interval": 0.5,
+        "anti_entropy_max_interval": 0.5,
+        "heartbeat_interval": 0.25,
+        "failure_timeout": 0.5,
+        "request_timeout": 0.5,
+    }
+    with pytest.raises(ConfigError) as info:
+        DistConfig(tombstone_ttl=3, **tiny)
+    assert info.value.field == "tombstone_ttl"
+    assert "at least 60 s" in info.value.message
+    assert "bring the deleted key back" in info.value.message
+    assert DistConfig(tombstone_ttl=MIN_TOMBSTONE_TTL, **tiny).tombstone_ttl == 60.0
+    # From the command line, as the report ran it: exits 2 naming the field.
+    with config_error("tombstone_ttl"):
+        load(argv={"tombstone_ttl": "3", "hint_ttl": "0.5"})
 
 
 def test_tombstone_rule_applies_to_loaded_values(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from hypercache.cluster.config import DistConfig
 from hypercache.cluster.coordinator import entry_is_live, newest
 from hypercache.cluster.node import Node
 from hypercache.errors import (
+    ClockSkewError,
     ConfigError,
     KeyTooLargeError,
     ProtocolError,
@@ -327,7 +328,7 @@ def test_versions_compared_on_receive() -> None:
         async with cluster(size=1) as (net, nodes):
             node = nodes[0]
             async with client(net, node) as c:
-                ts = (wall_clock_ms() + 10_000) << 16  # ahead of the node's clock
+                ts = (wall_clock_ms() + 2_000) << 16  # ahead, within max_clock_skew
                 put = [b"v", b"a", ts, 7, 0, False]
                 assert await c.request(Op.R_PUT, put, 2) is True
                 assert await c.request(Op.R_PUT, put, 2) is False  # replay: no-op
@@ -460,5 +461,109 @@ def test_max_items_bounds_each_node_store() -> None:
             for n in nodes:
                 assert len(n.store) == 3
                 assert n.store.evictions == 7
+
+    run(main())
+
+
+# ------------------------------------------- the clock's horizon, on every receiving path
+
+#: A version a year ahead, and one at the very end of the clock's range.
+YEAR_MS = 366 * 86_400_000
+
+
+def future_ts(ahead_ms: int) -> int:
+    return (wall_clock_ms() + ahead_ms) << 16
+
+
+def refused(node: Node) -> dict[str, int]:
+    return dict(node.metrics.stats.versions_refused)
+
+
+def test_r_put_past_the_horizon_is_refused_and_the_clock_stays() -> None:
+    async def main() -> None:
+        async with cluster(size=1) as (net, nodes):
+            node = nodes[0]
+            async with client(net, node) as c:
+                for ts in (2**63 - 3, future_ts(YEAR_MS), future_ts(60_000)):
+                    with pytest.raises(ClockSkewError) as info:
+                        await c.request(Op.R_PUT, [b"k", b"forged", ts, 7, 0, False], 2)
+                    assert "max_clock_skew" in str(info.value)
+                assert await c.request(Op.R_GET, [b"k"], 2) is None  # nothing applied
+                assert refused(node)["r_put"] == 3
+                # The clock never moved towards the forged versions: writes go on, and
+                # a write made now is stamped now.
+                assert node.clock.last < future_ts(round(node.config.max_clock_skew * 1000) + 1)
+                assert await c.request(Op.SET, [b"k", b"mine", None, "one"], 2) is True
+                assert await c.request(Op.GET, [b"k", "one"], 2) == [True, b"mine"]
+                # Within the bound a version from a little ahead is still taken.
+                soon = future_ts(1_000)
+                assert await c.request(Op.R_PUT, [b"k", b"soon", soon, 7, 0, False], 2) is True
+                assert node.clock.last > soon
+
+    run(main())
+
+
+def test_r_del_and_r_put_many_refuse_versions_past_the_horizon() -> None:
+    async def main() -> None:
+        async with cluster(size=1) as (net, nodes):
+            node = nodes[0]
+            async with client(net, node) as c:
+                assert await c.request(Op.SET, [b"d", b"v", None, "one"], 2) is True
+                with pytest.raises(ClockSkewError):
+                    await c.request(Op.R_DEL, [b"d", b"", future_ts(YEAR_MS), 7, 0, True], 2)
+                assert await c.request(Op.GET, [b"d", "one"], 2) == [True, b"v"]
+                good = [b"g", b"ok", future_ts(0), 7, 0, False]
+                bad = [b"b", b"forged", future_ts(YEAR_MS), 7, 0, False]
+                poison = [b"p", b"forged", 2**63 - 3, 7, 0, False]
+                for mode, path, applied in ((0, "hints", 1), (1, "repair_push", 0)):
+                    # The batch goes on without the refused entries (a sender would
+                    # otherwise replay the same batch for ever); the second time the
+                    # good entry is already held.
+                    answer = await c.request(Op.R_PUT_MANY, [[bad, good, poison], mode], 2)
+                    assert answer == applied
+                    assert refused(node)[path] == 2
+                assert await c.request(Op.R_GET, [b"g"], 2) is not None
+                assert await c.request(Op.R_GET, [b"b"], 2) is None
+                assert await c.request(Op.R_GET, [b"p"], 2) is None
+                assert refused(node)["r_del"] == 1
+                assert node.clock.last < future_ts(round(node.config.max_clock_skew * 1000) + 1)
+
+    run(main())
+
+
+def test_a_future_entry_held_by_one_owner_neither_wins_a_read_nor_spreads() -> None:
+    async def main() -> None:
+        async with cluster() as (_net, nodes):
+            a, b, c = nodes
+            coord = a.coordinator
+            assert coord is not None
+            keys = (f"k{i}".encode() for i in range(1000))
+            key = next(k for k in keys if a.node_id in a.ring.owners(k))
+            await coord.set(key, b"acked", None, "all")
+            # b holds a version a year ahead (written straight into its store, as a
+            # node with a wild clock, or one poisoned before this check, would).
+            assert b.store.apply(key, b"forged", future_ts(YEAR_MS), 9, 0, False, wall_clock_ms())
+            before = a.clock.last
+            assert await coord.get(key, "all") == [True, b"acked"]
+            assert refused(a)["read"] >= 1
+            assert a.clock.last < future_ts(round(a.config.max_clock_skew * 1000) + 1)
+            assert a.clock.last >= before
+            # Read repair did not push the forged version to c.
+            await until(lambda: coord.background == 0, what="repairs done")
+            got = local(c, key)
+            assert got is not None and got[0] == b"acked"
+
+    run(main())
+
+
+def test_hlc_horizon_follows_max_clock_skew() -> None:
+    async def main() -> None:
+        async with cluster(size=1, max_clock_skew=0.5) as (_net, nodes):
+            node = nodes[0]
+            assert node.clock.max_skew_ms == 500
+            assert node.clock.admits(future_ts(0))
+            assert not node.clock.admits(future_ts(2_000))
+            with pytest.raises(ClockSkewError):
+                node.clock.update(future_ts(2_000))
 
     run(main())

@@ -61,7 +61,10 @@ cdef class HLC:
     cdef readonly uint32_t tag
     # Python callable returning wall ms, or None for the C clock.
     cdef object clock
+    # How far (ms) a remote timestamp may run ahead of our wall clock; -1 = no bound.
+    cdef readonly int64_t max_skew_ms
 
     cdef int64_t read_clock(self) except? -1
     cdef uint64_t tick(self) except? 0
     cdef uint64_t observe(self, uint64_t remote) except? 0
+    cdef uint64_t horizon(self) except? 0

@@ -28,6 +28,8 @@ from collections.abc import Callable
 LOGICAL_BITS: int
 #: Exclusive bound of timestamps: ``2**63 - 1``.
 MAX_TIMESTAMP: int
+#: Largest ``max_skew_ms`` accepted (366 days).
+MAX_SKEW_MS: int
 
 class HLC:
     """Hybrid logical clock of one node.
@@ -37,14 +39,27 @@ class HLC:
     :param clock: callable returning wall-clock milliseconds since the Unix epoch;
         by default ``clock_gettime(CLOCK_REALTIME)`` read from C. Injectable for
         tests. A clock that goes backwards never makes timestamps go backwards.
-    :raises hypercache.errors.ConfigError: ``node_tag`` does not fit in 32 bits, or
-        ``clock`` is not callable.
+    :param max_skew_ms: how far ahead of the wall clock a timestamp received from
+        elsewhere may be, in ms (the node's ``max_clock_skew``); ``None``: no bound.
+        The *horizon* is the last timestamp of the millisecond ``wall + max_skew_ms``;
+        :meth:`update` refuses a timestamp past it (the clock never moves there), and
+        :meth:`admits` / :meth:`check` test one without moving the clock.
+    :raises hypercache.errors.ConfigError: ``node_tag`` does not fit in 32 bits,
+        ``clock`` is not callable, or ``max_skew_ms`` is not in ``1..MAX_SKEW_MS``.
     """
 
     #: The origin tag given to the constructor.
     tag: int
+    #: The bound given to the constructor; ``-1`` when there is none.
+    max_skew_ms: int
 
-    def __init__(self, node_tag: int, *, clock: Callable[[], int] | None = None) -> None: ...
+    def __init__(
+        self,
+        node_tag: int,
+        *,
+        clock: Callable[[], int] | None = None,
+        max_skew_ms: int | None = None,
+    ) -> None: ...
     def now(self) -> int:
         """A new timestamp, greater than every one returned or observed before.
 
@@ -56,7 +71,24 @@ class HLC:
         timestamp greater than both ``remote_ts`` and every earlier one.
 
         :raises ValueError: ``remote_ts`` is negative or not below ``2**63 - 1``.
+        :raises hypercache.errors.ClockSkewError: ``remote_ts`` is past the horizon
+            (the clock is left as it was).
         """
+
+    def admits(self, remote_ts: object) -> bool:
+        """Whether ``remote_ts`` is a timestamp :meth:`update` would accept now (an
+        int in range, not past the horizon). Never raises, never moves the clock."""
+
+    def check(self, remote_ts: int) -> None:
+        """Raise what :meth:`update` would raise for ``remote_ts``, without moving the clock.
+
+        :raises hypercache.errors.ClockSkewError: past the horizon.
+        :raises ValueError: not a timestamp.
+        """
+
+    @property
+    def horizon_ts(self) -> int:
+        """The newest timestamp accepted from elsewhere right now."""
 
     @property
     def last(self) -> int:

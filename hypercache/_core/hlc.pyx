@@ -5,25 +5,37 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 from xxhash import xxh3_64_intdigest as _xxh3
 
-from hypercache.errors import ConfigError
+from hypercache.errors import ClockSkewError, ConfigError
 
 LOGICAL_BITS = COUNTER_BITS
 MAX_TIMESTAMP = MAX_TS
 # Largest physical time a clock may report: MAX_TS >> COUNTER_BITS.
 cdef int64_t MAX_MS = <int64_t>(MAX_TS >> COUNTER_BITS)
+# Largest max_skew_ms accepted: a year (a bound beyond it protects nothing).
+MAX_SKEW_MS = 366 * 86_400_000
 
 
 @cython.final
 cdef class HLC:
     """Hybrid logical clock of one node; see hlc.pyi."""
 
-    def __cinit__(self, node_tag, *, clock=None):
+    def __cinit__(self, node_tag, *, clock=None, max_skew_ms=None):
         if isinstance(node_tag, bool) or not isinstance(node_tag, int):
             raise ConfigError("node_tag", f"must be an int, got {type(node_tag).__name__}")
         if not 0 <= node_tag <= 0xFFFFFFFF:
             raise ConfigError("node_tag", f"must fit in 32 bits, got {node_tag}")
         if clock is not None and not callable(clock):
             raise ConfigError("clock", "must be a callable returning wall-clock ms, or None")
+        if max_skew_ms is None:
+            self.max_skew_ms = -1
+        elif isinstance(max_skew_ms, bool) or not isinstance(max_skew_ms, int):
+            raise ConfigError("max_skew_ms", f"must be an int or None, got {max_skew_ms!r}")
+        elif not 0 < max_skew_ms <= MAX_SKEW_MS:
+            raise ConfigError(
+                "max_skew_ms", f"must be in 1..{MAX_SKEW_MS} (one year), got {max_skew_ms}"
+            )
+        else:
+            self.max_skew_ms = max_skew_ms
         self.tag = <uint32_t>node_tag
         self.clock = clock
         self.latest = 0
@@ -62,9 +74,29 @@ cdef class HLC:
         self.latest = cand
         return cand
 
+    # The horizon is the newest timestamp this clock accepts from elsewhere: the end
+    # of the millisecond ``max_skew_ms`` ahead of the wall clock. Without it, one
+    # forged or badly skewed version would drag this clock (and, through every
+    # version it then stamps, the whole cluster's) into the future for good: a
+    # timestamp near 2**63 exhausts the clock and stops every write; one a year
+    # ahead wins over every later write for a year. A version past the horizon is
+    # refused, never clamped: clamping would rewrite the version, and two replicas
+    # would then disagree on which write is newer.
+
+    cdef uint64_t horizon(self) except? 0:
+        cdef int64_t ms
+        if self.max_skew_ms < 0:
+            return MAX_TS - 2
+        ms = self.read_clock() + self.max_skew_ms
+        if ms >= MAX_MS:
+            return MAX_TS - 2
+        return ((<uint64_t>ms) << COUNTER_BITS) | 0xFFFF
+
     cdef uint64_t observe(self, uint64_t remote) except? 0:
         if remote >= MAX_TS - 1:
             raise ValueError(f"remote timestamp {remote} out of range")
+        if self.max_skew_ms >= 0 and remote > self.horizon():
+            raise ClockSkewError(self._skew_message(remote))
         cdef uint64_t cand = (<uint64_t>self.read_clock()) << COUNTER_BITS
         cdef uint64_t seen = self.latest if self.latest > remote else remote
         if cand <= seen:
@@ -74,8 +106,30 @@ cdef class HLC:
         self.latest = cand
         return cand
 
+    def _skew_message(self, uint64_t remote):
+        ahead = <int64_t>(remote >> COUNTER_BITS) - self.read_clock()
+        return (f"version {remote} is {ahead} ms ahead of this node's clock, more than "
+                f"max_clock_skew ({self.max_skew_ms} ms) allows")
+
     def now(self):
         return self.tick()
+
+    def admits(self, remote_ts):
+        if isinstance(remote_ts, bool) or not isinstance(remote_ts, int) or remote_ts < 0:
+            return False
+        if remote_ts >= MAX_TS - 1:
+            return False
+        return self.max_skew_ms < 0 or <uint64_t>remote_ts <= self.horizon()
+
+    def check(self, remote_ts):
+        if not self.admits(remote_ts):
+            if isinstance(remote_ts, int) and 0 <= remote_ts < MAX_TS - 1:
+                raise ClockSkewError(self._skew_message(<uint64_t>remote_ts))
+            raise ValueError(f"remote timestamp {remote_ts!r} out of range")
+
+    @property
+    def horizon_ts(self):
+        return self.horizon()
 
     def update(self, remote_ts):
         if isinstance(remote_ts, bool) or not isinstance(remote_ts, int) or remote_ts < 0:

@@ -100,7 +100,13 @@ def build_node_parser() -> argparse.ArgumentParser:
         "nodes to join through (may be repeated); none = start a new cluster",
         append=True,
     )
-    _add(node, "auth_token", "TOKEN", "shared secret required in the handshake")
+    _add(node, "auth_token", "TOKEN", "secret that clients must send in the handshake")
+    _add(
+        node,
+        "cluster_secret",
+        "SECRET",
+        "secret shared by the nodes (>= 16 characters); without it only loopback peers are trusted",
+    )
     _add(node, "log_level", "LEVEL", f"one of {', '.join(LOG_LEVELS)}")
 
     placement = parser.add_argument_group("placement and consistency")
@@ -116,6 +122,10 @@ def build_node_parser() -> argparse.ArgumentParser:
     _add(capacity, "max_frame", "BYTES", "largest wire frame")
     _add(capacity, "max_key", "BYTES", "largest key")
     _add(capacity, "max_value", "BYTES", "largest value")
+    _add(capacity, "max_connections", "N", "client connections open at once")
+    _add(capacity, "max_connections_per_source", "N", "client connections from one IP")
+    _add(capacity, "max_pending_handshakes", "N", "connections still in their handshake")
+    _add(capacity, "max_output_buffer", "BYTES", "unread answers a connection may queue")
 
     timing = parser.add_argument_group("timeouts and intervals (seconds)")
     _add(timing, "request_timeout", "SECONDS", "deadline of one request to a peer")
@@ -123,6 +133,9 @@ def build_node_parser() -> argparse.ArgumentParser:
     _add(timing, "heartbeat_interval", "SECONDS", "period of heartbeats")
     _add(timing, "failure_timeout", "SECONDS", "silence after which a peer is down")
     _add(timing, "seed_retry_interval", "SECONDS", "pause between attempts to reach seeds")
+    _add(timing, "handshake_timeout", "SECONDS", "time a new connection has to handshake")
+    _add(timing, "frame_timeout", "SECONDS", "time a frame may take, plus 1 s per MiB")
+    _add(timing, "idle_timeout", "SECONDS", "close idle client connections; 'off' = never")
 
     convergence = parser.add_argument_group("convergence")
     _add(convergence, "hint_ttl", "SECONDS", "how long a hint for a down replica is kept")
@@ -134,10 +147,17 @@ def build_node_parser() -> argparse.ArgumentParser:
         convergence,
         "tombstone_ttl",
         "SECONDS",
-        "how long a delete's tombstone is kept; must exceed hint-ttl + anti-entropy-max-interval",
+        "how long a delete's tombstone is kept; >= 60 s and more than hint-ttl + "
+        "anti-entropy-max-interval + failure-timeout + request-timeout",
     )
     _add(convergence, "anti_entropy_interval", "SECONDS", "base period of anti-entropy")
     _add(convergence, "anti_entropy_max_interval", "SECONDS", "longest anti-entropy period")
+    _add(
+        convergence,
+        "max_clock_skew",
+        "SECONDS",
+        "refuse versions further ahead of this node's clock than this",
+    )
 
     latency = parser.add_argument_group("latency")
     _add(

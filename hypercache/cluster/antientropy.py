@@ -90,7 +90,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from xxhash import xxh3_64_intdigest
 
 from hypercache._core.vstore import entry_hash
-from hypercache.errors import HyperCacheError, ProtocolError
+from hypercache.errors import ClockSkewError, HyperCacheError, ProtocolError
 from hypercache.net.protocol import Limits, Op
 
 __all__ = [
@@ -468,7 +468,9 @@ class AntiEntropy:
 
     :param store: the node's versioned store.
     :param apply: applies one entry locally newer-wins (moving the clock), returns
-        whether it was applied: ``apply(key, value, ts, origin, expire_at, tomb)``.
+        whether it was applied: ``apply(key, value, ts, origin, expire_at, tomb)``;
+        raises :class:`~hypercache.errors.ClockSkewError` for a version too far
+        ahead (that entry is then skipped).
     :param peers: ``() -> {node_id: peer}`` of the current peers.
     :param leads: ``(peer_id) -> [partition, ...]`` this node syncs with that peer.
     :param max_partitions: differing partitions descended into per peer per round.
@@ -838,7 +840,12 @@ class AntiEntropy:
                     continue
                 if not admits_repair(self.store, key, len(key) + len(value), tomb, now):
                     refused += 1
-                elif self._apply(key, value, ts, origin, expire_at, tomb):
+                    continue
+                try:
+                    took = self._apply(key, value, ts, origin, expire_at, tomb)
+                except ClockSkewError:  # counted by apply; the rest of the batch goes on
+                    took = False
+                if took:
                     applied += 1
                     applied_in.add(p)
                 else:

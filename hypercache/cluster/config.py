@@ -50,8 +50,28 @@ Tombstone rule
 A delete leaves a tombstone that must outlive every hint and a full anti-entropy
 period; otherwise a replica that missed the delete (it was down, its hint was still
 queued, or anti-entropy had not reached it yet) could hand the old value back after
-the tombstone is gone and resurrect the key. Hence
-``tombstone_ttl > hint_ttl + anti_entropy_max_interval``, checked on construction.
+the tombstone is gone and resurrect the key. A replica may also miss a delete
+without being down: paused or slow, it is noticed only after ``failure_timeout``,
+and its hint is queued only after ``request_timeout``. Hence, checked on
+construction::
+
+    tombstone_ttl > hint_ttl + anti_entropy_max_interval + failure_timeout + request_timeout
+    tombstone_ttl >= MIN_TOMBSTONE_TTL (60 s)
+
+The floor covers the absences that no setting foresees (a long GC or VM pause, a
+restart): with a tombstone of a few seconds, a node paused for longer than that
+across a delete brings the key back. A node absent for longer than the whole
+window (``tombstone_ttl - anti_entropy_max_interval``) forgets its data when it
+returns instead of handing it back (see :mod:`hypercache.cluster.node`).
+
+Clock rule
+----------
+Every version a node receives (replica writes, hints, anti-entropy, read repair)
+must be at most ``max_clock_skew`` ahead of the node's wall clock; one beyond is
+refused and counted, and the node's hybrid logical clock never moves past that
+horizon (see :class:`~hypercache._core.hlc.HLC`). The clocks of the nodes must
+therefore agree within ``max_clock_skew`` (NTP keeps them within milliseconds); a
+node whose clock runs further ahead has its writes refused by its peers, loudly.
 """
 
 from __future__ import annotations
@@ -79,6 +99,7 @@ __all__ = [
     "FRAME_OVERHEAD",
     "LOG_LEVELS",
     "MAX_FRAME_LIMIT",
+    "MIN_TOMBSTONE_TTL",
     "NON_NODE_ENV_VARS",
     "REDACTED",
     "DistConfig",
@@ -118,8 +139,16 @@ MAX_FRAME_LIMIT: Final = 2**32 - 1
 #: Accepted values of ``log_level`` (``"warn"`` is read as ``"warning"``).
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 
-#: What :meth:`DistConfig.to_dict` shows instead of a set ``auth_token``.
+#: What :meth:`DistConfig.to_dict` shows instead of a set secret (``auth_token``,
+#: ``cluster_secret``).
 REDACTED: Final = "<redacted>"
+
+#: Shortest ``tombstone_ttl`` accepted, seconds (see "Tombstone rule").
+MIN_TOMBSTONE_TTL: Final = 60.0
+#: Longest ``max_clock_skew`` accepted, seconds.
+_MAX_CLOCK_SKEW: Final = 3600.0
+#: Shortest cluster secret accepted, characters.
+_MIN_SECRET: Final = 16
 
 _MAX_PARTITIONS: Final = 65536
 _MAX_VNODES: Final = 65536
@@ -404,8 +433,30 @@ class DistConfig:
 
     Security and logging:
 
-    :ivar auth_token: shared secret checked in the handshake; ``None`` = no
-        authentication. Never shown by ``repr`` or :meth:`to_dict`.
+    :ivar auth_token: shared secret that clients must send in the handshake;
+        ``None`` = no client authentication. Never shown by ``repr`` or :meth:`to_dict`.
+    :ivar cluster_secret: secret shared by the nodes of the cluster (at least 16
+        characters): a connection is a *peer* (may send replica, hint, gossip and
+        anti-entropy operations, and announce members) only when its handshake
+        proves it holds the secret (HMAC-SHA256 over a fresh nonce and the time;
+        see ``docs/protocol.md``). ``None``: peers are trusted only from loopback
+        addresses, so that a cluster on one machine needs no setting and a cluster
+        across machines cannot run open by mistake. Never shown.
+    :ivar max_connections: client connections open at once (peers do not count).
+        Default 10 000.
+    :ivar max_connections_per_source: client connections (and handshakes under
+        way) open at once from one remote IP address. Default 1024.
+    :ivar max_pending_handshakes: connections open at once that have not finished
+        their handshake. Default 256.
+    :ivar handshake_timeout: seconds a new connection has to complete its handshake.
+        Default 5.
+    :ivar frame_timeout: seconds a frame may take to arrive once its first byte did,
+        plus one second per MiB of its length. Default 10.
+    :ivar idle_timeout: seconds a client connection may stay without a request
+        before it is closed; ``None`` (``"off"``) = never. Peers are exempt. Default 300.
+    :ivar max_output_buffer: bytes of answers queued on one connection that its
+        peer does not read; past it the connection is closed. At least
+        ``max_value + FRAME_OVERHEAD``. Default 64 MiB.
     :ivar log_level: one of :data:`LOG_LEVELS`. Default ``"info"``.
 
     Convergence (hinted handoff, tombstones, anti-entropy, failure detection):
@@ -416,8 +467,9 @@ class DistConfig:
     :ivar hint_max_total: hints kept in all, >= 1. Default 1 000 000.
     :ivar hint_max_bytes: bytes of hints kept in all, >= 1. Default 256 MiB.
     :ivar hint_replay_batch: hints sent per replay batch, >= 1. Default 512.
-    :ivar tombstone_ttl: seconds a delete's tombstone is kept; must exceed
-        ``hint_ttl + anti_entropy_max_interval`` (see the module docs). Default 86400.
+    :ivar tombstone_ttl: seconds a delete's tombstone is kept; at least 60 and more
+        than ``hint_ttl + anti_entropy_max_interval + failure_timeout +
+        request_timeout`` (see the module docs). Default 86400.
     :ivar anti_entropy_interval: base period of anti-entropy rounds. Default 30.
     :ivar anti_entropy_max_interval: longest period (backoff while replicas
         agree), >= ``anti_entropy_interval``. Default 300.
@@ -425,6 +477,8 @@ class DistConfig:
     :ivar failure_timeout: silence after which a peer is considered down, at
         least twice ``heartbeat_interval``. Default 5.
     :ivar seed_retry_interval: pause between attempts to reach the seeds. Default 1.
+    :ivar max_clock_skew: how far ahead of this node's wall clock a received version
+        may be (see "Clock rule"), seconds in (0, 3600]. Default 5.
 
     Latency:
 
@@ -460,6 +514,14 @@ class DistConfig:
     max_key: int = 64 * KiB
     max_value: int = 32 * MiB
     auth_token: str | None = dataclasses.field(default=None, repr=False)
+    cluster_secret: str | None = dataclasses.field(default=None, repr=False)
+    max_connections: int = 10_000
+    max_connections_per_source: int = 1024
+    max_pending_handshakes: int = 256
+    handshake_timeout: float = 5.0
+    frame_timeout: float = 10.0
+    idle_timeout: float | None = 300.0
+    max_output_buffer: int = 64 * MiB
     log_level: str = "info"
     hint_ttl: float = 3600.0
     hint_max_per_node: int = 100_000
@@ -472,6 +534,7 @@ class DistConfig:
     heartbeat_interval: float = 1.0
     failure_timeout: float = 5.0
     seed_retry_interval: float = 1.0
+    max_clock_skew: float = 5.0
     busy_poll: float = 0.0
     cpu_latency_limit: float | None = None
 
@@ -534,6 +597,30 @@ class DistConfig:
         if token is not None and _str("auth_token", token) == "":
             token = None
         put(self, "auth_token", token)
+        secret = self.cluster_secret
+        if secret is not None and _str("cluster_secret", secret) == "":
+            secret = None
+        if secret is not None and len(secret) < _MIN_SECRET:
+            raise ConfigError(
+                "cluster_secret",
+                f"must be at least {_MIN_SECRET} characters (got {len(secret)}): it is "
+                "what lets a node prove it belongs to the cluster",
+            )
+        put(self, "cluster_secret", secret)
+        _int("max_connections", self.max_connections, low=1)
+        _int("max_connections_per_source", self.max_connections_per_source, low=1)
+        _int("max_pending_handshakes", self.max_pending_handshakes, low=1)
+        for name in ("handshake_timeout", "frame_timeout"):
+            put(self, name, _positive_seconds(name, getattr(self, name)))
+        if self.idle_timeout is not None:
+            put(self, "idle_timeout", _positive_seconds("idle_timeout", self.idle_timeout))
+        output = _int("max_output_buffer", self.max_output_buffer, low=1)
+        if output < max_value + FRAME_OVERHEAD:
+            raise ConfigError(
+                "max_output_buffer",
+                f"must hold the largest answer: at least max_value + {FRAME_OVERHEAD} = "
+                f"{max_value + FRAME_OVERHEAD}, got {output}",
+            )
         level = _str("log_level", self.log_level).strip().lower()
         level = "warning" if level == "warn" else level
         if level not in LOG_LEVELS:
@@ -551,8 +638,15 @@ class DistConfig:
             "heartbeat_interval",
             "failure_timeout",
             "seed_retry_interval",
+            "max_clock_skew",
         ):
             put(self, name, _positive_seconds(name, getattr(self, name)))
+        if self.max_clock_skew > _MAX_CLOCK_SKEW:
+            raise ConfigError(
+                "max_clock_skew",
+                f"must be at most {_MAX_CLOCK_SKEW:g} s, got {self.max_clock_skew:g} s: a "
+                "version that far ahead would win over every write of that long",
+            )
         per_node = _int("hint_max_per_node", self.hint_max_per_node, low=1)
         total = _int("hint_max_total", self.hint_max_total, low=1)
         if per_node > total:
@@ -575,15 +669,28 @@ class DistConfig:
                 f"so that one late heartbeat does not mark a peer down, "
                 f"got {self.failure_timeout:g} s",
             )
-        horizon = self.hint_ttl + self.anti_entropy_max_interval
+        horizon = (
+            self.hint_ttl
+            + self.anti_entropy_max_interval
+            + self.failure_timeout
+            + self.request_timeout
+        )
         if self.tombstone_ttl <= horizon:
             raise ConfigError(
                 "tombstone_ttl",
-                f"must exceed hint_ttl + anti_entropy_max_interval "
-                f"({self.hint_ttl:g} + {self.anti_entropy_max_interval:g} = {horizon:g} s), "
-                f"got {self.tombstone_ttl:g} s: a tombstone must outlive every hint and a "
-                "full anti-entropy period, otherwise a replica that missed the delete "
-                "could resurrect the key",
+                f"must exceed hint_ttl + anti_entropy_max_interval + failure_timeout + "
+                f"request_timeout ({self.hint_ttl:g} + {self.anti_entropy_max_interval:g} + "
+                f"{self.failure_timeout:g} + {self.request_timeout:g} = {horizon:g} s), "
+                f"got {self.tombstone_ttl:g} s: a tombstone must outlive every hint, the "
+                "time it takes to notice a silent replica, and a full anti-entropy period, "
+                "otherwise a replica that missed the delete could resurrect the key",
+            )
+        if self.tombstone_ttl < MIN_TOMBSTONE_TTL:
+            raise ConfigError(
+                "tombstone_ttl",
+                f"must be at least {MIN_TOMBSTONE_TTL:g} s, got {self.tombstone_ttl:g} s: a "
+                "replica paused or restarting for longer than the tombstone lives would "
+                "bring the deleted key back",
             )
 
         # -- latency
@@ -649,8 +756,9 @@ class DistConfig:
             elif isinstance(value, tuple):
                 value = list(value)
             out[field.name] = value
-        if self.auth_token is not None:
-            out["auth_token"] = REDACTED
+        for secret in ("auth_token", "cluster_secret"):
+            if getattr(self, secret) is not None:
+                out[secret] = REDACTED
         return out
 
 
@@ -729,6 +837,14 @@ _LOADERS: Final[Mapping[str, _Loader]] = {
     "max_key": _load_size,
     "max_value": _load_size,
     "auth_token": _load_optional_str,
+    "cluster_secret": _load_optional_str,
+    "max_connections": _load_int,
+    "max_connections_per_source": _load_int,
+    "max_pending_handshakes": _load_int,
+    "handshake_timeout": _load_seconds,
+    "frame_timeout": _load_seconds,
+    "idle_timeout": _load_optional_seconds,
+    "max_output_buffer": _load_size,
     "log_level": _load_str,
     "hint_ttl": _load_seconds,
     "hint_max_per_node": _load_int,
@@ -741,6 +857,7 @@ _LOADERS: Final[Mapping[str, _Loader]] = {
     "heartbeat_interval": _load_seconds,
     "failure_timeout": _load_seconds,
     "seed_retry_interval": _load_seconds,
+    "max_clock_skew": _load_seconds,
     "busy_poll": _load_seconds,
     "cpu_latency_limit": _load_optional_seconds,
 }

@@ -64,6 +64,7 @@ from hypercache.cluster.membership import Membership, Peer
 from hypercache.cluster.metrics import DistStats, NodeMetrics
 from hypercache.consistency import Consistency
 from hypercache.errors import (
+    ClockSkewError,
     ConfigError,
     HyperCacheError,
     NodeUnavailableError,
@@ -156,6 +157,10 @@ class Clock(Protocol):
     def now(self) -> int: ...
 
     def update(self, remote_ts: int) -> int: ...
+
+    def admits(self, remote_ts: object) -> bool: ...
+
+    def check(self, remote_ts: int) -> None: ...
 
 
 def wall_ms() -> int:
@@ -317,13 +322,28 @@ class Coordinator:
         return (value, ts, origin, expire_at, bool(tombstone))
 
     def replica_put(
-        self, key: bytes, value: bytes, ts: int, origin: int, expire_at: int, tombstone: bool
+        self,
+        key: bytes,
+        value: bytes,
+        ts: int,
+        origin: int,
+        expire_at: int,
+        tombstone: bool,
+        path: str = "r_put",
     ) -> bool:
         """Apply one version locally when it is newer than what is held.
 
         The clock moves past ``ts`` first, so any later write by this node is newer.
+
+        :param path: what brought the version (a label of ``versions_refused``).
+        :raises ClockSkewError: ``ts`` is past the clock's horizon (more than
+            ``max_clock_skew`` ahead); nothing is applied and the refusal is counted.
         """
-        self.clock.update(ts)
+        try:
+            self.clock.update(ts)
+        except ClockSkewError:
+            self.stats.versions_refused[path] += 1
+            raise
         applied = self.store.apply(key, value, ts, origin, expire_at, tombstone, wall_ms())
         if not applied:
             self.stats.version_conflicts += 1
@@ -338,7 +358,11 @@ class Coordinator:
         return None if entry is None else list(entry)
 
     def handle_r_put(self, payload: Any) -> bool:
-        """``R_PUT [key, value, ts, origin, expire_at_ms, tombstone]`` from a peer."""
+        """``R_PUT [key, value, ts, origin, expire_at_ms, tombstone]`` from a peer (or a
+        client's read repair).
+
+        :raises ClockSkewError: ``ts`` is more than ``max_clock_skew`` ahead.
+        """
         key, value, ts, origin, expire_at, tombstone = self._check_r_put(payload)
         self.stats.replica_puts += 1
         applied = self.replica_put(key, value, ts, origin, expire_at, tombstone)
@@ -356,7 +380,7 @@ class Coordinator:
         self.stats.replica_gets += 1
         self.stats.replica_puts += 1
         before = self.replica_get(key)
-        if self.replica_put(key, value, ts, origin, expire_at, tombstone):
+        if self.replica_put(key, value, ts, origin, expire_at, tombstone, "r_del"):
             self.stats.replica_puts_applied += 1
         return None if before is None else list(before)
 
@@ -379,13 +403,20 @@ class Coordinator:
         now = wall_ms()
         applied = 0
         store = self.store
+        admits = self.clock.admits
+        path = "hints" if mode == PUT_MANY_HINTS else "repair_push"
         for key, value, ts, origin, expire_at, tombstone in checked:
+            # A version past the horizon is skipped, not a reason to refuse the
+            # batch: the sender would send the same batch again and again.
+            if not admits(ts):
+                stats.versions_refused[path] += 1
+                continue
             if mode == PUT_MANY_REPAIR and not admits_repair(
                 store, key, len(key) + len(value), tombstone, now
             ):
                 stats.version_conflicts += 1
                 continue
-            if self.replica_put(key, value, ts, origin, expire_at, tombstone):
+            if self.replica_put(key, value, ts, origin, expire_at, tombstone, path):
                 applied += 1
         stats.replica_puts_applied += applied
         return applied
@@ -603,11 +634,7 @@ class Coordinator:
             if error is not None:
                 raise error
             self.stats.read_acks += rnd.acks
-            entries: list[Entry | None] = []
-            node_id = self.node_id
-            for owner, raw in rnd.results.items():
-                entries.append(raw if owner == node_id else entry_from_wire(raw))
-            best = newest(entries)
+            best = newest([self._answer_entry(owner, raw) for owner, raw in rnd.results.items()])
             if best is not None:
                 self.clock.update(best[1])
         except Exception as exc:
@@ -615,6 +642,23 @@ class Coordinator:
             return
         self._latency["get"](time.perf_counter() - start)
         later.resolve(_get_answer(best))
+
+    def _answer_entry(self, owner: str, raw: Any) -> Entry | None:
+        """The entry an owner answered (the local one as is), checked like a write:
+        a version past the clock's horizon counts as no answer (a forged or skewed
+        version must neither win the read, nor be repaired onto other owners, nor
+        move this node's clock).
+
+        :raises ProtocolError: a remote answer of another shape.
+        """
+        if owner == self.node_id:
+            entry: Entry | None = raw
+            return entry
+        entry = entry_from_wire(raw)
+        if entry is not None and not self.clock.admits(entry[1]):
+            self.stats.versions_refused["read"] += 1
+            return None
+        return entry
 
     def _settle_failed(self, op: str, later: Later, start: float, exc: Exception) -> None:
         if isinstance(exc, HyperCacheError):
@@ -627,10 +671,7 @@ class Coordinator:
         if self._stopping:
             return
         try:
-            results = {
-                owner: raw if owner == self.node_id else entry_from_wire(raw)
-                for owner, raw in rnd.results.items()
-            }
+            results = {owner: self._answer_entry(owner, raw) for owner, raw in rnd.results.items()}
         except ProtocolError as exc:
             _log.warning("read repair of %r skipped: %s", key, exc)
             return
@@ -780,11 +821,7 @@ class Coordinator:
                 raise error
             self.stats.write_acks += rnd.acks
             now = wall_ms()
-            seen = [
-                raw if owner == self.node_id else entry_from_wire(raw)
-                for owner, raw in rnd.results.items()
-            ]
-            best = newest(seen)
+            best = newest([self._answer_entry(owner, raw) for owner, raw in rnd.results.items()])
             if best is not None:
                 # Past every version received, as on every other path: a retried
                 # delete must be newer than what this one found.

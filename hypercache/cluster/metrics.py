@@ -30,10 +30,20 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["CLIENT_OPS", "LATENCY_BUCKETS", "DistStats", "LatencyHistogram", "NodeMetrics"]
+__all__ = [
+    "CLIENT_OPS",
+    "LATENCY_BUCKETS",
+    "VERSION_PATHS",
+    "DistStats",
+    "LatencyHistogram",
+    "NodeMetrics",
+]
 
 #: Client-facing operations that the coordinator times and counts.
 CLIENT_OPS: Final = ("get", "set", "delete")
+
+#: Paths by which a node receives versions (labels of ``versions_refused``).
+VERSION_PATHS: Final = ("r_put", "r_del", "hints", "repair_push", "antientropy", "read")
 
 #: Histogram buckets in seconds: 50 us .. 5 s, finer where a healthy cluster lives.
 LATENCY_BUCKETS: Final = (
@@ -112,6 +122,7 @@ class DistStats:
         "replica_puts_applied",
         "requests",
         "version_conflicts",
+        "versions_refused",
         "write_acks",
         "write_attempts",
     )
@@ -140,6 +151,9 @@ class DistStats:
         self.read_repairs_dropped = 0
         #: received entries not applied because the store held a version as new or newer
         self.version_conflicts = 0
+        #: received versions refused for being past the clock's horizon (more than
+        #: ``max_clock_skew`` ahead), by the path that brought them
+        self.versions_refused: dict[str, int] = dict.fromkeys(VERSION_PATHS, 0)
         #: replica requests served for other nodes
         self.replica_gets = 0
         self.replica_puts = 0
@@ -161,6 +175,7 @@ class DistStats:
             "read_repairs": self.read_repairs,
             "read_repairs_dropped": self.read_repairs_dropped,
             "version_conflicts": self.version_conflicts,
+            "versions_refused": dict(self.versions_refused),
             "replica_gets": self.replica_gets,
             "replica_puts": self.replica_puts,
             "replica_puts_applied": self.replica_puts_applied,
@@ -248,6 +263,15 @@ class NodeMetrics:
         )
         for op, n in s.quorum_failures.items():
             fam.add_metric([op], n)
+        yield fam
+        fam = CounterMetricFamily(
+            "hypercache_dist_versions_refused",
+            "Received versions refused for running more than max_clock_skew ahead of the "
+            "local clock, by the path that brought them",
+            labels=["path"],
+        )
+        for path, n in s.versions_refused.items():
+            fam.add_metric([path], n)
         yield fam
         for name, doc, value in (
             ("write_attempts", "Replica writes attempted", s.write_attempts),

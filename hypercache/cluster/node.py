@@ -28,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from hypercache._core.hints import HintBuffer
@@ -100,6 +101,9 @@ class Node:
             max_items=config.max_items,
             tombstone_ttl_ms=int(config.tombstone_ttl * 1000),
         )
+        #: wall-clock ms the expiry loop sweeps at (tests move it forward instead of
+        #: sleeping through a TTL)
+        self.wall_ms: Callable[[], int] = wall_clock_ms
         self._want_http = http and config.http is not None
         self._sweeper: asyncio.Task[None] | None = None
         #: entries reclaimed by the expiry loop: (expired, tombstones purged)
@@ -113,7 +117,7 @@ class Node:
         self.ring: Ring = Ring([config.node_id], **self._ring_args())
         self._topology: dict[str, Any] | None = None
         # Filled in by start(), once the real address (and so the node id) is known.
-        self.clock: HLC = HLC(node_tag(config.node_id))
+        self.clock: HLC = self._new_clock()
         self.metrics = NodeMetrics(config.node_id)
         self.membership: Membership | None = None
         self.coordinator: Coordinator | None = None
@@ -143,6 +147,10 @@ class Node:
     def state(self) -> str:
         """``new``, ``running``, ``stopping`` or ``stopped``."""
         return self._state
+
+    def _new_clock(self) -> HLC:
+        config = self.config
+        return HLC(node_tag(config.node_id), max_skew_ms=round(config.max_clock_skew * 1000))
 
     def _ring_args(self) -> dict[str, int]:
         c = self.config
@@ -186,7 +194,7 @@ class Node:
                 )
                 # The server reads its options per connection, so new ones see this.
                 vars(server)["options"] = server_options
-        self.clock = HLC(node_tag(config.node_id))
+        self.clock = self._new_clock()
         self.metrics = NodeMetrics(config.node_id)
         self.metrics.add_source(self._collect)
         self.ring = Ring([config.node_id], **self._ring_args())
@@ -214,7 +222,7 @@ class Node:
         self.antientropy = AntiEntropy(
             store=self.store,
             limits=self.limits,
-            apply=coordinator.replica_put,
+            apply=functools.partial(coordinator.replica_put, path="antientropy"),
             peers=lambda: dict(membership.peers),
             leads=self.leads,
             interval=config.anti_entropy_interval,
@@ -316,7 +324,7 @@ class Node:
         # ones, in bounded batches so one pass never stalls the loop.
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL)
-            expired, purged = self.store.sweep(wall_clock_ms(), _SWEEP_BUDGET)
+            expired, purged = self.store.sweep(self.wall_ms(), _SWEEP_BUDGET)
             self.swept[0] += expired
             self.swept[1] += purged
 
