@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from hypercache._core.hlc import wall_clock_ms
 from hypercache.errors import (
     ConfigError,
     FrameTooLargeError,
@@ -172,7 +173,9 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 def test_request_round_trips_and_errors(server: ServerThread) -> None:
     with connection(server.address) as conn:
-        assert conn.peer_hello == {
+        hello = dict(conn.peer_hello)
+        assert abs(hello.pop("clock_ms") - wall_clock_ms()) < 60_000
+        assert hello == {
             "version": 1,
             "cluster": CLUSTER,
             "node_id": "srv",
@@ -190,6 +193,19 @@ def test_request_round_trips_and_errors(server: ServerThread) -> None:
             conn.request(99, None)
         assert conn.request(Op.PING, None, timeout=1) == "pong"
         assert conn.stats.frames_out == conn.stats.frames_in == 7
+
+
+def test_requests_carry_a_deadline_and_a_late_one_is_not_started(server: ServerThread) -> None:
+    with connection(server.address) as conn:
+        offset = conn._clock_offset
+        assert offset is not None and abs(offset) < 60_000
+        assert conn.request(SHUFFLE, [1, 0], 5) == 1
+        conn._clock_offset = offset - 10_000  # as if it had waited 10 s in a paused server
+        with pytest.raises(RequestTimeoutError, match="after its deadline"):
+            conn.request(SHUFFLE, [2, 0], 5)
+        assert conn.pipeline([(SHUFFLE, [3, 0])], 5)[0].__class__ is RequestTimeoutError
+        assert server.handler.completed == [1]
+        assert server.server is not None and server.server.stats.expired == 2
 
 
 @pytest.mark.parametrize(

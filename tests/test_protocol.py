@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hypercache._core import framing
+from hypercache._core.hlc import wall_clock_ms
 from hypercache.errors import (
     ConfigError,
     FrameTooLargeError,
@@ -36,6 +38,7 @@ from hypercache.net.protocol import (
     Limits,
     MsgType,
     Op,
+    clock_offset_ms,
     encode_error,
     encode_request,
     encode_response,
@@ -44,6 +47,7 @@ from hypercache.net.protocol import (
     entry_older,
     make_hello,
     prepare_hello,
+    request_deadline,
     validate_hello,
     validate_hello_answer,
 )
@@ -131,7 +135,7 @@ def test_request_round_trip(request_id: int, op: int, payload: Any) -> None:
 @given(request_id=request_ids, op=ops, payload=payloads)
 def test_response_round_trip(request_id: int, op: int, payload: Any) -> None:
     (frame,) = decode_all(encode_response(request_id, op, payload))
-    assert frame == (MsgType.RESPONSE, request_id, op, payload)
+    assert frame == (MsgType.RESPONSE, request_id, op, payload, 0)
 
 
 @given(request_id=request_ids, op=ops, exc=errors)
@@ -290,7 +294,10 @@ def test_frame_exactly_at_the_limit_is_accepted() -> None:
     [
         {"not": "a list"},
         [0, 1, 2],
-        [0, 1, 2, None, 5],
+        [0, 1, 2, None, -5],  # negative deadline
+        [0, 1, 2, None, "soon"],
+        [0, 1, 2, None, True],
+        [0, 1, 2, None, 5, 6],
         [3, 1, 2, None],  # unknown type
         [-1, 1, 2, None],
         [0, -1, 2, None],  # negative id
@@ -383,7 +390,7 @@ def test_encoder_unserialisable_payload_is_a_protocol_error_and_packer_recovers(
     with pytest.raises(ProtocolError):
         encoder.encode_request(1, Op.SET, 2**64)
     (frame,) = decode_all(encoder.encode_request(2, Op.SET, [1, 2]))
-    assert frame == (0, 2, Op.SET, [1, 2])
+    assert frame == (0, 2, Op.SET, [1, 2], 0)
 
 
 def test_error_with_unencodable_message_still_encodes() -> None:
@@ -501,7 +508,12 @@ def test_validate_hello_rejects_non_maps() -> None:
 
 def test_validate_hello_answer() -> None:
     answer = {"version": PROTOCOL_VERSION, "cluster": "c", "node_id": "n", "info": {"x": 1}}
-    assert validate_hello_answer(answer, cluster="c") == answer
+    assert validate_hello_answer(answer, cluster="c") == {**answer, "clock_ms": None}
+    timed = {**answer, "clock_ms": 1_800_000_000_000}
+    assert validate_hello_answer(timed, cluster="c") == timed
+    for bad_clock in (0, -1, "now", 1.5, True):
+        with pytest.raises(HandshakeError, match="clock_ms"):
+            validate_hello_answer({**answer, "clock_ms": bad_clock}, cluster="c")
     with pytest.raises(HandshakeError, match="cluster"):
         validate_hello_answer(answer, cluster="d")
     with pytest.raises(HandshakeError, match="version"):
@@ -552,3 +564,17 @@ def test_server_options_validation(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as info:
         ServerOptions(**kwargs)
     assert info.value.field == field
+
+
+def test_deadline_offset_errs_on_the_early_side() -> None:
+    # The server read its clock (1000) at some moment between our send and our
+    # receipt (at 1005 by our clock): the offset assumes the latest moment.
+    assert clock_offset_ms({"clock_ms": 1000}, 1005) == -5
+    assert clock_offset_ms({"clock_ms": None}, 1005) is None
+    assert request_deadline(None, 1.0) == 0
+    assert request_deadline(0, math.inf) == 0
+    before = wall_clock_ms()
+    deadline = request_deadline(-5, 2.0)
+    after = wall_clock_ms()
+    # 2 s from now on the server's clock, one ms early for truncation.
+    assert before - 5 + 2000 - 1 <= deadline <= after - 5 + 2000 - 1

@@ -29,6 +29,7 @@ from net_helpers import (
     wait_until,
 )
 
+from hypercache._core.hlc import wall_clock_ms
 from hypercache.errors import (
     FrameTooLargeError,
     HandshakeError,
@@ -198,7 +199,9 @@ def test_handshake_exchanges_info(run: Runner[None], transport: Transport) -> No
             async with connected(
                 transport, server.address, node_id="n2", address="10.0.0.2:7000", info={"z": 1}
             ) as conn:
-                assert conn.peer_hello == {
+                hello = dict(conn.peer_hello)
+                assert abs(hello.pop("clock_ms") - wall_clock_ms()) < 60_000
+                assert hello == {
                     "version": 1,
                     "cluster": CLUSTER,
                     "node_id": "server-1",
@@ -298,6 +301,33 @@ def test_request_timeout_keeps_connection_usable(run: Runner[None], transport: T
             await wait_until(lambda: conn.stats.late_responses == 1)
             assert await conn.request(ECHO, 1, 5) == 1
             assert conn.pending == 0
+
+    run(main())
+
+
+def test_requests_carry_a_deadline_and_a_late_one_is_not_started(
+    run: Runner[None], transport: Transport
+) -> None:
+    async def main() -> None:
+        handler = ScriptedHandler()
+        async with (
+            serving(transport, handler) as server,
+            connected(transport, server.address) as conn,
+        ):
+            # The HELLO answer told the client the server's clock: requests carry a
+            # deadline on it, which the server checks before starting them.
+            offset = conn._clock_offset
+            assert offset is not None and abs(offset) < 60_000
+            assert await conn.request(SHUFFLE, [7, 0], 5) == 7
+            # As if the request had waited 10 s in a paused server's socket buffer:
+            conn._clock_offset = offset - 10_000
+            with pytest.raises(RequestTimeoutError, match="after its deadline"):
+                await conn.request(SHUFFLE, [8, 0], 5)
+            assert handler.completed == [7]  # the late one never ran
+            assert server.stats.expired == 1
+            # No deadline (an infinite timeout) is never late.
+            assert await conn.request(SHUFFLE, [9, 0], math.inf) == 9
+            assert handler.completed == [7, 9]
 
     run(main())
 

@@ -1,9 +1,9 @@
 """Incremental decoder of the wire's length-prefixed msgpack frames.
 
 Every frame is a 4-byte big-endian length and a msgpack body
-``[type, request_id, op, payload]``. :class:`FrameDecoder` is fed the bytes of a
-stream as they arrive and yields one :class:`Frame` per complete body;
-:mod:`hypercache.net.protocol` re-exports both.
+``[type, request_id, op, payload]`` or ``[type, request_id, op, payload, deadline]``.
+:class:`FrameDecoder` is fed the bytes of a stream as they arrive and yields one
+:class:`Frame` per complete body; :mod:`hypercache.net.protocol` re-exports both.
 """
 
 from collections.abc import Iterator
@@ -15,12 +15,19 @@ HEADER_SIZE: int
 MAX_MSG_TYPE: int
 
 class Frame(NamedTuple):
-    """A decoded frame body."""
+    """A decoded frame body.
+
+    ``deadline`` is the optional fifth element of a request: the wall-clock time, in
+    ms since the epoch and on the *receiver's* clock, after which the sender no
+    longer waits for the answer (a server does not start a request past it); 0 when
+    the frame carries none.
+    """
 
     type: int
     request_id: int
     op: int
     payload: Any
+    deadline: int = 0
 
 class FrameDecoder:
     """Incremental decoder: :meth:`feed` it bytes, then iterate to get :class:`Frame`\\ s.
@@ -41,10 +48,11 @@ class FrameDecoder:
         that carried the header is ever buffered. The attribute may be changed
         between frames (servers raise it once the handshake is done).
 
-    A body that is not valid msgpack, or not ``[type, request_id, op, payload]`` with
-    ``type`` a ``MsgType``, ``request_id`` and ``op`` non-negative integers (not
-    bools), raises :class:`~hypercache.errors.ProtocolError`. After any error the
-    stream is out of sync: the decoder must be discarded (and the connection closed).
+    A body that is not valid msgpack, or not ``[type, request_id, op, payload]`` (or
+    ``[..., deadline]``) with ``type`` a ``MsgType``, ``request_id``, ``op`` and
+    ``deadline`` non-negative integers (not bools), raises
+    :class:`~hypercache.errors.ProtocolError`. After any error the stream is out of
+    sync: the decoder must be discarded (and the connection closed).
 
     Map keys in payloads must be ``str`` or ``bytes`` (msgpack's
     ``strict_map_key``); arrays decode as lists, msgpack ``bin`` as ``bytes`` and

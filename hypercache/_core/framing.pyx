@@ -22,8 +22,8 @@ HEADER_SIZE = 4
 #: Largest frame type (``MsgType.ERROR``): REQUEST 0, RESPONSE 1, ERROR 2.
 MAX_MSG_TYPE = 2
 
-Frame = namedtuple("Frame", ("type", "request_id", "op", "payload"))
-Frame.__doc__ = "A decoded frame body."
+Frame = namedtuple("Frame", ("type", "request_id", "op", "payload", "deadline"), defaults=(0,))
+Frame.__doc__ = "A decoded frame body (``deadline`` 0 when the frame carries none)."
 
 cdef Py_ssize_t _HEADER = 4
 cdef long _MAX_MSG_TYPE = 2
@@ -108,8 +108,19 @@ cdef class FrameDecoder:
         except Exception as exc:
             raise ProtocolError(f"undecodable frame body: {exc}") from None
         self._pos = pos + _HEADER + size
-        if type(body) is not list or len(<list>body) != 4:
-            raise ProtocolError("frame body must be a 4-element array")
+        if type(body) is not list:
+            raise ProtocolError("frame body must be a 4- or 5-element array")
+        n = len(<list>body)
+        if n == 4:
+            (<list>body).append(0)
+        elif n == 5:
+            # The optional deadline: wall-clock ms (the receiver's clock) after which
+            # the sender no longer waits for the answer; 0 = none.
+            deadline = (<list>body)[4]
+            if type(deadline) is not int or deadline < 0:
+                raise ProtocolError(f"malformed frame deadline {deadline!r}")
+        else:
+            raise ProtocolError("frame body must be a 4- or 5-element array")
         msg_type = (<list>body)[0]
         request_id = (<list>body)[1]
         op = (<list>body)[2]

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+from hypercache._core.hlc import wall_clock_ms
 from hypercache.errors import (
     HyperCacheError,
     NodeUnavailableError,
@@ -32,8 +33,10 @@ from hypercache.net.protocol import (
     Limits,
     MsgType,
     Op,
+    clock_offset_ms,
     frame_header,
     prepare_hello,
+    request_deadline,
     validate_hello_answer,
 )
 from hypercache.net.transport import DEFAULT_CONNECT_TIMEOUT, NetStats, parse_address
@@ -97,6 +100,9 @@ class BlockingConnection:
         self._rbuf = bytearray(_RECV_SIZE)
         self._next_id = 1
         self._lost_reason = "connection closed"
+        # ms from our wall clock to the server's, once the handshake told it:
+        # requests then carry a deadline on the server's clock.
+        self._clock_offset: int | None = None
         host, port = parse_address(address)
         payload = prepare_hello(hello)
         try:
@@ -108,6 +114,7 @@ class BlockingConnection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             answer = self.request(Op.HELLO, payload, timeout)
             self.peer_hello = validate_hello_answer(answer, cluster=payload["cluster"])
+            self._clock_offset = clock_offset_ms(self.peer_hello, wall_clock_ms())
         except RequestTimeoutError:
             self.close()
             raise NodeUnavailableError(f"{address}: no HELLO answer within {timeout}s") from None
@@ -190,8 +197,9 @@ class BlockingConnection:
         slots: dict[int, int] = {}
         ops: list[int] = []
         request_id = self._next_id
+        deadline = request_deadline(self._clock_offset, timeout)
         for op, payload in requests:
-            body = encoder.encode_body(_REQUEST, request_id, op, payload)
+            body = encoder.encode_body(_REQUEST, request_id, op, payload, deadline)
             out += frame_header(len(body))
             out += body
             slots[request_id] = len(ops)
@@ -265,7 +273,7 @@ class BlockingConnection:
         """
         stats = self.stats
         slots, results = batch.slots, batch.results
-        for msg_type, rid, _, payload in self._decoder:
+        for msg_type, rid, _, payload, _ in self._decoder:
             stats.frames_in += 1
             if msg_type == _REQUEST:
                 raise ProtocolError("the server sent a REQUEST frame")

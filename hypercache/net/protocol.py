@@ -1,9 +1,16 @@
 """The hypercache wire protocol: framing, message types, operations, limits, handshake.
 
 Every frame is a 4-byte big-endian unsigned length followed by that many bytes of
-msgpack body, and every body is a 4-element array::
+msgpack body, and every body is a 4- or 5-element array::
 
     [type: MsgType, request_id: uint, op: Op, payload: any]
+    [type: MsgType, request_id: uint, op: Op, payload: any, deadline: uint]
+
+A request's ``deadline`` is the wall-clock time (ms since the epoch, on the
+*receiver's* clock, which the sender learns from the HELLO answer's ``clock_ms``)
+past which the sender no longer waits for the answer: a server never starts a
+request after its deadline, so a write its client gave up on is never carried out
+later, over a newer one.
 
 This module is pure (no I/O). The transports (:mod:`hypercache.net.tcp`,
 :mod:`hypercache.net.inproc`, :mod:`hypercache.net.blocking`) feed received bytes
@@ -14,6 +21,7 @@ to a :class:`FrameDecoder` and send what a :class:`FrameEncoder` produces.
 from __future__ import annotations
 
 import hmac
+import math
 import struct
 import threading
 from dataclasses import dataclass
@@ -23,6 +31,7 @@ from typing import Any, Final
 import msgpack
 
 from hypercache._core.framing import HEADER_SIZE, Frame, FrameDecoder
+from hypercache._core.hlc import wall_clock_ms
 from hypercache.errors import (
     ConfigError,
     FrameTooLargeError,
@@ -48,6 +57,7 @@ __all__ = [
     "Limits",
     "MsgType",
     "Op",
+    "clock_offset_ms",
     "encode_error",
     "encode_request",
     "encode_response",
@@ -56,6 +66,7 @@ __all__ = [
     "entry_older",
     "make_hello",
     "prepare_hello",
+    "request_deadline",
     "validate_hello",
     "validate_hello_answer",
 ]
@@ -205,14 +216,23 @@ class FrameEncoder:
         # autoreset: pack() returns the bytes and empties the buffer (also on error).
         self._pack = msgpack.Packer(use_bin_type=True, datetime=False, autoreset=True).pack
 
-    def encode_body(self, msg_type: int, request_id: int, op: int, payload: Any) -> bytes:
+    def encode_body(
+        self, msg_type: int, request_id: int, op: int, payload: Any, deadline: int = 0
+    ) -> bytes:
         """Return the msgpack body of a frame, without its length header.
 
+        :param deadline: for a request, the wall-clock ms (on the receiver's clock)
+            after which the sender no longer waits for the answer; 0 = none (the
+            frame then has the 4 elements of every frame before deadlines existed).
         :raises ProtocolError: the payload cannot be encoded by msgpack.
         :raises FrameTooLargeError: the body is larger than ``max_frame``.
         """
         try:
-            body: bytes = self._pack([msg_type, request_id, op, payload])
+            body: bytes = self._pack(
+                [msg_type, request_id, op, payload, deadline]
+                if deadline
+                else [msg_type, request_id, op, payload]
+            )
         except (TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"payload of op {op} cannot be encoded: {exc}") from None
         if len(body) > self.max_frame:
@@ -376,15 +396,51 @@ def validate_hello(payload: Any, *, cluster: str, auth: str | None) -> dict[str,
 def validate_hello_answer(payload: Any, *, cluster: str) -> dict[str, Any]:
     """Check the server's answer to HELLO on the client side; return it normalised.
 
+    The result has ``version``, ``cluster``, ``node_id``, ``info`` and ``clock_ms``
+    (the server's wall clock when it answered, or None from a server that does not
+    send it).
+
     :raises HandshakeError: version or cluster mismatch, malformed payload.
     """
     info = _check_version_cluster(payload, cluster, "HELLO answer")
+    clock_ms = payload.get("clock_ms")
+    if clock_ms is not None and (type(clock_ms) is not int or clock_ms <= 0):
+        raise HandshakeError("HELLO answer field 'clock_ms' must be a positive int or nil")
     return {
         "version": PROTOCOL_VERSION,
         "cluster": cluster,
         "node_id": _optional_str(payload, "node_id"),
         "info": info,
+        "clock_ms": clock_ms,
     }
+
+
+def clock_offset_ms(hello_answer: dict[str, Any], received_ms: int) -> int | None:
+    """How many ms to add to this side's wall clock to name a time on the server's.
+
+    ``received_ms`` is this side's wall clock when the HELLO answer arrived. The
+    server read its clock (``clock_ms``) at some moment between our send and that
+    arrival, so ``clock_ms - received_ms`` never exceeds the true offset: deadlines
+    computed with it reach the server early rather than late. ``None`` when the
+    server did not send its clock (then no deadline is sent).
+    """
+    server_ms = hello_answer.get("clock_ms")
+    if server_ms is None:
+        return None
+    offset: int = server_ms - received_ms
+    return offset
+
+
+def request_deadline(offset_ms: int | None, timeout: float) -> int:
+    """The ``deadline`` of a request sent now with ``timeout`` seconds, on the server's
+    clock (see :func:`clock_offset_ms`); 0 (none) without an offset or a finite timeout.
+
+    One millisecond is taken off for the truncation of both clocks to whole ms, so
+    that the server never starts a request after its sender gave up on it.
+    """
+    if offset_ms is None or timeout == math.inf:
+        return 0
+    return max(1, wall_clock_ms() + offset_ms + int(timeout * 1000) - 1)
 
 
 #: One version of a key, as an owner's ``R_GET`` answers it:

@@ -34,6 +34,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from hypercache._core.hlc import wall_clock_ms
 from hypercache.errors import (
     FrameTooLargeError,
     HyperCacheError,
@@ -52,8 +53,10 @@ from hypercache.net.protocol import (
     Limits,
     MsgType,
     Op,
+    clock_offset_ms,
     frame_header,
     prepare_hello,
+    request_deadline,
     validate_hello,
     validate_hello_answer,
 )
@@ -465,12 +468,12 @@ class ServerProtocol(_FramedProtocol):
         scope = self._scope
         scope.depth += 1
         try:
-            for msg_type, request_id, op, payload in self._decoder:
+            for msg_type, request_id, op, payload, deadline in self._decoder:
                 stats.frames_in += 1
                 if self.peer is None:
                     self._on_hello(msg_type, request_id, op, payload)
                 else:
-                    self._dispatch(msg_type, request_id, op, payload)
+                    self._dispatch(msg_type, request_id, op, payload, deadline)
                 if self._reading_paused or self._closing:
                     break
         except ProtocolError as exc:
@@ -511,6 +514,8 @@ class ServerProtocol(_FramedProtocol):
                 "cluster": options.cluster,
                 "node_id": options.node_id,
                 "info": info,
+                # The peer's requests then carry deadlines on this clock.
+                "clock_ms": wall_clock_ms(),
             }
             body = encoder.encode_body(_RESPONSE, request_id, _HELLO, answer)
         except Exception as exc:
@@ -536,7 +541,9 @@ class ServerProtocol(_FramedProtocol):
         self._decoder.max_frame = options.limits.max_frame
         self._send(body)
 
-    def _dispatch(self, msg_type: int, request_id: int, op: int, payload: Any) -> None:
+    def _dispatch(
+        self, msg_type: int, request_id: int, op: int, payload: Any, deadline: int
+    ) -> None:
         if msg_type != _REQUEST:
             raise ProtocolError(f"a client sent a {MsgType(msg_type).name} frame")
         tasks = self._tasks
@@ -544,6 +551,14 @@ class ServerProtocol(_FramedProtocol):
         if op == _HELLO or request_id in tasks or request_id in later:
             why = "HELLO after the handshake" if op == _HELLO else "request id already in flight"
             self._send(self._encoder.encode_error_body(request_id, op, ProtocolError(why)))
+            return
+        if deadline and deadline < wall_clock_ms():
+            # Its sender gave up on it (this node was paused, or the request queued
+            # too long): carrying it out now, a write above all, could overwrite
+            # what the sender wrote since through another node.
+            self.stats.expired += 1
+            late = RequestTimeoutError(f"op {op} arrived after its deadline; not carried out")
+            self._send(self._encoder.encode_error_body(request_id, op, late))
             return
         peer = self.peer
         assert peer is not None
@@ -682,6 +697,9 @@ class ClientConnection(_FramedProtocol):
         # send()/send_callback() calls waiting for room in the write buffer
         self._waiting: set[asyncio.Task[Any]] = set()
         self._lost_reason = "connection closed"
+        # ms from our wall clock to the server's (protocol.clock_offset_ms), known
+        # after the handshake; requests carry a deadline on the server's clock.
+        self._clock_offset: int | None = None
 
     @property
     def closed(self) -> bool:
@@ -733,7 +751,7 @@ class ClientConnection(_FramedProtocol):
         try:
             decoder = self._decoder
             decoder.feed(data)
-            for msg_type, request_id, _, payload in decoder:
+            for msg_type, request_id, _, payload, _ in decoder:
                 stats.frames_in += 1
                 if msg_type == _REQUEST:
                     raise ProtocolError("the server sent a REQUEST frame")
@@ -873,7 +891,9 @@ class ClientConnection(_FramedProtocol):
         """
         request_id = self._next_id
         self._next_id = request_id + 1 if request_id < _MAX_REQUEST_ID else 1
-        self._send(self._encoder.encode_body(_REQUEST, request_id, op, payload))
+        offset = self._clock_offset
+        deadline = 0 if offset is None else request_deadline(offset, timeout)
+        self._send(self._encoder.encode_body(_REQUEST, request_id, op, payload, deadline))
         if timeout != _NO_DEADLINE:
             # Arm the deadline in its tick bucket (see _expire_tick).
             loop = self._loop
@@ -985,6 +1005,7 @@ class ClientConnection(_FramedProtocol):
         try:
             answer = await self.request(_HELLO, payload, timeout)
             self.peer_hello = validate_hello_answer(answer, cluster=payload["cluster"])
+            self._clock_offset = clock_offset_ms(self.peer_hello, wall_clock_ms())
         except BaseException as exc:
             self.abort()
             if not isinstance(exc, asyncio.CancelledError):

@@ -219,6 +219,8 @@ class NetStats:
     timeouts: int = 0
     #: responses that arrived after their request timed out or was cancelled.
     late_responses: int = 0
+    #: requests refused unstarted because their deadline had passed (server side).
+    expired: int = 0
     #: requests being handled now (server side).
     in_flight: int = 0
     connections_open: int = 0
