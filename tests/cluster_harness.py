@@ -198,9 +198,16 @@ class NodeProcess:
             body: bytes = resp.read()
             return body.decode()
 
-    def connect(self, timeout: float = 5.0) -> BlockingConnection:
-        """A client connection to this node's data port."""
-        return BlockingConnection(self.data, make_hello("hypercache"), timeout=timeout)
+    def connect(self, timeout: float = 5.0, *, as_peer: bool = False) -> BlockingConnection:
+        """A client connection to this node's data port; with ``as_peer``, one that
+        names itself a node (accepted from loopback by a cluster without a secret),
+        which may send the peer operations."""
+        hello = (
+            make_hello("hypercache", node_id="harness-peer", address="127.0.0.1:9")
+            if as_peer
+            else make_hello("hypercache")
+        )
+        return BlockingConnection(self.data, hello, timeout=timeout)
 
 
 class Cluster:
@@ -276,6 +283,11 @@ class Cluster:
 
     def request(self, index: int, op: int, payload: Any, timeout: float = 10.0) -> Any:
         return self.conn(index).request(op, payload, timeout)
+
+    def peer_request(self, index: int, op: int, payload: Any, timeout: float = 10.0) -> Any:
+        """One request as a peer would send it (on a connection of its own)."""
+        with self.nodes[index].connect(as_peer=True) as conn:
+            return conn.request(op, payload, timeout)
 
     def _drop_conn(self, index: int) -> None:
         conn = self._conns.pop(index, None)

@@ -19,7 +19,7 @@ from hypercache._core.hlc import wall_clock_ms
 from hypercache.cluster import antientropy
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.node import Node
-from hypercache.errors import ProtocolError
+from hypercache.errors import PermissionDeniedError, ProtocolError
 from hypercache.net.inproc import InprocNetwork
 from hypercache.net.protocol import Limits, Op, make_hello
 
@@ -417,7 +417,16 @@ def test_merkle_and_keys_over_the_wire() -> None:
         async with cluster(size=1) as nodes:
             (node,) = nodes
             put(node, b"a", b"1", now_ts())
-            net_conn = await node.transport.connect(node.address, make_hello("hypercache"))
+            # Anti-entropy is for peers: a client is refused, a (loopback) peer served.
+            client = await node.transport.connect(node.address, make_hello("hypercache"))
+            try:
+                with pytest.raises(PermissionDeniedError, match="MERKLE is for cluster peers"):
+                    await client.request(Op.MERKLE, [0, []], 2)
+            finally:
+                await client.close()
+            assert node.peer_ops_refused == 1
+            hello = make_hello("hypercache", node_id="tester", address="127.0.11.99:7400")
+            net_conn = await node.transport.connect(node.address, hello)
             try:
                 p = node.store.partition_of(b"a")
                 g = p // antientropy.GROUP

@@ -285,8 +285,8 @@ def test_delete_while_a_replica_is_down(tmp_path: Path, resumed: list[Any]) -> N
         wait_for(lambda: absent_everywhere(cluster, key), timeout=15, what="late hint loses")
         _, ts, origin, _, _ = entry(cluster, c, key)
         older = [[key, b"zombie", ts - 1, origin, 0, False]]
-        assert cluster.request(c, Op.R_PUT_MANY, [older, 0]) == 0  # as a hint replay
-        assert cluster.request(c, Op.R_PUT_MANY, [older, 1]) == 0  # as an AE push
+        assert cluster.peer_request(c, Op.R_PUT_MANY, [older, 0]) == 0  # as a hint replay
+        assert cluster.peer_request(c, Op.R_PUT_MANY, [older, 1]) == 0  # as an AE push
         assert cluster.request(c, Op.R_PUT, older[0]) is False  # as a read repair
         assert absent_everywhere(cluster, key)
 

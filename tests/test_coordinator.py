@@ -22,10 +22,13 @@ from hypercache.cluster.node import Node
 from hypercache.errors import (
     ClockSkewError,
     ConfigError,
+    HandshakeError,
     KeyTooLargeError,
+    PermissionDeniedError,
     ProtocolError,
     QuorumError,
 )
+from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.inproc import InprocNetwork
 from hypercache.net.protocol import Op, make_hello
 from hypercache.net.tcp import ClientConnection
@@ -67,8 +70,17 @@ async def cluster(
 
 
 @contextlib.asynccontextmanager
-async def client(net: InprocNetwork, node: Node) -> AsyncIterator[ClientConnection]:
-    conn = await net.connect(node.address, make_hello("hypercache"))
+async def client(
+    net: InprocNetwork, node: Node, *, as_peer: bool = False
+) -> AsyncIterator[ClientConnection]:
+    """A connection to ``node``: a client's, or (``as_peer``) a peer's, which may send
+    the peer operations (``R_DEL``, ``R_PUT_MANY``, anti-entropy)."""
+    hello = (
+        make_hello("hypercache", node_id="tester", address="127.0.10.250:7400")
+        if as_peer
+        else make_hello("hypercache")
+    )
+    conn = await net.connect(node.address, hello)
     try:
         yield conn
     finally:
@@ -123,7 +135,7 @@ def test_delete_answers_existed_and_replicates_a_tombstone() -> None:
 
 def test_r_del_applies_the_tombstone_and_answers_what_was_held() -> None:
     async def main() -> None:
-        async with cluster() as (net, nodes), client(net, nodes[0]) as c:
+        async with cluster() as (net, nodes), client(net, nodes[0], as_peer=True) as c:
             await c.request(Op.SET, [b"k", b"v", None, "all"], 2)
             held = await c.request(Op.R_GET, [b"k"], 2)
             tomb = [b"k", b"", held[1] + 1, held[2], 0, True]
@@ -507,7 +519,7 @@ def test_r_del_and_r_put_many_refuse_versions_past_the_horizon() -> None:
     async def main() -> None:
         async with cluster(size=1) as (net, nodes):
             node = nodes[0]
-            async with client(net, node) as c:
+            async with client(net, node, as_peer=True) as c:
                 assert await c.request(Op.SET, [b"d", b"v", None, "one"], 2) is True
                 with pytest.raises(ClockSkewError):
                     await c.request(Op.R_DEL, [b"d", b"", future_ts(YEAR_MS), 7, 0, True], 2)
@@ -565,5 +577,127 @@ def test_hlc_horizon_follows_max_clock_skew() -> None:
             assert not node.clock.admits(future_ts(2_000))
             with pytest.raises(ClockSkewError):
                 node.clock.update(future_ts(2_000))
+
+    run(main())
+
+
+# -------------------------------------------------- membership: only a node's own word
+
+
+def intruder_hello(node_id: str, address: str, members: list[list[str]]) -> dict[str, Any]:
+    info = {"node_id": node_id, "address": address, "members": members}
+    return make_hello("hypercache", node_id=node_id, address=address, info=info)
+
+
+def test_a_hello_listing_fake_members_adds_none_of_them() -> None:
+    async def main() -> None:
+        async with cluster() as (net, nodes):
+            fakes = [[f"fake-{i}", f"127.0.66.{i + 1}:7400"] for i in range(8)]
+            conn = await net.connect(
+                nodes[0].address, intruder_hello("fake-9", "127.0.66.9:7400", fakes)
+            )
+            try:
+                # ... and gossips them once more in a heartbeat.
+                assert await conn.request(Op.PING, {"members": fakes}, 2) == "pong"
+                m = nodes[0].membership
+                assert m is not None
+                # Every claim is checked (nobody answers there) and none believed.
+                await until(lambda: m.checks_failed >= 9, what="the claims checked")
+                claimed = [f"fake-{i}" for i in range(8)] + ["fake-9"]
+                assert sorted(nid for nid, _ in m.candidates) == claimed
+            finally:
+                await conn.close()
+            for n in nodes:
+                assert sorted(n.ring.nodes) == ["n1", "n2", "n3"]
+                assert len(n.members()) == 3
+            coord = nodes[1].coordinator
+            assert coord is not None
+            for i in range(20):
+                assert await coord.set(b"after-%d" % i, b"v", None, "all") is True
+
+    run(main())
+
+
+def test_a_hello_repointing_a_member_to_a_dead_address_changes_nothing() -> None:
+    async def main() -> None:
+        async with cluster() as (net, nodes):
+            n1, n2 = nodes[0], nodes[1]
+            dead = "127.0.66.66:7400"
+            conn = await net.connect(n1.address, intruder_hello("n2", dead, []))
+            await conn.close()
+            m = n1.membership
+            assert m is not None
+            await until(lambda: m.checks_failed >= 1, what="the claim checked")
+            assert {nid: addr for nid, addr in n1.members()}["n2"] == n2.address
+            coord = n1.coordinator
+            assert coord is not None
+            assert await coord.set(b"all-three", b"v", None, "all") is True
+
+    run(main())
+
+
+def test_with_a_cluster_secret_peers_must_prove_it() -> None:
+    secret = "s3cret-shared-by-the-nodes"
+
+    async def main() -> None:
+        async with cluster(cluster_secret=secret) as (net, nodes):
+            n1 = nodes[0]
+            assert n1.peer_auth.enabled
+            # The nodes proved it to each other: a full cluster.
+            coord = n1.coordinator
+            assert coord is not None
+            assert await coord.set(b"k", b"v", None, "all") is True
+            # A HELLO naming a node id without a proof is refused outright...
+            with pytest.raises(HandshakeError, match="without a proof"):
+                await net.connect(n1.address, intruder_hello("n2", "127.0.66.1:7400", []))
+            # ... and so is one with a proof of another secret.
+            wrong = PeerAuthenticator("not the secret of this cluster")
+            hello = intruder_hello("n9", "127.0.66.9:7400", [])
+            hello["proof"] = wrong.hello_proof("hypercache", "n9", "127.0.66.9:7400")
+            with pytest.raises(HandshakeError, match="wrong proof"):
+                await net.connect(n1.address, hello)
+            assert n1.peer_auth.refused == 2
+            assert len(n1.members()) == 3
+            # A client needs no secret, and cannot send peer operations.
+            async with client(net, n1) as c:
+                assert await c.request(Op.GET, [b"k", "quorum"], 2) == [True, b"v"]
+                with pytest.raises(PermissionDeniedError):
+                    await c.request(Op.R_PUT_MANY, [[], 0], 2)
+
+    run(main())
+
+
+def test_a_member_moves_only_by_its_own_authenticated_word() -> None:
+    secret = "s3cret-shared-by-the-nodes"
+
+    async def main() -> None:
+        async with cluster(cluster_secret=secret) as (net, nodes):
+            n1, n2, n3 = nodes
+            await n3.stop()
+            # n3 comes back at another address, with the same id and the secret.
+            moved = Node(
+                DistConfig(
+                    node_id="n3",
+                    bind="127.0.10.99:7400",
+                    seeds=(address(0),),
+                    cluster_secret=secret,
+                    **FAST,
+                ),
+                transport=net,
+            )
+            await moved.start()
+            try:
+                await until(
+                    lambda: all(
+                        {nid: addr for nid, addr in n.members()}["n3"] == "127.0.10.99:7400"
+                        for n in (n1, n2)
+                    ),
+                    what="n3's new address everywhere",
+                )
+                coord = n2.coordinator
+                assert coord is not None
+                assert await coord.set(b"k", b"v", None, "all") is True
+            finally:
+                await moved.stop()
 
     run(main())

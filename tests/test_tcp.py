@@ -713,10 +713,108 @@ def test_max_connections(run: Runner[None]) -> None:
             serving(TCP, ScriptedHandler(), max_connections=1) as server,
             connected(TCP, server.address) as conn,
         ):
-            with pytest.raises(NodeUnavailableError):
+            # A second client is refused at its HELLO, with the reason.
+            with pytest.raises(HandshakeError, match="max_connections"):
                 await TCP.connect(server.address, make_hello(CLUSTER), timeout=5)
             assert server.stats.connections_rejected == 1
+            assert server.stats.rejected_clients == 1
             assert await conn.request(Op.PING, None, 5) == "pong"
+            # A peer does not count against the clients' cap: it always gets in.
+            hello = make_hello(CLUSTER, node_id="peer-1", address="127.0.0.1:9")
+            peer = await TCP.connect(server.address, hello, timeout=5)
+            try:
+                assert await peer.request(Op.PING, None, 5) == "pong"
+                assert server.peers_open == 1
+            finally:
+                await peer.close()
+
+    run(main())
+
+
+@pytest.fixture
+def fast_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers check their slow and idle connections every 20 ms instead of 1 s."""
+    monkeypatch.setattr("hypercache.net.tcp._SWEEP_INTERVAL", 0.02)
+
+
+@pytest.mark.usefixtures("fast_sweep")
+def test_a_frame_that_never_completes_is_timed_out(run: Runner[None]) -> None:
+    async def main() -> None:
+        async with serving(TCP, ScriptedHandler(), frame_timeout=0.1) as server:
+            reader, writer = await raw_connect(server.address)
+            try:
+                writer.write(HELLO_FRAME)
+                await read_frame(reader)
+                # Slowloris: a header announcing 100 bytes, and then only a trickle.
+                writer.write(struct.pack(">I", 100) + b"\x94")
+                await assert_closed_by_peer(reader)
+            finally:
+                await raw_close(writer)
+            assert server.stats.frame_timeouts == 1
+
+    run(main())
+
+
+@pytest.mark.usefixtures("fast_sweep")
+def test_idle_clients_are_closed_and_peers_are_not(run: Runner[None]) -> None:
+    async def main() -> None:
+        async with (
+            serving(TCP, ScriptedHandler(), idle_timeout=0.1) as server,
+            connected(TCP, server.address, node_id="peer-1", address="127.0.0.1:9") as peer,
+            connected(TCP, server.address) as idle,
+        ):
+            await wait_until(lambda: idle.closed, timeout=5)
+            assert server.stats.idle_closes == 1
+            assert not peer.closed
+            assert await peer.request(Op.PING, None, 5) == "pong"
+
+    run(main())
+
+
+def test_connections_per_source_and_pending_handshakes_are_capped(run: Runner[None]) -> None:
+    async def main() -> None:
+        async with serving(
+            TCP, ScriptedHandler(), max_connections_per_source=2, max_pending_handshakes=1
+        ) as server:
+            # One connection that never says HELLO holds the only handshake slot.
+            _reader, writer = await raw_connect(server.address)
+            try:
+                await wait_until(lambda: server.connections_open == 1)
+                with pytest.raises(NodeUnavailableError):
+                    await TCP.connect(server.address, make_hello(CLUSTER), timeout=2)
+                assert server.stats.rejected_pending == 1
+            finally:
+                await raw_close(writer)
+            await wait_until(lambda: server.connections_open == 0)
+            async with connected(TCP, server.address), connected(TCP, server.address):
+                # Two clients from 127.0.0.1: a third is refused at its HELLO...
+                with pytest.raises(HandshakeError, match="max_connections_per_source"):
+                    await TCP.connect(server.address, make_hello(CLUSTER), timeout=2)
+                assert server.stats.rejected_source == 1
+                # ... but a peer from the same host still gets in: clients never keep
+                # a peer (a restarted node) out.
+                hello = make_hello(CLUSTER, node_id="peer-1", address="127.0.0.1:9")
+                peer = await TCP.connect(server.address, hello, timeout=2)
+                assert await peer.request(Op.PING, None, 5) == "pong"
+                await peer.close()
+
+    run(main())
+
+
+def test_a_client_that_does_not_read_its_answers_is_dropped(run: Runner[None]) -> None:
+    async def main() -> None:
+        limit = 4 << 20
+        async with serving(TCP, ScriptedHandler(), max_output_buffer=limit) as server:
+            reader, writer = await raw_connect(server.address)
+            try:
+                writer.write(HELLO_FRAME)
+                await read_frame(reader)
+                # 64 answers of 1 MiB asked for at once, and never read.
+                writer.write(b"".join(encode_request(i, BIG, 1 << 20) for i in range(1, 65)))
+                await wait_until(lambda: server.stats.output_limit_closes == 1, timeout=10)
+            finally:
+                await raw_close(writer)
+            await wait_until(lambda: server.connections_open == 0)
 
     run(main())
 

@@ -167,6 +167,9 @@ class RecordingTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.writes.append(bytes(data))
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # written at once
+
     def is_closing(self) -> bool:
         return self.closing
 

@@ -66,6 +66,11 @@ class FrameDecoder:
     def buffered(self) -> int:
         """Number of bytes received but not yet decoded."""
 
+    @property
+    def incomplete(self) -> int:
+        """Body length that the next frame's header declares; -1 before its 4 header
+        bytes have arrived (servers use it to bound how long a frame may take)."""
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes (copied: the caller may reuse ``data``).
 

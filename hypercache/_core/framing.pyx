@@ -60,6 +60,15 @@ cdef class FrameDecoder:
         """Number of bytes received but not yet decoded."""
         return PyByteArray_GET_SIZE(self._buf) - self._pos
 
+    @property
+    def incomplete(self):
+        """Body length of the next frame, from its header; -1 before the 4 header
+        bytes are in."""
+        cdef Py_ssize_t avail = PyByteArray_GET_SIZE(self._buf) - self._pos
+        if avail < _HEADER:
+            return -1
+        return _read_size(<const unsigned char*>PyByteArray_AS_STRING(self._buf) + self._pos)
+
     def feed(self, data):
         """Append received bytes (copied); check the next frame's length header."""
         cdef bytearray buf = self._buf

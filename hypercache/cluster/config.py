@@ -444,8 +444,8 @@ class DistConfig:
         across machines cannot run open by mistake. Never shown.
     :ivar max_connections: client connections open at once (peers do not count).
         Default 10 000.
-    :ivar max_connections_per_source: client connections (and handshakes under
-        way) open at once from one remote IP address. Default 1024.
+    :ivar max_connections_per_source: from one remote IP address: handshaken
+        client connections, and (counted apart) handshakes under way. Default 1024.
     :ivar max_pending_handshakes: connections open at once that have not finished
         their handshake. Default 256.
     :ivar handshake_timeout: seconds a new connection has to complete its handshake.

@@ -6,13 +6,30 @@ written by hand:
 
 * every HELLO a node sends or answers carries, in its ``info`` map, the node's id,
   its data address and the members it knows (``{"node_id", "address", "members"}``);
-* each side merges what it hears, so connecting to one seed is enough to learn the
+* each side learns what it hears, so connecting to one seed is enough to learn the
   cluster, and the seed learns the newcomer;
 * the member list is gossiped: pushed to every peer in each heartbeat ``PING``
   (payload ``{"members": [[id, address], ...]}``), and at once whenever it changes.
   Every node pushes to every member it knows, so after one round every node knows
   the union, whatever the join order, and every node builds the same ring;
 * a seed that does not answer is retried every ``seed_retry_interval`` until it does.
+
+Trust: only a peer's own word changes what is known of it. A member is added, or
+its address changed, only by
+
+* a handshake this node made to that address, answered by that node id (with a
+  proof of the cluster secret when the cluster has one: :mod:`hypercache.net.auth`),
+  or
+* that node's own HELLO to this node, when it carries a valid proof of the secret.
+
+Everything else is a *claim*: member lists in gossip and in HELLOs, and the HELLO
+of a peer of an open cluster (no secret: taken from loopback, on its word). A claim
+names a *candidate*, which this node then dials to check (at most
+:data:`MAX_CANDIDATES` of them, retried with a back-off); a claim about a member
+already known at another address changes nothing until the new address answers as
+that member. So a forged HELLO listing fake members, or re-pointing a member to a
+dead address, changes nothing: the fakes never answer. Only connections the server
+accepted as peers (``PeerInfo.is_node``) are heard at all.
 
 Failure detection: each heartbeat pings every peer. A peer with no successful
 exchange for ``failure_timeout`` seconds, or whose connection attempt just failed,
@@ -36,15 +53,20 @@ from typing import Any, Final
 
 from hypercache.cluster.config import DistConfig
 from hypercache.errors import HandshakeError, HyperCacheError, NodeUnavailableError
+from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.protocol import Limits, Op, make_hello
 from hypercache.net.transport import Connection, Transport
 
-__all__ = ["Membership", "Peer"]
+__all__ = ["MAX_CANDIDATES", "Membership", "Peer"]
 
 _log = logging.getLogger("hypercache.membership")
 
 _PING: Final = int(Op.PING)
 _BACKOFF_MIN: Final = 0.05
+#: Claimed members waiting to be checked, at most; a claim beyond is dropped (counted).
+MAX_CANDIDATES: Final = 256
+#: Back-off between two checks of one candidate: doubles from the first to the last.
+_CHECK_BACKOFF: Final = (0.2, 30.0)
 
 
 def _member_entries(raw: Any) -> list[tuple[str, str]]:
@@ -127,10 +149,7 @@ class Peer:
     async def _connect(self) -> Connection:
         m = self._membership
         try:
-            conn = await m.transport.connect(
-                self.address, m.hello(), m.limits, m.config.connect_timeout
-            )
-            conn.busy_poll = m.config.busy_poll
+            conn = await m.dial(self.address)
             peer_id = conn.peer_hello.get("node_id")
             if peer_id != self.node_id:
                 await conn.close()
@@ -152,7 +171,7 @@ class Peer:
         if old is not None and old is not conn:
             m._spawn(old.close())
         self.mark_ok()
-        m.merge_hello_info(conn.peer_hello.get("info") or {})
+        m.learn_from_answer(self.address, conn.peer_hello)
         return conn
 
     async def request(self, op: int, payload: Any, timeout: float) -> Any:
@@ -213,12 +232,21 @@ class Membership:
         address: str,
         limits: Limits,
         on_change: Callable[[list[tuple[str, str]]], None],
+        peer_auth: PeerAuthenticator | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
         self.node_id = node_id
         self.address = address
         self.limits = limits
+        self.peer_auth = peer_auth if peer_auth is not None else PeerAuthenticator(None)
+        # Claimed members to check: (node id, address) -> (checks failed, next check
+        # at, monotonic); ordered by arrival, the oldest dropped at the cap.
+        self._candidates: dict[tuple[str, str], tuple[int, float]] = {}
+        self._checking: set[tuple[str, str]] = set()
+        #: claims dropped at MAX_CANDIDATES, and checks that failed
+        self.candidates_dropped = 0
+        self.checks_failed = 0
         self.max_backoff = max(config.heartbeat_interval, 1.0)
         self._on_change = on_change
         self.peers: dict[str, Peer] = {}
@@ -243,14 +271,36 @@ class Membership:
         return [[nid, self.members[nid]] for nid in sorted(self.members)]
 
     def hello(self) -> dict[str, Any]:
-        """The HELLO payload this node sends when it dials a peer."""
+        """The HELLO payload this node sends when it dials a peer (a fresh proof of
+        the cluster secret each time)."""
+        cluster = self.config.cluster_name
         return make_hello(
-            self.config.cluster_name,
+            cluster,
             node_id=self.node_id,
             address=self.address,
             auth=self.config.auth_token,
             info=self.hello_info(),
+            proof=self.peer_auth.hello_proof(cluster, self.node_id, self.address),
         )
+
+    async def dial(self, address: str) -> Connection:
+        """Connect to ``address`` as a peer and check that the answer proves the
+        cluster secret (when there is one).
+
+        :raises NodeUnavailableError: cannot connect.
+        :raises HandshakeError: refused, or the answer is not a peer's.
+        """
+        hello = self.hello()
+        conn = await self.transport.connect(
+            address, hello, self.limits, self.config.connect_timeout
+        )
+        try:
+            self.peer_auth.check_answer(hello, conn.peer_hello)
+        except HandshakeError:
+            await conn.close()
+            raise
+        conn.busy_poll = self.config.busy_poll
+        return conn
 
     def hello_info(self) -> dict[str, Any]:
         """The ``info`` map of this node's HELLO and HELLO answers."""
@@ -265,54 +315,133 @@ class Membership:
     def up_count(self) -> int:
         return 1 + sum(1 for peer in self.peers.values() if peer.up)
 
-    def merge(self, entries: Iterable[tuple[str, str]], *, authoritative: bool = False) -> bool:
-        """Add members not known yet; return whether the member set changed.
+    def admit(self, node_id: str, address: str) -> bool:
+        """Add ``node_id`` at ``address``, or move it there: only for what the node
+        itself said (see "Trust" in the module docstring). Return whether anything
+        changed."""
+        if node_id == self.node_id:
+            return False
+        self._candidates.pop((node_id, address), None)
+        known = self.members.get(node_id)
+        if known == address:
+            return False
+        if known is None:
+            _log.info("member %s at %s joined", node_id, address)
+        else:
+            _log.info("member %s moved from %s to %s", node_id, known, address)
+            self._spawn(self.peers[node_id].close())
+        self.members[node_id] = address
+        self.peers[node_id] = Peer(self, node_id, address)
+        self._on_change(sorted(self.members.items()))
+        self._schedule_push()
+        return True
 
-        An address is only replaced when ``authoritative`` (the member itself said
-        so in its own HELLO): gossip never overrides what a node says about itself.
-        """
-        added = False
+    def propose(self, entries: Iterable[tuple[str, str]]) -> None:
+        """Take note of claimed members: each one not known at that address becomes a
+        candidate, which this node dials to check before believing it."""
         for node_id, address in entries:
-            if node_id == self.node_id:
+            if node_id == self.node_id or self.members.get(node_id) == address:
                 continue
-            known = self.members.get(node_id)
-            if known is None:
-                self.members[node_id] = address
-                self.peers[node_id] = Peer(self, node_id, address)
-                _log.info("member %s at %s joined", node_id, address)
-                added = True
-            elif known != address and authoritative:
-                _log.info("member %s moved from %s to %s", node_id, known, address)
-                self.members[node_id] = address
-                old = self.peers[node_id]
-                self.peers[node_id] = Peer(self, node_id, address)
-                self._spawn(old.close())
-                added = True
-        if added:
-            self._on_change(sorted(self.members.items()))
-            self._schedule_push()
-        return added
+            pair = (node_id, address)
+            if pair in self._candidates:
+                continue
+            if len(self._candidates) >= MAX_CANDIDATES:
+                self.candidates_dropped += 1
+                continue
+            self._candidates[pair] = (0, 0.0)
+            self._check_soon(pair)
 
-    def merge_hello_info(self, info: Any) -> None:
-        """Learn from the ``info`` map of a peer's HELLO (or HELLO answer)."""
+    @property
+    def candidates(self) -> list[tuple[str, str]]:
+        """Claimed members not checked yet (or whose checks keep failing)."""
+        return list(self._candidates)
+
+    def _check_soon(self, pair: tuple[str, str]) -> None:
+        if pair not in self._checking and not self._stopping:
+            self._checking.add(pair)
+            self._spawn(self._check(pair))
+
+    async def _check(self, pair: tuple[str, str]) -> None:
+        node_id, address = pair
+        try:
+            while pair in self._candidates:
+                failures, due = self._candidates[pair]
+                wait = due - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                try:
+                    conn = await self.dial(address)
+                except (HyperCacheError, OSError) as exc:
+                    answered = None
+                    why = str(exc)
+                else:
+                    answered = conn.peer_hello.get("node_id")
+                    why = f"answers as {answered!r}"
+                    await conn.close()  # the member's Peer makes its own connection
+                if answered == node_id:
+                    if self.admit(node_id, address):
+                        self._spawn(self._ping(self.peers[node_id]))
+                    return
+                self.checks_failed += 1
+                low, high = _CHECK_BACKOFF
+                delay = min(low * 2**failures, high)
+                _log.info("claimed member %s at %s not confirmed: %s", node_id, address, why)
+                if pair in self._candidates:
+                    self._candidates[pair] = (failures + 1, time.monotonic() + delay)
+        finally:
+            self._checking.discard(pair)
+
+    def learn_from_answer(self, dialed: str, answer: dict[str, Any]) -> None:
+        """What the answer to our HELLO at ``dialed`` tells: the node that answered is
+        at that address (its own word), the rest are claims."""
+        node_id = answer.get("node_id")
+        info = answer.get("info")
         if type(info) is not dict:
-            return
-        node_id, address = info.get("node_id"), info.get("address")
-        if type(node_id) is str and node_id and type(address) is str and address:
-            self.merge([(node_id, address)], authoritative=True)
+            info = {}
+        if type(node_id) is str and node_id:
+            advertised = info.get("address")
+            # The node answered at ``dialed``: that address is its own word. One it
+            # advertises elsewhere is checked like any claim before it replaces a
+            # known one.
+            if advertised in (None, dialed) or node_id not in self.members:
+                self.admit(node_id, dialed)
             peer = self.peers.get(node_id)
             if peer is not None:
                 peer.mark_ok()
-        self.merge(_member_entries(info.get("members")))
+        self._learn_claims(info)
+
+    def learn_from_hello(self, hello: dict[str, Any]) -> None:
+        """What a peer's HELLO to this node tells: its own address (believed at once
+        when it proved the cluster secret, else checked first), and claims."""
+        node_id, address = hello.get("node_id"), hello.get("address")
+        if type(node_id) is str and node_id and type(address) is str and address:
+            if hello.get("authenticated"):
+                self.admit(node_id, address)
+                peer = self.peers.get(node_id)
+                if peer is not None:
+                    peer.mark_ok()
+            else:
+                self.propose([(node_id, address)])
+        info = hello.get("info")
+        if type(info) is dict:
+            self._learn_claims(info)
+
+    def _learn_claims(self, info: dict[Any, Any]) -> None:
+        claims = _member_entries(info.get("members"))
+        node_id, address = info.get("node_id"), info.get("address")
+        if type(node_id) is str and node_id and type(address) is str and address:
+            claims.append((node_id, address))
+        self.propose(claims)
 
     def observe_ping(self, sender: str | None, payload: Any) -> None:
-        """A peer's heartbeat: it is alive, and it gossips its members."""
+        """A peer's heartbeat: it is alive, and it gossips its members (claims)."""
         if sender is not None:
             peer = self.peers.get(sender)
             if peer is not None:
                 peer.mark_ok()
         if type(payload) is dict:
-            self.merge(_member_entries(payload.get("members")))
+            self.propose(_member_entries(payload.get("members")))
 
     def _changed_liveness(self, node_id: str, up: bool) -> None:
         self.liveness_changes += 1
@@ -380,21 +509,18 @@ class Membership:
 
     async def _try_seed(self, seed: str) -> bool:
         try:
-            conn = await self.transport.connect(
-                seed, self.hello(), self.limits, self.config.connect_timeout
-            )
+            conn = await self.dial(seed)
         except HandshakeError as exc:
             _log.error("seed %s refused us: %s", seed, exc)
             return False
         except (HyperCacheError, OSError) as exc:
             _log.info("seed %s not reachable yet: %s", seed, exc)
             return False
-        info = conn.peer_hello.get("info") or {}
         peer_id = conn.peer_hello.get("node_id")
         await conn.close()  # the peer's own connection is made by its Peer
         if peer_id == self.node_id:
             return True  # we are our own seed
-        self.merge_hello_info(info)
+        self.learn_from_answer(seed, conn.peer_hello)
         if type(peer_id) is str and peer_id in self.peers:
             self._spawn(self._ping(self.peers[peer_id]))
         _log.info("reached seed %s (%s)", seed, peer_id)

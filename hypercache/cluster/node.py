@@ -46,7 +46,8 @@ from hypercache.cluster.cpulatency import CpuLatencyRequest
 from hypercache.cluster.handoff import Handoff
 from hypercache.cluster.membership import Membership
 from hypercache.cluster.metrics import NodeMetrics, counter, gauge
-from hypercache.errors import NodeUnavailableError, ProtocolError
+from hypercache.errors import NodeUnavailableError, PermissionDeniedError, ProtocolError
+from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.busypoll import BusyPoller, poller
 from hypercache.net.protocol import Limits, Op
 from hypercache.net.tcp import TCP
@@ -68,6 +69,12 @@ _R_DEL: Final = int(Op.R_DEL)
 _MERKLE: Final = int(Op.MERKLE)
 _KEYS: Final = int(Op.KEYS)
 _PULL: Final = int(Op.PULL)
+
+#: Operations only cluster peers may send (hint replays, repair pushes, a delete's
+#: replica half, anti-entropy). ``R_GET`` and ``R_PUT`` stay open to clients, which
+#: read from owners and push read repairs; every version they carry is checked
+#: against the clock's horizon like any other.
+_PEER_OPS: Final = frozenset({_R_PUT_MANY, _R_DEL, _MERKLE, _KEYS, _PULL})
 
 # Period and batch of the expiry sweep.
 _SWEEP_INTERVAL: Final = 1.0
@@ -104,6 +111,10 @@ class Node:
         #: wall-clock ms the expiry loop sweeps at (tests move it forward instead of
         #: sleeping through a TTL)
         self.wall_ms: Callable[[], int] = wall_clock_ms
+        #: makes and checks the proofs of the cluster secret in peer handshakes
+        self.peer_auth = PeerAuthenticator(config.cluster_secret)
+        #: peer operations refused to client connections
+        self.peer_ops_refused = 0
         self._want_http = http and config.http is not None
         self._sweeper: asyncio.Task[None] | None = None
         #: entries reclaimed by the expiry loop: (expired, tombstones purged)
@@ -148,6 +159,23 @@ class Node:
         """``new``, ``running``, ``stopping`` or ``stopped``."""
         return self._state
 
+    def _server_options(self, config: DistConfig) -> ServerOptions:
+        return ServerOptions(
+            cluster=config.cluster_name,
+            node_id=config.node_id,
+            auth=config.auth_token,
+            peer_auth=self.peer_auth,
+            limits=self.limits,
+            busy_poll=config.busy_poll,
+            max_connections=config.max_connections,
+            max_connections_per_source=config.max_connections_per_source,
+            max_pending_handshakes=config.max_pending_handshakes,
+            handshake_timeout=config.handshake_timeout,
+            frame_timeout=config.frame_timeout,
+            idle_timeout=config.idle_timeout,
+            max_output_buffer=config.max_output_buffer,
+        )
+
     def _new_clock(self) -> HLC:
         config = self.config
         return HLC(node_tag(config.node_id), max_skew_ms=round(config.max_clock_skew * 1000))
@@ -170,13 +198,7 @@ class Node:
         if self._state != "new":
             raise RuntimeError(f"node already {self._state}")
         config = self.config
-        options = ServerOptions(
-            cluster=config.cluster_name,
-            node_id=config.node_id,
-            auth=config.auth_token,
-            limits=self.limits,
-            busy_poll=config.busy_poll,
-        )
+        options = self._server_options(config)
         server = self.transport.create_server(self, config.bind, options)
         await server.start()
         # No await from here to the end of the membership set-up: no HELLO can be
@@ -185,15 +207,8 @@ class Node:
         if server.address != config.bind:
             self.config = config = config.with_bind(server.address)
             if config.node_id != options.node_id:
-                server_options = ServerOptions(
-                    cluster=options.cluster,
-                    node_id=config.node_id,
-                    auth=options.auth,
-                    limits=options.limits,
-                    busy_poll=options.busy_poll,
-                )
                 # The server reads its options per connection, so new ones see this.
-                vars(server)["options"] = server_options
+                vars(server)["options"] = self._server_options(config)
         self.clock = self._new_clock()
         self.metrics = NodeMetrics(config.node_id)
         self.metrics.add_source(self._collect)
@@ -206,6 +221,7 @@ class Node:
             address=server.address,
             limits=self.limits,
             on_change=self._on_members,
+            peer_auth=self.peer_auth,
         )
         self.coordinator = Coordinator(
             node_id=config.node_id,
@@ -390,16 +406,13 @@ class Node:
     # ------------------------------------------------------------------- handler
 
     def hello_info(self, peer_hello: dict[str, Any]) -> dict[str, Any]:
-        """HELLO answer ``info``: our id, address and members; learn from node peers."""
+        """HELLO answer ``info``: our id, address and members; learn from node peers
+        (the server only hands us a ``node_id`` for a connection it accepted as a peer)."""
         membership = self.membership
         if membership is None:
             return {"node_id": self.node_id, "address": self.address, "members": []}
         if peer_hello.get("node_id") is not None:
-            info = dict(peer_hello.get("info") or {})
-            info.setdefault("node_id", peer_hello["node_id"])
-            if peer_hello.get("address"):
-                info.setdefault("address", peer_hello["address"])
-            membership.merge_hello_info(info)
+            membership.learn_from_hello(peer_hello)
         return membership.hello_info()
 
     async def handle(self, conn_info: PeerInfo, op: int, payload: Any) -> Any:
@@ -445,6 +458,11 @@ class Node:
         if op == _DELETE:
             key, consistency = _fields(payload, 2, "DELETE", "[key, consistency]")
             return coord.start_delete(key, consistency)
+        if op in _PEER_OPS and not conn_info.is_node:
+            self.peer_ops_refused += 1
+            raise PermissionDeniedError(
+                f"op {Op(op).name} is for cluster peers; this connection is a client"
+            )
         if op == _R_DEL:
             return coord.handle_r_del(payload)
         if op == _R_PUT_MANY:

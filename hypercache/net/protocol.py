@@ -315,9 +315,11 @@ def make_hello(
     address: str | None = None,
     auth: str | None = None,
     info: dict[str, Any] | None = None,
+    proof: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build the payload of a HELLO request (``node_id=None`` for clients)."""
-    return {
+    """Build the payload of a HELLO request (``node_id=None`` for clients; a node
+    adds the ``proof`` of the cluster secret, see :mod:`hypercache.net.auth`)."""
+    hello = {
         "version": PROTOCOL_VERSION,
         "cluster": cluster,
         "node_id": node_id,
@@ -325,6 +327,9 @@ def make_hello(
         "auth": auth,
         "info": {} if info is None else info,
     }
+    if proof is not None:
+        hello["proof"] = proof
+    return hello
 
 
 def prepare_hello(hello: dict[str, Any]) -> dict[str, Any]:
@@ -406,13 +411,19 @@ def validate_hello_answer(payload: Any, *, cluster: str) -> dict[str, Any]:
     clock_ms = payload.get("clock_ms")
     if clock_ms is not None and (type(clock_ms) is not int or clock_ms <= 0):
         raise HandshakeError("HELLO answer field 'clock_ms' must be a positive int or nil")
-    return {
+    answer = {
         "version": PROTOCOL_VERSION,
         "cluster": cluster,
         "node_id": _optional_str(payload, "node_id"),
         "info": info,
         "clock_ms": clock_ms,
     }
+    proof = payload.get("proof")
+    if proof is not None:
+        if type(proof) is not dict:
+            raise HandshakeError("HELLO answer field 'proof' must be a map or nil")
+        answer["proof"] = proof
+    return answer
 
 
 def clock_offset_ms(hello_answer: dict[str, Any], received_ms: int) -> int | None:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from hypercache._core.hlc import wall_clock_ms
 from hypercache.errors import (
     FrameTooLargeError,
+    HandshakeError,
     HyperCacheError,
     NodeUnavailableError,
     ProtocolError,
@@ -100,6 +101,14 @@ _TICKS_PER_SECOND: Final = 200
 _NO_DEADLINE: Final = math.inf
 # How long a client's close() lets buffered writes drain before aborting.
 _CLIENT_CLOSE_GRACE: Final = 5.0
+# Period of a server's check of slow and idle connections, seconds.
+_SWEEP_INTERVAL: Final = 1.0
+# The slowest a frame may arrive past frame_timeout: one second per MiB.
+_FRAME_RATE: Final = 1024 * 1024
+# How a server counts a connection (ServerProtocol.kind).
+_HANDSHAKING: Final = 0
+_CLIENT: Final = 1
+_PEER: Final = 2
 
 
 class _Expired(RequestTimeoutError):
@@ -137,6 +146,21 @@ def _scope(loop: asyncio.AbstractEventLoop) -> _ReadScope:
     if scope is None:
         scope = _scopes[loop] = _ReadScope()
     return scope
+
+
+def _count(counts: dict[str, int], key: str, delta: int) -> None:
+    left = counts.get(key, 0) + delta
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
+
+
+def _remote_host(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer)
 
 
 def _remote_name(transport: asyncio.BaseTransport) -> str:
@@ -243,6 +267,12 @@ class _FramedProtocol(asyncio.Protocol):
             self._write(body)
             return
         buf += body
+        if len(buf) >= _LARGE_WRITE:
+            # Many answers of one read: hand them to the transport now, so that a
+            # peer that does not read pauses our reading (pause_writing) before the
+            # rest of its requests are answered into memory.
+            self._flush()
+            return
         scope = self._scope
         if scope.depth:
             if not self._dirty:
@@ -296,6 +326,16 @@ class ServerBase:
         self._totals = NetStats()  # closed connections + server-level counters
         self._closing = True  # until start()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Connection caps (see ServerOptions): handshakes under way and handshaken
+        # clients, in all and per remote host. Peers are counted apart, and a
+        # handshake is not a client yet: on one host, clients that fill their cap
+        # never keep a peer (a restarted node) from getting back in.
+        self._handshaking = 0
+        self._clients = 0
+        self._peers = 0
+        self._host_handshaking: dict[str, int] = {}
+        self._host_clients: dict[str, int] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def stats(self) -> NetStats:
@@ -324,20 +364,96 @@ class ServerBase:
         assert self._loop is not None
         return ServerProtocol(self, self._loop)
 
-    def _accept(self, conn: ServerProtocol) -> bool:
-        if self._closing or len(self._conns) >= self.options.max_connections:
-            self._totals.connections_rejected += 1
-            return False
+    @property
+    def peers_open(self) -> int:
+        """Open connections of authenticated (or, in an open cluster, loopback) peers."""
+        return self._peers
+
+    def _accept(self, conn: ServerProtocol) -> str | None:
+        """Take a new connection in as handshaking; the reason to refuse it, if any."""
+        options = self.options
+        totals = self._totals
+        host = conn.host
+        why = None
+        if self._closing:
+            why = "server closing"
+        elif self._handshaking >= options.max_pending_handshakes:
+            totals.rejected_pending += 1
+            why = f"{self._handshaking} handshakes under way (max_pending_handshakes)"
+        elif self._host_handshaking.get(host, 0) >= options.max_connections_per_source:
+            totals.rejected_source += 1
+            why = f"{host} has {self._host_handshaking[host]} handshakes under way"
+        if why is not None:
+            totals.connections_rejected += 1
+            return why
         self._conns.add(conn)
-        self._totals.connections_accepted += 1
-        return True
+        self._handshaking += 1
+        _count(self._host_handshaking, host, 1)
+        totals.connections_accepted += 1
+        if self._sweeper is None and self._loop is not None:
+            self._sweeper = self._loop.call_later(_SWEEP_INTERVAL, self._sweep)
+        return None
+
+    def _admit(self, conn: ServerProtocol, *, peer: bool) -> str | None:
+        """A connection's HELLO passed: count it as a client or a peer from now on.
+        Return the reason to refuse it instead (too many clients)."""
+        host = conn.host
+        if not peer:
+            totals = self._totals
+            why = None
+            if self._clients >= self.options.max_connections:
+                why = f"{self._clients} client connections open (max_connections)"
+            elif self._host_clients.get(host, 0) >= self.options.max_connections_per_source:
+                totals.rejected_source += 1
+                why = f"{host} has {self._host_clients[host]} (max_connections_per_source)"
+            if why is not None:
+                totals.rejected_clients += 1
+                totals.connections_rejected += 1
+                return why
+        self._handshaking -= 1
+        _count(self._host_handshaking, host, -1)
+        if peer:
+            self._peers += 1
+            conn.kind = _PEER
+        else:
+            self._clients += 1
+            _count(self._host_clients, host, 1)
+            conn.kind = _CLIENT
+        return None
 
     def _release(self, conn: ServerProtocol) -> None:
         if conn in self._conns:
             self._conns.remove(conn)
             self._totals.add(conn.stats)
+            kind = conn.kind
+            if kind == _PEER:
+                self._peers -= 1
+            elif kind == _CLIENT:
+                self._clients -= 1
+                _count(self._host_clients, conn.host, -1)
+            else:
+                self._handshaking -= 1
+                _count(self._host_handshaking, conn.host, -1)
+
+    def _sweep(self) -> None:
+        # Once a second: the slow and the idle connections (see ServerProtocol.check).
+        # One timer per server, rather than per connection or per read: a read costs
+        # nothing extra, a connection one check a second.
+        self._sweeper = None
+        if self._closing or not self._conns or self._loop is None:
+            return
+        now = self._loop.time()
+        for conn in list(self._conns):
+            conn.check(now)
+        self._sweeper = self._loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+    def _stop_sweeping(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     async def _close_connections(self) -> None:
+        self._stop_sweeping()
         conns = list(self._conns)
         if not conns:
             return
@@ -381,8 +497,18 @@ class ServerProtocol(_FramedProtocol):
         self._reading_paused = False
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.remote = "?"
+        #: the remote host (what the per-source cap counts)
+        self.host = "?"
+        #: handshaking, client or peer (how the server counts the connection)
+        self.kind = _HANDSHAKING
         #: what the peer said in its HELLO; None until the handshake is done.
         self.peer: PeerInfo | None = None
+        # What check() saw last time: frames received then, and since when the
+        # connection has been idle or in the middle of one frame.
+        self._seen_frames = -1
+        self._quiet_since = 0.0
+        self._partial_frames = -1
+        self._partial_since = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -394,8 +520,10 @@ class ServerProtocol(_FramedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.remote = _remote_name(transport)
-        if not self._server._accept(self):
-            _log.warning("refusing connection from %s: server closing or full", self.remote)
+        self.host = _remote_host(transport)
+        why = self._server._accept(self)
+        if why is not None:
+            _log.warning("refusing connection from %s: %s", self.remote, why)
             self.abort()
             return
         self._handshake_timer = self._loop.call_later(
@@ -444,6 +572,65 @@ class ServerProtocol(_FramedProtocol):
         self._flush()
         if self._transport is not None:
             self._transport.close()
+
+    def check(self, now: float) -> None:
+        """Close the connection if it is too slow or idle (the server calls this once
+        a second): a frame begun more than ``frame_timeout`` (+1 s per MiB of its
+        length) ago and still incomplete; a client that sent nothing for
+        ``idle_timeout`` with nothing in flight."""
+        if self._closing or self.peer is None:
+            return  # the handshake has a deadline of its own
+        frames = self.stats.frames_in
+        decoder = self._decoder
+        if decoder.buffered and not self._reading_paused:
+            # What is buffered while reading goes on is an incomplete frame.
+            if self._partial_frames != frames:
+                self._partial_frames = frames
+                self._partial_since = now
+            else:
+                size = max(decoder.incomplete, 0)
+                limit = self._options.frame_timeout + size / _FRAME_RATE
+                if now - self._partial_since > limit:
+                    self.stats.frame_timeouts += 1
+                    _log.warning(
+                        "closing connection from %s: a frame of %d bytes took more than %.0f s",
+                        self.remote,
+                        size,
+                        limit,
+                    )
+                    self.close()
+                    return
+        else:
+            self._partial_frames = -1
+        idle = self._options.idle_timeout
+        if idle is None or self.kind != _CLIENT:
+            return
+        if frames != self._seen_frames or self.in_flight:
+            self._seen_frames = frames
+            self._quiet_since = now
+        elif now - self._quiet_since > idle:
+            self.stats.idle_closes += 1
+            _log.info("closing connection from %s: idle for %.0f s", self.remote, idle)
+            self.close()
+
+    def _write(self, data: bytes | bytearray) -> None:
+        super()._write(data)
+        transport = self._transport
+        if (
+            transport is not None
+            and transport.get_write_buffer_size() > self._options.max_output_buffer
+            and not self._closing
+        ):
+            # The peer does not read its answers: reading stopped long ago (at the
+            # transport's high-water mark), but requests already in flight kept
+            # adding answers. Drop the connection, and with it their memory.
+            self.stats.output_limit_closes += 1
+            _log.warning(
+                "closing connection from %s: %d bytes of answers unread (max_output_buffer)",
+                self.remote,
+                transport.get_write_buffer_size(),
+            )
+            self.abort()
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         self.stats.protocol_errors += 1
@@ -506,6 +693,23 @@ class ServerProtocol(_FramedProtocol):
         encoder = self._encoder
         try:
             hello = validate_hello(payload, cluster=options.cluster, auth=options.auth)
+            node_id = hello["node_id"]
+            proof = None
+            if node_id is not None:
+                # A claim to be a peer: believed only with a proof of the cluster
+                # secret (or, in an open cluster, from loopback).
+                proof = options.peer_auth.check_hello(
+                    options.cluster,
+                    node_id,
+                    hello["address"],
+                    payload.get("proof"),
+                    remote_host=self.host,
+                    server_node_id=options.node_id,
+                )
+            why = self._server._admit(self, peer=node_id is not None)
+            if why is not None:
+                raise HandshakeError(f"too many connections: {why}")
+            hello["authenticated"] = proof is not None
             info = self._handler.hello_info(hello)
             if type(info) is not dict:
                 raise ServerError(f"hello_info returned {type(info).__name__}, not a dict")
@@ -517,6 +721,8 @@ class ServerProtocol(_FramedProtocol):
                 # The peer's requests then carry deadlines on this clock.
                 "clock_ms": wall_clock_ms(),
             }
+            if proof is not None:
+                answer["proof"] = proof
             body = encoder.encode_body(_RESPONSE, request_id, _HELLO, answer)
         except Exception as exc:
             self.stats.handshake_failures += 1
@@ -537,6 +743,7 @@ class ServerProtocol(_FramedProtocol):
             node_id=hello["node_id"],
             address=hello["address"],
             info=hello["info"],
+            authenticated=proof is not None,
         )
         self._decoder.max_frame = options.limits.max_frame
         self._send(body)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final, Protocol
 
 from hypercache.errors import ConfigError
+from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.busypoll import check_window
 from hypercache.net.protocol import Limits
 
@@ -72,6 +73,9 @@ class PeerInfo:
     :ivar node_id: the peer's node id, ``None`` for a client.
     :ivar address: the address the peer advertises (where it listens), if any.
     :ivar info: the ``info`` map of the peer's HELLO.
+    :ivar authenticated: the peer proved the cluster secret (see
+        :mod:`hypercache.net.auth`); False for clients, and for peers of an open
+        cluster (taken on their word, from loopback only).
     """
 
     remote: str
@@ -80,10 +84,13 @@ class PeerInfo:
     node_id: str | None
     address: str | None
     info: dict[str, Any]
+    authenticated: bool = False
 
     @property
     def is_node(self) -> bool:
-        """True when the peer is a cluster node (it sent a node id), not a client."""
+        """True when the peer is a cluster node, not a client: it named a node id and
+        the server accepted the claim (a proof of the cluster secret, or loopback in
+        an open cluster); only such connections may send peer operations."""
         return self.node_id is not None
 
 
@@ -225,8 +232,21 @@ class NetStats:
     in_flight: int = 0
     connections_open: int = 0
     connections_accepted: int = 0
-    #: connections refused because ``max_connections`` was reached or the server closing.
+    #: connections refused on accept or at their HELLO: a cap below was reached, or
+    #: the server was closing.
     connections_rejected: int = 0
+    #: ... of which: ``max_connections_per_source`` was reached for the remote host,
+    rejected_source: int = 0
+    #: ... ``max_pending_handshakes`` was reached,
+    rejected_pending: int = 0
+    #: ... ``max_connections`` (handshaken clients) was reached.
+    rejected_clients: int = 0
+    #: connections closed: a frame begun did not complete within ``frame_timeout``.
+    frame_timeouts: int = 0
+    #: client connections closed after ``idle_timeout`` without a request.
+    idle_closes: int = 0
+    #: connections closed: their unread answers passed ``max_output_buffer``.
+    output_limit_closes: int = 0
 
     def add(self, other: NetStats) -> None:
         """Add every counter of ``other`` into this one."""
@@ -243,12 +263,27 @@ class ServerOptions:
 
     :param cluster: cluster name; HELLOs naming another cluster are refused.
     :param node_id: this node's id, sent in HELLO answers.
-    :param auth: shared secret; when set, HELLOs must carry it in ``auth``.
+    :param auth: shared secret; when set, client HELLOs must carry it in ``auth``.
+    :param peer_auth: checks the proofs of HELLOs that name a node id (see
+        :mod:`hypercache.net.auth`); by default an open cluster's (loopback peers).
     :param limits: size limits (frames received above ``max_frame`` close the connection).
     :param max_inflight: requests handled concurrently per connection; at the cap the
         server stops reading that connection until half of them have completed.
-    :param max_connections: open connections; more are closed on accept.
-    :param handshake_timeout: seconds a new connection has to send its HELLO.
+    :param max_connections: handshaken client connections; a client HELLO beyond it
+        is refused. Peers do not count: a restarted peer always gets back in.
+    :param max_connections_per_source: from one remote host, handshakes under way
+        (more are closed on accept) and, counted apart, handshaken clients (a client
+        HELLO beyond is refused).
+    :param max_pending_handshakes: connections that have not completed their HELLO;
+        more are closed on accept.
+    :param handshake_timeout: seconds a new connection has to complete its HELLO.
+    :param frame_timeout: seconds a frame may take to arrive once it has begun, plus
+        one second per MiB of its length; a connection that sends slower is closed.
+    :param idle_timeout: seconds a client connection may send nothing (with nothing
+        in flight) before it is closed; None = never. Peers are exempt.
+    :param max_output_buffer: bytes of answers queued for a peer that does not read
+        them; past it the connection is closed. (Reading stops long before, at the
+        transport's high-water mark: this bounds what requests already in flight add.)
     :param close_grace: seconds ``close()`` lets connections flush before aborting them.
     :param backlog: listen backlog (TCP).
     :param busy_poll: seconds the loop stays awake after a connection writes (see
@@ -258,10 +293,16 @@ class ServerOptions:
     cluster: str
     node_id: str | None = None
     auth: str | None = None
+    peer_auth: PeerAuthenticator = field(default_factory=lambda: PeerAuthenticator(None))
     limits: Limits = field(default_factory=Limits)
     max_inflight: int = 1024
     max_connections: int = 10_000
+    max_connections_per_source: int = 1024
+    max_pending_handshakes: int = 256
     handshake_timeout: float = 10.0
+    frame_timeout: float = 10.0
+    idle_timeout: float | None = None
+    max_output_buffer: int = 64 * 1024 * 1024
     close_grace: float = 5.0
     backlog: int = 1024
     busy_poll: float = 0.0
@@ -273,14 +314,24 @@ class ServerOptions:
             check_window(self.busy_poll)
         except ValueError as exc:
             raise ConfigError("busy_poll", str(exc)) from None
-        for name in ("max_inflight", "max_connections", "backlog"):
+        for name in (
+            "max_inflight",
+            "max_connections",
+            "max_connections_per_source",
+            "max_pending_handshakes",
+            "max_output_buffer",
+            "backlog",
+        ):
             value = getattr(self, name)
             if type(value) is not int or value <= 0:
                 raise ConfigError(name, f"must be a positive integer, got {value!r}")
-        for name in ("handshake_timeout", "close_grace"):
+        for name in ("handshake_timeout", "frame_timeout", "close_grace"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(name, f"must be a positive number, got {value!r}")
+        idle = self.idle_timeout
+        if idle is not None and (not isinstance(idle, int | float) or not idle > 0):
+            raise ConfigError("idle_timeout", f"must be a positive number or None, got {idle!r}")
 
 
 class Connection(Protocol):
