@@ -11,6 +11,7 @@ background thread, so the sync client can call them from the test thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import pickle
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from aio_helpers import until
 from cluster_harness import Cluster, running_cluster
 from hypothesis import given
 from hypothesis import strategies as st
@@ -29,13 +31,15 @@ from hypercache.cli.client import EXIT_ERROR, EXIT_MISS, EXIT_OK, EXIT_USAGE, ma
 from hypercache.client import (
     AsyncClient,
     Client,
+    ClientStats,
     MsgpackSerializer,
     PickleSerializer,
     RawSerializer,
     Topology,
     normalize_key,
 )
-from hypercache.client._common import parse_seeds, ttl_to_ms, wire_consistency
+from hypercache.client._common import parse_seeds, probe_delays, ttl_to_ms, wire_consistency
+from hypercache.client.topology import Router
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
@@ -525,7 +529,11 @@ def test_sync_error_mapping(servers: ServerThread) -> None:
         with pytest.raises(RequestTimeoutError) as terr:
             client.get("k")
         assert isinstance(terr.value, TimeoutError)
+        assert client.stats.nodes_suspected == 1  # error answers did not count
         node.delay = 0.0
+        # The node is set aside until a probe (over the pooled connection) gets an answer.
+        wait_for(lambda: not client._router.down)
+        assert client.stats.nodes_recovered == 1
         client.set("k", 2)  # the connection survived the error answers and the timeout
         assert client.get("k") == 2
         assert client.stats.connections_opened == 1
@@ -1053,10 +1061,15 @@ def test_async_owner_read_fails_over_on_open_connections(servers: ServerThread) 
             b.entries[b"k"] = [b"v", "not a version"]
             assert await client.get("k") == "v"
             b.entries[b"k"] = entry("v", 100)
-            # no answer from a in time: c replaces it
+            # no answer from a in time: c replaces it, and a is set aside
             a.delay = 2.0
             assert await client.get("k") == "v"
+            assert client.stats.nodes_suspected == 1
+            assert a.address in client._router.down
             a.delay = 0.0
+            # until a probe over the same connection gets an answer
+            await until(lambda: a.address not in client._router.down, what="a used again")
+            assert client.stats.nodes_recovered == 1
             assert client.stats.failovers == 3
             assert client.stats.connections_opened == 3  # one per node, kept open
             # a stale owner answering over an open connection is repaired
@@ -1153,6 +1166,278 @@ def test_owner_read_get_many(servers: ServerThread, kind: str) -> None:
     assert stale
     wait_for(lambda: {k for nd in nodes for k in nd.keys_of("R_PUT")} == stale)
     assert stats["read_repairs"] == len(stale)
+
+
+# ============================================================================ node health
+
+# A node whose request timed out, or that cannot be reached, is set aside until it
+# answers: no operation goes to it while another candidate is left, and a probe
+# (a task or a thread of the client) PINGs it until it answers.
+
+
+class AsyncView:
+    """An ``AsyncClient`` on an event loop of its own (a thread), driven from the test
+    thread with the sync client's calls, so that one scenario tests both clients."""
+
+    def __init__(self, seeds: list[str], **kw: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.client = AsyncClient(seeds, **kw)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(DEADLINE)
+
+    @property
+    def stats(self) -> ClientStats:
+        return self.client.stats
+
+    @property
+    def _router(self) -> Router:
+        return self.client._router
+
+    def set(self, key: str, value: Any) -> None:
+        self._run(self.client.set(key, value))
+
+    def get(self, key: str) -> Any:
+        return self._run(self.client.get(key))
+
+    def ping(self, address: str | None = None) -> float:
+        return self._run(self.client.ping(address))
+
+    def probing(self) -> list[str]:
+        """Addresses with a probe running."""
+        return [a for a, task in list(self.client._probes.items()) if not task.done()]
+
+    def probe_handles(self) -> list[Callable[[], bool]]:
+        """For each probe now: whether it is still running."""
+
+        def running(task: asyncio.Task[None]) -> Callable[[], bool]:
+            return lambda: not task.done()
+
+        return [running(task) for task in list(self.client._probes.values())]
+
+    def close(self) -> None:
+        try:
+            self._run(self.client.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(DEADLINE)
+            self.loop.close()
+
+
+class SyncView:
+    """The sync client with the same test-only helpers as :class:`AsyncView`."""
+
+    def __init__(self, seeds: list[str], **kw: Any) -> None:
+        self.client = Client(seeds, **kw)
+        self.stats = self.client.stats
+        self._router = self.client._router
+        self.set, self.get, self.ping = self.client.set, self.client.get, self.client.ping
+
+    def probing(self) -> list[str]:
+        return [a for a, thread in list(self.client._probing.items()) if thread.is_alive()]
+
+    def probe_handles(self) -> list[Callable[[], bool]]:
+        return [thread.is_alive for thread in list(self.client._probing.values())]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@contextlib.contextmanager
+def client_of(kind: str, seeds: list[str], **kw: Any) -> Iterator[SyncView | AsyncView]:
+    view = SyncView(seeds, **kw) if kind == "sync" else AsyncView(seeds, **kw)
+    try:
+        yield view
+    finally:
+        view.close()
+
+
+def two_owners(servers: ServerThread) -> tuple[FakeNode, FakeNode, str]:
+    """Two fake nodes, replication 2, and a key whose primary is the first."""
+    nodes, _, ring = cluster(servers, 2, replication=2)
+    key = next(k for k in KEYS if ring.owners(k.encode())[0] == nodes[0].name)
+    return nodes[0], nodes[1], key
+
+
+def test_router_sets_nodes_aside_until_marked_up() -> None:
+    a, b, c = "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"
+    router = Router((a, b), route="any")
+    assert router.mark_down(a, 0.0) is True
+    assert router.mark_down(a, 100.0) is False  # already aside: no second probe
+    assert router.down == [a] and router.is_down(a)
+    # No expiry: aside until mark_up, last in every order.
+    for _ in range(4):
+        assert list(router.candidates(None)) == [b, a]
+    # Every candidate aside: all still tried.
+    router.mark_down(b, 0.0)
+    assert sorted(router.candidates(None)) == [a, b]
+    assert router.mark_up(a) is True and router.mark_up(a) is False
+    assert list(router.candidates(None)) == [a, b]
+    assert router.knows(b) and not router.knows(c)
+    # With a table: an owner aside is asked last by reads, and by writes.
+    router = Router((a,), route="owner")
+    payload, _ = topology_payload({"n1": a, "n2": b, "n3": c}, replication=3)
+    topology = Topology.from_wire(payload)
+    router.set_topology(topology, 0.0)
+    assert router.knows(c)
+    owners = topology.owners(b"k")
+    assert router.read_owners(b"k") == owners
+    router.mark_down(owners[0], 0.0)
+    assert router.read_owners(b"k") == (*owners[1:], owners[0])
+    assert list(router.candidates(b"k")) == [*owners[1:], owners[0]]
+
+
+def test_probe_delays_double_up_to_the_cap() -> None:
+    delays = probe_delays(1.0)
+    assert [next(delays) for _ in range(7)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert next(probe_delays(0.01)) == 0.01
+
+
+@KIND
+def test_timed_out_write_is_raised_not_retried_then_owner_set_aside(
+    servers: ServerThread, kind: str
+) -> None:
+    primary, other, key = two_owners(servers)
+    k = key.encode()
+    with client_of(kind, [other.address], timeout=0.2) as client:
+        client.set(key, 0)  # the table, and a connection to the primary
+        primary.delay = 1.0
+        with pytest.raises(RequestTimeoutError):
+            client.set(key, 1)
+        # Its outcome is unknown: not sent to the other owner in the same call.
+        assert k not in other.keys_of("SET")
+        assert client._router.down == [primary.address]
+        assert client.stats.nodes_suspected == 1
+        # Set aside: the next write goes to the next owner at once, which coordinates.
+        client.set(key, 2)
+        assert other.keys_of("SET") == [k]
+        # Until a probe's PING gets an answer; then the primary is used again.
+        primary.delay = 0.0
+        wait_for(lambda: not client._router.down)
+        assert client.stats.nodes_recovered == 1 and client.stats.probes >= 1
+        assert ("PING", None) in primary.received
+        client.set(key, 3)
+        assert primary.keys_of("SET") == [k, k, k]
+        wait_for(lambda: client.probing() == [])  # the probe ended with the answer
+
+
+@KIND
+def test_timed_out_read_moves_on_to_the_next_node(servers: ServerThread, kind: str) -> None:
+    # consistency=None and no advertised level: a read is a GET to the primary (the
+    # proxy path), retried on the next owner after a timeout, like an unreachable node.
+    primary, other, key = two_owners(servers)
+    primary.store[key.encode()] = MsgpackSerializer().dumps("v")
+    with client_of(kind, [other.address], timeout=0.2, consistency=None) as client:
+        primary.delay = 1.0
+        assert client.get(key) == "v"
+        assert other.keys_of("GET") == [key.encode()]
+        assert client._router.down == [primary.address]
+        assert client.stats.failovers == 1
+
+
+@KIND
+def test_timeout_answered_by_the_node_does_not_set_it_aside(
+    servers: ServerThread, kind: str
+) -> None:
+    # A node that answers "timed out" (e.g. a coordinator whose replicas were slow) is
+    # alive: the error reaches the caller, the node stays in use.
+    nodes, _, _ = cluster(servers, 1, replication=1)
+    node = nodes[0]
+    with client_of(kind, [node.address], route="any") as client:
+        node.fail = RequestTimeoutError("replica answers missing")
+        with pytest.raises(RequestTimeoutError, match="replica answers missing"):
+            client.set("k", 1)
+        with pytest.raises(RequestTimeoutError):
+            client.get("k")
+        assert client._router.down == []
+        assert client.stats.nodes_suspected == 0 and client.stats.probes == 0
+
+
+@KIND
+def test_unreachable_node_comes_back_through_its_probe(servers: ServerThread, kind: str) -> None:
+    # One mechanism for both kinds of failure: a refused node is probed, not retried
+    # by operations after a delay, and used again once a probe connects and is answered.
+    store: dict[bytes, bytes] = {}
+    live = FakeNode("live", store)
+    servers.start(live)
+    down = dead_address(servers)
+    payload, ring = topology_payload({"down": down, "live": live.address}, replication=2)
+    live.topology = payload
+    key = next(k for k in KEYS if ring.owners(k.encode())[0] == "down")
+    with client_of(kind, [live.address], connect_timeout=0.5) as client:
+        client.set(key, 1)
+        assert client._router.down == [down]
+        assert client.stats.nodes_marked_down == 1
+        wait_for(lambda: client.stats.probes_failed >= 2)  # refused, again and again
+        back = FakeNode("down", store)
+        back.topology = payload
+        servers.start(back, address=down)
+        wait_for(lambda: not client._router.down)
+        assert client.stats.nodes_recovered == 1
+        client.set(key, 2)
+        assert back.keys_of("SET") == [key.encode()]
+        assert live.keys_of("SET") == [key.encode()]  # only the first one
+
+
+@KIND
+def test_close_stops_the_probes(servers: ServerThread, kind: str) -> None:
+    nodes, _, _ = cluster(servers, 1, replication=1)
+    node = nodes[0]
+    node.delay = 5.0  # answers nothing in time, probes included
+    client = (
+        SyncView([node.address], route="any", timeout=0.2)
+        if kind == "sync"
+        else (AsyncView([node.address], route="any", timeout=0.2))
+    )
+    try:
+        with pytest.raises(RequestTimeoutError):
+            client.get("k")
+        wait_for(lambda: client.stats.probes_failed >= 1)
+        assert client.probing() == [node.address]
+        running = client.probe_handles()
+        assert len(running) == 1 and running[0]()
+    finally:
+        client.close()
+    # close() waited for the probe (cancelled, or stopped at the end of its PING).
+    assert not running[0]()
+    assert client.probing() == []
+
+
+def test_sync_probe_skips_stale_pooled_connections(servers: ServerThread) -> None:
+    # The primary restarts: every idle connection to it is dead. The first request on
+    # one sets it aside; its probe drops the others and answers over a new one.
+    primary, other, key = two_owners(servers)
+    with Client([other.address]) as client:
+        client.set(key, 0)
+        pool = client._pool(primary.address)
+        conns = [pool.acquire() for _ in range(3)]
+        for conn in conns:
+            pool.release(conn)
+        servers.stop(primary.address)
+        back = FakeNode(primary.name, primary.store)
+        back.topology = primary.topology
+        servers.start(back, address=primary.address)
+        client.set(key, 1)  # on a dead connection: the next owner takes it
+        assert other.keys_of("SET") == [key.encode()]
+        wait_for(lambda: not client._router.down)
+        assert (client.stats.probes, client.stats.probes_failed) == (1, 0)
+        client.set(key, 2)
+        assert back.keys_of("SET") == [key.encode()]
+
+
+@KIND
+def test_probe_of_an_address_outside_the_cluster_stops(servers: ServerThread, kind: str) -> None:
+    nodes, _, _ = cluster(servers, 1, replication=1)
+    stray = dead_address(servers)
+    with client_of(kind, [nodes[0].address]) as client:
+        client.get("k")
+        with pytest.raises(NodeUnavailableError):
+            client.ping(stray)
+        # Nothing routes to it: its probe forgets it instead of PINGing for ever.
+        wait_for(lambda: not client._router.down and not client.probing())
+        assert client.stats.nodes_recovered == 0
 
 
 # ============================================================================ real nodes

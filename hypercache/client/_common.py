@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal
 
@@ -24,6 +24,7 @@ from hypercache.errors import (
 from hypercache.net.protocol import (
     Entry,
     Limits,
+    Op,
     entry_from_wire,
     entry_is_live,
     entry_older,
@@ -34,6 +35,9 @@ from hypercache.net.transport import parse_address
 __all__ = [
     "BATCH",
     "MAX_PENDING_REPAIRS",
+    "PROBE_BACKOFF",
+    "PROBE_TIMEOUT",
+    "RETRY_AFTER_TIMEOUT",
     "ClientOptions",
     "ClientStats",
     "Entry",
@@ -43,6 +47,7 @@ __all__ = [
     "entry_from_wire",
     "entry_is_live",
     "parse_seeds",
+    "probe_delays",
     "ttl_to_ms",
     "unreachable",
     "wire_consistency",
@@ -56,6 +61,27 @@ BATCH: Final = 1024
 #: Read-repair pushes a client keeps in flight at most; beyond, a push is dropped
 #: (counted in ``stats.read_repairs_dropped``) and anti-entropy repairs the owner later.
 MAX_PENDING_REPAIRS: Final = 1024
+#: Deadline of one probe ``PING`` of a node set aside (at most the client's ``timeout``).
+PROBE_TIMEOUT: Final = 0.5
+#: Pause after a node's first failed probe; it doubles after each failure, up to
+#: ``retry_down_after``.
+PROBE_BACKOFF: Final = 0.05
+#: Operations that may be sent to another node after one timed out in the same call:
+#: those that change nothing. A ``SET`` or ``DELETE`` that timed out may still be
+#: applied by its node (when it wakes up, with a version stamped then), so sending it
+#: elsewhere too could apply the write twice, the older one last: it is raised.
+RETRY_AFTER_TIMEOUT: Final = frozenset({int(Op.GET), int(Op.R_GET), int(Op.PING), int(Op.TOPOLOGY)})
+
+
+def probe_delays(cap: float) -> Iterator[float]:
+    """Pauses between the probes of one node set aside: :data:`PROBE_BACKOFF`, doubling
+    up to ``cap`` (``retry_down_after``), then ``cap`` for ever. A paused node costs a
+    probe at most every ``cap + PROBE_TIMEOUT`` seconds, a dead one a refused
+    connection every ``cap`` seconds."""
+    delay = min(PROBE_BACKOFF, cap)
+    while True:
+        yield delay
+        delay = min(delay * 2, cap)
 
 
 def parse_seeds(seeds: str | Sequence[str]) -> tuple[str, ...]:
@@ -126,11 +152,12 @@ class OwnerRead:
     the answers, and the outcome. Pure bookkeeping, shared by both clients; they do
     the asking.
 
-    The first ``required`` owners (in the router's order: table order, owners known
-    to be down last) are asked at once; each owner that fails (unreachable, timed
-    out, an error answer, a malformed answer) is replaced at once by the next owner
-    not asked yet. The read succeeds at ``required`` answers and fails once every
-    owner asked has answered or failed with fewer.
+    The first ``required`` owners (in the router's order: table order, owners set
+    aside last) are asked at once; each owner that fails (unreachable, timed out, an
+    error answer, a malformed answer) is replaced at once by the next owner not
+    asked yet (a read changes nothing, so asking another owner after a timeout is
+    safe). The read succeeds at ``required`` answers and fails once every owner
+    asked has answered or failed with fewer.
 
     :param key: the wire key.
     :param owners: the owners, in the order to ask them.
@@ -261,6 +288,7 @@ class ClientOptions:
     route: Route = "owner"
     limits: Limits = field(default_factory=Limits)
     topology_refresh: float = 30.0
+    #: longest pause between two probes of a node set aside (s)
     retry_down_after: float = 1.0
 
     def __post_init__(self) -> None:
@@ -324,7 +352,14 @@ class ClientStats:
 
     :ivar requests: operations sent (a ``get_many`` of n keys counts n).
     :ivar failovers: times an operation moved on to another node after one failed.
-    :ivar nodes_marked_down: times a node was found unreachable.
+    :ivar nodes_marked_down: times a node in use was set aside because it could not
+        be reached (connection refused or failed, or lost).
+    :ivar nodes_suspected: times a node in use was set aside because a request to it
+        got no answer within ``timeout``.
+    :ivar nodes_recovered: times a node set aside answered again (a probe's ``PING``
+        or another request) and was used again.
+    :ivar probes: ``PING`` probes sent to nodes set aside (connecting included).
+    :ivar probes_failed: probes that got no answer (timed out, refused, failed).
     :ivar topology_refreshes: partition tables fetched.
     :ivar topology_errors: table fetches that failed.
     :ivar connections_opened: connections made to nodes.
@@ -338,6 +373,10 @@ class ClientStats:
     requests: int = 0
     failovers: int = 0
     nodes_marked_down: int = 0
+    nodes_suspected: int = 0
+    nodes_recovered: int = 0
+    probes: int = 0
+    probes_failed: int = 0
     topology_refreshes: int = 0
     topology_errors: int = 0
     connections_opened: int = 0
@@ -351,8 +390,24 @@ class ClientStats:
 
 class ClientBase:
     """What :class:`~hypercache.Client` and :class:`~hypercache.AsyncClient` share:
-    the constructor, validated options, the router and the counters. Each
-    subclass sets up its own connections in :meth:`_init_transport`."""
+    the constructor, validated options, the router and the counters, and what
+    happens to a node that fails.
+
+    **Node health.** A node is *set aside* when a request to it timed out locally
+    (no answer within ``timeout``: the node is paused, overloaded or cut off; an
+    error answer that happens to be a timeout proves it alive and does not count)
+    or when it could not be reached (refused or failed connection, connection
+    lost). Both are one mechanism: the router puts the node last in every order,
+    so that no operation is sent to it while another candidate is left (reads ask
+    the other owners, writes go to the next owner, which coordinates), and the
+    client probes it in the background (:meth:`_start_probe`: one probe per node
+    at a time, a ``PING`` with a deadline of ``min(timeout, PROBE_TIMEOUT)``,
+    repeated after :func:`probe_delays`). The first answer from the node, to a
+    probe or to any request, brings it back. Setting aside never fails a request
+    by itself: when every candidate is aside, they are still tried, last.
+
+    Each subclass sets up its own connections in :meth:`_init_transport` and runs
+    its probes in :meth:`_start_probe`."""
 
     #: read-repair pushes in flight at most (see ``MAX_PENDING_REPAIRS``)
     max_pending_repairs: int = MAX_PENDING_REPAIRS
@@ -387,10 +442,7 @@ class ClientBase:
         #: counters of this client
         self.stats = ClientStats()
         self._router = Router(
-            options.seeds,
-            route=options.route,
-            topology_refresh=options.topology_refresh,
-            retry_down_after=options.retry_down_after,
+            options.seeds, route=options.route, topology_refresh=options.topology_refresh
         )
         self._hello = options.hello()
         self._limits = options.limits
@@ -404,10 +456,36 @@ class ClientBase:
     def _init_transport(self) -> None:
         raise NotImplementedError
 
+    def _start_probe(self, address: str) -> None:
+        """Probe ``address``, set aside, in the background until it answers (or the
+        client closes); no-op when a probe of it is running already."""
+        raise NotImplementedError
+
+    @property
+    def _probe_timeout(self) -> float:
+        return min(self._timeout, PROBE_TIMEOUT)
+
+    def _node_down(self, address: str) -> None:
+        """``address`` could not be reached: set it aside and probe it."""
+        if self._router.mark_down(address, time.monotonic()):
+            self.stats.nodes_marked_down += 1
+            self._start_probe(address)
+
+    def _suspect(self, address: str) -> None:
+        """A request to ``address`` got no answer in time: set it aside and probe it."""
+        if self._router.mark_down(address, time.monotonic()):
+            self.stats.nodes_suspected += 1
+            self._start_probe(address)
+
+    def _recovered(self, address: str) -> None:
+        """``address`` answered: use it again if it was set aside."""
+        if self._router.mark_up(address):
+            self.stats.nodes_recovered += 1
+
     def _topology_fetched(self, address: str, topology: Topology) -> Topology:
         """Adopt a table fetched from ``address``."""
         self._router.set_topology(topology, time.monotonic())
-        self._router.mark_up(address)
+        self._recovered(address)
         self.stats.topology_refreshes += 1
         return topology
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from hypercache.client._common import (
     BATCH,
+    RETRY_AFTER_TIMEOUT,
     ClientBase,
     Entry,
     OwnerRead,
     decode_get,
     entry_is_live,
+    probe_delays,
     ttl_to_ms,
     unreachable,
     wall_ms,
@@ -23,7 +26,12 @@ from hypercache.client._common import (
 from hypercache.client.keys import Key, normalize_key, wire_keys
 from hypercache.client.topology import Topology
 from hypercache.consistency import Consistency
-from hypercache.errors import HyperCacheError, NodeUnavailableError, ProtocolError
+from hypercache.errors import (
+    HyperCacheError,
+    NodeUnavailableError,
+    ProtocolError,
+    RequestTimeoutError,
+)
 from hypercache.net.protocol import Op
 from hypercache.net.tcp import ClientConnection, connect
 
@@ -53,6 +61,11 @@ class AsyncClient(ClientBase):
     of tasks may issue requests at the same time, and their requests are pipelined
     on it. A client belongs to the event loop it first ran on.
 
+    A node whose request timed out, or that cannot be reached, is set aside and
+    probed by a task of its own (one per node, cancelled by :meth:`close`) until it
+    answers; see "Node health" in ``docs/client.md``. Which operations are retried
+    on another node after a timeout is as for ``Client``: reads yes, writes no.
+
     :raises ConfigError: an argument is invalid (``field`` names it).
     """
 
@@ -64,6 +77,8 @@ class AsyncClient(ClientBase):
         # Read repairs in flight (fire and forget; referenced so that they are not
         # collected half-way; at most max_pending_repairs).
         self._background: set[asyncio.Task[Any]] = set()
+        # address -> the task probing it while it is set aside (one per node)
+        self._probes: dict[str, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -80,12 +95,17 @@ class AsyncClient(ClientBase):
         return self
 
     async def close(self) -> None:
-        """Close every connection and stop the background table refresh. Idempotent."""
+        """Close every connection, stop the background table refresh and the probes.
+        Idempotent."""
         self._closed = True
         task, self._refresh_task = self._refresh_task, None
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        probes, self._probes = list(self._probes.values()), {}
+        for probe in probes:
+            probe.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
         for pending in list(self._background):
             pending.cancel()
         for fut in list(self._connecting.values()):
@@ -281,6 +301,7 @@ class AsyncClient(ClientBase):
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         timeout = self._timeout
+        router = self._router
 
         def launch(address: str) -> None:
             conn = self._conns.get(address)
@@ -290,12 +311,16 @@ class AsyncClient(ClientBase):
                 task.add_done_callback(lambda t: connected(address, t))
                 return
             # Connected: the answer comes back through a callback, no task per owner.
+            seen = conn.stats.timeouts  # to tell our own timeout from an error answer
             try:
                 conn.send_callback(
-                    _R_GET, payload, timeout, lambda raw, exc: answered(address, conn, raw, exc)
+                    _R_GET,
+                    payload,
+                    timeout,
+                    lambda raw, exc: answered(address, conn, seen, raw, exc),
                 )
             except HyperCacheError as exc:  # closed meanwhile, or cannot be encoded
-                answered(address, conn, None, exc)
+                answered(address, conn, seen, None, exc)
 
         def connected(address: str, task: asyncio.Task[Any]) -> None:
             if task.cancelled():
@@ -305,10 +330,12 @@ class AsyncClient(ClientBase):
             outcome(address, None if exc is not None else task.result(), exc)
 
         def answered(
-            address: str, conn: ClientConnection, raw: Any, exc: BaseException | None
+            address: str, conn: ClientConnection, seen: int, raw: Any, exc: BaseException | None
         ) -> None:
             if exc is not None:
-                self._check_connection(address, conn, exc)
+                self._check_connection(address, conn, exc, seen)
+            elif router.is_down(address):
+                self._recovered(address)
             outcome(address, raw, exc)
 
         def outcome(address: str, raw: Any, exc: BaseException | None) -> None:
@@ -348,7 +375,10 @@ class AsyncClient(ClientBase):
         _consume(task)
 
     async def _call(self, key: bytes | None, op: int, payload: Any) -> Any:
-        """Send one request for ``key``, failing over along the router's candidates."""
+        """Send one request for ``key``, failing over along the router's candidates:
+        after a node could not be reached, always; after a timeout, only a request
+        that changes nothing (:data:`RETRY_AFTER_TIMEOUT`), and only to a node not
+        set aside (a write that timed out raises: it may still be applied)."""
         if self._closed:
             raise NodeUnavailableError("the client is closed")
         router = self._router
@@ -356,19 +386,31 @@ class AsyncClient(ClientBase):
             await self._refresh_due()
         self.stats.requests += 1
         errors: dict[str, BaseException] = {}
+        timed_out: RequestTimeoutError | None = None
         for address in router.candidates(key):
+            if timed_out is not None and router.is_down(address):
+                break  # only nodes set aside are left: each could cost a timeout more
             if errors:
                 self.stats.failovers += 1
             try:
                 return await self._attempt(address, op, payload)
             except NodeUnavailableError as exc:
                 errors[address] = exc
+            except RequestTimeoutError as exc:
+                if op not in RETRY_AFTER_TIMEOUT:
+                    raise
+                errors[address] = exc
+                timed_out = timed_out or exc
+        if timed_out is not None:
+            raise timed_out
         raise unreachable(f"op {Op(op).name}", errors)
 
     async def _attempt(self, address: str, op: int, payload: Any) -> Any:
-        """One request to ``address``; marks the node down when it cannot be reached.
+        """One request to ``address``. Sets the node aside when it cannot be reached
+        or the request timed out; brings it back when it was aside and answered.
 
         :raises NodeUnavailableError: cannot connect, or the connection broke.
+        :raises RequestTimeoutError: no answer within ``timeout``.
         """
         conn = self._conns.get(address)
         if conn is None or conn.closed:
@@ -377,19 +419,30 @@ class AsyncClient(ClientBase):
             except NodeUnavailableError:
                 self._node_down(address)
                 raise
+        seen = conn.stats.timeouts
         try:
-            return await conn.request(op, payload, self._timeout)
-        except NodeUnavailableError as exc:
-            self._check_connection(address, conn, exc)
+            answer = await conn.request(op, payload, self._timeout)
+        except (NodeUnavailableError, RequestTimeoutError) as exc:
+            self._check_connection(address, conn, exc, seen)
             raise
+        if self._router.is_down(address):
+            self._recovered(address)
+        return answer
 
-    def _check_connection(self, address: str, conn: ClientConnection, exc: BaseException) -> None:
-        """After a request to ``address`` failed with ``exc``: if ``conn`` broke (not an
-        answer from the node), mark the node down and forget the connection."""
+    def _check_connection(
+        self, address: str, conn: ClientConnection, exc: BaseException, seen: int
+    ) -> None:
+        """After a request to ``address`` on ``conn`` failed with ``exc``: if ``conn``
+        broke, set the node aside and forget the connection; if the request ran out of
+        time on our side (``conn.stats.timeouts`` moved past ``seen``, its value when
+        the request was sent; a node's error answer that happens to be a timeout does
+        not move it), set the node aside. Other errors are answers: the node is alive."""
         if isinstance(exc, NodeUnavailableError) and conn.closed:
             self._node_down(address)
             if self._conns.get(address) is conn:
                 del self._conns[address]
+        elif isinstance(exc, RequestTimeoutError) and conn.stats.timeouts != seen:
+            self._suspect(address)
 
     async def _connection(self, address: str) -> ClientConnection:
         if self._closed:
@@ -425,9 +478,47 @@ class AsyncClient(ClientBase):
             await old.close()
         return conn
 
-    def _node_down(self, address: str) -> None:
-        self.stats.nodes_marked_down += 1
-        self._router.mark_down(address, time.monotonic())
+    # ------------------------------------------------------------------ probes
+
+    def _start_probe(self, address: str) -> None:
+        if self._closed:
+            return
+        task = self._probes.get(address)
+        if task is not None and not task.done():
+            return  # one probe per node
+        task = asyncio.get_running_loop().create_task(
+            self._probe(address), name=f"hypercache-probe {address}"
+        )
+        self._probes[address] = task
+        task.add_done_callback(functools.partial(self._probe_done, address))
+
+    def _probe_done(self, address: str, task: asyncio.Task[None]) -> None:
+        if self._probes.get(address) is task:
+            del self._probes[address]
+        _consume(task)
+
+    async def _probe(self, address: str) -> None:
+        """PING ``address`` until it answers (then use it again), the client closes, it
+        is brought back otherwise, or it leaves the table. Never raises a node's error."""
+        router, stats = self._router, self.stats
+        timeout = self._probe_timeout
+        delays = probe_delays(self.options.retry_down_after)
+        while router.is_down(address) and not self._closed:
+            if not router.knows(address):
+                router.mark_up(address)  # nothing routes to it: forget it
+                return
+            stats.probes += 1
+            try:
+                conn = self._conns.get(address)
+                if conn is None or conn.closed:
+                    conn = await self._connection(address)
+                await conn.request(_PING, None, timeout)
+            except HyperCacheError:
+                stats.probes_failed += 1
+                await asyncio.sleep(next(delays))
+                continue
+            self._recovered(address)
+            return
 
     def _refresh_in_background(self) -> None:
         task = self._refresh_task

@@ -11,10 +11,12 @@ from typing import Any, Final, TypeVar
 
 from hypercache.client._common import (
     BATCH,
+    RETRY_AFTER_TIMEOUT,
     ClientBase,
     OwnerRead,
     decode_get,
     entry_is_live,
+    probe_delays,
     ttl_to_ms,
     unreachable,
     wall_ms,
@@ -23,7 +25,13 @@ from hypercache.client._common import (
 from hypercache.client.keys import Key, normalize_key, wire_keys
 from hypercache.client.topology import Topology
 from hypercache.consistency import Consistency
-from hypercache.errors import HyperCacheError, NodeUnavailableError, ProtocolError, QuorumError
+from hypercache.errors import (
+    HyperCacheError,
+    NodeUnavailableError,
+    ProtocolError,
+    QuorumError,
+    RequestTimeoutError,
+)
 from hypercache.net.blocking import BlockingConnection, pipeline_all
 from hypercache.net.protocol import Op
 
@@ -114,12 +122,30 @@ class Client(ClientBase):
     threads go out on separate connections (at most 8 idle connections per node
     are kept). Not fork-safe: create clients after forking.
 
+    **Failures.** A node that cannot be reached, or whose request got no answer
+    within ``timeout``, is set aside: no operation is sent to it while another
+    candidate is left, and a daemon thread of the client probes it (``PING``, one
+    thread per node at a time, stopped by :meth:`close`) until it answers; see
+    "Node health" in ``docs/client.md``. What an operation does when its node fails:
+
+    - cannot connect, or the connection broke: it moves on to the next candidate
+      (the next owner, then any node, which coordinates);
+    - timed out: a read (``get``, ``get_many``, ``ping``, ``topology``) moves on to
+      another owner or node not set aside; a write (``set``, ``delete``,
+      ``set_many``) raises :class:`~hypercache.errors.RequestTimeoutError`: its
+      outcome is unknown (the node may apply it when it wakes up), and sending it
+      elsewhere too could apply it twice, out of order.
+
     :raises ConfigError: an argument is invalid (``field`` names it).
     """
 
     def _init_transport(self) -> None:
         self._pools: dict[str, _Pool] = {}
         self._lock = threading.Lock()
+        # address -> the thread probing it while it is set aside (one per node); both
+        # guarded by _lock, with _closed
+        self._probing: dict[str, threading.Thread] = {}
+        self._stop = threading.Event()  # set by close(): probes stop waiting
         self._refreshing = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._repairs_pending = 0  # read-repair pushes queued or in flight
@@ -140,7 +166,9 @@ class Client(ClientBase):
 
     def close(self) -> None:
         """Close every connection, once the read repairs still queued went out (each
-        bounded by ``timeout``). Idempotent; the client cannot be used afterwards."""
+        bounded by ``timeout``), and stop the probes (each within its deadline).
+        Idempotent; the client cannot be used afterwards."""
+        self._stop.set()
         with self._lock:
             executor, self._executor = self._executor, None
         if executor is not None:
@@ -149,8 +177,14 @@ class Client(ClientBase):
             self._closed = True
             pools, self._pools = self._pools, {}
             executor, self._executor = self._executor, None
+            probes, self._probing = list(self._probing.values()), {}
         if executor is not None:  # made by a request that raced with close()
             executor.shutdown(wait=False, cancel_futures=True)
+        # A probe is in a PING (at most the probe timeout) or connecting (at most
+        # connect_timeout); it sees _stop right after.
+        wait = self.options.connect_timeout + self._probe_timeout + 1.0
+        for thread in probes:
+            thread.join(wait)
         for pool in pools.values():
             pool.close()
 
@@ -316,7 +350,10 @@ class Client(ClientBase):
         return self._attempt(address, op, payload, pipeline=False)
 
     def _call(self, key: bytes | None, op: int, payload: Any) -> Any:
-        """Send one request for ``key``, failing over along the router's candidates."""
+        """Send one request for ``key``, failing over along the router's candidates:
+        after a node could not be reached, always; after a timeout, only a request
+        that changes nothing (:data:`RETRY_AFTER_TIMEOUT`), and only to a node not
+        set aside (a write that timed out raises: it may still be applied)."""
         if self._closed:
             raise NodeUnavailableError("the client is closed")
         router = self._router
@@ -324,7 +361,10 @@ class Client(ClientBase):
             self._try_refresh()
         self.stats.requests += 1
         errors: dict[str, BaseException] = {}
+        timed_out: RequestTimeoutError | None = None
         for address in router.candidates(key):
+            if timed_out is not None and router.is_down(address):
+                break  # only nodes set aside are left: each could cost a timeout more
             if errors:
                 self.stats.failovers += 1
             try:
@@ -332,19 +372,30 @@ class Client(ClientBase):
             except NodeUnavailableError as exc:
                 errors[address] = exc
                 continue
+            except RequestTimeoutError as exc:
+                if op not in RETRY_AFTER_TIMEOUT:
+                    raise
+                errors[address] = exc
+                timed_out = timed_out or exc
+                continue
             return result
+        if timed_out is not None:
+            raise timed_out
         raise unreachable(f"op {Op(op).name}", errors)
 
     def _attempt(self, address: str, op: int, payload: Any, *, pipeline: bool) -> Any:
         """One attempt on ``address``: a request, or a pipeline when ``pipeline``
         (``payload`` is then the list of ``(op, payload)``).
 
-        A connection that broke is dropped and the node marked down; one that
-        merely carried an error answer goes back to the pool; one interrupted by
-        a non-hypercache exception (KeyboardInterrupt...) is closed, its stream
-        being in doubt.
+        A connection that broke is dropped and the node set aside; one that timed
+        out (a request without an answer in time, on our side) goes back to the pool
+        and the node is set aside; one that merely carried an error answer goes back
+        to the pool; one interrupted by a non-hypercache exception
+        (KeyboardInterrupt...) is closed, its stream being in doubt. An answer from
+        a node set aside brings it back.
 
         :raises NodeUnavailableError: cannot connect, or the connection broke.
+        :raises RequestTimeoutError: no answer within ``timeout``.
         """
         timeout = self._timeout
         pool = self._pool(address)
@@ -353,6 +404,9 @@ class Client(ClientBase):
         except NodeUnavailableError:
             self._node_down(address)
             raise
+        # The connection counts the requests that ran out of time on our side: a
+        # node's error answer that happens to be a timeout does not move it.
+        seen = conn.stats.timeouts
         try:
             if pipeline:
                 result = conn.pipeline(payload, timeout)
@@ -365,18 +419,103 @@ class Client(ClientBase):
             raise
         except HyperCacheError:
             pool.release(conn)
+            if conn.stats.timeouts != seen:
+                self._suspect(address)
             raise
         except BaseException:
             conn.close()
             raise
-        if conn.closed:  # a pipeline whose connection broke half-way
-            self._node_down(address)
+        self._health(address, conn, seen)
         pool.release(conn)
         return result
 
-    def _node_down(self, address: str) -> None:
-        self.stats.nodes_marked_down += 1
-        self._router.mark_down(address, time.monotonic())
+    def _health(self, address: str, conn: BlockingConnection, seen: int) -> None:
+        """After an exchange on ``conn`` that returned (a pipeline's answers may hold
+        errors): set ``address`` aside if the connection broke or a request ran out of
+        time (``conn.stats.timeouts`` moved past ``seen``), else it answered."""
+        if conn.closed:  # a pipeline whose connection broke half-way
+            self._node_down(address)
+        elif conn.stats.timeouts != seen:
+            self._suspect(address)
+        elif self._router.is_down(address):
+            self._recovered(address)
+
+    # ------------------------------------------------------------------ probes
+
+    def _start_probe(self, address: str) -> None:
+        with self._lock:
+            if self._closed or self._stop.is_set() or address in self._probing:
+                return  # one probe per node
+            thread = threading.Thread(
+                target=self._probe, args=(address,), name=f"hypercache-probe {address}"
+            )
+            thread.daemon = True
+            self._probing[address] = thread
+            thread.start()
+
+    def _probe(self, address: str) -> None:
+        """PING ``address`` until it answers (then use it again), the client closes, it
+        is brought back otherwise, or it leaves the table.
+
+        Whether to go on is decided under ``_lock``, where :meth:`_start_probe` looks
+        for a running probe: a node set aside again just as its probe decides to stop
+        gets a new probe."""
+        router, stats, stop = self._router, self.stats, self._stop
+        timeout = self._probe_timeout
+        delays = probe_delays(self.options.retry_down_after)
+        while True:
+            with self._lock:
+                if self._closed or stop.is_set() or not router.is_down(address):
+                    self._forget_probe(address)
+                    return
+                if not router.knows(address):  # nothing routes to it: forget it
+                    router.mark_up(address)
+                    self._forget_probe(address)
+                    return
+            stats.probes += 1
+            if self._ping_once(address, timeout):
+                with self._lock:
+                    self._recovered(address)
+                    self._forget_probe(address)
+                return
+            stats.probes_failed += 1
+            if stop.wait(next(delays)):
+                with self._lock:
+                    self._forget_probe(address)
+                return
+
+    def _forget_probe(self, address: str) -> None:
+        """Under ``_lock``: the probe of ``address`` (this thread) ends."""
+        if self._probing.get(address) is threading.current_thread():
+            del self._probing[address]
+
+    def _ping_once(self, address: str, timeout: float) -> bool:
+        """One probe: whether ``address`` answered a PING within ``timeout``, over a
+        pooled connection, or a new one if none is idle. A pooled connection found
+        closed (the node restarted: the others are likely stale too) is dropped and
+        the next one tried at once, up to a new connection."""
+        try:
+            pool = self._pool(address)
+        except HyperCacheError:
+            return False
+        for _ in range(_MAX_IDLE + 1):
+            try:
+                conn = pool.acquire()
+            except HyperCacheError:
+                return False  # cannot connect
+            try:
+                conn.request(_PING, None, timeout)
+            except HyperCacheError:
+                if not conn.closed:
+                    return False  # no answer in time, or an error answer
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            finally:
+                pool.release(conn)
+            return True
+        return False
 
     def _read(
         self, keys: dict[bytes, None], level: str | None
@@ -534,6 +673,7 @@ class Client(ClientBase):
                     if isinstance(exc, NodeUnavailableError):
                         self._node_down(address)
                     out[address] = exc
+            seen = [conn.stats.timeouts for _, _, conn in taken]
             answers = pipeline_all(
                 [(conn, groups[address]) for address, _, conn in taken], self._timeout
             )
@@ -541,9 +681,9 @@ class Client(ClientBase):
             for _, _, conn in taken:  # streams in doubt
                 conn.close()
             raise
-        for (address, pool, conn), results in zip(taken, answers, strict=True):
-            if conn.closed:  # the connection broke: what it did not answer failed
-                self._node_down(address)
+        for (address, pool, conn), before, results in zip(taken, seen, answers, strict=True):
+            # broke: what it did not answer failed; timed out: the node is set aside
+            self._health(address, conn, before)
             pool.release(conn)
             out[address] = results
         return out

@@ -14,29 +14,38 @@ hash, one shift and one tuple index.
 
 :class:`Router` decides the order in which a client tries nodes for one request:
 
-- ``route="owner"``: the key's owners that are not known to be down, primary
-  first; then every other node of the table; then the seeds; and last, as a final
-  resort, the nodes recently found down. Any node can coordinate any key, so the
-  later candidates still give a correct answer (one proxy hop further).
+- ``route="owner"``: the key's owners that are not set aside, primary first; then
+  every other node of the table; then the seeds; and last, as a final resort, the
+  nodes set aside. Any node can coordinate any key, so the later candidates still
+  give a correct answer (one proxy hop further).
 - ``route="any"``: the seeds, round-robin (each node proxies to the owners).
 
-A node that fails to connect is *down* for ``retry_down_after`` seconds, so a dead
-node costs one connection attempt per period, not one per request; it also marks
-the table stale, and the next request fetches a new one (at most once per
-``min_refresh`` seconds). The table is also refetched every ``topology_refresh``
-seconds. The newest fetched table always replaces the old one: the epoch is shown
-for diagnostics, not used to refuse a table (a cluster restarted from scratch
-starts again at a low epoch).
+A node is *set aside* (:meth:`Router.mark_down`) when a request to it timed out
+or it could not be reached (refused or failed connection, connection lost). It
+stays aside **until it answers again**: the client probes it in the background
+(``PING``, see ``ClientBase``) and :meth:`Router.mark_up` brings it back at the
+first answer, the probe's or any other request's. There is no expiry: a node that
+is paused or dead is not sent real requests meanwhile, and costs them nothing.
+When every candidate of a request is set aside they are still tried, in the same
+order, last: the client never refuses a request on its own belief alone. Setting
+a node aside also marks the table stale, and the next request fetches a new one
+(at most once per ``min_refresh`` seconds). The table is also refetched every
+``topology_refresh`` seconds. The newest fetched table always replaces the old
+one: the epoch is shown for diagnostics, not used to refuse a table (a cluster
+restarted from scratch starts again at a low epoch).
 
 The router keeps only plain attributes and dicts that it never iterates while
-another thread may change them, so the sync client shares one between threads
-without a lock; the worst outcome of a race is one extra table fetch.
+another thread may change them (``list(d)`` and ``d.get`` are single operations
+under the GIL), so the sync client shares one between threads without a lock; the
+worst outcome of a race is one extra table fetch, or a node brought back by a
+probe's answer just as another thread sets it aside (the probe did get an answer).
+The probes themselves (a task or a thread per node set aside) belong to the
+clients; the router only keeps the set.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -216,7 +225,6 @@ class Router:
     :param seeds: the addresses the client was given.
     :param route: ``"owner"`` or ``"any"``.
     :param topology_refresh: seconds between periodic table fetches.
-    :param retry_down_after: seconds a node that failed stays at the back of the line.
     """
 
     def __init__(
@@ -225,15 +233,14 @@ class Router:
         *,
         route: str = "owner",
         topology_refresh: float = 30.0,
-        retry_down_after: float = 1.0,
     ) -> None:
         self.seeds = seeds
         self.by_owner = route == "owner"
         self.topology: Topology | None = None
         self.topology_refresh = topology_refresh
-        self.retry_down_after = retry_down_after
         self._next_refresh = 0.0  # monotonic time of the next fetch; 0 = now
-        self._down: dict[str, float] = {}  # address -> monotonic time it may be retried
+        # address set aside -> (monotonic time it was set aside,)
+        self._down: dict[str, tuple[float]] = {}
         self._rr = itertools.count()
 
     # -- the table
@@ -257,37 +264,46 @@ class Router:
     def fetch_order(self) -> list[str]:
         """Where to ask for the table: known nodes that are up, the seeds, then the rest."""
         known = self.topology.addresses if self.topology is not None else ()
-        return self._ordered(dict.fromkeys((*known, *self.seeds)), time.monotonic())
+        return self._ordered(dict.fromkeys((*known, *self.seeds)))
 
     # -- node health
 
-    def mark_down(self, address: str, now: float) -> None:
-        self._down[address] = now + self.retry_down_after
+    def mark_down(self, address: str, now: float) -> bool:
+        """Set ``address`` aside until :meth:`mark_up`; return whether it was in use
+        until now (the caller then starts probing it)."""
+        # setdefault is one step under the GIL: of threads setting the same node
+        # aside at once, only the one whose entry (a new tuple) went in sees it back.
+        entry = (now,)
+        fresh = self._down.setdefault(address, entry) is entry
         self.mark_stale(now)
+        return fresh
 
-    def mark_up(self, address: str) -> None:
-        self._down.pop(address, None)
+    def mark_up(self, address: str) -> bool:
+        """Use ``address`` again; return whether it was set aside."""
+        return self._down.pop(address, None) is not None
 
-    def is_down(self, address: str, now: float) -> bool:
-        until = self._down.get(address)
-        if until is None:
-            return False
-        if now >= until:
-            self._down.pop(address, None)
-            return False
-        return True
+    def is_down(self, address: str) -> bool:
+        """Whether ``address`` is set aside."""
+        return address in self._down
+
+    def knows(self, address: str) -> bool:
+        """Whether ``address`` is a seed or a node of the table (a probe of any other
+        address, e.g. one given to ``ping``, stops: nothing would route to it)."""
+        if address in self.seeds:
+            return True
+        topology = self.topology
+        return topology is not None and address in topology.addresses
 
     @property
     def down(self) -> list[str]:
-        """Addresses currently considered down."""
-        now = time.monotonic()
-        return [a for a in list(self._down) if self.is_down(a, now)]
+        """Addresses set aside now."""
+        return list(self._down)
 
     # -- candidates
 
     def read_owners(self, key: bytes) -> tuple[str, ...] | None:
         """The owners of ``key`` to read from directly, in the order to ask them:
-        table order (primary first), owners known to be down last. ``None`` when
+        table order (primary first), owners set aside last. ``None`` when
         the client does not route by owner or has no table (use the proxy path).
         """
         topology = self.topology
@@ -296,8 +312,8 @@ class Router:
         owners = topology.owners(key)
         if not self._down:
             return owners
-        now = time.monotonic()
-        up = tuple(a for a in owners if not self.is_down(a, now))
+        down = self._down
+        up = tuple(a for a in owners if a not in down)
         if len(up) == len(owners):
             return owners
         return up + tuple(a for a in owners if a not in up)
@@ -319,9 +335,8 @@ class Router:
     def candidates(self, key: bytes | None) -> Iterator[str]:
         """Addresses to try, in order, for a request about ``key`` (None: any node).
 
-        Every address comes at most once; nodes considered down come last.
+        Every address comes at most once; nodes set aside come last.
         """
-        now = time.monotonic()
         topology = self.topology
         if self.by_owner and topology is not None:
             if key is not None:
@@ -331,14 +346,14 @@ class Router:
                     rest = dict.fromkeys((*topology.addresses, *self.seeds))
                     for address in owners:
                         rest.pop(address, None)
-                    yield from self._ordered(rest, now)
+                    yield from self._ordered(rest)
                     return
                 order = dict.fromkeys((*owners, *topology.addresses, *self.seeds))
             else:
                 order = dict.fromkeys(self._rotate(topology.addresses) + self.seeds)
         else:
             order = dict.fromkeys(self._rotate(self.seeds))
-        yield from self._ordered(order, now)
+        yield from self._ordered(order)
 
     def _rotate(self, addresses: tuple[str, ...]) -> tuple[str, ...]:
         if len(addresses) < 2:
@@ -346,8 +361,9 @@ class Router:
         i = next(self._rr) % len(addresses)
         return addresses[i:] + addresses[:i]
 
-    def _ordered(self, addresses: dict[str, None], now: float) -> list[str]:
-        up = [a for a in addresses if not self.is_down(a, now)]
+    def _ordered(self, addresses: dict[str, None]) -> list[str]:
+        down = self._down
+        up = [a for a in addresses if a not in down]
         if len(up) == len(addresses):
             return up
         return up + [a for a in addresses if a not in up]
