@@ -69,6 +69,13 @@ class RequestTimeoutError(HyperCacheError, TimeoutError):
     code = 6
 
 
+class NoAnswerError(RequestTimeoutError):
+    """No answer came from the node within the request's deadline: raised by this
+    side's connection (the node may be paused, overloaded or cut off). A node that
+    *answers* with a timeout (one of its own requests ran out of time) raises plain
+    :class:`RequestTimeoutError`: it is alive. Travels as ``RequestTimeoutError``."""
+
+
 class QuorumError(HyperCacheError):
     """Fewer replicas acknowledged an operation than its consistency level requires."""
 

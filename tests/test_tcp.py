@@ -33,6 +33,7 @@ from hypercache._core.hlc import wall_clock_ms
 from hypercache.errors import (
     FrameTooLargeError,
     HandshakeError,
+    NoAnswerError,
     NodeUnavailableError,
     ProtocolError,
     QuorumError,
@@ -293,7 +294,7 @@ def test_request_timeout_keeps_connection_usable(run: Runner[None], transport: T
             serving(transport, handler) as server,
             connected(transport, server.address) as conn,
         ):
-            with pytest.raises(RequestTimeoutError, match=r"no answer within 0\.05s"):
+            with pytest.raises(NoAnswerError, match=r"no answer within 0\.05s"):
                 await conn.request(BLOCK, None, 0.05)
             assert conn.stats.timeouts == 1
             assert await conn.request(Op.PING, None, math.inf) == "pong"  # no deadline
@@ -321,8 +322,10 @@ def test_requests_carry_a_deadline_and_a_late_one_is_not_started(
             assert await conn.request(SHUFFLE, [7, 0], 5) == 7
             # As if the request had waited 10 s in a paused server's socket buffer:
             conn._clock_offset = offset - 10_000
-            with pytest.raises(RequestTimeoutError, match="after its deadline"):
+            with pytest.raises(RequestTimeoutError, match="after its deadline") as late:
                 await conn.request(SHUFFLE, [8, 0], 5)
+            # The node answered (it is alive): not a NoAnswerError.
+            assert type(late.value) is RequestTimeoutError
             assert handler.completed == [7]  # the late one never ran
             assert server.stats.expired == 1
             # No deadline (an infinite timeout) is never late.

@@ -28,6 +28,7 @@ from hypercache.client.topology import Topology
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     HyperCacheError,
+    NoAnswerError,
     NodeUnavailableError,
     ProtocolError,
     RequestTimeoutError,
@@ -311,16 +312,15 @@ class AsyncClient(ClientBase):
                 task.add_done_callback(lambda t: connected(address, t))
                 return
             # Connected: the answer comes back through a callback, no task per owner.
-            seen = conn.stats.timeouts  # to tell our own timeout from an error answer
             try:
                 conn.send_callback(
                     _R_GET,
                     payload,
                     timeout,
-                    lambda raw, exc: answered(address, conn, seen, raw, exc),
+                    lambda raw, exc: answered(address, conn, raw, exc),
                 )
             except HyperCacheError as exc:  # closed meanwhile, or cannot be encoded
-                answered(address, conn, seen, None, exc)
+                answered(address, conn, None, exc)
 
         def connected(address: str, task: asyncio.Task[Any]) -> None:
             if task.cancelled():
@@ -330,10 +330,10 @@ class AsyncClient(ClientBase):
             outcome(address, None if exc is not None else task.result(), exc)
 
         def answered(
-            address: str, conn: ClientConnection, seen: int, raw: Any, exc: BaseException | None
+            address: str, conn: ClientConnection, raw: Any, exc: BaseException | None
         ) -> None:
             if exc is not None:
-                self._check_connection(address, conn, exc, seen)
+                self._check_connection(address, conn, exc)
             elif router.is_down(address):
                 self._recovered(address)
             outcome(address, raw, exc)
@@ -419,29 +419,28 @@ class AsyncClient(ClientBase):
             except NodeUnavailableError:
                 self._node_down(address)
                 raise
-        seen = conn.stats.timeouts
         try:
             answer = await conn.request(op, payload, self._timeout)
-        except (NodeUnavailableError, RequestTimeoutError) as exc:
-            self._check_connection(address, conn, exc, seen)
+        except (NodeUnavailableError, NoAnswerError) as exc:
+            self._check_connection(address, conn, exc)
             raise
         if self._router.is_down(address):
             self._recovered(address)
         return answer
 
     def _check_connection(
-        self, address: str, conn: ClientConnection, exc: BaseException, seen: int
+        self, address: str, conn: ClientConnection, exc: BaseException
     ) -> None:
         """After a request to ``address`` on ``conn`` failed with ``exc``: if ``conn``
-        broke, set the node aside and forget the connection; if the request ran out of
-        time on our side (``conn.stats.timeouts`` moved past ``seen``, its value when
-        the request was sent; a node's error answer that happens to be a timeout does
-        not move it), set the node aside. Other errors are answers: the node is alive."""
+        broke, set the node aside and forget the connection; if no answer came in time
+        (:class:`NoAnswerError`, raised on our side; a node's error answer that
+        happens to be a timeout is not one), set the node aside. Other errors are
+        answers: the node is alive."""
         if isinstance(exc, NodeUnavailableError) and conn.closed:
             self._node_down(address)
             if self._conns.get(address) is conn:
                 del self._conns[address]
-        elif isinstance(exc, RequestTimeoutError) and conn.stats.timeouts != seen:
+        elif isinstance(exc, NoAnswerError):
             self._suspect(address)
 
     async def _connection(self, address: str) -> ClientConnection:

@@ -27,6 +27,7 @@ from hypercache.client.topology import Topology
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     HyperCacheError,
+    NoAnswerError,
     NodeUnavailableError,
     ProtocolError,
     QuorumError,
@@ -404,9 +405,6 @@ class Client(ClientBase):
         except NodeUnavailableError:
             self._node_down(address)
             raise
-        # The connection counts the requests that ran out of time on our side: a
-        # node's error answer that happens to be a timeout does not move it.
-        seen = conn.stats.timeouts
         try:
             if pipeline:
                 result = conn.pipeline(payload, timeout)
@@ -417,25 +415,25 @@ class Client(ClientBase):
                 self._node_down(address)
             pool.release(conn)
             raise
-        except HyperCacheError:
+        except HyperCacheError as exc:
             pool.release(conn)
-            if conn.stats.timeouts != seen:
+            if isinstance(exc, NoAnswerError):
                 self._suspect(address)
             raise
         except BaseException:
             conn.close()
             raise
-        self._health(address, conn, seen)
+        self._health(address, conn, result if pipeline else ())
         pool.release(conn)
         return result
 
-    def _health(self, address: str, conn: BlockingConnection, seen: int) -> None:
-        """After an exchange on ``conn`` that returned (a pipeline's answers may hold
-        errors): set ``address`` aside if the connection broke or a request ran out of
-        time (``conn.stats.timeouts`` moved past ``seen``), else it answered."""
+    def _health(self, address: str, conn: BlockingConnection, results: Any) -> None:
+        """After an exchange on ``conn`` that returned (a pipeline's ``results`` may hold
+        errors): set ``address`` aside if the connection broke or no answer came in
+        time (a :class:`NoAnswerError` among them), else it answered."""
         if conn.closed:  # a pipeline whose connection broke half-way
             self._node_down(address)
-        elif conn.stats.timeouts != seen:
+        elif any(isinstance(r, NoAnswerError) for r in results):
             self._suspect(address)
         elif self._router.is_down(address):
             self._recovered(address)
@@ -673,7 +671,6 @@ class Client(ClientBase):
                     if isinstance(exc, NodeUnavailableError):
                         self._node_down(address)
                     out[address] = exc
-            seen = [conn.stats.timeouts for _, _, conn in taken]
             answers = pipeline_all(
                 [(conn, groups[address]) for address, _, conn in taken], self._timeout
             )
@@ -681,9 +678,9 @@ class Client(ClientBase):
             for _, _, conn in taken:  # streams in doubt
                 conn.close()
             raise
-        for (address, pool, conn), before, results in zip(taken, seen, answers, strict=True):
+        for (address, pool, conn), results in zip(taken, answers, strict=True):
             # broke: what it did not answer failed; timed out: the node is set aside
-            self._health(address, conn, before)
+            self._health(address, conn, results)
             pool.release(conn)
             out[address] = results
         return out

@@ -22,6 +22,7 @@ from typing import Any, Final
 from hypercache._core.hlc import wall_clock_ms
 from hypercache.errors import (
     HyperCacheError,
+    NoAnswerError,
     NodeUnavailableError,
     ProtocolError,
     RequestTimeoutError,
@@ -295,7 +296,7 @@ class BlockingConnection:
 
     def _timed_out(self, timeout: float) -> Callable[[int], HyperCacheError]:
         def make(op: int) -> HyperCacheError:
-            return RequestTimeoutError(f"{self.address}: op {op} got no answer within {timeout}s")
+            return NoAnswerError(f"{self.address}: op {op} got no answer within {timeout}s")
 
         return make
 

@@ -39,6 +39,7 @@ from hypercache.errors import (
     FrameTooLargeError,
     HandshakeError,
     HyperCacheError,
+    NoAnswerError,
     NodeUnavailableError,
     ProtocolError,
     RequestTimeoutError,
@@ -1173,8 +1174,8 @@ class ClientConnection(_FramedProtocol):
         finally:
             scope.leave()
 
-    def _timeout_error(self, op: int, timeout: float) -> RequestTimeoutError:
-        return RequestTimeoutError(f"{self.address}: op {op} got no answer within {timeout}s")
+    def _timeout_error(self, op: int, timeout: float) -> NoAnswerError:
+        return NoAnswerError(f"{self.address}: op {op} got no answer within {timeout}s")
 
     async def _wait_writable(self, op: int, timeout: float) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()
@@ -1185,7 +1186,7 @@ class ClientConnection(_FramedProtocol):
         try:
             await fut
         except _Expired:
-            raise RequestTimeoutError(
+            raise NoAnswerError(
                 f"{self.address}: op {op} could not be sent within {timeout}s"
             ) from None
         finally:
