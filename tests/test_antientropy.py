@@ -507,3 +507,33 @@ def test_anti_entropy_refuses_a_peers_version_past_the_horizon() -> None:
             assert a.clock.last < now_ts(round(a.config.max_clock_skew * 1000) + 1)
 
     run(main())
+
+
+def test_one_request_cannot_ask_for_unbounded_work() -> None:
+    async def main() -> None:
+        async with cluster(size=1) as nodes:
+            (node,) = nodes
+            hello = make_hello("hypercache", node_id="tester", address="127.0.11.99:7400")
+            conn = await node.transport.connect(node.address, hello)
+            groups = node.store.partitions // antientropy.GROUP
+            too_much = [
+                (Op.MERKLE, [0, [[0, 1, 0]] * (groups + 1)], "at most"),
+                (Op.MERKLE, [0, [[0, 1 << antientropy.GROUP, 0]]], "must be"),
+                (Op.MERKLE, [1, [[0, 0, b""]] * (antientropy.SUB_BATCH + 1)], "at most"),
+                (Op.KEYS, [[0, 0, b""]] * (antientropy.SUB_BATCH * 64 + 1), "at most"),
+                (Op.KEYS, [[0, 0, bytes(2 * antientropy.KEYS_BYTES + 8)]], "bytes of terms"),
+                (Op.PULL, [b"k"] * (antientropy.BATCH_KEYS + 1), "at most"),
+                (Op.R_PUT_MANY, [[[b"k", b"v", 1, 1, 0, False]] * 4097, 0], "at most 4096"),
+            ]
+            try:
+                for op, payload, why in too_much:
+                    with pytest.raises(ProtocolError, match=why):
+                        await conn.request(op, payload, 10)
+                # At the bounds, requests are served.
+                full = [[g, 0xFFFF, 0] for g in range(groups)]
+                assert len(await conn.request(Op.MERKLE, [0, full], 10)) == groups
+                assert await conn.request(Op.PULL, [b"k"] * antientropy.BATCH_KEYS, 10) == []
+            finally:
+                await conn.close()
+
+    run(main())

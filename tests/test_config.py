@@ -268,6 +268,7 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("hint_max_total", 0),
     ("hint_max_bytes", 0),
     ("hint_replay_batch", 0),
+    ("hint_replay_batch", 4097),  # more than one R_PUT_MANY may carry
     ("tombstone_ttl", 0),
     ("anti_entropy_interval", 0),
     ("anti_entropy_max_interval", 10.0),  # below anti_entropy_interval (30)

@@ -428,9 +428,7 @@ class AsyncClient(ClientBase):
             self._recovered(address)
         return answer
 
-    def _check_connection(
-        self, address: str, conn: ClientConnection, exc: BaseException
-    ) -> None:
+    def _check_connection(self, address: str, conn: ClientConnection, exc: BaseException) -> None:
         """After a request to ``address`` on ``conn`` failed with ``exc``: if ``conn``
         broke, set the node aside and forget the connection; if no answer came in time
         (:class:`NoAnswerError`, raised on our side; a node's error answer that

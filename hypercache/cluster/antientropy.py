@@ -283,12 +283,19 @@ def handle_merkle(store: AEStore, payload: Any) -> list[Any]:
     parts = store.partitions
     out: list[Any] = []
     if level == 0:
+        # Work bounds (an asker may send any frame): one item per group at most,
+        # each at most GROUP partitions, so a request costs what one full
+        # comparison costs (~1 ms for 4096 partitions), never more.
+        groups = -(-parts // GROUP)
+        if len(items) > groups:
+            raise ProtocolError(f"MERKLE level 0 carries {len(items)} groups, at most {groups}")
         store.sweep(wall_ms(), SWEEP_BUDGET)
         for item in items:
             if (
                 type(item) is not list
                 or len(item) != 3
                 or not all(type(x) is int and x >= 0 for x in item)
+                or item[1] >> GROUP
             ):
                 raise ProtocolError("MERKLE group must be [group, mask, digest]")
             g, mask, their = item
@@ -298,6 +305,10 @@ def handle_merkle(store: AEStore, payload: Any) -> list[Any]:
                 out.append([g, mine])
         return out
     if level == 1:
+        if len(items) > SUB_BATCH:
+            raise ProtocolError(
+                f"MERKLE level 1 carries {len(items)} partitions, at most {SUB_BATCH}"
+            )
         now = wall_ms()
         nb = store.sub_buckets
         blocks = nb // min(BLOCK, nb)
@@ -344,9 +355,20 @@ def handle_keys(store: AEStore, payload: Any) -> list[Any]:
     entries whose term the asker lacks, the asker's terms matching none here)."""
     if type(payload) is not list:
         raise ProtocolError("KEYS payload must be [[partition, sub_bucket, terms], ...]")
+    nb = store.sub_buckets
+    # Work bounds: the sub-buckets of one level-1 batch, and twice the term bytes an
+    # asker puts in one request (the extra half for the bucket that crosses it).
+    if len(payload) > SUB_BATCH * nb:
+        raise ProtocolError(f"KEYS carries {len(payload)} sub-buckets, at most {SUB_BATCH * nb}")
+    terms = sum(
+        len(item[2])
+        for item in payload
+        if type(item) is list and len(item) == 3 and type(item[2]) is bytes
+    )
+    if terms > 2 * KEYS_BYTES:
+        raise ProtocolError(f"KEYS carries {terms} bytes of terms, at most {2 * KEYS_BYTES}")
     now = wall_ms()
     out: list[Any] = []
-    nb = store.sub_buckets
     for item in payload:
         if type(item) is not list or len(item) != 3 or type(item[2]) is not bytes:
             raise ProtocolError("KEYS item must be [partition, sub_bucket, terms]")
@@ -371,6 +393,8 @@ def handle_pull(store: AEStore, limits: Limits, payload: Any) -> list[Any]:
     once the answer exceeds :data:`BATCH_BYTES` (the caller asks again later)."""
     if type(payload) is not list:
         raise ProtocolError("PULL payload must be [key, ...]")
+    if len(payload) > BATCH_KEYS:
+        raise ProtocolError(f"PULL asks for {len(payload)} keys, at most {BATCH_KEYS}")
     now = wall_ms()
     budget = min(BATCH_BYTES, limits.max_frame // 2)
     out: list[Any] = []

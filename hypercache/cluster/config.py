@@ -91,6 +91,7 @@ from typing import Any, Final
 from hypercache.consistency import Consistency
 from hypercache.errors import ConfigError
 from hypercache.net.busypoll import check_window
+from hypercache.net.protocol import MAX_PUT_MANY
 
 __all__ = [
     "CONFIG_ENV_VAR",
@@ -466,7 +467,7 @@ class DistConfig:
         ``hint_max_total``. Default 100 000.
     :ivar hint_max_total: hints kept in all, >= 1. Default 1 000 000.
     :ivar hint_max_bytes: bytes of hints kept in all, >= 1. Default 256 MiB.
-    :ivar hint_replay_batch: hints sent per replay batch, >= 1. Default 512.
+    :ivar hint_replay_batch: hints sent per replay batch, 1..4096. Default 512.
     :ivar tombstone_ttl: seconds a delete's tombstone is kept; at least 60 and more
         than ``hint_ttl + anti_entropy_max_interval + failure_timeout +
         request_timeout`` (see the module docs). Default 86400.
@@ -655,7 +656,7 @@ class DistConfig:
                 f"must not exceed hint_max_total ({total}), got {per_node}",
             )
         _int("hint_max_bytes", self.hint_max_bytes, low=1)
-        _int("hint_replay_batch", self.hint_replay_batch, low=1)
+        _int("hint_replay_batch", self.hint_replay_batch, low=1, high=MAX_PUT_MANY)
         if self.anti_entropy_max_interval < self.anti_entropy_interval:
             raise ConfigError(
                 "anti_entropy_max_interval",

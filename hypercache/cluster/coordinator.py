@@ -72,6 +72,7 @@ from hypercache.errors import (
     QuorumError,
 )
 from hypercache.net.protocol import (
+    MAX_PUT_MANY,
     Entry,
     Limits,
     Op,
@@ -81,7 +82,15 @@ from hypercache.net.protocol import (
 )
 from hypercache.net.transport import Later
 
-__all__ = ["Coordinator", "Entry", "HintSink", "LocalStore", "entry_is_live", "newest"]
+__all__ = [
+    "MAX_PUT_MANY",
+    "Coordinator",
+    "Entry",
+    "HintSink",
+    "LocalStore",
+    "entry_is_live",
+    "newest",
+]
 
 _log = logging.getLogger("hypercache.coordinator")
 
@@ -397,6 +406,11 @@ class Coordinator:
         entries, mode = payload
         if mode not in (PUT_MANY_HINTS, PUT_MANY_REPAIR) or type(mode) is not int:
             raise ProtocolError(f"R_PUT_MANY mode must be 0 or 1, got {mode!r}")
+        if len(entries) > MAX_PUT_MANY:
+            # Bounds the work of one request (~1 us an entry): senders batch below it.
+            raise ProtocolError(
+                f"R_PUT_MANY carries {len(entries)} entries, at most {MAX_PUT_MANY}"
+            )
         checked = [self._check_r_put(e) for e in entries]
         stats = self.stats
         stats.replica_puts += len(checked)

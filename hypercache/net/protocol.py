@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_MAX_VALUE",
     "HEADER_SIZE",
     "HELLO_MAX_FRAME",
+    "MAX_PUT_MANY",
     "PROTOCOL_VERSION",
     "Entry",
     "Frame",
@@ -90,6 +91,11 @@ DEFAULT_MAX_VALUE: Final = 32 * _MiB
 HELLO_MAX_FRAME: Final = 64 * _KiB
 
 _MAX_U32: Final = 0xFFFFFFFF
+
+#: Entries one ``R_PUT_MANY`` may carry; a receiver refuses more (it bounds the work
+#: of one request, about a microsecond an entry). Hint replay batches and
+#: anti-entropy pushes stay below it.
+MAX_PUT_MANY: Final = 4096
 
 
 class MsgType(IntEnum):
