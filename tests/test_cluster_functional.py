@@ -85,6 +85,18 @@ def test_management_http(cluster: Cluster) -> None:
         "hypercache_dist_hints_dropped",
         "hypercache_dist_read_repairs_dropped",
         "hypercache_evictions",
+        # connection caps, request deadlines, the clock's horizon, peer trust
+        "hypercache_net_expired",
+        "hypercache_net_rejected_source",
+        "hypercache_net_rejected_pending",
+        "hypercache_net_rejected_clients",
+        "hypercache_net_frame_timeouts",
+        "hypercache_net_idle_closes",
+        "hypercache_net_output_limit_closes",
+        "hypercache_dist_versions_refused",
+        "hypercache_dist_peer_handshakes_refused",
+        "hypercache_dist_peer_ops_refused",
+        "hypercache_dist_member_candidates_dropped",
     ):
         assert name in metrics, name
     assert node.http_json("/config")["node_id"] == "node-1"

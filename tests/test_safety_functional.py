@@ -7,14 +7,34 @@ lose acknowledged data or stop the cluster, and checks that it no longer does.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import socket
+import struct
+import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from cluster_harness import Cluster, NodeProcess, running_cluster, wait_for
+from cluster_harness import NODE_COMMAND, Cluster, NodeProcess, running_cluster, wait_for
 
-from hypercache.errors import RequestTimeoutError
-from hypercache.net.protocol import Op
+from hypercache._core.hlc import wall_clock_ms
+from hypercache.errors import (
+    ClockSkewError,
+    HandshakeError,
+    HyperCacheError,
+    NodeUnavailableError,
+    ProtocolError,
+    RequestTimeoutError,
+)
+from hypercache.net.blocking import BlockingConnection
+from hypercache.net.protocol import Op, encode_request, make_hello
+
+#: Anti-entropy every second, so that a poisoned version would spread within a test.
+FAST_AE = ("--anti-entropy-interval", "1", "--anti-entropy-max-interval", "2")
+YEAR_MS = 366 * 86_400_000
 
 pytestmark = pytest.mark.functional
 
@@ -66,3 +86,192 @@ def test_a_write_that_timed_out_is_never_applied_over_a_later_acknowledged_one(
         wait_for(everywhere_v2, timeout=10, what="v2 on every replica")
         for node in cluster.nodes:
             assert cluster.request(node.index, Op.GET, [key, "one"]) == [True, b"v2"]
+
+
+def clock(node: NodeProcess) -> dict[str, int]:
+    got: dict[str, int] = node.http_json("/stats")["clock"]
+    return got
+
+
+def writes_succeed(
+    cluster: Cluster, level: str, n: int, prefix: str, via: tuple[int, ...] = (0, 1, 2)
+) -> int:
+    """How many of ``n`` writes at ``level``, coordinated by the nodes ``via`` in
+    turn, succeed."""
+    ok = 0
+    for i in range(n):
+        with contextlib.suppress(HyperCacheError):
+            payload = [f"{prefix}-{i}".encode(), b"v", None, level]
+            ok += cluster.request(via[i % len(via)], Op.SET, payload)
+    return ok
+
+
+def test_a_forged_version_at_the_end_of_the_clock_stops_nothing(tmp_path: Path) -> None:
+    with running_cluster(3, tmp_path, FAST_AE) as cluster:
+        with pytest.raises(ClockSkewError):
+            cluster.request(1, Op.R_PUT, [b"poison", b"x", 2**63 - 3, 7, 0, False])
+        # Several anti-entropy rounds later, every node still takes writes, and no
+        # node's clock has moved towards the forged version.
+        time.sleep(3)
+        assert writes_succeed(cluster, "quorum", 60, "after-poison") == 60
+        for node in cluster.nodes:
+            assert abs(clock(node)["drift_ms"]) < 10_000
+            assert cluster.request(node.index, Op.R_GET, [b"poison"]) is None
+        assert cluster[1].http_json("/dist/metrics")["versions_refused"]["r_put"] == 1
+
+
+def test_a_version_a_year_ahead_loses_to_a_later_acknowledged_write(tmp_path: Path) -> None:
+    with running_cluster(3, tmp_path, FAST_AE) as cluster:
+        key = b"future"
+        ahead = (wall_clock_ms() + YEAR_MS) << 16
+        with pytest.raises(ClockSkewError):
+            cluster.request(2, Op.R_PUT, [key, b"from-the-future", ahead, 7, 0, False])
+        assert cluster.request(0, Op.SET, [key, b"acked", None, "quorum"]) is True
+        time.sleep(3)  # anti-entropy rounds
+        for node in cluster.nodes:
+            assert (cluster.request(node.index, Op.R_GET, [key]) or [None])[0] == b"acked"
+            assert abs(clock(node)["drift_ms"]) < 10_000
+        # A delete's tombstone lives its configured TTL, not a year more.
+        assert cluster.request(0, Op.DELETE, [key, "all"]) is True
+        for node in cluster.nodes:
+            tomb = cluster.request(node.index, Op.R_GET, [key])
+            assert tomb[4] is True and tomb[1] >> 16 < wall_clock_ms() + 10_000
+
+
+def forged_hello(node_id: str, address: str, members: list[list[str]]) -> dict[str, Any]:
+    info = {"node_id": node_id, "address": address, "members": members}
+    return make_hello("hypercache", node_id=node_id, address=address, info=info)
+
+
+def free_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens there afterwards
+
+
+def test_a_hello_cannot_rewrite_membership(tmp_path: Path) -> None:
+    with running_cluster(3, tmp_path) as cluster:
+        fakes = [[f"fake-{i}", free_address()] for i in range(8)]
+        with BlockingConnection(cluster[0].data, forged_hello("fake-9", free_address(), fakes)):
+            pass
+        # One claiming node-2's id at a dead address.
+        with BlockingConnection(cluster[1].data, forged_hello("node-2", free_address(), [])):
+            pass
+        with BlockingConnection(cluster[2].data, forged_hello("node-2", free_address(), [])):
+            pass
+        wait_for(
+            lambda: cluster[0].http_json("/cluster/members")["checks_failed"] >= 9,
+            timeout=10,
+            what="the forged claims checked",
+        )
+        for node in cluster.nodes:
+            members = node.http_json("/cluster/members")["members"]
+            assert {m["node_id"]: m["address"] for m in members} == {
+                n.node_id: n.data for n in cluster.nodes
+            }
+        assert writes_succeed(cluster, "quorum", 200, "after-hello") == 200
+        assert writes_succeed(cluster, "all", 100, "after-repoint") == 100
+
+
+def test_a_secret_cluster_refuses_peers_without_the_secret(tmp_path: Path) -> None:
+    secret = ("--cluster-secret", "a-secret-of-this-test-cluster")
+    with running_cluster(3, tmp_path, secret) as cluster:
+        assert writes_succeed(cluster, "all", 20, "secret") == 20
+        with pytest.raises(HandshakeError, match="without a proof"):
+            BlockingConnection(cluster[0].data, forged_hello("fake", free_address(), []))
+        with cluster[0].connect() as client:  # clients need no secret...
+            assert client.request(Op.GET, [b"secret-1", "quorum"]) == [True, b"v"]
+            with pytest.raises(Exception, match="for cluster peers"):  # ... nor may peer
+                client.request(Op.R_PUT_MANY, [[], 0])
+        assert cluster[0].http_json("/stats")["peer_auth"]["refused"] == 1
+
+
+def rss_mb(node: NodeProcess) -> float:
+    assert node.proc is not None
+    with open(f"/proc/{node.proc.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def raw_client(node: NodeProcess) -> socket.socket:
+    host, port = node.data.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(encode_request(1, Op.HELLO, make_hello("hypercache")))
+    header = sock.recv(4, socket.MSG_WAITALL)
+    sock.recv(struct.unpack(">I", header)[0], socket.MSG_WAITALL)
+    return sock
+
+
+def test_a_client_that_never_reads_cannot_take_the_nodes_memory(tmp_path: Path) -> None:
+    with running_cluster(3, tmp_path) as cluster:
+        node = cluster[0]
+        assert cluster.request(0, Op.SET, [b"big", os.urandom(1 << 20), None, "all"]) is True
+        before = rss_mb(node)
+        sock = raw_client(node)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            gets = b"".join(encode_request(i, Op.GET, [b"big", "quorum"]) for i in range(2, 1026))
+            sock.sendall(gets)
+            wait_for(
+                lambda: net_stats(node)["output_limit_closes"] == 1,
+                timeout=20,
+                what="the connection dropped at max_output_buffer",
+            )
+        finally:
+            sock.close()
+        # The memory of the unread answers goes back (it took ~590 MB and kept it).
+        wait_for(lambda: rss_mb(node) < before + 100, timeout=10, what="RSS back down")
+        assert cluster.request(1, Op.GET, [b"big", "quorum"])[0] is True
+
+
+def test_one_huge_merkle_request_is_refused_before_any_work(tmp_path: Path) -> None:
+    with running_cluster(3, tmp_path) as cluster:
+        items = [[0, 1, 0]] * 200_000  # ~2.5 MiB; took 6 s of the node's loop
+        with cluster[0].connect(as_peer=True) as peer:
+            start = time.monotonic()
+            with pytest.raises(ProtocolError, match="at most"):
+                peer.request(Op.MERKLE, [0, items], 30)
+            refused_in = time.monotonic() - start
+        assert cluster.request(0, Op.PING, None) == "pong"
+        assert refused_in < 30  # (the assertion that matters is the refusal above)
+
+
+def test_slow_and_idle_connections_cannot_lock_out_a_peer(tmp_path: Path) -> None:
+    flags = ("--frame-timeout", "1", "--max-connections-per-source", "20")
+    with running_cluster(3, tmp_path, flags) as cluster:
+        node = cluster[0]
+        # Slowloris: 10 connections that start a frame and never finish it.
+        slow = [raw_client(node) for _ in range(10)]
+        for sock in slow:
+            sock.sendall(struct.pack(">I", 1000) + b"\x94")
+        wait_for(
+            lambda: net_stats(node)["frame_timeouts"] == 10, timeout=10, what="slow frames cut"
+        )
+        for sock in slow:
+            sock.close()
+        # Idle clients fill the per-source cap (all of them come from 127.0.0.1,
+        # like the peers)...
+        idle = [raw_client(node) for _ in range(20)]
+        try:
+            with pytest.raises((HandshakeError, NodeUnavailableError)):
+                node.connect()
+            # ... and yet a restarted peer gets back in: writes at ALL go through
+            # node-1 too (coordinated by the others: node-1 refuses more clients
+            # from here, as it should).
+            cluster.kill(1)
+            cluster.restart(1)
+            assert writes_succeed(cluster, "all", 50, "after-restart", via=(1, 2)) == 50
+            assert net_stats(node)["rejected_source"] >= 1
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_a_tombstone_ttl_that_cannot_outlive_a_pause_is_refused() -> None:
+    argv = [*NODE_COMMAND, "--tombstone-ttl", "3", "--hint-ttl", "0.5", "--http", "off"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "tombstone_ttl" in proc.stderr
+    assert "bring the deleted key back" in proc.stderr or "resurrect" in proc.stderr

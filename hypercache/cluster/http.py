@@ -131,6 +131,15 @@ async def _members(request: web.Request) -> web.Response:
             "epoch": node.epoch,
             "members": out,
             "seeds_pending": membership.seeds_pending if membership is not None else [],
+            # Claimed members not confirmed by a handshake with them (see
+            # hypercache.cluster.membership, "Trust").
+            "candidates": (
+                [[nid, addr] for nid, addr in membership.candidates]
+                if membership is not None
+                else []
+            ),
+            "checks_failed": membership.checks_failed if membership is not None else 0,
+            "candidates_dropped": membership.candidates_dropped if membership is not None else 0,
         }
     )
 

@@ -519,6 +519,17 @@ class Node:
             "members": len(self.members()),
             "members_up": membership.up_count() if membership is not None else 1,
             "epoch": self.epoch,
+            "clock": {
+                "last_ts": int(self.clock.last),
+                "drift_ms": int(self.clock.drift_ms),
+                "max_skew_ms": int(self.clock.max_skew_ms),
+            },
+            "peer_auth": {
+                "secret": self.peer_auth.enabled,
+                "refused": self.peer_auth.refused,
+                "replays": self.peer_auth.replays,
+                "peer_ops_refused": self.peer_ops_refused,
+            },
             "net": self._server.stats.as_dict() if self._server is not None else {},
             "dist": self.metrics.stats.as_dict(),
             "antientropy": self.antientropy.stats.as_dict() if self.antientropy else {},
@@ -562,6 +573,33 @@ class Node:
                 membership.heartbeats_failed,
             )
         yield gauge("hypercache_dist_ring_epoch", "Ring rebuilds seen", self.epoch)
+        yield gauge(
+            "hypercache_dist_clock_drift_seconds",
+            "How far the hybrid logical clock runs ahead of the wall clock",
+            self.clock.drift_ms / 1000,
+        )
+        yield counter(
+            "hypercache_dist_peer_handshakes_refused",
+            "HELLOs naming a node id refused: no, wrong, stale or replayed proof of the "
+            "cluster secret, or (open cluster) not from loopback",
+            self.peer_auth.refused,
+        )
+        yield counter(
+            "hypercache_dist_peer_ops_refused",
+            "Peer operations (replica, hint, anti-entropy) refused to client connections",
+            self.peer_ops_refused,
+        )
+        if membership is not None:
+            yield gauge(
+                "hypercache_dist_member_candidates",
+                "Claimed members waiting for a handshake to confirm them",
+                len(membership.candidates),
+            )
+            yield counter(
+                "hypercache_dist_member_candidates_dropped",
+                "Member claims dropped: too many waiting (MAX_CANDIDATES)",
+                membership.candidates_dropped,
+            )
         if self._poller is not None:
             yield counter(
                 "hypercache_busy_poll_windows",
@@ -601,6 +639,14 @@ class Node:
                 "inflight_pauses",
                 "write_pauses",
                 "timeouts",
+                # Connection caps and deadlines (see ServerOptions).
+                "expired",
+                "rejected_source",
+                "rejected_pending",
+                "rejected_clients",
+                "frame_timeouts",
+                "idle_closes",
+                "output_limit_closes",
             ):
                 yield counter(f"hypercache_net_{name}", f"Server {name}", getattr(net, name))
             yield gauge("hypercache_net_connections_open", "Open connections", net.connections_open)
