@@ -13,6 +13,12 @@ from typing import Any, NamedTuple
 HEADER_SIZE: int
 #: Largest frame type (``MsgType.ERROR``).
 MAX_MSG_TYPE: int
+#: Deepest nesting of arrays and maps in a body (64; the body's own array is level 1).
+MAX_DEPTH: int
+#: Decode budget of a body of ``n`` bytes: ``BUDGET_PER_BYTE * n + BUDGET_BASE``
+#: (12 and 8 MiB) estimated bytes of the Python objects it decodes to.
+BUDGET_PER_BYTE: int
+BUDGET_BASE: int
 
 class Frame(NamedTuple):
     """A decoded frame body.
@@ -53,6 +59,31 @@ class FrameDecoder:
     ``deadline`` non-negative integers (not bools), raises
     :class:`~hypercache.errors.ProtocolError`. After any error the stream is out of
     sync: the decoder must be discarded (and the connection closed).
+    A body refused by msgpack or by the pre-scan below stays buffered: every later
+    ``next`` raises again, and nothing after it is ever decoded.
+
+    **Pre-scan and decode budget.** Before msgpack builds anything, a C pass over the
+    body's msgpack structure (type bytes and lengths only; bin and str contents are
+    skipped) refuses, with :class:`~hypercache.errors.ProtocolError`:
+
+    * any msgpack ext type (the protocol uses none), and the reserved byte ``0xc1``;
+    * arrays and maps nested deeper than :data:`MAX_DEPTH` (64);
+    * a value that runs past the end of the body, or leaves trailing bytes;
+    * a body whose decoded objects would take more than
+      ``BUDGET_PER_BYTE * size + BUDGET_BASE`` bytes (12 per body byte + 8 MiB).
+
+    The estimate prices each object at what CPython (3.11, 64-bit) allocates for
+    it, rounded up: a list 64 bytes + 8 a slot (slots in pairs), a dict 64 + 32
+    once it holds a key + 128 a key, an int outside -5..256 32 bytes (48 from
+    ``2**60``), a float 32, ``bytes`` of 2 or more 48 + n, a ``str`` of n >= 2
+    UTF-8 bytes 80 + 5n; ``nil``, booleans, the cached ints and the shorter bytes
+    and strs cost nothing beyond their slot. So a body within its budget takes at
+    most about 12 times its size, plus 8 MiB, in memory, where 8 MiB of empty
+    arrays used to take 73 times (588 MiB). Every payload of the protocol fits:
+    the densest one with no bound on its length, a ``KEYS`` answer, is priced 9x
+    its size for 8-byte keys and under 12x for keys of 2 bytes or more; and no
+    body under 73 KiB can be refused for its shape (a HELLO included), whatever
+    it holds.
 
     Map keys in payloads must be ``str`` or ``bytes`` (msgpack's
     ``strict_map_key``); arrays decode as lists, msgpack ``bin`` as ``bytes`` and
