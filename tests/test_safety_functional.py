@@ -301,3 +301,26 @@ def test_a_frame_of_empty_arrays_cannot_blow_up_the_nodes_memory(tmp_path: Path)
             sock.close()
         assert rss_mb(node) < before + 100
         assert cluster.request(0, Op.PING, None) == "pong"
+
+
+def metric(node: NodeProcess, name: str) -> float:
+    for line in node.http_text("/metrics").splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def test_a_node_waking_from_a_pause_does_not_mark_its_peers_down(tmp_path: Path) -> None:
+    with running_cluster(3, tmp_path) as cluster:
+        node = cluster[0]
+        node.signal(signal.SIGSTOP)
+        try:
+            time.sleep(3)  # three failure timeouts
+        finally:
+            node.signal(signal.SIGCONT)
+        wait_for(lambda: metric(node, "hypercache_dist_heartbeat_stalls_total") >= 1, timeout=10)
+        cluster.wait_healthy()
+        # It never took its (healthy) peers for dead, so the writes it coordinates
+        # right after waking reach them.
+        assert metric(node, "hypercache_dist_liveness_changes_total") == 0
+        assert writes_succeed(cluster, "all", 30, "after-wake", via=(0,)) == 30

@@ -261,6 +261,8 @@ class Membership:
         self.gossip_rounds = 0
         self.heartbeats_failed = 0
         self.liveness_changes = 0
+        #: heartbeat rounds that came more than failure_timeout late (this node stalled)
+        self.stalls = 0
         #: called with ``(node_id, up)`` whenever a peer goes down or comes back up
         self.liveness_listeners: list[Callable[[str, bool], None]] = []
 
@@ -551,11 +553,24 @@ class Membership:
     async def _heartbeat_loop(self) -> None:
         interval = self.config.heartbeat_interval
         failure_timeout = self.config.failure_timeout
+        last_round = time.monotonic()
         while True:
             self.gossip_rounds += 1
             now = time.monotonic()
+            # A round long overdue means this node was the silent one (paused,
+            # stopped by a debugger, starved of CPU): its peers' answers are
+            # waiting unread in its sockets. Judge nobody on that round; the pings
+            # it sends now bring the answers that the next round judges by.
+            stalled = now - last_round > failure_timeout
+            if stalled:
+                self.stalls += 1
+                _log.warning(
+                    "event loop stalled for %.1f s: not marking peers down this round",
+                    now - last_round,
+                )
+            last_round = now
             for peer in list(self.peers.values()):
-                if peer.up and now - peer.last_ok > failure_timeout:
+                if not stalled and peer.up and now - peer.last_ok > failure_timeout:
                     peer.mark_down(f"silent for {now - peer.last_ok:.1f}s")
                 self._spawn(self._ping(peer))
             await asyncio.sleep(interval)

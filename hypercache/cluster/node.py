@@ -572,6 +572,17 @@ class Node:
                 "Heartbeats that failed",
                 membership.heartbeats_failed,
             )
+            yield counter(
+                "hypercache_dist_liveness_changes",
+                "Times a peer was marked down or back up",
+                membership.liveness_changes,
+            )
+            yield counter(
+                "hypercache_dist_heartbeat_stalls",
+                "Heartbeat rounds over failure_timeout late (this node stalled); no peer "
+                "is marked down on them",
+                membership.stalls,
+            )
         yield gauge("hypercache_dist_ring_epoch", "Ring rebuilds seen", self.epoch)
         yield gauge(
             "hypercache_dist_clock_drift_seconds",
