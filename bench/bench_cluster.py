@@ -80,8 +80,8 @@ from typing import Any, Final
 from hypercache.client import AsyncClient, Client, RawSerializer
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.node import Node
+from hypercache.net.connection import ClientConnection
 from hypercache.net.inproc import InprocNetwork
-from hypercache.net.tcp import ClientConnection
 
 NODES: Final = 3
 REPLICATION: Final = 3

@@ -21,7 +21,7 @@ from hypercache.net import (
     encode_request,
     make_hello,
 )
-from hypercache.net.tcp import ServerBase
+from hypercache.net.server import ServerBase
 
 T = TypeVar("T")
 Runner = Callable[[Coroutine[Any, Any, T]], T]

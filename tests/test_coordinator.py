@@ -29,9 +29,9 @@ from hypercache.errors import (
     QuorumError,
 )
 from hypercache.net.auth import PeerAuthenticator
+from hypercache.net.connection import ClientConnection
 from hypercache.net.inproc import InprocNetwork
 from hypercache.net.protocol import Op, make_hello
-from hypercache.net.tcp import ClientConnection
 
 FAST: dict[str, Any] = {
     "http": None,

@@ -54,7 +54,7 @@ from hypercache.net import (
     encode_request,
     make_hello,
 )
-from hypercache.net.tcp import ServerBase
+from hypercache.net.server import ServerBase
 
 payloads = st.recursive(
     st.none()
@@ -737,7 +737,7 @@ def test_max_connections(run: Runner[None]) -> None:
 @pytest.fixture
 def fast_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
     """Servers check their slow and idle connections every 20 ms instead of 1 s."""
-    monkeypatch.setattr("hypercache.net.tcp._SWEEP_INTERVAL", 0.02)
+    monkeypatch.setattr("hypercache.net.server._SWEEP_INTERVAL", 0.02)
 
 
 @pytest.mark.usefixtures("fast_sweep")

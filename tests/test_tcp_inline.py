@@ -54,7 +54,7 @@ from hypercache.net import (
     encode_response,
     make_hello,
 )
-from hypercache.net.tcp import ServerBase, ServerProtocol
+from hypercache.net.server import ServerBase, ServerProtocol
 from hypercache.net.transport import NOT_SYNC, Later
 
 # Ops as the test handler interprets them.

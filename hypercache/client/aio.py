@@ -33,8 +33,9 @@ from hypercache.errors import (
     ProtocolError,
     RequestTimeoutError,
 )
+from hypercache.net.connection import ClientConnection
 from hypercache.net.protocol import Op
-from hypercache.net.tcp import ClientConnection, connect
+from hypercache.net.tcp import connect
 
 __all__ = ["AsyncClient"]
 

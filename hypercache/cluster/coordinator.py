@@ -37,7 +37,7 @@ carries replayed hints and anti-entropy pushes to a replica.
 Cost: the coordinator runs no task per operation nor per replica request. A client
 operation arrives through :meth:`Node.handle_sync` (inline, from the read that
 brought it) and gets a :class:`~hypercache.net.transport.Later`; replica requests go
-out with :meth:`~hypercache.net.tcp.ClientConnection.send_callback` and their answers
+out with :meth:`~hypercache.net.connection.ClientConnection.send_callback` and their answers
 feed the :class:`_Round` from the read that brings them; the round answers the
 ``Later`` at quorum, from that same read. A QUORUM set thus costs the coordinator one
 loop iteration per network hop. (A peer not connected yet, and ``DELETE``'s two

@@ -1,6 +1,6 @@
 """A connection over a plain blocking socket, for the sync :class:`hypercache.Client`.
 
-Same wire protocol, handshake and error mapping as :mod:`hypercache.net.tcp`, no
+Same wire protocol, handshake and error mapping as :mod:`hypercache.net.connection`, no
 event loop. :meth:`BlockingConnection.pipeline` sends a batch of requests in one
 ``sendall`` and collects the answers by request id; :func:`pipeline_all` does that
 on several connections at once (every batch sent, then one ``poll`` over their
@@ -29,13 +29,15 @@ from hypercache.errors import (
     error_from_wire,
 )
 from hypercache.net.protocol import (
+    REQUEST,
+    RESPONSE,
     FrameDecoder,
     FrameEncoder,
     Limits,
-    MsgType,
     Op,
     clock_offset_ms,
     frame_header,
+    next_request_id,
     prepare_hello,
     request_deadline,
     validate_hello_answer,
@@ -44,9 +46,6 @@ from hypercache.net.transport import DEFAULT_CONNECT_TIMEOUT, NetStats, parse_ad
 
 __all__ = ["BlockingConnection", "pipeline_all"]
 
-_REQUEST: Final = int(MsgType.REQUEST)
-_RESPONSE: Final = int(MsgType.RESPONSE)
-_MAX_REQUEST_ID: Final = 0xFFFFFFFF
 _RECV_SIZE: Final = 256 * 1024
 _MISSING: Final = object()
 
@@ -200,12 +199,12 @@ class BlockingConnection:
         request_id = self._next_id
         deadline = request_deadline(self._clock_offset, timeout)
         for op, payload in requests:
-            body = encoder.encode_body(_REQUEST, request_id, op, payload, deadline)
+            body = encoder.encode_body(REQUEST, request_id, op, payload, deadline)
             out += frame_header(len(body))
             out += body
             slots[request_id] = len(ops)
             ops.append(op)
-            request_id = request_id + 1 if request_id < _MAX_REQUEST_ID else 1
+            request_id = next_request_id(request_id)
         self._next_id = request_id
         batch = _Batch(ops, slots, timeout, time.monotonic() + timeout)
         if not ops:
@@ -276,13 +275,13 @@ class BlockingConnection:
         slots, results = batch.slots, batch.results
         for msg_type, rid, _, payload, _ in self._decoder:
             stats.frames_in += 1
-            if msg_type == _REQUEST:
+            if msg_type == REQUEST:
                 raise ProtocolError("the server sent a REQUEST frame")
             slot = slots.pop(rid, None)
             if slot is None:
                 stats.late_responses += 1  # answer to a request that timed out
                 continue
-            results[slot] = payload if msg_type == _RESPONSE else error_from_wire(payload)
+            results[slot] = payload if msg_type == RESPONSE else error_from_wire(payload)
             batch.missing -= 1
         return batch.missing == 0
 

@@ -23,8 +23,9 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
 from hypercache.errors import NodeUnavailableError
+from hypercache.net.connection import ClientConnection
 from hypercache.net.protocol import Limits, prepare_hello
-from hypercache.net.tcp import ClientConnection, ServerBase
+from hypercache.net.server import ServerBase
 from hypercache.net.transport import (
     DEFAULT_CONNECT_TIMEOUT,
     Handler,
@@ -283,7 +284,7 @@ class InprocNetwork:
             raise RuntimeError(f"{address}: the in-process server runs on another event loop")
         conn = ClientConnection(loop, address, limits if limits is not None else Limits())
         server._open(conn, next(self._client_ports))
-        await conn._handshake(payload, timeout)
+        await conn.handshake(payload, timeout)
         return conn
 
     def _free_port(self, host: str) -> int:

@@ -47,10 +47,14 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "DEFAULT_MAX_KEY",
     "DEFAULT_MAX_VALUE",
+    "ERROR",
     "HEADER_SIZE",
     "HELLO_MAX_FRAME",
     "MAX_PUT_MANY",
+    "MAX_REQUEST_ID",
     "PROTOCOL_VERSION",
+    "REQUEST",
+    "RESPONSE",
     "Entry",
     "Frame",
     "FrameDecoder",
@@ -66,6 +70,7 @@ __all__ = [
     "entry_is_live",
     "entry_older",
     "make_hello",
+    "next_request_id",
     "prepare_hello",
     "request_deadline",
     "validate_hello",
@@ -128,9 +133,18 @@ class Op(IntEnum):
     PULL = 22
 
 
-_REQUEST: Final = 0
-_RESPONSE: Final = 1
-_ERROR: Final = 2
+#: ``MsgType`` values as plain ints, for the hot paths that compare them.
+REQUEST: Final = 0
+RESPONSE: Final = 1
+ERROR: Final = 2
+
+#: Request ids wrap after this, so that they always encode as msgpack uint32 or smaller.
+MAX_REQUEST_ID: Final = 0xFFFFFFFF
+
+
+def next_request_id(request_id: int) -> int:
+    """The id after ``request_id``: counting up from 1, wrapping after ``MAX_REQUEST_ID``."""
+    return request_id + 1 if request_id < MAX_REQUEST_ID else 1
 
 
 # --------------------------------------------------------------------------- limits
@@ -254,19 +268,19 @@ class FrameEncoder:
         sent as a ``ServerError`` naming its type.
         """
         try:
-            return self.encode_body(_ERROR, request_id, op, error_to_wire(exc))
+            return self.encode_body(ERROR, request_id, op, error_to_wire(exc))
         except ProtocolError:
             message = f"{type(exc).__name__} (its message could not be encoded)"
-            return self.encode_body(_ERROR, request_id, op, [ServerError.code, message, []])
+            return self.encode_body(ERROR, request_id, op, [ServerError.code, message, []])
 
     def encode_request(self, request_id: int, op: int, payload: Any) -> bytes:
         """Return a complete REQUEST frame (length header included)."""
-        body = self.encode_body(_REQUEST, request_id, op, payload)
+        body = self.encode_body(REQUEST, request_id, op, payload)
         return _pack_header(len(body)) + body
 
     def encode_response(self, request_id: int, op: int, payload: Any) -> bytes:
         """Return a complete RESPONSE frame (length header included)."""
-        body = self.encode_body(_RESPONSE, request_id, op, payload)
+        body = self.encode_body(RESPONSE, request_id, op, payload)
         return _pack_header(len(body)) + body
 
     def encode_error(self, request_id: int, op: int, exc: BaseException) -> bytes:
