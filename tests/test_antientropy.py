@@ -16,7 +16,7 @@ import pytest
 from aio_helpers import run, until
 
 from hypercache._core.hlc import wall_clock_ms
-from hypercache.cluster import antientropy
+from hypercache.cluster import antientropy, merkle, replica
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.node import Node
 from hypercache.errors import PermissionDeniedError, ProtocolError
@@ -165,12 +165,7 @@ def test_absence_never_deletes_and_older_never_overwrites() -> None:
             # An older write arriving later (late hint, repair, AE) stays refused.
             for n in nodes:
                 assert n.coordinator is not None
-                assert (
-                    n.coordinator.handle_r_put_many(
-                        [[[b"dead", b"zombie", ts + 1, 1, 0, False]], 0]
-                    )
-                    == 0
-                )
+                assert n.replica.r_put_many([[[b"dead", b"zombie", ts + 1, 1, 0, False]], 0]) == 0
             await full_round(nodes)
             assert all(n.store.peek(b"dead", wall_clock_ms())[4] for n in nodes)  # type: ignore[index]
 
@@ -268,18 +263,17 @@ def test_repair_push_respects_the_high_water_mark() -> None:
     async def main() -> None:
         async with cluster(size=1, max_memory=10_000) as nodes:
             (node,) = nodes
-            coord = node.coordinator
-            assert coord is not None
+            rep = node.replica
             ts = now_ts()
             entries = [[f"k{i}".encode(), b"x" * 100, ts, 1, 0, False] for i in range(100)]
-            applied = coord.handle_r_put_many([entries, 1])
+            applied = rep.r_put_many([entries, 1])
             assert 0 < applied < 100
-            assert node.store.bytes <= 10_000 * antientropy.HIGH_WATER + 400
+            assert node.store.bytes <= 10_000 * replica.HIGH_WATER + 400
             # Tombstones and newer versions of held keys are always taken.
             tomb = [[b"k99", b"", ts + 1, 1, 0, True], [b"k0", b"y", ts + 1, 1, 0, False]]
-            assert coord.handle_r_put_many([tomb, 1]) == 2
+            assert rep.r_put_many([tomb, 1]) == 2
             # Replayed hints (mode 0) are writes: applied, evicting as needed.
-            assert coord.handle_r_put_many([[[b"hint", b"h", ts, 1, 0, False]], 0]) == 1
+            assert rep.r_put_many([[[b"hint", b"h", ts, 1, 0, False]], 0]) == 1
 
     run(main())
 
@@ -389,26 +383,26 @@ def test_handlers_refuse_malformed_payloads() -> None:
         [0, [[4, 1, 0]]],
     ):
         with pytest.raises(ProtocolError):
-            antientropy.handle_merkle(store, bad)
+            merkle.answer_merkle(store, bad, wall_clock_ms())
     for bad in (None, [[0]], [[0, [0]]], [[64, 0, b""]], [[0, 64, b""]], [[0, 0, b"1234"]]):
         with pytest.raises(ProtocolError):
-            antientropy.handle_keys(store, bad)
+            merkle.answer_keys(store, bad, wall_clock_ms())
     with pytest.raises(ProtocolError):
-        antientropy.handle_pull(store, limits, [1])
+        merkle.answer_pull(store, limits, [1], wall_clock_ms())
     store.apply(b"k", b"v", 5 << 16, 1, 0, False, wall_clock_ms())
     p, b = store.bucket_of(b"k")
     # KEYS lists the entries whose term the asker lacks and the asker's terms not held.
-    ((term, key, _),) = antientropy.bucket_terms(store, p, b, wall_clock_ms())
+    ((term, key, _),) = merkle.bucket_terms(store, p, b, wall_clock_ms())
     assert key == b"k"
     packed = struct.pack("<Q", term)
     other = struct.pack("<Q", term ^ 1)
-    assert antientropy.handle_keys(store, [[p, b, b""]]) == [[[[b"k", 5 << 16, 1]], []]]
-    assert antientropy.handle_keys(store, [[p, b, packed]]) == [[[], []]]
-    assert antientropy.handle_keys(store, [[p, b, other + packed]]) == [[[], [0]]]
-    assert antientropy.handle_pull(store, limits, [b"k", b"nope"]) == [
+    assert merkle.answer_keys(store, [[p, b, b""]], wall_clock_ms()) == [[[[b"k", 5 << 16, 1]], []]]
+    assert merkle.answer_keys(store, [[p, b, packed]], wall_clock_ms()) == [[[], []]]
+    assert merkle.answer_keys(store, [[p, b, other + packed]], wall_clock_ms()) == [[[], [0]]]
+    assert merkle.answer_pull(store, limits, [b"k", b"nope"], wall_clock_ms()) == [
         [b"k", b"v", 5 << 16, 1, 0, False]
     ]
-    page, cursor = antientropy.list_keys(store, p, None, 10, wall_clock_ms())
+    page, cursor = merkle.list_keys(store, p, None, 10, wall_clock_ms())
     assert page == [[b"k", 5 << 16, 1, False, 0]] and cursor is None
 
 
@@ -429,16 +423,16 @@ def test_merkle_and_keys_over_the_wire() -> None:
             net_conn = await node.transport.connect(node.address, hello)
             try:
                 p = node.store.partition_of(b"a")
-                g = p // antientropy.GROUP
-                mask = 1 << (p % antientropy.GROUP)
+                g = p // merkle.GROUP
+                mask = 1 << (p % merkle.GROUP)
                 answer = await net_conn.request(Op.MERKLE, [0, [[g, mask, 0]]], 2)
                 assert answer == [[g, [node.store.digest(p)]]]
-                digest = antientropy.group_digest([node.store.digest(p)])
+                digest = merkle.group_digest([node.store.digest(p)])
                 assert await net_conn.request(Op.MERKLE, [0, [[g, mask, digest]]], 2) == []
                 # A small partition is listed whole, a larger one by the sub-digests
                 # of the blocks that differ.
                 subs = node.store.sub_digests(p)
-                tops = antientropy.block_digests(subs)
+                tops = merkle.block_digests(subs)
                 listing = await net_conn.request(Op.MERKLE, [1, [[p, 0, tops]]], 2)
                 entry = node.store.peek(b"a", wall_clock_ms())
                 assert entry is not None
@@ -446,7 +440,7 @@ def test_merkle_and_keys_over_the_wire() -> None:
                 same = await net_conn.request(Op.MERKLE, [1, [[p, 1000, tops]]], 2)
                 assert same == [[p, 0, 0, b""]]
                 _, b = node.store.bucket_of(b"a")
-                block = b // antientropy.BLOCK
+                block = b // merkle.BLOCK
                 answer = await net_conn.request(Op.MERKLE, [1, [[p, 1000, bytes(32)]]], 2)
                 low = [d & 0xFFFFFFFF for d in subs[block * 8 : block * 8 + 8]]
                 assert answer == [[p, 0, 1 << block, struct.pack("<8I", *low)]]
@@ -515,14 +509,14 @@ def test_one_request_cannot_ask_for_unbounded_work() -> None:
             (node,) = nodes
             hello = make_hello("hypercache", node_id="tester", address="127.0.11.99:7400")
             conn = await node.transport.connect(node.address, hello)
-            groups = node.store.partitions // antientropy.GROUP
+            groups = node.store.partitions // merkle.GROUP
             too_much = [
                 (Op.MERKLE, [0, [[0, 1, 0]] * (groups + 1)], "at most"),
-                (Op.MERKLE, [0, [[0, 1 << antientropy.GROUP, 0]]], "must be"),
-                (Op.MERKLE, [1, [[0, 0, b""]] * (antientropy.SUB_BATCH + 1)], "at most"),
-                (Op.KEYS, [[0, 0, b""]] * (antientropy.SUB_BATCH * 64 + 1), "at most"),
-                (Op.KEYS, [[0, 0, bytes(2 * antientropy.KEYS_BYTES + 8)]], "bytes of terms"),
-                (Op.PULL, [b"k"] * (antientropy.BATCH_KEYS + 1), "at most"),
+                (Op.MERKLE, [0, [[0, 1 << merkle.GROUP, 0]]], "must be"),
+                (Op.MERKLE, [1, [[0, 0, b""]] * (merkle.SUB_BATCH + 1)], "at most"),
+                (Op.KEYS, [[0, 0, b""]] * (merkle.SUB_BATCH * 64 + 1), "at most"),
+                (Op.KEYS, [[0, 0, bytes(2 * merkle.KEYS_BYTES + 8)]], "bytes of terms"),
+                (Op.PULL, [b"k"] * (merkle.BATCH_KEYS + 1), "at most"),
                 (Op.R_PUT_MANY, [[[b"k", b"v", 1, 1, 0, False]] * 4097, 0], "at most 4096"),
             ]
             try:
@@ -532,7 +526,7 @@ def test_one_request_cannot_ask_for_unbounded_work() -> None:
                 # At the bounds, requests are served.
                 full = [[g, 0xFFFF, 0] for g in range(groups)]
                 assert len(await conn.request(Op.MERKLE, [0, full], 10)) == groups
-                assert await conn.request(Op.PULL, [b"k"] * antientropy.BATCH_KEYS, 10) == []
+                assert await conn.request(Op.PULL, [b"k"] * merkle.BATCH_KEYS, 10) == []
             finally:
                 await conn.close()
 

@@ -17,10 +17,10 @@ from hypercache.cli.client import EXIT_USAGE
 from hypercache.cli.client import main as cli_main
 from hypercache.client import AsyncClient
 from hypercache.cluster.config import DistConfig
-from hypercache.cluster.coordinator import wall_ms
 from hypercache.cluster.node import Node
 from hypercache.errors import ProtocolError
 from hypercache.net.inproc import InprocNetwork
+from hypercache.replication import wall_ms
 
 FAST: dict[str, Any] = {
     "http": None,
@@ -65,7 +65,7 @@ async def cluster(size: int = 3, **overrides: Any) -> AsyncIterator[list[Node]]:
 
 def local(node: Node, key: bytes) -> Any:
     assert node.coordinator is not None
-    return node.coordinator.replica_get(key)
+    return node.replica.get(key)
 
 
 def key_owned_by(node: Node, owners: list[str], prefix: bytes = b"k") -> bytes:
@@ -122,7 +122,7 @@ def test_antientropy_push_respects_max_frame() -> None:
             # Entries only n1 holds, in partitions n1 leads with n2 (one per key).
             keys = [key_owned_by(n1, ["n1", "n2"], b"ae%d-" % i) for i in range(3)]
             for key in keys:
-                n1.coordinator.replica_put(key, b"v" * 8000, n1.clock.now(), n1.clock.tag, 0, False)
+                n1.replica.put(key, b"v" * 8000, n1.clock.now(), n1.clock.tag, 0, False)
             for _ in range(3):
                 await n1.antientropy.run_round()
             assert n1.antientropy.stats.errors == 0
@@ -152,7 +152,7 @@ def test_delete_coordinator_advances_its_clock_past_r_del_answers() -> None:
             ahead = (wall_ms() + 3_000) << 16
             for owner in (n2, n3):
                 assert owner.coordinator is not None
-                owner.coordinator.replica_put(key, b"v", ahead, owner.clock.tag, 0, False)
+                owner.replica.put(key, b"v", ahead, owner.clock.tag, 0, False)
             assert await n1.coordinator.delete(key, "all") is True  # seen, lost
             # n1 has now seen `ahead`: its next delete must be newer and win.
             await n1.coordinator.delete(key, "all")
@@ -215,7 +215,7 @@ def test_r_put_many_out_of_range_expiry_is_refused_whole_batch() -> None:
             bad = [b"second", b"v", ts, 1, 2**64 - 1, False]
             error: BaseException | None = None
             try:
-                n1.coordinator.handle_r_put_many([[good, bad], 0])
+                n1.replica.r_put_many([[good, bad], 0])
             except Exception as exc:
                 error = exc
             assert isinstance(error, ProtocolError), repr(error)

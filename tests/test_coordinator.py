@@ -17,7 +17,6 @@ from aio_helpers import run, until
 from hypercache._core.hlc import wall_clock_ms
 from hypercache.cluster import coordinator as coordinator_module
 from hypercache.cluster.config import DistConfig
-from hypercache.cluster.coordinator import entry_is_live, newest
 from hypercache.cluster.node import Node
 from hypercache.errors import (
     ClockSkewError,
@@ -32,6 +31,7 @@ from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.connection import ClientConnection
 from hypercache.net.inproc import InprocNetwork
 from hypercache.net.protocol import Op, make_hello
+from hypercache.replication import is_live, newest
 
 FAST: dict[str, Any] = {
     "http": None,
@@ -89,7 +89,7 @@ async def client(
 
 def local(node: Node, key: bytes) -> Any:
     assert node.coordinator is not None
-    return node.coordinator.replica_get(key)
+    return node.replica.get(key)
 
 
 # --------------------------------------------------------------------------- basics
@@ -218,7 +218,7 @@ def test_dead_owner_quorum_works_all_fails() -> None:
             assert stats.quorum_failures["set"] == 1 and stats.quorum_failures["get"] == 1
             # The failure detector marks it down; the coordinator then skips it.
             assert nodes[0].membership is not None
-            await until(lambda: not nodes[0].membership.is_up("n3"), what="n3 down")  # type: ignore[union-attr]
+            await until(lambda: not nodes[0].membership.is_up("n3"), what="n3 down")
 
     run(main())
 
@@ -254,7 +254,7 @@ def test_stale_replica_repaired_by_quorum_read() -> None:
                 fresh, stale = [by_id[o] for o in owners[:2]], by_id[owners[2]]
                 for n in fresh:  # a newer version reaches two owners only
                     assert n.coordinator is not None
-                    assert n.coordinator.replica_put(key, b"new", ts + 1, origin, 0, False)
+                    assert n.replica.put(key, b"new", ts + 1, origin, 0, False)
                 assert local(stale, key)[0] == b"old"
                 assert await c.request(Op.GET, [key, "quorum"], 2) == [True, b"new"]
             await until(lambda: local(stale, key)[0] == b"new", what="read repair")
@@ -276,7 +276,7 @@ def test_read_repairs_in_flight_are_capped(monkeypatch: pytest.MonkeyPatch) -> N
             await coordinator.set(key, b"old", None, "all")
             _, ts, origin, _, _ = local(nodes[0], key)
             # Only the coordinator holds the newer version.
-            assert coordinator.replica_put(key, b"new", ts + 1, origin, 0, False)
+            assert nodes[0].replica.put(key, b"new", ts + 1, origin, 0, False)
             stats = nodes[0].metrics.stats
             assert await coordinator.get(key, "all") == [True, b"new"]
             await until(lambda: coordinator.background == 0, what="pushes done")
@@ -317,10 +317,7 @@ def test_concurrent_writers_leave_one_value_on_all_owners() -> None:
             coords = [n.coordinator for n in nodes]
             assert all(c is not None for c in coords)
             await asyncio.gather(
-                *(
-                    coords[i % 3].set(key, f"v{i}".encode(), None, "quorum")  # type: ignore[union-attr]
-                    for i in range(60)
-                )
+                *(coords[i % 3].set(key, f"v{i}".encode(), None, "quorum") for i in range(60))
             )
 
             def converged() -> bool:
@@ -330,7 +327,7 @@ def test_concurrent_writers_leave_one_value_on_all_owners() -> None:
             await until(converged, what="convergence")
             value = local(nodes[0], key)[0]
             for c in coords:
-                assert await c.get(key, "all") == [True, value]  # type: ignore[union-attr]
+                assert await c.get(key, "all") == [True, value]
 
     run(main())
 
@@ -367,11 +364,11 @@ def test_newest_and_liveness_helpers() -> None:
     c = (b"c", 9, 9, 0, False)
     assert newest([None, a, c, b]) == b
     assert newest([None, None]) is None
-    assert entry_is_live(a, 5)
-    assert not entry_is_live((b"", 10, 1, 0, True), 5)
-    assert not entry_is_live((b"x", 10, 1, 100, False), 100)
-    assert entry_is_live((b"x", 10, 1, 100, False), 99)
-    assert not entry_is_live(None, 0)
+    assert is_live(a, 5)
+    assert not is_live((b"", 10, 1, 0, True), 5)
+    assert not is_live((b"x", 10, 1, 100, False), 100)
+    assert is_live((b"x", 10, 1, 100, False), 99)
+    assert not is_live(None, 0)
 
 
 # --------------------------------------------------------------- membership

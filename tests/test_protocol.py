@@ -42,9 +42,6 @@ from hypercache.net.protocol import (
     encode_error,
     encode_request,
     encode_response,
-    entry_from_wire,
-    entry_is_live,
-    entry_older,
     make_hello,
     prepare_hello,
     request_deadline,
@@ -312,45 +309,6 @@ def test_frame_exactly_at_the_limit_is_accepted() -> None:
 def test_malformed_bodies_are_protocol_errors(body: Any) -> None:
     with pytest.raises(ProtocolError):
         decode_all(raw_frame(body))
-
-
-def test_an_entry_travels_as_a_five_element_array() -> None:
-    wire = msgpack.unpackb(msgpack.packb([b"v", 7, 3, 0, False]))
-    assert entry_from_wire(wire) == (b"v", 7, 3, 0, False)
-    assert entry_from_wire(None) is None
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [
-        [b"v", 7, 3, 0],  # too short
-        [b"v", 7, 3, 0, False, 1],  # too long
-        ("v", 7, 3, 0, False),  # not a list
-        ["v", 7, 3, 0, False],  # value not bytes
-        [b"v", 7.0, 3, 0, False],  # ts not an int
-        [b"v", True, 3, 0, False],  # bools are not integers here
-        [b"v", 7, 3, None, False],
-        [b"v", 7, 3, 0, 0],  # tombstone not a bool
-        b"v",
-    ],
-)
-def test_a_malformed_entry_is_a_protocol_error(raw: Any) -> None:
-    with pytest.raises(ProtocolError, match="malformed R_GET answer"):
-        entry_from_wire(raw)
-
-
-def test_entry_liveness_and_version_order() -> None:
-    value = (b"v", 10, 2, 0, False)
-    assert entry_is_live(value, 5) and entry_is_live((b"v", 10, 2, 100, False), 99)
-    assert not entry_is_live((b"v", 10, 2, 100, False), 100)  # expired at its instant
-    assert not entry_is_live((b"", 10, 2, 0, True), 5)  # a tombstone
-    assert not entry_is_live(None, 5)
-    # versions compare as (ts, origin): the origin breaks ties
-    assert entry_older(None, value)
-    assert entry_older((b"v", 9, 9, 0, False), value)
-    assert entry_older((b"v", 10, 1, 0, False), value)
-    assert not entry_older(value, value)
-    assert not entry_older((b"v", 10, 3, 0, False), value)
 
 
 @pytest.mark.parametrize(

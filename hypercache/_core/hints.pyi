@@ -46,11 +46,13 @@ Rules:
 from collections.abc import Iterable
 from typing import TypeAlias, final
 
+from hypercache.replication import KeyedEntry
+
 # ``HintBuffer.bytes`` (a counter) shadows the builtin inside the class.
 _Bytes: TypeAlias = bytes
 
 #: ``(key, value, ts, origin, expire_at_ms, tombstone)``, as dequeue_batch returns it.
-_HintTuple: TypeAlias = tuple[bytes, bytes, int, int, int, bool]
+_HintTuple: TypeAlias = KeyedEntry
 
 #: Fixed per-hint cost added to ``len(key) + len(value)`` in the byte cap: the
 #: buffer's own structures (about 150 B per hint, measured) plus the headers of the

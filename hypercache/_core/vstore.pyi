@@ -36,6 +36,8 @@ Rules:
 
 from typing import TypeAlias
 
+from hypercache.replication import Entry
+
 # ``VersionedStore.bytes`` (a counter) shadows the builtin inside the class.
 _Bytes: TypeAlias = bytes
 
@@ -60,7 +62,7 @@ def entry_hash(key_hash: int, ts: int, origin: int, tombstone: bool) -> int:
     """
 
 # (value, ts, origin, expire_at, tombstone)
-_EntryView: TypeAlias = tuple[bytes, int, int, int, bool]
+_EntryView: TypeAlias = Entry
 
 class VersionedStore:
     """Versioned key/value store, partitioned like :class:`~hypercache._core.ring.Ring`.

@@ -19,18 +19,17 @@ from hypercache.errors import (
     ConfigError,
     NodeUnavailableError,
     ProtocolError,
-    QuorumError,
 )
-from hypercache.net.protocol import (
-    Entry,
-    Limits,
-    Op,
-    entry_from_wire,
-    entry_is_live,
-    entry_older,
-    make_hello,
-)
+from hypercache.net.protocol import Limits, Op, make_hello
 from hypercache.net.transport import parse_address
+from hypercache.replication import (
+    Entry,
+    QuorumRound,
+    entry_from_wire,
+    is_live,
+    plan_repair,
+    wall_ms,
+)
 
 __all__ = [
     "BATCH",
@@ -45,11 +44,12 @@ __all__ = [
     "Route",
     "decode_get",
     "entry_from_wire",
-    "entry_is_live",
+    "is_live",
     "parse_seeds",
     "probe_delays",
     "ttl_to_ms",
     "unreachable",
+    "wall_ms",
     "wire_consistency",
 ]
 
@@ -142,123 +142,67 @@ def decode_get(answer: Any) -> tuple[bool, Any]:
     return found, value
 
 
-def wall_ms() -> int:
-    """Wall-clock milliseconds since the epoch (the unit of ``expire_at_ms``)."""
-    return time.time_ns() // 1_000_000
-
-
-class OwnerRead:
+class OwnerRead(QuorumRound):
     """One client-coordinated read of a key (``route="owner"``): which owners to ask,
     the answers, and the outcome. Pure bookkeeping, shared by both clients; they do
     the asking.
 
-    The first ``required`` owners (in the router's order: table order, owners set
-    aside last) are asked at once; each owner that fails (unreachable, timed out, an
-    error answer, a malformed answer) is replaced at once by the next owner not
-    asked yet (a read changes nothing, so asking another owner after a timeout is
-    safe). The read succeeds at ``required`` answers and fails once every owner
-    asked has answered or failed with fewer.
+    A :class:`~hypercache.replication.QuorumRound` that asks only what it needs: the
+    first ``required`` owners (in the router's order: table order, owners set aside
+    last) are asked at once; each owner that fails (unreachable, timed out, an error
+    answer, a malformed answer) is replaced at once by the next owner not asked yet
+    (a read changes nothing, so asking another owner after a timeout is safe). The
+    read succeeds at ``required`` answers and fails once every owner asked has
+    answered or failed with fewer.
 
     :param key: the wire key.
     :param owners: the owners, in the order to ask them.
     :param required: answers needed (``Consistency.required(len(owners))``).
     """
 
-    __slots__ = ("_next", "answers", "errors", "key", "outstanding", "owners", "required")
+    __slots__ = ("key",)
 
     def __init__(self, key: bytes, owners: tuple[str, ...], required: int) -> None:
+        super().__init__(owners, required, ask_all=False)
         self.key = key
-        self.owners = owners
-        self.required = required
-        #: owner -> its entry (``None``: it holds nothing)
-        self.answers: dict[str, Entry | None] = {}
-        #: owner -> why it gave no answer
-        self.errors: dict[str, BaseException] = {}
-        #: requests sent and not answered yet
-        self.outstanding = 0
-        self._next = 0
 
     def start(self) -> list[str]:
         """The owners to ask first (``required`` of them, or all if fewer)."""
-        first = self.owners[: self.required]
-        self._next = len(first)
-        self.outstanding = len(first)
-        return list(first)
+        return list(super().start())
 
-    def ok(self, owner: str, raw: Any) -> str | None:
+    def ok(self, owner: str, raw: Any) -> str | None:  # type: ignore[override]
         """Record ``owner``'s answer; return an owner to ask instead if it is malformed."""
         try:
             entry = entry_from_wire(raw)
         except ProtocolError as exc:
             return self.failed(owner, exc)
-        self.outstanding -= 1
-        self.answers[owner] = entry
-        return None
-
-    def failed(self, owner: str, exc: BaseException) -> str | None:
-        """Record a failure of ``owner``; return the next owner to ask, if any."""
-        self.outstanding -= 1
-        self.errors[owner] = exc
-        if self._next < len(self.owners) and len(self.answers) < self.required:
-            nxt = self.owners[self._next]
-            self._next += 1
-            self.outstanding += 1
-            return nxt
+        super().ok(owner, entry)
         return None
 
     @property
-    def acks(self) -> int:
-        return len(self.answers)
+    def answers(self) -> dict[str, Entry | None]:
+        """owner -> its entry (``None``: it holds nothing)."""
+        return self.results
 
     @property
     def done(self) -> bool:
         """Whether the read is over: quorum reached, or nothing left to wait for (every
         owner asked has answered or failed and none is left to ask; like a node, the
         client waits for the requests out so that ``acks`` is exact)."""
-        return len(self.answers) >= self.required or self.outstanding == 0
-
-    @property
-    def unreachable(self) -> bool:
-        """No owner answered and every one asked was unreachable (the table may be
-        wrong for this client: it then goes through the proxy path)."""
-        return not self.answers and all(
-            isinstance(exc, NodeUnavailableError) for exc in self.errors.values()
-        )
+        return self.decided
 
     def outcome(self) -> tuple[Entry | None, list[tuple[str, Entry]]]:
-        """The newest entry among the answers and the repairs to push.
-
-        Versions compare as ``(ts, origin)``. An entry expired by now counts as an
-        answer holding nothing (as a node's own ``R_GET`` does); a tombstone counts
-        with its version, so the newest may be one (the caller sees a miss through
-        :func:`entry_is_live`). The repairs are ``(owner, newest)`` for each owner
-        that answered with an older version or none.
+        """The newest entry among the answers and the repairs to push
+        (:func:`~hypercache.replication.plan_repair`: the newest version wins,
+        tombstones and entries expired in flight included; the caller serves a miss
+        through :func:`~hypercache.replication.is_live`).
 
         :raises QuorumError: fewer than ``required`` owners answered.
         """
-        answers = self.answers
-        if len(answers) < self.required:
-            raise QuorumError(len(answers), self.required)
-        now = wall_ms()
-        best: Entry | None = None
-        expired = False
-        for entry in answers.values():
-            if entry is None:
-                continue
-            if entry[3] and entry[3] <= now:
-                expired = True
-                continue
-            if best is None or (entry[1], entry[2]) > (best[1], best[2]):
-                best = entry
-        if best is None or len(answers) < 2:
-            return best, []
-        stale = []
-        for owner, entry in answers.items():
-            if expired and entry is not None and entry[3] and entry[3] <= now:
-                entry = None
-            if entry_older(entry, best):
-                stale.append((owner, best))
-        return best, stale
+        error = self.error()
+        if error is not None:
+            raise error
+        return plan_repair(self.results, wall_ms())
 
 
 def unreachable(what: str, errors: Mapping[str, BaseException]) -> NodeUnavailableError:

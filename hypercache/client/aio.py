@@ -16,7 +16,7 @@ from hypercache.client._common import (
     Entry,
     OwnerRead,
     decode_get,
-    entry_is_live,
+    is_live,
     probe_delays,
     ttl_to_ms,
     unreachable,
@@ -276,7 +276,7 @@ class AsyncClient(ClientBase):
         best, repairs = rd.outcome()  # QuorumError when too few answered
         for owner, entry in repairs:
             self._repair(owner, key, entry)
-        if entry_is_live(best, wall_ms()):
+        if is_live(best, wall_ms()):
             assert best is not None
             return True, best[0]
         return False, None

@@ -15,7 +15,7 @@ from hypercache.client._common import (
     ClientBase,
     OwnerRead,
     decode_get,
-    entry_is_live,
+    is_live,
     probe_delays,
     ttl_to_ms,
     unreachable,
@@ -573,9 +573,7 @@ class Client(ClientBase):
                 continue
             for owner, entry in stale:
                 repairs.setdefault(owner, []).append((_R_PUT, [k, *entry]))
-            out[k] = (
-                (True, best[0]) if best is not None and entry_is_live(best, now) else (False, None)
-            )
+            out[k] = (True, best[0]) if best is not None and is_live(best, now) else (False, None)
         if repairs:
             self._repair(repairs)
         if proxied:

@@ -56,52 +56,31 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Final, Protocol, TypeAlias
+from typing import Any, Final, Protocol
 
-from hypercache.cluster.antientropy import admits_repair
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.membership import Membership, Peer
 from hypercache.cluster.metrics import DistStats, NodeMetrics
+from hypercache.cluster.replica import Replica
 from hypercache.consistency import Consistency
 from hypercache.errors import (
-    ClockSkewError,
     ConfigError,
     HyperCacheError,
     NodeUnavailableError,
     ProtocolError,
     QuorumError,
 )
-from hypercache.net.protocol import (
-    MAX_PUT_MANY,
-    Entry,
-    Limits,
-    Op,
-    entry_from_wire,
-    entry_is_live,
-    entry_older,
-)
+from hypercache.net.protocol import Limits, Op
 from hypercache.net.transport import Later
+from hypercache.replication import Entry, QuorumRound, entry_from_wire, is_live, newest, plan_repair
 
-__all__ = [
-    "MAX_PUT_MANY",
-    "Coordinator",
-    "Entry",
-    "HintSink",
-    "LocalStore",
-    "entry_is_live",
-    "newest",
-]
+__all__ = ["MAX_PENDING_REPAIRS", "Coordinator", "HintSink"]
 
 _log = logging.getLogger("hypercache.coordinator")
-
-# LocalStore has a ``bytes`` counter, which shadows the builtin in its body.
-_Bytes: TypeAlias = bytes
 
 _R_GET: Final = int(Op.R_GET)
 _R_PUT: Final = int(Op.R_PUT)
 _R_DEL: Final = int(Op.R_DEL)
-# The hybrid logical clock refuses to move past this (it keeps room to tick).
-_MAX_REMOTE_TS: Final = 2**63 - 2
 #: Read-repair pushes a coordinator keeps in flight at most; beyond, a push is dropped
 #: (counted in ``read_repairs_dropped``) and anti-entropy repairs the owner later.
 MAX_PENDING_REPAIRS: Final = 1024
@@ -110,36 +89,6 @@ _ONE: Final = Consistency.ONE
 #: wire spelling -> level; anything else goes through Consistency.parse (which
 #: accepts other letter cases and blanks, and raises the validation error).
 _LEVELS: Final = {level.value: level for level in Consistency}
-
-#: ``R_PUT_MANY`` modes: hints replayed (applied like writes) and anti-entropy
-#: pushes (subject to the capacity rule, see :mod:`hypercache.cluster.antientropy`).
-PUT_MANY_HINTS: Final = 0
-PUT_MANY_REPAIR: Final = 1
-
-
-class LocalStore(Protocol):
-    """What the coordinator needs of the node's versioned store."""
-
-    def apply(
-        self,
-        key: _Bytes,
-        value: _Bytes,
-        ts: int,
-        origin: int,
-        expire_at_ms: int,
-        tombstone: bool,
-        now_ms: int,
-    ) -> bool: ...
-
-    def get(self, key: _Bytes, now_ms: int) -> tuple[_Bytes, int, int, int, bool] | None: ...
-
-    def peek(self, key: _Bytes, now_ms: int) -> tuple[_Bytes, int, int, int, bool] | None: ...
-
-    @property
-    def max_bytes(self) -> int: ...
-
-    @property
-    def bytes(self) -> int: ...
 
 
 class HintSink(Protocol):
@@ -169,117 +118,12 @@ class Clock(Protocol):
 
     def admits(self, remote_ts: object) -> bool: ...
 
-    def check(self, remote_ts: int) -> None: ...
-
-
-def wall_ms() -> int:
-    """Wall-clock milliseconds since the epoch (the unit of expiries)."""
-    return time.time_ns() // 1_000_000
-
-
-def newest(entries: list[Entry | None]) -> Entry | None:
-    """The entry with the highest version ``(ts, origin)``; ``None`` if all are None."""
-    best: Entry | None = None
-    for entry in entries:
-        if entry is not None and (best is None or (entry[1], entry[2]) > (best[1], best[2])):
-            best = entry
-    return best
-
-
-def _get_answer(entry: Entry | None) -> list[Any]:
-    """The ``GET`` answer for the newest entry found."""
-    if entry_is_live(entry, wall_ms()):
-        assert entry is not None
-        return [True, entry[0]]
-    return [False, None]
-
-
-class _Round:
-    """Acks of one operation: decided at quorum, or once all have answered short of it.
-
-    Replica answers arrive through :meth:`ok` / :meth:`fail`, from the local path
-    synchronously or from request callbacks. ``results`` keeps the answer of every
-    owner that acknowledged (for reads: its entry), in arrival order. The hook given
-    to :meth:`arm` (once every request is out) runs once, when the round is decided;
-    ``on_complete`` runs once every owner has answered or failed (read repair hooks
-    there), after the decision hook when both fall on the same answer.
-    """
-
-    __slots__ = (
-        "acks",
-        "failed",
-        "n",
-        "on_complete",
-        "on_decided",
-        "outstanding",
-        "reasons",
-        "required",
-        "results",
-    )
-
-    def __init__(self, n: int, required: int) -> None:
-        self.n = n
-        self.required = required
-        self.acks = 0
-        self.failed = 0
-        self.outstanding = n
-        self.results: dict[str, Any] = {}
-        self.reasons: list[str] = []
-        self.on_decided: Callable[[_Round], None] | None = None
-        self.on_complete: Callable[[_Round], None] | None = None
-
-    @property
-    def decided(self) -> bool:
-        # Success is decided at the quorum-th ack. Failure waits for every owner
-        # (each bounded by the request timeout) so that QuorumError reports every
-        # ack that did land: the caller learns how far a failed write got.
-        return self.acks >= self.required or self.outstanding == 0
-
-    def ok(self, owner: str, result: Any) -> None:
-        self.acks += 1
-        self.results[owner] = result
-        self._step()
-
-    def fail(self, owner: str, reason: str) -> None:
-        self.failed += 1
-        self.reasons.append(f"{owner}: {reason}")
-        self._step()
-
-    def _step(self) -> None:
-        self.outstanding -= 1
-        hook = self.on_decided
-        if hook is not None and (self.acks >= self.required or self.outstanding == 0):
-            self.on_decided = None
-            hook(self)
-        if self.outstanding == 0 and self.on_complete is not None:
-            hook, self.on_complete = self.on_complete, None
-            hook(self)
-
-    def arm(self, hook: Callable[[_Round], None]) -> None:
-        """Run ``hook(self)`` once decided (now, if it already is)."""
-        if self.decided:
-            hook(self)
-        else:
-            self.on_decided = hook
-
-    def error(self) -> QuorumError | None:
-        """``None`` when the quorum was reached, else the :class:`QuorumError` to raise."""
-        if self.acks >= self.required:
-            return None
-        why = "; ".join(self.reasons[:4])
-        return QuorumError(
-            self.acks,
-            self.required,
-            f"quorum not reached: {self.acks} of {self.required} required acks "
-            f"from {self.n} owners ({why})",
-        )
-
 
 class Coordinator:
     """Runs client operations against the owners of each key.
 
     :param config: the node's configuration (defaults, timeouts).
-    :param store: the local versioned store.
+    :param replica: this node's replica side (its own copy of the keys it owns).
     :param clock: the node's hybrid logical clock.
     :param membership: peers and their liveness.
     :param owners: ``key -> [node_id, ...]`` from the current ring.
@@ -291,7 +135,7 @@ class Coordinator:
         *,
         node_id: str,
         config: DistConfig,
-        store: LocalStore,
+        replica: Replica,
         clock: Clock,
         membership: Membership,
         owners: Callable[[bytes], list[str]],
@@ -300,7 +144,8 @@ class Coordinator:
     ) -> None:
         self.node_id = node_id
         self.config = config
-        self.store = store
+        self.replica = replica
+        self.wall = replica.wall
         self.clock = clock
         self.membership = membership
         self.owners = owners
@@ -319,144 +164,6 @@ class Coordinator:
         self._latency = {op: metrics.latency[op].observe for op in ("get", "set", "delete")}
         #: receives the writes owners missed; None: no hinted handoff
         self.hints: HintSink | None = None
-
-    # ------------------------------------------------------------------ replica
-
-    def replica_get(self, key: bytes) -> Entry | None:
-        """This node's entry for ``key`` (tombstones included), or ``None``."""
-        got = self.store.get(key, wall_ms())
-        if got is None:
-            return None
-        value, ts, origin, expire_at, tombstone = got
-        return (value, ts, origin, expire_at, bool(tombstone))
-
-    def replica_put(
-        self,
-        key: bytes,
-        value: bytes,
-        ts: int,
-        origin: int,
-        expire_at: int,
-        tombstone: bool,
-        path: str = "r_put",
-    ) -> bool:
-        """Apply one version locally when it is newer than what is held.
-
-        The clock moves past ``ts`` first, so any later write by this node is newer.
-
-        :param path: what brought the version (a label of ``versions_refused``).
-        :raises ClockSkewError: ``ts`` is past the clock's horizon (more than
-            ``max_clock_skew`` ahead); nothing is applied and the refusal is counted.
-        """
-        try:
-            self.clock.update(ts)
-        except ClockSkewError:
-            self.stats.versions_refused[path] += 1
-            raise
-        applied = self.store.apply(key, value, ts, origin, expire_at, tombstone, wall_ms())
-        if not applied:
-            self.stats.version_conflicts += 1
-        return applied
-
-    def handle_r_get(self, payload: Any) -> list[Any] | None:
-        """``R_GET [key]`` from a peer coordinator."""
-        if type(payload) is not list or len(payload) != 1:
-            raise ProtocolError("R_GET payload must be [key]")
-        self.stats.replica_gets += 1
-        entry = self.replica_get(self.limits.check_key(payload[0]))
-        return None if entry is None else list(entry)
-
-    def handle_r_put(self, payload: Any) -> bool:
-        """``R_PUT [key, value, ts, origin, expire_at_ms, tombstone]`` from a peer (or a
-        client's read repair).
-
-        :raises ClockSkewError: ``ts`` is more than ``max_clock_skew`` ahead.
-        """
-        key, value, ts, origin, expire_at, tombstone = self._check_r_put(payload)
-        self.stats.replica_puts += 1
-        applied = self.replica_put(key, value, ts, origin, expire_at, tombstone)
-        if applied:
-            self.stats.replica_puts_applied += 1
-        return applied
-
-    def handle_r_del(self, payload: Any) -> list[Any] | None:
-        """``R_DEL [key, b"", ts, origin, 0, true]`` from a peer coordinator: apply the
-        tombstone (newer wins, as ``R_PUT``) and answer what was held before it, as
-        ``R_GET`` would have, so a delete learns ``existed`` in one round trip."""
-        key, value, ts, origin, expire_at, tombstone = self._check_r_put(payload)
-        if not tombstone:
-            raise ProtocolError("R_DEL carries a tombstone")
-        self.stats.replica_gets += 1
-        self.stats.replica_puts += 1
-        before = self.replica_get(key)
-        if self.replica_put(key, value, ts, origin, expire_at, tombstone, "r_del"):
-            self.stats.replica_puts_applied += 1
-        return None if before is None else list(before)
-
-    def handle_r_put_many(self, payload: Any) -> int:
-        """``R_PUT_MANY [[entry, ...], mode]``, each entry as ``R_PUT``'s payload.
-
-        Mode 0 (replayed hints) applies every entry newer-wins; mode 1 (anti-entropy
-        push) also refuses a missing data entry while the store is above its
-        high-water mark (the capacity rule). Answers how many entries were applied.
-        The whole batch is checked before any entry is applied.
-        """
-        if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not list:
-            raise ProtocolError("R_PUT_MANY payload must be [[entry, ...], mode]")
-        entries, mode = payload
-        if mode not in (PUT_MANY_HINTS, PUT_MANY_REPAIR) or type(mode) is not int:
-            raise ProtocolError(f"R_PUT_MANY mode must be 0 or 1, got {mode!r}")
-        if len(entries) > MAX_PUT_MANY:
-            # Bounds the work of one request (~1 us an entry): senders batch below it.
-            raise ProtocolError(
-                f"R_PUT_MANY carries {len(entries)} entries, at most {MAX_PUT_MANY}"
-            )
-        checked = [self._check_r_put(e) for e in entries]
-        stats = self.stats
-        stats.replica_puts += len(checked)
-        now = wall_ms()
-        applied = 0
-        store = self.store
-        admits = self.clock.admits
-        path = "hints" if mode == PUT_MANY_HINTS else "repair_push"
-        for key, value, ts, origin, expire_at, tombstone in checked:
-            # A version past the horizon is skipped, not a reason to refuse the
-            # batch: the sender would send the same batch again and again.
-            if not admits(ts):
-                stats.versions_refused[path] += 1
-                continue
-            if mode == PUT_MANY_REPAIR and not admits_repair(
-                store, key, len(key) + len(value), tombstone, now
-            ):
-                stats.version_conflicts += 1
-                continue
-            if self.replica_put(key, value, ts, origin, expire_at, tombstone, path):
-                applied += 1
-        stats.replica_puts_applied += applied
-        return applied
-
-    def _check_r_put(self, payload: Any) -> tuple[bytes, bytes, int, int, int, bool]:
-        if type(payload) is not list or len(payload) != 6:
-            raise ProtocolError("R_PUT payload must be [key, value, ts, origin, expire_at, tomb]")
-        key, value, ts, origin, expire_at, tombstone = payload
-        key = self.limits.check_key(key)
-        value = bytes(self.limits.check_value(value))
-        # The bounds are what the store and the clock accept: a value past them
-        # must be refused here, as a protocol error, before anything is applied.
-        if (
-            type(ts) is not int
-            or not 0 <= ts < _MAX_REMOTE_TS
-            or type(origin) is not int
-            or not 0 <= origin < 2**32
-            or type(expire_at) is not int
-            or not 0 <= expire_at < 2**63
-            or type(tombstone) is not bool
-        ):
-            raise ProtocolError(
-                "R_PUT version fields must be ts: int in [0, 2**63-2), origin: uint32, "
-                "expire_at: int in [0, 2**63), tombstone: bool"
-            )
-        return key, value, ts, origin, expire_at, tombstone
 
     # ----------------------------------------------------------------- helpers
 
@@ -499,7 +206,7 @@ class Coordinator:
 
     def _remote(
         self,
-        rnd: _Round,
+        rnd: QuorumRound,
         owner: str,
         op: int,
         payload: Any,
@@ -513,7 +220,7 @@ class Coordinator:
         peer = self.membership.peers.get(owner)
         if peer is None or not peer.up:
             self.stats.replica_failures += 1
-            rnd.fail(owner, "down")
+            rnd.failed(owner, "down")
             if hint is not None:
                 self._hint(owner, hint)
             return
@@ -538,7 +245,7 @@ class Coordinator:
 
     def _answered(
         self,
-        rnd: _Round,
+        rnd: QuorumRound,
         owner: str,
         peer: Peer,
         hint: list[Any] | None,
@@ -557,24 +264,26 @@ class Coordinator:
         self._replica_failed(rnd, owner, error, hint)
 
     def _replica_failed(
-        self, rnd: _Round, owner: str, exc: BaseException, hint: list[Any] | None
+        self, rnd: QuorumRound, owner: str, exc: BaseException, hint: list[Any] | None
     ) -> None:
         self.stats.replica_failures += 1
-        rnd.fail(owner, str(exc) or type(exc).__name__)
+        rnd.failed(owner, str(exc) or type(exc).__name__)
         # A request the replica could never accept (malformed, too large) is
         # not worth a hint; anything else (down, timeout, refused) is.
         if hint is not None and not isinstance(exc, ProtocolError | ConfigError):
             self._hint(owner, hint)
 
-    def _track(self, rnd: _Round, owner: str, coro: Any, hint: list[Any] | None = None) -> None:
+    def _track(
+        self, rnd: QuorumRound, owner: str, coro: Any, hint: list[Any] | None = None
+    ) -> None:
         task = self._spawn(coro)
         task.add_done_callback(lambda t: self._collect(rnd, owner, t, hint))
 
     def _collect(
-        self, rnd: _Round, owner: str, task: asyncio.Task[Any], hint: list[Any] | None
+        self, rnd: QuorumRound, owner: str, task: asyncio.Task[Any], hint: list[Any] | None
     ) -> None:
         if task.cancelled():
-            rnd.fail(owner, "cancelled")
+            rnd.failed(owner, "cancelled")
             return
         exc = task.exception()
         if exc is not None:
@@ -621,18 +330,18 @@ class Coordinator:
                 # The local replica answers at once; asking others would only add load.
                 stats.read_attempts += 1
                 stats.read_acks += 1
-                entry = self.replica_get(key)
+                entry = self.replica.get(key)
                 self._latency["get"](time.perf_counter() - start)
-                later.resolve(_get_answer(entry))
+                later.resolve(self._get_answer(entry))
                 return later
-            rnd = _Round(n, level.required(n))
+            rnd = QuorumRound(owners, level.required(n))
             if level is not _ONE:
                 rnd.on_complete = lambda r: self._repair(key, r)
             payload = [key]
-            for owner in owners:
+            for owner in rnd.start():
                 stats.read_attempts += 1
                 if owner == node_id:
-                    rnd.ok(owner, self.replica_get(key))
+                    rnd.ok(owner, self.replica.get(key))
                 else:
                     self._remote(rnd, owner, _R_GET, payload, "r_get")
         except HyperCacheError as exc:
@@ -642,7 +351,7 @@ class Coordinator:
         rnd.arm(lambda r: self._get_decided(r, later, start))
         return later
 
-    def _get_decided(self, rnd: _Round, later: Later, start: float) -> None:
+    def _get_decided(self, rnd: QuorumRound, later: Later, start: float) -> None:
         try:
             error = rnd.error()
             if error is not None:
@@ -655,7 +364,14 @@ class Coordinator:
             self._settle_failed("get", later, start, exc)
             return
         self._latency["get"](time.perf_counter() - start)
-        later.resolve(_get_answer(best))
+        later.resolve(self._get_answer(best))
+
+    def _get_answer(self, entry: Entry | None) -> list[Any]:
+        """The ``GET`` answer for the newest entry found."""
+        if is_live(entry, self.wall()):
+            assert entry is not None
+            return [True, entry[0]]
+        return [False, None]
 
     def _answer_entry(self, owner: str, raw: Any) -> Entry | None:
         """The entry an owner answered (the local one as is), checked like a write:
@@ -680,7 +396,7 @@ class Coordinator:
         self._latency[op](time.perf_counter() - start)
         later.reject(exc)
 
-    def _repair(self, key: bytes, rnd: _Round) -> None:
+    def _repair(self, key: bytes, rnd: QuorumRound) -> None:
         """Push the newest version seen to every owner that answered with an older one."""
         if self._stopping:
             return
@@ -689,17 +405,15 @@ class Coordinator:
         except ProtocolError as exc:
             _log.warning("read repair of %r skipped: %s", key, exc)
             return
-        best = newest(list(results.values()))
+        best, stale = plan_repair(results, self.wall())
         if best is None:
             return
         value, ts, origin, expire_at, tombstone = best
         stats = self.stats
-        for owner, entry in results.items():
-            if not entry_older(entry, best):
-                continue
+        for owner, _ in stale:
             if owner == self.node_id:
                 stats.read_repairs += 1
-                self.replica_put(key, value, ts, origin, expire_at, tombstone)
+                self.replica.put(key, value, ts, origin, expire_at, tombstone)
                 continue
             peer = self.membership.peers.get(owner)
             if peer is None or not peer.up:
@@ -747,18 +461,18 @@ class Coordinator:
             if ttl_ms is not None and (type(ttl_ms) is not int or ttl_ms <= 0 or ttl_ms > 2**62):
                 raise ConfigError("ttl_ms", f"must be a positive integer or nil, got {ttl_ms!r}")
             level = self._level(consistency, self.config.write_consistency)
-            expire_at = 0 if ttl_ms is None else wall_ms() + ttl_ms
+            expire_at = 0 if ttl_ms is None else self.wall() + ttl_ms
             owners = self.owners(key)
             n = len(owners)
             ts = self.clock.now()
             origin = self._tag
-            rnd = _Round(n, level.required(n))
+            rnd = QuorumRound(owners, level.required(n))
             payload = [key, value, ts, origin, expire_at, False]
             node_id = self.node_id
-            for owner in owners:
+            for owner in rnd.start():
                 stats.write_attempts += 1
                 if owner == node_id:
-                    self.replica_put(key, value, ts, origin, expire_at, False)
+                    self.replica.put(key, value, ts, origin, expire_at, False)
                     rnd.ok(owner, True)
                 else:
                     self._remote(rnd, owner, _R_PUT, payload, "r_put", hint=payload)
@@ -769,7 +483,7 @@ class Coordinator:
         rnd.arm(lambda r: self._set_decided(r, later, start))
         return later
 
-    def _set_decided(self, rnd: _Round, later: Later, start: float) -> None:
+    def _set_decided(self, rnd: QuorumRound, later: Later, start: float) -> None:
         error = rnd.error()
         if error is not None:
             self._settle_failed("set", later, start, error)
@@ -780,8 +494,8 @@ class Coordinator:
         self._latency["set"](time.perf_counter() - start)
         later.resolve(True)
 
-    def _late_write_acks(self, counted: int) -> Callable[[_Round], None]:
-        def done(rnd: _Round) -> None:
+    def _late_write_acks(self, counted: int) -> Callable[[QuorumRound], None]:
+        def done(rnd: QuorumRound) -> None:
             self.stats.write_acks += rnd.acks - counted
 
         return done
@@ -809,13 +523,13 @@ class Coordinator:
             n = len(owners)
             ts = self.clock.now()
             origin = self._tag
-            rnd = _Round(n, level.required(n))
+            rnd = QuorumRound(owners, level.required(n))
             tomb = [key, b"", ts, origin, 0, True]
-            for owner in owners:
+            for owner in rnd.start():
                 stats.write_attempts += 1
                 if owner == self.node_id:
-                    before = self.replica_get(key)
-                    self.replica_put(key, b"", ts, origin, 0, True)
+                    before = self.replica.get(key)
+                    self.replica.put(key, b"", ts, origin, 0, True)
                     rnd.ok(owner, before)
                 else:
                     # One round trip: R_DEL writes the tombstone and answers what
@@ -828,19 +542,19 @@ class Coordinator:
         rnd.arm(lambda r: self._delete_decided(r, later, start))
         return later
 
-    def _delete_decided(self, rnd: _Round, later: Later, start: float) -> None:
+    def _delete_decided(self, rnd: QuorumRound, later: Later, start: float) -> None:
         try:
             error = rnd.error()
             if error is not None:
                 raise error
             self.stats.write_acks += rnd.acks
-            now = wall_ms()
+            now = self.wall()
             best = newest([self._answer_entry(owner, raw) for owner, raw in rnd.results.items()])
             if best is not None:
                 # Past every version received, as on every other path: a retried
                 # delete must be newer than what this one found.
                 self.clock.update(best[1])
-            existed = entry_is_live(best, now)
+            existed = is_live(best, now)
         except Exception as exc:
             self._settle_failed("delete", later, start, exc)
             return

@@ -32,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from hypercache.errors import HyperCacheError
 from hypercache.net.protocol import Op
+from hypercache.replication import KeyedEntry, wall_ms
 
 __all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "TICK", "Handoff", "HintBufferLike"]
 
@@ -48,12 +49,8 @@ BACKOFF_MAX: Final = 10.0
 EXPIRE_BUDGET: Final = 100_000
 
 
-#: ``(key, value, ts, origin, expire_at_ms, tombstone)``, as queued and replayed.
-Hint: TypeAlias = tuple[bytes, bytes, int, int, int, bool]
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
+#: A hint is a keyed entry, as queued and replayed (``R_PUT``'s shape).
+Hint: TypeAlias = KeyedEntry
 
 
 class HintBufferLike(Protocol):

@@ -22,61 +22,65 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from hypercache._core.hlc import wall_clock_ms
-from hypercache.cluster.antientropy import list_keys
-
-if TYPE_CHECKING:
-    from hypercache.cluster.node import Node
-
-__all__ = ["make_app", "start_http"]
-
-_NODE: web.AppKey[Node] = web.AppKey("node")
+__all__ = ["NodeView", "make_app", "start_http"]
 
 
-def _node(request: web.Request) -> Node:
-    return request.app[_NODE]
+class NodeView(Protocol):
+    """What the management HTTP needs of a node: JSON-ready reports, nothing to run
+    (implemented by :class:`hypercache.cluster.status.NodeStatus`)."""
+
+    @property
+    def partitions(self) -> int: ...
+
+    def health(self) -> tuple[dict[str, Any], bool]:
+        """The ``/health`` body, and whether the node is running (200, else 503)."""
+        ...
+
+    def stats(self) -> dict[str, Any]: ...
+    def config(self) -> dict[str, Any]: ...
+    def metrics_text(self) -> bytes: ...
+    def dist_metrics(self) -> dict[str, Any]: ...
+    def owners(self, key: bytes) -> dict[str, Any]: ...
+    def members(self) -> dict[str, Any]: ...
+    def ring(self, table: bool) -> dict[str, Any]: ...
+    def antientropy(self) -> dict[str, Any]: ...
+    def hints(self) -> dict[str, Any]: ...
+    def merkle(self, partition: int | None) -> dict[str, Any]: ...
+    def keys(self, partition: int, cursor: bytes | None, limit: int) -> dict[str, Any]: ...
+
+
+_VIEW: web.AppKey[NodeView] = web.AppKey("view")
+
+
+def _view(request: web.Request) -> NodeView:
+    return request.app[_VIEW]
 
 
 async def _health(request: web.Request) -> web.Response:
-    node = _node(request)
-    running = node.state == "running"
-    membership = node.membership
-    body = {
-        "status": "ok" if running else node.state,
-        "node_id": node.node_id,
-        "address": node.address,
-        "members": len(node.members()),
-        "members_up": membership.up_count() if membership is not None else 1,
-        "seeds_pending": membership.seeds_pending if membership is not None else [],
-        "epoch": node.epoch,
-    }
+    body, running = _view(request).health()
     return web.json_response(body, status=200 if running else 503)
 
 
 async def _stats(request: web.Request) -> web.Response:
-    return web.json_response(_node(request).stats())
+    return web.json_response(_view(request).stats())
 
 
 async def _config(request: web.Request) -> web.Response:
-    return web.json_response(_node(request).config.to_dict())
+    return web.json_response(_view(request).config())
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = _node(request).metrics.render()
+    body = _view(request).metrics_text()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _dist_metrics(request: web.Request) -> web.Response:
-    node = _node(request)
-    body = node.metrics.stats.as_dict()
-    body["node_id"] = node.node_id
-    body["latency"] = node.metrics.latency_summary()
-    return web.json_response(body)
+    return web.json_response(_view(request).dist_metrics())
 
 
 def _key_param(request: web.Request) -> bytes:
@@ -92,72 +96,16 @@ def _key_param(request: web.Request) -> bytes:
 
 
 async def _owners(request: web.Request) -> web.Response:
-    node = _node(request)
-    key = _key_param(request)
-    ring = node.ring
-    members = dict((nid, addr) for nid, addr in node.members())
-    membership = node.membership
-    owners = [
-        {
-            "node_id": nid,
-            "address": members.get(nid),
-            "up": membership.is_up(nid) if membership is not None else nid == node.node_id,
-        }
-        for nid in ring.owners(key)
-    ]
-    return web.json_response(
-        {
-            "key": key.decode("utf-8", "replace"),
-            "key_hex": key.hex(),
-            "partition": int(ring.partition_of(key)),
-            "owners": owners,
-            "epoch": node.epoch,
-        }
-    )
+    return web.json_response(_view(request).owners(_key_param(request)))
 
 
 async def _members(request: web.Request) -> web.Response:
-    node = _node(request)
-    membership = node.membership
-    out: list[dict[str, Any]] = []
-    for nid, addr in node.members():
-        if nid == node.node_id:
-            out.append({"node_id": nid, "address": addr, "up": True, "self": True})
-        elif membership is not None and nid in membership.peers:
-            out.append(membership.peers[nid].as_dict())
-    return web.json_response(
-        {
-            "self": node.node_id,
-            "epoch": node.epoch,
-            "members": out,
-            "seeds_pending": membership.seeds_pending if membership is not None else [],
-            # Claimed members not confirmed by a handshake with them (see
-            # hypercache.cluster.membership, "Trust").
-            "candidates": (
-                [[nid, addr] for nid, addr in membership.candidates]
-                if membership is not None
-                else []
-            ),
-            "checks_failed": membership.checks_failed if membership is not None else 0,
-            "candidates_dropped": membership.candidates_dropped if membership is not None else 0,
-        }
-    )
+    return web.json_response(_view(request).members())
 
 
 async def _ring(request: web.Request) -> web.Response:
-    node = _node(request)
-    ring = node.ring
-    body: dict[str, Any] = {
-        "epoch": node.epoch,
-        "nodes": list(ring.nodes),
-        "partitions": int(ring.partitions),
-        "replication": int(ring.replication),
-        "vnodes": int(ring.vnodes),
-        "load": ring.load(),
-    }
-    if request.query.get("table") in ("1", "true", "yes"):
-        body["table"] = ring.table()
-    return web.json_response(body)
+    table = request.query.get("table") in ("1", "true", "yes")
+    return web.json_response(_view(request).ring(table))
 
 
 def _int_param(request: web.Request, name: str, default: int | None, low: int, high: int) -> int:
@@ -176,67 +124,37 @@ def _int_param(request: web.Request, name: str, default: int | None, low: int, h
 
 
 async def _merkle(request: web.Request) -> web.Response:
-    node = _node(request)
-    store = node.store
-    parts = int(store.partitions)
-    body: dict[str, Any] = {
-        "node_id": node.node_id,
-        "partitions": parts,
-        "sub_buckets": int(store.sub_buckets),
-    }
+    view = _view(request)
+    partition = None
     if "partition" in request.query:
-        p = _int_param(request, "partition", None, 0, parts - 1)
-        body["partition"] = p
-        body["digest"] = f"{store.digest(p):016x}"
-        body["entries"] = int(store.partition_len(p))
-        body["sub_digests"] = [f"{d:016x}" for d in store.sub_digests(p)]
-    else:
-        body["digests"] = {
-            str(p): f"{store.digest(p):016x}" for p in range(parts) if store.partition_len(p)
-        }
-    return web.json_response(body)
+        partition = _int_param(request, "partition", None, 0, view.partitions - 1)
+    return web.json_response(view.merkle(partition))
 
 
 async def _keys(request: web.Request) -> web.Response:
-    node = _node(request)
-    store = node.store
-    p = _int_param(request, "partition", None, 0, int(store.partitions) - 1)
+    view = _view(request)
+    p = _int_param(request, "partition", None, 0, view.partitions - 1)
     limit = _int_param(request, "limit", 1000, 1, 100_000)
     raw_cursor = request.query.get("cursor")
     try:
         cursor = bytes.fromhex(raw_cursor) if raw_cursor else None
     except ValueError:
         raise web.HTTPBadRequest(text="cursor: not hexadecimal") from None
-    page, next_cursor = list_keys(store, p, cursor, limit, wall_clock_ms())
-    return web.json_response(
-        {
-            "partition": p,
-            "keys": [
-                {"key": k.hex(), "ts": ts, "origin": origin, "tombstone": tomb, "expire_at": exp}
-                for k, ts, origin, tomb, exp in page
-            ],
-            "next_cursor": None if next_cursor is None else next_cursor.hex(),
-        }
-    )
+    return web.json_response(view.keys(p, cursor, limit))
 
 
 async def _antientropy(request: web.Request) -> web.Response:
-    node = _node(request)
-    ae = node.antientropy
-    body: dict[str, Any] = {"node_id": node.node_id}
-    if ae is not None:
-        body.update(ae.stats.as_dict())
-    return web.json_response(body)
+    return web.json_response(_view(request).antientropy())
 
 
 async def _hints(request: web.Request) -> web.Response:
-    return web.json_response(_node(request).hint_stats())
+    return web.json_response(_view(request).hints())
 
 
-def make_app(node: Node) -> web.Application:
-    """The management application of ``node``."""
+def make_app(view: NodeView) -> web.Application:
+    """The management application of the node that ``view`` reports on."""
     app = web.Application()
-    app[_NODE] = node
+    app[_VIEW] = view
     app.router.add_get("/health", _health)
     app.router.add_get("/stats", _stats)
     app.router.add_get("/config", _config)
@@ -252,14 +170,11 @@ def make_app(node: Node) -> web.Application:
     return app
 
 
-async def start_http(node: Node) -> tuple[web.AppRunner, str]:
-    """Serve :func:`make_app` on ``node.config.http``; return the runner and bound address."""
-    http = node.config.http_address
-    if http is None:
-        raise RuntimeError("the management HTTP server is off (config.http is None)")
-    host, port = http
+async def start_http(view: NodeView, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """Serve :func:`make_app` on ``host:port`` (port 0 picks one); return the runner
+    and the bound address."""
     runner = web.AppRunner(
-        make_app(node), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        make_app(view), access_log=None, handle_signals=False, shutdown_timeout=1.0
     )
     await runner.setup()
     try:

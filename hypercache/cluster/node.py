@@ -10,17 +10,20 @@ embed::
 
 It is the :class:`~hypercache.net.transport.SyncHandler` of its data-plane server:
 every operation is handled inline by :meth:`Node.handle_sync` (no task per request;
-client operations answer through a :class:`~hypercache.net.transport.Later`). Client
-operations (``GET``, ``SET``, ``DELETE``, ``TOPOLOGY``, ``PING``) are coordinated by
-:class:`~hypercache.cluster.coordinator.Coordinator`; replica operations (``R_GET``,
-``R_PUT``, ``R_PUT_MANY``) from peer coordinators and the handoff loops are served
-from the local store, and so are the anti-entropy requests (``MERKLE``, ``KEYS``,
-``PULL``) of :mod:`hypercache.cluster.antientropy`. ``docs/cluster.md`` lists the
-payloads.
+client operations answer through a :class:`~hypercache.net.transport.Later`),
+through a table from op to handler. Client operations (``GET``, ``SET``,
+``DELETE``) are coordinated by :class:`~hypercache.cluster.coordinator.Coordinator`;
+what peers ask of this node's store (``R_GET``, ``R_PUT``, ``R_DEL``,
+``R_PUT_MANY``, ``MERKLE``, ``KEYS``, ``PULL``) is answered by its
+:class:`~hypercache.cluster.replica.Replica`. ``docs/cluster.md`` lists the payloads.
 
-Background loops, each stopped by :meth:`Node.stop`: membership (seeds,
-heartbeats), expiry sweep (expired entries and tombstones), anti-entropy, hint
-replay (:mod:`hypercache.cluster.handoff`).
+Lifecycle: what a node runs exists only while it runs. :meth:`start` binds the
+server (so that a node bound to port 0 knows its address, hence its id, before
+anything else is built), then builds every collaborator at once, in one
+:class:`_Running` object; the accessors (:attr:`coordinator`, :attr:`membership`,
+...) raise before that. Background loops, each stopped by :meth:`stop`:
+membership (seeds, heartbeats), expiry sweep (expired entries and tombstones),
+anti-entropy, hint replay (:mod:`hypercache.cluster.handoff`).
 """
 
 from __future__ import annotations
@@ -31,54 +34,60 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from hypercache._core.hints import HintBuffer
-from hypercache._core.hlc import HLC, node_tag, wall_clock_ms
+from hypercache._core.hlc import HLC, node_tag
 from hypercache._core.ring import DEFAULT_VNODES, Ring
 from hypercache._core.vstore import VersionedStore
-from hypercache.cluster import antientropy
 from hypercache.cluster.antientropy import AntiEntropy
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.coordinator import Coordinator
 from hypercache.cluster.cpulatency import CpuLatencyRequest
 from hypercache.cluster.handoff import Handoff
 from hypercache.cluster.membership import Membership
-from hypercache.cluster.metrics import NodeMetrics, counter, gauge
+from hypercache.cluster.metrics import NodeMetrics
+from hypercache.cluster.replica import Replica
 from hypercache.errors import NodeUnavailableError, PermissionDeniedError, ProtocolError
 from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.busypoll import BusyPoller, poller
 from hypercache.net.protocol import Limits, Op
 from hypercache.net.tcp import TCP
 from hypercache.net.transport import Later, PeerInfo, Server, ServerOptions, Transport
+from hypercache.replication import WallClock, wall_ms
 
 __all__ = ["Node"]
 
 _log = logging.getLogger("hypercache.node")
 
 _PING: Final = int(Op.PING)
-_GET: Final = int(Op.GET)
-_SET: Final = int(Op.SET)
-_DELETE: Final = int(Op.DELETE)
-_TOPOLOGY: Final = int(Op.TOPOLOGY)
-_R_GET: Final = int(Op.R_GET)
-_R_PUT: Final = int(Op.R_PUT)
-_R_PUT_MANY: Final = int(Op.R_PUT_MANY)
-_R_DEL: Final = int(Op.R_DEL)
-_MERKLE: Final = int(Op.MERKLE)
-_KEYS: Final = int(Op.KEYS)
-_PULL: Final = int(Op.PULL)
-
-#: Operations only cluster peers may send (hint replays, repair pushes, a delete's
-#: replica half, anti-entropy). ``R_GET`` and ``R_PUT`` stay open to clients, which
-#: read from owners and push read repairs; every version they carry is checked
-#: against the clock's horizon like any other.
-_PEER_OPS: Final = frozenset({_R_PUT_MANY, _R_DEL, _MERKLE, _KEYS, _PULL})
 
 # Period and batch of the expiry sweep.
 _SWEEP_INTERVAL: Final = 1.0
 _SWEEP_BUDGET: Final = 10_000
+
+#: A handler of the op table: the payload in, the answer (or a Later) out.
+_OpHandler = Callable[[Any], Any]
+
+
+@dataclass(eq=False)
+class _Running:
+    """What a started node runs: built at once by :meth:`Node.start`."""
+
+    server: Server
+    clock: HLC
+    membership: Membership
+    replica: Replica
+    coordinator: Coordinator
+    antientropy: AntiEntropy
+    handoff: Handoff
+    #: op -> (handler, only cluster peers may send it)
+    ops: dict[int, tuple[_OpHandler, bool]]
+    poller: BusyPoller | None = None
+    sweeper: asyncio.Task[None] | None = None
+    http: Any = None  # the aiohttp runner of the management HTTP
 
 
 class Node:
@@ -108,35 +117,25 @@ class Node:
             max_items=config.max_items,
             tombstone_ttl_ms=int(config.tombstone_ttl * 1000),
         )
-        #: wall-clock ms the expiry loop sweeps at (tests move it forward instead of
-        #: sleeping through a TTL)
-        self.wall_ms: Callable[[], int] = wall_clock_ms
+        self._wall: WallClock = wall_ms
+        #: counters and latency histograms (a registry of this node's own)
+        self.metrics = NodeMetrics(config.node_id)
         #: makes and checks the proofs of the cluster secret in peer handshakes
         self.peer_auth = PeerAuthenticator(config.cluster_secret)
         #: peer operations refused to client connections
         self.peer_ops_refused = 0
-        self._want_http = http and config.http is not None
-        self._sweeper: asyncio.Task[None] | None = None
         #: entries reclaimed by the expiry loop: (expired, tombstones purged)
         self.swept = [0, 0]
-        self._server: Server | None = None
-        self._http: Any = None
-        self._started_at = 0.0
-        self._state = "new"
         self.http_address: str | None = None
+        #: ring rebuilds seen (the ring follows the member set)
         self.epoch = 0
         self.ring: Ring = Ring([config.node_id], **self._ring_args())
+        self._want_http = http and config.http is not None
+        self._run: _Running | None = None
+        self._started_at = 0.0
+        self._state = "new"
         self._topology: dict[str, Any] | None = None
-        # Filled in by start(), once the real address (and so the node id) is known.
-        self.clock: HLC = self._new_clock()
-        self.metrics = NodeMetrics(config.node_id)
-        self.membership: Membership | None = None
-        self.coordinator: Coordinator | None = None
-        self.antientropy: AntiEntropy | None = None
-        self.handoff: Handoff | None = None
         self._leads: tuple[int, dict[str, list[int]]] = (-1, {})
-        # This loop's busy polling, when the node has a window (counted in /stats).
-        self._poller: BusyPoller | None = None
         limit = config.cpu_latency_limit
         #: the CPU wake-up latency limit held while running, if one is configured
         self.cpu_latency: CpuLatencyRequest | None = (
@@ -159,6 +158,75 @@ class Node:
         """``new``, ``running``, ``stopping`` or ``stopped``."""
         return self._state
 
+    @property
+    def started_at(self) -> float:
+        """``time.monotonic()`` when the node started; 0 before."""
+        return self._started_at
+
+    @property
+    def wall_ms(self) -> WallClock:
+        """The node's wall clock (ms), what expiries are judged by everywhere in it.
+
+        Tests move it forward (``node.wall_ms = lambda: wall_ms() + 61_000``) instead
+        of sleeping through a TTL; every collaborator reads the one set here.
+        """
+        return self._wall
+
+    @wall_ms.setter
+    def wall_ms(self, clock: WallClock) -> None:
+        self._wall = clock
+        run = self._run
+        if run is not None:
+            run.replica.wall = run.coordinator.wall = run.antientropy.wall = clock
+
+    # -------------------------------------------------------- running collaborators
+
+    def _running(self) -> _Running:
+        run = self._run
+        if run is None:
+            raise RuntimeError(f"node {self.node_id} not started")
+        return run
+
+    @property
+    def is_started(self) -> bool:
+        """Whether :meth:`start` built the collaborators (still true once stopped)."""
+        return self._run is not None
+
+    @property
+    def server(self) -> Server:
+        return self._running().server
+
+    @property
+    def clock(self) -> HLC:
+        return self._running().clock
+
+    @property
+    def membership(self) -> Membership:
+        return self._running().membership
+
+    @property
+    def replica(self) -> Replica:
+        return self._running().replica
+
+    @property
+    def coordinator(self) -> Coordinator:
+        return self._running().coordinator
+
+    @property
+    def antientropy(self) -> AntiEntropy:
+        return self._running().antientropy
+
+    @property
+    def handoff(self) -> Handoff:
+        return self._running().handoff
+
+    @property
+    def poller(self) -> BusyPoller | None:
+        """This loop's busy poller, when the node has a window (counted in ``/stats``)."""
+        return self._running().poller
+
+    # ----------------------------------------------------------------- lifecycle
+
     def _server_options(self, config: DistConfig) -> ServerOptions:
         return ServerOptions(
             cluster=config.cluster_name,
@@ -176,10 +244,6 @@ class Node:
             max_output_buffer=config.max_output_buffer,
         )
 
-    def _new_clock(self) -> HLC:
-        config = self.config
-        return HLC(node_tag(config.node_id), max_skew_ms=round(config.max_clock_skew * 1000))
-
     def _ring_args(self) -> dict[str, int]:
         c = self.config
         return {
@@ -187,8 +251,6 @@ class Node:
             "partitions": c.partitions,
             "replication": c.replication,
         }
-
-    # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         """Listen, join the cluster through the seeds, start the management HTTP server.
@@ -198,86 +260,34 @@ class Node:
         if self._state != "new":
             raise RuntimeError(f"node already {self._state}")
         config = self.config
-        options = self._server_options(config)
-        server = self.transport.create_server(self, config.bind, options)
+        server = self.transport.create_server(self, config.bind, self._server_options(config))
         await server.start()
-        # No await from here to the end of the membership set-up: no HELLO can be
-        # handled before the node knows its final id and address.
-        self._server = server
+        # No await from here to the end of the set-up: no HELLO can be handled
+        # before the node knows its final id and address.
         if server.address != config.bind:
             self.config = config = config.with_bind(server.address)
-            if config.node_id != options.node_id:
-                # The server reads its options per connection, so new ones see this.
-                vars(server)["options"] = self._server_options(config)
-        self.clock = self._new_clock()
-        self.metrics = NodeMetrics(config.node_id)
-        self.metrics.add_source(self._collect)
+            # The server reads its options per connection, so new ones see this.
+            server.options = self._server_options(config)
+        self._run = run = self._build(server)
         self.ring = Ring([config.node_id], **self._ring_args())
         self.epoch = 1
-        self.membership = Membership(
-            config,
-            self.transport,
-            node_id=config.node_id,
-            address=server.address,
-            limits=self.limits,
-            on_change=self._on_members,
-            peer_auth=self.peer_auth,
-        )
-        self.coordinator = Coordinator(
-            node_id=config.node_id,
-            config=config,
-            store=self.store,
-            clock=self.clock,
-            membership=self.membership,
-            owners=self._owners,
-            metrics=self.metrics,
-            limits=self.limits,
-        )
-        coordinator = self.coordinator
-        membership = self.membership
-        self.antientropy = AntiEntropy(
-            store=self.store,
-            limits=self.limits,
-            apply=functools.partial(coordinator.replica_put, path="antientropy"),
-            peers=lambda: dict(membership.peers),
-            leads=self.leads,
-            interval=config.anti_entropy_interval,
-            max_interval=config.anti_entropy_max_interval,
-            timeout=config.request_timeout,
-        )
-        self.metrics.add_source(self.antientropy.collect)
-        self.handoff = Handoff(
-            buffer=HintBuffer(
-                max_per_node=config.hint_max_per_node,
-                max_total=config.hint_max_total,
-                max_bytes=config.hint_max_bytes,
-                ttl_ms=int(config.hint_ttl * 1000),
-            ),
-            peers=lambda: dict(membership.peers),
-            batch=config.hint_replay_batch,
-            batch_bytes=config.max_frame // 2,
-            timeout=config.request_timeout,
-        )
-        coordinator.hints = self.handoff
-        self.metrics.add_source(self.handoff.collect)
-        membership.liveness_listeners.append(self._on_liveness)
         self._started_at = time.monotonic()
         self._state = "running"
         if self.cpu_latency is not None:
             self.cpu_latency.acquire()
-        if config.busy_poll:
-            self._poller = poller(asyncio.get_running_loop())
-        self.membership.start()
-        self.antientropy.start()
-        self.handoff.start()
-        self._sweeper = asyncio.get_running_loop().create_task(
+        run.membership.start()
+        run.antientropy.start()
+        run.handoff.start()
+        run.sweeper = asyncio.get_running_loop().create_task(
             self._sweep_loop(), name="hypercache-expiry"
         )
-        if self._want_http:
+        http = config.http_address
+        if self._want_http and http is not None:
             from hypercache.cluster.http import start_http
+            from hypercache.cluster.status import NodeStatus
 
             try:
-                self._http, self.http_address = await start_http(self)
+                run.http, self.http_address = await start_http(NodeStatus(self), *http)
             except BaseException:
                 await self.stop()
                 raise
@@ -291,32 +301,138 @@ class Node:
             ",".join(config.seeds) or "none",
         )
 
+    def _build(self, server: Server) -> _Running:
+        """Every collaborator of a running node, wired to each other."""
+        from hypercache.cluster.status import NodeStatus
+
+        config = self.config
+        clock = HLC(node_tag(config.node_id), max_skew_ms=round(config.max_clock_skew * 1000))
+        metrics = self.metrics
+        metrics.node_id = config.node_id
+        membership = Membership(
+            config,
+            self.transport,
+            node_id=config.node_id,
+            address=server.address,
+            limits=self.limits,
+            on_change=self._on_members,
+            peer_auth=self.peer_auth,
+        )
+        replica = Replica(
+            store=self.store, clock=clock, limits=self.limits, stats=metrics.stats, wall=self._wall
+        )
+        coordinator = Coordinator(
+            node_id=config.node_id,
+            config=config,
+            replica=replica,
+            clock=clock,
+            membership=membership,
+            owners=self._owners,
+            metrics=metrics,
+            limits=self.limits,
+        )
+        antientropy = AntiEntropy(
+            store=self.store,
+            limits=self.limits,
+            apply=functools.partial(replica.put, path="antientropy"),
+            peers=lambda: dict(membership.peers),
+            leads=self.leads,
+            interval=config.anti_entropy_interval,
+            max_interval=config.anti_entropy_max_interval,
+            timeout=config.request_timeout,
+            wall=self._wall,
+        )
+        handoff = Handoff(
+            buffer=HintBuffer(
+                max_per_node=config.hint_max_per_node,
+                max_total=config.hint_max_total,
+                max_bytes=config.hint_max_bytes,
+                ttl_ms=int(config.hint_ttl * 1000),
+            ),
+            peers=lambda: dict(membership.peers),
+            batch=config.hint_replay_batch,
+            batch_bytes=config.max_frame // 2,
+            timeout=config.request_timeout,
+        )
+        coordinator.hints = handoff
+        membership.liveness_listeners.append(self._on_liveness)
+        run = _Running(
+            server=server,
+            clock=clock,
+            membership=membership,
+            replica=replica,
+            coordinator=coordinator,
+            antientropy=antientropy,
+            handoff=handoff,
+            ops=self._op_table(replica, coordinator),
+            poller=poller(asyncio.get_running_loop()) if config.busy_poll else None,
+        )
+        metrics.add_source(NodeStatus(self).collect)
+        metrics.add_source(antientropy.collect)
+        metrics.add_source(handoff.collect)
+        return run
+
+    def _op_table(
+        self, replica: Replica, coordinator: Coordinator
+    ) -> dict[int, tuple[_OpHandler, bool]]:
+        """What :meth:`handle_sync` dispatches to, and whether only peers may send it.
+
+        ``R_GET`` and ``R_PUT`` stay open to clients, which read from owners and push
+        read repairs (every version they carry is checked against the clock's
+        horizon like any other); hint replays, repair pushes, a delete's replica
+        half and anti-entropy are for peers only.
+        """
+
+        def get(payload: Any) -> Later:
+            key, consistency = _fields(payload, 2, "GET", "[key, consistency]")
+            return coordinator.start_get(key, consistency)
+
+        def set_(payload: Any) -> Later:
+            key, value, ttl_ms, consistency = _fields(
+                payload, 4, "SET", "[key, value, ttl_ms, consistency]"
+            )
+            return coordinator.start_set(key, value, ttl_ms, consistency)
+
+        def delete(payload: Any) -> Later:
+            key, consistency = _fields(payload, 2, "DELETE", "[key, consistency]")
+            return coordinator.start_delete(key, consistency)
+
+        return {
+            int(Op.R_PUT): (replica.r_put, False),
+            int(Op.R_GET): (replica.r_get, False),
+            int(Op.GET): (get, False),
+            int(Op.SET): (set_, False),
+            int(Op.DELETE): (delete, False),
+            int(Op.TOPOLOGY): (lambda _payload: self.topology(), False),
+            int(Op.R_DEL): (replica.r_del, True),
+            int(Op.R_PUT_MANY): (replica.r_put_many, True),
+            int(Op.MERKLE): (replica.merkle, True),
+            int(Op.KEYS): (replica.keys, True),
+            int(Op.PULL): (replica.pull, True),
+        }
+
     async def stop(self) -> None:
         """Stop every loop, close every connection and both servers. Idempotent."""
         if self._state in ("stopping", "stopped", "new"):
             self._state = "stopped" if self._state == "new" else self._state
             return
         self._state = "stopping"
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        run = self._running()
+        if run.sweeper is not None:
+            run.sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
-        if self.antientropy is not None:
-            await self.antientropy.stop()
-        if self.handoff is not None:
-            await self.handoff.stop()
-        if self._http is not None:
-            runner, self._http = self._http, None
+                await run.sweeper
+            run.sweeper = None
+        await run.antientropy.stop()
+        await run.handoff.stop()
+        if run.http is not None:
+            runner, run.http = run.http, None
             await runner.cleanup()
         # Stop serving first (handlers still running are cancelled), then what the
         # handlers used: background replica requests, then the peer connections.
-        if self._server is not None:
-            await self._server.close()
-        if self.coordinator is not None:
-            await self.coordinator.stop()
-        if self.membership is not None:
-            await self.membership.stop()
+        await run.server.close()
+        await run.coordinator.stop()
+        await run.membership.stop()
         if self.cpu_latency is not None:
             self.cpu_latency.release()
         self._state = "stopped"
@@ -329,18 +445,12 @@ class Node:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    @property
-    def server(self) -> Server:
-        if self._server is None:
-            raise RuntimeError("node not started")
-        return self._server
-
     async def _sweep_loop(self) -> None:
         # Expired entries are reclaimed when touched; this reclaims the untouched
         # ones, in bounded batches so one pass never stalls the loop.
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL)
-            expired, purged = self.store.sweep(self.wall_ms(), _SWEEP_BUDGET)
+            expired, purged = self.store.sweep(self._wall(), _SWEEP_BUDGET)
             self.swept[0] += expired
             self.swept[1] += purged
 
@@ -358,11 +468,10 @@ class Node:
 
     def _on_liveness(self, node_id: str, up: bool) -> None:
         # A peer back up may have missed writes: replay its hints and compare with it.
-        if up and self._state == "running":
-            if self.handoff is not None:
-                self.handoff.wake(node_id)
-            if self.antientropy is not None:
-                self.antientropy.wake()
+        run = self._run
+        if up and run is not None and self._state == "running":
+            run.handoff.wake(node_id)
+            run.antientropy.wake()
 
     def leads(self, peer_id: str) -> list[int]:
         """Partitions this node syncs with ``peer_id`` by anti-entropy: those both
@@ -383,9 +492,10 @@ class Node:
 
     def members(self) -> list[list[str]]:
         """``[[node_id, address], ...]`` sorted by id, this node included."""
-        if self.membership is None:
+        run = self._run
+        if run is None:
             return [[self.node_id, self.address]]
-        return self.membership.member_list()
+        return run.membership.member_list()
 
     def topology(self) -> dict[str, Any]:
         """The ``TOPOLOGY`` answer: what a client needs to route to owners itself."""
@@ -408,12 +518,12 @@ class Node:
     def hello_info(self, peer_hello: dict[str, Any]) -> dict[str, Any]:
         """HELLO answer ``info``: our id, address and members; learn from node peers
         (the server only hands us a ``node_id`` for a connection it accepted as a peer)."""
-        membership = self.membership
-        if membership is None:
+        run = self._run
+        if run is None:
             return {"node_id": self.node_id, "address": self.address, "members": []}
         if peer_hello.get("node_id") is not None:
-            membership.learn_from_hello(peer_hello)
-        return membership.hello_info()
+            run.membership.learn_from_hello(peer_hello)
+        return run.membership.hello_info()
 
     async def handle(self, conn_info: PeerInfo, op: int, payload: Any) -> Any:
         """Carry out one request (see the module docstring for the operations)."""
@@ -439,229 +549,33 @@ class Node:
         """Carry out one request inline: the answer, or a :class:`Later` for client
         operations, which wait on other owners. Every handler here is synchronous
         (the store is in memory), so no request needs a task."""
-        coord = self.coordinator
-        if coord is None or self._state != "running":
+        run = self._run
+        if run is None or self._state != "running":
             raise NodeUnavailableError(f"{self.node_id}: node is {self._state}")
-        # Most frequent first: replica traffic, then client operations.
-        if op == _R_PUT:
-            return coord.handle_r_put(payload)
-        if op == _R_GET:
-            return coord.handle_r_get(payload)
-        if op == _GET:
-            key, consistency = _fields(payload, 2, "GET", "[key, consistency]")
-            return coord.start_get(key, consistency)
-        if op == _SET:
-            key, value, ttl_ms, consistency = _fields(
-                payload, 4, "SET", "[key, value, ttl_ms, consistency]"
-            )
-            return coord.start_set(key, value, ttl_ms, consistency)
-        if op == _DELETE:
-            key, consistency = _fields(payload, 2, "DELETE", "[key, consistency]")
-            return coord.start_delete(key, consistency)
-        if op in _PEER_OPS and not conn_info.is_node:
-            self.peer_ops_refused += 1
-            raise PermissionDeniedError(
-                f"op {Op(op).name} is for cluster peers; this connection is a client"
-            )
-        if op == _R_DEL:
-            return coord.handle_r_del(payload)
-        if op == _R_PUT_MANY:
-            return coord.handle_r_put_many(payload)
-        if op == _MERKLE:
-            return antientropy.handle_merkle(self.store, payload)
-        if op == _KEYS:
-            return antientropy.handle_keys(self.store, payload)
-        if op == _PULL:
-            return antientropy.handle_pull(self.store, self.limits, payload)
+        entry = run.ops.get(op)
+        if entry is not None:
+            handler, peers_only = entry
+            if peers_only and not conn_info.is_node:
+                self.peer_ops_refused += 1
+                raise PermissionDeniedError(
+                    f"op {Op(op).name} is for cluster peers; this connection is a client"
+                )
+            return handler(payload)
         if op == _PING:
-            if conn_info.node_id is not None and self.membership is not None:
-                self.membership.observe_ping(conn_info.node_id, payload)
+            if conn_info.node_id is not None:
+                run.membership.observe_ping(conn_info.node_id, payload)
             return "pong"
-        if op == _TOPOLOGY:
-            return self.topology()
         raise ProtocolError(f"unsupported operation {op}")
-
-    # ------------------------------------------------------------------- metrics
-
-    def hint_stats(self) -> dict[str, Any]:
-        """What ``GET /dist/hints`` shows (``queued``: hints waiting now)."""
-        body: dict[str, Any] = {"node_id": self.node_id}
-        if self.handoff is not None:
-            body.update(self.handoff.as_dict())
-        else:
-            body["queued"] = 0
-        return body
 
     def key_count(self) -> int:
         """Live entries in the local store (tombstones excluded)."""
         return len(self.store)
 
     def stats(self) -> dict[str, Any]:
-        """What ``GET /stats`` shows."""
-        store = self.store
-        membership = self.membership
-        return {
-            "node_id": self.node_id,
-            "state": self._state,
-            "address": self.address,
-            "http": self.http_address,
-            "uptime_s": round(time.monotonic() - self._started_at, 3) if self._started_at else 0,
-            "keys": self.key_count(),
-            "store": {
-                "keys": self.key_count(),
-                "bytes": int(store.bytes),
-                "max_bytes": int(store.max_bytes),
-                "tombstones": int(store.tombstones),
-                "evictions": int(store.evictions),
-                "expirations": int(store.expirations),
-                "tombstones_purged": int(store.tombstones_purged),
-            },
-            "members": len(self.members()),
-            "members_up": membership.up_count() if membership is not None else 1,
-            "epoch": self.epoch,
-            "clock": {
-                "last_ts": int(self.clock.last),
-                "drift_ms": int(self.clock.drift_ms),
-                "max_skew_ms": int(self.clock.max_skew_ms),
-            },
-            "peer_auth": {
-                "secret": self.peer_auth.enabled,
-                "refused": self.peer_auth.refused,
-                "replays": self.peer_auth.replays,
-                "peer_ops_refused": self.peer_ops_refused,
-            },
-            "net": self._server.stats.as_dict() if self._server is not None else {},
-            "dist": self.metrics.stats.as_dict(),
-            "antientropy": self.antientropy.stats.as_dict() if self.antientropy else {},
-            "background": self.coordinator.background if self.coordinator else 0,
-            "busy_poll": self._busy_poll_stats(),
-            "cpu_latency_limit": self._cpu_latency_stats(),
-        }
+        """What ``GET /stats`` shows (:meth:`hypercache.cluster.status.NodeStatus.stats`)."""
+        from hypercache.cluster.status import NodeStatus
 
-    def _busy_poll_stats(self) -> dict[str, Any] | None:
-        p = self._poller
-        if p is None:
-            return None
-        return {
-            "window_us": round(self.config.busy_poll * 1e6, 3),
-            "windows": p.windows,
-            "polling_s": round(p.spin_ns / 1e9, 6),
-        }
-
-    def _cpu_latency_stats(self) -> dict[str, Any] | None:
-        request = self.cpu_latency
-        if request is None:
-            return None
-        return {"limit_us": request.limit_us, "held": request.held, "error": request.error}
-
-    def _collect(self) -> Iterator[Any]:
-        store = self.store
-        yield gauge("hypercache_keys", "Live entries in the local store", self.key_count())
-        yield gauge("hypercache_bytes", "Bytes charged to the local store", int(store.bytes))
-        yield gauge("hypercache_max_bytes", "Byte budget of the store (0 = none)", store.max_bytes)
-        yield gauge("hypercache_tombstones", "Tombstones held", int(store.tombstones))
-        yield counter("hypercache_evictions", "Entries evicted by the budget", store.evictions)
-        yield counter("hypercache_expirations", "Entries expired by TTL", store.expirations)
-        yield counter("hypercache_tombstones_purged", "Tombstones purged", store.tombstones_purged)
-        membership = self.membership
-        if membership is not None:
-            yield gauge("hypercache_dist_members", "Members known", len(membership.members))
-            yield gauge("hypercache_dist_members_up", "Members up", membership.up_count())
-            yield counter(
-                "hypercache_dist_heartbeat_failures",
-                "Heartbeats that failed",
-                membership.heartbeats_failed,
-            )
-            yield counter(
-                "hypercache_dist_liveness_changes",
-                "Times a peer was marked down or back up",
-                membership.liveness_changes,
-            )
-            yield counter(
-                "hypercache_dist_heartbeat_stalls",
-                "Heartbeat rounds over failure_timeout late (this node stalled); no peer "
-                "is marked down on them",
-                membership.stalls,
-            )
-        yield gauge("hypercache_dist_ring_epoch", "Ring rebuilds seen", self.epoch)
-        yield gauge(
-            "hypercache_dist_clock_drift_seconds",
-            "How far the hybrid logical clock runs ahead of the wall clock",
-            self.clock.drift_ms / 1000,
-        )
-        yield counter(
-            "hypercache_dist_peer_handshakes_refused",
-            "HELLOs naming a node id refused: no, wrong, stale or replayed proof of the "
-            "cluster secret, or (open cluster) not from loopback",
-            self.peer_auth.refused,
-        )
-        yield counter(
-            "hypercache_dist_peer_ops_refused",
-            "Peer operations (replica, hint, anti-entropy) refused to client connections",
-            self.peer_ops_refused,
-        )
-        if membership is not None:
-            yield gauge(
-                "hypercache_dist_member_candidates",
-                "Claimed members waiting for a handshake to confirm them",
-                len(membership.candidates),
-            )
-            yield counter(
-                "hypercache_dist_member_candidates_dropped",
-                "Member claims dropped: too many waiting (MAX_CANDIDATES)",
-                membership.candidates_dropped,
-            )
-        if self._poller is not None:
-            yield counter(
-                "hypercache_busy_poll_windows",
-                "Times the event loop was kept awake after a socket write",
-                self._poller.windows,
-            )
-            yield counter(
-                "hypercache_busy_poll_seconds",
-                "Seconds the event loop polled instead of sleeping",
-                self._poller.spin_ns / 1e9,
-            )
-        if self.cpu_latency is not None:
-            yield gauge(
-                "hypercache_cpu_latency_limit_held",
-                "1 while the configured CPU wake-up latency limit is held, else 0",
-                int(self.cpu_latency.held),
-            )
-        if self.coordinator is not None:
-            yield gauge(
-                "hypercache_dist_background_requests",
-                "Replica requests and repairs still running",
-                self.coordinator.background,
-            )
-        if self._server is not None:
-            net = self._server.stats
-            for name in (
-                "frames_in",
-                "frames_out",
-                "bytes_in",
-                "bytes_out",
-                "protocol_errors",
-                "handshake_failures",
-                "connections_accepted",
-                "connections_rejected",
-                # Caps and backpressure that bite: reading paused at the in-flight
-                # cap, writing paused by a full socket buffer, request deadlines.
-                "inflight_pauses",
-                "write_pauses",
-                "timeouts",
-                # Connection caps and deadlines (see ServerOptions).
-                "expired",
-                "rejected_source",
-                "rejected_pending",
-                "rejected_clients",
-                "frame_timeouts",
-                "idle_closes",
-                "output_limit_closes",
-            ):
-                yield counter(f"hypercache_net_{name}", f"Server {name}", getattr(net, name))
-            yield gauge("hypercache_net_connections_open", "Open connections", net.connections_open)
-            yield gauge("hypercache_net_in_flight", "Requests being handled", net.in_flight)
+        return NodeStatus(self).stats()
 
 
 if TYPE_CHECKING:  # Node implements the server's handler interface, fast path included

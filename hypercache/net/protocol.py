@@ -55,7 +55,6 @@ __all__ = [
     "PROTOCOL_VERSION",
     "REQUEST",
     "RESPONSE",
-    "Entry",
     "Frame",
     "FrameDecoder",
     "FrameEncoder",
@@ -66,9 +65,6 @@ __all__ = [
     "encode_error",
     "encode_request",
     "encode_response",
-    "entry_from_wire",
-    "entry_is_live",
-    "entry_older",
     "make_hello",
     "next_request_id",
     "prepare_hello",
@@ -472,41 +468,3 @@ def request_deadline(offset_ms: int | None, timeout: float) -> int:
     if offset_ms is None or timeout == math.inf:
         return 0
     return max(1, wall_clock_ms() + offset_ms + int(timeout * 1000) - 1)
-
-
-#: One version of a key, as an owner's ``R_GET`` answers it:
-#: ``(value, ts, origin, expire_at_ms, tombstone)`` (a 5-element array on the wire).
-Entry = tuple[bytes, int, int, int, bool]
-
-
-def entry_from_wire(raw: Any) -> Entry | None:
-    """Validate an ``R_GET`` answer: ``[value, ts, origin, expire_at_ms, tombstone]`` or nil.
-
-    :raises ProtocolError: the answer has another shape.
-    """
-    if raw is None:
-        return None
-    if (
-        type(raw) is list
-        and len(raw) == 5
-        and isinstance(raw[0], bytes)
-        and type(raw[1]) is int
-        and type(raw[2]) is int
-        and type(raw[3]) is int
-        and type(raw[4]) is bool
-    ):
-        return (raw[0], raw[1], raw[2], raw[3], raw[4])
-    raise ProtocolError(f"malformed R_GET answer: {raw!r:.200}")
-
-
-def entry_is_live(entry: Entry | None, now_ms: int) -> bool:
-    """Whether ``entry`` is a value (not a tombstone) that has not expired by ``now_ms``."""
-    if entry is None or entry[4]:
-        return False
-    expire_at = entry[3]
-    return expire_at == 0 or expire_at > now_ms
-
-
-def entry_older(entry: Entry | None, than: Entry) -> bool:
-    """Whether ``entry`` is absent or has an older version ``(ts, origin)`` than ``than``."""
-    return entry is None or (entry[1], entry[2]) < (than[1], than[2])

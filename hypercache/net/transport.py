@@ -392,6 +392,9 @@ class Server(Protocol):
 
     #: where the server listens (``"host:port"``; the real port once started).
     address: str
+    #: its settings; read per connection, so new ones apply to the next connections
+    #: (a node bound to port 0 renames itself once it knows the port).
+    options: ServerOptions
 
     @property
     def stats(self) -> NetStats:

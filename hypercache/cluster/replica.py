@@ -1,0 +1,289 @@
+"""The replica side of a node: everything a peer asks of this node's store.
+
+A coordinator (this node's or a peer's) reads and writes an owner's copy with
+``R_GET``, ``R_PUT``, ``R_DEL``; hinted handoff and anti-entropy push batches with
+``R_PUT_MANY``; anti-entropy compares with ``MERKLE``, ``KEYS`` and ``PULL``
+(:mod:`hypercache.cluster.merkle` computes those answers). :class:`Replica` checks
+each payload, applies newer-wins, and is the one place where a received version
+meets this node's clock: every version it applies moves the clock past it, and one
+past the clock's horizon (``max_clock_skew`` ahead) is refused and counted
+(``versions_refused``) on whatever path brought it.
+
+Capacity rule (``docs/cluster.md``): while the store is above its *high-water
+mark* (:data:`HIGH_WATER` of ``max_memory``), a repair copy (an anti-entropy push
+or pull) adds no missing data entry, it only updates keys held and applies
+tombstones; and the store itself refuses a copy not newer than a version it
+evicted while it remembers that eviction. So eviction and repair never fight.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Protocol, TypeAlias
+
+from hypercache.cluster import merkle
+from hypercache.cluster.metrics import DistStats
+from hypercache.errors import ClockSkewError, ProtocolError
+from hypercache.net.protocol import MAX_PUT_MANY, Limits
+from hypercache.replication import Entry, KeyedEntry, WallClock, wall_ms
+
+__all__ = [
+    "HIGH_WATER",
+    "PUT_MANY_HINTS",
+    "PUT_MANY_REPAIR",
+    "CapacityView",
+    "Replica",
+    "ReplicaStore",
+    "admits_repair",
+    "evicted_covers",
+]
+
+# Store protocols have a ``bytes`` counter, which shadows the builtin in their body.
+_Bytes: TypeAlias = bytes
+
+#: Fraction of ``max_memory`` above which repair adds no missing data entry.
+HIGH_WATER: Final = 0.9
+
+#: ``R_PUT_MANY`` modes: hints replayed (applied like writes) and anti-entropy
+#: pushes (subject to the capacity rule).
+PUT_MANY_HINTS: Final = 0
+PUT_MANY_REPAIR: Final = 1
+
+# The hybrid logical clock refuses to move past this (it keeps room to tick).
+_MAX_REMOTE_TS: Final = 2**63 - 2
+
+
+class CapacityView(Protocol):
+    """What the capacity rule reads of a store."""
+
+    @property
+    def max_bytes(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+
+    def peek(self, key: _Bytes, now_ms: int) -> Entry | None: ...
+
+
+class ReplicaStore(merkle.MerkleStore, Protocol):
+    """What the replica side uses of :class:`~hypercache._core.vstore.VersionedStore`."""
+
+    def apply(
+        self,
+        key: _Bytes,
+        value: _Bytes,
+        ts: int,
+        origin: int,
+        expire_at_ms: int,
+        tombstone: bool,
+        now_ms: int,
+    ) -> bool: ...
+
+    def get(self, key: _Bytes, now_ms: int) -> Entry | None: ...
+
+
+class _Clock(Protocol):
+    def update(self, remote_ts: int) -> int: ...
+
+    def admits(self, remote_ts: object) -> bool: ...
+
+
+def admits_repair(store: CapacityView, key: bytes, size: int, tombstone: bool, now_ms: int) -> bool:
+    """Whether a repair copy (anti-entropy) of ``key`` may be added to ``store``.
+
+    Tombstones and keys already held are always admitted (the store still applies
+    newer-wins); a missing data entry is not admitted while the store is above its
+    high-water mark, nor when its version is covered by a remembered eviction (the
+    store would refuse it anyway; checked by the caller with the version).
+    """
+    if tombstone or not store.max_bytes:
+        return True
+    if store.peek(key, now_ms) is not None:
+        return True
+    return store.bytes + size <= store.max_bytes * HIGH_WATER
+
+
+def evicted_covers(store: merkle.MerkleStore, key: bytes, ts: int, origin: int) -> bool:
+    """Whether the store remembers evicting ``key`` at a version not older than this one."""
+    ev = store.recently_evicted(key)
+    return ev is not None and (ts, origin) <= ev
+
+
+class Replica:
+    """Answers what peers ask of this node's store (see the module docstring).
+
+    :param store: the node's versioned store.
+    :param clock: the node's hybrid logical clock (moved past what is applied; its
+        horizon refuses versions too far ahead).
+    :param limits: key and value size limits.
+    :param stats: the node's counters.
+    :param wall: wall-clock ms, what expiries are judged by (injectable).
+    """
+
+    def __init__(
+        self,
+        *,
+        store: ReplicaStore,
+        clock: _Clock,
+        limits: Limits,
+        stats: DistStats,
+        wall: WallClock = wall_ms,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.limits = limits
+        self.stats = stats
+        self.wall = wall
+
+    # ------------------------------------------------------------ local access
+
+    def get(self, key: bytes) -> Entry | None:
+        """This node's entry for ``key`` (tombstones included), or ``None``."""
+        got = self.store.get(key, self.wall())
+        if got is None:
+            return None
+        value, ts, origin, expire_at, tombstone = got
+        return (value, ts, origin, expire_at, bool(tombstone))
+
+    def put(
+        self,
+        key: bytes,
+        value: bytes,
+        ts: int,
+        origin: int,
+        expire_at: int,
+        tombstone: bool,
+        path: str = "r_put",
+    ) -> bool:
+        """Apply one version locally when it is newer than what is held.
+
+        The clock moves past ``ts`` first, so any later write by this node is newer.
+
+        :param path: what brought the version (a label of ``versions_refused``).
+        :raises ClockSkewError: ``ts`` is past the clock's horizon (more than
+            ``max_clock_skew`` ahead); nothing is applied and the refusal is counted.
+        """
+        try:
+            self.clock.update(ts)
+        except ClockSkewError:
+            self.stats.versions_refused[path] += 1
+            raise
+        applied = self.store.apply(key, value, ts, origin, expire_at, tombstone, self.wall())
+        if not applied:
+            self.stats.version_conflicts += 1
+        return applied
+
+    # ------------------------------------------------------------ peer requests
+
+    def r_get(self, payload: Any) -> list[Any] | None:
+        """``R_GET [key]``."""
+        if type(payload) is not list or len(payload) != 1:
+            raise ProtocolError("R_GET payload must be [key]")
+        self.stats.replica_gets += 1
+        entry = self.get(self.limits.check_key(payload[0]))
+        return None if entry is None else list(entry)
+
+    def r_put(self, payload: Any) -> bool:
+        """``R_PUT [key, value, ts, origin, expire_at_ms, tombstone]`` from a peer (or a
+        client's read repair).
+
+        :raises ClockSkewError: ``ts`` is more than ``max_clock_skew`` ahead.
+        """
+        key, value, ts, origin, expire_at, tombstone = self.check_entry(payload)
+        self.stats.replica_puts += 1
+        applied = self.put(key, value, ts, origin, expire_at, tombstone)
+        if applied:
+            self.stats.replica_puts_applied += 1
+        return applied
+
+    def r_del(self, payload: Any) -> list[Any] | None:
+        """``R_DEL [key, b"", ts, origin, 0, true]``: apply the tombstone (newer wins, as
+        ``R_PUT``) and answer what was held before it, as ``R_GET`` would have, so a
+        delete learns ``existed`` in one round trip."""
+        key, value, ts, origin, expire_at, tombstone = self.check_entry(payload)
+        if not tombstone:
+            raise ProtocolError("R_DEL carries a tombstone")
+        self.stats.replica_gets += 1
+        self.stats.replica_puts += 1
+        before = self.get(key)
+        if self.put(key, value, ts, origin, expire_at, tombstone, "r_del"):
+            self.stats.replica_puts_applied += 1
+        return None if before is None else list(before)
+
+    def r_put_many(self, payload: Any) -> int:
+        """``R_PUT_MANY [[entry, ...], mode]``, each entry as ``R_PUT``'s payload.
+
+        Mode 0 (replayed hints) applies every entry newer-wins; mode 1 (anti-entropy
+        push) also refuses a missing data entry while the store is above its
+        high-water mark (the capacity rule). Answers how many entries were applied.
+        The whole batch is checked before any entry is applied.
+        """
+        if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not list:
+            raise ProtocolError("R_PUT_MANY payload must be [[entry, ...], mode]")
+        entries, mode = payload
+        if mode not in (PUT_MANY_HINTS, PUT_MANY_REPAIR) or type(mode) is not int:
+            raise ProtocolError(f"R_PUT_MANY mode must be 0 or 1, got {mode!r}")
+        if len(entries) > MAX_PUT_MANY:
+            # Bounds the work of one request (~1 us an entry): senders batch below it.
+            raise ProtocolError(
+                f"R_PUT_MANY carries {len(entries)} entries, at most {MAX_PUT_MANY}"
+            )
+        checked = [self.check_entry(e) for e in entries]
+        stats = self.stats
+        stats.replica_puts += len(checked)
+        now = self.wall()
+        applied = 0
+        store = self.store
+        admits = self.clock.admits
+        path = "hints" if mode == PUT_MANY_HINTS else "repair_push"
+        for key, value, ts, origin, expire_at, tombstone in checked:
+            # A version past the horizon is skipped, not a reason to refuse the
+            # batch: the sender would send the same batch again and again.
+            if not admits(ts):
+                stats.versions_refused[path] += 1
+                continue
+            if mode == PUT_MANY_REPAIR and not admits_repair(
+                store, key, len(key) + len(value), tombstone, now
+            ):
+                stats.version_conflicts += 1
+                continue
+            if self.put(key, value, ts, origin, expire_at, tombstone, path):
+                applied += 1
+        stats.replica_puts_applied += applied
+        return applied
+
+    def merkle(self, payload: Any) -> list[Any]:
+        """``MERKLE [level, items]`` (:func:`hypercache.cluster.merkle.answer_merkle`)."""
+        return merkle.answer_merkle(self.store, payload, self.wall())
+
+    def keys(self, payload: Any) -> list[Any]:
+        """``KEYS [[p, b, terms], ...]`` (:func:`hypercache.cluster.merkle.answer_keys`)."""
+        return merkle.answer_keys(self.store, payload, self.wall())
+
+    def pull(self, payload: Any) -> list[Any]:
+        """``PULL [key, ...]`` (:func:`hypercache.cluster.merkle.answer_pull`)."""
+        return merkle.answer_pull(self.store, self.limits, payload, self.wall())
+
+    def check_entry(self, payload: Any) -> KeyedEntry:
+        """An ``R_PUT``-shaped entry, checked: key and value within limits, version
+        fields within what the store and the clock accept.
+
+        :raises ProtocolError: anything else (nothing of the request is applied).
+        """
+        if type(payload) is not list or len(payload) != 6:
+            raise ProtocolError("R_PUT payload must be [key, value, ts, origin, expire_at, tomb]")
+        key, value, ts, origin, expire_at, tombstone = payload
+        key = self.limits.check_key(key)
+        value = bytes(self.limits.check_value(value))
+        if (
+            type(ts) is not int
+            or not 0 <= ts < _MAX_REMOTE_TS
+            or type(origin) is not int
+            or not 0 <= origin < 2**32
+            or type(expire_at) is not int
+            or not 0 <= expire_at < 2**63
+            or type(tombstone) is not bool
+        ):
+            raise ProtocolError(
+                "R_PUT version fields must be ts: int in [0, 2**63-2), origin: uint32, "
+                "expire_at: int in [0, 2**63), tombstone: bool"
+            )
+        return key, value, ts, origin, expire_at, tombstone
