@@ -4,11 +4,16 @@
 - :class:`Client`, :class:`AsyncClient`: the cluster SDK, routing to key owners.
 - :class:`Consistency`: ONE / QUORUM / ALL for the cluster.
 - :mod:`hypercache.errors`: the error tree, rooted at :class:`HyperCacheError`.
+
+The embedded cache stays light: ``import hypercache`` (or ``hypercache.cache``) loads
+neither asyncio, msgpack nor the networking stack; the clients are imported on first
+use of ``hypercache.Client`` / ``hypercache.AsyncClient``.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from hypercache._version import __version__
 from hypercache.cache import POLICIES, CacheStats, HyperCache
-from hypercache.client import AsyncClient, Client
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
@@ -32,3 +37,17 @@ __all__ = [
     "RequestTimeoutError",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    from hypercache.client import AsyncClient, Client
+
+
+def __getattr__(name: str) -> Any:
+    # The cluster clients (and asyncio, msgpack, the wire) load only when asked for.
+    if name in ("AsyncClient", "Client"):
+        from hypercache import client
+
+        value = getattr(client, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hypercache' has no attribute {name!r}")

@@ -9,14 +9,13 @@ and adds what waits or coordinates: :meth:`HyperCache.get_or_set` and
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import inspect
 import math
 import threading
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from hypercache._core.arc import ARCPolicy
 from hypercache._core.cachecore import CacheCore, CacheStats
@@ -24,6 +23,9 @@ from hypercache._core.lfu import LFUPolicy
 from hypercache._core.policy import ClockPolicy, FIFOPolicy, LRUPolicy, Policy
 from hypercache._core.tinylfu import TinyLFUPolicy
 from hypercache.errors import ConfigError, EntryTooLargeError
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["POLICIES", "CacheStats", "HyperCache"]
 
@@ -277,6 +279,8 @@ class HyperCache(CacheCore[K, V]):
         start: Callable[[], Awaitable[Any]],
         ttl: float | None,
     ) -> Any:
+        import asyncio  # loaded already (this runs in a coroutine); kept off import time
+
         loop = asyncio.get_running_loop()
         me = asyncio.current_task()
         while True:

@@ -3,16 +3,43 @@
 Every error derives from :class:`HyperCacheError` and also from the builtin that
 describes it best, so callers may catch either: a bad configuration value is a
 :class:`ConfigError` *and* a :class:`ValueError`; a dead node is a
-:class:`NodeUnavailableError` *and* a :class:`ConnectionError`.
+:class:`NodeUnavailableError` *and* a :class:`ConnectionError`. Below the root, the
+tree says whose fault it is:
+
+* :class:`UsageError` (a ``ValueError``): the caller's mistake, raised before
+  anything is sent or stored: a bad argument or setting (:class:`ConfigError`), a
+  key or value over its limit (:class:`KeyTooLargeError`,
+  :class:`ValueTooLargeError`), an entry larger than the whole cache
+  (:class:`EntryTooLargeError`);
+* :class:`ProtocolError` (a ``ValueError``): a peer broke the wire protocol (a
+  malformed or oversized frame, a refused handshake, a version from the future);
+* the rest is what happened out there: a node unreachable
+  (:class:`NodeUnavailableError`), no answer in time (:class:`RequestTimeoutError`),
+  too few replicas (:class:`QuorumError`), an operation not allowed
+  (:class:`PermissionDeniedError`), a node's own failure (:class:`ServerError`).
 
 Errors raised by a remote node keep their type across the wire: each class that
-can travel has a stable integer ``code`` (see ``docs/protocol.md``) and
-:func:`error_from_code` rebuilds it on the other side.
+can travel has a stable integer ``code``, registered once with :func:`_wire` (which
+refuses a code taken twice), and :func:`error_from_wire` rebuilds it on the other
+side. ``docs/protocol.md`` lists the codes.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+_BY_CODE: dict[int, type[HyperCacheError]] = {}
+
+_E = TypeVar("_E", bound="type[HyperCacheError]")
+
+
+def _wire(cls: _E) -> _E:
+    """Register ``cls`` under its ``code`` for :func:`error_from_wire`."""
+    taken = _BY_CODE.get(cls.code)
+    if taken is not None:
+        raise AssertionError(f"wire code {cls.code} of {cls.__name__} taken by {taken.__name__}")
+    _BY_CODE[cls.code] = cls
+    return cls
 
 
 class HyperCacheError(Exception):
@@ -22,7 +49,20 @@ class HyperCacheError(Exception):
     code: int = 0
 
 
-class ConfigError(HyperCacheError, ValueError):
+_wire(HyperCacheError)
+
+
+# ------------------------------------------------------------- the caller's mistakes
+
+
+class UsageError(HyperCacheError, ValueError):
+    """The caller's mistake: refused before anything was sent or stored."""
+
+    code = 14
+
+
+@_wire
+class ConfigError(UsageError):
     """A configuration value or an API argument is invalid.
 
     ``field`` names the offending argument or configuration field.
@@ -39,30 +79,75 @@ class ConfigError(HyperCacheError, ValueError):
         return (type(self), (self.field, self.message))
 
 
+@_wire
+class KeyTooLargeError(UsageError):
+    """A key exceeds the configured maximum key size."""
+
+    code = 8
+
+
+@_wire
+class ValueTooLargeError(UsageError):
+    """A value exceeds the configured maximum value size."""
+
+    code = 9
+
+
+@_wire
+class EntryTooLargeError(UsageError):
+    """A value is larger than the embedded cache's whole byte budget (``max_bytes``)."""
+
+    code = 11
+
+
+_wire(UsageError)
+
+
+# ------------------------------------------------------------- protocol breaches
+
+
+@_wire
 class ProtocolError(HyperCacheError, ValueError):
     """A peer sent a frame that breaks the wire protocol (malformed, oversized, ...)."""
 
     code = 2
 
 
+@_wire
 class FrameTooLargeError(ProtocolError):
-    """A frame, key or value exceeds the configured size limit."""
+    """A frame exceeds the configured size limit."""
 
     code = 3
 
 
+@_wire
 class HandshakeError(ProtocolError):
-    """The peer speaks another protocol version or belongs to another cluster."""
+    """The peer speaks another protocol version, belongs to another cluster, or was
+    refused (authentication, a connection cap)."""
 
     code = 4
 
 
+@_wire
+class ClockSkewError(ProtocolError):
+    """A version (hybrid logical timestamp) is further ahead of this node's wall clock
+    than ``max_clock_skew`` allows: the sender's clock is wrong, or the version is
+    forged. Nothing of the request was applied."""
+
+    code = 12
+
+
+# ------------------------------------------------------------- what happened out there
+
+
+@_wire
 class NodeUnavailableError(HyperCacheError, ConnectionError):
     """A node could not be reached, or the connection to it was lost."""
 
     code = 5
 
 
+@_wire
 class RequestTimeoutError(HyperCacheError, TimeoutError):
     """A request did not complete within its deadline."""
 
@@ -76,6 +161,7 @@ class NoAnswerError(RequestTimeoutError):
     :class:`RequestTimeoutError`: it is alive. Travels as ``RequestTimeoutError``."""
 
 
+@_wire
 class QuorumError(HyperCacheError):
     """Fewer replicas acknowledged an operation than its consistency level requires."""
 
@@ -90,14 +176,7 @@ class QuorumError(HyperCacheError):
         return (type(self), (self.acks, self.required, str(self)))
 
 
-class ClockSkewError(ProtocolError):
-    """A version (hybrid logical timestamp) is further ahead of this node's wall clock
-    than ``max_clock_skew`` allows: the sender's clock is wrong, or the version is
-    forged. Nothing of the request was applied."""
-
-    code = 12
-
-
+@_wire
 class PermissionDeniedError(HyperCacheError, PermissionError):
     """The connection may not send this operation (for instance a client sending an
     operation reserved to authenticated cluster peers)."""
@@ -105,49 +184,11 @@ class PermissionDeniedError(HyperCacheError, PermissionError):
     code = 13
 
 
-class KeyTooLargeError(FrameTooLargeError):
-    """A key exceeds the configured maximum key size."""
-
-    code = 8
-
-
-class ValueTooLargeError(FrameTooLargeError):
-    """A value exceeds the configured maximum value size."""
-
-    code = 9
-
-
-class EntryTooLargeError(HyperCacheError, ValueError):
-    """A value is larger than the embedded cache's whole byte budget (``max_bytes``)."""
-
-    code = 11
-
-
+@_wire
 class ServerError(HyperCacheError):
     """A node failed to carry out a request for a reason of its own."""
 
     code = 10
-
-
-_BY_CODE: dict[int, type[HyperCacheError]] = {
-    cls.code: cls
-    for cls in (
-        HyperCacheError,
-        ConfigError,
-        ProtocolError,
-        FrameTooLargeError,
-        HandshakeError,
-        ClockSkewError,
-        PermissionDeniedError,
-        NodeUnavailableError,
-        RequestTimeoutError,
-        QuorumError,
-        KeyTooLargeError,
-        ValueTooLargeError,
-        EntryTooLargeError,
-        ServerError,
-    )
-}
 
 
 def error_to_wire(exc: BaseException) -> list[Any]:

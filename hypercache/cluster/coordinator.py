@@ -69,6 +69,7 @@ from hypercache.errors import (
     NodeUnavailableError,
     ProtocolError,
     QuorumError,
+    UsageError,
 )
 from hypercache.net.protocol import Limits, Op
 from hypercache.net.transport import Later
@@ -270,7 +271,7 @@ class Coordinator:
         rnd.failed(owner, str(exc) or type(exc).__name__)
         # A request the replica could never accept (malformed, too large) is
         # not worth a hint; anything else (down, timeout, refused) is.
-        if hint is not None and not isinstance(exc, ProtocolError | ConfigError):
+        if hint is not None and not isinstance(exc, ProtocolError | UsageError):
             self._hint(owner, hint)
 
     def _track(
