@@ -59,14 +59,13 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from hypercache.cluster.config import DistConfig
-from hypercache.cluster.membership import Membership, Peer
+from hypercache.cluster.membership import Membership
 from hypercache.cluster.metrics import DistStats, NodeMetrics
 from hypercache.cluster.replica import Replica
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
     HyperCacheError,
-    NodeUnavailableError,
     ProtocolError,
     QuorumError,
     UsageError,
@@ -155,7 +154,6 @@ class Coordinator:
         self.limits = limits
         self.timeout = config.request_timeout
         self._tag = clock.tag
-        self._background: set[asyncio.Task[Any]] = set()
         self._in_flight = 0  # replica requests sent with a callback, not answered yet
         self._repairs_pending = 0  # read-repair pushes in flight
         self._stopping = False
@@ -183,12 +181,6 @@ class Coordinator:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         return loop
-
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = self._get_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
 
     async def _wait(self, later: Later) -> Any:
         """Await the answer of a :class:`Later` (the async API over the sync one)."""
@@ -226,43 +218,18 @@ class Coordinator:
                 self._hint(owner, hint)
             return
         self.stats.forwards[kind] += 1
-        conn = peer.conn
-        if conn is None or conn.closed:
-            # Not connected (yet, or any more): Peer.request connects, in a task.
-            self._track(rnd, owner, peer.request(op, payload, self.timeout), hint)
-            return
-        # The fast path: no task, no future; the answer is handled from the read
-        # that brings it. What Peer.request does around conn.request (liveness) is
-        # done in _answered.
+        # No task, no future when connected: the answer is handled from the read that
+        # brings it (the peer's connection keeps its liveness up to date).
         self._in_flight += 1
 
         def answered(value: Any, error: BaseException | None) -> None:
-            self._answered(rnd, owner, peer, hint, value, error)
+            self._in_flight -= 1
+            if error is None:
+                rnd.ok(owner, value)
+            else:
+                self._replica_failed(rnd, owner, error, hint)
 
-        try:
-            conn.send_callback(op, payload, self.timeout, answered)
-        except HyperCacheError as exc:
-            answered(None, exc)
-
-    def _answered(
-        self,
-        rnd: QuorumRound,
-        owner: str,
-        peer: Peer,
-        hint: list[Any] | None,
-        value: Any,
-        error: BaseException | None,
-    ) -> None:
-        self._in_flight -= 1
-        if error is None:
-            peer.last_ok = time.monotonic()
-            if not peer.up:
-                peer.mark_ok()
-            rnd.ok(owner, value)
-            return
-        if isinstance(error, NodeUnavailableError) and not self._stopping:
-            peer.mark_down(str(error))  # (not for connections closed by our own stop)
-        self._replica_failed(rnd, owner, error, hint)
+        peer.send_callback(op, payload, self.timeout, answered)
 
     def _replica_failed(
         self, rnd: QuorumRound, owner: str, exc: BaseException, hint: list[Any] | None
@@ -273,24 +240,6 @@ class Coordinator:
         # not worth a hint; anything else (down, timeout, refused) is.
         if hint is not None and not isinstance(exc, ProtocolError | UsageError):
             self._hint(owner, hint)
-
-    def _track(
-        self, rnd: QuorumRound, owner: str, coro: Any, hint: list[Any] | None = None
-    ) -> None:
-        task = self._spawn(coro)
-        task.add_done_callback(lambda t: self._collect(rnd, owner, t, hint))
-
-    def _collect(
-        self, rnd: QuorumRound, owner: str, task: asyncio.Task[Any], hint: list[Any] | None
-    ) -> None:
-        if task.cancelled():
-            rnd.failed(owner, "cancelled")
-            return
-        exc = task.exception()
-        if exc is not None:
-            self._replica_failed(rnd, owner, exc, hint)
-            return
-        rnd.ok(owner, task.result())
 
     def _hint(self, owner: str, payload: list[Any]) -> None:
         sink = self.hints
@@ -425,16 +374,16 @@ class Coordinator:
             stats.read_repairs += 1
             stats.forwards["r_put"] += 1
             self._repairs_pending += 1
-            self._spawn(self._push(peer.request(_R_PUT, [key, *best], self.timeout), owner))
+            peer.send_callback(_R_PUT, [key, *best], self.timeout, self._pushed(owner))
 
-    async def _push(self, request: Any, owner: str) -> None:
-        try:
-            await request
-        except HyperCacheError as exc:
-            self.stats.replica_failures += 1
-            _log.debug("read repair push to %s failed: %s", owner, exc)
-        finally:
+    def _pushed(self, owner: str) -> Callable[[Any, BaseException | None], None]:
+        def done(_value: Any, error: BaseException | None) -> None:
             self._repairs_pending -= 1
+            if error is not None:
+                self.stats.replica_failures += 1
+                _log.debug("read repair push to %s failed: %s", owner, error)
+
+        return done
 
     # --------------------------------------------------------------------- SET
 
@@ -566,18 +515,13 @@ class Coordinator:
 
     @property
     def background(self) -> int:
-        """Replica requests and repairs still running."""
-        return len(self._background) + self._in_flight
+        """Replica requests and repair pushes still running."""
+        return self._in_flight + self._repairs_pending
 
     async def stop(self) -> None:
-        """Cancel what still runs in the background and wait for it.
+        """Stop queuing hints and pushing repairs.
 
-        Replica requests sent with a callback are not waited for: they end at
+        Replica requests and pushes already sent are not waited for: they end at
         their deadline or when the node closes its peer connections.
         """
         self._stopping = True
-        tasks = list(self._background)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)

@@ -54,15 +54,15 @@ from typing import Any, Final
 from hypercache.cluster.config import DistConfig
 from hypercache.errors import HandshakeError, HyperCacheError, NodeUnavailableError
 from hypercache.net.auth import PeerAuthenticator
+from hypercache.net.peer import PeerConnection
 from hypercache.net.protocol import Limits, Op, make_hello
-from hypercache.net.transport import Connection, Transport
+from hypercache.net.transport import Connection, Outcome, Transport
 
 __all__ = ["MAX_CANDIDATES", "Membership", "Peer"]
 
 _log = logging.getLogger("hypercache.membership")
 
 _PING: Final = int(Op.PING)
-_BACKOFF_MIN: Final = 0.05
 #: Claimed members waiting to be checked, at most; a claim beyond is dropped (counted).
 MAX_CANDIDATES: Final = 256
 #: Back-off between two checks of one candidate: doubles from the first to the last.
@@ -90,33 +90,36 @@ def _member_entries(raw: Any) -> list[tuple[str, str]]:
 class Peer:
     """Another member: its address, its connection and its liveness.
 
+    The connection is a :class:`~hypercache.net.peer.PeerConnection` (lazy, shared,
+    reopened with back-off); every answer marks the peer up, every failure to reach
+    it marks it down.
+
     :ivar up: whether the failure detector thinks the peer is alive.
     :ivar last_ok: ``time.monotonic()`` of the last successful exchange.
     """
 
-    __slots__ = (
-        "_backoff",
-        "_connecting",
-        "_membership",
-        "_retry_at",
-        "address",
-        "conn",
-        "last_ok",
-        "node_id",
-        "up",
-    )
+    __slots__ = ("_membership", "address", "last_ok", "link", "node_id", "up")
 
     def __init__(self, membership: Membership, node_id: str, address: str) -> None:
         self._membership = membership
         self.node_id = node_id
         self.address = address
-        self.conn: Connection | None = None
         # Optimistic: a peer just learned of has just talked to someone.
         self.up = True
         self.last_ok = time.monotonic()
-        self._connecting: asyncio.Task[Connection] | None = None
-        self._retry_at = 0.0
-        self._backoff = _BACKOFF_MIN
+        #: the connection to the peer
+        self.link = PeerConnection(
+            address,
+            self._dial,
+            backoff_max=membership.max_backoff,
+            on_answer=self._answered,
+            on_lost=lambda exc: self.mark_down(str(exc)),
+            on_connected=self._connected,
+        )
+
+    @property
+    def conn(self) -> Connection | None:
+        return self.link.conn
 
     def mark_ok(self) -> None:
         self.last_ok = time.monotonic()
@@ -131,76 +134,46 @@ class Peer:
             _log.warning("peer %s (%s) is down: %s", self.node_id, self.address, why)
             self._membership._changed_liveness(self.node_id, False)
 
+    def _answered(self) -> None:
+        self.last_ok = time.monotonic()
+        if not self.up:
+            self.mark_ok()
+
+    async def _dial(self, address: str) -> Connection:
+        conn = await self._membership.dial(address)
+        peer_id = conn.peer_hello.get("node_id")
+        if peer_id != self.node_id:
+            await conn.close()
+            raise NodeUnavailableError(
+                f"{address} answers as {peer_id!r}, expected {self.node_id!r}"
+            )
+        return conn
+
+    def _connected(self, conn: Connection) -> None:
+        self.mark_ok()
+        self._membership.learn_from_answer(self.address, conn.peer_hello)
+
     async def connection(self) -> Connection:
         """The open connection to this peer, connecting (once, shared) if needed.
 
         :raises NodeUnavailableError: the peer cannot be reached, or is backing off.
         """
-        conn = self.conn
-        if conn is not None and not conn.closed:
-            return conn
-        task = self._connecting
-        if task is None:
-            if time.monotonic() < self._retry_at:
-                raise NodeUnavailableError(f"{self.node_id} ({self.address}): down, backing off")
-            task = self._connecting = asyncio.get_running_loop().create_task(self._connect())
-        return await asyncio.shield(task)
-
-    async def _connect(self) -> Connection:
-        m = self._membership
-        try:
-            conn = await m.dial(self.address)
-            peer_id = conn.peer_hello.get("node_id")
-            if peer_id != self.node_id:
-                await conn.close()
-                raise NodeUnavailableError(
-                    f"{self.address} answers as {peer_id!r}, expected {self.node_id!r}"
-                )
-        except (HyperCacheError, OSError) as exc:
-            self._retry_at = time.monotonic() + self._backoff
-            self._backoff = min(self._backoff * 2, m.max_backoff)
-            self.mark_down(str(exc))
-            if isinstance(exc, NodeUnavailableError):
-                raise
-            raise NodeUnavailableError(f"{self.node_id} ({self.address}): {exc}") from None
-        finally:
-            self._connecting = None
-        self._backoff = _BACKOFF_MIN
-        self._retry_at = 0.0
-        old, self.conn = self.conn, conn
-        if old is not None and old is not conn:
-            m._spawn(old.close())
-        self.mark_ok()
-        m.learn_from_answer(self.address, conn.peer_hello)
-        return conn
+        return await self.link.connection()
 
     async def request(self, op: int, payload: Any, timeout: float) -> Any:
         """Send one request to the peer (connecting if needed) and return the answer.
 
         Transport failures mark the peer down; remote errors are re-raised as is.
         """
-        conn = self.conn
-        if conn is None or conn.closed:
-            conn = await self.connection()
-        try:
-            result = await conn.request(op, payload, timeout)
-        except NodeUnavailableError as exc:
-            self.mark_down(str(exc))
-            raise
-        self.last_ok = time.monotonic()
-        if not self.up:
-            self.mark_ok()
-        return result
+        return await self.link.request(op, payload, timeout)
+
+    def send_callback(self, op: int, payload: Any, timeout: float, callback: Outcome) -> None:
+        """Send one request without a task when connected (see
+        :meth:`~hypercache.net.peer.PeerConnection.send_callback`)."""
+        self.link.send_callback(op, payload, timeout, callback)
 
     async def close(self) -> None:
-        task, self._connecting = self._connecting, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            await conn.close()
+        await self.link.close()
 
     def as_dict(self) -> dict[str, Any]:
         return {
