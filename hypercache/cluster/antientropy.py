@@ -46,6 +46,7 @@ import msgpack
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from hypercache._core.vstore import VersionedStore
 from hypercache.cluster.merkle import (
     BATCH_BYTES,
     BATCH_KEYS,
@@ -56,7 +57,6 @@ from hypercache.cluster.merkle import (
     SUB_BATCH,
     SWEEP_BUDGET,
     KeyRow,
-    MerkleStore,
     bits,
     block_digests,
     bucket_terms,
@@ -156,7 +156,7 @@ class AntiEntropy:
     def __init__(
         self,
         *,
-        store: MerkleStore,
+        store: VersionedStore,
         limits: Limits,
         apply: Callable[[bytes, bytes, int, int, int, bool], bool],
         peers: Callable[[], dict[str, _Peer]],

@@ -23,31 +23,32 @@ in wall-clock milliseconds (0 = none). A delete writes a tombstone.
 
 Read repair: a QUORUM or ALL read waits for its quorum, returns the newest version it
 saw, and, once every asked owner has answered (or failed), pushes the newest version
-of all answers with ``R_PUT`` to each owner that answered with an older one or none.
-Each push counts in ``read_repairs``; at most ``MAX_PENDING_REPAIRS`` are in flight, and
-a push beyond that is dropped (``read_repairs_dropped``: anti-entropy repairs later).
+to the owners :func:`~hypercache.replication.plan_repair` names (an older version or
+none). Each push counts in ``read_repairs``; at most ``MAX_PENDING_REPAIRS`` are in
+flight, and a push beyond that is dropped (``read_repairs_dropped``: anti-entropy
+repairs later). Every answer is checked against the clock's horizon first.
 
 Hinted handoff: when an owner misses a write or a delete (it is down, the request
-timed out, failed or was refused), the coordinator hands the entry to its
-:class:`HintSink` (the node's hint buffer) for that owner, and the handoff loop
-replays it when the owner is back (:mod:`hypercache.cluster.handoff`). Queuing a
-hint never blocks: a full buffer drops it and counts the drop. ``R_PUT_MANY``
-carries replayed hints and anti-entropy pushes to a replica.
+timed out, failed or was refused), the coordinator hands the entry to the node's
+:class:`~hypercache.cluster.handoff.Handoff` for that owner, which replays it when
+the owner is back. Queuing a hint never blocks: a full buffer drops it and counts
+the drop.
 
 Cost: the coordinator runs no task per operation nor per replica request. A client
 operation arrives through :meth:`Node.handle_sync` (inline, from the read that
 brought it) and gets a :class:`~hypercache.net.transport.Later`; replica requests go
-out with :meth:`~hypercache.net.connection.ClientConnection.send_callback` and their answers
-feed the :class:`_Round` from the read that brings them; the round answers the
-``Later`` at quorum, from that same read. A QUORUM set thus costs the coordinator one
-loop iteration per network hop. (A peer not connected yet, and ``DELETE``'s two
-round trips per owner, go through a task.) The async :meth:`Coordinator.get`,
-:meth:`~Coordinator.set` and :meth:`~Coordinator.delete` wrap the same code.
+out with the peer's :meth:`~hypercache.net.peer.PeerConnection.send_callback` and
+their answers feed the operation's :class:`~hypercache.replication.QuorumRound`
+from the read that brings them; the round answers the ``Later`` at quorum, from
+that same read. A QUORUM set thus costs the coordinator one loop iteration per
+network hop (a peer not connected yet is dialed in a task first). The async
+:meth:`Coordinator.get`, :meth:`~Coordinator.set` and :meth:`~Coordinator.delete`
+await the same ``Later``.
 
-``DELETE`` answers whether the key existed: each owner's current entry is read
-(``R_GET``) before the tombstone goes to it (``R_PUT``), and the answer is whether the
-newest of the entries read from acknowledging owners was a live value. That is two
-round trips per owner, the price of a precise answer.
+``DELETE`` answers whether the key existed: each remote owner gets ``R_DEL``, which
+writes the tombstone and answers what the owner held before it (one round trip),
+and the answer is whether the newest of the entries held by acknowledging owners
+was a live value.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from hypercache.cluster.config import DistConfig
+from hypercache.cluster.handoff import Handoff
 from hypercache.cluster.membership import Membership
 from hypercache.cluster.metrics import DistStats, NodeMetrics
 from hypercache.cluster.replica import Replica
@@ -74,7 +76,7 @@ from hypercache.net.protocol import Limits, Op
 from hypercache.net.transport import Later
 from hypercache.replication import Entry, QuorumRound, entry_from_wire, is_live, newest, plan_repair
 
-__all__ = ["MAX_PENDING_REPAIRS", "Coordinator", "HintSink"]
+__all__ = ["MAX_PENDING_REPAIRS", "Coordinator"]
 
 _log = logging.getLogger("hypercache.coordinator")
 
@@ -89,21 +91,6 @@ _ONE: Final = Consistency.ONE
 #: wire spelling -> level; anything else goes through Consistency.parse (which
 #: accepts other letter cases and blanks, and raises the validation error).
 _LEVELS: Final = {level.value: level for level in Consistency}
-
-
-class HintSink(Protocol):
-    """Where the coordinator leaves the writes an owner missed (never blocks)."""
-
-    def hint(
-        self,
-        target: str,
-        key: bytes,
-        value: bytes,
-        ts: int,
-        origin: int,
-        expire_at: int,
-        tombstone: bool,
-    ) -> None: ...
 
 
 class Clock(Protocol):
@@ -162,7 +149,7 @@ class Coordinator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._latency = {op: metrics.latency[op].observe for op in ("get", "set", "delete")}
         #: receives the writes owners missed; None: no hinted handoff
-        self.hints: HintSink | None = None
+        self.hints: Handoff | None = None
 
     # ----------------------------------------------------------------- helpers
 
@@ -181,21 +168,6 @@ class Coordinator:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         return loop
-
-    async def _wait(self, later: Later) -> Any:
-        """Await the answer of a :class:`Later` (the async API over the sync one)."""
-        fut: asyncio.Future[Any] = self._get_loop().create_future()
-
-        def settle(value: Any, error: BaseException | None) -> None:
-            if fut.done():
-                return
-            if error is None:
-                fut.set_result(value)
-            else:
-                fut.set_exception(error)
-
-        later.bind(settle)
-        return await fut
 
     def _remote(
         self,
@@ -258,7 +230,7 @@ class Coordinator:
 
     async def get(self, key: bytes, consistency: Any = None) -> list[Any]:
         """Client ``GET``: ``[found, value]`` from the newest version among the acks."""
-        result: list[Any] = await self._wait(self.start_get(key, consistency))
+        result: list[Any] = await self.start_get(key, consistency).wait()
         return result
 
     def start_get(self, key: bytes, consistency: Any = None) -> Later:
@@ -391,7 +363,7 @@ class Coordinator:
         self, key: bytes, value: Any, ttl_ms: Any = None, consistency: Any = None
     ) -> bool:
         """Client ``SET``: stamp a version and write it to the owners."""
-        result: bool = await self._wait(self.start_set(key, value, ttl_ms, consistency))
+        result: bool = await self.start_set(key, value, ttl_ms, consistency).wait()
         return result
 
     def start_set(
@@ -454,7 +426,7 @@ class Coordinator:
 
     async def delete(self, key: bytes, consistency: Any = None) -> bool:
         """Client ``DELETE``: write a tombstone; answer whether a live value was seen."""
-        result: bool = await self._wait(self.start_delete(key, consistency))
+        result: bool = await self.start_delete(key, consistency).wait()
         return result
 
     def start_delete(self, key: bytes, consistency: Any = None) -> Later:

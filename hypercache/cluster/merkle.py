@@ -56,11 +56,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import Any, Final, Protocol, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from xxhash import xxh3_64_intdigest
 
-from hypercache._core.vstore import entry_hash
+from hypercache._core.vstore import VersionedStore, entry_hash
 from hypercache.errors import ProtocolError
 from hypercache.net.protocol import Limits
 from hypercache.replication import Entry
@@ -76,7 +76,6 @@ __all__ = [
     "SUB_BATCH",
     "SWEEP_BUDGET",
     "KeyRow",
-    "MerkleStore",
     "answer_keys",
     "answer_merkle",
     "answer_pull",
@@ -90,8 +89,6 @@ __all__ = [
     "parse_key_row",
 ]
 
-# Store protocols have a ``bytes`` counter, which shadows the builtin in their body.
-_Bytes: TypeAlias = bytes
 #: A parsed ``key_row``: ``(key, ts, origin, expire_at_ms, tombstone)``, the
 #: version fields in the order of an :data:`~hypercache.replication.Entry`.
 KeyRow: TypeAlias = tuple[bytes, int, int, int, bool]
@@ -115,29 +112,6 @@ BLOCK: Final = 8
 KEYS_BYTES: Final = 1024 * 1024
 #: The low 32 bits that block and sub-digests keep.
 MASK32: Final = 0xFFFFFFFF
-
-
-class MerkleStore(Protocol):
-    """What digests and rows read of :class:`~hypercache._core.vstore.VersionedStore`."""
-
-    @property
-    def partitions(self) -> int: ...
-    @property
-    def sub_buckets(self) -> int: ...
-    @property
-    def max_bytes(self) -> int: ...
-    @property
-    def bytes(self) -> int: ...
-
-    def partition_of(self, key: _Bytes) -> int: ...
-    def partition_len(self, p: int) -> int: ...
-    def digest(self, p: int) -> int: ...
-    def sub_digests(self, p: int) -> list[int]: ...
-    def sub_bucket_keys(self, p: int, b: int) -> list[tuple[_Bytes, int, int]]: ...
-    def keys(self, p: int) -> list[tuple[_Bytes, int, int]]: ...
-    def peek(self, key: _Bytes, now_ms: int) -> Entry | None: ...
-    def sweep(self, now_ms: int, budget: int = 0) -> tuple[int, int]: ...
-    def recently_evicted(self, key: _Bytes) -> tuple[int, int] | None: ...
 
 
 def group_digest(digests: list[int]) -> int:
@@ -191,7 +165,9 @@ def _row(key: bytes, ts: int, origin: int, tomb: bool, expire_at: int) -> list[A
     return [key, ts, origin]
 
 
-def bucket_terms(store: MerkleStore, p: int, b: int, now_ms: int) -> list[tuple[int, bytes, Entry]]:
+def bucket_terms(
+    store: VersionedStore, p: int, b: int, now_ms: int
+) -> list[tuple[int, bytes, Entry]]:
     """``(term, key, entry)`` of the unexpired entries of sub-bucket ``b`` of ``p``
     (an expired entry met is reclaimed); ``term`` is the entry's digest term."""
     out = []
@@ -207,7 +183,7 @@ def bucket_terms(store: MerkleStore, p: int, b: int, now_ms: int) -> list[tuple[
 # ------------------------------------------------------------------- answering side
 
 
-def answer_merkle(store: MerkleStore, payload: Any, now_ms: int) -> list[Any]:
+def answer_merkle(store: VersionedStore, payload: Any, now_ms: int) -> list[Any]:
     """``MERKLE [level, items]`` from a peer (see the module docstring)."""
     if type(payload) is not list or len(payload) != 2 or type(payload[1]) is not list:
         raise ProtocolError("MERKLE payload must be [level, items]")
@@ -273,7 +249,7 @@ def answer_merkle(store: MerkleStore, payload: Any, now_ms: int) -> list[Any]:
     raise ProtocolError(f"MERKLE level must be 0 or 1, got {level!r}")
 
 
-def _bucket_entries(store: MerkleStore, p: int, b: int, now_ms: int) -> Iterator[list[Any]]:
+def _bucket_entries(store: VersionedStore, p: int, b: int, now_ms: int) -> Iterator[list[Any]]:
     for key, _ts, _origin in store.sub_bucket_keys(p, b):
         got = store.peek(key, now_ms)  # reclaims an expired entry
         if got is not None:
@@ -281,7 +257,7 @@ def _bucket_entries(store: MerkleStore, p: int, b: int, now_ms: int) -> Iterator
             yield _row(key, ts, origin, tomb, expire_at)
 
 
-def answer_keys(store: MerkleStore, payload: Any, now_ms: int) -> list[Any]:
+def answer_keys(store: VersionedStore, payload: Any, now_ms: int) -> list[Any]:
     """``KEYS [[p, b, terms], ...]``: per item, ``[[key_row, ...], [i, ...]]`` (the
     entries whose term the asker lacks, the asker's terms matching none here)."""
     if type(payload) is not list:
@@ -318,7 +294,7 @@ def answer_keys(store: MerkleStore, payload: Any, now_ms: int) -> list[Any]:
     return out
 
 
-def answer_pull(store: MerkleStore, limits: Limits, payload: Any, now_ms: int) -> list[Any]:
+def answer_pull(store: VersionedStore, limits: Limits, payload: Any, now_ms: int) -> list[Any]:
     """``PULL [key, ...]``: the held unexpired entries, in request order, cut short
     once the answer exceeds :data:`BATCH_BYTES` (the caller asks again later)."""
     if type(payload) is not list:
@@ -341,7 +317,7 @@ def answer_pull(store: MerkleStore, limits: Limits, payload: Any, now_ms: int) -
 
 
 def list_keys(
-    store: MerkleStore, p: int, cursor: bytes | None, limit: int, now_ms: int
+    store: VersionedStore, p: int, cursor: bytes | None, limit: int, now_ms: int
 ) -> tuple[list[list[Any]], bytes | None]:
     """One page of partition ``p``'s entries sorted by key, after ``cursor``.
 

@@ -529,21 +529,8 @@ class Node:
         """Carry out one request (see the module docstring for the operations)."""
         result = self.handle_sync(conn_info, op, payload)
         if type(result) is Later:
-            return await self._await_later(result)
+            return await result.wait()
         return result
-
-    async def _await_later(self, later: Later) -> Any:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-        def settle(value: Any, error: BaseException | None) -> None:
-            if not fut.done():
-                if error is None:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(error)
-
-        later.bind(settle)
-        return await fut
 
     def handle_sync(self, conn_info: PeerInfo, op: int, payload: Any) -> Any:
         """Carry out one request inline: the answer, or a :class:`Later` for client

@@ -18,8 +18,9 @@ evicted while it remembers that eviction. So eviction and repair never fight.
 
 from __future__ import annotations
 
-from typing import Any, Final, Protocol, TypeAlias
+from typing import Any, Final, Protocol
 
+from hypercache._core.vstore import VersionedStore
 from hypercache.cluster import merkle
 from hypercache.cluster.metrics import DistStats
 from hypercache.errors import ClockSkewError, ProtocolError
@@ -30,15 +31,10 @@ __all__ = [
     "HIGH_WATER",
     "PUT_MANY_HINTS",
     "PUT_MANY_REPAIR",
-    "CapacityView",
     "Replica",
-    "ReplicaStore",
     "admits_repair",
     "evicted_covers",
 ]
-
-# Store protocols have a ``bytes`` counter, which shadows the builtin in their body.
-_Bytes: TypeAlias = bytes
 
 #: Fraction of ``max_memory`` above which repair adds no missing data entry.
 HIGH_WATER: Final = 0.9
@@ -52,41 +48,15 @@ PUT_MANY_REPAIR: Final = 1
 _MAX_REMOTE_TS: Final = 2**63 - 2
 
 
-class CapacityView(Protocol):
-    """What the capacity rule reads of a store."""
-
-    @property
-    def max_bytes(self) -> int: ...
-    @property
-    def bytes(self) -> int: ...
-
-    def peek(self, key: _Bytes, now_ms: int) -> Entry | None: ...
-
-
-class ReplicaStore(merkle.MerkleStore, Protocol):
-    """What the replica side uses of :class:`~hypercache._core.vstore.VersionedStore`."""
-
-    def apply(
-        self,
-        key: _Bytes,
-        value: _Bytes,
-        ts: int,
-        origin: int,
-        expire_at_ms: int,
-        tombstone: bool,
-        now_ms: int,
-    ) -> bool: ...
-
-    def get(self, key: _Bytes, now_ms: int) -> Entry | None: ...
-
-
 class _Clock(Protocol):
     def update(self, remote_ts: int) -> int: ...
 
     def admits(self, remote_ts: object) -> bool: ...
 
 
-def admits_repair(store: CapacityView, key: bytes, size: int, tombstone: bool, now_ms: int) -> bool:
+def admits_repair(
+    store: VersionedStore, key: bytes, size: int, tombstone: bool, now_ms: int
+) -> bool:
     """Whether a repair copy (anti-entropy) of ``key`` may be added to ``store``.
 
     Tombstones and keys already held are always admitted (the store still applies
@@ -101,7 +71,7 @@ def admits_repair(store: CapacityView, key: bytes, size: int, tombstone: bool, n
     return store.bytes + size <= store.max_bytes * HIGH_WATER
 
 
-def evicted_covers(store: merkle.MerkleStore, key: bytes, ts: int, origin: int) -> bool:
+def evicted_covers(store: VersionedStore, key: bytes, ts: int, origin: int) -> bool:
     """Whether the store remembers evicting ``key`` at a version not older than this one."""
     ev = store.recently_evicted(key)
     return ev is not None and (ts, origin) <= ev
@@ -121,7 +91,7 @@ class Replica:
     def __init__(
         self,
         *,
-        store: ReplicaStore,
+        store: VersionedStore,
         clock: _Clock,
         limits: Limits,
         stats: DistStats,

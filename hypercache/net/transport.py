@@ -175,6 +175,23 @@ class Later:
             self._callback = None
             callback(None, error)
 
+    async def wait(self) -> Any:
+        """Await the answer (the asyncio face of a handler's synchronous path).
+
+        :raises BaseException: the error the answer was rejected with.
+        """
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def settle(value: Any, error: BaseException | None) -> None:
+            if not fut.done():
+                if error is None:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(error)
+
+        self.bind(settle)
+        return await fut
+
     def bind(self, callback: Outcome) -> None:
         """Call ``callback(value, error)`` with the answer (at once if already given)."""
         if self._done:
