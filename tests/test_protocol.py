@@ -48,7 +48,8 @@ from hypercache.net.protocol import (
     validate_hello,
     validate_hello_answer,
 )
-from hypercache.net.transport import ServerOptions, format_address, parse_address
+from hypercache.net.transport import ServerOptions
+from hypercache.units import format_hostport, parse_hostport
 
 # Everything msgpack carries losslessly with our options (lists, str-keyed maps,
 # bin as bytes, finite floats).
@@ -362,7 +363,8 @@ def test_error_with_unencodable_message_still_encodes() -> None:
 
 def test_encode_helpers_accept_limits() -> None:
     with pytest.raises(FrameTooLargeError):
-        encode_request(1, Op.SET, b"x" * 100, limits=Limits(max_frame=50, max_key=1, max_value=1))
+        limits = Limits(max_frame=300, max_key=1, max_value=1)
+        encode_request(1, Op.SET, b"x" * 400, limits=limits)
 
 
 # ------------------------------------------------------------------------ limits
@@ -382,7 +384,7 @@ def test_limits_defaults() -> None:
         ({"max_key": -1}, "max_key"),
         ({"max_value": 1.5}, "max_value"),
         ({"max_frame": 2**32}, "max_frame"),
-        ({"max_frame": 1000, "max_key": 10, "max_value": 990}, "max_value"),
+        ({"max_frame": 1000, "max_key": 10, "max_value": 990}, "max_frame"),
     ],
 )
 def test_limits_validation_names_the_field(kwargs: dict[str, Any], field: str) -> None:
@@ -497,14 +499,14 @@ def test_prepare_hello() -> None:
     ],
 )
 def test_addresses_round_trip(text: str, parsed: tuple[str, int]) -> None:
-    assert parse_address(text) == parsed
-    assert format_address(*parsed) == text
+    assert parse_hostport(text) == parsed
+    assert format_hostport(*parsed) == text
 
 
 @pytest.mark.parametrize("bad", ["", "host", ":80", "host:", "host:http", "h:70000", "::1:80"])
 def test_bad_addresses(bad: str) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_address(bad)
+        parse_hostport(bad)
     assert info.value.field == "address"
 
 

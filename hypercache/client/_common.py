@@ -21,7 +21,6 @@ from hypercache.errors import (
     ProtocolError,
 )
 from hypercache.net.protocol import Limits, Op, make_hello
-from hypercache.net.transport import parse_address
 from hypercache.replication import (
     Entry,
     QuorumRound,
@@ -30,6 +29,7 @@ from hypercache.replication import (
     plan_repair,
     wall_ms,
 )
+from hypercache.units import parse_hostport
 
 __all__ = [
     "BATCH",
@@ -98,7 +98,7 @@ def parse_seeds(seeds: str | Sequence[str]) -> tuple[str, ...]:
         if not text:
             continue
         try:
-            parse_address(text)
+            parse_hostport(text)
         except ConfigError as exc:
             raise ConfigError("seeds", exc.message) from None
         out[text] = None

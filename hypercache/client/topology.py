@@ -53,7 +53,7 @@ from typing import Any, Final
 from hypercache._core.ring import Ring
 from hypercache.consistency import Consistency
 from hypercache.errors import ConfigError, ProtocolError
-from hypercache.net.transport import parse_address
+from hypercache.units import parse_hostport
 
 __all__ = ["NodeInfo", "Router", "Topology"]
 
@@ -129,7 +129,7 @@ class Topology:
             if type(node_id) is not str or type(address) is not str:
                 raise ProtocolError(f"TOPOLOGY node entry must be [str, str], got {item!r}")
             try:
-                parse_address(address)
+                parse_hostport(address)
             except ConfigError:
                 raise ProtocolError(
                     f"TOPOLOGY node {node_id!r} has a bad address {address!r}"

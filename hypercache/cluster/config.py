@@ -78,24 +78,35 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import ipaddress
 import math
 import re
 import socket
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from decimal import Decimal, InvalidOperation
-from fractions import Fraction
 from typing import Any, Final
 
 from hypercache.consistency import Consistency
 from hypercache.errors import ConfigError
 from hypercache.net.busypoll import check_window
-from hypercache.net.protocol import MAX_PUT_MANY
+from hypercache.net.protocol import (
+    DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_KEY,
+    DEFAULT_MAX_VALUE,
+    FRAME_OVERHEAD,
+    MAX_PUT_MANY,
+    Limits,
+)
+from hypercache.units import (
+    MiB,
+    format_hostport,
+    parse_duration,
+    parse_hostport,
+    parse_seeds,
+    parse_size,
+)
 
 __all__ = [
     "CONFIG_ENV_VAR",
-    "DEFAULT_VNODES",
     "ENV_PREFIX",
     "FRAME_OVERHEAD",
     "LOG_LEVELS",
@@ -113,12 +124,6 @@ __all__ = [
     "parse_size",
 ]
 
-KiB: Final = 1024
-MiB: Final = 1024 * KiB
-GiB: Final = 1024 * MiB
-
-#: ``vnodes = 0`` asks the ring for its own default number of virtual nodes per node.
-DEFAULT_VNODES: Final = 0
 
 #: Prefix of every environment variable hypercache reads.
 ENV_PREFIX: Final = "HYPERCACHE_"
@@ -129,10 +134,6 @@ CONFIG_ENV_VAR: Final = "HYPERCACHE_CONFIG"
 #: ``HYPERCACHE_*`` variables that belong to hypercache but are not node settings;
 #: :func:`load_config` skips them instead of calling them typos. Register new ones here.
 NON_NODE_ENV_VARS: Final = frozenset({CONFIG_ENV_VAR, "HYPERCACHE_DEBUG"})
-
-#: Room a frame needs around the largest key and value for its msgpack envelope
-#: (type, request id, op, version, origin node id, ...).
-FRAME_OVERHEAD: Final = 4 * KiB
 
 #: A frame's length travels as a 4-byte big-endian integer.
 MAX_FRAME_LIMIT: Final = 2**32 - 1
@@ -157,100 +158,9 @@ _WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::"})
 _OFF_WORDS: Final = frozenset({"", "off", "none"})
 _MAX_CPU_LATENCY_LIMIT: Final = 1.0
 
-_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
-_PORT = re.compile(r"[0-9]{1,5}")
 _NODE_ID = re.compile(r"[!-~]{1,255}")  # printable ASCII, no blanks
 _CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_SIZE = re.compile(r"([0-9]+(?:_[0-9]+)*(?:\.[0-9]+)?)\s*([A-Za-z]*)")
-_DURATION = re.compile(
-    r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(us|\u00b5s|\u03bcs|ms|s|m|h|d)?", re.IGNORECASE
-)
-
-_SIZE_UNITS: Final = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-# unit -> (multiplier, divisor): dividing keeps "20us" == 20e-6 exactly.
-_DURATION_UNITS: Final = {
-    "us": (1, 1_000_000),
-    "\u00b5s": (1, 1_000_000),  # micro sign
-    "\u03bcs": (1, 1_000_000),  # Greek mu (what the micro sign matches without case)
-    "ms": (1, 1000),
-    "s": (1, 1),
-    "m": (60, 1),
-    "h": (3600, 1),
-    "d": (86400, 1),
-}
-
-
 # --------------------------------------------------------------------------- addresses
-
-
-def parse_hostport(s: str, *, field: str = "address") -> tuple[str, int]:
-    """Split ``"HOST:PORT"`` into ``(host, port)``.
-
-    ``HOST`` is an IPv4 address, a host name (RFC 1123 labels; ``_`` is tolerated
-    for container service names) or an IPv6 address in brackets, returned without
-    them: ``parse_hostport("[::1]:7400") == ("::1", 7400)``. ``PORT`` is 0..65535.
-    Surrounding blanks are ignored.
-
-    :param field: the configuration field to name in the error.
-    :raises ConfigError: ``s`` is not a valid ``HOST:PORT``.
-    """
-    if not isinstance(s, str):
-        raise ConfigError(field, f"expected HOST:PORT as a string, got {s!r}")
-    text = s.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep:
-            raise ConfigError(field, f"unclosed '[' in {s!r}; expected [IPv6]:PORT")
-        if not rest.startswith(":"):
-            raise ConfigError(field, f"expected [IPv6]:PORT, got {s!r} (missing :PORT)")
-        port_text = rest[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(field, f"invalid IPv6 address {host!r} in {s!r}") from None
-    else:
-        if ":" not in text:
-            raise ConfigError(field, f"expected HOST:PORT, got {s!r} (missing :PORT)")
-        host, _, port_text = text.rpartition(":")
-        if ":" in host:
-            raise ConfigError(
-                field, f"IPv6 addresses must be written in brackets, e.g. [::1]:7400; got {s!r}"
-            )
-        _check_host(field, host, s)
-    if not _PORT.fullmatch(port_text) or int(port_text) > 65535:
-        raise ConfigError(field, f"expected a port number 0..65535, got {port_text!r} in {s!r}")
-    return host, int(port_text)
-
-
-def _check_host(field: str, host: str, whole: str) -> None:
-    if not host:
-        raise ConfigError(field, f"missing host in {whole!r}; expected HOST:PORT")
-    labels = host.removesuffix(".").split(".")
-    if all(label.isdigit() for label in labels):
-        # Digits and dots only: this can only be meant as an IPv4 address.
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise ConfigError(field, f"invalid IPv4 address {host!r} in {whole!r}") from None
-        return
-    if len(host) > 253 or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels):
-        raise ConfigError(field, f"invalid host name {host!r} in {whole!r}")
-
-
-def format_hostport(host: str, port: int) -> str:
-    """Inverse of :func:`parse_hostport`: brackets an IPv6 host (``"[::1]:7400"``)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def derive_node_id(bind: str) -> str:
@@ -267,59 +177,6 @@ def derive_node_id(bind: str) -> str:
 
 
 # --------------------------------------------------------------------- text values
-
-
-def parse_size(text: str, *, field: str = "size") -> int:
-    """Parse a byte count: ``"1048576"``, ``"64MiB"``, ``"1GB"``, ``"1.5 GiB"``.
-
-    Units (case-insensitive): ``B``; ``KB MB GB TB`` = powers of 1000;
-    ``KiB MiB GiB TiB`` = powers of 1024. The result must be a whole number of bytes.
-
-    :raises ConfigError: the text is not a size.
-    """
-    match = _SIZE.fullmatch(text.strip())
-    if match is None:
-        raise ConfigError(
-            field, f"expected a size in bytes (e.g. 1048576, 64MiB, 1GB), got {text!r}"
-        )
-    number, unit = match.groups()
-    multiplier = _SIZE_UNITS.get(unit.lower())
-    if multiplier is None:
-        if unit.lower() in {"k", "m", "g", "t"}:
-            letter = unit.upper()
-            raise ConfigError(
-                field,
-                f"ambiguous unit {unit!r} in {text!r}: write {letter}B (powers of 1000) "
-                f"or {letter}iB (powers of 1024)",
-            )
-        raise ConfigError(
-            field, f"unknown size unit {unit!r} in {text!r}; use B, KB, MB, GB, KiB, MiB, GiB"
-        )
-    try:
-        value = Fraction(Decimal(number.replace("_", ""))) * multiplier
-    except InvalidOperation:  # pragma: no cover - the regex admits only decimals
-        raise ConfigError(field, f"expected a size in bytes, got {text!r}") from None
-    if value.denominator != 1:
-        raise ConfigError(field, f"{text!r} is not a whole number of bytes")
-    return int(value)
-
-
-def parse_duration(text: str, *, field: str = "duration") -> float:
-    """Parse a duration in seconds: ``"2.5"``, ``"50us"``, ``"500ms"``, ``"30s"``, ``"5m"``,
-    ``"1h"``, ``"1d"``.
-
-    :raises ConfigError: the text is not a duration.
-    """
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise ConfigError(
-            field,
-            "expected a duration in seconds (e.g. 2.5, 50us, 500ms, 30s, 5m, 1h, 1d), "
-            f"got {text!r}",
-        )
-    number, unit = match.groups()
-    multiplier, divisor = _DURATION_UNITS[(unit or "s").lower()]
-    return float(number) * multiplier / divisor
 
 
 # ---------------------------------------------------------------- field validators
@@ -358,19 +215,7 @@ def _address(name: str, value: Any) -> str:
 
 
 def _seeds(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        items: Iterable[Any] = _split_commas(value)
-    elif isinstance(value, list | tuple):
-        items = value
-    else:
-        raise ConfigError("seeds", f"expected a list of HOST:PORT, got {_describe(value)}")
-    seeds: dict[str, None] = {}  # ordered set: duplicates are dropped
-    for item in items:
-        host, port = parse_hostport(_str("seeds", item), field="seeds")
-        if port == 0:
-            raise ConfigError("seeds", f"seed {item!r} has port 0; a seed needs a real port")
-        seeds[format_hostport(host, port)] = None
-    return tuple(seeds)
+    return parse_seeds(value)
 
 
 def _split_commas(text: str) -> list[str]:
@@ -413,7 +258,8 @@ class DistConfig:
 
     :ivar replication: replicas per key, >= 1. Default 3 (a smaller cluster
         keeps as many replicas as it has nodes).
-    :ivar vnodes: virtual nodes per node on the ring, 0..65536; 0 = the ring's default.
+    :ivar vnodes: virtual nodes per node on the ring, 0..65536; 0 (the default) =
+        the ring's own default, :data:`hypercache._core.ring.DEFAULT_VNODES` (2048).
     :ivar partitions: fixed number of partitions, a power of two in 1..65536. Default 4096.
     :ivar read_consistency: default consistency of reads. Default ``QUORUM``.
     :ivar write_consistency: default consistency of writes. Default ``QUORUM``.
@@ -503,7 +349,7 @@ class DistConfig:
     http: str | None = "127.0.0.1:7480"
     seeds: tuple[str, ...] = ()
     replication: int = 3
-    vnodes: int = DEFAULT_VNODES
+    vnodes: int = 0
     partitions: int = 4096
     read_consistency: Consistency = Consistency.QUORUM
     write_consistency: Consistency = Consistency.QUORUM
@@ -511,9 +357,9 @@ class DistConfig:
     max_items: int = 0
     request_timeout: float = 2.0
     connect_timeout: float = 1.0
-    max_frame: int = 64 * MiB
-    max_key: int = 64 * KiB
-    max_value: int = 32 * MiB
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_key: int = DEFAULT_MAX_KEY
+    max_value: int = DEFAULT_MAX_VALUE
     auth_token: str | None = dataclasses.field(default=None, repr=False)
     cluster_secret: str | None = dataclasses.field(default=None, repr=False)
     max_connections: int = 10_000
@@ -585,13 +431,8 @@ class DistConfig:
         max_frame = _int("max_frame", self.max_frame, low=1, high=MAX_FRAME_LIMIT)
         max_key = _int("max_key", self.max_key, low=1)
         max_value = _int("max_value", self.max_value, low=1)
-        if max_key + max_value + FRAME_OVERHEAD > max_frame:
-            raise ConfigError(
-                "max_frame",
-                f"must hold the largest key and value plus {FRAME_OVERHEAD} bytes of "
-                f"envelope: max_key + max_value + {FRAME_OVERHEAD} = "
-                f"{max_key + max_value + FRAME_OVERHEAD} > max_frame = {max_frame}",
-            )
+        # The frame rule is the wire's own (one rule: Limits checks it).
+        Limits(max_frame=max_frame, max_key=max_key, max_value=max_value)
 
         # -- security and logging
         token = self.auth_token
@@ -713,6 +554,11 @@ class DistConfig:
             put(self, "cpu_latency_limit", float(limit))
 
     # ------------------------------------------------------------------ helpers
+
+    @property
+    def limits(self) -> Limits:
+        """The wire's size limits (``max_frame``, ``max_key``, ``max_value``), checked."""
+        return Limits(max_frame=self.max_frame, max_key=self.max_key, max_value=self.max_value)
 
     @property
     def address(self) -> tuple[str, int]:

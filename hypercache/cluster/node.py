@@ -53,7 +53,7 @@ from hypercache.cluster.replica import Replica
 from hypercache.errors import NodeUnavailableError, PermissionDeniedError, ProtocolError
 from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.busypoll import BusyPoller, poller
-from hypercache.net.protocol import Limits, Op
+from hypercache.net.protocol import Op
 from hypercache.net.tcp import TCP
 from hypercache.net.transport import Later, PeerInfo, Server, ServerOptions, Transport
 from hypercache.replication import WallClock, wall_ms
@@ -108,9 +108,7 @@ class Node:
     ) -> None:
         self.config = config
         self.transport: Transport = transport if transport is not None else TCP
-        self.limits = Limits(
-            max_frame=config.max_frame, max_key=config.max_key, max_value=config.max_value
-        )
+        self.limits = config.limits
         self.store = VersionedStore(
             config.partitions,
             max_bytes=config.max_memory,

@@ -43,8 +43,6 @@ from hypercache.net.transport import (
     Server,
     ServerOptions,
     Transport,
-    format_address,
-    parse_address,
 )
 
 __all__ = [
@@ -77,7 +75,5 @@ __all__ = [
     "encode_error",
     "encode_request",
     "encode_response",
-    "format_address",
     "make_hello",
-    "parse_address",
 ]

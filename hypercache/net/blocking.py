@@ -42,7 +42,8 @@ from hypercache.net.protocol import (
     request_deadline,
     validate_hello_answer,
 )
-from hypercache.net.transport import DEFAULT_CONNECT_TIMEOUT, NetStats, parse_address
+from hypercache.net.transport import DEFAULT_CONNECT_TIMEOUT, NetStats
+from hypercache.units import parse_hostport
 
 __all__ = ["BlockingConnection", "pipeline_all"]
 
@@ -103,7 +104,7 @@ class BlockingConnection:
         # ms from our wall clock to the server's, once the handshake told it:
         # requests then carry a deadline on the server's clock.
         self._clock_offset: int | None = None
-        host, port = parse_address(address)
+        host, port = parse_hostport(address)
         payload = prepare_hello(hello)
         try:
             sock = socket.create_connection((host, port), timeout=timeout)

@@ -25,7 +25,8 @@ from typing import Final, cast
 
 from hypercache.net.busypoll import check_window, poller
 from hypercache.net.protocol import FrameDecoder, FrameEncoder, Limits, frame_header
-from hypercache.net.transport import NetStats, format_address
+from hypercache.net.transport import NetStats
+from hypercache.units import format_hostport
 
 __all__ = ["FramedProtocol", "remote_host", "remote_name"]
 
@@ -76,7 +77,7 @@ def remote_host(transport: asyncio.BaseTransport) -> str:
 def remote_name(transport: asyncio.BaseTransport) -> str:
     peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
-        return format_address(str(peer[0]), int(peer[1]))
+        return format_hostport(str(peer[0]), int(peer[1]))
     return str(peer)
 
 

@@ -30,9 +30,8 @@ from hypercache.net.transport import (
     DEFAULT_CONNECT_TIMEOUT,
     Handler,
     ServerOptions,
-    format_address,
-    parse_address,
 )
+from hypercache.units import format_hostport, parse_hostport
 
 __all__ = ["NETWORK", "InprocNetwork", "InprocServer", "connect"]
 
@@ -206,7 +205,7 @@ class InprocServer(ServerBase):
         self, handler: Handler, address: str, options: ServerOptions, network: InprocNetwork
     ) -> None:
         super().__init__(handler, options)
-        self._host, self._port = parse_address(address)
+        self._host, self._port = parse_hostport(address)
         self.address = address
         self._network = network
 
@@ -215,7 +214,7 @@ class InprocServer(ServerBase):
             raise RuntimeError("server already started")
         self._loop = asyncio.get_running_loop()
         port = self._port or self._network._free_port(self._host)
-        self.address = format_address(self._host, port)
+        self.address = format_hostport(self._host, port)
         self._network._register(self)
         self._closing = False
 
@@ -233,7 +232,7 @@ class InprocServer(ServerBase):
     def _open(self, client: ClientConnection, client_port: int) -> None:
         loop = self._loop
         assert loop is not None
-        here = parse_address(self.address)
+        here = parse_hostport(self.address)
         there = ("inproc", client_port)
         server_proto = self._new_protocol()
         client_end = _PipeEnd(loop, client, there, here)
@@ -274,7 +273,7 @@ class InprocNetwork:
         :raises NodeUnavailableError: no server runs at ``address``.
         :raises HandshakeError: the server refused the HELLO.
         """
-        parse_address(address)
+        parse_hostport(address)
         payload = prepare_hello(hello)
         server = self._servers.get(address)
         if server is None:
@@ -290,7 +289,7 @@ class InprocNetwork:
     def _free_port(self, host: str) -> int:
         while True:
             port = next(self._ports)
-            if format_address(host, port) not in self._servers:
+            if format_hostport(host, port) not in self._servers:
                 return port
 
     def _register(self, server: InprocServer) -> None:

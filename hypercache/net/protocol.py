@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_MAX_KEY",
     "DEFAULT_MAX_VALUE",
     "ERROR",
+    "FRAME_OVERHEAD",
     "HEADER_SIZE",
     "HELLO_MAX_FRAME",
     "MAX_PUT_MANY",
@@ -90,6 +91,10 @@ DEFAULT_MAX_VALUE: Final = 32 * _MiB
 #: Frame limit that applies until the handshake completes: an unauthenticated peer
 #: cannot make a server buffer more than this.
 HELLO_MAX_FRAME: Final = 64 * _KiB
+#: Room a frame needs around the largest key and value: the msgpack envelope of the
+#: largest single-entry frame (an ``R_PUT`` with its version and deadline is 49
+#: bytes besides its key and value), with room for the optional fields to come.
+FRAME_OVERHEAD: Final = 256
 
 _MAX_U32: Final = 0xFFFFFFFF
 
@@ -155,8 +160,8 @@ class Limits:
     :param max_key: largest key (default 64 KiB), see :meth:`check_key`.
     :param max_value: largest value (default 32 MiB), see :meth:`check_value`.
 
-    ``max_key + max_value`` must be smaller than ``max_frame`` so that the largest
-    key/value pair fits in one frame.
+    ``max_key + max_value + FRAME_OVERHEAD`` must not exceed ``max_frame``, so that
+    the largest key/value pair fits in one frame with its envelope.
     """
 
     max_frame: int = DEFAULT_MAX_FRAME
@@ -170,11 +175,13 @@ class Limits:
                 raise ConfigError(name, f"must be a positive integer, got {value!r}")
         if self.max_frame > _MAX_U32:
             raise ConfigError("max_frame", f"must fit the 4-byte length header (<= {_MAX_U32})")
-        if self.max_key + self.max_value >= self.max_frame:
+        if self.max_key + self.max_value + FRAME_OVERHEAD > self.max_frame:
             raise ConfigError(
-                "max_value",
-                f"max_key + max_value ({self.max_key} + {self.max_value}) must be smaller "
-                f"than max_frame ({self.max_frame})",
+                "max_frame",
+                f"must hold the largest key and value plus {FRAME_OVERHEAD} bytes of "
+                f"envelope: max_key + max_value + {FRAME_OVERHEAD} = "
+                f"{self.max_key + self.max_value + FRAME_OVERHEAD} > max_frame = "
+                f"{self.max_frame}",
             )
 
     def check_key(self, key: object) -> bytes:

@@ -16,9 +16,8 @@ from hypercache.net.transport import (
     DEFAULT_CONNECT_TIMEOUT,
     Handler,
     ServerOptions,
-    format_address,
-    parse_address,
 )
+from hypercache.units import format_hostport, parse_hostport
 
 __all__ = ["TCP", "TcpServer", "TcpTransport", "connect", "start_server"]
 
@@ -33,7 +32,7 @@ class TcpServer(ServerBase):
 
     def __init__(self, handler: Handler, address: str, options: ServerOptions) -> None:
         super().__init__(handler, options)
-        self._host, self._port = parse_address(address)
+        self._host, self._port = parse_hostport(address)
         self.address = address
         self._listener: asyncio.AbstractServer | None = None
 
@@ -50,7 +49,7 @@ class TcpServer(ServerBase):
         )
         self._closing = False
         port = self._listener.sockets[0].getsockname()[1]
-        self.address = format_address(self._host, port)
+        self.address = format_hostport(self._host, port)
 
     async def close(self) -> None:
         self._closing = True
@@ -85,7 +84,7 @@ async def connect(
     :raises HandshakeError: the server refused the HELLO, or answered for another
         cluster or protocol version.
     """
-    host, port = parse_address(address)
+    host, port = parse_hostport(address)
     payload = prepare_hello(hello)
     loop = asyncio.get_running_loop()
     conn = ClientConnection(loop, address, limits if limits is not None else Limits())

@@ -32,37 +32,10 @@ __all__ = [
     "ServerOptions",
     "SyncHandler",
     "Transport",
-    "format_address",
-    "parse_address",
 ]
 
 #: Default deadline of ``connect`` (connection and handshake together), in seconds.
 DEFAULT_CONNECT_TIMEOUT: Final = 5.0
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """Split ``"host:port"`` (or ``"[v6addr]:port"``) into ``(host, port)``.
-
-    :raises ConfigError: the address is malformed (field ``address``).
-    """
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ConfigError("address", f"expected 'host:port', got {address!r}")
-    port = int(port_text)
-    if port > 65535:
-        raise ConfigError("address", f"port out of range in {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ConfigError("address", f"IPv6 hosts must be bracketed: {address!r}")
-    return host, port
-
-
-def format_address(host: str, port: int) -> str:
-    """Inverse of :func:`parse_address`."""
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
