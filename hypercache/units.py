@@ -8,6 +8,7 @@ field being parsed.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Iterable, Sequence
 from decimal import Decimal, InvalidOperation
@@ -20,6 +21,9 @@ __all__ = [
     "GiB",
     "KiB",
     "MiB",
+    "check_int",
+    "check_seconds",
+    "describe",
     "format_hostport",
     "parse_duration",
     "parse_hostport",
@@ -208,3 +212,37 @@ def parse_duration(text: str, *, field: str = "duration") -> float:
     number, unit = match.groups()
     multiplier, divisor = _DURATION_UNITS[(unit or "s").lower()]
     return float(number) * multiplier / divisor
+
+
+# --------------------------------------------------------------------- value checks
+
+
+def describe(value: Any) -> str:
+    """``repr`` and type of a value, for error messages."""
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_int(field: str, value: Any, *, low: int, high: int | None = None) -> int:
+    """``value`` if it is an int (not a bool) in ``low..high``.
+
+    :raises ConfigError: naming ``field``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field, f"expected an integer, got {describe(value)}")
+    if value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ConfigError(field, f"must be {bound}, got {value}")
+    return value
+
+
+def check_seconds(field: str, value: Any) -> float:
+    """``value`` as a float if it is a positive, finite number of seconds.
+
+    :raises ConfigError: naming ``field``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(field, f"expected a number of seconds, got {describe(value)}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(field, f"must be a positive, finite number of seconds, got {value!r}")
+    return seconds

@@ -4,6 +4,16 @@ One frozen dataclass holds every setting of a ``hypercache-node``. It validates
 itself on construction and raises :class:`~hypercache.errors.ConfigError` naming
 the offending field, so a :class:`DistConfig` that exists is a valid one.
 
+Its settings come in *sections*, each a frozen dataclass that validates itself and
+is what the part of the node it configures takes: :class:`Placement`,
+:class:`HintSettings`, :class:`AntiEntropySettings`, :class:`MembershipSettings`,
+the wire's :class:`~hypercache.net.protocol.Limits` and the server's
+:class:`~hypercache.net.transport.ConnectionLimits` (``config.placement``,
+``config.hints``, ...). The fields stay flat on :class:`DistConfig` itself, named as
+the flags, environment variables and TOML keys that set them; a rule across
+sections (the tombstone rule, the output buffer against ``max_value``) is checked
+by :class:`DistConfig`.
+
 Sources and precedence
 ----------------------
 :func:`load_config` fills the dataclass from four layers; each one overrides the
@@ -78,7 +88,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
 import socket
 import tomllib
@@ -96,8 +105,12 @@ from hypercache.net.protocol import (
     MAX_PUT_MANY,
     Limits,
 )
+from hypercache.net.transport import ConnectionLimits
 from hypercache.units import (
     MiB,
+    check_int,
+    check_seconds,
+    describe,
     format_hostport,
     parse_duration,
     parse_hostport,
@@ -114,7 +127,11 @@ __all__ = [
     "MIN_TOMBSTONE_TTL",
     "NON_NODE_ENV_VARS",
     "REDACTED",
+    "AntiEntropySettings",
     "DistConfig",
+    "HintSettings",
+    "MembershipSettings",
+    "Placement",
     "derive_node_id",
     "env_var_name",
     "format_hostport",
@@ -182,26 +199,9 @@ def derive_node_id(bind: str) -> str:
 # ---------------------------------------------------------------- field validators
 
 
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-def _int(name: str, value: Any, *, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"expected an integer, got {_describe(value)}")
-    if value < low or (high is not None and value > high):
-        bound = f"{low}..{high}" if high is not None else f">= {low}"
-        raise ConfigError(name, f"must be {bound}, got {value}")
-    return value
-
-
-def _positive_seconds(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(name, f"expected a number of seconds, got {_describe(value)}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(name, f"must be a positive, finite number of seconds, got {value!r}")
-    return seconds
+_describe = describe
+_int = check_int
+_positive_seconds = check_seconds
 
 
 def _str(name: str, value: Any) -> str:
@@ -220,6 +220,111 @@ def _seeds(value: Any) -> tuple[str, ...]:
 
 def _split_commas(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# ------------------------------------------------------------------------ sections
+
+
+def _section_fields(cls: type[Any]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Placement:
+    """Where keys live: replicas per key, the ring, default consistency levels.
+    Fields as in :class:`DistConfig`; validated (and normalised) on construction."""
+
+    replication: int
+    vnodes: int
+    partitions: int
+    read_consistency: Consistency
+    write_consistency: Consistency
+
+    def __post_init__(self) -> None:
+        check_int("replication", self.replication, low=1)
+        check_int("vnodes", self.vnodes, low=0, high=_MAX_VNODES)
+        partitions = check_int("partitions", self.partitions, low=1, high=_MAX_PARTITIONS)
+        if partitions & (partitions - 1):
+            raise ConfigError("partitions", f"must be a power of two, got {partitions}")
+        for name in ("read_consistency", "write_consistency"):
+            object.__setattr__(self, name, Consistency.parse(getattr(self, name), field=name))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class HintSettings:
+    """Hinted handoff: how long and how many hints are kept, how they replay."""
+
+    hint_ttl: float
+    hint_max_per_node: int
+    hint_max_total: int
+    hint_max_bytes: int
+    hint_replay_batch: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hint_ttl", check_seconds("hint_ttl", self.hint_ttl))
+        per_node = check_int("hint_max_per_node", self.hint_max_per_node, low=1)
+        total = check_int("hint_max_total", self.hint_max_total, low=1)
+        if per_node > total:
+            raise ConfigError(
+                "hint_max_per_node",
+                f"must not exceed hint_max_total ({total}), got {per_node}",
+            )
+        check_int("hint_max_bytes", self.hint_max_bytes, low=1)
+        check_int("hint_replay_batch", self.hint_replay_batch, low=1, high=MAX_PUT_MANY)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class AntiEntropySettings:
+    """The anti-entropy loop's base and longest interval."""
+
+    anti_entropy_interval: float
+    anti_entropy_max_interval: float
+
+    def __post_init__(self) -> None:
+        for name in ("anti_entropy_interval", "anti_entropy_max_interval"):
+            object.__setattr__(self, name, check_seconds(name, getattr(self, name)))
+        if self.anti_entropy_max_interval < self.anti_entropy_interval:
+            raise ConfigError(
+                "anti_entropy_max_interval",
+                f"must be >= anti_entropy_interval ({self.anti_entropy_interval:g} s), "
+                f"got {self.anti_entropy_max_interval:g} s",
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class MembershipSettings:
+    """Failure detection and joining: heartbeats, the silence that means down,
+    retries of unreachable seeds."""
+
+    heartbeat_interval: float
+    failure_timeout: float
+    seed_retry_interval: float
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_interval", "failure_timeout", "seed_retry_interval"):
+            object.__setattr__(self, name, check_seconds(name, getattr(self, name)))
+        if self.failure_timeout < 2 * self.heartbeat_interval:
+            raise ConfigError(
+                "failure_timeout",
+                f"must be at least twice heartbeat_interval ({self.heartbeat_interval:g} s) "
+                f"so that one late heartbeat does not mark a peer down, "
+                f"got {self.failure_timeout:g} s",
+            )
+
+
+_PLACEMENT: Final = _section_fields(Placement)
+_HINTS: Final = _section_fields(HintSettings)
+_ANTI_ENTROPY: Final = _section_fields(AntiEntropySettings)
+_MEMBERSHIP: Final = _section_fields(MembershipSettings)
+_CONNECTIONS: Final = (
+    "max_connections",
+    "max_connections_per_source",
+    "max_pending_handshakes",
+    "handshake_timeout",
+    "frame_timeout",
+    "idle_timeout",
+    "max_output_buffer",
+)
 
 
 # ---------------------------------------------------------------------- DistConfig
@@ -385,6 +490,43 @@ class DistConfig:
     busy_poll: float = 0.0
     cpu_latency_limit: float | None = None
 
+    def _section(self, cls: Any, names: tuple[str, ...]) -> Any:
+        """Section ``cls`` of the fields ``names``: built (so validated) by
+        ``__post_init__``, which writes back what it normalised, and again by the
+        properties below (from values it accepted already)."""
+        return cls(**{name: getattr(self, name) for name in names})
+
+    def _check_section(self, cls: Any, names: tuple[str, ...]) -> None:
+        section = self._section(cls, names)
+        for name in names:
+            object.__setattr__(self, name, getattr(section, name))
+
+    @property
+    def placement(self) -> Placement:
+        placement: Placement = self._section(Placement, _PLACEMENT)
+        return placement
+
+    @property
+    def hints(self) -> HintSettings:
+        hints: HintSettings = self._section(HintSettings, _HINTS)
+        return hints
+
+    @property
+    def antientropy(self) -> AntiEntropySettings:
+        settings: AntiEntropySettings = self._section(AntiEntropySettings, _ANTI_ENTROPY)
+        return settings
+
+    @property
+    def membership(self) -> MembershipSettings:
+        settings: MembershipSettings = self._section(MembershipSettings, _MEMBERSHIP)
+        return settings
+
+    @property
+    def connections(self) -> ConnectionLimits:
+        """The caps and deadlines of the node's data-plane server."""
+        limits: ConnectionLimits = self._section(ConnectionLimits, _CONNECTIONS)
+        return limits
+
     def __post_init__(self) -> None:
         # Frozen: normalised values are stored through object.__setattr__. Checks run
         # in field order, so the first bad field is the one reported.
@@ -415,13 +557,7 @@ class DistConfig:
         put(self, "node_id", node_id)
 
         # -- placement and consistency
-        _int("replication", self.replication, low=1)
-        _int("vnodes", self.vnodes, low=0, high=_MAX_VNODES)
-        partitions = _int("partitions", self.partitions, low=1, high=_MAX_PARTITIONS)
-        if partitions & (partitions - 1):
-            raise ConfigError("partitions", f"must be a power of two, got {partitions}")
-        for name in ("read_consistency", "write_consistency"):
-            put(self, name, Consistency.parse(getattr(self, name), field=name))
+        self._check_section(Placement, _PLACEMENT)
 
         # -- capacity and limits
         _int("max_memory", self.max_memory, low=0)
@@ -449,14 +585,8 @@ class DistConfig:
                 "what lets a node prove it belongs to the cluster",
             )
         put(self, "cluster_secret", secret)
-        _int("max_connections", self.max_connections, low=1)
-        _int("max_connections_per_source", self.max_connections_per_source, low=1)
-        _int("max_pending_handshakes", self.max_pending_handshakes, low=1)
-        for name in ("handshake_timeout", "frame_timeout"):
-            put(self, name, _positive_seconds(name, getattr(self, name)))
-        if self.idle_timeout is not None:
-            put(self, "idle_timeout", _positive_seconds("idle_timeout", self.idle_timeout))
-        output = _int("max_output_buffer", self.max_output_buffer, low=1)
+        self._check_section(ConnectionLimits, _CONNECTIONS)
+        output = self.max_output_buffer
         if output < max_value + FRAME_OVERHEAD:
             raise ConfigError(
                 "max_output_buffer",
@@ -472,16 +602,7 @@ class DistConfig:
         put(self, "log_level", level)
 
         # -- convergence
-        for name in (
-            "hint_ttl",
-            "tombstone_ttl",
-            "anti_entropy_interval",
-            "anti_entropy_max_interval",
-            "heartbeat_interval",
-            "failure_timeout",
-            "seed_retry_interval",
-            "max_clock_skew",
-        ):
+        for name in ("tombstone_ttl", "max_clock_skew"):
             put(self, name, _positive_seconds(name, getattr(self, name)))
         if self.max_clock_skew > _MAX_CLOCK_SKEW:
             raise ConfigError(
@@ -489,28 +610,9 @@ class DistConfig:
                 f"must be at most {_MAX_CLOCK_SKEW:g} s, got {self.max_clock_skew:g} s: a "
                 "version that far ahead would win over every write of that long",
             )
-        per_node = _int("hint_max_per_node", self.hint_max_per_node, low=1)
-        total = _int("hint_max_total", self.hint_max_total, low=1)
-        if per_node > total:
-            raise ConfigError(
-                "hint_max_per_node",
-                f"must not exceed hint_max_total ({total}), got {per_node}",
-            )
-        _int("hint_max_bytes", self.hint_max_bytes, low=1)
-        _int("hint_replay_batch", self.hint_replay_batch, low=1, high=MAX_PUT_MANY)
-        if self.anti_entropy_max_interval < self.anti_entropy_interval:
-            raise ConfigError(
-                "anti_entropy_max_interval",
-                f"must be >= anti_entropy_interval ({self.anti_entropy_interval:g} s), "
-                f"got {self.anti_entropy_max_interval:g} s",
-            )
-        if self.failure_timeout < 2 * self.heartbeat_interval:
-            raise ConfigError(
-                "failure_timeout",
-                f"must be at least twice heartbeat_interval ({self.heartbeat_interval:g} s) "
-                f"so that one late heartbeat does not mark a peer down, "
-                f"got {self.failure_timeout:g} s",
-            )
+        self._check_section(HintSettings, _HINTS)
+        self._check_section(AntiEntropySettings, _ANTI_ENTROPY)
+        self._check_section(MembershipSettings, _MEMBERSHIP)
         horizon = (
             self.hint_ttl
             + self.anti_entropy_max_interval

@@ -226,6 +226,7 @@ class Node:
     # ----------------------------------------------------------------- lifecycle
 
     def _server_options(self, config: DistConfig) -> ServerOptions:
+        caps = config.connections
         return ServerOptions(
             cluster=config.cluster_name,
             node_id=config.node_id,
@@ -233,21 +234,15 @@ class Node:
             peer_auth=self.peer_auth,
             limits=self.limits,
             busy_poll=config.busy_poll,
-            max_connections=config.max_connections,
-            max_connections_per_source=config.max_connections_per_source,
-            max_pending_handshakes=config.max_pending_handshakes,
-            handshake_timeout=config.handshake_timeout,
-            frame_timeout=config.frame_timeout,
-            idle_timeout=config.idle_timeout,
-            max_output_buffer=config.max_output_buffer,
+            **{f.name: getattr(caps, f.name) for f in dataclasses.fields(caps)},
         )
 
     def _ring_args(self) -> dict[str, int]:
-        c = self.config
+        placement = self.config.placement
         return {
-            "vnodes": c.vnodes or DEFAULT_VNODES,
-            "partitions": c.partitions,
-            "replication": c.replication,
+            "vnodes": placement.vnodes or DEFAULT_VNODES,
+            "partitions": placement.partitions,
+            "replication": placement.replication,
         }
 
     async def start(self) -> None:
@@ -335,20 +330,21 @@ class Node:
             apply=functools.partial(replica.put, path="antientropy"),
             peers=lambda: dict(membership.peers),
             leads=self.leads,
-            interval=config.anti_entropy_interval,
-            max_interval=config.anti_entropy_max_interval,
+            interval=config.antientropy.anti_entropy_interval,
+            max_interval=config.antientropy.anti_entropy_max_interval,
             timeout=config.request_timeout,
             wall=self._wall,
         )
+        hints = config.hints
         handoff = Handoff(
             buffer=HintBuffer(
-                max_per_node=config.hint_max_per_node,
-                max_total=config.hint_max_total,
-                max_bytes=config.hint_max_bytes,
-                ttl_ms=int(config.hint_ttl * 1000),
+                max_per_node=hints.hint_max_per_node,
+                max_total=hints.hint_max_total,
+                max_bytes=hints.hint_max_bytes,
+                ttl_ms=int(hints.hint_ttl * 1000),
             ),
             peers=lambda: dict(membership.peers),
-            batch=config.hint_replay_batch,
+            batch=hints.hint_replay_batch,
             batch_bytes=config.max_frame // 2,
             timeout=config.request_timeout,
         )

@@ -18,11 +18,13 @@ from hypercache.errors import ConfigError
 from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.busypoll import check_window
 from hypercache.net.protocol import Limits
+from hypercache.units import check_int, check_seconds
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "NOT_SYNC",
     "Connection",
+    "ConnectionLimits",
     "Handler",
     "Later",
     "NetStats",
@@ -248,15 +250,10 @@ class NetStats:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class ServerOptions:
-    """Settings of a server, shared by all transports.
+class ConnectionLimits:
+    """The caps and deadlines a server puts on its connections (each counted in
+    :class:`NetStats` when it bites); a node takes them from its configuration.
 
-    :param cluster: cluster name; HELLOs naming another cluster are refused.
-    :param node_id: this node's id, sent in HELLO answers.
-    :param auth: shared secret; when set, client HELLOs must carry it in ``auth``.
-    :param peer_auth: checks the proofs of HELLOs that name a node id (see
-        :mod:`hypercache.net.auth`); by default an open cluster's (loopback peers).
-    :param limits: size limits (frames received above ``max_frame`` close the connection).
     :param max_inflight: requests handled concurrently per connection; at the cap the
         server stops reading that connection until half of them have completed.
     :param max_connections: handshaken client connections; a client HELLO beyond it
@@ -276,15 +273,8 @@ class ServerOptions:
         transport's high-water mark: this bounds what requests already in flight add.)
     :param close_grace: seconds ``close()`` lets connections flush before aborting them.
     :param backlog: listen backlog (TCP).
-    :param busy_poll: seconds the loop stays awake after a connection writes (see
-        :mod:`hypercache.net.busypoll`); 0 = off. Over kernel sockets only.
     """
 
-    cluster: str
-    node_id: str | None = None
-    auth: str | None = None
-    peer_auth: PeerAuthenticator = field(default_factory=lambda: PeerAuthenticator(None))
-    limits: Limits = field(default_factory=Limits)
     max_inflight: int = 1024
     max_connections: int = 10_000
     max_connections_per_source: int = 1024
@@ -295,6 +285,45 @@ class ServerOptions:
     max_output_buffer: int = 64 * 1024 * 1024
     close_grace: float = 5.0
     backlog: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_inflight",
+            "max_connections",
+            "max_connections_per_source",
+            "max_pending_handshakes",
+            "max_output_buffer",
+            "backlog",
+        ):
+            check_int(name, getattr(self, name), low=1)
+        for name in ("handshake_timeout", "frame_timeout", "close_grace"):
+            object.__setattr__(self, name, check_seconds(name, getattr(self, name)))
+        if self.idle_timeout is not None:
+            object.__setattr__(
+                self, "idle_timeout", check_seconds("idle_timeout", self.idle_timeout)
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerOptions(ConnectionLimits):
+    """Settings of a server, shared by all transports: who it is, how it checks
+    HELLOs, its size limits, and (inherited) :class:`ConnectionLimits`.
+
+    :param cluster: cluster name; HELLOs naming another cluster are refused.
+    :param node_id: this node's id, sent in HELLO answers.
+    :param auth: shared secret; when set, client HELLOs must carry it in ``auth``.
+    :param peer_auth: checks the proofs of HELLOs that name a node id (see
+        :mod:`hypercache.net.auth`); by default an open cluster's (loopback peers).
+    :param limits: size limits (frames received above ``max_frame`` close the connection).
+    :param busy_poll: seconds the loop stays awake after a connection writes (see
+        :mod:`hypercache.net.busypoll`); 0 = off. Over kernel sockets only.
+    """
+
+    cluster: str
+    node_id: str | None = None
+    auth: str | None = None
+    peer_auth: PeerAuthenticator = field(default_factory=lambda: PeerAuthenticator(None))
+    limits: Limits = field(default_factory=Limits)
     busy_poll: float = 0.0
 
     def __post_init__(self) -> None:
@@ -304,24 +333,7 @@ class ServerOptions:
             check_window(self.busy_poll)
         except ValueError as exc:
             raise ConfigError("busy_poll", str(exc)) from None
-        for name in (
-            "max_inflight",
-            "max_connections",
-            "max_connections_per_source",
-            "max_pending_handshakes",
-            "max_output_buffer",
-            "backlog",
-        ):
-            value = getattr(self, name)
-            if type(value) is not int or value <= 0:
-                raise ConfigError(name, f"must be a positive integer, got {value!r}")
-        for name in ("handshake_timeout", "frame_timeout", "close_grace"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not value > 0:
-                raise ConfigError(name, f"must be a positive number, got {value!r}")
-        idle = self.idle_timeout
-        if idle is not None and (not isinstance(idle, int | float) or not idle > 0):
-            raise ConfigError("idle_timeout", f"must be a positive number or None, got {idle!r}")
+        ConnectionLimits.__post_init__(self)
 
 
 class Connection(Protocol):
