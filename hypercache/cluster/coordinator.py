@@ -186,9 +186,9 @@ def newest(entries: list[Entry | None]) -> Entry | None:
     return best
 
 
-def _get_answer(entry: Entry | None) -> list[Any]:
+def _get_answer(entry: Entry | None, now_ms: int) -> list[Any]:
     """The ``GET`` answer for the newest entry found."""
-    if entry_is_live(entry, wall_ms()):
+    if entry_is_live(entry, now_ms):
         assert entry is not None
         return [True, entry[0]]
     return [False, None]
@@ -284,6 +284,7 @@ class Coordinator:
     :param membership: peers and their liveness.
     :param owners: ``key -> [node_id, ...]`` from the current ring.
     :param metrics: counters and latency histograms.
+    :param wall_ms: the wall clock (ms) that expiries are computed and checked at.
     """
 
     def __init__(
@@ -297,6 +298,7 @@ class Coordinator:
         owners: Callable[[bytes], list[str]],
         metrics: NodeMetrics,
         limits: Limits,
+        wall_ms: Callable[[], int] = wall_ms,
     ) -> None:
         self.node_id = node_id
         self.config = config
@@ -307,6 +309,8 @@ class Coordinator:
         self.metrics = metrics
         self.stats: DistStats = metrics.stats
         self.limits = limits
+        #: the node's wall clock (ms) of expiries (tests move it instead of sleeping)
+        self.wall_ms = wall_ms
         self.timeout = config.request_timeout
         self._tag = clock.tag
         self._background: set[asyncio.Task[Any]] = set()
@@ -324,7 +328,7 @@ class Coordinator:
 
     def replica_get(self, key: bytes) -> Entry | None:
         """This node's entry for ``key`` (tombstones included), or ``None``."""
-        got = self.store.get(key, wall_ms())
+        got = self.store.get(key, self.wall_ms())
         if got is None:
             return None
         value, ts, origin, expire_at, tombstone = got
@@ -353,7 +357,7 @@ class Coordinator:
         except ClockSkewError:
             self.stats.versions_refused[path] += 1
             raise
-        applied = self.store.apply(key, value, ts, origin, expire_at, tombstone, wall_ms())
+        applied = self.store.apply(key, value, ts, origin, expire_at, tombstone, self.wall_ms())
         if not applied:
             self.stats.version_conflicts += 1
         return applied
@@ -414,7 +418,7 @@ class Coordinator:
         checked = [self._check_r_put(e) for e in entries]
         stats = self.stats
         stats.replica_puts += len(checked)
-        now = wall_ms()
+        now = self.wall_ms()
         applied = 0
         store = self.store
         admits = self.clock.admits
@@ -623,7 +627,7 @@ class Coordinator:
                 stats.read_acks += 1
                 entry = self.replica_get(key)
                 self._latency["get"](time.perf_counter() - start)
-                later.resolve(_get_answer(entry))
+                later.resolve(_get_answer(entry, self.wall_ms()))
                 return later
             rnd = _Round(n, level.required(n))
             if level is not _ONE:
@@ -655,7 +659,7 @@ class Coordinator:
             self._settle_failed("get", later, start, exc)
             return
         self._latency["get"](time.perf_counter() - start)
-        later.resolve(_get_answer(best))
+        later.resolve(_get_answer(best, self.wall_ms()))
 
     def _answer_entry(self, owner: str, raw: Any) -> Entry | None:
         """The entry an owner answered (the local one as is), checked like a write:
@@ -747,7 +751,7 @@ class Coordinator:
             if ttl_ms is not None and (type(ttl_ms) is not int or ttl_ms <= 0 or ttl_ms > 2**62):
                 raise ConfigError("ttl_ms", f"must be a positive integer or nil, got {ttl_ms!r}")
             level = self._level(consistency, self.config.write_consistency)
-            expire_at = 0 if ttl_ms is None else wall_ms() + ttl_ms
+            expire_at = 0 if ttl_ms is None else self.wall_ms() + ttl_ms
             owners = self.owners(key)
             n = len(owners)
             ts = self.clock.now()
@@ -834,7 +838,7 @@ class Coordinator:
             if error is not None:
                 raise error
             self.stats.write_acks += rnd.acks
-            now = wall_ms()
+            now = self.wall_ms()
             best = newest([self._answer_entry(owner, raw) for owner, raw in rnd.results.items()])
             if best is not None:
                 # Past every version received, as on every other path: a retried

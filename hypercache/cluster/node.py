@@ -108,9 +108,7 @@ class Node:
             max_items=config.max_items,
             tombstone_ttl_ms=int(config.tombstone_ttl * 1000),
         )
-        #: wall-clock ms the expiry loop sweeps at (tests move it forward instead of
-        #: sleeping through a TTL)
-        self.wall_ms: Callable[[], int] = wall_clock_ms
+        self._wall_ms: Callable[[], int] = wall_clock_ms
         #: makes and checks the proofs of the cluster secret in peer handshakes
         self.peer_auth = PeerAuthenticator(config.cluster_secret)
         #: peer operations refused to client connections
@@ -232,6 +230,7 @@ class Node:
             owners=self._owners,
             metrics=self.metrics,
             limits=self.limits,
+            wall_ms=self._wall_ms,
         )
         coordinator = self.coordinator
         membership = self.membership
@@ -328,6 +327,19 @@ class Node:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+    @property
+    def wall_ms(self) -> Callable[[], int]:
+        """The node's wall clock (ms) of expiries: the expiry loop sweeps at it and the
+        coordinator sets and checks TTLs at it. Tests set it to move time forward
+        instead of sleeping through a TTL."""
+        return self._wall_ms
+
+    @wall_ms.setter
+    def wall_ms(self, clock: Callable[[], int]) -> None:
+        self._wall_ms = clock
+        if self.coordinator is not None:
+            self.coordinator.wall_ms = clock
 
     @property
     def server(self) -> Server:
