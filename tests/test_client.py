@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 from aio_helpers import until
-from cluster_harness import Cluster, running_cluster
+from cluster_harness import running_cluster
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,6 +40,7 @@ from hypercache.client import (
 )
 from hypercache.client._common import parse_seeds, probe_delays, ttl_to_ms, wire_consistency
 from hypercache.client.topology import Router
+from hypercache.cluster.local import ProcessCluster
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
@@ -1450,7 +1451,7 @@ def test_real_nodes_sync_and_async(tmp_path: Path) -> None:
         _real_nodes_checks(real)
 
 
-def _real_nodes_checks(real: Cluster) -> None:
+def _real_nodes_checks(real: ProcessCluster) -> None:
     seeds = real.addresses
     keys = [f"real-{i}" for i in range(100)]
     with Client(seeds, consistency="quorum") as client:
@@ -1495,7 +1496,7 @@ def _real_nodes_checks(real: Cluster) -> None:
     arun(after_kill())
 
 
-def _real_stale_replica_repaired(real: Cluster) -> None:
+def _real_stale_replica_repaired(real: ProcessCluster) -> None:
     """A replica given an older version (R_PUT) is repaired by a client QUORUM read."""
     seeds = real.addresses
     serializer = MsgpackSerializer()

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from cluster_harness import running_cluster, wait_for
+from cluster_harness import running_cluster
 
 from hypercache import Client
+from hypercache.cluster.local import wait_for
 from hypercache.errors import HyperCacheError
 from hypercache.net.protocol import Op
 

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_harness import NODE_COMMAND, Cluster, NodeProcess, running_cluster, wait_for
+from cluster_harness import running_cluster
 
 from hypercache._core.hlc import wall_clock_ms
+from hypercache.cluster.local import NODE_COMMAND, NodeProcess, ProcessCluster, wait_for
 from hypercache.errors import (
     ClockSkewError,
     HandshakeError,
@@ -39,14 +40,14 @@ YEAR_MS = 366 * 86_400_000
 pytestmark = pytest.mark.functional
 
 
-def owners(cluster: Cluster, key: bytes) -> list[NodeProcess]:
+def owners(cluster: ProcessCluster, key: bytes) -> list[NodeProcess]:
     """The owners of ``key`` according to node 0's ring, primary first."""
     by_id = {node.node_id: node for node in cluster.nodes}
     answer = cluster[0].http_json(f"/dist/owners?key_hex={key.hex()}")
     return [by_id[o["node_id"]] for o in answer["owners"]]
 
 
-def key_with_primary(cluster: Cluster, node: NodeProcess, prefix: str) -> bytes:
+def key_with_primary(cluster: ProcessCluster, node: NodeProcess, prefix: str) -> bytes:
     for i in range(10_000):
         key = f"{prefix}-{i}".encode()
         if owners(cluster, key)[0] is node:
@@ -94,7 +95,7 @@ def clock(node: NodeProcess) -> dict[str, int]:
 
 
 def writes_succeed(
-    cluster: Cluster, level: str, n: int, prefix: str, via: tuple[int, ...] = (0, 1, 2)
+    cluster: ProcessCluster, level: str, n: int, prefix: str, via: tuple[int, ...] = (0, 1, 2)
 ) -> int:
     """How many of ``n`` writes at ``level``, coordinated by the nodes ``via`` in
     turn, succeed."""
