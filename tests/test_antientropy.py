@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aio_helpers import run, until
+from aio_helpers import run
 
 from hypercache._core.hlc import wall_clock_ms
 from hypercache.cluster import antientropy
 from hypercache.cluster.config import DistConfig
+from hypercache.cluster.local import until
 from hypercache.cluster.node import Node
 from hypercache.errors import PermissionDeniedError, ProtocolError
 from hypercache.net.inproc import InprocNetwork

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from aio_helpers import until
+from aio_helpers import run
 from cluster_harness import running_cluster
 from hypothesis import given
 from hypothesis import strategies as st
@@ -40,7 +40,7 @@ from hypercache.client import (
 )
 from hypercache.client._common import parse_seeds, probe_delays, ttl_to_ms, wire_consistency
 from hypercache.client.topology import Router
-from hypercache.cluster.local import ProcessCluster
+from hypercache.cluster.local import ProcessCluster, until, wait_for
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
@@ -219,19 +219,7 @@ def cluster(
 
 
 def arun(coro: Coroutine[Any, Any, T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(DEADLINE):
-            return await coro
-
-    return asyncio.run(bounded())
-
-
-def wait_for(cond: Callable[[], bool], deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
+    return run(coro, DEADLINE)
 
 
 KEYS = [f"key-{i}" for i in range(40)]

@@ -11,13 +11,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aio_helpers import run, until
+from aio_helpers import run
 
 from hypercache.cli.client import EXIT_USAGE
 from hypercache.cli.client import main as cli_main
 from hypercache.client import AsyncClient
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.coordinator import wall_ms
+from hypercache.cluster.local import until
 from hypercache.cluster.node import Node
 from hypercache.errors import ProtocolError
 from hypercache.net.inproc import InprocNetwork

@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aio_helpers import run, until
+from aio_helpers import run
 
 from hypercache._core.hlc import wall_clock_ms
 from hypercache.cluster import coordinator as coordinator_module
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.coordinator import entry_is_live, newest
+from hypercache.cluster.local import until
 from hypercache.cluster.node import Node
 from hypercache.errors import (
     ClockSkewError,
