@@ -67,3 +67,9 @@ def key_owned_by(node: Node, owners: list[str], prefix: bytes = b"k") -> bytes:
         if node.ring.owners(key) == owners:
             return key
     raise AssertionError(f"no key owned by {owners}")
+
+
+def local(node: Node, key: bytes) -> Any:
+    """``node``'s own entry for ``key`` (tombstones included), or ``None``."""
+    assert node.coordinator is not None
+    return node.coordinator.replica_get(key)

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 from aio_helpers import run
-from cluster_harness import running_cluster
+from cluster_harness import FAST, running_cluster
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,7 +40,9 @@ from hypercache.client import (
 )
 from hypercache.client._common import parse_seeds, probe_delays, ttl_to_ms, wire_consistency
 from hypercache.client.topology import Router
+from hypercache.cluster.config import DistConfig
 from hypercache.cluster.local import ProcessCluster, until, wait_for
+from hypercache.cluster.node import Node
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
@@ -747,6 +749,25 @@ def test_async_get_many_pipelined(servers: ServerThread) -> None:
     assert all(nd.max_inflight > 1 for nd in nodes)
 
 
+def test_get_many_keys_the_result_by_every_key_passed() -> None:
+    """docs/client.md: get_many returns "{key: value} of the hits, keyed by the keys
+    you passed", and ``"k"`` and ``b"k"`` are the same entry. Passing both, the
+    result has only the last of them: the wire-key -> original-key map keeps one."""
+
+    async def main() -> None:
+        node = Node(DistConfig(node_id="solo", bind="127.0.0.1:0", **FAST))
+        await node.start()
+        try:
+            async with AsyncClient(node.address) as client:
+                await client.set("k", 1)
+                got = await client.get_many(["k", b"k"])
+                assert got == {"k": 1, b"k": 1}
+        finally:
+            await node.stop()
+
+    run(main())
+
+
 # ============================================================================ CLI
 
 
@@ -823,6 +844,13 @@ def test_cli_errors(servers: ServerThread, capsys: pytest.CaptureFixture[str]) -
     assert "quorum not reached (1 of 2 acks)" in capsys.readouterr().err
     assert main(["--help"]) == EXIT_OK
     assert "usage" in capsys.readouterr().out
+
+
+def test_cli_key_not_encodable_is_a_usage_error_not_a_traceback() -> None:
+    """``hypercache get $'\\xff'`` (argv decoded with surrogateescape) raises
+    UnicodeEncodeError out of main(): a traceback and exit status 1, which the
+    docs reserve for "get found no value". Expected: exit 2 (usage error)."""
+    assert main(["get", "\udcff", "--seeds", "127.0.0.1:1"], env={}) == EXIT_USAGE
 
 
 # ============================================================================ owner reads
