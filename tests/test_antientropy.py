@@ -71,8 +71,18 @@ def converged(nodes: list[Node]) -> bool:
     return all(digests(n) == first for n in nodes[1:])
 
 
-def put(node: Node, key: bytes, value: bytes, ts: int, *, tomb: bool = False, exp: int = 0) -> bool:
-    return node.store.apply(key, value, ts, 1, exp, tomb, wall_clock_ms())
+def put(
+    node: Node,
+    key: bytes,
+    value: bytes,
+    ts: int,
+    *,
+    tomb: bool = False,
+    exp: int = 0,
+    at: int | None = None,
+) -> bool:
+    """Apply a version straight to ``node``'s store, as written ``at`` (wall ms; now)."""
+    return node.store.apply(key, value, ts, 1, exp, tomb, wall_clock_ms() if at is None else at)
 
 
 def now_ts(offset_ms: int = 0) -> int:
@@ -161,10 +171,11 @@ def test_expired_entries_are_never_brought_back() -> None:
     async def main() -> None:
         async with cluster() as nodes:
             a, b, c = nodes
-            exp = wall_clock_ms() + 100
-            put(a, b"brief", b"x", now_ts(), exp=exp)
+            # "brief" was written 150 ms ago with a TTL of 100 ms (applied at its
+            # time of writing): it has expired, and nothing has swept it yet.
+            exp = wall_clock_ms() - 50
+            put(a, b"brief", b"x", now_ts(-150), exp=exp, at=exp - 100)
             put(a, b"long", b"y", now_ts(), exp=exp + 600_000)
-            await asyncio.sleep(0.15)
             # a still holds "brief" (not swept), b and c never had it.
             assert b"brief" in a.store
             await full_round(nodes)

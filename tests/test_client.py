@@ -895,7 +895,7 @@ def read(
                 )
             except Exception as exc:
                 out = exc
-            await asyncio.sleep(0.05)  # let the background repairs go out
+            await until(lambda: not client._background, what="the background repairs out")
             return out, client.stats.as_dict()
 
     return arun(go())
@@ -948,7 +948,7 @@ def test_async_owner_read_cancelled_asks_no_replacement(servers: ServerThread) -
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.1):
                     await client.get("k")
-            await asyncio.sleep(0.5)  # a's error has come back meanwhile
+            await until(lambda: client._conns[a.address].pending == 0, what="a's error back")
             assert r_gets(a) == r_gets(b) == [b"k"]
             assert r_gets(c) == []  # nobody asked in a's place for a read given up
             assert client.stats.failovers == 0
@@ -977,7 +977,7 @@ def test_owner_read_repairs_in_flight_are_capped(servers: ServerThread, kind: st
             async with AsyncClient(seeds, consistency="all") as client:
                 client.max_pending_repairs = 1
                 assert await client.get("k") == "new"
-                await asyncio.sleep(0.5)  # the push that went out lands
+                await until(lambda: not client._background, what="the push that went out")
                 return client.stats.as_dict()
 
         stats = arun(go())
@@ -1092,7 +1092,7 @@ def test_async_owner_read_fails_over_on_open_connections(servers: ServerThread) 
             # a stale owner answering over an open connection is repaired
             b.entries[b"k"] = entry("new", 200)
             assert await client.get("k") == "new"
-            await asyncio.sleep(0.05)
+            await until(lambda: not client._background, what="the repair push done")
             assert a.r_puts[-1] == [b"k", *entry("new", 200)]
 
     arun(go())

@@ -2,7 +2,8 @@
 
 Every test runs its nodes in one event loop on its own :class:`InprocNetwork`
 (:class:`~hypercache.cluster.local.InprocCluster`) and stops them on the way out;
-waits poll a condition against a deadline.
+waits poll a condition against a deadline, and TTLs pass by moving the nodes' wall
+clock (``Node.wall_ms``), not by sleeping.
 """
 
 from __future__ import annotations
@@ -143,7 +144,9 @@ def test_ttl_travels_as_absolute_expiry() -> None:
             (expire_at,) = expiries
             assert before + 60_000 <= expire_at <= wall_clock_ms() + 60_000
             await c.request(Op.SET, [b"t2", b"x", 50, "all"], 2)
-            await asyncio.sleep(0.1)
+            # Past t2's TTL: every node's wall clock is moved on, not slept through.
+            for n in nodes:
+                n.wall_ms = lambda: wall_clock_ms() + 100
             assert await c.request(Op.GET, [b"t2", "all"], 2) == [False, None]
 
     run(main())
@@ -285,7 +288,7 @@ def test_one_read_does_not_repair() -> None:
             _, ts, origin, _, _ = local(nodes[0], key)
             nodes[1].store.apply(key, b"v2", ts + 1, origin, 0, False, wall_clock_ms())
             assert await coordinator.get(key, "one") == [True, b"v"]  # local, stale
-            await asyncio.sleep(0.1)
+            await until(lambda: coordinator.background == 0, what="the read's work done")
             assert nodes[0].metrics.stats.read_repairs == 0
             assert await coordinator.get(key, "all") == [True, b"v2"]
 
@@ -414,15 +417,24 @@ def test_membership_converges_whatever_the_join_order() -> None:
     run(main())
 
 
-def test_seed_down_at_start_is_retried() -> None:
+def test_seed_down_at_start_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
         net = InprocNetwork()
+        attempts: list[str] = []  # connections tried to the seed
+        connect = net.connect
+
+        async def counted(to: str, *args: Any, **kwargs: Any) -> ClientConnection:
+            if to == address(0):
+                attempts.append(to)
+            return await connect(to, *args, **kwargs)
+
+        monkeypatch.setattr(net, "connect", counted)
         late_seed = make_node(net, 0, ())
         joiner = make_node(net, 1, (address(0),))
         try:
             await joiner.start()
             assert joiner.membership is not None
-            await asyncio.sleep(0.2)  # a few failed attempts
+            await until(lambda: len(attempts) >= 3, what="a few failed attempts")
             assert joiner.membership.seeds_pending == [address(0)]
             await late_seed.start()
             m = joiner.membership

@@ -90,6 +90,7 @@ def test_kill_and_restart_under_quorum_writers_loses_nothing(tmp_path: Path) -> 
         for thread in threads:
             thread.start()
         try:
+            # The scenario: 2 s of writes, 3 s with node 3 dead, 2 s after its restart.
             time.sleep(2)
             cluster.kill(2)
             time.sleep(3)

@@ -94,6 +94,20 @@ def clock(node: NodeProcess) -> dict[str, int]:
     return got
 
 
+def ae_rounds(cluster: ProcessCluster) -> list[int]:
+    return [node.http_json("/dist/antientropy")["rounds"] for node in cluster]
+
+
+def wait_ae_rounds(cluster: ProcessCluster, rounds: int) -> None:
+    """Wait until every node has run ``rounds`` more anti-entropy rounds."""
+    before = ae_rounds(cluster)
+    wait_for(
+        lambda: all(n >= b + rounds for n, b in zip(ae_rounds(cluster), before, strict=True)),
+        timeout=20,
+        what=f"{rounds} anti-entropy rounds on every node",
+    )
+
+
 def writes_succeed(
     cluster: ProcessCluster, level: str, n: int, prefix: str, via: tuple[int, ...] = (0, 1, 2)
 ) -> int:
@@ -113,7 +127,7 @@ def test_a_forged_version_at_the_end_of_the_clock_stops_nothing(tmp_path: Path) 
             cluster.request(1, Op.R_PUT, [b"poison", b"x", 2**63 - 3, 7, 0, False])
         # Several anti-entropy rounds later, every node still takes writes, and no
         # node's clock has moved towards the forged version.
-        time.sleep(3)
+        wait_ae_rounds(cluster, 2)
         assert writes_succeed(cluster, "quorum", 60, "after-poison") == 60
         for node in cluster.nodes:
             assert abs(clock(node)["drift_ms"]) < 10_000
@@ -128,7 +142,7 @@ def test_a_version_a_year_ahead_loses_to_a_later_acknowledged_write(tmp_path: Pa
         with pytest.raises(ClockSkewError):
             cluster.request(2, Op.R_PUT, [key, b"from-the-future", ahead, 7, 0, False])
         assert cluster.request(0, Op.SET, [key, b"acked", None, "quorum"]) is True
-        time.sleep(3)  # anti-entropy rounds
+        wait_ae_rounds(cluster, 2)
         for node in cluster.nodes:
             assert (cluster.request(node.index, Op.R_GET, [key]) or [None])[0] == b"acked"
             assert abs(clock(node)["drift_ms"]) < 10_000
