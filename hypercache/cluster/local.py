@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -115,12 +115,12 @@ def wait_for(
 
 
 async def until(
-    condition: Callable[[], T | Awaitable[T]],
+    condition: Callable[[], object],
     *,
     timeout: float = 10.0,
     interval: float = 0.01,
     what: str = "",
-) -> T:
+) -> None:
     """:func:`wait_for` in the running event loop: the pauses let the loop run.
 
     ``condition`` may be a plain function or return an awaitable (a coroutine
@@ -139,7 +139,7 @@ async def until(
             last = exc
         else:
             if value:
-                return value
+                return
         left = deadline - loop.time()
         if left <= 0:
             raise _timed_out(what, condition, timeout) from last
@@ -265,9 +265,13 @@ class NodeProcess:
         return False
 
     def wait_ready(
-        self, timeout: float = 30.0, *, check: Callable[[], object] | None = None
+        self,
+        timeout: float = 30.0,
+        *,
+        interval: float = 0.05,
+        check: Callable[[], object] | None = None,
     ) -> None:
-        """Wait for the ready line.
+        """Wait for the ready line (polled at most ``interval`` seconds apart).
 
         :param check: called before each poll; what it raises ends the wait.
         :raises NodeExitedError: the process exited first.
@@ -280,7 +284,12 @@ class NodeProcess:
             return not self.running or self.ready()
 
         try:
-            wait_for(ready_or_exited, timeout=timeout, what=f"{self.node_id}'s ready line")
+            wait_for(
+                ready_or_exited,
+                timeout=timeout,
+                interval=interval,
+                what=f"{self.node_id}'s ready line",
+            )
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}{self._tail_note()}") from exc.__cause__
         self.ready()  # raises NodeExitedError when the process exited first
@@ -440,8 +449,8 @@ class ProcessCluster:
                 return False
         return True
 
-    def wait_healthy(self, *, up: int | None = None) -> None:
-        """Wait until :meth:`healthy`.
+    def wait_healthy(self, *, up: int | None = None, interval: float = 0.1) -> None:
+        """Wait until :meth:`healthy` (polled at most ``interval`` seconds apart).
 
         :raises TimeoutError: not within the cluster's timeout (with the log tails).
         """
@@ -452,7 +461,9 @@ class ProcessCluster:
             return self.healthy(up)
 
         try:
-            wait_for(healthy, timeout=self.timeout, interval=0.1, what=f"{want} healthy members")
+            wait_for(
+                healthy, timeout=self.timeout, interval=interval, what=f"{want} healthy members"
+            )
         except TimeoutError as exc:
             tails = self.log_tails()
             raise TimeoutError(f"{exc}\n{tails}" if tails else str(exc)) from exc
