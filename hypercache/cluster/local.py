@@ -78,9 +78,59 @@ _FIRST_PAUSE: Final = 0.001
 # ----------------------------------------------------------------------------- polls
 
 
-def _timed_out(what: str, condition: object, timeout: float) -> TimeoutError:
-    name = what or getattr(condition, "__qualname__", repr(condition))
-    return TimeoutError(f"timed out after {timeout:g}s waiting for {name}")
+class _Poll:
+    """The attempts, pauses and end of one wait (what :func:`wait_for` and
+    :func:`until` share). ``clock`` gives monotonic seconds."""
+
+    def __init__(
+        self,
+        condition: Callable[[], Any],
+        timeout: float,
+        interval: float,
+        what: str,
+        clock: Callable[[], float],
+    ) -> None:
+        self.condition = condition
+        self.timeout = timeout
+        self.interval = interval
+        self.what = what or getattr(condition, "__qualname__", repr(condition))
+        self.clock = clock
+        self.end = clock() + timeout
+        self.pause = _FIRST_PAUSE
+        self.last: Exception | None = None
+
+    def attempt(self) -> Any:
+        """The condition's value; ``None`` when it raised an :class:`Exception`."""
+        try:
+            return self.condition()
+        except Exception as exc:
+            self.last = exc
+            return None
+
+    async def attempt_async(self) -> Any:
+        """:meth:`attempt`, awaiting the value when it is awaitable."""
+        value = self.attempt()
+        if inspect.isawaitable(value):
+            try:
+                return await value
+            except Exception as exc:
+                self.last = exc
+                return None
+        return value
+
+    def next_pause(self) -> float:
+        """Seconds to wait before the next attempt.
+
+        :raises TimeoutError: the deadline has passed (from the last exception).
+        """
+        left = self.end - self.clock()
+        if left <= 0:
+            raise TimeoutError(
+                f"timed out after {self.timeout:g}s waiting for {self.what}"
+            ) from self.last
+        pause = min(self.pause, left)
+        self.pause = min(self.pause * 2, self.interval)
+        return pause
 
 
 def wait_for(
@@ -96,22 +146,11 @@ def wait_for(
     :raises TimeoutError: ``condition`` did not hold within ``timeout`` seconds; the
         last exception it raised, if any, is the error's ``__cause__``.
     """
-    deadline = time.monotonic() + timeout
-    pause = _FIRST_PAUSE
-    last: Exception | None = None
-    while True:
-        try:
-            value = condition()
-        except Exception as exc:
-            last = exc
-        else:
-            if value:
-                return value
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _timed_out(what, condition, timeout) from last
-        time.sleep(min(pause, left))
-        pause = min(pause * 2, interval)
+    poll = _Poll(condition, timeout, interval, what, time.monotonic)
+    while not (value := poll.attempt()):
+        time.sleep(poll.next_pause())
+    result: T = value
+    return result
 
 
 async def until(
@@ -126,25 +165,9 @@ async def until(
     ``condition`` may be a plain function or return an awaitable (a coroutine
     function): its result is awaited.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    pause = _FIRST_PAUSE
-    last: Exception | None = None
-    while True:
-        try:
-            value = condition()
-            if inspect.isawaitable(value):
-                value = await value
-        except Exception as exc:
-            last = exc
-        else:
-            if value:
-                return
-        left = deadline - loop.time()
-        if left <= 0:
-            raise _timed_out(what, condition, timeout) from last
-        await asyncio.sleep(min(pause, left))
-        pause = min(pause * 2, interval)
+    poll = _Poll(condition, timeout, interval, what, asyncio.get_running_loop().time)
+    while not await poll.attempt_async():
+        await asyncio.sleep(poll.next_pause())
 
 
 # ------------------------------------------------------------------------- processes
@@ -385,11 +408,7 @@ class ProcessCluster:
         return iter(self.nodes)
 
     def __enter__(self) -> ProcessCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
+        self.start()
         return self
 
     def __exit__(
@@ -422,16 +441,21 @@ class ProcessCluster:
         node.wait_ready(self.timeout, check=self._check)
 
     def start(self) -> None:
-        """Start node 1, then the others seeded with it; wait for a healthy cluster."""
+        """Start node 1, then the others seeded with it; wait for a healthy cluster.
+        On any failure (or interruption), stop what was started, then raise."""
         bind = f"{self.host}:0"
         first = self.nodes[0]
-        first.start(bind=bind, http=bind, seeds=())
-        self._wait_ready(first)
-        for node in self.nodes[1:]:
-            node.start(bind=bind, http=bind, seeds=[first.data])
-        for node in self.nodes[1:]:
-            self._wait_ready(node)
-        self.wait_healthy()
+        try:
+            first.start(bind=bind, http=bind, seeds=())
+            self._wait_ready(first)
+            for node in self.nodes[1:]:
+                node.start(bind=bind, http=bind, seeds=[first.data])
+            for node in self.nodes[1:]:
+                self._wait_ready(node)
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
 
     def healthy(self, up: int | None = None) -> bool:
         """Whether every running node answers ``/health`` with status ``ok``, every
@@ -562,21 +586,8 @@ class InprocCluster:
         self.timeout = timeout
         self.nodes: list[Node] = []
 
-    def __getitem__(self, index: int) -> Node:
-        return self.nodes[index]
-
-    def __len__(self) -> int:
-        return len(self.nodes)
-
-    def __iter__(self) -> Iterator[Node]:
-        return iter(self.nodes)
-
     async def __aenter__(self) -> InprocCluster:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
+        await self.start()
         return self
 
     async def __aexit__(
@@ -603,12 +614,18 @@ class InprocCluster:
         )
 
     async def start(self) -> None:
-        for index in range(self.size):
-            seeds = (self.nodes[0].address,) if self.nodes else ()
-            node = Node(self.config(index, seeds), transport=self.net)
-            self.nodes.append(node)
-            await node.start()
-        await until(self.formed, timeout=self.timeout, what=f"{self.size} members up")
+        """Start node 1, then the others seeded with it; wait until :meth:`formed`.
+        On any failure, stop what was started, then raise."""
+        try:
+            for index in range(self.size):
+                seeds = (self.nodes[0].address,) if self.nodes else ()
+                node = Node(self.config(index, seeds), transport=self.net)
+                self.nodes.append(node)
+                await node.start()
+            await until(self.formed, timeout=self.timeout, what=f"{self.size} members up")
+        except BaseException:
+            await self.stop()
+            raise
 
     def formed(self) -> bool:
         """Whether every node lists every member and sees it up."""
