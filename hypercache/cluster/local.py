@@ -48,9 +48,7 @@ from typing import Any, Final, TypeVar
 from hypercache.cli.node import READY_PREFIX
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.node import Node
-from hypercache.net.blocking import BlockingConnection
-from hypercache.net.inproc import InprocNetwork
-from hypercache.net.protocol import Op, make_hello
+from hypercache.net import BlockingConnection, InprocNetwork, Op, make_hello
 
 __all__ = [
     "NODE_COMMAND",
