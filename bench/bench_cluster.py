@@ -56,7 +56,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
@@ -66,11 +65,9 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,8 +75,13 @@ from types import FrameType
 from typing import Any, Final
 
 from hypercache.client import AsyncClient, Client, RawSerializer
-from hypercache.cluster.config import DistConfig
-from hypercache.cluster.node import Node
+from hypercache.cluster.local import (
+    InprocCluster,
+    ProcessCluster,
+    file_tail,
+    stop_process,
+    wait_for,
+)
 from hypercache.net.connection import ClientConnection
 from hypercache.net.inproc import InprocNetwork
 
@@ -102,8 +104,6 @@ SYSTEMS: Final = {
 #: systems that only run with one client (a blocking client has one request in flight).
 SEQUENTIAL_ONLY: Final = frozenset({"tcp-sync"})
 
-NODE_COMMAND: Final = (sys.executable, "-m", "hypercache.cli.node")
-READY_PREFIX: Final = "hypercache-node ready:"
 #: Deadlines of the set-up waits, and the per-request timeout of every client.
 START_TIMEOUT: Final = 30.0
 REQUEST_TIMEOUT: Final = 5.0
@@ -397,75 +397,6 @@ class _Stopper:
 # -- processes -----------------------------------------------------------------------------
 
 
-def _stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, wait :data:`STOP_GRACE`, then SIGKILL; always reaped."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=STOP_GRACE)
-
-
-def _wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``condition`` until truthy; exceptions count as "not yet"."""
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-        except Exception as exc:
-            last = exc
-        else:
-            if value:
-                return value
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}") from last
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-@dataclass
-class _NodeProc:
-    name: str
-    proc: subprocess.Popen[bytes]
-    out: Path
-    log: Path
-    data: str = ""
-    http: str = ""
-
-    def ready(self) -> bool:
-        for line in self.out.read_text(errors="replace").splitlines():
-            if line.startswith(READY_PREFIX):
-                fields = dict(part.split("=", 1) for part in line.split()[2:])
-                self.data, self.http = fields["data"], fields["http"]
-                return True
-        if self.proc.poll() is not None:
-            raise RuntimeError(
-                f"{self.name} exited with {self.proc.returncode} before it was ready:\n"
-                + _tail(self.log)
-            )
-        return False
-
-    def health(self) -> dict[str, Any]:
-        return self._get("/health")
-
-    def stats(self) -> dict[str, Any]:
-        return self._get("/stats")
-
-    def _get(self, path: str) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://{self.http}{path}", timeout=1.0) as resp:
-            body: dict[str, Any] = json.loads(resp.read())
-            return body
-
-
 @contextlib.contextmanager
 def tcp_cluster(
     workdir: Path,
@@ -473,78 +404,25 @@ def tcp_cluster(
     pids: list[int] | None = None,
     extra_args: Sequence[str] = (),
 ) -> Iterator[list[str]]:
-    """Start ``size`` ``hypercache-node`` processes on 127.0.0.1; yield their data
-    addresses once every node sees every member up. Always stops them all.
+    """Start ``size`` ``hypercache-node`` processes on 127.0.0.1
+    (:class:`~hypercache.cluster.local.ProcessCluster`); yield their data addresses
+    once every node sees every member up. Always stops them all.
 
     :param pids: the pid of each process started is appended to it.
     :param extra_args: more flags for every node.
     """
-    procs: list[_NodeProc] = []
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("HYPERCACHE_")}
-
-    def spawn(index: int, seeds: list[str]) -> _NodeProc:
-        name = f"node-{index + 1}"
-        argv = [
-            *NODE_COMMAND,
-            "--node-id",
-            name,
-            "--bind",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--replication",
-            str(REPLICATION),
-            "--log-level",
-            "warning",
-            *extra_args,
-        ]
-        if seeds:
-            argv += ["--seeds", ",".join(seeds)]
-        out, log = workdir / f"{name}.out", workdir / f"{name}.log"
-        with open(out, "wb") as out_file, open(log, "wb") as log_file:
-            proc = subprocess.Popen(
-                argv, stdout=out_file, stderr=log_file, stdin=subprocess.DEVNULL, env=env
-            )
-        node = _NodeProc(name, proc, out, log)
-        procs.append(node)
+    args = ("--replication", str(REPLICATION), "--log-level", "warning", *extra_args)
+    with ProcessCluster(size, workdir, args, timeout=START_TIMEOUT) as cluster:
         if pids is not None:
-            pids.append(proc.pid)
-        return node
-
-    try:
-        first = spawn(0, [])
-        _wait_for(first.ready, START_TIMEOUT, f"{first.name} to be ready")
-        for i in range(1, size):
-            spawn(i, [first.data])
-        for node in procs[1:]:
-            _wait_for(node.ready, START_TIMEOUT, f"{node.name} to be ready")
-
-        def converged() -> bool:
-            for node in procs:
-                health = node.health()
-                if health["members"] != size or health["members_up"] != size:
-                    return False
-            return True
-
-        try:
-            _wait_for(converged, START_TIMEOUT, f"{size} nodes to see each other up")
-        except RuntimeError as exc:
-            tails = "\n".join(f"-- {n.name}:\n{_tail(n.log)}" for n in procs)
-            raise RuntimeError(f"{exc}\n{tails}") from exc
+            pids.extend(cluster.pids)
         if "--cpu-latency-limit" in extra_args:
-            for node in procs:
-                held = node.stats().get("cpu_latency_limit") or {}
+            for node in cluster:
+                held = node.http_json("/stats", timeout=1.0).get("cpu_latency_limit") or {}
                 if not held.get("held"):
                     raise CpuLatencyUnavailable(
-                        f"{node.name} does not hold its CPU latency limit: {held.get('error')}"
+                        f"{node.node_id} does not hold its CPU latency limit: {held.get('error')}"
                     )
-        yield [node.data for node in procs]
-    finally:
-        for node in procs:
-            if node.proc.poll() is None:
-                node.proc.send_signal(signal.SIGTERM)
-        for node in procs:
-            _stop_process(node.proc)
+        yield cluster.addresses
 
 
 def _free_port() -> int:
@@ -585,10 +463,10 @@ def _redis_answers(proc: subprocess.Popen[bytes], port: int) -> bool:
 
     conn = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0)
     try:
-        up = _wait_for(
+        up = wait_for(
             lambda: "exited" if proc.poll() is not None else conn.ping(),
-            START_TIMEOUT,
-            "redis-server to answer PING",
+            timeout=START_TIMEOUT,
+            what="redis-server to answer PING",
         )
     finally:
         conn.close()
@@ -634,8 +512,8 @@ def redis_server(workdir: Path, pids: list[int] | None = None) -> Iterator[tuple
                 yield "127.0.0.1", port
                 return
         finally:
-            _stop_process(proc)
-    raise RuntimeError(f"redis-server did not start:\n{_tail(log)}")
+            stop_process(proc, STOP_GRACE)
+    raise RuntimeError(f"redis-server did not start:\n{file_tail(log, 20)}")
 
 
 # -- the systems ---------------------------------------------------------------------------
@@ -680,41 +558,20 @@ class InprocAsyncClient(AsyncClient):
 @contextlib.asynccontextmanager
 async def inproc_cluster(size: int = NODES) -> AsyncIterator[AsyncClient]:
     """``size`` Nodes on one in-process network in this loop, and a client of them."""
-    net = InprocNetwork()
-    nodes: list[Node] = []
-    client: AsyncClient | None = None
-    try:
-        for i in range(size):
-            config = DistConfig(
-                node_id=f"node-{i + 1}",
-                bind=f"10.0.0.{i + 1}:7400",
-                http=None,
-                seeds=(nodes[0].address,) if nodes else (),
-                replication=REPLICATION,
-                log_level="warning",
-            )
-            node = Node(config, transport=net)
-            nodes.append(node)
-            await node.start()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + START_TIMEOUT
-        while not all(
-            len(n.members()) == size
-            and n.membership is not None
-            and n.membership.up_count() == size
-            for n in nodes
-        ):
-            if loop.time() > deadline:
-                raise RuntimeError(f"in-process nodes did not see {size} members up")
-            await asyncio.sleep(0.01)
-        client = InprocAsyncClient([n.address for n in nodes], network=net, **_client_args())
-        await client.connect()
-        yield client
-    finally:
-        if client is not None:
+    settings = {"replication": REPLICATION, "log_level": "warning"}
+    async with InprocCluster(
+        size,
+        settings=settings,
+        address="10.0.0.{n}:7400",
+        node_id="node-{n}",
+        timeout=START_TIMEOUT,
+    ) as cluster:
+        client = InprocAsyncClient(cluster.addresses, network=cluster.net, **_client_args())
+        try:
+            await client.connect()
+            yield client
+        finally:
             await client.close()
-        for node in reversed(nodes):
-            await node.stop()
 
 
 @dataclass

@@ -38,26 +38,20 @@ Run with ``python -m bench.convergence_report``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
-import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from hypercache._core.hlc import wall_clock_ms
 from hypercache.cluster.config import DistConfig
+from hypercache.cluster.local import ProcessCluster, until, wait_for
 from hypercache.cluster.node import Node
-from hypercache.net.blocking import BlockingConnection
-from hypercache.net.protocol import Op, make_hello
+from hypercache.net.protocol import Op
 
 __all__ = [
     "AEResult",
@@ -66,8 +60,6 @@ __all__ = [
     "hint_replay",
 ]
 
-NODE_COMMAND: Final = (sys.executable, "-m", "hypercache.cli.node")
-READY_PREFIX: Final = "hypercache-node ready:"
 #: Seconds between two polls of a condition.
 POLL: Final = 0.02
 START_TIMEOUT: Final = 30.0
@@ -82,75 +74,7 @@ HINT_FLAGS: Final = (
 _OP_NAMES: Final = {int(op): op.name for op in (Op.MERKLE, Op.KEYS, Op.PULL, Op.R_PUT_MANY)}
 
 
-def _wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-        except Exception as exc:  # not ready yet
-            last = exc
-        else:
-            if value:
-                return value
-        time.sleep(POLL)
-    raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}") from last
-
-
 # -- hinted handoff ---------------------------------------------------------------------
-
-
-@dataclass
-class _Proc:
-    name: str
-    workdir: Path
-    data: str = ""
-    http: str = ""
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, bind: str, http: str, seeds: list[str]) -> None:
-        argv = [*NODE_COMMAND, "--node-id", self.name, "--bind", bind, "--http", http]
-        argv += [*HINT_FLAGS]
-        if seeds:
-            argv += ["--seeds", ",".join(seeds)]
-        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("HYPERCACHE_")}
-        with (
-            open(self.workdir / f"{self.name}.out", "wb") as out,
-            open(self.workdir / f"{self.name}.log", "ab") as log,
-        ):
-            self.proc = subprocess.Popen(
-                argv, stdout=out, stderr=log, stdin=subprocess.DEVNULL, env=env
-            )
-
-    def ready(self) -> bool:
-        text = (self.workdir / f"{self.name}.out").read_text(errors="replace")
-        for line in text.splitlines():
-            if line.startswith(READY_PREFIX):
-                fields = dict(part.split("=", 1) for part in line.split()[2:])
-                self.data, self.http = fields["data"], fields["http"]
-                return True
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
-        return False
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://{self.http}{path}", timeout=2.0) as resp:
-            return json.loads(resp.read())
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @dataclass
@@ -177,51 +101,18 @@ class HintResult:
         return self.hints_queued / self.seconds_spawn
 
 
-@contextlib.contextmanager
-def _three_nodes(workdir: Path) -> Iterator[list[_Proc]]:
-    procs = [_Proc(f"node-{i + 1}", workdir) for i in range(3)]
-    try:
-        procs[0].start("127.0.0.1:0", "127.0.0.1:0", [])
-        _wait_for(procs[0].ready, START_TIMEOUT, "node-1 ready")
-        for p in procs[1:]:
-            p.start("127.0.0.1:0", "127.0.0.1:0", [procs[0].data])
-        for p in procs[1:]:
-            _wait_for(p.ready, START_TIMEOUT, f"{p.name} ready")
-        _wait_up(procs, 3)
-        yield procs
-    finally:
-        for p in procs:
-            p.stop()
-
-
-def _wait_up(procs: list[_Proc], up: int) -> None:
-    def healthy() -> bool:
-        for p in procs:
-            if p.running:
-                health = p.get("/health")
-                if health["members"] != 3 or health["members_up"] != up:
-                    return False
-        return True
-
-    _wait_for(healthy, START_TIMEOUT, f"{up} members up")
-
-
 def hint_replay(keys: int, value_size: int = 100, *, progress: Callable[[str], None]) -> HintResult:
     """Time the replay of ``keys`` hints to a restarted node (see the module docstring)."""
     with (
         tempfile.TemporaryDirectory(prefix="hc-bench-hints-") as tmp,
-        _three_nodes(Path(tmp)) as procs,
+        ProcessCluster(3, Path(tmp), HINT_FLAGS, timeout=START_TIMEOUT) as cluster,
     ):
-        dead = procs[2]
-        bind, http = dead.data, dead.http
-        dead.stop(signal.SIGKILL)
-        _wait_up(procs, 2)
+        live, dead = cluster.nodes[:2], cluster[2]
+        cluster.kill(2)  # SIGKILL; returns once the other two see it down
         value = os.urandom(value_size)
         progress(f"hints: writing {keys:,} keys at QUORUM with node-3 down")
         start = time.perf_counter()
-        conns = [
-            BlockingConnection(p.data, make_hello("hypercache"), timeout=30) for p in procs[:2]
-        ]
+        conns = [node.connect(timeout=30) for node in live]
         try:
             for lo in range(0, keys, 2000):
                 chunk = [f"hint:{i:08d}".encode() for i in range(lo, min(lo + 2000, keys))]
@@ -233,29 +124,28 @@ def hint_replay(keys: int, value_size: int = 100, *, progress: Callable[[str], N
             for conn in conns:
                 conn.close()
         write_seconds = time.perf_counter() - start
-        queued = sum(p.get("/dist/hints")["queued"] for p in procs[:2])
+        queued = sum(node.http_json("/dist/hints")["queued"] for node in live)
         if queued != keys:
             raise RuntimeError(f"{queued} hints queued for {keys} writes")
         progress(f"hints: {queued:,} queued; restarting node-3")
-        dead.data = dead.http = ""
         t_spawn = time.perf_counter()
-        dead.start(bind, http, [p.data for p in procs[:2]])
-        _wait_for(dead.ready, START_TIMEOUT, "node-3 ready")
+        cluster.respawn(2)  # empty, with its id and addresses
+        dead.wait_ready(START_TIMEOUT, interval=POLL)
         t_ready = time.perf_counter()
-        _wait_up(procs, 3)
+        cluster.wait_healthy(interval=POLL)
         t_healthy = time.perf_counter()
 
         def drained() -> bool:
             # Nothing waiting, and every hint acknowledged by node-3 (a batch in
             # flight is no longer queued but not delivered yet).
-            states = [p.get("/dist/hints") for p in procs]
+            states = [node.http_json("/dist/hints") for node in cluster]
             return (
                 all(s["queued"] == 0 for s in states) and sum(s["replayed"] for s in states) >= keys
             )
 
-        _wait_for(drained, 300, "every hint replayed")
+        wait_for(drained, timeout=300, interval=POLL, what="every hint replayed")
         t_done = time.perf_counter()
-        held = int(dead.get("/stats")["keys"])
+        held = int(dead.http_json("/stats")["keys"])
         if held != keys:
             raise RuntimeError(f"the restarted node holds {held} keys, not {keys}")
         return HintResult(
@@ -384,12 +274,12 @@ async def _anti_entropy(
         gc.collect()
         gc.freeze()  # millions of live objects: keep the collector from walking them
         await b.start()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + START_TIMEOUT
-        while not (len(a.members()) == len(b.members()) == 2 and _peers_up(a) and _peers_up(b)):
-            if loop.time() > deadline:
-                raise RuntimeError("the two nodes did not see each other")
-            await asyncio.sleep(POLL)
+        await until(
+            lambda: len(a.members()) == len(b.members()) == 2 and _peers_up(a) and _peers_up(b),
+            timeout=START_TIMEOUT,
+            interval=POLL,
+            what="the two nodes to see each other",
+        )
         assert a.antientropy is not None and b.antientropy is not None
         loops = (a.antientropy, b.antientropy)
         interval = a.config.anti_entropy_interval
@@ -411,11 +301,12 @@ async def _anti_entropy(
         start = time.perf_counter()
         for ae in loops:
             ae.wake(now=True)
-        deadline = loop.time() + 600
-        while _digests(a) != _digests(b):
-            if loop.time() > deadline:
-                raise RuntimeError("anti-entropy did not converge in 600 s")
-            await asyncio.sleep(POLL)
+        await until(
+            lambda: _digests(a) == _digests(b),
+            timeout=600,
+            interval=POLL,
+            what="anti-entropy to converge",
+        )
         converge_seconds = time.perf_counter() - start
         # Let the rounds in flight finish (they find nothing more), then count.
         for ae in loops:

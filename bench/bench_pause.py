@@ -58,6 +58,7 @@ from bench.bench_cluster import (
     tcp_cluster,
 )
 from hypercache.client import AsyncClient, RawSerializer
+from hypercache.cluster.local import until
 from hypercache.errors import HyperCacheError
 
 CONSISTENCY: Final = "quorum"
@@ -197,18 +198,13 @@ class _Load:
 async def _healthy(client: AsyncClient, seeds: list[str]) -> None:
     """Wait until every node answers a PING and the client sets none aside (read from
     its router: no public API says so)."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT
-    while True:
-        try:
-            for address in seeds:
-                await client.ping(address)
-            if not client._router.down:
-                return
-        except HyperCacheError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the cluster was not healthy within {SETTLE_TIMEOUT:g}s")
-        await asyncio.sleep(0.1)
+
+    async def answered() -> bool:
+        for address in seeds:
+            await client.ping(address)
+        return not client._router.down
+
+    await until(answered, timeout=SETTLE_TIMEOUT, interval=0.1, what="the cluster healthy")
 
 
 async def _one_run(

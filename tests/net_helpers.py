@@ -1,6 +1,6 @@
-"""What the transport tests share: a server and a connection as context managers,
-and waits that poll with a deadline (``wait_until`` is ``aio_helpers.until``).
-Their fixtures (``run``, ``transport``) live in ``conftest.py``."""
+"""What the transport tests share: a server and a connection as context managers.
+Their fixtures (``run``, ``transport``) live in ``conftest.py``; their waits poll with
+:func:`hypercache.cluster.local.until`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 import uvloop
-from aio_helpers import until
 
 from hypercache.net import (
     ClientConnection,
@@ -32,7 +31,6 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "uvloop": uvloop.new_event_loop,
 }
 CLUSTER = "test-cluster"
-wait_until = until
 HELLO_FRAME = encode_request(1, Op.HELLO, make_hello(CLUSTER))
 
 

@@ -12,25 +12,21 @@ import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
+import cluster_harness
 import pytest
-from aio_helpers import run, until
+from aio_helpers import run
+from cluster_harness import SMALL_FRAMES, key_owned_by, local
 
 from hypercache._core.hlc import wall_clock_ms
 from hypercache.cluster import antientropy, merkle, replica
-from hypercache.cluster.config import DistConfig
+from hypercache.cluster.local import InprocCluster, until
 from hypercache.cluster.node import Node
 from hypercache.errors import PermissionDeniedError, ProtocolError
-from hypercache.net.inproc import InprocNetwork
 from hypercache.net.protocol import Limits, Op, make_hello
 
 FAST: dict[str, Any] = {
-    "http": None,
-    "heartbeat_interval": 0.05,
-    "failure_timeout": 0.3,
-    "seed_retry_interval": 0.05,
+    **cluster_harness.FAST,
     "request_timeout": 2.0,
-    "connect_timeout": 0.5,
-    "partitions": 256,
     # The loop stays out of the way: tests run rounds by hand.
     "anti_entropy_interval": 600.0,
     "anti_entropy_max_interval": 600.0,
@@ -39,33 +35,17 @@ FAST: dict[str, Any] = {
 }
 
 
-def address(i: int) -> str:
-    return f"127.0.11.{i + 1}:7400"
-
-
 @contextlib.asynccontextmanager
 async def cluster(
     size: int = 3, per_node: dict[int, dict[str, Any]] | None = None, **overrides: Any
 ) -> AsyncIterator[list[Node]]:
-    net = InprocNetwork()
-    nodes = []
-    for i in range(size):
-        settings = {**FAST, **overrides, **(per_node or {}).get(i, {})}
-        config = DistConfig(node_id=f"n{i + 1}", bind=address(i), seeds=(address(0),), **settings)
-        nodes.append(Node(config, transport=net))
-    try:
-        for node in nodes:
-            await node.start()
-        await until(lambda: all(len(n.members()) == size for n in nodes), what="membership")
+    settings = {**FAST, **overrides}
+    async with InprocCluster(
+        size, settings=settings, per_node=per_node, address="127.0.11.{n}:7400"
+    ) as c:
         # Connect every pair once so that rounds do not race the connections.
-        for node in nodes:
-            assert node.membership is not None
-            for peer in node.membership.peers.values():
-                await peer.request(Op.PING, None, 2)
-        yield nodes
-    finally:
-        for node in nodes:
-            await node.stop()
+        await c.connect_peers()
+        yield c.nodes
 
 
 def ae(node: Node) -> antientropy.AntiEntropy:
@@ -91,8 +71,18 @@ def converged(nodes: list[Node]) -> bool:
     return all(digests(n) == first for n in nodes[1:])
 
 
-def put(node: Node, key: bytes, value: bytes, ts: int, *, tomb: bool = False, exp: int = 0) -> bool:
-    return node.store.apply(key, value, ts, 1, exp, tomb, wall_clock_ms())
+def put(
+    node: Node,
+    key: bytes,
+    value: bytes,
+    ts: int,
+    *,
+    tomb: bool = False,
+    exp: int = 0,
+    at: int | None = None,
+) -> bool:
+    """Apply a version straight to ``node``'s store, as written ``at`` (wall ms; now)."""
+    return node.store.apply(key, value, ts, 1, exp, tomb, wall_clock_ms() if at is None else at)
 
 
 def now_ts(offset_ms: int = 0) -> int:
@@ -176,10 +166,11 @@ def test_expired_entries_are_never_brought_back() -> None:
     async def main() -> None:
         async with cluster() as nodes:
             a, b, c = nodes
-            exp = wall_clock_ms() + 100
-            put(a, b"brief", b"x", now_ts(), exp=exp)
+            # "brief" was written 150 ms ago with a TTL of 100 ms (applied at its
+            # time of writing): it has expired, and nothing has swept it yet.
+            exp = wall_clock_ms() - 50
+            put(a, b"brief", b"x", now_ts(-150), exp=exp, at=exp - 100)
             put(a, b"long", b"y", now_ts(), exp=exp + 600_000)
-            await asyncio.sleep(0.15)
             # a still holds "brief" (not swept), b and c never had it.
             assert b"brief" in a.store
             await full_round(nodes)
@@ -300,6 +291,28 @@ def test_work_per_round_is_bounded_and_continues() -> None:
                 await ae(b).run_round()
             assert rounds > 3 and any(truncated)
             assert len(b.store) == 500
+
+    run(main())
+
+
+def test_antientropy_push_respects_max_frame() -> None:
+    """Anti-entropy pushes (R_PUT_MANY mode 1) are cut at BATCH_BYTES (4 MiB)
+    whatever ``max_frame`` is; PULL answers honour ``max_frame // 2`` but pushes do
+    not. With a smaller (valid) ``max_frame`` the push fails to encode, the sync
+    with that peer errors out every round and the peer never gets the entries."""
+
+    async def main() -> None:
+        async with cluster(2, replication=2, **SMALL_FRAMES) as nodes:
+            n1, n2 = nodes
+            assert n1.coordinator is not None and n1.antientropy is not None
+            # Entries only n1 holds, in partitions n1 leads with n2 (one per key).
+            keys = [key_owned_by(n1, ["n1", "n2"], b"ae%d-" % i) for i in range(3)]
+            for key in keys:
+                n1.replica.put(key, b"v" * 8000, n1.clock.now(), n1.clock.tag, 0, False)
+            for _ in range(3):
+                await n1.antientropy.run_round()
+            assert n1.antientropy.stats.errors == 0
+            assert all(local(n2, k) is not None for k in keys)
 
     run(main())
 

@@ -13,7 +13,6 @@ import random
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 import uvloop
 
 from hypercache._core.hlc import wall_clock_ms
+from hypercache.cluster.local import wait_for
 from hypercache.errors import (
     ConfigError,
     FrameTooLargeError,
@@ -160,14 +160,6 @@ def connection(address: str, timeout: float = 5.0, **hello: Any) -> Iterator[Blo
         conn.close()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.001)
-
-
 # ============================================================================ requests
 
 
@@ -288,7 +280,7 @@ def test_timeout_keeps_connection_usable(server: ServerThread) -> None:
         assert conn.stats.timeouts == 1
         assert conn.request(Op.PING, None) == "pong"
         server.call(server.handler.gate.set)  # the late answer is skipped
-        wait_until(lambda: conn.request(Op.PING, None) == "pong" and conn.stats.late_responses > 0)
+        wait_for(lambda: conn.request(Op.PING, None) == "pong" and conn.stats.late_responses > 0)
         assert conn.stats.late_responses == 1
 
 
@@ -304,7 +296,7 @@ def test_pipeline_partial_timeout(server: ServerThread) -> None:
 def test_server_close_fails_pending_request(server: ServerThread) -> None:
     with connection(server.address) as conn, concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(conn.pipeline, [(Op.PING, None), (BLOCK, None)], 10)
-        wait_until(lambda: server.handler.entered == 1)
+        wait_for(lambda: server.handler.entered == 1)
         server.close_server()
         result = pending.result(10)
         assert result[0] == "pong"
@@ -433,7 +425,7 @@ def test_pipeline_all_sends_every_group_before_waiting(
     a, b = two_servers
 
     def release_when_both_entered() -> None:
-        wait_until(lambda: a.handler.entered == 1 and b.handler.entered == 1)
+        wait_for(lambda: a.handler.entered == 1 and b.handler.entered == 1)
         a.call(a.handler.gate.set)
         b.call(b.handler.gate.set)
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aio_helpers import run, until
+from aio_helpers import run
 from cluster_harness import running_cluster
 from net_helpers import CLUSTER, Runner, connected, serving
 
 from hypercache.cluster.config import DistConfig
+from hypercache.cluster.local import until
 from hypercache.cluster.node import Node
 from hypercache.errors import ConfigError
 from hypercache.net import TCP, InprocNetwork, Op, PeerInfo, ServerOptions, Transport, busypoll

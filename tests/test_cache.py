@@ -685,6 +685,42 @@ def test_expired_entries_hidden_at_clock_zero() -> None:
     assert c.items() == []
 
 
+def test_ttl_reads_the_entry_it_looked_up() -> None:
+    # ttl() finds the slot, then calls the (Python) timer, then reads
+    # expiry[slot] without re-checking ``mutations``: whatever ran meanwhile
+    # (another thread, here the timer itself) can put another key's TTL there.
+    calls = [0]
+    trip = [-1]
+    cache: HyperCache[str, int]
+
+    def timer() -> float:
+        calls[0] += 1
+        if calls[0] == trip[0]:
+            cache.delete("a")
+            cache.set("b", 1, ttl=500)  # reuses a's slot
+        return 0.0
+
+    cache = HyperCache(timer=timer)
+    cache.set("a", 1, ttl=5)
+    trip[0] = calls[0] + 2  # 1: _live's clock read, 2: ttl()'s own
+    try:
+        left = cache.ttl("a")
+    except KeyError:
+        return
+    assert left is not None and left <= 5, f"ttl('a') returned b's TTL: {left}"
+
+
+def test_ttl_is_kept_when_the_expiry_lands_on_zero() -> None:
+    # expiry 0 means "no TTL": a write at clock -1.0 with ttl=1 computes an
+    # absolute expiry of exactly 0 and the entry silently never expires.
+    now = [-1.0]
+    c: HyperCache[str, int] = HyperCache(timer=lambda: now[0])
+    c.set("a", 1, ttl=1)
+    assert c.ttl("a") is not None
+    now[0] = 100.0
+    assert "a" not in c
+
+
 # --------------------------------------------------------------------------- bytes
 
 
@@ -778,6 +814,52 @@ def test_eviction_by_bytes_lru_order() -> None:
     assert survivors(c, list("acd")) == {"c", "d"}
     assert c.stats().bytes == 10
     assert c.stats().evictions == 2
+
+
+@pytest.mark.parametrize("value", [int, dict, HyperCache, type("Local", (), {})])
+def test_default_sizeof_accepts_classes_as_values(value: type) -> None:
+    # shallow_size calls value.__sizeof__(), which for a class is the unbound
+    # method of its instances: TypeError "unbound method ... needs an argument".
+    # sys.getsizeof (type(value).__sizeof__(value)) works for any object.
+    c: HyperCache[str, Any] = HyperCache()
+    c["k"] = value
+    assert c["k"] is value
+    sizeof: Any = type(value).__sizeof__  # mypy sees object's, which takes no argument
+    assert c.stats().bytes == sizeof(value)
+
+
+def test_default_sizeof_follows_a_patched_dunder_sizeof() -> None:
+    # The one-type cache (_plain_type) is never invalidated: once a class was
+    # seen with object.__sizeof__, a later __sizeof__ is ignored, so a value
+    # sys.getsizeof calls 1 MB slips under a 1000-byte budget.
+    class Blob:
+        pass
+
+    c: HyperCache[str, Any] = HyperCache(max_bytes=1000)
+    c["a"] = Blob()
+    Blob.__sizeof__ = lambda self: 10**6  # type: ignore[method-assign]
+    assert sys.getsizeof(Blob()) > 1000
+    with pytest.raises(ValueError):
+        c["b"] = Blob()
+
+
+def test_user_sizeof_returning_a_float_is_rejected() -> None:
+    # _measure converts with <uint64_t>n, which truncates floats (0.5 -> 0), so
+    # a byte budget is bypassed; the __sizeof__ path raises TypeError for the
+    # same value.
+    c: HyperCache[int, int] = HyperCache(max_bytes=1, sizeof=lambda v: 0.5)  # type: ignore[arg-type,return-value]
+    with pytest.raises(TypeError):
+        c[1] = 1
+
+
+def test_byte_bound_holds_with_huge_sizes() -> None:
+    # _over_after computes nbytes + size in uint64: 2**63 + 2**63 wraps to 0,
+    # so the second entry is admitted without evicting the first.
+    c: HyperCache[str, int] = HyperCache(max_bytes=2**64 - 1, sizeof=lambda v: 2**63)
+    c["a"] = 1
+    c["b"] = 2
+    assert len(c) == 1, f"both held, stats().bytes wrapped to {c.stats().bytes}"
+    assert "b" in c
 
 
 # --------------------------------------------------------------------------- keys

@@ -6,6 +6,7 @@ Coordination is by Barrier and Event only; nothing sleeps to wait.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import random
@@ -332,6 +333,57 @@ def test_get_or_set_after_flight_uses_stored_value() -> None:
         assert not errors
         assert results == [r] * 8
     assert counts == {r: 1 for r in range(30)}
+
+
+# --------------------------------------------------------------------------- re-entered flights
+
+# A call that re-enters its own flight must finish (or fail clearly), never hang.
+# Each runs in a daemon thread given a short join: a hang fails the test without
+# hanging the suite.
+
+HANG = 1.5  # seconds a call may take before we call it a deadlock
+
+
+def _runs_to_completion(fn: Any) -> tuple[bool, list[Any]]:
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # reported to the test
+            out.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(HANG)
+    return not t.is_alive(), out
+
+
+def test_get_or_set_factory_reentering_same_key_does_not_deadlock() -> None:
+    # The leader waits on its own flight: threading.Event.wait() forever.
+    # Expected: a clear error (or the nested call computing), never a hang.
+    c: HyperCache[str, int] = HyperCache(16)
+
+    def factory() -> int:
+        return c.get_or_set("k", lambda: 1) + 1
+
+    finished, _ = _runs_to_completion(lambda: c.get_or_set("k", factory))
+    assert finished, "get_or_set deadlocked on a re-entrant call for its own key"
+
+
+def test_async_memoize_reentering_same_args_does_not_deadlock() -> None:
+    c: HyperCache[Any, Any] = HyperCache(16)
+    depth = [0]
+
+    @c.memoize()
+    async def f(x: int) -> int:
+        depth[0] += 1
+        if depth[0] == 1:
+            return await f(x) + 1
+        return x
+
+    finished, _ = _runs_to_completion(lambda: asyncio.run(asyncio.wait_for(f(1), 30)))
+    assert finished, "async memoize awaited its own future"
 
 
 # --------------------------------------------------------------------------- hand-off points

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from aio_helpers import until
-from cluster_harness import Cluster, running_cluster
+from aio_helpers import run
+from cluster_harness import FAST, running_cluster
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,6 +40,9 @@ from hypercache.client import (
 )
 from hypercache.client._common import parse_seeds, probe_delays, ttl_to_ms, wire_consistency
 from hypercache.client.topology import Router
+from hypercache.cluster.config import DistConfig
+from hypercache.cluster.local import ProcessCluster, until, wait_for
+from hypercache.cluster.node import Node
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
@@ -218,19 +221,7 @@ def cluster(
 
 
 def arun(coro: Coroutine[Any, Any, T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(DEADLINE):
-            return await coro
-
-    return asyncio.run(bounded())
-
-
-def wait_for(cond: Callable[[], bool], deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
+    return run(coro, DEADLINE)
 
 
 KEYS = [f"key-{i}" for i in range(40)]
@@ -758,6 +749,25 @@ def test_async_get_many_pipelined(servers: ServerThread) -> None:
     assert all(nd.max_inflight > 1 for nd in nodes)
 
 
+def test_get_many_keys_the_result_by_every_key_passed() -> None:
+    """docs/client.md: get_many returns "{key: value} of the hits, keyed by the keys
+    you passed", and ``"k"`` and ``b"k"`` are the same entry. Passing both, the
+    result has only the last of them: the wire-key -> original-key map keeps one."""
+
+    async def main() -> None:
+        node = Node(DistConfig(node_id="solo", bind="127.0.0.1:0", **FAST))
+        await node.start()
+        try:
+            async with AsyncClient(node.address) as client:
+                await client.set("k", 1)
+                got = await client.get_many(["k", b"k"])
+                assert got == {"k": 1, b"k": 1}
+        finally:
+            await node.stop()
+
+    run(main())
+
+
 # ============================================================================ CLI
 
 
@@ -836,6 +846,13 @@ def test_cli_errors(servers: ServerThread, capsys: pytest.CaptureFixture[str]) -
     assert "usage" in capsys.readouterr().out
 
 
+def test_cli_key_not_encodable_is_a_usage_error_not_a_traceback() -> None:
+    """``hypercache get $'\\xff'`` (argv decoded with surrogateescape) raises
+    UnicodeEncodeError out of main(): a traceback and exit status 1, which the
+    docs reserve for "get found no value". Expected: exit 2 (usage error)."""
+    assert main(["get", "\udcff", "--seeds", "127.0.0.1:1"], env={}) == EXIT_USAGE
+
+
 # ============================================================================ owner reads
 
 # Client-coordinated reads: with a table and a known level, get/get_many send R_GET
@@ -878,7 +895,7 @@ def read(
                 )
             except Exception as exc:
                 out = exc
-            await asyncio.sleep(0.05)  # let the background repairs go out
+            await until(lambda: not client._background, what="the background repairs out")
             return out, client.stats.as_dict()
 
     return arun(go())
@@ -931,7 +948,7 @@ def test_async_owner_read_cancelled_asks_no_replacement(servers: ServerThread) -
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.1):
                     await client.get("k")
-            await asyncio.sleep(0.5)  # a's error has come back meanwhile
+            await until(lambda: client._conns[a.address].pending == 0, what="a's error back")
             assert r_gets(a) == r_gets(b) == [b"k"]
             assert r_gets(c) == []  # nobody asked in a's place for a read given up
             assert client.stats.failovers == 0
@@ -960,7 +977,7 @@ def test_owner_read_repairs_in_flight_are_capped(servers: ServerThread, kind: st
             async with AsyncClient(seeds, consistency="all") as client:
                 client.max_pending_repairs = 1
                 assert await client.get("k") == "new"
-                await asyncio.sleep(0.5)  # the push that went out lands
+                await until(lambda: not client._background, what="the push that went out")
                 return client.stats.as_dict()
 
         stats = arun(go())
@@ -1075,7 +1092,7 @@ def test_async_owner_read_fails_over_on_open_connections(servers: ServerThread) 
             # a stale owner answering over an open connection is repaired
             b.entries[b"k"] = entry("new", 200)
             assert await client.get("k") == "new"
-            await asyncio.sleep(0.05)
+            await until(lambda: not client._background, what="the repair push done")
             assert a.r_puts[-1] == [b"k", *entry("new", 200)]
 
     arun(go())
@@ -1450,7 +1467,7 @@ def test_real_nodes_sync_and_async(tmp_path: Path) -> None:
         _real_nodes_checks(real)
 
 
-def _real_nodes_checks(real: Cluster) -> None:
+def _real_nodes_checks(real: ProcessCluster) -> None:
     seeds = real.addresses
     keys = [f"real-{i}" for i in range(100)]
     with Client(seeds, consistency="quorum") as client:
@@ -1495,7 +1512,7 @@ def _real_nodes_checks(real: Cluster) -> None:
     arun(after_kill())
 
 
-def _real_stale_replica_repaired(real: Cluster) -> None:
+def _real_stale_replica_repaired(real: ProcessCluster) -> None:
     """A replica given an older version (R_PUT) is repaired by a client QUORUM read."""
     seeds = real.addresses
     serializer = MsgpackSerializer()

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_harness import Cluster, running_cluster, wait_for
+from cluster_harness import running_cluster
 
 from hypercache.client import AsyncClient, Client
+from hypercache.cluster.local import ProcessCluster, wait_for
 from hypercache.errors import HyperCacheError, RequestTimeoutError
 
 pytestmark = pytest.mark.functional
@@ -188,13 +189,13 @@ class AsyncLoad(Load):
             record(Outcome(op, start, clock(), error))
 
 
-def replica_gets(cluster: Cluster, index: int) -> int:
+def replica_gets(cluster: ProcessCluster, index: int) -> int:
     """``R_GET`` requests node ``index`` has served (only clients send them here)."""
     served: int = cluster[index].http_json("/stats")["dist"]["replica_gets"]
     return served
 
 
-def _pause_and_resume(cluster: Cluster, load: Load) -> dict[str, Any]:
+def _pause_and_resume(cluster: ProcessCluster, load: Load) -> dict[str, Any]:
     """Run ``load``, SIGSTOP node :data:`PAUSED` for :data:`PAUSE` seconds, SIGCONT it,
     wait until the client sends to it again; the figures the assertions need."""
     address = cluster.addresses[PAUSED]

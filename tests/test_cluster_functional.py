@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_harness import NODE_COMMAND, Cluster, NodeProcess, running_cluster, wait_for
+from cluster_harness import FAST_FLAGS, running_cluster
 
+from hypercache.cluster.local import NODE_COMMAND, NodeProcess, ProcessCluster, wait_for
 from hypercache.errors import QuorumError
 from hypercache.net.protocol import Op
 
@@ -23,23 +24,23 @@ pytestmark = pytest.mark.functional
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessCluster]:
     with running_cluster(3, tmp_path_factory.mktemp("cluster")) as c:
         yield c
 
 
-def owners(cluster: Cluster, key: bytes) -> list[NodeProcess]:
+def owners(cluster: ProcessCluster, key: bytes) -> list[NodeProcess]:
     """The owners of ``key`` according to node 0's ring, as processes."""
     by_id = {node.node_id: node for node in cluster.nodes}
     answer = cluster[0].http_json(f"/dist/owners?key_hex={key.hex()}")
     return [by_id[o["node_id"]] for o in answer["owners"]]
 
 
-def r_get(cluster: Cluster, node: NodeProcess, key: bytes) -> Any:
+def r_get(cluster: ProcessCluster, node: NodeProcess, key: bytes) -> Any:
     return cluster.request(node.index, Op.R_GET, [key])
 
 
-def test_quorum_write_through_one_node_is_read_through_another(cluster: Cluster) -> None:
+def test_quorum_write_through_one_node_is_read_through_another(cluster: ProcessCluster) -> None:
     assert cluster.request(0, Op.SET, [b"greeting", b"hello", None, "quorum"]) is True
     assert cluster.request(1, Op.GET, [b"greeting", "quorum"]) == [True, b"hello"]
     assert cluster.request(2, Op.GET, [b"greeting", None]) == [True, b"hello"]
@@ -57,7 +58,7 @@ def test_quorum_write_through_one_node_is_read_through_another(cluster: Cluster)
     )
 
 
-def test_topology_and_ping(cluster: Cluster) -> None:
+def test_topology_and_ping(cluster: ProcessCluster) -> None:
     assert cluster.request(0, Op.PING, None) == "pong"
     topo = cluster.request(1, Op.TOPOLOGY, None)
     assert topo["nodes"] == sorted([n.node_id, n.data] for n in cluster.nodes)
@@ -66,7 +67,7 @@ def test_topology_and_ping(cluster: Cluster) -> None:
     assert all(sorted(row) == [0, 1, 2] for row in topo["table"])
 
 
-def test_management_http(cluster: Cluster) -> None:
+def test_management_http(cluster: ProcessCluster) -> None:
     node = cluster[0]
     cluster.request(0, Op.SET, [b"http-key", b"v", None, "all"])
     health = node.http_json("/health")
@@ -115,7 +116,7 @@ def test_management_http(cluster: Cluster) -> None:
     assert dist["write_acks"] > 0 and "set" in dist["latency"]
 
 
-def test_stale_replica_is_repaired_by_a_quorum_read(cluster: Cluster) -> None:
+def test_stale_replica_is_repaired_by_a_quorum_read(cluster: ProcessCluster) -> None:
     key = b"repair-me"
     cluster.request(0, Op.SET, [key, b"old", None, "all"])
     a, b, stale = owners(cluster, key)
@@ -138,7 +139,7 @@ def test_stale_replica_is_repaired_by_a_quorum_read(cluster: Cluster) -> None:
     assert cluster[0].http_json("/dist/metrics")["read_repairs"] > before
 
 
-def test_concurrent_writers_leave_one_value_on_all_owners(cluster: Cluster) -> None:
+def test_concurrent_writers_leave_one_value_on_all_owners(cluster: ProcessCluster) -> None:
     key = b"contended"
     errors: list[BaseException] = []
 
@@ -168,7 +169,7 @@ def test_concurrent_writers_leave_one_value_on_all_owners(cluster: Cluster) -> N
         assert cluster.request(i, Op.GET, [key, "all"]) == [True, value]
 
 
-def test_sigkill_one_node_quorum_survives_all_fails(cluster: Cluster) -> None:
+def test_sigkill_one_node_quorum_survives_all_fails(cluster: ProcessCluster) -> None:
     keys = [f"k{i:03d}".encode() for i in range(200)]
     answers = cluster.conn(0).pipeline([(Op.SET, [k, b"v-" + k, None, "quorum"]) for k in keys], 30)
     assert answers == [True] * len(keys)
@@ -201,7 +202,7 @@ def test_sigkill_one_node_quorum_survives_all_fails(cluster: Cluster) -> None:
 
 
 def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
-    node = NodeProcess(0, "lonely", tmp_path, ())
+    node = NodeProcess(0, "lonely", tmp_path, FAST_FLAGS)
     node.start(bind="127.0.0.1:0", http="127.0.0.1:0", seeds=())
     try:
         node.wait_ready()

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_harness import Cluster, running_cluster, wait_for
+from cluster_harness import running_cluster
 
+from hypercache.cluster.local import ProcessCluster, wait_for
 from hypercache.net.protocol import Op
 
 pytestmark = pytest.mark.functional
@@ -28,29 +29,29 @@ HINTS_ONLY = (
 )  # fmt: skip
 
 
-def hints(cluster: Cluster, i: int) -> Any:
+def hints(cluster: ProcessCluster, i: int) -> Any:
     return cluster[i].http_json("/dist/hints")
 
 
-def keys_of(cluster: Cluster, i: int) -> int:
+def keys_of(cluster: ProcessCluster, i: int) -> int:
     keys: int = cluster[i].http_json("/stats")["keys"]
     return keys
 
 
-def ae_stats(cluster: Cluster, i: int) -> Any:
+def ae_stats(cluster: ProcessCluster, i: int) -> Any:
     return cluster[i].http_json("/dist/antientropy")
 
 
-def digests(cluster: Cluster, i: int) -> Any:
+def digests(cluster: ProcessCluster, i: int) -> Any:
     return cluster[i].http_json("/internal/merkle")["digests"]
 
 
-def all_digests_equal(cluster: Cluster) -> bool:
+def all_digests_equal(cluster: ProcessCluster) -> bool:
     first = digests(cluster, 0)
     return all(digests(cluster, i) == first for i in range(1, len(cluster)))
 
 
-def set_many(cluster: Cluster, i: int, keys: list[bytes], value: bytes = b"v") -> None:
+def set_many(cluster: ProcessCluster, i: int, keys: list[bytes], value: bytes = b"v") -> None:
     conn = cluster.conn(i)
     for start in range(0, len(keys), 2000):
         chunk = keys[start : start + 2000]
@@ -58,7 +59,7 @@ def set_many(cluster: Cluster, i: int, keys: list[bytes], value: bytes = b"v") -
         assert answers == [True] * len(chunk)
 
 
-def pause(cluster: Cluster, i: int) -> None:
+def pause(cluster: ProcessCluster, i: int) -> None:
     """SIGSTOP node ``i`` and wait until the others see it down."""
     cluster._drop_conn(i)
     cluster[i].signal(signal.SIGSTOP)
@@ -70,7 +71,7 @@ def pause(cluster: Cluster, i: int) -> None:
     )
 
 
-def resume(cluster: Cluster, i: int) -> None:
+def resume(cluster: ProcessCluster, i: int) -> None:
     cluster[i].signal(signal.SIGCONT)
     wait_for(
         lambda: all(
@@ -218,11 +219,11 @@ def test_injected_divergence_converges_within_one_interval(tmp_path: Path) -> No
 # ------------------------------------------------------- deletes and resurrection
 
 
-def entry(cluster: Cluster, i: int, key: bytes) -> Any:
+def entry(cluster: ProcessCluster, i: int, key: bytes) -> Any:
     return cluster.request(i, Op.R_GET, [key])
 
 
-def absent_everywhere(cluster: Cluster, key: bytes) -> bool:
+def absent_everywhere(cluster: ProcessCluster, key: bytes) -> bool:
     """Every replica holds the tombstone (or nothing) and every read misses."""
     for i in range(len(cluster)):
         got = entry(cluster, i, key)

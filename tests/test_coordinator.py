@@ -1,7 +1,9 @@
 """Coordinator, membership and node logic on the in-process transport (no sockets).
 
-Every test runs its nodes in one event loop on its own :class:`InprocNetwork` and
-stops them in a ``finally``; waits poll a condition against a deadline.
+Every test runs its nodes in one event loop on its own :class:`InprocNetwork`
+(:class:`~hypercache.cluster.local.InprocCluster`) and stops them on the way out;
+waits poll a condition against a deadline, and TTLs pass by moving the nodes' wall
+clock (``Node.wall_ms``), not by sleeping.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aio_helpers import run, until
+from aio_helpers import run
+from cluster_harness import FAST, key_owned_by, local
 
 from hypercache._core.hlc import wall_clock_ms
 from hypercache.cluster import coordinator as coordinator_module
 from hypercache.cluster.config import DistConfig
+from hypercache.cluster.local import InprocCluster, until
 from hypercache.cluster.node import Node
 from hypercache.errors import (
     ClockSkewError,
@@ -31,21 +35,13 @@ from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.connection import ClientConnection
 from hypercache.net.inproc import InprocNetwork
 from hypercache.net.protocol import Op, make_hello
-from hypercache.replication import is_live, newest
+from hypercache.replication import is_live, newest, wall_ms
 
-FAST: dict[str, Any] = {
-    "http": None,
-    "heartbeat_interval": 0.05,
-    "failure_timeout": 0.3,
-    "seed_retry_interval": 0.05,
-    "request_timeout": 1.0,
-    "connect_timeout": 0.5,
-    "partitions": 256,
-}
+ADDRESS = "127.0.10.{n}:7400"
 
 
 def address(i: int) -> str:
-    return f"127.0.10.{i + 1}:7400"
+    return ADDRESS.format(n=i + 1)
 
 
 def make_node(net: InprocNetwork, i: int, seeds: tuple[str, ...], **overrides: Any) -> Node:
@@ -57,16 +53,8 @@ def make_node(net: InprocNetwork, i: int, seeds: tuple[str, ...], **overrides: A
 async def cluster(
     size: int = 3, **overrides: Any
 ) -> AsyncIterator[tuple[InprocNetwork, list[Node]]]:
-    net = InprocNetwork()
-    nodes = [make_node(net, i, (address(0),), **overrides) for i in range(size)]
-    try:
-        for node in nodes:
-            await node.start()
-        await until(lambda: all(len(n.members()) == size for n in nodes), what="membership")
-        yield net, nodes
-    finally:
-        for node in nodes:
-            await node.stop()
+    async with InprocCluster(size, settings={**FAST, **overrides}, address=ADDRESS) as c:
+        yield c.net, c.nodes
 
 
 @contextlib.asynccontextmanager
@@ -85,11 +73,6 @@ async def client(
         yield conn
     finally:
         await conn.close()
-
-
-def local(node: Node, key: bytes) -> Any:
-    assert node.coordinator is not None
-    return node.replica.get(key)
 
 
 # --------------------------------------------------------------------------- basics
@@ -161,7 +144,9 @@ def test_ttl_travels_as_absolute_expiry() -> None:
             (expire_at,) = expiries
             assert before + 60_000 <= expire_at <= wall_clock_ms() + 60_000
             await c.request(Op.SET, [b"t2", b"x", 50, "all"], 2)
-            await asyncio.sleep(0.1)
+            # Past t2's TTL: every node's wall clock is moved on, not slept through.
+            for n in nodes:
+                n.wall_ms = lambda: wall_clock_ms() + 100
             assert await c.request(Op.GET, [b"t2", "all"], 2) == [False, None]
 
     run(main())
@@ -303,7 +288,7 @@ def test_one_read_does_not_repair() -> None:
             _, ts, origin, _, _ = local(nodes[0], key)
             nodes[1].store.apply(key, b"v2", ts + 1, origin, 0, False, wall_clock_ms())
             assert await coordinator.get(key, "one") == [True, b"v"]  # local, stale
-            await asyncio.sleep(0.1)
+            await until(lambda: coordinator.background == 0, what="the read's work done")
             assert nodes[0].metrics.stats.read_repairs == 0
             assert await coordinator.get(key, "all") == [True, b"v2"]
 
@@ -371,6 +356,35 @@ def test_newest_and_liveness_helpers() -> None:
     assert not is_live(None, 0)
 
 
+def test_delete_coordinator_advances_its_clock_past_r_del_answers() -> None:
+    """docs/cluster.md: a node "advances its clock past every ts it receives, so its
+    next write is newer than anything it has seen". A DELETE's R_DEL answers carry
+    the owners' versions, but the coordinator never feeds them to its clock: when
+    the owners hold a version ahead of the coordinator's clock, the delete answers
+    ``existed=True`` yet loses, and so does every retry (the clock still has not
+    moved), until the wall clock catches up."""
+
+    async def main() -> None:
+        async with cluster(3, replication=2) as (_net, nodes):
+            n1, n2, n3 = nodes
+            assert n1.coordinator is not None
+            key = key_owned_by(n1, ["n2", "n3"])
+            # An owner clock 3 s ahead (within max_clock_skew) wrote this version
+            # (n1 has never seen it).
+            ahead = (wall_ms() + 3_000) << 16
+            for owner in (n2, n3):
+                assert owner.coordinator is not None
+                owner.replica.put(key, b"v", ahead, owner.clock.tag, 0, False)
+            assert await n1.coordinator.delete(key, "all") is True  # seen, lost
+            # n1 has now seen `ahead`: its next delete must be newer and win.
+            await n1.coordinator.delete(key, "all")
+            for owner in (n2, n3):
+                entry = local(owner, key)
+                assert entry is not None and entry[4] is True, entry
+
+    run(main())
+
+
 # --------------------------------------------------------------- membership
 
 
@@ -400,15 +414,24 @@ def test_membership_converges_whatever_the_join_order() -> None:
     run(main())
 
 
-def test_seed_down_at_start_is_retried() -> None:
+def test_seed_down_at_start_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
         net = InprocNetwork()
+        attempts: list[str] = []  # connections tried to the seed
+        connect = net.connect
+
+        async def counted(to: str, *args: Any, **kwargs: Any) -> ClientConnection:
+            if to == address(0):
+                attempts.append(to)
+            return await connect(to, *args, **kwargs)
+
+        monkeypatch.setattr(net, "connect", counted)
         late_seed = make_node(net, 0, ())
         joiner = make_node(net, 1, (address(0),))
         try:
             await joiner.start()
             assert joiner.membership is not None
-            await asyncio.sleep(0.2)  # a few failed attempts
+            await until(lambda: len(attempts) >= 3, what="a few failed attempts")
             assert joiner.membership.seeds_pending == [address(0)]
             await late_seed.start()
             m = joiner.membership
@@ -536,6 +559,32 @@ def test_r_del_and_r_put_many_refuse_versions_past_the_horizon() -> None:
                 assert await c.request(Op.R_GET, [b"p"], 2) is None
                 assert refused(node)["r_del"] == 1
                 assert node.clock.last < future_ts(round(node.config.max_clock_skew * 1000) + 1)
+
+    run(main())
+
+
+def test_r_put_many_out_of_range_expiry_is_refused_whole_batch() -> None:
+    """docs/cluster.md: R_PUT_MANY "checks the whole batch before applying any
+    entry"; a payload of the wrong shape is a ProtocolError. ``_check_r_put``
+    bounds ``ts`` and ``origin`` but not ``expire_at_ms``: an entry with
+    ``expire_at >= 2**63`` passes the check, the batch's earlier entries are
+    applied, then the store raises OverflowError (sent as ServerError and logged
+    as a handler crash)."""
+
+    async def main() -> None:
+        async with cluster(1) as (_net, nodes):
+            (n1,) = nodes
+            assert n1.coordinator is not None
+            ts = n1.clock.now()
+            good = [b"first", b"v", ts, 1, 0, False]
+            bad = [b"second", b"v", ts, 1, 2**64 - 1, False]
+            error: BaseException | None = None
+            try:
+                n1.replica.r_put_many([[good, bad], 0])
+            except Exception as exc:
+                error = exc
+            assert isinstance(error, ProtocolError), repr(error)
+            assert local(n1, b"first") is None  # nothing applied from a refused batch
 
     run(main())
 

@@ -1,4 +1,5 @@
-"""HintBuffer: FIFO per target, caps and their victims, TTL, requeue, supersede, cost.
+"""HintBuffer: FIFO per target, caps and their victims, TTL, requeue, supersede, cost;
+and the replay of its hints by a node (in-process nodes, one event loop).
 
 The stateful test drives the buffer and a plain Python model of it with the same
 operations and compares every hint handed out, every counter and every size after
@@ -12,11 +13,14 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+from aio_helpers import run
+from cluster_harness import FAST, SMALL_FRAMES, local
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from hypercache._core.hints import HINT_OVERHEAD, MAX_BYTES, MAX_HINTS, MAX_TTL_MS, HintBuffer
+from hypercache.cluster.local import InprocCluster, until
 from hypercache.errors import ConfigError
 
 T0 = 1_700_000_000_000  # wall ms
@@ -576,6 +580,36 @@ def test_bad_call_arguments() -> None:
         b.expire(T0, -1)
     assert info.value.field == "budget"
     assert len(b) == 0 and b.queued_total == 0
+
+
+# -- replay by a node -------------------------------------------------------------------
+
+
+def test_hint_replay_is_not_stuck_when_a_batch_exceeds_max_frame() -> None:
+    """Hints are batched by count only (``hint_replay_batch``), never by bytes: a
+    batch of large hints is over ``max_frame``, its R_PUT_MANY fails to encode
+    (FrameTooLargeError), the batch is requeued at the front and the target backs
+    off, forever. Every hint for that target (the small ones behind too) is stuck."""
+
+    async def main() -> None:
+        settings = {**FAST, "replication": 2, **SMALL_FRAMES}
+        async with InprocCluster(2, settings=settings) as cluster:
+            n1, n2 = cluster.nodes
+            assert n1.handoff is not None and n1.coordinator is not None
+            ts = n1.clock.now()
+            tag = n1.clock.tag
+            keys = [b"big1", b"big2", b"big3", b"small"]
+            values = [b"x" * 8000, b"y" * 8000, b"w" * 8000, b"z"]
+            for i, (key, value) in enumerate(zip(keys, values, strict=True)):
+                n1.handoff.hint("n2", key, value, ts + i, tag, 0, False)
+            # Each hint fits a frame on its own; all of them must reach n2.
+            await until(
+                lambda: all(local(n2, k) is not None for k in keys),
+                timeout=3.0,
+                what="hints delivered (each batch fails with FrameTooLargeError)",
+            )
+
+    run(main())
 
 
 # -- the model --------------------------------------------------------------------------

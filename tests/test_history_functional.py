@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from cluster_harness import running_cluster, wait_for
+from cluster_harness import running_cluster
 
 from hypercache import Client
+from hypercache.cluster.local import wait_for
 from hypercache.errors import HyperCacheError
 from hypercache.net.protocol import Op
 
@@ -89,6 +90,7 @@ def test_kill_and_restart_under_quorum_writers_loses_nothing(tmp_path: Path) -> 
         for thread in threads:
             thread.start()
         try:
+            # The scenario: 2 s of writes, 3 s with node 3 dead, 2 s after its restart.
             time.sleep(2)
             cluster.kill(2)
             time.sleep(3)

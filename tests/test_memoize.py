@@ -347,6 +347,30 @@ def test_sync_concurrent_callers_share_one_computation(
         assert calls == 1
 
 
+def test_memoized_class_factory_works() -> None:
+    c: HyperCache[Any, Any] = HyperCache(16)
+
+    @c.memoize()
+    def make(name: str) -> type:
+        return type(name, (), {})
+
+    assert make("A") is make("A")
+
+
+def test_memoize_result_too_large_to_cache_is_still_returned() -> None:
+    # memoize/get_or_set store the result with set(), which raises ValueError
+    # for a value over max_bytes: the decorated function then fails for
+    # arguments it computed fine, and the result is thrown away.
+    c: HyperCache[Any, Any] = HyperCache(max_bytes=10)
+
+    @c.memoize()
+    def payload(n: int) -> bytes:
+        return b"x" * n
+
+    assert payload(100) == b"x" * 100
+    assert c.get_or_set("big", lambda: b"y" * 100) == b"y" * 100
+
+
 # --------------------------------------------------------------------------- async
 
 

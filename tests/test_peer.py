@@ -7,8 +7,9 @@ import asyncio
 from typing import Any
 
 import pytest
-from net_helpers import CLUSTER, Runner, serving, wait_until
+from net_helpers import CLUSTER, Runner, serving
 
+from hypercache.cluster.local import until as wait_until
 from hypercache.errors import NoAnswerError, NodeUnavailableError, ServerError
 from hypercache.net import InprocNetwork, PeerInfo, make_hello
 from hypercache.net.peer import PeerConnection

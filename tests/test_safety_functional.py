@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_harness import NODE_COMMAND, Cluster, NodeProcess, running_cluster, wait_for
+from cluster_harness import running_cluster
 
 from hypercache._core.hlc import wall_clock_ms
+from hypercache.cluster.local import NODE_COMMAND, NodeProcess, ProcessCluster, wait_for
 from hypercache.errors import (
     ClockSkewError,
     HandshakeError,
@@ -39,14 +40,14 @@ YEAR_MS = 366 * 86_400_000
 pytestmark = pytest.mark.functional
 
 
-def owners(cluster: Cluster, key: bytes) -> list[NodeProcess]:
+def owners(cluster: ProcessCluster, key: bytes) -> list[NodeProcess]:
     """The owners of ``key`` according to node 0's ring, primary first."""
     by_id = {node.node_id: node for node in cluster.nodes}
     answer = cluster[0].http_json(f"/dist/owners?key_hex={key.hex()}")
     return [by_id[o["node_id"]] for o in answer["owners"]]
 
 
-def key_with_primary(cluster: Cluster, node: NodeProcess, prefix: str) -> bytes:
+def key_with_primary(cluster: ProcessCluster, node: NodeProcess, prefix: str) -> bytes:
     for i in range(10_000):
         key = f"{prefix}-{i}".encode()
         if owners(cluster, key)[0] is node:
@@ -93,8 +94,22 @@ def clock(node: NodeProcess) -> dict[str, int]:
     return got
 
 
+def ae_rounds(cluster: ProcessCluster) -> list[int]:
+    return [node.http_json("/dist/antientropy")["rounds"] for node in cluster]
+
+
+def wait_ae_rounds(cluster: ProcessCluster, rounds: int) -> None:
+    """Wait until every node has run ``rounds`` more anti-entropy rounds."""
+    before = ae_rounds(cluster)
+    wait_for(
+        lambda: all(n >= b + rounds for n, b in zip(ae_rounds(cluster), before, strict=True)),
+        timeout=20,
+        what=f"{rounds} anti-entropy rounds on every node",
+    )
+
+
 def writes_succeed(
-    cluster: Cluster, level: str, n: int, prefix: str, via: tuple[int, ...] = (0, 1, 2)
+    cluster: ProcessCluster, level: str, n: int, prefix: str, via: tuple[int, ...] = (0, 1, 2)
 ) -> int:
     """How many of ``n`` writes at ``level``, coordinated by the nodes ``via`` in
     turn, succeed."""
@@ -112,7 +127,7 @@ def test_a_forged_version_at_the_end_of_the_clock_stops_nothing(tmp_path: Path) 
             cluster.request(1, Op.R_PUT, [b"poison", b"x", 2**63 - 3, 7, 0, False])
         # Several anti-entropy rounds later, every node still takes writes, and no
         # node's clock has moved towards the forged version.
-        time.sleep(3)
+        wait_ae_rounds(cluster, 2)
         assert writes_succeed(cluster, "quorum", 60, "after-poison") == 60
         for node in cluster.nodes:
             assert abs(clock(node)["drift_ms"]) < 10_000
@@ -127,7 +142,7 @@ def test_a_version_a_year_ahead_loses_to_a_later_acknowledged_write(tmp_path: Pa
         with pytest.raises(ClockSkewError):
             cluster.request(2, Op.R_PUT, [key, b"from-the-future", ahead, 7, 0, False])
         assert cluster.request(0, Op.SET, [key, b"acked", None, "quorum"]) is True
-        time.sleep(3)  # anti-entropy rounds
+        wait_ae_rounds(cluster, 2)
         for node in cluster.nodes:
             assert (cluster.request(node.index, Op.R_GET, [key]) or [None])[0] == b"acked"
             assert abs(clock(node)["drift_ms"]) < 10_000

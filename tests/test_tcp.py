@@ -26,10 +26,10 @@ from net_helpers import (
     connected,
     serving,
     spin,
-    wait_until,
 )
 
 from hypercache._core.hlc import wall_clock_ms
+from hypercache.cluster.local import until
 from hypercache.errors import (
     FrameTooLargeError,
     HandshakeError,
@@ -240,7 +240,7 @@ def test_handshake_mismatch_rejected(
             payload = {**make_hello(CLUSTER, auth="s3cret"), **hello}
             with pytest.raises(HandshakeError, match=match):
                 await transport.connect(server.address, payload, timeout=5)
-            await wait_until(lambda: server.connections_open == 0)
+            await until(lambda: server.connections_open == 0)
             assert server.stats.handshake_failures == 1
             # the right token gets in
             async with connected(transport, server.address, auth="s3cret") as conn:
@@ -299,7 +299,7 @@ def test_request_timeout_keeps_connection_usable(run: Runner[None], transport: T
             assert conn.stats.timeouts == 1
             assert await conn.request(Op.PING, None, math.inf) == "pong"  # no deadline
             handler.gate.set()  # the late answer arrives and is dropped
-            await wait_until(lambda: conn.stats.late_responses == 1)
+            await until(lambda: conn.stats.late_responses == 1)
             assert await conn.request(ECHO, 1, 5) == 1
             assert conn.pending == 0
 
@@ -343,12 +343,12 @@ def test_cancelled_request_answer_is_dropped(run: Runner[None], transport: Trans
             connected(transport, server.address) as conn,
         ):
             task = asyncio.ensure_future(conn.request(BLOCK, None, 5))
-            await wait_until(lambda: handler.entered == 1)
+            await until(lambda: handler.entered == 1)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
             handler.gate.set()
-            await wait_until(lambda: conn.stats.late_responses == 1)
+            await until(lambda: conn.stats.late_responses == 1)
             assert await conn.request(Op.PING, None, 5) == "pong"
 
     run(main())
@@ -362,13 +362,13 @@ def test_server_close_fails_pending_requests(run: Runner[None], transport: Trans
         conn = await transport.connect(server.address, make_hello(CLUSTER), timeout=5)
         try:
             tasks = [asyncio.ensure_future(conn.request(BLOCK, None, 10)) for _ in range(3)]
-            await wait_until(lambda: handler.entered == 3)
+            await until(lambda: handler.entered == 3)
             await server.close()
             for task in tasks:
                 with pytest.raises(NodeUnavailableError):
                     await task
             assert handler.cancelled == 3  # close() cancelled and awaited the handlers
-            await wait_until(lambda: conn.closed)
+            await until(lambda: conn.closed)
             with pytest.raises(NodeUnavailableError):
                 await conn.request(Op.PING, None, 5)
             with pytest.raises(NodeUnavailableError):
@@ -387,7 +387,7 @@ def test_client_close_fails_pending_requests(run: Runner[None], transport: Trans
         async with serving(transport, handler) as server:
             conn = await transport.connect(server.address, make_hello(CLUSTER), timeout=5)
             task = asyncio.ensure_future(conn.request(BLOCK, None, 10))
-            await wait_until(lambda: handler.entered == 1)
+            await until(lambda: handler.entered == 1)
             await conn.close()
             assert conn.closed
             with pytest.raises(NodeUnavailableError):
@@ -395,8 +395,8 @@ def test_client_close_fails_pending_requests(run: Runner[None], transport: Trans
             with pytest.raises(NodeUnavailableError):
                 await conn.request(Op.PING, None, 5)
             await conn.close()  # idempotent
-            await wait_until(lambda: server.connections_open == 0)
-            await wait_until(lambda: handler.cancelled == 1)
+            await until(lambda: server.connections_open == 0)
+            await until(lambda: handler.cancelled == 1)
 
     run(main())
 
@@ -461,7 +461,7 @@ def test_inflight_cap_pauses_reading(run: Runner[None], transport: Transport) ->
             connected(transport, server.address) as conn,
         ):
             tasks = [asyncio.ensure_future(conn.request(BLOCK, None, 10)) for _ in range(10)]
-            await wait_until(lambda: handler.entered == 4)
+            await until(lambda: handler.entered == 4)
             await spin()
             assert handler.entered == 4  # the other 6 wait unread
             stats = server.stats
@@ -485,7 +485,7 @@ def test_server_stops_reading_when_client_does_not_read(
             assert conn._transport is not None
             conn._transport.pause_reading()  # a client that stops reading its answers
             tasks = [asyncio.ensure_future(conn.request(BIG, 1 << 20, 30)) for _ in range(40)]
-            await wait_until(lambda: server.stats.write_pauses >= 1)
+            await until(lambda: server.stats.write_pauses >= 1)
             conn._transport.resume_reading()
             assert await asyncio.gather(*tasks) == [b"x" * (1 << 20)] * 40
 
@@ -500,10 +500,10 @@ def test_client_waits_while_server_does_not_read(run: Runner[None], transport: T
             connected(transport, server.address) as conn,
         ):
             blocked = asyncio.ensure_future(conn.request(BLOCK, None, 30))
-            await wait_until(lambda: handler.entered == 1)  # the server stops reading now
+            await until(lambda: handler.entered == 1)  # the server stops reading now
             value = b"v" * (1 << 20)
             tasks = [asyncio.ensure_future(conn.request(ECHO, value, 30)) for _ in range(40)]
-            await wait_until(lambda: conn.stats.write_pauses >= 1)
+            await until(lambda: conn.stats.write_pauses >= 1)
             handler.gate.set()
             assert await blocked == "released"
             assert await asyncio.gather(*tasks) == [value] * 40
@@ -519,10 +519,10 @@ def test_write_pause_wait_times_out(run: Runner[None], transport: Transport) -> 
             connected(transport, server.address) as conn,
         ):
             blocked = asyncio.ensure_future(conn.request(BLOCK, None, 30))
-            await wait_until(lambda: handler.entered == 1)
+            await until(lambda: handler.entered == 1)
             value = b"v" * (1 << 20)
             tasks = [asyncio.ensure_future(conn.request(ECHO, value, 30)) for _ in range(40)]
-            await wait_until(lambda: conn.stats.write_pauses >= 1)
+            await until(lambda: conn.stats.write_pauses >= 1)
             with pytest.raises(RequestTimeoutError, match="could not be sent"):
                 await conn.request(Op.PING, None, 0.05)
             handler.gate.set()
@@ -547,7 +547,7 @@ def test_inproc_restart_and_drop(run: Runner[None]) -> None:
             await second.start()
         conn = await net.connect("node-a:7000", make_hello(CLUSTER))
         task = asyncio.ensure_future(conn.request(BLOCK, None, 10))
-        await wait_until(lambda: handler.entered == 1)
+        await until(lambda: handler.entered == 1)
         server.drop_connections()  # a network blip: reset, the server keeps listening
         with pytest.raises(NodeUnavailableError, match="reset"):
             await task
@@ -642,7 +642,7 @@ def test_bad_bytes_close_only_that_connection(
             # the other client carries on
             results = await asyncio.gather(*(good.request(ECHO, i, 5) for i in range(100)))
             assert results == list(range(100))
-            await wait_until(lambda: server.connections_open == 1)
+            await until(lambda: server.connections_open == 1)
 
     run(main())
 
@@ -766,7 +766,7 @@ def test_idle_clients_are_closed_and_peers_are_not(run: Runner[None]) -> None:
             connected(TCP, server.address, node_id="peer-1", address="127.0.0.1:9") as peer,
             connected(TCP, server.address) as idle,
         ):
-            await wait_until(lambda: idle.closed, timeout=5)
+            await until(lambda: idle.closed, timeout=5)
             assert server.stats.idle_closes == 1
             assert not peer.closed
             assert await peer.request(Op.PING, None, 5) == "pong"
@@ -782,13 +782,13 @@ def test_connections_per_source_and_pending_handshakes_are_capped(run: Runner[No
             # One connection that never says HELLO holds the only handshake slot.
             _reader, writer = await raw_connect(server.address)
             try:
-                await wait_until(lambda: server.connections_open == 1)
+                await until(lambda: server.connections_open == 1)
                 with pytest.raises(NodeUnavailableError):
                     await TCP.connect(server.address, make_hello(CLUSTER), timeout=2)
                 assert server.stats.rejected_pending == 1
             finally:
                 await raw_close(writer)
-            await wait_until(lambda: server.connections_open == 0)
+            await until(lambda: server.connections_open == 0)
             async with connected(TCP, server.address), connected(TCP, server.address):
                 # Two clients from 127.0.0.1: a third is refused at its HELLO...
                 with pytest.raises(HandshakeError, match="max_connections_per_source"):
@@ -814,10 +814,10 @@ def test_a_client_that_does_not_read_its_answers_is_dropped(run: Runner[None]) -
                 await read_frame(reader)
                 # 64 answers of 1 MiB asked for at once, and never read.
                 writer.write(b"".join(encode_request(i, BIG, 1 << 20) for i in range(1, 65)))
-                await wait_until(lambda: server.stats.output_limit_closes == 1, timeout=10)
+                await until(lambda: server.stats.output_limit_closes == 1, timeout=10)
             finally:
                 await raw_close(writer)
-            await wait_until(lambda: server.connections_open == 0)
+            await until(lambda: server.connections_open == 0)
 
     run(main())
 
@@ -851,7 +851,7 @@ def test_server_address_and_counters(run: Runner[None]) -> None:
                 async with connected(TCP, server.address) as conn:
                     await conn.request(Op.PING, None, 5)
                     assert server.stats.connections_open == 1
-            await wait_until(lambda: server.connections_open == 0)
+            await until(lambda: server.connections_open == 0)
             stats = server.stats
             assert stats.connections_accepted == 3
             assert stats.frames_in == stats.frames_out == 6

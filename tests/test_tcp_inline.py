@@ -28,9 +28,9 @@ from net_helpers import (
     connected,
     serving,
     spin,
-    wait_until,
 )
 
+from hypercache.cluster.local import until
 from hypercache.errors import (
     ConfigError,
     KeyTooLargeError,
@@ -303,7 +303,7 @@ def test_later_answered_from_a_callback(run: Runner[None], transport: Transport)
             assert await conn.request(EARLY, "first", 5) == "first"  # answered before bind
             # a held Later counts as in flight until answered
             fut = conn.send(HOLD, 4, 5)
-            await wait_until(lambda: len(handler.held) == 1)
+            await until(lambda: len(handler.held) == 1)
             await spin()
             assert not fut.done()
             assert server.stats.in_flight == 1
@@ -338,7 +338,7 @@ def test_later_failed_with_an_error(run: Runner[None], transport: Transport) -> 
                 await conn.request(TIMED, [0, "fail:later"], 5)
             # rejected by the test, then a later resolve is ignored
             fut = conn.send(HOLD, 1, 5)
-            await wait_until(lambda: len(handler.held) == 1)
+            await until(lambda: len(handler.held) == 1)
             later = handler.held[0][1]
             later.reject(NodeUnavailableError("owner down"))
             later.resolve("ignored")
@@ -359,7 +359,7 @@ def test_inflight_cap_counts_laters(run: Runner[None], transport: Transport) -> 
             connected(transport, server.address) as conn,
         ):
             futs = [conn.send(HOLD, i, 10) for i in range(10)]
-            await wait_until(lambda: len(handler.held) == 4)
+            await until(lambda: len(handler.held) == 4)
             await spin()
             assert len(handler.held) == 4  # the other 6 wait unread
             stats = server.stats
@@ -371,19 +371,19 @@ def test_inflight_cap_counts_laters(run: Runner[None], transport: Transport) -> 
                     later.resolve(value * 10)
 
             answer(1)  # 3 in flight: above the resume mark (2), still paused
-            await wait_until(lambda: futs[0].done())
+            await until(lambda: futs[0].done())
             await spin()
             assert len(handler.held) == 3
             assert server.stats.in_flight == 3
             answer(1)  # 2 in flight: reading resumes and takes 2 more, up to the cap
-            await wait_until(lambda: len(handler.held) == 4)
+            await until(lambda: len(handler.held) == 4)
             await spin()
             assert len(handler.held) == 4
             stats = server.stats
             assert stats.inflight_pauses == 2 and stats.in_flight == 4
             assert [value for value, _ in handler.held] == [2, 3, 4, 5]
             while handler.held or not all(f.done() for f in futs):
-                await wait_until(lambda: bool(handler.held) or all(f.done() for f in futs))
+                await until(lambda: bool(handler.held) or all(f.done() for f in futs))
                 answer(len(handler.held))
             assert [await f for f in futs] == [i * 10 for i in range(10)]
             # reading goes on once they are done
@@ -402,14 +402,14 @@ def test_later_released_from_another_connection(run: Runner[None], transport: Tr
             connected(transport, server.address) as releaser,
         ):
             futs = [holder.send(HOLD, i, 10) for i in range(6)]
-            await wait_until(lambda: len(handler.held) == 2)
+            await until(lambda: len(handler.held) == 2)
             await spin()
             assert len(handler.held) == 2 and server.stats.inflight_pauses == 1
             released = 0
             # Each RELEASE answers the held Laters from inside the other connection's
             # read: the holder resumes reading from there and takes the next two.
             while not all(f.done() for f in futs):
-                await wait_until(lambda: bool(handler.held) or all(f.done() for f in futs))
+                await until(lambda: bool(handler.held) or all(f.done() for f in futs))
                 released += await releaser.request(RELEASE, None, 5)
             assert released == 6
             assert [await f for f in futs] == [i * 10 for i in range(6)]
@@ -448,10 +448,10 @@ def test_send_future_results_errors_and_timeout(run: Runner[None], transport: Tr
             assert await conn.send(SYNC, "usable", 5) == "usable"
             assert len(handler.held) == 1
             handler.held[0][1].resolve("late")  # the late answer is dropped
-            await wait_until(lambda: conn.stats.late_responses == 1)
+            await until(lambda: conn.stats.late_responses == 1)
             # no deadline
             forever = conn.send(HOLD, 2, math.inf)
-            await wait_until(lambda: len(handler.held) == 2)
+            await until(lambda: len(handler.held) == 2)
             handler.held[1][1].resolve("eventually")
             assert await forever == "eventually"
             # payloads that cannot go out raise at once
@@ -476,7 +476,7 @@ def test_send_callback_results_errors_and_timeout(run: Runner[None], transport: 
             conn.send_callback(FAIL_SYNC, "quorum", 5, failed)
             conn.send_callback(FAIL_SYNC, "cb", 5, untyped)
             assert conn.pending == 4 and not ok.calls  # nothing runs before the answer
-            await wait_until(lambda: all(o.calls for o in (ok, later_ok, failed, untyped)))
+            await until(lambda: all(o.calls for o in (ok, later_ok, failed, untyped)))
             assert ok.calls == [("a", None)]
             assert later_ok.calls == [("b", None)]
             [(value, error)] = failed.calls
@@ -488,13 +488,13 @@ def test_send_callback_results_errors_and_timeout(run: Runner[None], transport: 
             # is dropped and the connection stays usable
             timed_out = Outcomes()
             conn.send_callback(HOLD, 1, 0.05, timed_out)
-            await wait_until(lambda: bool(timed_out.calls))
+            await until(lambda: bool(timed_out.calls))
             [(value, error)] = timed_out.calls
             assert value is None and isinstance(error, RequestTimeoutError)
             assert conn.stats.timeouts == 1 and conn.pending == 0
             assert await conn.request(SYNC, "usable", 5) == "usable"
             handler.held[0][1].resolve("late")
-            await wait_until(lambda: conn.stats.late_responses == 1)
+            await until(lambda: conn.stats.late_responses == 1)
             assert len(timed_out.calls) == 1
             with pytest.raises(ProtocolError):
                 conn.send_callback(SYNC, {1, 2}, 5, Outcomes())
@@ -521,7 +521,7 @@ def test_callback_that_raises_is_logged_and_dropped(
             with caplog.at_level(logging.ERROR, logger="hypercache.net"):
                 conn.send_callback(SYNC, 1, 5, broken)
                 conn.send_callback(SYNC, 2, 5, after)  # answered in the same read
-                await wait_until(lambda: bool(after.calls))
+                await until(lambda: bool(after.calls))
             assert calls == [1] and after.calls == [(2, None)]
             assert "request callback failed" in caplog.text
             assert not conn.closed
@@ -542,13 +542,13 @@ def test_server_close_fails_pending_sends(run: Runner[None], transport: Transpor
             outcomes = [Outcomes() for _ in range(3)]
             for i, outcome in enumerate(outcomes):
                 conn.send_callback(HOLD, 10 + i, 10, outcome)
-            await wait_until(lambda: len(handler.held) == 6)
+            await until(lambda: len(handler.held) == 6)
             assert server.stats.in_flight == 6
             await server.close()
             for fut in futs:
                 with pytest.raises(NodeUnavailableError):
                     await fut
-            await wait_until(lambda: all(o.calls for o in outcomes))
+            await until(lambda: all(o.calls for o in outcomes))
             for outcome in outcomes:
                 [(value, error)] = outcome.calls
                 assert value is None and isinstance(error, NodeUnavailableError)
@@ -581,13 +581,13 @@ def test_client_close_fails_pending_callbacks(run: Runner[None], transport: Tran
             outcome = Outcomes()
             conn.send_callback(HOLD, 1, 10, outcome)
             fut = conn.send(HOLD, 2, 10)
-            await wait_until(lambda: len(handler.held) == 2)
+            await until(lambda: len(handler.held) == 2)
             await conn.close()
             [(value, error)] = outcome.calls
             assert value is None and isinstance(error, NodeUnavailableError)
             with pytest.raises(NodeUnavailableError):
                 await fut
-            await wait_until(lambda: server.connections_open == 0)
+            await until(lambda: server.connections_open == 0)
             assert server.stats.in_flight == 0  # the server forgot the Laters
             for _, later in handler.held:
                 later.resolve("nobody listens")
@@ -666,7 +666,7 @@ def test_inline_answers_go_out_in_one_write_at_the_end_of_the_read(run: Runner[N
             assert [f.payload for f in frames[1:]] == list(range(2, 202))
             assert all(f.type == MsgType.RESPONSE for f in frames)
             assert proto.in_flight == 1
-            await wait_until(lambda: len(fake.writes) == 2)
+            await until(lambda: len(fake.writes) == 2)
             [frame] = decode(fake.writes[1])
             assert (frame.request_id, frame.payload) == (202, ["async", "x"])
             assert proto.stats.writes == 2 and proto.stats.frames_out == 202
@@ -704,7 +704,7 @@ def test_inline_later_pauses_reading_over_a_recording_transport(run: Runner[None
             assert fake.reading and proto.in_flight == 0
             # the answers given outside a read go out together on the next iteration
             assert len(fake.writes) == 1
-            await wait_until(lambda: len(fake.writes) == 2)
+            await until(lambda: len(fake.writes) == 2)
             answers = decode(fake.writes[1])
             assert [(f.request_id, f.payload) for f in answers] == [
                 (2, "two"),
@@ -762,7 +762,7 @@ def test_requests_sent_from_a_callback_flush_at_the_end_of_the_read(run: Runner[
 
             conn.send_callback(SYNC, 1, math.inf, first)
             assert not wire.writes  # outside a read: flushed on the next iteration
-            await wait_until(lambda: len(wire.writes) == 1)
+            await until(lambda: len(wire.writes) == 1)
             [request] = decode(wire.writes[0])
             conn.data_received(encode_response(request.request_id, SYNC, 1))
             assert len(wire.writes) == 2  # written when the read ended
@@ -788,10 +788,10 @@ def test_send_waiting_for_room_gets_its_answer(run: Runner[None], transport: Tra
             connected(transport, server.address) as conn,
         ):
             first = conn.send(HOLD, 1, 30)  # the server stops reading now
-            await wait_until(lambda: len(handler.held) == 1)
+            await until(lambda: len(handler.held) == 1)
             value = b"v" * (1 << 20)
             echoes = [conn.send(SYNC, value, 30) for _ in range(40)]
-            await wait_until(lambda: conn.stats.write_pauses >= 1)
+            await until(lambda: conn.stats.write_pauses >= 1)
             assert conn._write_paused
             outcome = Outcomes()
             conn.send_callback(HOLD, 2, 30, outcome)  # waits for room in a task
@@ -800,15 +800,15 @@ def test_send_waiting_for_room_gets_its_answer(run: Runner[None], transport: Tra
             assert await first == "first"
             assert [await f for f in echoes] == [value] * 40
             # HOLD 2 is held (the server stops reading again), "w" is sent, unread
-            await wait_until(lambda: len(handler.held) == 2)
+            await until(lambda: len(handler.held) == 2)
             await spin()
             assert handler.held[1][0] == 2
             assert not outcome.calls and not waiting.done()
             handler.held[1][1].resolve("second")
             assert await waiting == "w"
-            await wait_until(lambda: bool(outcome.calls))
+            await until(lambda: bool(outcome.calls))
             assert outcome.calls == [("second", None)]
-            await wait_until(lambda: conn.pending == 0)
+            await until(lambda: conn.pending == 0)
             assert server.stats.in_flight == 0
 
     run(main())
@@ -826,7 +826,7 @@ def test_pending_counts_a_callback_that_waited_for_room_once(run: Runner[None]) 
             await spin()
             assert not wire.writes and conn.pending == 1
             conn.resume_writing()
-            await wait_until(lambda: len(wire.writes) == 1)
+            await until(lambda: len(wire.writes) == 1)
             [request] = decode(wire.writes[0])
             assert not outcome.calls
             # one request sent, no answer yet
@@ -835,9 +835,9 @@ def test_pending_counts_a_callback_that_waited_for_room_once(run: Runner[None]) 
                 f"_callbacks={len(conn._callbacks)} _waiting={len(conn._waiting)}"
             )
             conn.data_received(encode_response(request.request_id, SYNC, "answer"))
-            await wait_until(lambda: bool(outcome.calls))
+            await until(lambda: bool(outcome.calls))
             assert outcome.calls == [("answer", None)]
-            await wait_until(lambda: conn.pending == 0)
+            await until(lambda: conn.pending == 0)
 
     run(main())
 
