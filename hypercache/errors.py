@@ -185,6 +185,23 @@ class PermissionDeniedError(HyperCacheError, PermissionError):
 
 
 @_wire
+class NotReadyError(HyperCacheError):
+    """The node owns the key's partition but has not received it yet (it joined or
+    restarted, and the partition is still streaming to it): ask another owner. It
+    is not a miss, and counts as no answer towards a quorum."""
+
+    code = 15
+
+
+@_wire
+class WrongOwnerError(HyperCacheError):
+    """The node does not own the key's partition in its current table: the asker's
+    table is stale (refresh it, then retry once)."""
+
+    code = 16
+
+
+@_wire
 class ServerError(HyperCacheError):
     """A node failed to carry out a request for a reason of its own."""
 

@@ -275,6 +275,18 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("heartbeat_interval", -1),
     ("failure_timeout", 1.5),  # less than twice heartbeat_interval (1)
     ("seed_retry_interval", 0),
+    ("advertise", "0.0.0.0:7400"),  # nobody can dial that
+    ("advertise", "nowhere"),
+    ("indirect_probes", 17),
+    ("suspect_timeout", 0.5),  # below heartbeat_interval (1)
+    ("leave_on_stop", "yes"),
+    ("leave_timeout", 0),
+    ("dead_removal_timeout", -1),
+    ("rebalance_batch_keys", 0),
+    ("rebalance_batch_bytes", 0),
+    ("rebalance_concurrency", 0),
+    ("rebalance_rate", -1),
+    ("removal_grace", 0),
     ("max_clock_skew", 0),
     ("max_clock_skew", 7200),
     ("busy_poll", -1e-6),
@@ -422,6 +434,18 @@ def test_node_id_is_derived_from_bind() -> None:
     assert DistConfig(bind="0.0.0.0:7500").node_id == f"{hostname}:7500"
     assert derive_node_id("[::]:7500") == f"{hostname}:7500"
     assert DistConfig(bind="0.0.0.0:7500", node_id="n1").node_id == "n1"
+
+
+def test_the_advertised_address_is_never_a_wildcard() -> None:
+    hostname = socket.gethostname()
+    assert DistConfig(bind="10.0.0.5:7500").advertised == "10.0.0.5:7500"
+    assert DistConfig(bind="0.0.0.0:7500").advertised == f"{hostname}:7500"
+    assert DistConfig(bind="[::]:7500").advertised == f"{hostname}:7500"
+    config = DistConfig(bind="0.0.0.0:7500", advertise="10.1.2.3:7500")
+    assert config.advertised == "10.1.2.3:7500"
+    assert load(argv={"leave_on_stop": "off"}).leave_on_stop is False
+    assert load(argv={"dead_removal_timeout": "off"}).dead_removal_timeout is None
+    assert load(argv={"rebalance_rate": "1MiB"}).rebalance_rate == 2**20
 
 
 def test_with_bind_rederives_only_a_derived_node_id() -> None:

@@ -117,6 +117,10 @@ def test_message_types_and_ops_are_stable() -> None:
         "MERKLE": 20,
         "KEYS": 21,
         "PULL": 22,
+        "STREAM": 23,
+        "HOLDS": 24,
+        "PING_REQ": 30,
+        "MEMBERS": 31,
     }
 
 

@@ -95,6 +95,13 @@ def build_node_parser() -> argparse.ArgumentParser:
     _add(node, "http", "HOST:PORT", "management HTTP address; 'off' disables it")
     _add(
         node,
+        "advertise",
+        "HOST:PORT",
+        "the address peers and clients dial",
+        default_text="--bind, its wildcard host replaced by HOSTNAME",
+    )
+    _add(
+        node,
         "seeds",
         "HOST:PORT[,HOST:PORT...]",
         "nodes to join through (may be repeated); none = start a new cluster",
@@ -158,6 +165,24 @@ def build_node_parser() -> argparse.ArgumentParser:
         "SECONDS",
         "refuse versions further ahead of this node's clock than this",
     )
+
+    membership = parser.add_argument_group("membership and rebalancing")
+    _add(membership, "indirect_probes", "N", "members asked to probe a silent member")
+    _add(membership, "suspect_timeout", "SECONDS", "time a suspect has to refute before dead")
+    _add(membership, "leave_on_stop", "true|false", "leave the cluster gracefully on SIGTERM")
+    _add(membership, "leave_timeout", "SECONDS", "wait for new owners when leaving")
+    _add(
+        membership,
+        "dead_removal_timeout",
+        "SECONDS",
+        "remove a member dead this long from the ring; 'off' = only by hand",
+        default_text="off",
+    )
+    _add(membership, "rebalance_batch_keys", "N", "entries per streaming batch")
+    _add(membership, "rebalance_batch_bytes", "BYTES", "bytes per streaming batch")
+    _add(membership, "rebalance_concurrency", "N", "partitions streamed at once")
+    _add(membership, "rebalance_rate", "BYTES", "bytes per second streamed at most; 0 = no cap")
+    _add(membership, "removal_grace", "SECONDS", "time an old owner keeps a partition it gave away")
 
     latency = parser.add_argument_group("latency")
     _add(

@@ -132,6 +132,7 @@ __all__ = [
     "HintSettings",
     "MembershipSettings",
     "Placement",
+    "RebalanceSettings",
     "derive_node_id",
     "env_var_name",
     "format_hostport",
@@ -174,6 +175,7 @@ _MAX_VNODES: Final = 65536
 _WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::"})
 _OFF_WORDS: Final = frozenset({"", "off", "none"})
 _MAX_CPU_LATENCY_LIMIT: Final = 1.0
+_MAX_INDIRECT_PROBES: Final = 16
 
 _NODE_ID = re.compile(r"[!-~]{1,255}")  # printable ASCII, no blanks
 _CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -293,15 +295,26 @@ class AntiEntropySettings:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class MembershipSettings:
-    """Failure detection and joining: heartbeats, the silence that means down,
-    retries of unreachable seeds."""
+    """Failure detection, joining and leaving: the probe period, the silence that
+    makes a member suspect and then dead, leaving on stop, removing the dead."""
 
     heartbeat_interval: float
     failure_timeout: float
     seed_retry_interval: float
+    indirect_probes: int
+    suspect_timeout: float
+    leave_on_stop: bool
+    leave_timeout: float
+    dead_removal_timeout: float | None
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat_interval", "failure_timeout", "seed_retry_interval"):
+        for name in (
+            "heartbeat_interval",
+            "failure_timeout",
+            "seed_retry_interval",
+            "suspect_timeout",
+            "leave_timeout",
+        ):
             object.__setattr__(self, name, check_seconds(name, getattr(self, name)))
         if self.failure_timeout < 2 * self.heartbeat_interval:
             raise ConfigError(
@@ -310,12 +323,49 @@ class MembershipSettings:
                 f"so that one late heartbeat does not mark a peer down, "
                 f"got {self.failure_timeout:g} s",
             )
+        check_int("indirect_probes", self.indirect_probes, low=0, high=_MAX_INDIRECT_PROBES)
+        if self.suspect_timeout < self.heartbeat_interval:
+            raise ConfigError(
+                "suspect_timeout",
+                f"must be at least heartbeat_interval ({self.heartbeat_interval:g} s): a "
+                "suspected member needs a probe period to refute, "
+                f"got {self.suspect_timeout:g} s",
+            )
+        if type(self.leave_on_stop) is not bool:
+            raise ConfigError(
+                "leave_on_stop", f"expected true or false, got {self.leave_on_stop!r}"
+            )
+        if self.dead_removal_timeout is not None:
+            removal = check_seconds("dead_removal_timeout", self.dead_removal_timeout)
+            object.__setattr__(self, "dead_removal_timeout", removal)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class RebalanceSettings:
+    """Moving partitions when the ring changes: batch sizes, how many partitions at
+    once, the byte rate, and how long an old owner keeps what it gave away."""
+
+    rebalance_batch_keys: int
+    rebalance_batch_bytes: int
+    rebalance_concurrency: int
+    rebalance_rate: int
+    removal_grace: float
+
+    def __post_init__(self) -> None:
+        check_int("rebalance_batch_keys", self.rebalance_batch_keys, low=1, high=MAX_PUT_MANY)
+        check_int("rebalance_batch_bytes", self.rebalance_batch_bytes, low=1)
+        check_int("rebalance_concurrency", self.rebalance_concurrency, low=1, high=1024)
+        check_int("rebalance_rate", self.rebalance_rate, low=0)
+        object.__setattr__(
+            self, "removal_grace", check_seconds("removal_grace", self.removal_grace)
+        )
 
 
 _PLACEMENT: Final = _section_fields(Placement)
 _HINTS: Final = _section_fields(HintSettings)
 _ANTI_ENTROPY: Final = _section_fields(AntiEntropySettings)
 _MEMBERSHIP: Final = _section_fields(MembershipSettings)
+_REBALANCE: Final = _section_fields(RebalanceSettings)
 _CONNECTIONS: Final = (
     "max_connections",
     "max_connections_per_source",
@@ -356,6 +406,9 @@ class DistConfig:
         port 0 picks a free port.
     :ivar http: ``HOST:PORT`` of the management HTTP server, or ``None`` for none.
         Default ``"127.0.0.1:7480"``.
+    :ivar advertise: the ``HOST:PORT`` that peers and clients are told to dial;
+        ``None``: ``bind``, with a wildcard host replaced by this machine's host name
+        (see :attr:`advertised`). Default ``None``.
     :ivar seeds: ``HOST:PORT`` of nodes to join through; empty = start a new
         cluster. Default ``()``.
 
@@ -429,6 +482,27 @@ class DistConfig:
     :ivar failure_timeout: silence after which a peer is considered down, at
         least twice ``heartbeat_interval``. Default 5.
     :ivar seed_retry_interval: pause between attempts to reach the seeds. Default 1.
+    :ivar indirect_probes: members asked to probe a member that did not answer a
+        probe itself, before it is suspected (SWIM), 0..16. Default 3.
+    :ivar suspect_timeout: seconds a suspected member has to refute before it is
+        declared dead; at least ``heartbeat_interval``. Default 5.
+    :ivar leave_on_stop: on SIGTERM (and ``Node.stop(leave=True)``), leave the
+        cluster gracefully: announce ``left``, hand every partition to its new
+        owners, then exit. Default true.
+    :ivar leave_timeout: seconds a leaving node waits for its partitions' new owners
+        to confirm they hold them. Default 30.
+    :ivar dead_removal_timeout: remove a member dead for this long from the ring
+        automatically; ``None`` (``"off"``) = only by hand (``POST
+        /cluster/remove``). Default off.
+    :ivar rebalance_batch_keys: entries per partition-streaming batch, 1..4096.
+        Default 1024.
+    :ivar rebalance_batch_bytes: bytes per partition-streaming batch. Default 4 MiB.
+    :ivar rebalance_concurrency: partitions streamed at once. Default 4.
+    :ivar rebalance_rate: bytes per second a node streams at most; 0 = unbounded.
+        Default 128 MiB.
+    :ivar removal_grace: seconds an old owner keeps a partition it no longer owns
+        (and still receives its writes), and only drops it once the new owners
+        confirm they hold it. Default 30.
     :ivar max_clock_skew: how far ahead of this node's wall clock a received version
         may be (see "Clock rule"), seconds in (0, 3600]. Default 5.
 
@@ -452,6 +526,7 @@ class DistConfig:
     cluster_name: str = "hypercache"
     bind: str = "127.0.0.1:7400"
     http: str | None = "127.0.0.1:7480"
+    advertise: str | None = None
     seeds: tuple[str, ...] = ()
     replication: int = 3
     vnodes: int = 0
@@ -486,6 +561,16 @@ class DistConfig:
     heartbeat_interval: float = 1.0
     failure_timeout: float = 5.0
     seed_retry_interval: float = 1.0
+    indirect_probes: int = 3
+    suspect_timeout: float = 5.0
+    leave_on_stop: bool = True
+    leave_timeout: float = 30.0
+    dead_removal_timeout: float | None = None
+    rebalance_batch_keys: int = 1024
+    rebalance_batch_bytes: int = 4 * MiB
+    rebalance_concurrency: int = 4
+    rebalance_rate: int = 128 * MiB
+    removal_grace: float = 30.0
     max_clock_skew: float = 5.0
     busy_poll: float = 0.0
     cpu_latency_limit: float | None = None
@@ -522,6 +607,11 @@ class DistConfig:
         return settings
 
     @property
+    def rebalance(self) -> RebalanceSettings:
+        settings: RebalanceSettings = self._section(RebalanceSettings, _REBALANCE)
+        return settings
+
+    @property
     def connections(self) -> ConnectionLimits:
         """The caps and deadlines of the node's data-plane server."""
         limits: ConnectionLimits = self._section(ConnectionLimits, _CONNECTIONS)
@@ -546,6 +636,18 @@ class DistConfig:
         if http is not None and _str("http", http).strip().lower() in _OFF_WORDS:
             http = None
         put(self, "http", None if http is None else _address("http", http))
+        advertise = self.advertise
+        if advertise is not None and _str("advertise", advertise).strip() == "":
+            advertise = None
+        if advertise is not None:
+            advertise = _address("advertise", advertise)
+            host, port = parse_hostport(advertise, field="advertise")
+            if host in _WILDCARD_HOSTS or port == 0:
+                raise ConfigError(
+                    "advertise",
+                    f"must be an address peers and clients can reach, got {advertise!r}",
+                )
+        put(self, "advertise", advertise)
         put(self, "seeds", _seeds(self.seeds))
         if node_id == "":
             node_id = derive_node_id(self.bind)
@@ -613,6 +715,7 @@ class DistConfig:
         self._check_section(HintSettings, _HINTS)
         self._check_section(AntiEntropySettings, _ANTI_ENTROPY)
         self._check_section(MembershipSettings, _MEMBERSHIP)
+        self._check_section(RebalanceSettings, _REBALANCE)
         horizon = (
             self.hint_ttl
             + self.anti_entropy_max_interval
@@ -661,6 +764,18 @@ class DistConfig:
     def limits(self) -> Limits:
         """The wire's size limits (``max_frame``, ``max_key``, ``max_value``), checked."""
         return Limits(max_frame=self.max_frame, max_key=self.max_key, max_value=self.max_value)
+
+    @property
+    def advertised(self) -> str:
+        """The ``HOST:PORT`` peers and clients are told: ``advertise``, else ``bind``,
+        whose wildcard host (``0.0.0.0``, ``[::]``) is replaced with this machine's
+        host name (never advertised as such: nobody can dial it)."""
+        if self.advertise is not None:
+            return self.advertise
+        host, port = parse_hostport(self.bind, field="bind")
+        if host in _WILDCARD_HOSTS:
+            host = socket.gethostname()
+        return format_hostport(host, port)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -759,6 +874,23 @@ def _load_optional_seconds(name: str, raw: Any) -> Any:
     return _load_seconds(name, raw)
 
 
+_TRUE_WORDS: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS: Final = frozenset({"0", "false", "no", "off"})
+
+
+def _load_bool(name: str, raw: Any) -> Any:
+    if isinstance(raw, str):
+        word = raw.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+        raise ConfigError(name, f"expected true or false, got {raw!r}")
+    if type(raw) is not bool:
+        raise ConfigError(name, f"expected true or false, got {_describe(raw)}")
+    return raw
+
+
 def _load_seeds(name: str, raw: Any) -> Any:
     if isinstance(raw, str):
         return tuple(_split_commas(raw))
@@ -772,6 +904,7 @@ _LOADERS: Final[Mapping[str, _Loader]] = {
     "cluster_name": _load_str,
     "bind": _load_str,
     "http": _load_optional_str,
+    "advertise": _load_optional_str,
     "seeds": _load_seeds,
     "replication": _load_int,
     "vnodes": _load_int,
@@ -806,6 +939,16 @@ _LOADERS: Final[Mapping[str, _Loader]] = {
     "heartbeat_interval": _load_seconds,
     "failure_timeout": _load_seconds,
     "seed_retry_interval": _load_seconds,
+    "indirect_probes": _load_int,
+    "suspect_timeout": _load_seconds,
+    "leave_on_stop": _load_bool,
+    "leave_timeout": _load_seconds,
+    "dead_removal_timeout": _load_optional_seconds,
+    "rebalance_batch_keys": _load_int,
+    "rebalance_batch_bytes": _load_size,
+    "rebalance_concurrency": _load_int,
+    "rebalance_rate": _load_size,
+    "removal_grace": _load_seconds,
     "max_clock_skew": _load_seconds,
     "busy_poll": _load_seconds,
     "cpu_latency_limit": _load_optional_seconds,

@@ -306,7 +306,7 @@ class Node:
             config,
             self.transport,
             node_id=config.node_id,
-            address=server.address,
+            address=config.advertised,
             limits=self.limits,
             on_change=self._on_members,
             peer_auth=self.peer_auth,

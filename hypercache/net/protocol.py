@@ -116,7 +116,8 @@ class Op(IntEnum):
     """Operations carried by the protocol; the node layer implements them.
 
     Numbers are stable and never reused. Gaps leave room to group related
-    operations: 0-9 client face, 10-19 replication, 20-29 anti-entropy.
+    operations: 0-9 client face, 10-19 replication, 20-29 anti-entropy and
+    rebalancing, 30-39 membership.
     """
 
     HELLO = 0
@@ -132,6 +133,14 @@ class Op(IntEnum):
     MERKLE = 20
     KEYS = 21
     PULL = 22
+    #: rebalancing: one batch of a partition's entries, from a cursor
+    STREAM = 23
+    #: rebalancing: whether this node holds (has received) each of some partitions
+    HOLDS = 24
+    #: membership: probe a member on the asker's behalf (SWIM's indirect probe)
+    PING_REQ = 30
+    #: membership: exchange the whole member table (push-pull)
+    MEMBERS = 31
 
 
 #: ``MsgType`` values as plain ints, for the hot paths that compare them.
