@@ -7,20 +7,30 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+# Sources of the compiled core, and the mark of its last in-place build.
+CORE   := $(wildcard hypercache/_core/*.pyx hypercache/_core/*.pxd) setup.py
+BUILT  := hypercache/_core/.built
 
 .PHONY: dev build test quicktest bench run lint fmt clean
 
+# The editable install in "compat" mode compiles the extensions in place, once:
+# the build below finds them up to date.
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
+	touch $(BUILT)
 
 dev: $(STAMP)
 
-# Recompile the extensions in place (editable installs do not rebuild on edit).
-build: $(STAMP)
+# Recompile the extensions in place when a .pyx/.pxd changed (editable installs do
+# not rebuild on edit).
+$(BUILT): $(STAMP) $(CORE)
 	$(PY) setup.py --quiet build_ext --inplace -j 2
+	touch $(BUILT)
+
+build: $(BUILT)
 
 test: build
 	$(PY) -m pytest -q
@@ -51,5 +61,6 @@ fmt: $(STAMP)
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .benchmarks
 	find hypercache -name '*.so' -delete
+	rm -f $(BUILT)
 	find hypercache/_core -name '*.c' -delete
 	find hypercache/_core -name '*.html' -delete

@@ -13,7 +13,7 @@ cdef extern from *:
     """
     #if defined(_WIN32)
     #include <windows.h>
-    static int64_t hc_wall_ms(void) {
+    static inline int64_t hc_wall_ms(void) {
         FILETIME ft;
         ULARGE_INTEGER u;
         GetSystemTimeAsFileTime(&ft);
@@ -24,7 +24,7 @@ cdef extern from *:
     }
     #else
     #include <time.h>
-    static int64_t hc_wall_ms(void) {
+    static inline int64_t hc_wall_ms(void) {
         struct timespec t;
         clock_gettime(CLOCK_REALTIME, &t);
         return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
