@@ -2,12 +2,16 @@
 
 The clusters' working paths are what every cluster test runs on; these pin what
 only a failure shows: a poll's deadline and its error, a node that exits before it
-is ready, an interrupted start, ``make run`` when a node cannot start.
+is ready, an interrupted start, ``make run`` when a node cannot start, and the
+fixed ports of ``make run`` that the README's examples use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -110,3 +114,95 @@ def test_make_run_exits_1_when_a_node_cannot_start(capsys: pytest.CaptureFixture
     captured = capsys.readouterr()
     assert "node-1 exited with status 2 before it was ready" in captured.err
     assert "cluster stopped" in captured.out
+
+
+def _free_run(count: int) -> int:
+    """A port ``p`` with ``p .. p+count-1`` all free on loopback right now."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count > 65535:
+            continue
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+        return base
+    raise RuntimeError("no run of free ports")
+
+
+@pytest.mark.functional
+def test_a_cluster_with_ports_binds_consecutive_fixed_ports(tmp_path: Path) -> None:
+    base = _free_run(6)
+    with ProcessCluster(3, tmp_path, FAST_FLAGS, ports=(base, base + 3)) as cluster:
+        assert [node.data for node in cluster] == [f"127.0.0.1:{base + i}" for i in range(3)]
+        assert [node.http for node in cluster] == [f"127.0.0.1:{base + 3 + i}" for i in range(3)]
+        members = cluster[2].http_json("/cluster/members")
+        assert sorted(m["address"] for m in members["members"]) == [
+            f"127.0.0.1:{base + i}" for i in range(3)
+        ]
+
+
+def test_make_run_defaults_to_the_ports_the_readme_uses() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "127.0.0.1:7400" in readme and "127.0.0.1:7480" in readme
+    with pytest.raises(SystemExit):
+        local_main(["--help"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--port", "65535"], "--port must be 0 or a port leaving room for 3 nodes"),
+        (["--http-port", "-1"], "--http-port must be 0 or a port"),
+        (["--port", "0"], "--port and --http-port are both 0"),
+        (["--nodes", "0"], "--nodes must be at least 1"),
+    ],
+)
+def test_make_run_refuses_ports_it_cannot_use(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        local_main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.functional
+def test_make_run_serves_at_the_ports_asked_for_and_names_them(tmp_path: Path) -> None:
+    base = _free_run(4)
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "hypercache.cli.local", "--nodes", "2"),
+            *("--port", str(base), "--http-port", str(base + 2)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops the cluster" in line:
+                break
+        banner = "".join(lines)
+        assert f"data 127.0.0.1:{base}" in banner, banner
+        assert f"http http://127.0.0.1:{base + 3}" in banner, banner
+        with socket.create_connection(("127.0.0.1", base + 1), timeout=5):
+            pass
+    finally:
+        proc.terminate()
+        status = proc.wait(timeout=30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert status == 0

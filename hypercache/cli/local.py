@@ -1,10 +1,12 @@
-"""``python -m hypercache.cli.local`` (``make run``): a local cluster in the foreground.
+"""``hypercache-local`` (``make run``): a local cluster in the foreground.
 
-Starts N (default 3) ``hypercache-node`` processes on loopback. No port is guessed:
-the first node binds port 0 and reports its addresses in its ready line; the others
-bind port 0 too and join through it. Once every node reports all members up on
-``/health``, prints how to connect, then waits. Ctrl-C or SIGTERM stops every node
-(SIGTERM, then SIGKILL after a grace period); so does the death of any node.
+Starts N (default 3) ``hypercache-node`` processes on loopback at fixed ports: node
+N's data port is ``--port`` + N - 1 (7400, 7401, 7402) and its management HTTP port
+``--http-port`` + N - 1 (7480, 7481, 7482), the addresses the README's examples use.
+``--port 0 --http-port 0`` binds free ports instead and reports them. Once every node
+reports all members up on ``/health``, prints how to connect, then waits. Ctrl-C or
+SIGTERM stops every node (SIGTERM, then SIGKILL after a grace period); so does the
+death of any node.
 """
 
 from __future__ import annotations
@@ -58,11 +60,23 @@ def _banner(nodes: list[NodeProcess]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m hypercache.cli.local",
+        prog="hypercache-local",
         description="Run a local hypercache cluster on loopback in the foreground.",
     )
     parser.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=7400,
+        help="data port of node 1; node N gets PORT+N-1 (default 7400; 0 = any free port)",
+    )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=7480,
+        help="management HTTP port of node 1; node N gets HTTP_PORT+N-1 (default 7480)",
+    )
     parser.add_argument("--log-level", default="warning", help="log level of the nodes")
     parser.add_argument(
         "--start-timeout", type=float, default=30.0, help="seconds to wait for the cluster"
@@ -70,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.nodes < 1:
         parser.error("--nodes must be at least 1")
+    for flag, port in (("--port", args.port), ("--http-port", args.http_port)):
+        if not (port == 0 or 1 <= port <= 65535 - args.nodes + 1):
+            parser.error(f"{flag} must be 0 or a port leaving room for {args.nodes} nodes")
+    if (args.port == 0) != (args.http_port == 0):
+        parser.error("--port and --http-port are both 0 (any free port) or both set")
 
     stopping: list[bool] = []
     with tempfile.TemporaryDirectory(prefix="hypercache-local-") as tmp:
@@ -78,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(tmp),
             ["--log-level", args.log_level],
             host=args.host,
+            ports=None if args.port == 0 else (args.port, args.http_port),
             timeout=args.start_timeout,
             log_files=False,
         )

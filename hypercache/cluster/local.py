@@ -49,6 +49,7 @@ from hypercache.cli.node import READY_PREFIX
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.node import Node
 from hypercache.net import BlockingConnection, InprocNetwork, Op, make_hello
+from hypercache.units import format_hostport
 
 __all__ = [
     "NODE_COMMAND",
@@ -367,7 +368,10 @@ class ProcessCluster:
     index ``i`` is ``node-{i+1}``.
 
     :param args: flags of every node (see :class:`NodeProcess`).
-    :param host: the address every node binds (port 0).
+    :param host: the address every node binds.
+    :param ports: ``(data, http)`` of node 1; node ``i`` binds ``data + i`` and
+        ``http + i``. ``None`` (the default): every node binds port 0 and reports
+        the ports it got.
     :param timeout: seconds that every wait of the cluster's own allows (a node's
         ready line, the cluster healthy).
     :param log_files: each node's log to its file (else to this process's stderr).
@@ -384,11 +388,13 @@ class ProcessCluster:
         args: Sequence[str] = (),
         *,
         host: str = "127.0.0.1",
+        ports: tuple[int, int] | None = None,
         timeout: float = 30.0,
         log_files: bool = True,
     ) -> None:
         self.workdir = workdir
         self.host = host
+        self.ports = ports
         self.timeout = timeout
         self.nodes = [
             NodeProcess(i, f"node-{i + 1}", workdir, args, log_files=log_files) for i in range(size)
@@ -441,19 +447,23 @@ class ProcessCluster:
     def start(self) -> None:
         """Start node 1, then the others seeded with it; wait for a healthy cluster.
         On any failure (or interruption), stop what was started, then raise."""
-        bind = f"{self.host}:0"
         first = self.nodes[0]
         try:
-            first.start(bind=bind, http=bind, seeds=())
+            first.start(bind=self._address(0, 0), http=self._address(0, 1), seeds=())
             self._wait_ready(first)
             for node in self.nodes[1:]:
-                node.start(bind=bind, http=bind, seeds=[first.data])
+                i = node.index
+                node.start(bind=self._address(i, 0), http=self._address(i, 1), seeds=[first.data])
             for node in self.nodes[1:]:
                 self._wait_ready(node)
             self.wait_healthy()
         except BaseException:
             self.stop()
             raise
+
+    def _address(self, index: int, which: int) -> str:
+        port = 0 if self.ports is None else self.ports[which] + index
+        return format_hostport(self.host, port)
 
     def healthy(self, up: int | None = None) -> bool:
         """Whether every running node answers ``/health`` with status ``ok``, every
