@@ -135,7 +135,7 @@ def _free_run(count: int) -> int:
         finally:
             for sock in held:
                 sock.close()
-        return base
+        return int(base)
     raise RuntimeError("no run of free ports")
 
 
