@@ -15,6 +15,7 @@ Unit tests run :class:`~hypercache.cluster.local.InprocCluster` in their loop, w
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,3 +74,26 @@ def local(node: Node, key: bytes) -> Any:
     """``node``'s own entry for ``key`` (tombstones included), or ``None``."""
     assert node.coordinator is not None
     return node.replica.get(key)
+
+
+def free_port_run(count: int) -> int:
+    """A port ``p`` with ``p .. p+count-1`` all free on loopback right now."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count > 65535:
+            continue
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+        return int(base)
+    raise RuntimeError("no run of free ports")

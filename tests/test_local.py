@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from aio_helpers import run
-from cluster_harness import FAST_FLAGS
+from cluster_harness import FAST_FLAGS, free_port_run
 
 from hypercache.cli.local import main as local_main
 from hypercache.cluster.local import NodeExitedError, ProcessCluster, until, wait_for
@@ -116,32 +116,9 @@ def test_make_run_exits_1_when_a_node_cannot_start(capsys: pytest.CaptureFixture
     assert "cluster stopped" in captured.out
 
 
-def _free_run(count: int) -> int:
-    """A port ``p`` with ``p .. p+count-1`` all free on loopback right now."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        held: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                held.append(sock)
-                sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-        return int(base)
-    raise RuntimeError("no run of free ports")
-
-
 @pytest.mark.functional
 def test_a_cluster_with_ports_binds_consecutive_fixed_ports(tmp_path: Path) -> None:
-    base = _free_run(6)
+    base = free_port_run(6)
     with ProcessCluster(3, tmp_path, FAST_FLAGS, ports=(base, base + 3)) as cluster:
         assert [node.data for node in cluster] == [f"127.0.0.1:{base + i}" for i in range(3)]
         assert [node.http for node in cluster] == [f"127.0.0.1:{base + 3 + i}" for i in range(3)]
@@ -178,7 +155,7 @@ def test_make_run_refuses_ports_it_cannot_use(
 
 @pytest.mark.functional
 def test_make_run_serves_at_the_ports_asked_for_and_names_them(tmp_path: Path) -> None:
-    base = _free_run(4)
+    base = free_port_run(4)
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "hypercache.cli.local", "--nodes", "2"),

@@ -7,6 +7,7 @@ Run as a script to print the balance table of docs/ring.md::
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -377,13 +378,18 @@ def random_sweep(vnodes: int, trials: int) -> tuple[float, float, float, int, in
 
 
 def main(argv: list[str]) -> None:
-    trials = 0
-    if "--random" in argv:
-        i = argv.index("--random")
-        trials = int(argv[i + 1])
-        del argv[i : i + 2]
-    vnode_counts = [int(a) for a in argv] or [DEFAULT_VNODES]
-    for v in vnode_counts:
+    parser = argparse.ArgumentParser(
+        prog="tests/test_ring.py", description="Print the ring's balance tables (docs/ring.md)."
+    )
+    parser.add_argument(
+        "vnodes", nargs="*", type=int, help=f"vnode counts to tabulate (default {DEFAULT_VNODES})"
+    )
+    parser.add_argument(
+        "--random", type=int, default=0, metavar="T", help="add T random-uuid clusters per size"
+    )
+    args = parser.parse_args(argv)
+    trials = args.random
+    for v in args.vnodes or [DEFAULT_VNODES]:
         print(f"\nvnodes={v} partitions={DEFAULT_PARTITIONS} replication=3")
         print("| nodes | node-i primary | node-i owned | uuid primary | uuid owned |")
         print("|------:|---------------:|-------------:|-------------:|-----------:|")
