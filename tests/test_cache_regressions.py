@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import weakref
 from typing import Any
 
 import pytest
@@ -176,3 +177,41 @@ def test_memoize_result_too_large_to_cache_is_still_returned() -> None:
 
     assert payload(100) == b"x" * 100
     assert c.get_or_set("big", lambda: b"y" * 100) == b"y" * 100
+
+
+# --------------------------------------------------------------- key comparison
+
+
+def test_stored_key_outlives_its_own_eq_that_removes_it() -> None:
+    # The probe compares stored == probe: stored.__eq__ runs first and, when it
+    # returns NotImplemented, probe.__eq__(stored) runs next. A stored __eq__ that
+    # deletes its key from the cache must not free the key before that second
+    # call (dict holds the stored key over the comparison for the same reason).
+    events: list[str] = []
+    cache: HyperCache[Any, Any] = HyperCache()
+
+    class Stored:
+        def __hash__(self) -> int:
+            return 99
+
+        def __eq__(self, other: object) -> bool:
+            if isinstance(other, Probe):
+                cache.delete(self)  # found by identity: no __eq__ call
+                return NotImplemented
+            return other is self
+
+    class Probe:
+        def __hash__(self) -> int:
+            return 99
+
+        def __eq__(self, other: object) -> bool:
+            events.append(f"probe.__eq__({type(other).__name__})")
+            return False
+
+    stored = Stored()
+    weakref.finalize(stored, events.append, "stored freed")
+    cache.set(stored, 1)
+    del stored
+    assert cache.get(Probe()) is None
+    assert events == ["probe.__eq__(Stored)", "stored freed"]
+    assert len(cache) == 0

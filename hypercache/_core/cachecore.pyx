@@ -51,7 +51,7 @@ top, so the sweep costs O(expired * log n), never O(size), and needs no thread.
 """
 
 cimport cython
-from cpython.object cimport PyObject, PyObject_Hash, PyObject_RichCompareBool, Py_EQ, PyTypeObject
+from cpython.object cimport PyObject, PyObject_Hash, Py_EQ, PyTypeObject
 from cpython.ref cimport Py_INCREF, Py_DECREF
 from libc.math cimport isnan, isinf
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
@@ -128,6 +128,11 @@ cdef extern from *:
     }
     """
     Py_hash_t hc_cached_str_hash(object o) noexcept
+
+
+cdef extern from "Python.h":
+    # Without Cython's ``except -1``: the caller releases what it holds first.
+    int rich_compare_bool "PyObject_RichCompareBool"(PyObject* a, PyObject* b, int op) noexcept
 
 
 cdef inline uint32_t fold(Py_hash_t h) noexcept nogil:
@@ -388,7 +393,16 @@ cdef class CacheCore:
                     if k == <PyObject*>key:
                         return b
                     seen = self.mutations
-                    r = PyObject_RichCompareBool(<object>k, key, Py_EQ)
+                    # Hold the stored key over the comparison, as dict does: an
+                    # __eq__ may drop it from the table, and the comparison still
+                    # uses it afterwards (the reflected key.__eq__(stored) runs
+                    # when stored.__eq__ returns NotImplemented). The release may
+                    # run a finalizer, so ``mutations`` is read after it.
+                    Py_INCREF(<object>k)
+                    r = rich_compare_bool(k, <PyObject*>key, Py_EQ)
+                    Py_DECREF(<object>k)
+                    if r < 0:
+                        return -2  # the comparison's exception is set
                     if seen != self.mutations:
                         break
                     if r:
