@@ -34,9 +34,14 @@ Every public method is atomic under the GIL. Python code can run inside an
 operation only at four points: the key's ``__hash__``, the key's ``__eq__``
 during a probe, a user ``sizeof`` or ``timer``, and the deallocation of a
 value or key we drop. The first and third run before any mutation. A probe
-that had to call ``__eq__`` re-checks the ``mutations`` counter afterwards and
-starts again if anything changed meanwhile (the same defence CPython's dict
-uses). Dropped references are never released mid-operation: they are pushed on
+that had to call ``__eq__`` holds the stored key, re-checks the ``mutations``
+counter afterwards and starts again if anything changed meanwhile (the same
+defence CPython's dict uses). A probe whose two keys are both exact ``str``,
+``bytes`` or ``int`` compares them in C instead (``hc_fast_eq``): those types
+cannot be subclassed in place or patched, their comparison reads the two
+objects and nothing else, so no Python code runs and there is nothing to
+re-check. Any other pair, a subclass of those types included, takes the
+guarded path. Dropped references are never released mid-operation: they are pushed on
 a ``pending`` stack and released once the table is consistent again, so a
 ``__del__`` that re-enters the cache (or lets another thread in) only ever sees
 a whole state. Allocations of Python objects (which can trigger the cyclic GC
@@ -128,6 +133,61 @@ cdef extern from *:
     }
     """
     Py_hash_t hc_cached_str_hash(object o) noexcept
+
+
+cdef extern from *:
+    """
+    /* Equality of a stored key and a probe key, for the few exact built-in
+     * types whose comparison is plain C that reads the two objects and nothing
+     * else: 1 equal, 0 not equal, -1 not settled here (any other type pair,
+     * subclasses included: their __eq__ may be Python code, and the caller
+     * must take the guarded path). Never runs Python code, never allocates,
+     * never sets an error, so a probe that uses it needs no re-check of the
+     * table afterwards. The results are what PyObject_RichCompareBool returns
+     * for these pairs; identity has been tested by the caller.
+     *
+     * str: both hashes are cached (the stored key was hashed when inserted,
+     * the probe key just now), and equal strings have equal hashes, so the
+     * full 64-bit hash rejects what the table's 32 bits let through; then
+     * length, kind (CPython keeps every str in its narrowest kind, so equal
+     * strings share it) and the code units, as unicode_eq does. */
+    static CYTHON_INLINE int hc_fast_eq(PyObject *a, PyObject *b) {
+        PyTypeObject *t = Py_TYPE(a);
+        if (t != Py_TYPE(b))
+            return -1;
+        if (t == &PyUnicode_Type) {
+            Py_hash_t ha = ((PyASCIIObject *)a)->hash, hb = ((PyASCIIObject *)b)->hash;
+            Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+            unsigned int kind = PyUnicode_KIND(a);
+            if ((ha != hb && ha != -1 && hb != -1) || n != PyUnicode_GET_LENGTH(b)
+                    || kind != PyUnicode_KIND(b))
+                return 0;
+            return memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * kind) == 0;
+        }
+        if (t == &PyBytes_Type) {
+            Py_ssize_t n = PyBytes_GET_SIZE(a);
+            return n == PyBytes_GET_SIZE(b)
+                && memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), (size_t)n) == 0;
+        }
+        if (t == &PyLong_Type) {
+    #if PY_VERSION_HEX < 0x030C0000
+            /* Sign and digit count in ob_size, then the digits (normalised). */
+            Py_ssize_t n = Py_SIZE(a);
+            return n == Py_SIZE(b) && memcmp(((PyLongObject *)a)->ob_digit,
+                ((PyLongObject *)b)->ob_digit, (size_t)(n < 0 ? -n : n) * sizeof(digit)) == 0;
+    #else
+            if (PyUnstable_Long_IsCompact((PyLongObject *)a)
+                    && PyUnstable_Long_IsCompact((PyLongObject *)b))
+                return PyUnstable_Long_CompactValue((PyLongObject *)a)
+                    == PyUnstable_Long_CompactValue((PyLongObject *)b);
+            /* long_richcompare: C only, and it cannot fail for two ints. */
+            return PyObject_RichCompareBool(a, b, Py_EQ);
+    #endif
+        }
+        return -1;
+    }
+    """
+    int hc_fast_eq(PyObject* a, PyObject* b) noexcept
 
 
 cdef extern from "Python.h":
@@ -345,12 +405,16 @@ cdef class CacheCore:
         # a time: a miss is usually settled by one group that holds an empty
         # byte and no tag match, without touching the index. A tag match whose
         # slot holds the very key object (interned strings, small ints, the
-        # object stored) is a hit without reading the stored hash; any other
-        # candidate with an equal hash takes _find_eq, which may call __eq__.
+        # object stored) is a hit without reading the stored hash. A candidate
+        # with an equal hash is compared in C when both keys are exact str,
+        # bytes or int (hc_fast_eq), the usual case of a key built again per
+        # request; any other pair takes _find_eq, which may call __eq__.
         cdef uint32_t i = self._bucket(h)
         cdef uint64_t g, m, empty
         cdef uint64_t pattern = BYTES_LSB * ctrl_tag(h)
         cdef uint32_t s
+        cdef PyObject* k
+        cdef int r
         while True:
             memcpy(&g, self.ctrl + i, 8)
             m = g ^ pattern
@@ -364,10 +428,18 @@ cdef class CacheCore:
                 # A hit goes on to the policy's links of this slot: start
                 # that load now so it overlaps the key comparison's.
                 prefetch(self.policy.prev + 2 * s)
-                if self.kv[2 * s] == <PyObject*>key:
+                k = self.kv[2 * s]
+                if k == <PyObject*>key:
                     return s
                 if self.hashes[s] == h:
-                    return self._find_eq(key, h)
+                    # An equal key that is another object: settled in place for
+                    # exact str, bytes and int (no Python code can run, so the
+                    # table cannot change under the probe), else the guarded path.
+                    r = hc_fast_eq(k, <PyObject*>key)
+                    if r > 0:
+                        return s
+                    if r < 0:
+                        return self._find_eq(key, h)
                 m &= m - 1
             if empty:
                 return -1
@@ -392,6 +464,12 @@ cdef class CacheCore:
                     k = self.kv[2 * b]
                     if k == <PyObject*>key:
                         return b
+                    r = hc_fast_eq(k, <PyObject*>key)
+                    if r > 0:
+                        return b
+                    if r == 0:
+                        i = (i + 1) & self.mask
+                        continue
                     seen = self.mutations
                     # Hold the stored key over the comparison, as dict does: an
                     # __eq__ may drop it from the table, and the comparison still
