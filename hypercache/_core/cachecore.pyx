@@ -1,3 +1,10 @@
+# cython: binding=False, embedsignature.format=clinic
+# Methods as plain C method descriptors, not Cython function objects: a bound
+# ``cache.get`` is then a builtin method, which CPython calls through its
+# specialised fast path. With binding=True it was a ``method`` over a
+# cyfunction, a generic call that cost more than the whole lookup on a hit
+# (get-hit 1,000 keys: 1.27 -> 1.08x dict.get, interleaved). The clinic
+# signature format keeps inspect.signature() working on them.
 """The table behind :class:`hypercache.HyperCache`.
 
 Layout
@@ -355,6 +362,7 @@ cdef class CacheCore:
         self.size_fn = size_fn
         self.timer = timer
 
+    @classmethod  # implicit only for functions, not for C method descriptors
     def __class_getitem__(cls, item):
         return types.GenericAlias(cls, item)
 
