@@ -144,6 +144,45 @@ cdef extern from *:
 
 cdef extern from *:
     """
+    /* n bytes at a and b equal? Keys are mostly short: up to 16 bytes take two
+     * overlapping loads a side instead of a call to memcmp, never reading
+     * outside [a, a + n). */
+    static CYTHON_INLINE int hc_memeq(const char *a, const char *b, size_t n) {
+        uint64_t x, y, d;
+        uint32_t u, v, e;
+        if (n >= 8) {
+            if (n > 16)
+                return memcmp(a, b, n) == 0;
+            memcpy(&x, a, 8); memcpy(&y, b, 8); d = x ^ y;
+            memcpy(&x, a + n - 8, 8); memcpy(&y, b + n - 8, 8);
+            return (d | (x ^ y)) == 0;
+        }
+        if (n >= 4) {
+            memcpy(&u, a, 4); memcpy(&v, b, 4); e = u ^ v;
+            memcpy(&u, a + n - 4, 4); memcpy(&v, b + n - 4, 4);
+            return (e | (u ^ v)) == 0;
+        }
+        for (size_t i = 0; i < n; i++)
+            if (a[i] != b[i])
+                return 0;
+        return 1;
+    }
+
+    /* Two exact str: equal? */
+    static CYTHON_INLINE int hc_str_eq(PyObject *a, PyObject *b) {
+        Py_hash_t ha = ((PyASCIIObject *)a)->hash, hb = ((PyASCIIObject *)b)->hash;
+        Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+        unsigned int kind = PyUnicode_KIND(a);
+        if ((ha != hb && ha != -1 && hb != -1) || n != PyUnicode_GET_LENGTH(b)
+                || kind != PyUnicode_KIND(b))
+            return 0;
+        if (PyUnicode_IS_COMPACT_ASCII(a) && PyUnicode_IS_COMPACT_ASCII(b))
+            return hc_memeq((const char *)(((PyASCIIObject *)a) + 1),
+                            (const char *)(((PyASCIIObject *)b) + 1), (size_t)n);
+        return hc_memeq((const char *)PyUnicode_DATA(a), (const char *)PyUnicode_DATA(b),
+                        (size_t)n * kind);
+    }
+
     /* Equality of a stored key and a probe key, for the few exact built-in
      * types whose comparison is plain C that reads the two objects and nothing
      * else: 1 equal, 0 not equal, -1 not settled here (any other type pair,
@@ -162,19 +201,12 @@ cdef extern from *:
         PyTypeObject *t = Py_TYPE(a);
         if (t != Py_TYPE(b))
             return -1;
-        if (t == &PyUnicode_Type) {
-            Py_hash_t ha = ((PyASCIIObject *)a)->hash, hb = ((PyASCIIObject *)b)->hash;
-            Py_ssize_t n = PyUnicode_GET_LENGTH(a);
-            unsigned int kind = PyUnicode_KIND(a);
-            if ((ha != hb && ha != -1 && hb != -1) || n != PyUnicode_GET_LENGTH(b)
-                    || kind != PyUnicode_KIND(b))
-                return 0;
-            return memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * kind) == 0;
-        }
+        if (t == &PyUnicode_Type)
+            return hc_str_eq(a, b);
         if (t == &PyBytes_Type) {
             Py_ssize_t n = PyBytes_GET_SIZE(a);
             return n == PyBytes_GET_SIZE(b)
-                && memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), (size_t)n) == 0;
+                && hc_memeq(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), (size_t)n);
         }
         if (t == &PyLong_Type) {
     #if PY_VERSION_HEX < 0x030C0000
@@ -408,7 +440,7 @@ cdef class CacheCore:
         return <uint32_t>((<uint64_t>h * FIB) >> self.shift)
 
     @cython.final
-    cdef int64_t _find(self, object key, uint32_t h) except -2:
+    cdef inline int64_t _find(self, object key, uint32_t h) except -2:
         # The slot holding ``key``, or -1. Scans the control bytes 8 buckets at
         # a time: a miss is usually settled by one group that holds an empty
         # byte and no tag match, without touching the index. A tag match whose
@@ -424,6 +456,9 @@ cdef class CacheCore:
         cdef PyObject* k
         cdef int r
         while True:
+            # The group's index entries are the next load of a hit: ask for
+            # them now, alongside the control bytes, rather than after them.
+            prefetch(self.index + i)
             memcpy(&g, self.ctrl + i, 8)
             m = g ^ pattern
             m = (m - BYTES_LSB) & ~m & BYTES_MSB
