@@ -6,6 +6,7 @@ Single-threaded and deterministic: every TTL test injects ``timer``; no test sle
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import sys
 import weakref
@@ -94,6 +95,46 @@ def test_basic_api(policy: str) -> None:
     assert c.capacity == 10
     assert c.max_bytes is None
     assert f"policy={policy!r}" in repr(c)
+
+
+def test_get_and_set_by_position_by_keyword_and_unbound() -> None:
+    # get() and set() have positional entry points in front of the general
+    # argument parsing: every way of calling them must behave alike.
+    c = make(10, timer=Clock())
+    c.set("a", 1)
+    c.set("b", 2, 5)
+    c.set("c", 3, None)
+    c.set(key="d", value=4)
+    c.set("e", 5, ttl=5)
+    HyperCache.set(c, "f", 6)
+    assert [c.get(k) for k in "abcdef"] == [1, 2, 3, 4, 5, 6]
+    assert c.get("zz", "dflt") == "dflt"
+    assert c.get("zz", default="kw") == "kw"
+    assert c.get(key="a") == 1
+    assert HyperCache.get(c, "b") == 2 and HyperCache.get(c, "zz", 0) == 0
+    assert c.ttl("b") == 5 and c.ttl("e") == 5 and c.ttl("c") is None
+    calls: list[Callable[[], Any]] = [
+        lambda: c.get(),  # type: ignore[call-overload]
+        lambda: c.get("a", 1, 2),  # type: ignore[call-overload]
+        lambda: c.get("a", dflt=1),  # type: ignore[call-overload]
+        lambda: c.set("a"),  # type: ignore[call-arg]
+        lambda: c.set("a", 1, 2, 3),  # type: ignore[call-arg]
+        lambda: c.set("a", 1, sec=2),  # type: ignore[call-arg]
+        lambda: HyperCache.get(object(), "a"),  # type: ignore[call-overload]
+        lambda: HyperCache.set(object(), "a", 1),  # type: ignore[arg-type]
+        lambda: c.set([], 1),
+        lambda: c.get({}),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError):
+            call()
+    with pytest.raises(ConfigError):
+        c.set("a", 1, -1)
+    assert c.get("a") == 1 and len(c) == 6
+    assert c.get.__doc__ and "default" in c.get.__doc__
+    assert c.set.__doc__ and "ttl" in c.set.__doc__
+    assert str(inspect.signature(c.get)) == "(key, default=None)"
+    assert str(inspect.signature(c.set)) == "(key, value, ttl=None)"
 
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)

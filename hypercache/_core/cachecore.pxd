@@ -111,6 +111,8 @@ cdef class CacheCore:
     @cython.final
     cdef int64_t _live(self, object key, uint32_t h) except -2
     @cython.final
+    cdef object _get(self, object key, object default)
+    @cython.final
     cdef uint64_t _measure(self, object value) except? 0xFFFFFFFFFFFFFFFF
     @cython.final
     cdef int _store(self, object key, object value, object ttl) except -1
