@@ -6,10 +6,25 @@ report divides the round's median by the batch: ns per operation, loop included.
 The loop is one of the ``loop_*`` functions below, the same for every cache; the
 cache's bound method is hoisted out of it and passed in as an argument (a fast local).
 
-Keys are ``str`` (``"key:<n>"``, the shape theine's benchmarks use), built and hashed
-once per size (``str`` caches its hash, so no timed loop pays for a first hashing) and
-shared by every cache; values are one preallocated object. For a size ``N`` the cache
-has capacity ``N`` and is filled with ``key:0 .. key:N-1`` before timing.
+Keys are ``str`` (``"key:<n>"``, the shape theine's benchmarks use) and values one
+preallocated object. For a size ``N`` the cache has capacity ``N`` and is filled with
+``key:0 .. key:N-1`` before timing. The same operation is timed with three kinds of
+key (:data:`KEY_KINDS`), which differ in how the key a caller passes relates to the
+one the cache stores:
+
+``identical``  the very objects that were inserted, hashed once before any timing
+               (``str`` caches its hash): a hit can be settled by pointer identity
+``equal``      equal strings built again (``f"key:{n}"``) before each round, hashed
+               then: equal, never identical, hash cached -- a caller that builds its
+               key once and uses it twice (``get``, then ``set`` on a miss)
+``fresh``      built by the timed loop itself, one new ``str`` per call, as a caller
+               that writes ``cache.get(f"user:{uid}")`` does: neither identical nor
+               hashed yet, so every cache pays the first hashing too. Building the
+               key costs the same for every cache; ``build key only`` (the same
+               loop without the cache call) measures it, and the report subtracts
+               it for the ratios
+
+Operations (``mix`` with identical keys only):
 
 ``get-hit``        read resident keys, batches cycle over a seeded permutation of them
 ``get-miss``       read keys that were never inserted (``key:N ..``)
@@ -19,6 +34,11 @@ has capacity ``N`` and is filled with ``key:0 .. key:N-1`` before timing.
                    past ``N``, so it times plain inserts into a dict of up to ``N`` keys
 ``set-overwrite``  write resident keys again (same permutation as ``get-hit``)
 ``mix``            90% ``get`` / 10% ``set`` of resident keys, keys drawn Zipf(0.9)
+
+A missed or new key is never the stored object, so ``get-miss`` and ``set-new`` time
+the same work with ``identical`` and ``equal`` keys; both rows are kept so that each
+kind's table is whole. ``bench/interleaved.py`` runs these same workloads with every
+cache taking turns round by round, for ratios that a busy machine cannot skew.
 """
 
 from __future__ import annotations
@@ -39,6 +59,13 @@ if TYPE_CHECKING:
 BATCH = 1_000
 SIZES = (1_000, 100_000)
 OPS = ("get-hit", "get-miss", "set-new", "set-overwrite", "mix")
+KEY_KINDS = ("identical", "equal", "fresh")
+#: The operations timed with each kind of key.
+KIND_OPS = {
+    "identical": OPS,
+    "equal": ("get-hit", "get-miss", "set-new", "set-overwrite"),
+    "fresh": ("get-hit", "get-miss", "set-new", "set-overwrite"),
+}
 SPEED_IMPLS = (
     "HyperCache(lru)",
     "HyperCache(tinylfu)",
@@ -48,6 +75,8 @@ SPEED_IMPLS = (
     "lru_dict.LRU",
     "theine.Cache",
 )
+#: The column of ``fresh`` rows that times building the key alone.
+BUILD_ONLY = "build key only"
 MIX_WRITE_FRACTION = 0.10
 MIX_ZIPF_S = 0.9
 SEED = 20240601
@@ -81,6 +110,27 @@ def loop_mix(
             get(k)
 
 
+# ``fresh`` keys: the loop builds each key as a caller would. The f-string is spelled
+# out rather than calling bench.traces.key(), which would add a call per key; it
+# builds the same "key:<n>" strings.
+
+
+def loop_get_fresh(get: Callable[[Any], Any], ids: Sequence[int]) -> None:
+    for i in ids:
+        get(f"key:{i}")
+
+
+def loop_set_fresh(set_: Callable[[Any, Any], Any], ids: Sequence[int], value: object) -> None:
+    for i in ids:
+        set_(f"key:{i}", value)
+
+
+def loop_build_only(ids: Sequence[int]) -> None:
+    # The fresh loops without the cache: building (and dropping) the key.
+    for i in ids:
+        _ = f"key:{i}"
+
+
 # -- key sets (built once per size, shared by every cache) -------------------------------
 
 
@@ -102,17 +152,35 @@ def _chunks(seq: list[Any], n: int) -> list[list[Any]]:
 
 
 @functools.cache
-def hit_batches(size: int) -> list[list[str]]:
-    order = list(resident(size))
+def hit_ids(size: int) -> list[list[int]]:
+    """Batches of resident ids: one seeded permutation of ``0..size-1``."""
+    order = list(range(size))
     random.Random(SEED).shuffle(order)
     return _chunks(order, BATCH)
 
 
 @functools.cache
+def miss_ids(size: int) -> list[list[int]]:
+    """Batches of ids never inserted: a seeded permutation of ``size..2*size-1``."""
+    order = list(range(size, 2 * size))
+    random.Random(SEED + 1).shuffle(order)
+    return _chunks(order, BATCH)
+
+
+def new_ids(size: int, n_batches: int) -> list[list[int]]:
+    """Fresh ids for ``n_batches`` batches of set-new, from ``2*size`` on."""
+    return _chunks(list(range(2 * size, 2 * size + n_batches * BATCH)), BATCH)
+
+
+@functools.cache
+def hit_batches(size: int) -> list[list[str]]:
+    names = resident(size)
+    return [[names[i] for i in ids] for ids in hit_ids(size)]
+
+
+@functools.cache
 def miss_batches(size: int) -> list[list[str]]:
-    absent = prehashed(keys(size, 2 * size))
-    random.Random(SEED + 1).shuffle(absent)
-    return _chunks(absent, BATCH)
+    return [prehashed([f"key:{i}" for i in ids]) for ids in miss_ids(size)]
 
 
 @functools.cache
@@ -126,12 +194,62 @@ def mix_batches(size: int, n_batches: int = 64) -> list[list[tuple[str, bool]]]:
 
 def new_batches(size: int, n_batches: int) -> list[list[str]]:
     # Not cached: fresh keys per benchmark, so no cache ever sees them twice.
-    return _chunks(prehashed(keys(2 * size, 2 * size + n_batches * BATCH)), BATCH)
+    return [prehashed([f"key:{i}" for i in ids]) for ids in new_ids(size, n_batches)]
 
 
 def cycle(batches: list[Any]) -> Iterator[Any]:
     while True:
         yield from batches
+
+
+def batch_source(kind: str, op: str, size: int, n_batches: int) -> Iterator[Any]:
+    """The batches of one benchmark, one per round (warm-up rounds included).
+
+    ``set-new`` yields ``n_batches`` batches of keys no cache has seen; the others
+    cycle. ``equal`` batches are built as they are taken: every round gets new
+    objects, so a cache that keeps the key of an overwrite never meets it again.
+    """
+    if kind not in KEY_KINDS or op not in KIND_OPS[kind]:
+        raise ValueError(f"no {op} benchmark with {kind} keys")
+    if op == "mix":
+        return cycle(mix_batches(size))
+    if op == "set-new":
+        ids: Iterator[list[int]] = iter(new_ids(size, n_batches))
+        if kind == "identical":
+            return iter(new_batches(size, n_batches))
+    else:
+        ids = cycle(miss_ids(size) if op == "get-miss" else hit_ids(size))
+        if kind == "identical":
+            return cycle(miss_batches(size) if op == "get-miss" else hit_batches(size))
+    if kind == "fresh":
+        # New int objects for each round, allocated together, as a request's freshly
+        # parsed id would be: the shuffled ids of one long list lie scattered in memory,
+        # and at 100,000 keys loading them cost the loop more than building the key.
+        return ([i + 0 for i in batch] for batch in ids)
+    return (prehashed([f"key:{i}" for i in batch]) for batch in ids)
+
+
+def loop_for(kind: str, op: str) -> Callable[..., None]:
+    """The timed loop of ``op`` with ``kind`` keys; see :func:`loop_args`."""
+    if op == "mix":
+        return loop_mix
+    reads = op.startswith("get")
+    if kind == "fresh":
+        return loop_get_fresh if reads else loop_set_fresh
+    return loop_get if reads else loop_set
+
+
+def loop_args(op: str, get: Any, set_: Any, batch: Any) -> tuple[Any, ...]:
+    """The arguments :func:`loop_for`'s loop takes for one batch."""
+    if op == "mix":
+        return (get, set_, batch, VALUE)
+    if op.startswith("get"):
+        return (get, batch)
+    return (set_, batch, VALUE)
+
+
+def n_batches_for(bench_config: BenchConfig) -> int:
+    return bench_config.rounds + bench_config.warmup_rounds
 
 
 # -- the benchmark ---------------------------------------------------------------------
@@ -161,58 +279,37 @@ def resident_fraction(impl: Impl, cache: Any, size: int) -> float:
     return held / len(names)
 
 
+CASES = [(kind, op, size) for kind in KEY_KINDS for op in KIND_OPS[kind] for size in SIZES]
+
+
+def _case_id(case: tuple[str, str, int]) -> str:
+    kind, op, size = case
+    return f"{kind}-{op}-{size}"
+
+
 @pytest.mark.parametrize("impl_name", SPEED_IMPLS)
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_speed(
-    benchmark: Any, bench_config: BenchConfig, op: str, size: int, impl_name: str
+    benchmark: Any, bench_config: BenchConfig, case: tuple[str, str, int], impl_name: str
 ) -> None:
+    kind, op, size = case
     impl = IMPLS[impl_name]
     cache = build(impl, size)
     get = impl.get(cache)
     set_ = impl.set(cache)
-    total_rounds = bench_config.rounds + bench_config.warmup_rounds
+    target = loop_for(kind, op)
+    batches = batch_source(kind, op, size, n_batches_for(bench_config))
+    clear_when_full = op == "set-new" and impl.name == "dict"
 
-    target: Callable[..., None]
-    if op == "get-hit":
-        target, batches = loop_get, cycle(hit_batches(size))
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if clear_when_full and len(cache) + BATCH > size:
+            cache.clear()
+        return loop_args(op, get, set_, next(batches)), {}
 
-        def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
-            return (get, next(batches)), {}
-
-    elif op == "get-miss":
-        target, batches = loop_get, cycle(miss_batches(size))
-
-        def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
-            return (get, next(batches)), {}
-
-    elif op == "set-overwrite":
-        target, batches = loop_set, cycle(hit_batches(size))
-
-        def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
-            return (set_, next(batches), VALUE), {}
-
-    elif op == "set-new":
-        target, batches = loop_set, iter(new_batches(size, total_rounds))
-        clear_when_full = impl.name == "dict"
-
-        def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
-            if clear_when_full and len(cache) + BATCH > size:
-                cache.clear()
-            return (set_, next(batches), VALUE), {}
-
-    elif op == "mix":
-        target, batches = loop_mix, cycle(mix_batches(size))
-
-        def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
-            return (get, set_, next(batches), VALUE), {}
-
-    else:  # pragma: no cover - OPS is closed
-        raise AssertionError(op)
-
-    benchmark.group = f"{op} @ {size:,}"
+    benchmark.group = f"{op} @ {size:,}, {kind} keys"
     benchmark.extra_info.update(
         kind="speed",
+        keys=kind,
         op=op,
         size=size,
         impl=impl.name,
@@ -229,3 +326,27 @@ def test_speed(
         )
     finally:
         impl.close(cache)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] == "fresh"], ids=_case_id)
+def test_build_key_only(
+    benchmark: Any, bench_config: BenchConfig, case: tuple[str, str, int]
+) -> None:
+    """What the ``fresh`` loops spend building keys, over the same ids."""
+    kind, op, size = case
+    batches = batch_source(kind, op, size, n_batches_for(bench_config))
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (next(batches),), {}
+
+    benchmark.group = f"{op} @ {size:,}, {kind} keys"
+    benchmark.extra_info.update(
+        kind="speed", keys=kind, op=op, size=size, impl=BUILD_ONLY, batch=BATCH, resident=1.0
+    )
+    benchmark.pedantic(
+        loop_build_only,
+        setup=setup,
+        rounds=bench_config.rounds,
+        warmup_rounds=bench_config.warmup_rounds,
+        iterations=1,
+    )

@@ -6,6 +6,7 @@ Single-threaded and deterministic: every TTL test injects ``timer``; no test sle
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import sys
 import weakref
@@ -94,6 +95,46 @@ def test_basic_api(policy: str) -> None:
     assert c.capacity == 10
     assert c.max_bytes is None
     assert f"policy={policy!r}" in repr(c)
+
+
+def test_get_and_set_by_position_by_keyword_and_unbound() -> None:
+    # get() and set() have positional entry points in front of the general
+    # argument parsing: every way of calling them must behave alike.
+    c = make(10, timer=Clock())
+    c.set("a", 1)
+    c.set("b", 2, 5)
+    c.set("c", 3, None)
+    c.set(key="d", value=4)
+    c.set("e", 5, ttl=5)
+    HyperCache.set(c, "f", 6)
+    assert [c.get(k) for k in "abcdef"] == [1, 2, 3, 4, 5, 6]
+    assert c.get("zz", "dflt") == "dflt"
+    assert c.get("zz", default="kw") == "kw"
+    assert c.get(key="a") == 1
+    assert HyperCache.get(c, "b") == 2 and HyperCache.get(c, "zz", 0) == 0
+    assert c.ttl("b") == 5 and c.ttl("e") == 5 and c.ttl("c") is None
+    calls: list[Callable[[], Any]] = [
+        lambda: c.get(),  # type: ignore[call-overload]
+        lambda: c.get("a", 1, 2),  # type: ignore[call-overload]
+        lambda: c.get("a", dflt=1),  # type: ignore[call-overload]
+        lambda: c.set("a"),  # type: ignore[call-arg]
+        lambda: c.set("a", 1, 2, 3),  # type: ignore[call-arg]
+        lambda: c.set("a", 1, sec=2),  # type: ignore[call-arg]
+        lambda: HyperCache.get(object(), "a"),  # type: ignore[call-overload]
+        lambda: HyperCache.set(object(), "a", 1),  # type: ignore[arg-type]
+        lambda: c.set([], 1),
+        lambda: c.get({}),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError):
+            call()
+    with pytest.raises(ConfigError):
+        c.set("a", 1, -1)
+    assert c.get("a") == 1 and len(c) == 6
+    assert c.get.__doc__ and "default" in c.get.__doc__
+    assert c.set.__doc__ and "ttl" in c.set.__doc__
+    assert str(inspect.signature(c.get)) == "(key, default=None)"
+    assert str(inspect.signature(c.set)) == "(key, value, ttl=None)"
 
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)
@@ -953,6 +994,245 @@ def test_keys_whose_hashes_fold_to_the_same_32_bits() -> None:
     assert [c.get(k) for k in keys] == [0, None, 2, 3, 4]
 
 
+# Keys equal to the stored one but another object: the probe compares exact str,
+# bytes and int in C and every other pair through __eq__ (cachecore's hc_fast_eq).
+
+
+def rebuilt(key: Any) -> Any:
+    """An equal key that is a new object (never the one passed in)."""
+    if isinstance(key, str):
+        out: Any = "".join(list(key)) if len(key) > 1 else (key + "x")[:-1]
+    elif isinstance(key, bytes):
+        out = b"".join(key[i : i + 1] for i in range(len(key))) if len(key) > 1 else bytes(key)
+    else:
+        out = int(str(key))
+    assert out == key and type(out) is type(key)
+    if out is key:  # CPython shares the empty and one-character objects
+        pytest.skip(f"{key!r} cannot be rebuilt as another object")
+    return out
+
+
+BUILT_KEYS: list[Hashable] = [
+    "user:42",
+    "k",
+    "a" * 300,
+    "caf\u00e9",  # 1-byte kind, not ASCII
+    "\u043a\u043b\u044e\u0447:7",  # 2-byte kind
+    "\U0001f511 key",  # 4-byte kind
+    b"user:42",
+    b"x" * 100,
+    10**6 + 7,
+    -(10**6) - 7,
+    2**100 + 1,
+    -(2**100) - 1,
+    2**30,  # the first two-digit int
+]
+
+
+@pytest.mark.parametrize("key", BUILT_KEYS, ids=repr)
+@pytest.mark.parametrize("policy", ["lru", "tinylfu"])
+def test_equal_key_of_another_object_finds_the_entry(key: Hashable, policy: str) -> None:
+    c = make(10, policy=policy)
+    c.set(key, "first")
+    probe = rebuilt(key)
+    assert probe is not key
+    assert c.get(probe) == "first"
+    assert c[rebuilt(key)] == "first"
+    assert rebuilt(key) in c
+    assert c.get_many([rebuilt(key)]) == {key: "first"}
+    c.set(rebuilt(key), "second")  # an overwrite: one entry, the first key object kept
+    assert len(c) == 1
+    assert c.keys()[0] is key
+    assert c.get(key) == "second"
+    assert c.expire(rebuilt(key), 10) is True
+    assert c.delete(rebuilt(key)) is True
+    assert len(c) == 0
+    assert c.get(rebuilt(key)) is None
+    stats = c.stats()
+    assert (stats.hits, stats.misses) == (4, 1)
+
+
+def test_equal_length_strings_that_differ_miss() -> None:
+    c = make()
+    stored = ["key:1000", "key:1001", "caf\u00e9", "caf\u00e8", "\u043a\u043b", "\U0001f511a"]
+    for k in stored:
+        c.set(k, k)
+    for probe in ["key:1002", "key:2000", "cafe\u0301", "caf\u00ea", "\u043a\u043c", "\U0001f511b"]:
+        assert c.get(probe) is None, probe
+    # Same length and code units in another kind: "\xe9" (1 byte) vs "\u0119" (2 bytes).
+    c.set("\u0119", 1)
+    assert c.get("\xe9") is None
+    for k in stored:
+        assert c.get(rebuilt(k)) == k
+
+
+def _fold(h: int) -> int:
+    u = h & (2**64 - 1)
+    return (u ^ (u >> 32)) & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("kind", [str, bytes])
+def test_strings_whose_hashes_fold_to_the_same_32_bits(kind: type) -> None:
+    # The table keeps 32 bits of the hash: two different strings that share them
+    # (found by the birthday bound among ~2^17 strings of one length) reach the
+    # same candidate, and the probe must tell them apart (str by its full hash,
+    # bytes by its contents).
+    seen: dict[int, Any] = {}
+    pair: tuple[Any, Any] | None = None
+    for i in range(10**7, 10**7 + 2_000_000):
+        s = f"k{i}" if kind is str else b"k%d" % i
+        other = seen.setdefault(_fold(hash(s)), s)
+        if other is not s:
+            pair = (other, s)
+            break
+    assert pair is not None
+    a, b = pair
+    assert a != b and len(a) == len(b) and _fold(hash(a)) == _fold(hash(b))
+    c = make()
+    c.set(a, "a")
+    assert c.get(b) is None
+    c.set(b, "b")
+    assert (c.get(rebuilt(a)), c.get(rebuilt(b))) == ("a", "b")
+    assert c.delete(rebuilt(a)) is True
+    assert (c.get(rebuilt(a)), c.get(rebuilt(b))) == (None, "b")
+
+
+def test_ints_whose_hashes_fold_to_the_same_32_bits() -> None:
+    c = make()
+    ints = [0, (5 << 32) | 5, (7 << 32) | 7, -((9 << 32) | 9) - 0, 2**61 - 1 + 5, 5]
+    assert len({_fold(hash(i)) for i in ints[:3]}) == 1
+    for i in ints:
+        c.set(i, i)
+    for i in ints:
+        assert c.get(int(str(i))) == i  # a new object, but for the small ints 0 and 5
+    assert len(c) == len(ints)
+
+
+class FoldedStr(str):
+    """Case-insensitive: equal to any str with the same lower case, exact str included."""
+
+    def __hash__(self) -> int:
+        return hash(self.lower())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and self.lower() == other.lower()
+
+
+class NeverEqualStr(str):
+    """Equal to nothing, not even an equal copy of itself (identity still finds it)."""
+
+    calls = 0
+
+    __hash__ = str.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        NeverEqualStr.calls += 1
+        return False
+
+
+def test_str_subclass_with_its_own_eq_is_compared_by_it() -> None:
+    c = make()
+    c.set(FoldedStr("User:42"), "folded")
+    # An exact str probe meets a subclass under the same hash: the subclass's
+    # __eq__ decides, not the code units.
+    assert c.get("user:42") == "folded"
+    c.set("user:42", "overwrite")
+    assert len(c) == 1 and c.get(FoldedStr("uSeR:42")) == "overwrite"
+    # Exact str stored, subclass probe.
+    c.clear()
+    c.set("session:7", 1)
+    assert c.get(FoldedStr("SESSION:7")) == 1
+
+    never = NeverEqualStr("k")
+    c.set(never, "n")
+    NeverEqualStr.calls = 0
+    assert c.get(NeverEqualStr("k")) is None  # same type, same text: not equal
+    assert c.get("k") is None  # exact str against it: its __eq__ (reflected) says no
+    assert NeverEqualStr.calls >= 2
+    assert c.get(never) == "n"  # the object itself: identity
+
+
+def test_bytes_and_int_subclasses_and_mixed_types() -> None:
+    class Bytes(bytes):
+        pass
+
+    class Int(int):
+        def __eq__(self, other: object) -> bool:
+            return False
+
+        __hash__ = int.__hash__
+
+    c = make()
+    c.set(b"abc", "bytes")
+    assert c.get(Bytes(b"abc")) == "bytes"  # bytes' own comparison, through the slow path
+    c.set(10**6, "int")
+    assert c.get(Int(10**6)) is None
+    assert c.get(float(10**6)) == "int"  # 1000000 == 1000000.0, as in a dict
+    c.set(1, "one")
+    assert c.get(True) == "one"
+
+
+def test_str_and_other_key_with_the_same_hash() -> None:
+    # An exact str and a key of another type share the whole hash: both stay
+    # distinct entries, found by their own kind of comparison.
+    # An int hashes to itself below 2**61 - 1 (but -1): find a str whose hash is one.
+    text = next(t for n in range(1000) if abs(hash(t := f"shared:{n}")) < 2**61 - 2)
+    s = rebuilt(text)
+    i = hash(s)
+    assert hash(i) == hash(s)
+    other = CollidingKey(1, h=hash(s))
+    c = make()
+    for k, v in [(s, "str"), (i, "int"), (other, "colliding"), (s.encode(), "bytes")]:
+        c.set(k, v)
+    assert c.get(rebuilt(text)) == "str"
+    assert c.get(rebuilt(i)) == "int"
+    assert c.get(CollidingKey(1, h=hash(s))) == "colliding"
+    assert c.get(text.encode()) == "bytes"
+    assert c.delete(rebuilt(text)) is True
+    assert c.get(rebuilt(i)) == "int" and c.get(CollidingKey(1, h=hash(s))) == "colliding"
+    assert len(c) == 3
+
+
+@pytest.mark.parametrize("mutation", ["clear", "delete_stored", "fill"])
+def test_str_subclass_eq_mutating_the_cache_against_an_exact_str(mutation: str) -> None:
+    # The reflected __eq__ of a str subclass probe runs first against an exact str
+    # stored under the same hash; it changes the table, the probe starts again.
+    armed: list[HyperCache[Any, Any]] = []
+
+    class Meddler(str):
+        __hash__ = str.__hash__
+
+        def __eq__(self, other: object) -> bool:
+            if armed:
+                cache = armed.pop()
+                if mutation == "clear":
+                    cache.clear()
+                elif mutation == "delete_stored":
+                    cache.delete(str(self))
+                else:
+                    for n in range(200):
+                        cache.set(("filler", n), n)
+            return str.__eq__(self, other)
+
+    c = make(64)
+    c.set("key:1", 1)
+    c.set("key:2", 2)
+    armed.append(c)
+    got = c.get(Meddler("key:1"))
+    assert not armed
+    expected = 1 if mutation == "fill" and "key:1" in c else None
+    assert got == expected
+    keys = c.keys()
+    assert len(keys) == len(set(map(id, keys))) == len(c) == c.stats().size <= 64
+    # A write takes the same path: the probe starts again and stores a new entry.
+    c.set("key:2", 2)
+    armed.append(c)
+    c.set(Meddler("key:2"), "again")
+    assert not armed
+    assert c.get("key:2") == "again"
+    assert len(c) <= 64 and [k for k in c if k == "key:2"] == ["key:2"]
+
+
 @pytest.mark.parametrize("policy", ALL_POLICIES)
 def test_unhashable_key_raises_and_changes_nothing(policy: str) -> None:
     c = make(3, policy=policy, max_bytes=100)
@@ -1351,3 +1631,41 @@ def test_get_or_set_exception_not_cached() -> None:
         c.get_or_set("k", boom)
     assert "k" not in c
     assert c.get_or_set("k", lambda: 7) == 7
+
+
+# --------------------------------------------------------------- key comparison
+
+
+def test_stored_key_outlives_its_own_eq_that_removes_it() -> None:
+    # The probe compares stored == probe: stored.__eq__ runs first and, when it
+    # returns NotImplemented, probe.__eq__(stored) runs next. A stored __eq__ that
+    # deletes its key from the cache must not free the key before that second
+    # call (dict holds the stored key over the comparison for the same reason).
+    events: list[str] = []
+    cache: HyperCache[Any, Any] = HyperCache()
+
+    class Stored:
+        def __hash__(self) -> int:
+            return 99
+
+        def __eq__(self, other: object) -> bool:
+            if isinstance(other, Probe):
+                cache.delete(self)  # found by identity: no __eq__ call
+                return NotImplemented
+            return other is self
+
+    class Probe:
+        def __hash__(self) -> int:
+            return 99
+
+        def __eq__(self, other: object) -> bool:
+            events.append(f"probe.__eq__({type(other).__name__})")
+            return False
+
+    stored = Stored()
+    weakref.finalize(stored, events.append, "stored freed")
+    cache.set(stored, 1)
+    del stored
+    assert cache.get(Probe()) is None
+    assert events == ["probe.__eq__(Stored)", "stored freed"]
+    assert len(cache) == 0

@@ -1,8 +1,11 @@
 """HyperCache against a plain-Python model, with hypothesis stateful testing.
 
 One machine per policy and bound (items, or bytes only), with TTLs on an
-injected clock. For every policy the model knows the latest value written for
-each key and when it expires: the cache may have dropped a key, but whatever it
+injected clock; and one per policy whose keys are built again for every call
+(``str`` of three widths, ``bytes``, a multi-digit ``int``): equal to the stored
+key, never the same object, so every hit goes through the key comparison.
+For every policy the model knows the latest value written for each key and
+when it expires: the cache may have dropped a key, but whatever it
 returns must be that latest value, and never after it expired. For ``lru`` and
 ``fifo`` the model is exact: it predicts which key each write evicts, so the
 cache must hold exactly the model's live entries after every step.
@@ -47,6 +50,23 @@ CHANGES = st.sampled_from(["delete", "delete", "expire", "expire", "sweep", "swe
 MISSING: Any = object()
 
 
+def rebuilt_key(key: int) -> Any:
+    """A new object for model key ``key`` on every call, equal to the last one."""
+    n = str(key)
+    if key == 0:
+        return "".join(["k:", n])  # ASCII
+    if key == 1:
+        return "".join(["ключ:", n])  # 2-byte kind
+    if key == 2:
+        return "".join(["\U0001f511:", n])  # 4-byte kind
+    if key == 3:
+        return b"".join([b"k:", n.encode()])
+    return (1 << 70) + int(n)
+
+
+CANONICAL = {rebuilt_key(k): k for k in range(5)}
+
+
 def value_size(value: tuple[int, int, int]) -> int:
     return value[2]
 
@@ -66,6 +86,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     POLICY: ClassVar[str] = "lru"
     BY_BYTES: ClassVar[bool] = False
+    REBUILT: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,6 +109,18 @@ class CacheMachine(RuleBasedStateMachine):
 
     def clock(self) -> float:
         return self.now
+
+    def k(self, key: int) -> Any:
+        """The key object to pass to the cache for model key ``key``."""
+        return rebuilt_key(key) if self.REBUILT else key
+
+    def canon(self, obj: Any) -> int:
+        """The model key of a key object the cache holds."""
+        return CANONICAL[obj] if self.REBUILT else int(obj)
+
+    def items(self) -> list[tuple[int, Any]]:
+        """The cache's items, keyed by model key."""
+        return [(self.canon(k), v) for k, v in self.cache.items()]
 
     # ------------------------------------------------------------ model helpers
 
@@ -138,14 +171,14 @@ class CacheMachine(RuleBasedStateMachine):
     def set(self, key: int, size: int) -> None:
         self.version += 1
         value = (key, self.version, size)
-        self.cache.set(key, value)
+        self.cache.set(self.k(key), value)
         self.store(key, value, None)
 
     @rule(key=KEYS, size=SIZES, ttl=TTLS)
     def set_with_ttl(self, key: int, size: int, ttl: float) -> None:
         self.version += 1
         value = (key, self.version, size)
-        self.cache.set(key, value, ttl)
+        self.cache.set(self.k(key), value, ttl)
         self.store(key, value, ttl)
 
     @precondition(lambda self: self.BY_BYTES)
@@ -154,7 +187,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.version += 1
         value = (key, self.version, MAX_BYTES + extra)
         try:
-            self.cache.set(key, value)
+            self.cache.set(self.k(key), value)
         except ValueError:
             pass
         else:
@@ -166,7 +199,7 @@ class CacheMachine(RuleBasedStateMachine):
         other = (key + 1) % 5
         self.version += 1
         items = {key: (key, self.version, size), other: (other, self.version, 1)}
-        self.cache.set_many(items)
+        self.cache.set_many({self.k(k): v for k, v in items.items()})
         for k, v in items.items():
             self.store(k, v, None)
 
@@ -193,26 +226,26 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(key=KEYS, how=READS)
     def read(self, key: int, how: str) -> None:
         if how == "get":
-            self.check_read(key, self.cache.get(key, MISSING))
+            self.check_read(key, self.cache.get(self.k(key), MISSING))
         elif how == "getitem":
             try:
-                got = self.cache[key]
+                got = self.cache[self.k(key)]
             except KeyError:
                 got = MISSING
             self.check_read(key, got)
         elif how == "get_many":
             keys = [key, (key + 2) % 5]
-            many = self.cache.get_many(keys)
-            assert set(many) <= set(keys)
+            many = self.cache.get_many([self.k(k) for k in keys])
+            assert set(many) <= {self.k(k) for k in keys}
             for k in keys:
-                self.check_read(k, many.get(k, MISSING))
+                self.check_read(k, many.get(self.k(k), MISSING))
         elif how == "contains":
             self.contains(key)
         else:
             self.ttl(key)
 
     def contains(self, key: int) -> None:
-        present = key in self.cache
+        present = self.k(key) in self.cache
         if self.exact:
             assert present == (self.live(key) is not None)
         elif present:
@@ -232,7 +265,7 @@ class CacheMachine(RuleBasedStateMachine):
             self.clear()
 
     def delete(self, key: int) -> None:
-        removed = self.cache.delete(key)
+        removed = self.cache.delete(self.k(key))
         if self.exact:
             assert removed == (self.live(key) is not None)
         elif removed:
@@ -242,7 +275,7 @@ class CacheMachine(RuleBasedStateMachine):
     def ttl(self, key: int) -> None:
         e = self.live(key)
         try:
-            left = self.cache.ttl(key)
+            left = self.cache.ttl(self.k(key))
         except KeyError:
             if self.exact:
                 assert e is None
@@ -256,7 +289,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     def expire(self, key: int, ttl: float | None) -> None:
         e = self.live(key)
-        ok = self.cache.expire(key, ttl)
+        ok = self.cache.expire(self.k(key), ttl)
         if self.exact:
             assert ok == (e is not None)
         if ok:
@@ -271,7 +304,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     def sweep(self) -> None:
         self.cache.sweep()
-        items = self.cache.items()
+        items = self.items()
         assert len(self.cache) == len(items)
         assert self.cache.stats().bytes == sum(v[2] for _, v in items)
         if self.exact:
@@ -298,10 +331,10 @@ class CacheMachine(RuleBasedStateMachine):
 
     @invariant()
     def contents_agree(self) -> None:
-        items = self.cache.items()
+        items = self.items()
         keys = [k for k, _ in items]
         assert len(keys) == len(set(keys))
-        assert sorted(keys) == sorted(self.cache.keys())
+        assert sorted(keys) == sorted(map(self.canon, self.cache.keys()))
         assert self.cache.stats().bytes >= sum(v[2] for _, v in items)
         for k, v in items:
             e = self.live(k)
@@ -315,19 +348,22 @@ class CacheMachine(RuleBasedStateMachine):
 MODEL_SETTINGS = settings(max_examples=150, stateful_step_count=50, deadline=None, database=None)
 
 
-def machine(policy: str, by_bytes: bool) -> type[CacheMachine]:
-    name = f"{policy.upper()}{'Bytes' if by_bytes else 'Items'}"
-    attrs = {"POLICY": policy, "BY_BYTES": by_bytes}
+def machine(policy: str, by_bytes: bool, rebuilt: bool = False) -> type[CacheMachine]:
+    name = f"{policy.upper()}{'Bytes' if by_bytes else 'Items'}{'Rebuilt' if rebuilt else ''}"
+    attrs = {"POLICY": policy, "BY_BYTES": by_bytes, "REBUILT": rebuilt}
     return type(name, (CacheMachine,), attrs)
 
 
-VARIANTS = [(p, b) for p in sorted(POLICIES) for b in (False, True)]
+VARIANTS = [(p, b, False) for p in sorted(POLICIES) for b in (False, True)]
+VARIANTS += [(p, False, True) for p in sorted(POLICIES)]
 
 
 @pytest.mark.parametrize(
-    ("policy", "by_bytes"), VARIANTS, ids=[f"{p}-{'bytes' if b else 'items'}" for p, b in VARIANTS]
+    ("policy", "by_bytes", "rebuilt"),
+    VARIANTS,
+    ids=[f"{p}-{'bytes' if b else 'items'}{'-rebuilt' if r else ''}" for p, b, r in VARIANTS],
 )
-def test_cache_matches_model(policy: str, by_bytes: bool) -> None:
-    cls = machine(policy, by_bytes)
+def test_cache_matches_model(policy: str, by_bytes: bool, rebuilt: bool) -> None:
+    cls = machine(policy, by_bytes, rebuilt)
     cls.TestCase.settings = MODEL_SETTINGS
     cls.TestCase().runTest()

@@ -48,7 +48,7 @@ cdef class CacheCore:
     @cython.final
     cdef uint32_t _bucket(self, uint32_t h) noexcept nogil
     @cython.final
-    cdef int64_t _find(self, object key, uint32_t h) except -2
+    cdef inline int64_t _find(self, object key, uint32_t h) except -2
     @cython.final
     cdef int64_t _find_eq(self, object key, uint32_t h) except -2
     @cython.final
@@ -110,6 +110,8 @@ cdef class CacheCore:
     cdef list _live_entries(self, bint with_values)
     @cython.final
     cdef int64_t _live(self, object key, uint32_t h) except -2
+    @cython.final
+    cdef object _get(self, object key, object default)
     @cython.final
     cdef uint64_t _measure(self, object value) except? 0xFFFFFFFFFFFFFFFF
     @cython.final
