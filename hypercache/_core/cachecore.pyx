@@ -66,7 +66,7 @@ cimport cython
 from cpython.object cimport PyObject, PyObject_Hash, Py_EQ, PyTypeObject
 from cpython.ref cimport Py_INCREF, Py_DECREF
 from libc.math cimport isnan, isinf
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport INT64_MIN, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memcpy, memset
 
@@ -118,7 +118,7 @@ cdef inline uint8_t ctrl_tag(uint32_t h) noexcept nogil:
     return <uint8_t>(0x80 | (h & 0x7F))
 cdef int64_t NS = 1000000000
 # "The clock has not been read yet": any real reading, 0 included, differs.
-cdef int64_t NO_TIME = -0x7FFFFFFFFFFFFFFF - 1
+cdef int64_t NO_TIME = INT64_MIN
 
 
 cdef class _FreeMarker:
