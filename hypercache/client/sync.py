@@ -5,47 +5,38 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, Unpack
 
+from hypercache.client import commands
 from hypercache.client._common import (
     BATCH,
-    RETRY_AFTER_TIMEOUT,
+    DEFAULT_SEEDS,
+    Attempts,
+    ClientArgs,
     ClientBase,
+    Failover,
     OwnerRead,
-    decode_get,
-    entry_is_live,
+    TopologyFetch,
+    client_closed,
     probe_delays,
-    ttl_to_ms,
-    unreachable,
     wall_ms,
-    wire_consistency,
 )
-from hypercache.client.keys import Key, normalize_key, wire_keys
+from hypercache.client.keys import Key
 from hypercache.client.topology import Topology
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     HyperCacheError,
     NoAnswerError,
     NodeUnavailableError,
-    ProtocolError,
     QuorumError,
-    RequestTimeoutError,
 )
 from hypercache.net.blocking import BlockingConnection, pipeline_all
-from hypercache.net.protocol import Op
 
 __all__ = ["Client"]
 
 _T = TypeVar("_T")
-_GET: Final = int(Op.GET)
-_SET: Final = int(Op.SET)
-_DELETE: Final = int(Op.DELETE)
-_PING: Final = int(Op.PING)
-_TOPOLOGY: Final = int(Op.TOPOLOGY)
-_R_GET: Final = int(Op.R_GET)
-_R_PUT: Final = int(Op.R_PUT)
 # Worker threads of one client: they send the requests of a read to its other
 # owners while the calling thread sends its own, and push read repairs.
 _WORKERS: Final = 16
@@ -140,7 +131,10 @@ class Client(ClientBase):
     :raises ConfigError: an argument is invalid (``field`` names it).
     """
 
-    def _init_transport(self) -> None:
+    def __init__(
+        self, seeds: str | Sequence[str] = DEFAULT_SEEDS, **options: Unpack[ClientArgs]
+    ) -> None:
+        super().__init__(seeds, **options)
         self._pools: dict[str, _Pool] = {}
         self._lock = threading.Lock()
         # address -> the thread probing it while it is set aside (one per node); both
@@ -189,18 +183,11 @@ class Client(ClientBase):
         for pool in pools.values():
             pool.close()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"Client(seeds={','.join(self.options.seeds)!r}, route={self.options.route!r})"
 
     # ------------------------------------------------------------------ operations
 
@@ -215,13 +202,11 @@ class Client(ClientBase):
         :raises QuorumError: too few replicas answered for ``consistency``.
         :raises RequestTimeoutError: the node did not answer within ``timeout``.
         """
-        k = normalize_key(key, self._limits)
-        level = wire_consistency(consistency, self._default)
+        k, level = self._get_request(key, consistency)
         result = self._read({k: None}, level)[k]
         if isinstance(result, BaseException):
             raise result
-        found, value = result
-        return self._loads(value) if found else default
+        return self._value(result, default)
 
     def set(
         self,
@@ -239,19 +224,11 @@ class Client(ClientBase):
 
         and the errors of :meth:`get`.
         """
-        k = normalize_key(key, self._limits)
-        payload = [
-            k,
-            self._encode(value),
-            ttl_to_ms(ttl),
-            wire_consistency(consistency, self._default),
-        ]
-        self._call(k, _SET, payload)
+        self._call(commands.SET, *self._set_request(key, value, ttl, consistency))
 
     def delete(self, key: Key, *, consistency: Consistency | str | None = None) -> bool:
         """Delete ``key``; return whether it existed. Errors as for :meth:`get`."""
-        k = normalize_key(key, self._limits)
-        return bool(self._call(k, _DELETE, [k, wire_consistency(consistency, self._default)]))
+        return self._call(commands.DELETE, *self._delete_request(key, consistency))
 
     def get_many(
         self, keys: Iterable[Key], *, consistency: Consistency | str | None = None
@@ -265,23 +242,8 @@ class Client(ClientBase):
         owner fails moves on to its next owner. The first error of any key is
         raised once all are done.
         """
-        level = wire_consistency(consistency, self._default)
-        wire = wire_keys(keys, self._limits)
-        results = self._read(dict.fromkeys(wire), level)
-        out: dict[Key, Any] = {}
-        first_error: BaseException | None = None
-        for k, result in results.items():
-            if isinstance(result, BaseException):
-                first_error = first_error or result
-                continue
-            found, value = result
-            if found:
-                loaded = self._loads(value)
-                for key in wire[k]:
-                    out[key] = loaded
-        if first_error is not None:
-            raise first_error
-        return out
+        wire, level = self._get_many_request(keys, consistency)
+        return self._get_many_result(wire, self._read(dict.fromkeys(wire), level).items())
 
     def set_many(
         self,
@@ -292,14 +254,7 @@ class Client(ClientBase):
     ) -> None:
         """Store every item of ``mapping`` (same ``ttl`` for all), pipelined like
         :meth:`get_many`. The first error is raised once every item was tried."""
-        level = wire_consistency(consistency, self._default)
-        ttl_ms = ttl_to_ms(ttl)
-        limits = self._limits
-        requests = {}
-        for key, value in mapping.items():
-            k = normalize_key(key, limits)
-            requests[k] = (_SET, [k, self._encode(value), ttl_ms, level])
-        self._batch(requests)
+        self._batch(commands.SET, self._set_many_requests(mapping, ttl, consistency))
 
     def ping(self, address: str | None = None) -> float:
         """Round trip of a PING to ``address`` (or to the first reachable node), in seconds.
@@ -307,14 +262,11 @@ class Client(ClientBase):
         :raises NodeUnavailableError: the node (or every node) is unreachable.
         """
         start = time.perf_counter()
-        if address is not None:
-            answer = self._call_at(address, _PING, None)
+        if address is None:
+            self._call(commands.PING, None, None)
         else:
-            answer = self._call(None, _PING, None)
-        elapsed = time.perf_counter() - start
-        if answer != "pong":
-            raise ProtocolError(f"unexpected PING answer: {answer!r:.100}")
-        return elapsed
+            commands.PING.read(self._attempt(address, commands.PING.op, None, pipeline=False))
+        return time.perf_counter() - start
 
     def topology(self) -> Topology:
         """Fetch the partition table now and return it (routing uses it too).
@@ -325,17 +277,12 @@ class Client(ClientBase):
 
     # ------------------------------------------------------------------ internals
 
-    def _encode(self, value: Any) -> bytes:
-        data = self._dumps(value)
-        self._limits.check_value(data)
-        return data
-
     def _pool(self, address: str) -> _Pool:
         pool = self._pools.get(address)
         if pool is None:
             with self._lock:
                 if self._closed:
-                    raise NodeUnavailableError("the client is closed")
+                    raise client_closed()
                 pool = self._pools.get(address)
                 if pool is None:
                     pool = self._pools[address] = _Pool(lambda: self._open(address))
@@ -347,42 +294,23 @@ class Client(ClientBase):
         self.stats.connections_opened += 1
         return conn
 
-    def _call_at(self, address: str, op: int, payload: Any) -> Any:
-        return self._attempt(address, op, payload, pipeline=False)
-
-    def _call(self, key: bytes | None, op: int, payload: Any) -> Any:
-        """Send one request for ``key``, failing over along the router's candidates:
-        after a node could not be reached, always; after a timeout, only a request
-        that changes nothing (:data:`RETRY_AFTER_TIMEOUT`), and only to a node not
-        set aside (a write that timed out raises: it may still be applied)."""
-        if self._closed:
-            raise NodeUnavailableError("the client is closed")
-        router = self._router
-        if router.needs_refresh(time.monotonic()):
+    def _call(self, cmd: commands.Command[_T], key: bytes | None, payload: Any) -> _T:
+        """Send one request for ``key`` along its candidates (see :class:`Failover`)."""
+        if self._begin():
             self._try_refresh()
-        self.stats.requests += 1
-        errors: dict[str, BaseException] = {}
-        timed_out: RequestTimeoutError | None = None
-        for address in router.candidates(key):
-            if timed_out is not None and router.is_down(address):
-                break  # only nodes set aside are left: each could cost a timeout more
-            if errors:
-                self.stats.failovers += 1
+        return self._run(Failover(self, key, cmd), payload)
+
+    def _run(self, attempts: Attempts[_T], payload: Any) -> _T:
+        """Send one request to each address of ``attempts`` in turn, until one answers
+        (or a failure is to be raised)."""
+        op = attempts.op
+        for address in attempts:
             try:
-                result = self._attempt(address, op, payload, pipeline=False)
-            except NodeUnavailableError as exc:
-                errors[address] = exc
-                continue
-            except RequestTimeoutError as exc:
-                if op not in RETRY_AFTER_TIMEOUT:
+                return attempts.done(address, self._attempt(address, op, payload, pipeline=False))
+            except HyperCacheError as exc:
+                if not attempts.failed(address, exc):
                     raise
-                errors[address] = exc
-                timed_out = timed_out or exc
-                continue
-            return result
-        if timed_out is not None:
-            raise timed_out
-        raise unreachable(f"op {Op(op).name}", errors)
+        raise attempts.error()
 
     def _attempt(self, address: str, op: int, payload: Any, *, pipeline: bool) -> Any:
         """One attempt on ``address``: a request, or a pipeline when ``pipeline``
@@ -502,7 +430,7 @@ class Client(ClientBase):
             except HyperCacheError:
                 return False  # cannot connect
             try:
-                conn.request(_PING, None, timeout)
+                conn.request(commands.PING.op, None, timeout)
             except HyperCacheError:
                 if not conn.closed:
                     return False  # no answer in time, or an error answer
@@ -517,32 +445,26 @@ class Client(ClientBase):
 
     def _read(
         self, keys: dict[bytes, None], level: str | None
-    ) -> dict[bytes, tuple[bool, Any] | BaseException]:
-        """``[found, value]`` (or the error) of each key, read from its owners
+    ) -> dict[bytes, commands.Found | BaseException]:
+        """``(found, value)`` (or the error) of each key, read from its owners
         (``R_GET``) when the table and the level are known, else through a node."""
-        if self._closed:
-            raise NodeUnavailableError("the client is closed")
-        router = self._router
-        if router.needs_refresh(time.monotonic()):
+        if self._begin():
             self._try_refresh()
-        stats = self.stats
         reads: dict[bytes, OwnerRead] = {}
         proxied: list[bytes] = []
         wave: dict[str, list[bytes]] = {}
         for k in keys:
-            owners = router.read_owners(k)
-            read_level = None if owners is None else router.read_level(level)
-            if owners is None or read_level is None:
+            rd = self._owner_read(k, level)
+            if rd is None:
                 proxied.append(k)
                 continue
-            rd = reads[k] = OwnerRead(k, owners, read_level.required(len(owners)))
+            reads[k] = rd
             for address in rd.start():
                 wave.setdefault(address, []).append(k)
-        stats.requests += len(reads)
-        stats.owner_reads += len(reads)
+        r_get = commands.R_GET.op
         while wave:
             answers = self._fanout(
-                {address: [(_R_GET, [k]) for k in ks] for address, ks in wave.items()}
+                {address: [(r_get, [k]) for k in ks] for address, ks in wave.items()}
             )
             asked, wave = wave, {}
             for address, ks in asked.items():
@@ -550,43 +472,39 @@ class Client(ClientBase):
                 for i, k in enumerate(ks):
                     raw = got if isinstance(got, BaseException) else got[i]
                     if isinstance(raw, HyperCacheError):
-                        nxt = reads[k].failed(address, raw)
+                        nxt = self._owner_answer(reads[k], address, None, raw)
                     else:
-                        nxt = reads[k].ok(address, raw)
+                        nxt = self._owner_answer(reads[k], address, raw, None)
                     if nxt is not None:
-                        stats.failovers += 1
                         wave.setdefault(nxt, []).append(k)
-        out: dict[bytes, tuple[bool, Any] | BaseException] = {}
+        out: dict[bytes, commands.Found | BaseException] = {}
         repairs: dict[str, list[tuple[int, Any]]] = {}
         now = wall_ms()
         for k, rd in reads.items():
-            if rd.unreachable:
-                # No owner reachable at all: maybe the table is wrong for this
-                # client; any node that answers can still coordinate the read.
-                stats.requests -= 1  # counted again on the proxy path
-                proxied.append(k)
-                continue
             try:
-                best, stale = rd.outcome()
+                outcome = self._owner_outcome(rd, now)
             except QuorumError as exc:
                 out[k] = exc
                 continue
-            for owner, entry in stale:
-                repairs.setdefault(owner, []).append((_R_PUT, [k, *entry]))
-            out[k] = (
-                (True, best[0]) if best is not None and entry_is_live(best, now) else (False, None)
-            )
+            if outcome is None:
+                proxied.append(k)
+                continue
+            out[k], stale = outcome
+            for owner, payload in stale:
+                repairs.setdefault(owner, []).append((commands.R_PUT.op, payload))
         if repairs:
             self._repair(repairs)
         if proxied:
             try:
                 if len(proxied) == 1:
                     k = proxied[0]
-                    out[k] = decode_get(self._call(k, _GET, [k, level]))
+                    out[k] = self._call(commands.GET, k, commands.get_payload(k, level))
                 else:
-                    batch = self._batch({k: (_GET, [k, level]) for k in proxied})
-                    for k in proxied:
-                        out[k] = decode_get(batch[k])
+                    out.update(
+                        self._batch(
+                            commands.GET, {k: commands.get_payload(k, level) for k in proxied}
+                        )
+                    )
             except HyperCacheError as exc:
                 for k in proxied:
                     out.setdefault(k, exc)
@@ -597,7 +515,7 @@ class Client(ClientBase):
         if executor is None:
             with self._lock:
                 if self._closed:
-                    raise NodeUnavailableError("the client is closed")
+                    raise client_closed()
                 executor = self._executor
                 if executor is None:
                     executor = self._executor = ThreadPoolExecutor(
@@ -649,7 +567,7 @@ class Client(ClientBase):
                 for address, requests in items[1:]
             ]
         except RuntimeError:  # the executor shut down: the client was closed meanwhile
-            raise NodeUnavailableError("the client is closed") from None
+            raise client_closed() from None
         out = {items[0][0]: self._send_group(*items[0])}
         for (address, _), fut in zip(items[1:], futures, strict=True):
             out[address] = fut.result()
@@ -715,23 +633,23 @@ class Client(ClientBase):
         with self._lock:
             self._repairs_pending -= n
 
-    def _batch(self, requests: dict[bytes, tuple[int, Any]]) -> dict[bytes, Any]:
-        """Send many keyed requests, pipelined per node; return key -> answer."""
-        if self._closed:
-            raise NodeUnavailableError("the client is closed")
-        router = self._router
-        if router.needs_refresh(time.monotonic()):
+    def _batch(self, cmd: commands.Command[_T], requests: dict[bytes, Any]) -> dict[bytes, _T]:
+        """Send ``cmd`` for many keys (key -> payload), pipelined per node; return
+        key -> what ``cmd`` reads from its answer."""
+        if self._begin():
             self._try_refresh()
+        router = self._router
         groups: dict[str, list[bytes]] = {}
         for k in requests:
             groups.setdefault(router.first(k), []).append(k)
-        answers: dict[bytes, Any] = {}
+        answers: dict[bytes, _T] = {}
         retry: list[bytes] = []
         first_error: BaseException | None = None
+        op, read = cmd.op, cmd.read
         for address, keys in groups.items():
             for start in range(0, len(keys), BATCH):
                 chunk = keys[start : start + BATCH]
-                batch = [requests[k] for k in chunk]
+                batch = [(op, requests[k]) for k in chunk]
                 self.stats.requests += len(chunk)
                 try:
                     results = self._attempt(address, 0, batch, pipeline=True)
@@ -744,13 +662,15 @@ class Client(ClientBase):
                     elif isinstance(result, BaseException):
                         first_error = first_error or result
                     else:
-                        answers[k] = result
+                        try:
+                            answers[k] = read(result)
+                        except HyperCacheError as exc:
+                            first_error = first_error or exc
         for k in retry:
             self.stats.failovers += 1
             self.stats.requests -= 1  # _call counts it again
-            op, payload = requests[k]
             try:
-                answers[k] = self._call(k, op, payload)
+                answers[k] = self._call(cmd, k, requests[k])
             except HyperCacheError as exc:
                 first_error = first_error or exc
         if first_error is not None:
@@ -773,14 +693,4 @@ class Client(ClientBase):
             return self._refresh_locked()
 
     def _refresh_locked(self) -> Topology:
-        router = self._router
-        errors: dict[str, BaseException] = {}
-        for address in router.fetch_order():
-            try:
-                answer = self._attempt(address, _TOPOLOGY, None, pipeline=False)
-                topology = Topology.from_wire(answer)
-            except HyperCacheError as exc:
-                errors[address] = exc
-                continue
-            return self._topology_fetched(address, topology)
-        raise self._topology_unavailable(errors)
+        return self._run(TopologyFetch(self), None)
