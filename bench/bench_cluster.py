@@ -7,8 +7,9 @@ What is measured, in one process and one run:
               :class:`~hypercache.net.inproc.InprocNetwork`, all in the benchmark's
               event loop, driven by an ``AsyncClient`` in that same loop whose node
               connections are opened on the in-process network
-              (:class:`InprocAsyncClient`); everything above the byte pipe - client,
-              framing, handshake, coordinator, store - is the code that runs over TCP.
+              (``AsyncClient(..., transport=network)``); everything above the byte
+              pipe - client, framing, handshake, coordinator, store - is the code that
+              runs over TCP.
 ``tcp``       three real ``hypercache-node`` processes (uvloop) on free 127.0.0.1 ports,
               driven by an ``AsyncClient`` in the benchmark process (uvloop).
 ``tcp-sync``  the same processes driven by the blocking :class:`~hypercache.client.Client`
@@ -80,7 +81,6 @@ from typing import Any, Final
 from hypercache.client import AsyncClient, Client, RawSerializer
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.node import Node
-from hypercache.net.connection import ClientConnection
 from hypercache.net.inproc import InprocNetwork
 
 NODES: Final = 3
@@ -658,25 +658,6 @@ def _client_args() -> dict[str, Any]:
     }
 
 
-class InprocAsyncClient(AsyncClient):
-    """The ``AsyncClient`` with its node connections opened on an in-process network.
-
-    Only :meth:`AsyncClient._dial` is replaced: it calls ``network.connect`` where
-    the original calls :func:`hypercache.net.tcp.connect` (same signature, same
-    ``ClientConnection`` class, an in-memory pipe instead of a socket); routing,
-    encoding and the request path are the inherited ones.
-    """
-
-    def __init__(self, seeds: Sequence[str], *, network: InprocNetwork, **kwargs: Any) -> None:
-        super().__init__(seeds, **kwargs)
-        self._network = network
-
-    async def _dial(self, address: str) -> ClientConnection:
-        return await self._network.connect(
-            address, self._hello, self._limits, self.options.connect_timeout
-        )
-
-
 @contextlib.asynccontextmanager
 async def inproc_cluster(size: int = NODES) -> AsyncIterator[AsyncClient]:
     """``size`` Nodes on one in-process network in this loop, and a client of them."""
@@ -707,7 +688,7 @@ async def inproc_cluster(size: int = NODES) -> AsyncIterator[AsyncClient]:
             if loop.time() > deadline:
                 raise RuntimeError(f"in-process nodes did not see {size} members up")
             await asyncio.sleep(0.01)
-        client = InprocAsyncClient([n.address for n in nodes], network=net, **_client_args())
+        client = AsyncClient([n.address for n in nodes], transport=net, **_client_args())
         await client.connect()
         yield client
     finally:

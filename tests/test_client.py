@@ -40,6 +40,8 @@ from hypercache.client import (
 )
 from hypercache.client._common import parse_seeds, probe_delays, ttl_to_ms, wire_consistency
 from hypercache.client.topology import Router
+from hypercache.cluster.config import DistConfig
+from hypercache.cluster.node import Node
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
@@ -52,6 +54,7 @@ from hypercache.errors import (
     ServerError,
     ValueTooLargeError,
 )
+from hypercache.net.inproc import InprocNetwork
 from hypercache.net.protocol import Limits, Op
 from hypercache.net.tcp import TcpServer
 from hypercache.net.transport import PeerInfo, ServerOptions
@@ -756,6 +759,41 @@ def test_async_get_many_pipelined(servers: ServerThread) -> None:
 
     assert arun(go()) < 0.5
     assert all(nd.max_inflight > 1 for nd in nodes)
+
+
+def test_async_client_over_an_inproc_network() -> None:
+    # transport=: the client reaches real Nodes of an in-process network by their
+    # address on that network (10.9.0.x: nothing listens there over TCP).
+    net = InprocNetwork()
+    fast: dict[str, Any] = {"http": None, "heartbeat_interval": 0.05, "replication": 2}
+    bind = ["10.9.0.1:7400", "10.9.0.2:7400"]
+
+    async def go() -> None:
+        nodes = [
+            Node(DistConfig(node_id=f"n{i}", bind=b, seeds=(bind[0],), **fast), transport=net)
+            for i, b in enumerate(bind)
+        ]
+        try:
+            for node in nodes:
+                await node.start()
+            await until(lambda: all(len(n.members()) == 2 for n in nodes), what="membership")
+            async with AsyncClient(bind[1], transport=net, consistency="quorum") as client:
+                assert set((await client.topology()).addresses) == set(bind)
+                await client.set("k", {"v": 1})
+                assert await client.get("k") == {"v": 1}
+                assert await client.get_many(["k", "absent"]) == {"k": {"v": 1}}
+                assert await client.delete("k") is True
+                assert await client.get("k", "gone") == "gone"
+                assert await client.ping(bind[0]) >= 0
+                assert client.stats.owner_reads == 4  # get, get_many (2 keys), get
+                assert client.stats.connections_opened == 2
+            server = net.server(bind[0])
+            assert server is not None and server.stats.connections_accepted >= 2  # peer + us
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    arun(go())
 
 
 # ============================================================================ CLI

@@ -31,8 +31,8 @@ from hypercache.errors import (
     NoAnswerError,
     NodeUnavailableError,
 )
-from hypercache.net.connection import ClientConnection
-from hypercache.net.tcp import connect
+from hypercache.net.tcp import TCP
+from hypercache.net.transport import Connection, Transport
 
 __all__ = ["AsyncClient"]
 
@@ -48,7 +48,15 @@ class AsyncClient(ClientBase):
             await cache.set("user:1", {"name": "Ada"}, ttl=60)
             await cache.get("user:1")        # {'name': 'Ada'}
 
-    Takes the same arguments as :class:`~hypercache.client.Client` (see there).
+    Takes the same arguments as :class:`~hypercache.client.Client` (see there), and:
+
+    :param transport: how connections to the nodes are made: a
+        :class:`~hypercache.net.transport.Transport`, as
+        :class:`~hypercache.cluster.Node` takes one. TCP by default
+        (:data:`hypercache.net.tcp.TCP`); an :class:`~hypercache.net.inproc.InprocNetwork`
+        reaches the in-process nodes of that network (tests, benchmarks). Only its
+        ``connect`` is used.
+
     ``async with`` (or :meth:`connect`) reaches the cluster at once; without it the
     first request does. Each node gets **one** multiplexed connection: any number
     of tasks may issue requests at the same time, and their requests are pipelined
@@ -63,12 +71,17 @@ class AsyncClient(ClientBase):
     """
 
     def __init__(
-        self, seeds: str | Sequence[str] = DEFAULT_SEEDS, **options: Unpack[ClientArgs]
+        self,
+        seeds: str | Sequence[str] = DEFAULT_SEEDS,
+        *,
+        transport: Transport | None = None,
+        **options: Unpack[ClientArgs],
     ) -> None:
         super().__init__(seeds, **options)
-        self._conns: dict[str, ClientConnection] = {}
+        self._transport: Transport = TCP if transport is None else transport
+        self._conns: dict[str, Connection] = {}
         # One connect in flight per address, shared by every task that needs it.
-        self._connecting: dict[str, asyncio.Future[ClientConnection]] = {}
+        self._connecting: dict[str, asyncio.Future[Connection]] = {}
         self._refresh_task: asyncio.Task[Topology] | None = None
         # Read repairs in flight (fire and forget; referenced so that they are not
         # collected half-way; at most max_pending_repairs).
@@ -268,9 +281,7 @@ class AsyncClient(ClientBase):
             exc = task.exception()
             outcome(address, None if exc is not None else task.result(), exc)
 
-        def answered(
-            address: str, conn: ClientConnection, raw: Any, exc: BaseException | None
-        ) -> None:
+        def answered(address: str, conn: Connection, raw: Any, exc: BaseException | None) -> None:
             if exc is not None:
                 self._check_connection(address, conn, exc)
             elif router.is_down(address):
@@ -353,7 +364,7 @@ class AsyncClient(ClientBase):
             self._recovered(address)
         return answer
 
-    def _check_connection(self, address: str, conn: ClientConnection, exc: BaseException) -> None:
+    def _check_connection(self, address: str, conn: Connection, exc: BaseException) -> None:
         """After a request to ``address`` on ``conn`` failed with ``exc``: if ``conn``
         broke, set the node aside and forget the connection; if no answer came in time
         (:class:`NoAnswerError`, raised on our side; a node's error answer that
@@ -366,7 +377,7 @@ class AsyncClient(ClientBase):
         elif isinstance(exc, NoAnswerError):
             self._suspect(address)
 
-    async def _connection(self, address: str) -> ClientConnection:
+    async def _connection(self, address: str) -> Connection:
         if self._closed:
             raise client_closed()
         fut = self._connecting.get(address)
@@ -378,18 +389,16 @@ class AsyncClient(ClientBase):
         # shield: one waiter being cancelled must not cancel the others' connect
         return await asyncio.shield(fut)
 
-    def _connect_done(self, fut: asyncio.Future[ClientConnection]) -> None:
+    def _connect_done(self, fut: asyncio.Future[Connection]) -> None:
         _consume(fut)
         for address, pending in list(self._connecting.items()):
             if pending is fut:
                 del self._connecting[address]
 
-    async def _dial(self, address: str) -> ClientConnection:
-        """Open and handshake one connection to ``address`` (over TCP)."""
-        return await connect(address, self._hello, self._limits, self.options.connect_timeout)
-
-    async def _open(self, address: str) -> ClientConnection:
-        conn = await self._dial(address)
+    async def _open(self, address: str) -> Connection:
+        conn = await self._transport.connect(
+            address, self._hello, self._limits, self.options.connect_timeout
+        )
         if self._closed:
             await conn.close()
             raise client_closed()
