@@ -506,6 +506,10 @@ class ClientStats:
         sent by the client after a read whose owners disagreed.
     :ivar read_repairs_dropped: pushes not sent because ``max_pending_repairs`` were
         in flight already.
+    :ivar pool_waits: (``Client``) times a thread found ``max_connections_per_node``
+        connections to a node in use and waited for one.
+    :ivar pool_timeouts: (``Client``) waits for a connection that ran out after
+        ``timeout`` (the request raised ``RequestTimeoutError``, unsent).
     """
 
     requests: int = 0
@@ -521,6 +525,8 @@ class ClientStats:
     owner_reads: int = 0
     read_repairs: int = 0
     read_repairs_dropped: int = 0
+    pool_waits: int = 0
+    pool_timeouts: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

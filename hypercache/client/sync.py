@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Final, TypeVar, Unpack
 
@@ -24,9 +25,17 @@ from hypercache.client._common import (
     wall_ms,
 )
 from hypercache.client.keys import Key
+from hypercache.client.pool import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_IDLE,
+    BlockingConnect,
+    ConnectionPool,
+    fork_lock,
+)
 from hypercache.client.topology import Topology
 from hypercache.consistency import Consistency
 from hypercache.errors import (
+    ConfigError,
     HyperCacheError,
     NoAnswerError,
     NodeUnavailableError,
@@ -40,41 +49,6 @@ _T = TypeVar("_T")
 # Worker threads of one client: they send the requests of a read to its other
 # owners while the calling thread sends its own, and push read repairs.
 _WORKERS: Final = 16
-# Idle connections kept per node; more threads at once open more, closed on return.
-_MAX_IDLE: Final = 8
-
-
-class _Pool:
-    """Connections to one node. A connection is used by one thread at a time."""
-
-    __slots__ = ("_closed", "_connect", "_idle", "_lock")
-
-    def __init__(self, connect: Callable[[], BlockingConnection]) -> None:
-        self._connect = connect
-        self._idle: list[BlockingConnection] = []
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def acquire(self) -> BlockingConnection:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return self._connect()
-
-    def release(self, conn: BlockingConnection) -> None:
-        if not conn.closed:
-            with self._lock:
-                if not self._closed and len(self._idle) < _MAX_IDLE:
-                    self._idle.append(conn)
-                    return
-        conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
 
 
 class Client(ClientBase):
@@ -107,12 +81,28 @@ class Client(ClientBase):
     :param limits: size limits; keys and values are checked before sending.
     :param topology_refresh: seconds between two fetches of the partition table.
         It is also fetched again soon after a node is found unreachable.
+    :param max_connections_per_node: connections open at most to each node (default
+        64). A thread that finds them all in use waits for one, for at most
+        ``timeout``, then raises :class:`~hypercache.errors.RequestTimeoutError`
+        (the request was not sent; the node is not set aside). Counted in
+        ``stats.pool_waits`` and ``stats.pool_timeouts``.
+    :param connection_factory: opens one connection:
+        ``(address, hello, limits, connect_timeout) -> BlockingConnection``;
+        :class:`~hypercache.net.blocking.BlockingConnection` by default (or a
+        subclass of it, or a wrapper: for tests, or another socket). The sync
+        counterpart of ``AsyncClient``'s ``transport``.
 
-    Connections are opened lazily (call :meth:`connect` to fail fast) and kept:
-    each node has a small pool, and a connection serves one thread at a time, so a
-    ``Client`` may be shared by any number of threads; requests of concurrent
-    threads go out on separate connections (at most 8 idle connections per node
-    are kept). Not fork-safe: create clients after forking.
+    Connections are opened lazily (call :meth:`connect` to fail fast) and kept: each
+    node has a :class:`~hypercache.client.pool.ConnectionPool`, and a connection
+    serves one thread at a time, so a ``Client`` may be shared by any number of
+    threads; requests of concurrent threads go out on separate connections, up to
+    ``max_connections_per_node`` (8 idle ones per node are kept).
+
+    **Fork safety.** A ``Client`` may be made before ``os.fork()`` and used on both
+    sides: in the child, its first operation notices the new process (``os.getpid()``)
+    and starts again with its own connections (each pool drops the parent's, whose
+    sockets the two processes would otherwise share), locks, worker threads and
+    probes; the parent's connections stay open and in use by the parent.
 
     **Failures.** A node that cannot be reached, or whose request got no answer
     within ``timeout``, is set aside: no operation is sent to it while another
@@ -132,10 +122,25 @@ class Client(ClientBase):
     """
 
     def __init__(
-        self, seeds: str | Sequence[str] = DEFAULT_SEEDS, **options: Unpack[ClientArgs]
+        self,
+        seeds: str | Sequence[str] = DEFAULT_SEEDS,
+        *,
+        max_connections_per_node: int = DEFAULT_MAX_CONNECTIONS,
+        connection_factory: BlockingConnect = BlockingConnection,
+        **options: Unpack[ClientArgs],
     ) -> None:
+        cap = max_connections_per_node
+        if type(cap) is not int or cap < 1:
+            raise ConfigError(
+                "max_connections_per_node", f"must be a positive integer, got {cap!r}"
+            )
+        if not callable(connection_factory):
+            raise ConfigError("connection_factory", "must be callable")
         super().__init__(seeds, **options)
-        self._pools: dict[str, _Pool] = {}
+        self._max_connections = cap
+        self._connection_factory = connection_factory
+        self._pid = os.getpid()
+        self._pools: dict[str, ConnectionPool] = {}
         self._lock = threading.Lock()
         # address -> the thread probing it while it is set aside (one per node); both
         # guarded by _lock, with _closed
@@ -163,6 +168,8 @@ class Client(ClientBase):
         """Close every connection, once the read repairs still queued went out (each
         bounded by ``timeout``), and stop the probes (each within its deadline).
         Idempotent; the client cannot be used afterwards."""
+        if self._pid != os.getpid():
+            self._after_fork()
         self._stop.set()
         with self._lock:
             executor, self._executor = self._executor, None
@@ -277,7 +284,32 @@ class Client(ClientBase):
 
     # ------------------------------------------------------------------ internals
 
-    def _pool(self, address: str) -> _Pool:
+    def _begin(self) -> bool:
+        if self._pid != os.getpid():
+            self._after_fork()
+        return super()._begin()
+
+    def _after_fork(self) -> None:
+        """The first operation in a child process: the parent's threads (probes,
+        workers) do not exist here, and the locks they held stay held; start again
+        with new ones. Each pool drops the parent's connections itself."""
+        with fork_lock():
+            pid = os.getpid()
+            if self._pid == pid:
+                return  # another thread of this child did it
+            self._lock = threading.Lock()
+            self._refreshing = threading.Lock()
+            self._stop = threading.Event()
+            if self._closed:
+                self._stop.set()
+            self._probing = {}
+            self._executor = None
+            self._repairs_pending = 0
+            self._pid = pid
+        for address in self._router.down:
+            self._start_probe(address)  # the parent's probes stayed in the parent
+
+    def _pool(self, address: str) -> ConnectionPool:
         pool = self._pools.get(address)
         if pool is None:
             with self._lock:
@@ -285,12 +317,18 @@ class Client(ClientBase):
                     raise client_closed()
                 pool = self._pools.get(address)
                 if pool is None:
-                    pool = self._pools[address] = _Pool(lambda: self._open(address))
+                    pool = self._pools[address] = ConnectionPool(
+                        address,
+                        self._open,
+                        max_connections=self._max_connections,
+                        max_idle=DEFAULT_MAX_IDLE,
+                        stats=self.stats,
+                    )
         return pool
 
     def _open(self, address: str) -> BlockingConnection:
-        options = self.options
-        conn = BlockingConnection(address, self._hello, self._limits, options.connect_timeout)
+        connect_timeout = self.options.connect_timeout
+        conn = self._connection_factory(address, self._hello, self._limits, connect_timeout)
         self.stats.connections_opened += 1
         return conn
 
@@ -329,9 +367,10 @@ class Client(ClientBase):
         timeout = self._timeout
         pool = self._pool(address)
         try:
-            conn = pool.acquire()
+            conn = pool.acquire(timeout)
         except NodeUnavailableError:
-            self._node_down(address)
+            if not self._closed:
+                self._node_down(address)
             raise
         try:
             if pipeline:
@@ -350,6 +389,7 @@ class Client(ClientBase):
             raise
         except BaseException:
             conn.close()
+            pool.release(conn)
             raise
         self._health(address, conn, result if pipeline else ())
         pool.release(conn)
@@ -424,9 +464,9 @@ class Client(ClientBase):
             pool = self._pool(address)
         except HyperCacheError:
             return False
-        for _ in range(_MAX_IDLE + 1):
+        for _ in range(pool.max_idle + 1):
             try:
-                conn = pool.acquire()
+                conn = pool.acquire(timeout)
             except HyperCacheError:
                 return False  # cannot connect
             try:
@@ -579,12 +619,16 @@ class Client(ClientBase):
         """:meth:`_fanout` from this thread alone: one connection per node, every
         group sent before any answer is awaited (see ``pipeline_all``)."""
         out: dict[str, list[Any] | BaseException] = {}
-        taken: list[tuple[str, _Pool, BlockingConnection]] = []
+        taken: list[tuple[str, ConnectionPool, BlockingConnection]] = []
+        timeout = self._timeout
         try:
-            for address in groups:
+            # In address order: a thread never waits for a pool while holding a
+            # connection of a later one, so two threads at the cap of two pools
+            # cannot wait for each other.
+            for address in sorted(groups):
                 pool = self._pool(address)
                 try:
-                    taken.append((address, pool, pool.acquire()))
+                    taken.append((address, pool, pool.acquire(timeout)))
                 except HyperCacheError as exc:  # cannot connect, or the HELLO refused
                     if isinstance(exc, NodeUnavailableError):
                         self._node_down(address)
@@ -593,8 +637,9 @@ class Client(ClientBase):
                 [(conn, groups[address]) for address, _, conn in taken], self._timeout
             )
         except BaseException:
-            for _, _, conn in taken:  # streams in doubt
+            for _, pool, conn in taken:  # streams in doubt
                 conn.close()
+                pool.release(conn)
             raise
         for (address, pool, conn), results in zip(taken, answers, strict=True):
             # broke: what it did not answer failed; timed out: the node is set aside
