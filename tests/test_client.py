@@ -1684,12 +1684,16 @@ def test_sync_client_after_fork_uses_its_own_connections(servers: ServerThread) 
         opened, before = client.stats.connections_opened, accepted()
 
         def child() -> None:
+            assert set(client.topology().addresses) == {nd.address for nd in nodes}
             client.set("k", "child")
             assert client.get("k") == "child"
             assert client.get_many(KEYS) == values
             assert client.stats.connections_opened >= opened + 2
 
-        run_in_child(child)
+        # As if another thread were fetching the table at the fork: the child's copy
+        # of that lock stays held (nobody there will release it) unless it is renewed.
+        with client._refreshing:
+            run_in_child(child)
         assert accepted() >= before + 2  # the child connected to both nodes itself
         after_child = accepted()
         # The parent goes on over its own connections, which the child left open.

@@ -12,10 +12,11 @@ clients:
   carries the function that checks and shapes its answer; ``get``'s value and
   ``get_many``'s ``{key: value}`` are shaped by :meth:`ClientBase._value` and
   :meth:`ClientBase._get_many_result`;
-- **where to send it**: :class:`Failover` (one request along its candidate nodes),
-  :class:`TopologyFetch` (the table, along the fetch order) and :class:`OwnerRead`
-  (a read coordinated by the client) are pure bookkeeping: the clients send and
-  wait, the bookkeeping decides what comes next and what to raise;
+- **where to send it**: :class:`~hypercache.client.failover.Failover` (one request
+  along its candidate nodes), :class:`~hypercache.client.failover.TopologyFetch`
+  (the table, along the fetch order) and :class:`OwnerRead` (a read coordinated by
+  the client) are pure bookkeeping: the clients send and wait, the bookkeeping
+  decides what comes next and what to raise;
 - the closed checks, the counters (:class:`ClientStats`) and node health.
 
 The clients keep the I/O: connections, sending, waiting, threads or tasks.
@@ -27,12 +28,12 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Final, Generic, Literal, Protocol, TypedDict, TypeVar, Unpack
+from typing import Any, Final, Literal, TypedDict, TypeVar, Unpack
 
-from hypercache.client.commands import MISS, TOPOLOGY, Command, Found
+from hypercache.client.commands import MISS, Found, Level
 from hypercache.client.keys import Key, normalize_key, wire_keys
 from hypercache.client.serializer import Serializer, resolve_serializer
-from hypercache.client.topology import Router, Topology
+from hypercache.client.topology import Router
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
@@ -40,7 +41,6 @@ from hypercache.errors import (
     NodeUnavailableError,
     ProtocolError,
     QuorumError,
-    RequestTimeoutError,
 )
 from hypercache.net.protocol import (
     Entry,
@@ -58,24 +58,19 @@ __all__ = [
     "MAX_PENDING_REPAIRS",
     "PROBE_BACKOFF",
     "PROBE_TIMEOUT",
-    "Attempts",
     "ClientArgs",
     "ClientBase",
     "ClientOptions",
     "ClientStats",
     "Entry",
-    "Failover",
     "OwnerRead",
     "Repair",
     "Route",
-    "TopologyFetch",
-    "client_closed",
     "entry_from_wire",
     "entry_is_live",
     "parse_seeds",
     "probe_delays",
     "ttl_to_ms",
-    "unreachable",
     "wire_consistency",
 ]
 
@@ -131,7 +126,7 @@ def parse_seeds(seeds: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def wire_consistency(value: Consistency | str | None, fallback: str | None) -> str | None:
+def wire_consistency(value: Level, fallback: str | None) -> str | None:
     """The consistency to send: ``value`` parsed, or ``fallback`` (the client default)."""
     if value is None:
         return fallback
@@ -156,11 +151,6 @@ def ttl_to_ms(ttl: float | None) -> int | None:
 def wall_ms() -> int:
     """Wall-clock milliseconds since the epoch (the unit of ``expire_at_ms``)."""
     return time.time_ns() // 1_000_000
-
-
-def client_closed() -> NodeUnavailableError:
-    """The error of an operation on a closed client."""
-    return NodeUnavailableError("the client is closed")
 
 
 class OwnerRead:
@@ -277,139 +267,6 @@ class OwnerRead:
         return best, stale
 
 
-def unreachable(what: str, errors: Mapping[str, BaseException]) -> NodeUnavailableError:
-    """The error raised when no node could take a request."""
-    if not errors:
-        return NodeUnavailableError(f"{what}: no node to send to")
-    parts = []
-    for address, exc in errors.items():
-        text = str(exc)
-        parts.append(text if text.startswith(address) else f"{address}: {text}")
-    detail = "; ".join(parts)
-    return NodeUnavailableError(f"{what}: no node reachable ({detail})")
-
-
-class Attempts(Protocol[T_co]):
-    """One request's way through the nodes, as the clients' ``_run`` drives it: the
-    addresses to try in turn (iterating), what an answer gives (:meth:`done`), whether
-    a failure moves on to the next address (:meth:`failed`), and what to raise when no
-    address is left (:meth:`error`). Implemented by :class:`Failover` and
-    :class:`TopologyFetch`."""
-
-    @property
-    def op(self) -> int: ...
-
-    def __iter__(self) -> Iterator[str]: ...
-
-    def done(self, address: str, answer: Any) -> T_co:
-        """``address`` answered ``answer``: the result of the request (may raise a
-        :class:`~hypercache.errors.HyperCacheError`, handed to :meth:`failed`)."""
-        ...
-
-    def failed(self, address: str, exc: HyperCacheError) -> bool:
-        """``address`` failed with ``exc``: whether to go on (else ``exc`` is raised)."""
-        ...
-
-    def error(self) -> BaseException:
-        """What to raise when every address failed."""
-        ...
-
-
-class Failover(Generic[T]):
-    """One request for ``key`` along the router's candidates (counted in
-    ``stats.requests``; each move to another node in ``stats.failovers``).
-
-    After a node could not be reached, the request always moves on; after a
-    timeout, only a command that changes nothing (:attr:`Command.retry_after_timeout`),
-    and only to a node not set aside (a cluster that is entirely paused costs a read
-    one timeout, not one per node). Any other error (an error answer, a malformed
-    answer) is raised. When no node is left: the first timeout, else
-    :func:`unreachable` naming every node tried.
-    """
-
-    __slots__ = ("_key", "_router", "_stats", "cmd", "errors", "timed_out")
-
-    def __init__(self, client: ClientBase, key: bytes | None, cmd: Command[T]) -> None:
-        self.cmd = cmd
-        self._key = key
-        self._router = client._router
-        self._stats = client.stats
-        self._stats.requests += 1
-        #: address -> why it did not answer
-        self.errors: dict[str, BaseException] = {}
-        self.timed_out: RequestTimeoutError | None = None
-
-    @property
-    def op(self) -> int:
-        return self.cmd.op
-
-    def __iter__(self) -> Iterator[str]:
-        router, errors = self._router, self.errors
-        for address in router.candidates(self._key):
-            if self.timed_out is not None and router.is_down(address):
-                return  # only nodes set aside are left: each could cost a timeout more
-            if errors:
-                self._stats.failovers += 1
-            yield address
-
-    def done(self, address: str, answer: Any) -> T:
-        return self.cmd.read(answer)
-
-    def failed(self, address: str, exc: HyperCacheError) -> bool:
-        if isinstance(exc, RequestTimeoutError):
-            if not self.cmd.retry_after_timeout:
-                return False
-            self.timed_out = self.timed_out or exc
-        elif not isinstance(exc, NodeUnavailableError):
-            return False
-        self.errors[address] = exc
-        return True
-
-    def error(self) -> BaseException:
-        if self.timed_out is not None:
-            return self.timed_out
-        return unreachable(f"op {self.cmd.name}", self.errors)
-
-
-class TopologyFetch:
-    """One fetch of the partition table: the router's fetch order in turn, any error
-    moving on to the next node. The first valid table is adopted at once
-    (``stats.topology_refreshes``); when no node gave one, the refresh is recorded as
-    failed (``stats.topology_errors``, next try after ``MIN_REFRESH``) and the error
-    raised is :func:`unreachable` if every node was, else the first other error."""
-
-    __slots__ = ("_client", "errors")
-
-    op: Final = TOPOLOGY.op
-
-    def __init__(self, client: ClientBase) -> None:
-        self._client = client
-        self.errors: dict[str, BaseException] = {}
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._client._router.fetch_order())
-
-    def done(self, address: str, answer: Any) -> Topology:
-        topology = TOPOLOGY.read(answer)
-        client = self._client
-        client._router.set_topology(topology, time.monotonic())
-        client._recovered(address)
-        client.stats.topology_refreshes += 1
-        return topology
-
-    def failed(self, address: str, exc: HyperCacheError) -> bool:
-        self.errors[address] = exc
-        return True
-
-    def error(self) -> BaseException:
-        client, errors = self._client, self.errors
-        client.stats.topology_errors += 1
-        client._router.refresh_failed(time.monotonic())
-        if all(isinstance(exc, NodeUnavailableError) for exc in errors.values()):
-            return unreachable("TOPOLOGY", errors)
-        return next(exc for exc in errors.values() if not isinstance(exc, NodeUnavailableError))
-
-
 #: Where a client looks for the cluster when given no seeds.
 DEFAULT_SEEDS: Final = "127.0.0.1:7400"
 
@@ -422,7 +279,7 @@ class ClientArgs(TypedDict, total=False):
     auth_token: str | None
     timeout: float
     connect_timeout: float
-    consistency: Consistency | str | None
+    consistency: Level
     serializer: Serializer | None
     route: str
     limits: Limits | None
@@ -541,8 +398,9 @@ class ClientBase:
     the validated options, the router and the counters, every step of an operation
     that does not wait (see the module docstring), and what happens to a node that
     fails. Each subclass adds its connections, and the I/O: ``_call`` (one request
-    along a :class:`Failover`), ``_run`` (any :class:`Attempts`), ``_read`` (reads
-    through :class:`OwnerRead`), batches, probes.
+    along a :class:`~hypercache.client.failover.Failover`), ``_run`` (any
+    :class:`~hypercache.client.failover.Attempts`), ``_read`` (reads through
+    :class:`OwnerRead`), batches, probes.
 
     **Node health.** A node is *set aside* when a request to it timed out locally
     (no answer within ``timeout``: the node is paused, overloaded or cut off; an
@@ -593,29 +451,36 @@ class ClientBase:
         :raises NodeUnavailableError: the client is closed.
         """
         if self._closed:
-            raise client_closed()
+            raise self._closed_error()
         return self._router.needs_refresh(time.monotonic())
+
+    def _check_open(self) -> None:
+        """:raises NodeUnavailableError: the client is closed."""
+        if self._closed:
+            raise self._closed_error()
+
+    @staticmethod
+    def _closed_error() -> NodeUnavailableError:
+        return NodeUnavailableError("the client is closed")
 
     def _encode(self, value: Any) -> bytes:
         data = self._dumps(value)
         self._limits.check_value(data)
         return data
 
-    def _get_request(
-        self, key: Key, consistency: Consistency | str | None
-    ) -> tuple[bytes, str | None]:
+    def _get_request(self, key: Key, consistency: Level) -> tuple[bytes, str | None]:
         """The wire key and level of a ``get``."""
         return normalize_key(key, self._limits), wire_consistency(consistency, self._default)
 
     def _get_many_request(
-        self, keys: Iterable[Key], consistency: Consistency | str | None
+        self, keys: Iterable[Key], consistency: Level
     ) -> tuple[dict[bytes, list[Key]], str | None]:
         """The wire keys (each with the keys given for it) and level of a ``get_many``."""
         level = wire_consistency(consistency, self._default)
         return wire_keys(keys, self._limits), level
 
     def _set_request(
-        self, key: Key, value: Any, ttl: float | None, consistency: Consistency | str | None
+        self, key: Key, value: Any, ttl: float | None, consistency: Level
     ) -> tuple[bytes, list[Any]]:
         """The wire key and payload of a ``set``: ``SET [key, value, ttl_ms, level]``."""
         k = normalize_key(key, self._limits)
@@ -626,15 +491,13 @@ class ClientBase:
             wire_consistency(consistency, self._default),
         ]
 
-    def _delete_request(
-        self, key: Key, consistency: Consistency | str | None
-    ) -> tuple[bytes, list[Any]]:
+    def _delete_request(self, key: Key, consistency: Level) -> tuple[bytes, list[Any]]:
         """The wire key and payload of a ``delete``: ``DELETE [key, level]``."""
         k = normalize_key(key, self._limits)
         return k, [k, wire_consistency(consistency, self._default)]
 
     def _set_many_requests(
-        self, mapping: Mapping[Key, Any], ttl: float | None, consistency: Consistency | str | None
+        self, mapping: Mapping[Key, Any], ttl: float | None, consistency: Level
     ) -> dict[bytes, list[Any]]:
         """The ``SET`` payload of each wire key of a ``set_many`` (of keys naming one
         entry, ``"k"`` and ``b"k"``, the last given wins)."""
@@ -707,7 +570,7 @@ class ClientBase:
             self.stats.failovers += 1
         return nxt
 
-    def _owner_outcome(self, rd: OwnerRead, now: int) -> tuple[Found, list[Repair]] | None:
+    def _owner_outcome(self, rd: OwnerRead) -> tuple[Found, list[Repair]] | None:
         """What the done ``rd`` found, and the read repairs to push; ``None`` when no
         owner could be reached (maybe the table is wrong for this client; any node
         that answers can still coordinate the read: the caller sends a ``GET``).
@@ -718,7 +581,7 @@ class ClientBase:
             self.stats.requests -= 1  # counted again on the proxy path
             return None
         best, stale = rd.outcome()
-        found = (True, best[0]) if best is not None and entry_is_live(best, now) else MISS
+        found = (True, best[0]) if best is not None and entry_is_live(best, wall_ms()) else MISS
         return found, [(owner, [rd.key, *entry]) for owner, entry in stale]
 
     # ------------------------------------------------------------------ node health
@@ -731,6 +594,10 @@ class ClientBase:
     @property
     def _probe_timeout(self) -> float:
         return min(self._timeout, PROBE_TIMEOUT)
+
+    def _probe_delays(self) -> Iterator[float]:
+        """The pauses between the probes of one node (see :func:`probe_delays`)."""
+        return probe_delays(self.options.retry_down_after)
 
     def _node_down(self, address: str) -> None:
         """``address`` could not be reached: set it aside and probe it."""

@@ -10,22 +10,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar, Unpack
 
 from hypercache.client import commands
-from hypercache.client._common import (
-    BATCH,
-    DEFAULT_SEEDS,
-    Attempts,
-    ClientArgs,
-    ClientBase,
-    Failover,
-    OwnerRead,
-    TopologyFetch,
-    client_closed,
-    probe_delays,
-    wall_ms,
-)
+from hypercache.client._common import BATCH, DEFAULT_SEEDS, ClientArgs, ClientBase, OwnerRead
+from hypercache.client.commands import Level
+from hypercache.client.failover import Attempts, Failover, TopologyFetch
 from hypercache.client.keys import Key
 from hypercache.client.topology import Topology
-from hypercache.consistency import Consistency
 from hypercache.errors import (
     HyperCacheError,
     NoAnswerError,
@@ -134,30 +123,21 @@ class AsyncClient(ClientBase):
 
     # ------------------------------------------------------------------ operations
 
-    async def get(
-        self, key: Key, default: Any = None, *, consistency: Consistency | str | None = None
-    ) -> Any:
+    async def get(self, key: Key, default: Any = None, *, consistency: Level = None) -> Any:
         """Return the value of ``key``, or ``default`` when absent (see ``Client.get``)."""
         return self._value(await self._read(*self._get_request(key, consistency)), default)
 
     async def set(
-        self,
-        key: Key,
-        value: Any,
-        ttl: float | None = None,
-        *,
-        consistency: Consistency | str | None = None,
+        self, key: Key, value: Any, ttl: float | None = None, *, consistency: Level = None
     ) -> None:
         """Store ``value`` under ``key`` for ``ttl`` seconds (see ``Client.set``)."""
         await self._call(commands.SET, *self._set_request(key, value, ttl, consistency))
 
-    async def delete(self, key: Key, *, consistency: Consistency | str | None = None) -> bool:
+    async def delete(self, key: Key, *, consistency: Level = None) -> bool:
         """Delete ``key``; return whether it existed."""
         return await self._call(commands.DELETE, *self._delete_request(key, consistency))
 
-    async def get_many(
-        self, keys: Iterable[Key], *, consistency: Consistency | str | None = None
-    ) -> dict[Key, Any]:
+    async def get_many(self, keys: Iterable[Key], *, consistency: Level = None) -> dict[Key, Any]:
         """Return ``{key: value}`` for the keys that are present.
 
         Every key is read as by :meth:`get` (from its owners), all at once (up to
@@ -175,11 +155,7 @@ class AsyncClient(ClientBase):
         return self._get_many_result(wire, zip(ks, answers, strict=True))
 
     async def set_many(
-        self,
-        mapping: Mapping[Key, Any],
-        ttl: float | None = None,
-        *,
-        consistency: Consistency | str | None = None,
+        self, mapping: Mapping[Key, Any], ttl: float | None = None, *, consistency: Level = None
     ) -> None:
         """Store every item of ``mapping``, concurrently like :meth:`get_many`."""
         requests = list(self._set_many_requests(mapping, ttl, consistency).items())
@@ -228,7 +204,7 @@ class AsyncClient(ClientBase):
         rd = self._owner_read(key, level)
         if rd is not None:
             await self._ask_owners(rd)
-            outcome = self._owner_outcome(rd, wall_ms())  # QuorumError: too few answered
+            outcome = self._owner_outcome(rd)  # QuorumError: too few answered
             if outcome is not None:
                 found, repairs = outcome
                 for owner, payload in repairs:
@@ -378,8 +354,7 @@ class AsyncClient(ClientBase):
             self._suspect(address)
 
     async def _connection(self, address: str) -> Connection:
-        if self._closed:
-            raise client_closed()
+        self._check_open()
         fut = self._connecting.get(address)
         if fut is None:
             loop = asyncio.get_running_loop()
@@ -401,7 +376,7 @@ class AsyncClient(ClientBase):
         )
         if self._closed:
             await conn.close()
-            raise client_closed()
+            raise self._closed_error()
         old = self._conns.get(address)
         self._conns[address] = conn
         self.stats.connections_opened += 1
@@ -433,7 +408,7 @@ class AsyncClient(ClientBase):
         is brought back otherwise, or it leaves the table. Never raises a node's error."""
         router, stats = self._router, self.stats
         timeout = self._probe_timeout
-        delays = probe_delays(self.options.retry_down_after)
+        delays = self._probe_delays()
         while router.is_down(address) and not self._closed:
             if not router.knows(address):
                 router.mark_up(address)  # nothing routes to it: forget it
@@ -451,19 +426,17 @@ class AsyncClient(ClientBase):
             self._recovered(address)
             return
 
-    def _refresh_in_background(self) -> None:
+    def _refresh_in_background(self) -> asyncio.Task[Topology]:
+        """Start fetching the table unless a fetch is in flight; return the fetch."""
         task = self._refresh_task
         if task is None or task.done():
             task = self._refresh_task = asyncio.get_running_loop().create_task(self._fetch())
             task.add_done_callback(_consume)
+        return task
 
     async def _refresh(self) -> Topology:
         """Fetch the table, sharing a fetch already in flight."""
-        task = self._refresh_task
-        if task is None or task.done():
-            task = self._refresh_task = asyncio.get_running_loop().create_task(self._fetch())
-            task.add_done_callback(_consume)
-        return await asyncio.shield(task)
+        return await asyncio.shield(self._refresh_in_background())
 
     async def _fetch(self) -> Topology:
         return await self._run(TopologyFetch(self), None)

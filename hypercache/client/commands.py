@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
 from hypercache.client.topology import Topology
+from hypercache.consistency import Consistency
 from hypercache.errors import ProtocolError
 from hypercache.net.protocol import Op
 
@@ -30,6 +31,7 @@ __all__ = [
     "TOPOLOGY",
     "Command",
     "Found",
+    "Level",
     "check_pong",
     "decode_get",
     "get_payload",
@@ -37,6 +39,9 @@ __all__ = [
 
 T_co = TypeVar("T_co", covariant=True)
 
+#: What the operations take as ``consistency=``: a :class:`~hypercache.Consistency`,
+#: its name in any case (``"quorum"``), or ``None`` for the client's default.
+Level = Consistency | str | None
 #: What a read found: ``(True, value bytes)`` or :data:`MISS`.
 Found = tuple[bool, Any]
 #: A read that found nothing (absent, expired or deleted).

@@ -9,6 +9,7 @@ a forked child may reuse) and counts into the client's :class:`~hypercache.clien
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -27,7 +28,7 @@ __all__ = [
     "ConnectionPool",
     "PoolCounters",
     "PoolStats",
-    "fork_lock",
+    "after_fork",
 ]
 
 #: Connections open at most per pool (per node, for a ``Client``).
@@ -73,6 +74,18 @@ class PoolStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+class ForkSafe(Protocol):
+    """Something that notices it is used in a child process (see :func:`after_fork`)."""
+
+    #: the process it belongs to
+    _pid: int
+
+    def _reset_in_child(self) -> None:
+        """Drop what belongs to the parent process (connections, locks, threads).
+        Called under the fork lock: it must not check the pid itself."""
+        ...
+
+
 # Serialises the resets of pools (and clients) in a child process, so that two of its
 # threads do not both reset one. Held only during a reset, and made anew in each child
 # (a fork while another thread resets would leave the child's copy held for ever).
@@ -88,9 +101,15 @@ if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_new_fork_lock)
 
 
-def fork_lock() -> threading.Lock:
-    """The lock to hold while resetting state inherited through ``os.fork()``."""
-    return _fork_lock
+def after_fork(owner: ForkSafe) -> None:
+    """``owner`` was found used by another process than its own (``owner._pid !=
+    os.getpid()``, checked by the caller on its hot path): reset it, once, and make it
+    this process's."""
+    with _fork_lock:
+        pid = os.getpid()
+        if owner._pid != pid:  # else another thread of this child did it
+            owner._reset_in_child()
+            owner._pid = pid
 
 
 class ConnectionPool:
@@ -167,10 +186,10 @@ class ConnectionPool:
         self.stats: PoolCounters = PoolStats() if stats is None else stats
         self._connect = connect
         self._closed = False
-        self._reset(os.getpid())
+        self._pid = os.getpid()
+        self._new_state()
 
-    def _reset(self, pid: int) -> None:
-        self._pid = pid
+    def _new_state(self) -> None:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._idle: list[BlockingConnection] = []
@@ -213,19 +232,11 @@ class ConnectionPool:
         and whatever ``connect`` raises (e.g. :class:`~hypercache.errors.HandshakeError`).
         """
         if self._pid != os.getpid():
-            self._after_fork()
+            after_fork(self)
         with self._lock:
-            if self._closed:
-                raise self._closed_error()
-            if self._idle:
-                conn = self._idle.pop()
-                self._in_use.add(conn)
-                return conn
-            if self._open >= self.max_connections:
-                taken = self._wait(timeout)
-                if taken is not None:
-                    return taken
-            self._open += 1  # this thread's, while it connects
+            taken = self._take(timeout)
+            if taken is not None:
+                return taken
         try:
             conn = self._connect(self.address)
         except BaseException:
@@ -245,7 +256,7 @@ class ConnectionPool:
         idle already and no thread waits: then it is closed. A connection acquired
         before a fork (see "Fork safety") or from another pool is closed."""
         if self._pid != os.getpid():
-            self._after_fork()
+            after_fork(self)
         with self._lock:
             if conn not in self._in_use:
                 if conn in self._idle:
@@ -271,7 +282,7 @@ class ConnectionPool:
         :meth:`acquire` raises :class:`~hypercache.errors.NodeUnavailableError`
         (threads waiting for a connection too). Idempotent."""
         if self._pid != os.getpid():
-            self._after_fork()
+            after_fork(self)
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
@@ -282,37 +293,36 @@ class ConnectionPool:
 
     # ------------------------------------------------------------------ internals
 
-    def _wait(self, timeout: float | None) -> BlockingConnection | None:
-        """Under the lock, ``max_connections`` in use: wait until one is released (it
-        is returned, taken) or closes (``None``: the caller may open one)."""
-        stats = self.stats
-        stats.pool_waits += 1
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._waiters += 1
-        try:
-            while True:
-                if deadline is None:
-                    self._cond.wait()
-                else:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        stats.pool_timeouts += 1
-                        raise RequestTimeoutError(
-                            f"{self.address}: no connection free within {timeout}s: all "
-                            f"{self.max_connections} in use (the pool's max_connections; "
-                            "max_connections_per_node of a Client)"
-                        )
-                    self._cond.wait(left)
-                if self._closed:
-                    raise self._closed_error()
-                if self._idle:
-                    conn = self._idle.pop()
-                    self._in_use.add(conn)
-                    return conn
-                if self._open < self.max_connections:
-                    return None
-        finally:
-            self._waiters -= 1
+    def _take(self, timeout: float | None) -> BlockingConnection | None:
+        """Under the lock: an idle connection (taken), or ``None`` when the caller may
+        open one (its place is counted); at ``max_connections``, wait for either."""
+        deadline: float | None = None
+        while True:
+            if self._closed:
+                raise self._closed_error()
+            if self._idle:
+                conn = self._idle.pop()
+                self._in_use.add(conn)
+                return conn
+            if self._open < self.max_connections:
+                self._open += 1  # the caller's, while it connects
+                return None
+            if deadline is None:  # the cap bites: wait, within the caller's deadline
+                self.stats.pool_waits += 1
+                deadline = math.inf if timeout is None else time.monotonic() + timeout
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.stats.pool_timeouts += 1
+                raise RequestTimeoutError(
+                    f"{self.address}: no connection free within {timeout}s: all "
+                    f"{self.max_connections} in use (the pool's max_connections; "
+                    "max_connections_per_node of a Client)"
+                )
+            self._waiters += 1
+            try:
+                self._cond.wait(None if left == math.inf else left)
+            finally:
+                self._waiters -= 1
 
     def _forget(self) -> None:
         """A connection being opened will not be: its place is free."""
@@ -324,14 +334,9 @@ class ConnectionPool:
     def _closed_error(self) -> NodeUnavailableError:
         return NodeUnavailableError(f"{self.address}: the connection pool is closed")
 
-    def _after_fork(self) -> None:
-        """First call in a child process: forget the parent's connections and locks
-        (see "Fork safety")."""
-        with fork_lock():
-            pid = os.getpid()
-            if self._pid == pid:
-                return  # another thread of this child did it
-            inherited = [*self._idle, *self._in_use]
-            self._reset(pid)
+    def _reset_in_child(self) -> None:
+        """See "Fork safety": forget the parent's connections and locks."""
+        inherited = [*self._idle, *self._in_use]
+        self._new_state()
         for conn in inherited:
             conn.close()  # this process's copy of the socket; the parent's stays open

@@ -11,29 +11,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Final, TypeVar, Unpack
 
 from hypercache.client import commands
-from hypercache.client._common import (
-    BATCH,
-    DEFAULT_SEEDS,
-    Attempts,
-    ClientArgs,
-    ClientBase,
-    Failover,
-    OwnerRead,
-    TopologyFetch,
-    client_closed,
-    probe_delays,
-    wall_ms,
-)
+from hypercache.client._common import BATCH, DEFAULT_SEEDS, ClientArgs, ClientBase, OwnerRead
+from hypercache.client.commands import Level
+from hypercache.client.failover import Attempts, Failover, TopologyFetch
 from hypercache.client.keys import Key
 from hypercache.client.pool import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_IDLE,
     BlockingConnect,
     ConnectionPool,
-    fork_lock,
+    after_fork,
 )
 from hypercache.client.topology import Topology
-from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
     HyperCacheError,
@@ -168,8 +157,7 @@ class Client(ClientBase):
         """Close every connection, once the read repairs still queued went out (each
         bounded by ``timeout``), and stop the probes (each within its deadline).
         Idempotent; the client cannot be used afterwards."""
-        if self._pid != os.getpid():
-            self._after_fork()
+        self._check_fork()
         self._stop.set()
         with self._lock:
             executor, self._executor = self._executor, None
@@ -198,9 +186,7 @@ class Client(ClientBase):
 
     # ------------------------------------------------------------------ operations
 
-    def get(
-        self, key: Key, default: Any = None, *, consistency: Consistency | str | None = None
-    ) -> Any:
+    def get(self, key: Key, default: Any = None, *, consistency: Level = None) -> Any:
         """Return the value of ``key``, or ``default`` when it is absent or expired.
 
         :raises TypeError: ``key`` is neither ``str`` nor ``bytes``.
@@ -216,12 +202,7 @@ class Client(ClientBase):
         return self._value(result, default)
 
     def set(
-        self,
-        key: Key,
-        value: Any,
-        ttl: float | None = None,
-        *,
-        consistency: Consistency | str | None = None,
+        self, key: Key, value: Any, ttl: float | None = None, *, consistency: Level = None
     ) -> None:
         """Store ``value`` under ``key``, for ``ttl`` seconds (``None``: no expiry).
 
@@ -233,13 +214,11 @@ class Client(ClientBase):
         """
         self._call(commands.SET, *self._set_request(key, value, ttl, consistency))
 
-    def delete(self, key: Key, *, consistency: Consistency | str | None = None) -> bool:
+    def delete(self, key: Key, *, consistency: Level = None) -> bool:
         """Delete ``key``; return whether it existed. Errors as for :meth:`get`."""
         return self._call(commands.DELETE, *self._delete_request(key, consistency))
 
-    def get_many(
-        self, keys: Iterable[Key], *, consistency: Consistency | str | None = None
-    ) -> dict[Key, Any]:
+    def get_many(self, keys: Iterable[Key], *, consistency: Level = None) -> dict[Key, Any]:
         """Return ``{key: value}`` for the keys that are present (misses are left out).
 
         Each key is read as by :meth:`get`, from its owners: the ``R_GET`` requests
@@ -253,11 +232,7 @@ class Client(ClientBase):
         return self._get_many_result(wire, self._read(dict.fromkeys(wire), level).items())
 
     def set_many(
-        self,
-        mapping: Mapping[Key, Any],
-        ttl: float | None = None,
-        *,
-        consistency: Consistency | str | None = None,
+        self, mapping: Mapping[Key, Any], ttl: float | None = None, *, consistency: Level = None
     ) -> None:
         """Store every item of ``mapping`` (same ``ttl`` for all), pipelined like
         :meth:`get_many`. The first error is raised once every item was tried."""
@@ -272,6 +247,7 @@ class Client(ClientBase):
         if address is None:
             self._call(commands.PING, None, None)
         else:
+            self._check_fork()
             commands.PING.read(self._attempt(address, commands.PING.op, None, pipeline=False))
         return time.perf_counter() - start
 
@@ -285,27 +261,28 @@ class Client(ClientBase):
     # ------------------------------------------------------------------ internals
 
     def _begin(self) -> bool:
-        if self._pid != os.getpid():
-            self._after_fork()
+        if self._pid != os.getpid():  # as _check_fork, inline: every operation passes here
+            after_fork(self)
         return super()._begin()
 
-    def _after_fork(self) -> None:
-        """The first operation in a child process: the parent's threads (probes,
-        workers) do not exist here, and the locks they held stay held; start again
-        with new ones. Each pool drops the parent's connections itself."""
-        with fork_lock():
-            pid = os.getpid()
-            if self._pid == pid:
-                return  # another thread of this child did it
-            self._lock = threading.Lock()
-            self._refreshing = threading.Lock()
-            self._stop = threading.Event()
-            if self._closed:
-                self._stop.set()
-            self._probing = {}
-            self._executor = None
-            self._repairs_pending = 0
-            self._pid = pid
+    def _check_fork(self) -> None:
+        """Start again in a child process (see "Fork safety" and :func:`after_fork`)."""
+        if self._pid != os.getpid():
+            after_fork(self)
+
+    def _reset_in_child(self) -> None:
+        """The first operation in a child process (see :func:`after_fork`): the
+        parent's threads (probes, workers) do not exist here, and the locks they held
+        stay held; start again with new ones. Each pool drops the parent's
+        connections itself."""
+        self._lock = threading.Lock()
+        self._refreshing = threading.Lock()
+        self._stop = threading.Event()
+        if self._closed:
+            self._stop.set()
+        self._probing = {}
+        self._executor = None
+        self._repairs_pending = 0
         for address in self._router.down:
             self._start_probe(address)  # the parent's probes stayed in the parent
 
@@ -313,8 +290,7 @@ class Client(ClientBase):
         pool = self._pools.get(address)
         if pool is None:
             with self._lock:
-                if self._closed:
-                    raise client_closed()
+                self._check_open()
                 pool = self._pools.get(address)
                 if pool is None:
                     pool = self._pools[address] = ConnectionPool(
@@ -428,7 +404,7 @@ class Client(ClientBase):
         gets a new probe."""
         router, stats, stop = self._router, self.stats, self._stop
         timeout = self._probe_timeout
-        delays = probe_delays(self.options.retry_down_after)
+        delays = self._probe_delays()
         while True:
             with self._lock:
                 if self._closed or stop.is_set() or not router.is_down(address):
@@ -519,10 +495,9 @@ class Client(ClientBase):
                         wave.setdefault(nxt, []).append(k)
         out: dict[bytes, commands.Found | BaseException] = {}
         repairs: dict[str, list[tuple[int, Any]]] = {}
-        now = wall_ms()
         for k, rd in reads.items():
             try:
-                outcome = self._owner_outcome(rd, now)
+                outcome = self._owner_outcome(rd)
             except QuorumError as exc:
                 out[k] = exc
                 continue
@@ -554,8 +529,7 @@ class Client(ClientBase):
         executor = self._executor
         if executor is None:
             with self._lock:
-                if self._closed:
-                    raise client_closed()
+                self._check_open()
                 executor = self._executor
                 if executor is None:
                     executor = self._executor = ThreadPoolExecutor(
@@ -607,7 +581,7 @@ class Client(ClientBase):
                 for address, requests in items[1:]
             ]
         except RuntimeError:  # the executor shut down: the client was closed meanwhile
-            raise client_closed() from None
+            raise self._closed_error() from None
         out = {items[0][0]: self._send_group(*items[0])}
         for (address, _), fut in zip(items[1:], futures, strict=True):
             out[address] = fut.result()
@@ -734,6 +708,7 @@ class Client(ClientBase):
             self._refreshing.release()
 
     def _refresh(self) -> Topology:
+        self._check_fork()
         with self._refreshing:
             return self._refresh_locked()
 
