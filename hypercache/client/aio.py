@@ -308,13 +308,15 @@ class AsyncClient(ClientBase):
     async def _run(self, attempts: Attempts[_T], payload: Any) -> _T:
         """Send one request to each address of ``attempts`` in turn, until one answers
         (or a failure is to be raised)."""
-        op = attempts.op
-        for address in attempts:
+        op, read = attempts.op, attempts.read
+        address = attempts.first()
+        while address is not None:
             try:
-                return attempts.done(address, await self._attempt(address, op, payload))
+                return read(await self._attempt(address, op, payload))
             except HyperCacheError as exc:
                 if not attempts.failed(address, exc):
                     raise
+            address = attempts.next()
         raise attempts.error()
 
     async def _attempt(self, address: str, op: int, payload: Any) -> Any:

@@ -6,19 +6,24 @@
 whether a failure moves on, and what to raise; each client's ``_run`` does the
 sending and the waiting, the one loop that drives both::
 
-    for address in attempts:
+    address = attempts.first()
+    while address is not None:
         try:
-            return attempts.done(address, send(address, attempts.op, payload))
+            return attempts.read(send(address, attempts.op, payload))
         except HyperCacheError as exc:
             if not attempts.failed(address, exc):
                 raise
+        address = attempts.next()
     raise attempts.error()
+
+The first attempt costs one object and the router's own candidate generator: the
+bookkeeping of failures (counters, the stop after a timeout) runs only after one.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 from hypercache.client.commands import TOPOLOGY, Command
@@ -47,20 +52,24 @@ def unreachable(what: str, errors: Mapping[str, BaseException]) -> NodeUnavailab
 
 
 class Attempts(Protocol[T_co]):
-    """One request's way through the nodes, as the clients' ``_run`` drives it: the
-    addresses to try in turn (iterating), what an answer gives (:meth:`done`), whether
-    a failure moves on to the next address (:meth:`failed`), and what to raise when no
-    address is left (:meth:`error`). Implemented by :class:`Failover` and
-    :class:`TopologyFetch`."""
+    """One request's way through the nodes, as the clients' ``_run`` drives it (see
+    the module docstring). Implemented by :class:`Failover` and :class:`TopologyFetch`."""
 
     @property
     def op(self) -> int: ...
 
-    def __iter__(self) -> Iterator[str]: ...
+    def first(self) -> str | None:
+        """The first address to try (``None``: there is none)."""
+        ...
 
-    def done(self, address: str, answer: Any) -> T_co:
-        """``address`` answered ``answer``: the result of the request (may raise a
-        :class:`~hypercache.errors.HyperCacheError`, handed to :meth:`failed`)."""
+    def next(self) -> str | None:
+        """After a failure that goes on: the next address to try, or ``None``."""
+        ...
+
+    def read(self, answer: Any) -> T_co:
+        """The last address tried answered ``answer``: the result of the request
+        (may raise a :class:`~hypercache.errors.HyperCacheError`, handed to
+        :meth:`failed`)."""
         ...
 
     def failed(self, address: str, exc: HyperCacheError) -> bool:
@@ -84,33 +93,45 @@ class Failover(Generic[T]):
     :func:`unreachable` naming every node tried.
     """
 
-    __slots__ = ("_key", "_router", "_stats", "cmd", "errors", "timed_out")
+    __slots__ = (
+        "_candidates",
+        "_key",
+        "_router",
+        "_stats",
+        "cmd",
+        "errors",
+        "op",
+        "read",
+        "timed_out",
+    )
+
+    _candidates: Iterator[str]  # set by first()
 
     def __init__(self, client: ClientBase, key: bytes | None, cmd: Command[T]) -> None:
         self.cmd = cmd
+        self.op = cmd.op
+        #: checks and shapes the answer (the command's)
+        self.read: Callable[[Any], T] = cmd.read
         self._key = key
         self._router = client._router
-        self._stats = client.stats
-        self._stats.requests += 1
+        self._stats = stats = client.stats
+        stats.requests += 1
         #: address -> why it did not answer
         self.errors: dict[str, BaseException] = {}
         self.timed_out: RequestTimeoutError | None = None
 
-    @property
-    def op(self) -> int:
-        return self.cmd.op
+    def first(self) -> str | None:
+        candidates = self._candidates = self._router.candidates(self._key)
+        return next(candidates, None)
 
-    def __iter__(self) -> Iterator[str]:
-        router, errors = self._router, self.errors
-        for address in router.candidates(self._key):
-            if self.timed_out is not None and router.is_down(address):
-                return  # only nodes set aside are left: each could cost a timeout more
-            if errors:
-                self._stats.failovers += 1
-            yield address
-
-    def done(self, address: str, answer: Any) -> T:
-        return self.cmd.read(answer)
+    def next(self) -> str | None:
+        address = next(self._candidates, None)
+        if address is None:
+            return None
+        if self.timed_out is not None and self._router.is_down(address):
+            return None  # only nodes set aside are left: each could cost a timeout more
+        self._stats.failovers += 1
+        return address
 
     def failed(self, address: str, exc: HyperCacheError) -> bool:
         if isinstance(exc, RequestTimeoutError):
@@ -135,22 +156,31 @@ class TopologyFetch:
     failed (``stats.topology_errors``, next try after ``MIN_REFRESH``) and the error
     raised is :func:`unreachable` if every node was, else the first other error."""
 
-    __slots__ = ("_client", "errors")
+    __slots__ = ("_address", "_client", "_order", "errors")
 
     op: Final = TOPOLOGY.op
 
     def __init__(self, client: ClientBase) -> None:
         self._client = client
+        self._order: Iterator[str] = iter(())
+        self._address = ""
         self.errors: dict[str, BaseException] = {}
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._client._router.fetch_order())
+    def first(self) -> str | None:
+        self._order = iter(self._client._router.fetch_order())
+        return self.next()
 
-    def done(self, address: str, answer: Any) -> Topology:
+    def next(self) -> str | None:
+        address = next(self._order, None)
+        if address is not None:
+            self._address = address
+        return address
+
+    def read(self, answer: Any) -> Topology:
         topology = TOPOLOGY.read(answer)
         client = self._client
         client._router.set_topology(topology, time.monotonic())
-        client._recovered(address)
+        client._recovered(self._address)
         client.stats.topology_refreshes += 1
         return topology
 

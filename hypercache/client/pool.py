@@ -87,14 +87,15 @@ class ForkSafe(Protocol):
 
 
 # Serialises the resets of pools (and clients) in a child process, so that two of its
-# threads do not both reset one. Held only during a reset, and made anew in each child
-# (a fork while another thread resets would leave the child's copy held for ever).
-_fork_lock = threading.Lock()
+# threads do not both reset one (re-entrant: a client resets its pools). Held only
+# during a reset, and made anew in each child (a fork while another thread resets
+# would leave the child's copy held for ever).
+_fork_lock = threading.RLock()
 
 
 def _new_fork_lock() -> None:
     global _fork_lock
-    _fork_lock = threading.Lock()
+    _fork_lock = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
@@ -233,7 +234,17 @@ class ConnectionPool:
         """
         if self._pid != os.getpid():
             after_fork(self)
+        return self._acquire(timeout)
+
+    def _acquire(self, timeout: float | None) -> BlockingConnection:
+        """:meth:`acquire` without the pid check: for an owner that checks it (a
+        ``Client`` checks at each operation and resets its pools in a child)."""
         with self._lock:
+            idle = self._idle
+            if idle and not self._closed:  # the common case
+                conn = idle.pop()
+                self._in_use.add(conn)
+                return conn
             taken = self._take(timeout)
             if taken is not None:
                 return taken
@@ -257,6 +268,10 @@ class ConnectionPool:
         before a fork (see "Fork safety") or from another pool is closed."""
         if self._pid != os.getpid():
             after_fork(self)
+        self._release(conn)
+
+    def _release(self, conn: BlockingConnection) -> None:
+        """:meth:`release` without the pid check (see :meth:`_acquire`)."""
         with self._lock:
             if conn not in self._in_use:
                 if conn in self._idle:

@@ -261,9 +261,12 @@ class Client(ClientBase):
     # ------------------------------------------------------------------ internals
 
     def _begin(self) -> bool:
-        if self._pid != os.getpid():  # as _check_fork, inline: every operation passes here
+        # ClientBase._begin with _check_fork, inline: every operation passes here.
+        if self._pid != os.getpid():
             after_fork(self)
-        return super()._begin()
+        if self._closed:
+            raise self._closed_error()
+        return self._router.needs_refresh(time.monotonic())
 
     def _check_fork(self) -> None:
         """Start again in a child process (see "Fork safety" and :func:`after_fork`)."""
@@ -283,6 +286,8 @@ class Client(ClientBase):
         self._probing = {}
         self._executor = None
         self._repairs_pending = 0
+        for pool in list(self._pools.values()):
+            after_fork(pool)  # this client uses them without their own check
         for address in self._router.down:
             self._start_probe(address)  # the parent's probes stayed in the parent
 
@@ -317,13 +322,15 @@ class Client(ClientBase):
     def _run(self, attempts: Attempts[_T], payload: Any) -> _T:
         """Send one request to each address of ``attempts`` in turn, until one answers
         (or a failure is to be raised)."""
-        op = attempts.op
-        for address in attempts:
+        op, read = attempts.op, attempts.read
+        address = attempts.first()
+        while address is not None:
             try:
-                return attempts.done(address, self._attempt(address, op, payload, pipeline=False))
+                return read(self._attempt(address, op, payload, pipeline=False))
             except HyperCacheError as exc:
                 if not attempts.failed(address, exc):
                     raise
+            address = attempts.next()
         raise attempts.error()
 
     def _attempt(self, address: str, op: int, payload: Any, *, pipeline: bool) -> Any:
@@ -343,7 +350,7 @@ class Client(ClientBase):
         timeout = self._timeout
         pool = self._pool(address)
         try:
-            conn = pool.acquire(timeout)
+            conn = pool._acquire(timeout)
         except NodeUnavailableError:
             if not self._closed:
                 self._node_down(address)
@@ -356,19 +363,22 @@ class Client(ClientBase):
         except NodeUnavailableError:
             if conn.closed:  # our connection broke (not an answer from the node)
                 self._node_down(address)
-            pool.release(conn)
+            pool._release(conn)
             raise
         except HyperCacheError as exc:
-            pool.release(conn)
+            pool._release(conn)
             if isinstance(exc, NoAnswerError):
                 self._suspect(address)
             raise
         except BaseException:
             conn.close()
-            pool.release(conn)
+            pool._release(conn)
             raise
-        self._health(address, conn, result if pipeline else ())
-        pool.release(conn)
+        if pipeline:
+            self._health(address, conn, result)
+        elif self._router.is_down(address):
+            self._recovered(address)  # it answered
+        pool._release(conn)
         return result
 
     def _health(self, address: str, conn: BlockingConnection, results: Any) -> None:
@@ -442,7 +452,7 @@ class Client(ClientBase):
             return False
         for _ in range(pool.max_idle + 1):
             try:
-                conn = pool.acquire(timeout)
+                conn = pool._acquire(timeout)
             except HyperCacheError:
                 return False  # cannot connect
             try:
@@ -455,7 +465,7 @@ class Client(ClientBase):
                 conn.close()
                 raise
             finally:
-                pool.release(conn)
+                pool._release(conn)
             return True
         return False
 
@@ -602,7 +612,7 @@ class Client(ClientBase):
             for address in sorted(groups):
                 pool = self._pool(address)
                 try:
-                    taken.append((address, pool, pool.acquire(timeout)))
+                    taken.append((address, pool, pool._acquire(timeout)))
                 except HyperCacheError as exc:  # cannot connect, or the HELLO refused
                     if isinstance(exc, NodeUnavailableError):
                         self._node_down(address)
@@ -613,12 +623,12 @@ class Client(ClientBase):
         except BaseException:
             for _, pool, conn in taken:  # streams in doubt
                 conn.close()
-                pool.release(conn)
+                pool._release(conn)
             raise
         for (address, pool, conn), results in zip(taken, answers, strict=True):
             # broke: what it did not answer failed; timed out: the node is set aside
             self._health(address, conn, results)
-            pool.release(conn)
+            pool._release(conn)
             out[address] = results
         return out
 
