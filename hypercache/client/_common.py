@@ -552,13 +552,13 @@ class ClientBase:
         owners = router.read_owners(key)
         if owners is None:
             return None
-        read_level = router.read_level(level)
-        if read_level is None:
+        required = router.read_required(level, len(owners))
+        if required is None:
             return None
         stats = self.stats
         stats.requests += 1
         stats.owner_reads += 1
-        return OwnerRead(key, owners, read_level.required(len(owners)))
+        return OwnerRead(key, owners, required)
 
     def _owner_answer(
         self, rd: OwnerRead, address: str, raw: Any, exc: HyperCacheError | None
@@ -582,6 +582,8 @@ class ClientBase:
             return None
         best, stale = rd.outcome()
         found = (True, best[0]) if best is not None and entry_is_live(best, wall_ms()) else MISS
+        if not stale:  # the owners agree: the common case
+            return found, []
         return found, [(owner, [rd.key, *entry]) for owner, entry in stale]
 
     # ------------------------------------------------------------------ node health
