@@ -37,7 +37,8 @@ class AsyncClient(ClientBase):
             await cache.set("user:1", {"name": "Ada"}, ttl=60)
             await cache.get("user:1")        # {'name': 'Ada'}
 
-    Takes the same arguments as :class:`~hypercache.client.Client` (see there), and:
+    Takes the arguments of :class:`~hypercache.client.Client` (see there) but its
+    connection pool's (``max_connections_per_node``, ``connection_factory``), and:
 
     :param transport: how connections to the nodes are made: a
         :class:`~hypercache.net.transport.Transport`, as
@@ -49,7 +50,8 @@ class AsyncClient(ClientBase):
     ``async with`` (or :meth:`connect`) reaches the cluster at once; without it the
     first request does. Each node gets **one** multiplexed connection: any number
     of tasks may issue requests at the same time, and their requests are pipelined
-    on it. A client belongs to the event loop it first ran on.
+    on it. A client belongs to the event loop it first ran on, and to its process
+    (unlike ``Client``, it is not for use across ``os.fork()``).
 
     A node whose request timed out, or that cannot be reached, is set aside and
     probed by a task of its own (one per node, cancelled by :meth:`close`) until it
