@@ -7,8 +7,9 @@ What is measured, in one process and one run:
               :class:`~hypercache.net.inproc.InprocNetwork`, all in the benchmark's
               event loop, driven by an ``AsyncClient`` in that same loop whose node
               connections are opened on the in-process network
-              (:class:`InprocAsyncClient`); everything above the byte pipe - client,
-              framing, handshake, coordinator, store - is the code that runs over TCP.
+              (``AsyncClient(..., transport=network)``); everything above the byte
+              pipe - client, framing, handshake, coordinator, store - is the code that
+              runs over TCP.
 ``tcp``       three real ``hypercache-node`` processes (uvloop) on free 127.0.0.1 ports,
               driven by an ``AsyncClient`` in the benchmark process (uvloop).
 ``tcp-sync``  the same processes driven by the blocking :class:`~hypercache.client.Client`
@@ -82,8 +83,6 @@ from hypercache.cluster.local import (
     stop_process,
     wait_for,
 )
-from hypercache.net.connection import ClientConnection
-from hypercache.net.inproc import InprocNetwork
 
 NODES: Final = 3
 REPLICATION: Final = 3
@@ -536,25 +535,6 @@ def _client_args() -> dict[str, Any]:
     }
 
 
-class InprocAsyncClient(AsyncClient):
-    """The ``AsyncClient`` with its node connections opened on an in-process network.
-
-    Only :meth:`AsyncClient._dial` is replaced: it calls ``network.connect`` where
-    the original calls :func:`hypercache.net.tcp.connect` (same signature, same
-    ``ClientConnection`` class, an in-memory pipe instead of a socket); routing,
-    encoding and the request path are the inherited ones.
-    """
-
-    def __init__(self, seeds: Sequence[str], *, network: InprocNetwork, **kwargs: Any) -> None:
-        super().__init__(seeds, **kwargs)
-        self._network = network
-
-    async def _dial(self, address: str) -> ClientConnection:
-        return await self._network.connect(
-            address, self._hello, self._limits, self.options.connect_timeout
-        )
-
-
 @contextlib.asynccontextmanager
 async def inproc_cluster(size: int = NODES) -> AsyncIterator[AsyncClient]:
     """``size`` Nodes on one in-process network in this loop, and a client of them."""
@@ -566,7 +546,7 @@ async def inproc_cluster(size: int = NODES) -> AsyncIterator[AsyncClient]:
         node_id="node-{n}",
         timeout=START_TIMEOUT,
     ) as cluster:
-        client = InprocAsyncClient(cluster.addresses, network=cluster.net, **_client_args())
+        client = AsyncClient(cluster.addresses, transport=cluster.net, **_client_args())
         try:
             await client.connect()
             yield client

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import pickle
+import signal
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -32,6 +34,8 @@ from hypercache.client import (
     AsyncClient,
     Client,
     ClientStats,
+    ConnectionPool,
+    Key,
     MsgpackSerializer,
     PickleSerializer,
     RawSerializer,
@@ -55,7 +59,9 @@ from hypercache.errors import (
     ServerError,
     ValueTooLargeError,
 )
-from hypercache.net.protocol import Limits, Op
+from hypercache.net.blocking import BlockingConnection
+from hypercache.net.inproc import InprocNetwork
+from hypercache.net.protocol import Limits, Op, make_hello
 from hypercache.net.tcp import TcpServer
 from hypercache.net.transport import PeerInfo, ServerOptions
 
@@ -768,6 +774,41 @@ def test_get_many_keys_the_result_by_every_key_passed() -> None:
     run(main())
 
 
+def test_async_client_over_an_inproc_network() -> None:
+    # transport=: the client reaches real Nodes of an in-process network by their
+    # address on that network (10.9.0.x: nothing listens there over TCP).
+    net = InprocNetwork()
+    fast: dict[str, Any] = {"http": None, "heartbeat_interval": 0.05, "replication": 2}
+    bind = ["10.9.0.1:7400", "10.9.0.2:7400"]
+
+    async def go() -> None:
+        nodes = [
+            Node(DistConfig(node_id=f"n{i}", bind=b, seeds=(bind[0],), **fast), transport=net)
+            for i, b in enumerate(bind)
+        ]
+        try:
+            for node in nodes:
+                await node.start()
+            await until(lambda: all(len(n.members()) == 2 for n in nodes), what="membership")
+            async with AsyncClient(bind[1], transport=net, consistency="quorum") as client:
+                assert set((await client.topology()).addresses) == set(bind)
+                await client.set("k", {"v": 1})
+                assert await client.get("k") == {"v": 1}
+                assert await client.get_many(["k", "absent"]) == {"k": {"v": 1}}
+                assert await client.delete("k") is True
+                assert await client.get("k", "gone") == "gone"
+                assert await client.ping(bind[0]) >= 0
+                assert client.stats.owner_reads == 4  # get, get_many (2 keys), get
+                assert client.stats.connections_opened == 2
+            server = net.server(bind[0])
+            assert server is not None and server.stats.connections_accepted >= 2  # peer + us
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    arun(go())
+
+
 # ============================================================================ CLI
 
 
@@ -1455,6 +1496,252 @@ def test_probe_of_an_address_outside_the_cluster_stops(servers: ServerThread, ki
         # Nothing routes to it: its probe forgets it instead of PINGing for ever.
         wait_for(lambda: not client._router.down and not client.probing())
         assert client.stats.nodes_recovered == 0
+
+
+# ============================================================================ connection pool
+
+# The sync client's per-node pool: a cap on open connections (a thread beyond waits,
+# with the request's deadline), a cap on idle ones, and a pid check that makes a
+# forked child drop the parent's sockets instead of sharing them.
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+# Python 3.12+ warns that forking a process with threads (the fake nodes' loop) may
+# deadlock the child: these children use only their own locks, which is the point.
+fork_with_threads = pytest.mark.filterwarnings("ignore:.*multi-threaded.*:DeprecationWarning")
+
+
+def opener(address: str) -> BlockingConnection:
+    return BlockingConnection(address, make_hello("hypercache"), timeout=DEADLINE)
+
+
+def run_in_child(body: Callable[[], None]) -> None:
+    """Run ``body`` in a forked child process; raise its error here (or fail if it hangs)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        os.close(read_fd)
+        code = 0
+        try:
+            body()
+        except BaseException as exc:
+            os.write(write_fd, f"{type(exc).__name__}: {exc}".encode()[:4000])
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the child process hung")
+        time.sleep(0.01)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode()
+    assert os.waitstatus_to_exitcode(status) == 0, f"in the child: {message}"
+
+
+def test_pool_caps_open_connections_and_waits_for_a_release(servers: ServerThread) -> None:
+    address = servers.start(FakeNode("n", {}))
+    pool = ConnectionPool(address, opener, max_connections=2, max_idle=1)
+    a, b = pool.acquire(), pool.acquire()
+    assert (pool.size, pool.idle) == (2, 0)
+    start = time.monotonic()
+    with pytest.raises(RequestTimeoutError, match="max_connections"):
+        pool.acquire(timeout=0.2)
+    assert time.monotonic() - start >= 0.2
+    assert (pool.stats.pool_waits, pool.stats.pool_timeouts) == (1, 1)
+    # A thread waiting at the cap gets the first connection released.
+    got: list[BlockingConnection] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(timeout=DEADLINE)))
+    waiter.start()
+    wait_for(lambda: pool.stats.pool_waits == 2)
+    pool.release(a)
+    waiter.join(DEADLINE)
+    assert got == [a] and pool.size == 2
+    # A broken connection released frees its place: the next thread opens a new one.
+    b.close()
+    pool.release(b)
+    assert pool.size == 1
+    c = pool.acquire(timeout=0)
+    assert c is not b and not c.closed and pool.size == 2
+    # Released beyond max_idle (and nobody waiting): closed.
+    pool.release(a)
+    pool.release(c)
+    assert (pool.size, pool.idle) == (1, 1) and c.closed and not a.closed
+    # Closing wakes a waiter up with an error and refuses new acquires.
+    held = pool.acquire()
+    other = pool.acquire()
+    errors: list[BaseException] = []
+
+    def wait_then_fail() -> None:
+        try:
+            pool.acquire(timeout=DEADLINE)
+        except NodeUnavailableError as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait_then_fail)
+    waiter.start()
+    wait_for(lambda: pool.stats.pool_waits == 3)
+    pool.close()
+    waiter.join(DEADLINE)
+    assert len(errors) == 1 and "closed" in str(errors[0])
+    with pytest.raises(NodeUnavailableError):
+        pool.acquire()
+    pool.release(held)
+    pool.release(other)
+    assert held.closed and other.closed and pool.size == 0
+    with pytest.raises(ConfigError) as err:
+        ConnectionPool(address, opener, max_connections=0)
+    assert err.value.field == "max_connections"
+
+
+def test_sync_client_waits_for_a_connection_at_its_cap(servers: ServerThread) -> None:
+    # One connection per node and three threads writing at once: the first write holds
+    # it for 0.6 s, the next thread to get it holds it until 1.2 s, and the last one,
+    # whose wait is bounded by its 1 s deadline, raises - unsent, the node not set aside.
+    node = FakeNode("n", {})
+    address = servers.start(node)
+    node.delay = 0.6
+    outcomes: list[BaseException | None] = []
+    with Client(address, route="any", timeout=1.0, max_connections_per_node=1) as client:
+
+        def write(i: int) -> None:
+            try:
+                client.set(f"k{i}", i)
+            except RequestTimeoutError as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(None)
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(DEADLINE)
+        errors = [exc for exc in outcomes if exc is not None]
+        assert len(outcomes) == 3 and len(errors) == 1
+        assert "max_connections_per_node" in str(errors[0])
+        assert client.stats.pool_waits == 2 and client.stats.pool_timeouts == 1
+        assert client.stats.connections_opened == 1 and node.max_inflight == 1
+        assert len(node.keys_of("SET")) == 2  # the third was never sent
+        assert client._router.down == []
+    with pytest.raises(ConfigError) as err:
+        Client(address, max_connections_per_node=0)
+    assert err.value.field == "max_connections_per_node"
+
+
+def test_sync_client_opens_connections_through_its_factory(servers: ServerThread) -> None:
+    nodes, _, _ = cluster(servers, 2, replication=2)
+    made: list[str] = []
+
+    def factory(
+        address: str, hello: dict[str, Any], limits: Limits, timeout: float
+    ) -> BlockingConnection:
+        made.append(address)
+        return BlockingConnection(address, hello, limits, timeout)
+
+    with Client(nodes[0].address, connection_factory=factory, consistency="all") as client:
+        client.set_many({k: k for k in KEYS})
+        assert client.get_many(KEYS) == {k: k for k in KEYS}
+        assert sorted(made) == sorted(nd.address for nd in nodes)
+        assert client.stats.connections_opened == 2
+
+
+@needs_fork
+@fork_with_threads
+def test_pool_after_fork_drops_the_parents_connections(servers: ServerThread) -> None:
+    address = servers.start(FakeNode("n", {}))
+    server = servers.servers[address]
+    pool = ConnectionPool(address, opener)
+    held = pool.acquire()
+    idle = pool.acquire()
+    pool.release(idle)
+    assert (pool.size, pool.idle) == (2, 1)
+
+    def child() -> None:
+        conn = pool.acquire()  # the parent's two are forgotten: a new one
+        assert conn is not idle and conn is not held
+        assert (pool.size, pool.idle) == (1, 0)
+        assert conn.request(Op.PING, None, DEADLINE) == "pong"
+        pool.release(held)  # acquired before the fork: closed, not kept
+        assert held.closed and pool.idle == 0
+        pool.release(conn)
+        assert (pool.size, pool.idle) == (1, 1)
+
+    accepted = server.stats.connections_accepted
+    run_in_child(child)
+    assert server.stats.connections_accepted == accepted + 1  # the child's own
+    # The child closed its copies of the parent's sockets, not the parent's.
+    assert held.request(Op.PING, None, DEADLINE) == "pong"
+    again = pool.acquire()
+    assert again is idle and again.request(Op.PING, None, DEADLINE) == "pong"
+    pool.release(again)
+    pool.release(held)
+    pool.close()
+
+
+@needs_fork
+@fork_with_threads
+def test_sync_client_after_fork_uses_its_own_connections(servers: ServerThread) -> None:
+    nodes, _, _ = cluster(servers, 2, replication=2)
+    values: dict[Key, Any] = {k: k for k in KEYS}
+
+    def accepted() -> int:
+        return sum(s.stats.connections_accepted for s in servers.servers.values())
+
+    with Client(nodes[0].address, consistency="quorum") as client:
+        client.set_many(values)
+        assert client.get_many(KEYS) == values  # a connection to each node, pooled
+        opened, before = client.stats.connections_opened, accepted()
+
+        def child() -> None:
+            assert set(client.topology().addresses) == {nd.address for nd in nodes}
+            client.set("k", "child")
+            assert client.get("k") == "child"
+            assert client.get_many(KEYS) == values
+            assert client.stats.connections_opened >= opened + 2
+
+        # As if another thread were fetching the table at the fork: the child's copy
+        # of that lock stays held (nobody there will release it) unless it is renewed.
+        with client._refreshing:
+            run_in_child(child)
+        assert accepted() >= before + 2  # the child connected to both nodes itself
+        after_child = accepted()
+        # The parent goes on over its own connections, which the child left open.
+        assert client.get("k") == "child"
+        assert client.get_many(KEYS) == values
+        client.set("k", "parent")
+        assert client.stats.connections_opened == opened
+        assert accepted() == after_child
+
+
+@needs_fork
+@fork_with_threads
+def test_sync_client_after_fork_probes_the_nodes_set_aside_itself(servers: ServerThread) -> None:
+    # The parent's probe threads do not exist in the child: the child starts its own
+    # for the nodes set aside, or they would stay aside there for ever.
+    primary, other, key = two_owners(servers)
+    with Client([primary.address, other.address]) as client:
+        client.set(key, 0)
+        servers.stop(primary.address)
+        client.set(key, 1)  # fails over to the other owner; the primary is set aside
+        assert client._router.down == [primary.address]
+        parent_probe = client._probing[primary.address]
+        assert parent_probe.is_alive()
+
+        def child() -> None:
+            probes = client.stats.probes
+            client.set(key, 2)
+            probe = client._probing.get(primary.address)
+            assert probe is not None and probe is not parent_probe and probe.is_alive()
+            wait_for(lambda: client.stats.probes > probes)
+
+        run_in_child(child)
+        assert client._probing[primary.address] is parent_probe  # the parent's own, still
 
 
 # ============================================================================ real nodes

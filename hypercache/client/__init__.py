@@ -1,6 +1,7 @@
 """Clients of a hypercache cluster.
 
-- :class:`Client`: blocking sockets, for sync code; safe to share between threads.
+- :class:`Client`: blocking sockets, for sync code; safe to share between threads,
+  and across ``os.fork()``; a :class:`ConnectionPool` of connections per node.
 - :class:`AsyncClient`: asyncio, one multiplexed connection per node.
 
 Both learn the partition table from any seed (``route="owner"``): reads go straight
@@ -13,6 +14,7 @@ serialised with msgpack by default (:mod:`hypercache.client.serializer`); keys a
 from hypercache.client._common import ClientStats
 from hypercache.client.aio import AsyncClient
 from hypercache.client.keys import Key, normalize_key
+from hypercache.client.pool import ConnectionPool, PoolStats
 from hypercache.client.serializer import (
     MsgpackSerializer,
     PickleSerializer,
@@ -26,10 +28,12 @@ __all__ = [
     "AsyncClient",
     "Client",
     "ClientStats",
+    "ConnectionPool",
     "Key",
     "MsgpackSerializer",
     "NodeInfo",
     "PickleSerializer",
+    "PoolStats",
     "RawSerializer",
     "Serializer",
     "Topology",

@@ -1,26 +1,47 @@
-"""What the sync and async clients share: options, payloads, answers, counters.
+"""What the sync and async clients share: options, requests, answers, counters.
 
-The two clients differ only in how they wait (blocking sockets or asyncio); every
-decision that does not wait lives here, written once.
+The two clients differ only in how they wait (blocking sockets or asyncio). Every
+step of an operation that does not wait is written once, here and in
+:mod:`hypercache.client.commands`, as redis-py writes its commands once for its two
+clients:
+
+- **what to send**: :class:`ClientBase` validates and normalises the key and the
+  value and builds each operation's payload (``_set_request``, ``_delete_request``,
+  ``_set_many_requests``; ``commands.get_payload``);
+- **how to read the answer**: each :class:`~hypercache.client.commands.Command`
+  carries the function that checks and shapes its answer; ``get``'s value and
+  ``get_many``'s ``{key: value}`` are shaped by :meth:`ClientBase._value` and
+  :meth:`ClientBase._get_many_result`;
+- **where to send it**: :class:`~hypercache.client.failover.Failover` (one request
+  along its candidate nodes), :class:`~hypercache.client.failover.TopologyFetch`
+  (the table, along the fetch order) and :class:`OwnerRead` (a read coordinated by
+  the client) are pure bookkeeping: the clients send and wait, the bookkeeping
+  decides what comes next and what to raise;
+- the closed checks, the counters (:class:`ClientStats`) and node health.
+
+The clients keep the I/O: connections, sending, waiting, threads or tasks.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypedDict, TypeVar, Unpack
 
+from hypercache.client.commands import MISS, Found, Level
+from hypercache.client.keys import Key, normalize_key, wire_keys
 from hypercache.client.serializer import Serializer, resolve_serializer
-from hypercache.client.topology import Router, Topology
+from hypercache.client.topology import Router
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
+    HyperCacheError,
     NodeUnavailableError,
     ProtocolError,
 )
-from hypercache.net.protocol import Limits, Op, make_hello
+from hypercache.net.protocol import Limits, make_hello
 from hypercache.replication import (
     Entry,
     QuorumRound,
@@ -33,25 +54,28 @@ from hypercache.units import parse_hostport
 
 __all__ = [
     "BATCH",
+    "DEFAULT_SEEDS",
     "MAX_PENDING_REPAIRS",
     "PROBE_BACKOFF",
     "PROBE_TIMEOUT",
-    "RETRY_AFTER_TIMEOUT",
+    "ClientArgs",
+    "ClientBase",
     "ClientOptions",
     "ClientStats",
     "Entry",
     "OwnerRead",
+    "Repair",
     "Route",
-    "decode_get",
     "entry_from_wire",
     "is_live",
     "parse_seeds",
     "probe_delays",
     "ttl_to_ms",
-    "unreachable",
-    "wall_ms",
     "wire_consistency",
 ]
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 Route = Literal["owner", "any"]
 
@@ -66,11 +90,6 @@ PROBE_TIMEOUT: Final = 0.5
 #: Pause after a node's first failed probe; it doubles after each failure, up to
 #: ``retry_down_after``.
 PROBE_BACKOFF: Final = 0.05
-#: Operations that may be sent to another node after one timed out in the same call:
-#: those that change nothing. A ``SET`` or ``DELETE`` that timed out may still be
-#: applied by its node (when it wakes up, with a version stamped then), so sending it
-#: elsewhere too could apply the write twice, the older one last: it is raised.
-RETRY_AFTER_TIMEOUT: Final = frozenset({int(Op.GET), int(Op.R_GET), int(Op.PING), int(Op.TOPOLOGY)})
 
 
 def probe_delays(cap: float) -> Iterator[float]:
@@ -107,7 +126,7 @@ def parse_seeds(seeds: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def wire_consistency(value: Consistency | str | None, fallback: str | None) -> str | None:
+def wire_consistency(value: Level, fallback: str | None) -> str | None:
     """The consistency to send: ``value`` parsed, or ``fallback`` (the client default)."""
     if value is None:
         return fallback
@@ -127,19 +146,6 @@ def ttl_to_ms(ttl: float | None) -> int | None:
     if not (ttl > 0 and math.isfinite(ttl)):
         raise ConfigError("ttl", f"must be a positive finite number of seconds, got {ttl!r}")
     return max(1, math.ceil(ttl * 1000))
-
-
-def decode_get(answer: Any) -> tuple[bool, Any]:
-    """Split a GET answer ``[found, value]``.
-
-    :raises ProtocolError: the answer has another shape.
-    """
-    if type(answer) is not list or len(answer) != 2 or type(answer[0]) is not bool:
-        raise ProtocolError(f"malformed GET answer: {answer!r:.200}")
-    found, value = answer
-    if found and not isinstance(value, bytes):
-        raise ProtocolError(f"GET answer value must be bytes, got {type(value).__name__}")
-    return found, value
 
 
 class OwnerRead(QuorumRound):
@@ -205,16 +211,23 @@ class OwnerRead(QuorumRound):
         return plan_repair(self.results, wall_ms())
 
 
-def unreachable(what: str, errors: Mapping[str, BaseException]) -> NodeUnavailableError:
-    """The error raised when no node could take a request."""
-    if not errors:
-        return NodeUnavailableError(f"{what}: no node to send to")
-    parts = []
-    for address, exc in errors.items():
-        text = str(exc)
-        parts.append(text if text.startswith(address) else f"{address}: {text}")
-    detail = "; ".join(parts)
-    return NodeUnavailableError(f"{what}: no node reachable ({detail})")
+#: Where a client looks for the cluster when given no seeds.
+DEFAULT_SEEDS: Final = "127.0.0.1:7400"
+
+
+class ClientArgs(TypedDict, total=False):
+    """The keyword arguments of both clients but their own (see
+    :class:`~hypercache.Client` for each)."""
+
+    cluster_name: str
+    auth_token: str | None
+    timeout: float
+    connect_timeout: float
+    consistency: Level
+    serializer: Serializer | None
+    route: str
+    limits: Limits | None
+    topology_refresh: float
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -254,36 +267,18 @@ class ClientOptions:
             raise ConfigError("limits", f"must be a Limits, got {type(self.limits).__name__}")
 
     @classmethod
-    def build(
-        cls,
-        seeds: str | Sequence[str],
-        *,
-        cluster_name: str,
-        auth_token: str | None,
-        timeout: float,
-        connect_timeout: float,
-        consistency: Consistency | str | None,
-        serializer: Serializer | None,
-        route: str,
-        limits: Limits | None,
-        topology_refresh: float,
-    ) -> ClientOptions:
-        """Validate the constructor arguments of a client."""
-        level = None if consistency is None else Consistency.parse(consistency).value
-        if route not in ("owner", "any"):
-            raise ConfigError("route", f"expected 'owner' or 'any', got {route!r}")
-        return cls(
-            seeds=parse_seeds(seeds),
-            cluster_name=cluster_name,
-            auth_token=auth_token,
-            timeout=timeout,
-            connect_timeout=connect_timeout,
-            consistency=level,
-            serializer=resolve_serializer(serializer),
-            route="owner" if route == "owner" else "any",
-            limits=Limits() if limits is None else limits,
-            topology_refresh=topology_refresh,
-        )
+    def build(cls, seeds: str | Sequence[str], **options: Unpack[ClientArgs]) -> ClientOptions:
+        """Validate the constructor arguments of a client (those not given take the
+        defaults above)."""
+        given: dict[str, Any] = dict(options)
+        if "consistency" in given:
+            level = given["consistency"]
+            given["consistency"] = None if level is None else Consistency.parse(level).value
+        if "serializer" in given:
+            given["serializer"] = resolve_serializer(given["serializer"])
+        if "limits" in given and given["limits"] is None:
+            given["limits"] = Limits()
+        return cls(seeds=parse_seeds(seeds), **given)
 
     def hello(self) -> dict[str, Any]:
         """The HELLO payload of a client connection."""
@@ -312,6 +307,10 @@ class ClientStats:
         sent by the client after a read whose owners disagreed.
     :ivar read_repairs_dropped: pushes not sent because ``max_pending_repairs`` were
         in flight already.
+    :ivar pool_waits: (``Client``) times a thread found ``max_connections_per_node``
+        connections to a node in use and waited for one.
+    :ivar pool_timeouts: (``Client``) waits for a connection that ran out after
+        ``timeout`` (the request raised ``RequestTimeoutError``, unsent).
     """
 
     requests: int = 0
@@ -327,15 +326,25 @@ class ClientStats:
     owner_reads: int = 0
     read_repairs: int = 0
     read_repairs_dropped: int = 0
+    pool_waits: int = 0
+    pool_timeouts: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+#: A read-repair push: the stale owner and the ``R_PUT`` payload.
+Repair = tuple[str, list[Any]]
+
+
 class ClientBase:
     """What :class:`~hypercache.Client` and :class:`~hypercache.AsyncClient` share:
-    the constructor, validated options, the router and the counters, and what
-    happens to a node that fails.
+    the validated options, the router and the counters, every step of an operation
+    that does not wait (see the module docstring), and what happens to a node that
+    fails. Each subclass adds its connections, and the I/O: ``_call`` (one request
+    along a :class:`~hypercache.client.failover.Failover`), ``_run`` (any
+    :class:`~hypercache.client.failover.Attempts`), ``_read`` (reads through
+    :class:`OwnerRead`), batches, probes.
 
     **Node health.** A node is *set aside* when a request to it timed out locally
     (no answer within ``timeout``: the node is paused, overloaded or cut off; an
@@ -348,57 +357,180 @@ class ClientBase:
     at a time, a ``PING`` with a deadline of ``min(timeout, PROBE_TIMEOUT)``,
     repeated after :func:`probe_delays`). The first answer from the node, to a
     probe or to any request, brings it back. Setting aside never fails a request
-    by itself: when every candidate is aside, they are still tried, last.
-
-    Each subclass sets up its own connections in :meth:`_init_transport` and runs
-    its probes in :meth:`_start_probe`."""
+    by itself: when every candidate is aside, they are still tried, last."""
 
     #: read-repair pushes in flight at most (see ``MAX_PENDING_REPAIRS``)
     max_pending_repairs: int = MAX_PENDING_REPAIRS
 
     def __init__(
-        self,
-        seeds: str | Sequence[str] = "127.0.0.1:7400",
-        *,
-        cluster_name: str = "hypercache",
-        auth_token: str | None = None,
-        timeout: float = 2.0,
-        connect_timeout: float = 1.0,
-        consistency: Consistency | str | None = None,
-        serializer: Serializer | None = None,
-        route: str = "owner",
-        limits: Limits | None = None,
-        topology_refresh: float = 30.0,
+        self, seeds: str | Sequence[str] = DEFAULT_SEEDS, **options: Unpack[ClientArgs]
     ) -> None:
-        options = ClientOptions.build(
-            seeds,
-            cluster_name=cluster_name,
-            auth_token=auth_token,
-            timeout=timeout,
-            connect_timeout=connect_timeout,
-            consistency=consistency,
-            serializer=serializer,
-            route=route,
-            limits=limits,
-            topology_refresh=topology_refresh,
-        )
-        self.options = options
+        opts = ClientOptions.build(seeds, **options)
+        self.options = opts
         #: counters of this client
         self.stats = ClientStats()
-        self._router = Router(
-            options.seeds, route=options.route, topology_refresh=options.topology_refresh
-        )
-        self._hello = options.hello()
-        self._limits = options.limits
-        self._timeout = options.timeout
-        self._default = options.consistency
-        self._dumps = options.serializer.dumps
-        self._loads = options.serializer.loads
+        self._router = Router(opts.seeds, route=opts.route, topology_refresh=opts.topology_refresh)
+        self._hello = opts.hello()
+        self._limits = opts.limits
+        self._timeout = opts.timeout
+        self._default = opts.consistency
+        self._dumps = opts.serializer.dumps
+        self._loads = opts.serializer.loads
         self._closed = False
-        self._init_transport()
 
-    def _init_transport(self) -> None:
-        raise NotImplementedError
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        seeds = ",".join(self.options.seeds)
+        return f"{type(self).__name__}(seeds={seeds!r}, route={self.options.route!r})"
+
+    # ------------------------------------------------------------------ requests
+
+    def _begin(self) -> bool:
+        """Start an operation: raise if the client is closed; return whether the
+        partition table is due for a fetch (the caller fetches it, or starts to).
+
+        :raises NodeUnavailableError: the client is closed.
+        """
+        if self._closed:
+            raise self._closed_error()
+        return self._router.needs_refresh(time.monotonic())
+
+    def _check_open(self) -> None:
+        """:raises NodeUnavailableError: the client is closed."""
+        if self._closed:
+            raise self._closed_error()
+
+    @staticmethod
+    def _closed_error() -> NodeUnavailableError:
+        return NodeUnavailableError("the client is closed")
+
+    def _encode(self, value: Any) -> bytes:
+        data = self._dumps(value)
+        self._limits.check_value(data)
+        return data
+
+    def _get_request(self, key: Key, consistency: Level) -> tuple[bytes, str | None]:
+        """The wire key and level of a ``get``."""
+        return normalize_key(key, self._limits), wire_consistency(consistency, self._default)
+
+    def _get_many_request(
+        self, keys: Iterable[Key], consistency: Level
+    ) -> tuple[dict[bytes, list[Key]], str | None]:
+        """The wire keys (each with the keys given for it) and level of a ``get_many``."""
+        level = wire_consistency(consistency, self._default)
+        return wire_keys(keys, self._limits), level
+
+    def _set_request(
+        self, key: Key, value: Any, ttl: float | None, consistency: Level
+    ) -> tuple[bytes, list[Any]]:
+        """The wire key and payload of a ``set``: ``SET [key, value, ttl_ms, level]``."""
+        k = normalize_key(key, self._limits)
+        return k, [
+            k,
+            self._encode(value),
+            ttl_to_ms(ttl),
+            wire_consistency(consistency, self._default),
+        ]
+
+    def _delete_request(self, key: Key, consistency: Level) -> tuple[bytes, list[Any]]:
+        """The wire key and payload of a ``delete``: ``DELETE [key, level]``."""
+        k = normalize_key(key, self._limits)
+        return k, [k, wire_consistency(consistency, self._default)]
+
+    def _set_many_requests(
+        self, mapping: Mapping[Key, Any], ttl: float | None, consistency: Level
+    ) -> dict[bytes, list[Any]]:
+        """The ``SET`` payload of each wire key of a ``set_many`` (of keys naming one
+        entry, ``"k"`` and ``b"k"``, the last given wins)."""
+        level = wire_consistency(consistency, self._default)
+        ttl_ms = ttl_to_ms(ttl)
+        limits, encode = self._limits, self._encode
+        requests = {}
+        for key, value in mapping.items():
+            k = normalize_key(key, limits)
+            requests[k] = [k, encode(value), ttl_ms, level]
+        return requests
+
+    # ------------------------------------------------------------------ answers
+
+    def _value(self, found: Found, default: Any) -> Any:
+        """What ``get`` returns for ``found``."""
+        return self._loads(found[1]) if found[0] else default
+
+    def _get_many_result(
+        self,
+        wire: dict[bytes, list[Key]],
+        results: Iterable[tuple[bytes, Found | BaseException]],
+    ) -> dict[Key, Any]:
+        """``{key: value}`` of a ``get_many``: the hits, keyed by every key given for
+        their wire key (each value decoded once).
+
+        :raises BaseException: the first error among ``results``, once all are seen.
+        """
+        out: dict[Key, Any] = {}
+        first_error: BaseException | None = None
+        loads = self._loads
+        for k, result in results:
+            if isinstance(result, BaseException):
+                first_error = first_error or result
+                continue
+            found, value = result
+            if found:
+                loaded = loads(value)
+                for key in wire[k]:
+                    out[key] = loaded
+        if first_error is not None:
+            raise first_error
+        return out
+
+    # ------------------------------------------------------------------ owner reads
+
+    def _owner_read(self, key: bytes, level: str | None) -> OwnerRead | None:
+        """The read of ``key`` from its owners (``R_GET``, counted), or ``None`` when
+        the client does not know the table or the level: the read then goes through
+        a node (``GET``, the proxy path)."""
+        router = self._router
+        owners = router.read_owners(key)
+        if owners is None:
+            return None
+        required = router.read_required(level, len(owners))
+        if required is None:
+            return None
+        stats = self.stats
+        stats.requests += 1
+        stats.owner_reads += 1
+        return OwnerRead(key, owners, required)
+
+    def _owner_answer(
+        self, rd: OwnerRead, address: str, raw: Any, exc: HyperCacheError | None
+    ) -> str | None:
+        """Record the answer ``raw`` (or the failure ``exc``) of ``address`` to ``rd``;
+        return the owner to ask in its place, if any (counted as a failover)."""
+        nxt = rd.ok(address, raw) if exc is None else rd.failed(address, exc)
+        if nxt is not None:
+            self.stats.failovers += 1
+        return nxt
+
+    def _owner_outcome(self, rd: OwnerRead) -> tuple[Found, list[Repair]] | None:
+        """What the done ``rd`` found, and the read repairs to push; ``None`` when no
+        owner could be reached (maybe the table is wrong for this client; any node
+        that answers can still coordinate the read: the caller sends a ``GET``).
+
+        :raises QuorumError: too few owners answered.
+        """
+        if rd.unreachable:
+            self.stats.requests -= 1  # counted again on the proxy path
+            return None
+        best, stale = rd.outcome()
+        found = (True, best[0]) if best is not None and is_live(best, wall_ms()) else MISS
+        if not stale:  # the owners agree: the common case
+            return found, []
+        return found, [(owner, [rd.key, *entry]) for owner, entry in stale]
+
+    # ------------------------------------------------------------------ node health
 
     def _start_probe(self, address: str) -> None:
         """Probe ``address``, set aside, in the background until it answers (or the
@@ -408,6 +540,10 @@ class ClientBase:
     @property
     def _probe_timeout(self) -> float:
         return min(self._timeout, PROBE_TIMEOUT)
+
+    def _probe_delays(self) -> Iterator[float]:
+        """The pauses between the probes of one node (see :func:`probe_delays`)."""
+        return probe_delays(self.options.retry_down_after)
 
     def _node_down(self, address: str) -> None:
         """``address`` could not be reached: set it aside and probe it."""
@@ -425,18 +561,3 @@ class ClientBase:
         """``address`` answered: use it again if it was set aside."""
         if self._router.mark_up(address):
             self.stats.nodes_recovered += 1
-
-    def _topology_fetched(self, address: str, topology: Topology) -> Topology:
-        """Adopt a table fetched from ``address``."""
-        self._router.set_topology(topology, time.monotonic())
-        self._recovered(address)
-        self.stats.topology_refreshes += 1
-        return topology
-
-    def _topology_unavailable(self, errors: Mapping[str, BaseException]) -> BaseException:
-        """Record a refresh that no seed answered; the error to raise for it."""
-        self.stats.topology_errors += 1
-        self._router.refresh_failed(time.monotonic())
-        if all(isinstance(exc, NodeUnavailableError) for exc in errors.values()):
-            return unreachable("TOPOLOGY", errors)
-        return next(exc for exc in errors.values() if not isinstance(exc, NodeUnavailableError))

@@ -6,46 +6,26 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar, Unpack
 
-from hypercache.client._common import (
-    BATCH,
-    RETRY_AFTER_TIMEOUT,
-    ClientBase,
-    Entry,
-    OwnerRead,
-    decode_get,
-    is_live,
-    probe_delays,
-    ttl_to_ms,
-    unreachable,
-    wall_ms,
-    wire_consistency,
-)
-from hypercache.client.keys import Key, normalize_key, wire_keys
+from hypercache.client import commands
+from hypercache.client._common import BATCH, DEFAULT_SEEDS, ClientArgs, ClientBase, OwnerRead
+from hypercache.client.commands import Level
+from hypercache.client.failover import Attempts, Failover, TopologyFetch
+from hypercache.client.keys import Key
 from hypercache.client.topology import Topology
-from hypercache.consistency import Consistency
 from hypercache.errors import (
     HyperCacheError,
     NoAnswerError,
     NodeUnavailableError,
-    ProtocolError,
-    RequestTimeoutError,
 )
-from hypercache.net.connection import ClientConnection
-from hypercache.net.protocol import Op
-from hypercache.net.tcp import connect
+from hypercache.net.tcp import TCP
+from hypercache.net.transport import Connection, Transport
 
 __all__ = ["AsyncClient"]
 
-_GET: Final = int(Op.GET)
-_SET: Final = int(Op.SET)
-_DELETE: Final = int(Op.DELETE)
-_PING: Final = int(Op.PING)
-_TOPOLOGY: Final = int(Op.TOPOLOGY)
-_R_GET: Final = int(Op.R_GET)
-_R_PUT: Final = int(Op.R_PUT)
+_T = TypeVar("_T")
 
 
 class AsyncClient(ClientBase):
@@ -57,11 +37,21 @@ class AsyncClient(ClientBase):
             await cache.set("user:1", {"name": "Ada"}, ttl=60)
             await cache.get("user:1")        # {'name': 'Ada'}
 
-    Takes the same arguments as :class:`~hypercache.client.Client` (see there).
+    Takes the arguments of :class:`~hypercache.client.Client` (see there) but its
+    connection pool's (``max_connections_per_node``, ``connection_factory``), and:
+
+    :param transport: how connections to the nodes are made: a
+        :class:`~hypercache.net.transport.Transport`, as
+        :class:`~hypercache.cluster.Node` takes one. TCP by default
+        (:data:`hypercache.net.tcp.TCP`); an :class:`~hypercache.net.inproc.InprocNetwork`
+        reaches the in-process nodes of that network (tests, benchmarks). Only its
+        ``connect`` is used.
+
     ``async with`` (or :meth:`connect`) reaches the cluster at once; without it the
     first request does. Each node gets **one** multiplexed connection: any number
     of tasks may issue requests at the same time, and their requests are pipelined
-    on it. A client belongs to the event loop it first ran on.
+    on it. A client belongs to the event loop it first ran on, and to its process
+    (unlike ``Client``, it is not for use across ``os.fork()``).
 
     A node whose request timed out, or that cannot be reached, is set aside and
     probed by a task of its own (one per node, cancelled by :meth:`close`) until it
@@ -71,10 +61,18 @@ class AsyncClient(ClientBase):
     :raises ConfigError: an argument is invalid (``field`` names it).
     """
 
-    def _init_transport(self) -> None:
-        self._conns: dict[str, ClientConnection] = {}
+    def __init__(
+        self,
+        seeds: str | Sequence[str] = DEFAULT_SEEDS,
+        *,
+        transport: Transport | None = None,
+        **options: Unpack[ClientArgs],
+    ) -> None:
+        super().__init__(seeds, **options)
+        self._transport: Transport = TCP if transport is None else transport
+        self._conns: dict[str, Connection] = {}
         # One connect in flight per address, shared by every task that needs it.
-        self._connecting: dict[str, asyncio.Future[ClientConnection]] = {}
+        self._connecting: dict[str, asyncio.Future[Connection]] = {}
         self._refresh_task: asyncio.Task[Topology] | None = None
         # Read repairs in flight (fire and forget; referenced so that they are not
         # collected half-way; at most max_pending_repairs).
@@ -115,10 +113,6 @@ class AsyncClient(ClientBase):
         conns, self._conns = self._conns, {}
         await asyncio.gather(*(conn.close() for conn in conns.values()), return_exceptions=True)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     async def __aenter__(self) -> AsyncClient:
         try:
             return await self.connect()
@@ -129,119 +123,71 @@ class AsyncClient(ClientBase):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    def __repr__(self) -> str:
-        seeds = ",".join(self.options.seeds)
-        return f"AsyncClient(seeds={seeds!r}, route={self.options.route!r})"
-
     # ------------------------------------------------------------------ operations
 
-    async def get(
-        self, key: Key, default: Any = None, *, consistency: Consistency | str | None = None
-    ) -> Any:
+    async def get(self, key: Key, default: Any = None, *, consistency: Level = None) -> Any:
         """Return the value of ``key``, or ``default`` when absent (see ``Client.get``)."""
-        k = normalize_key(key, self._limits)
-        found, value = await self._read(k, wire_consistency(consistency, self._default))
-        return self._loads(value) if found else default
+        return self._value(await self._read(*self._get_request(key, consistency)), default)
 
     async def set(
-        self,
-        key: Key,
-        value: Any,
-        ttl: float | None = None,
-        *,
-        consistency: Consistency | str | None = None,
+        self, key: Key, value: Any, ttl: float | None = None, *, consistency: Level = None
     ) -> None:
         """Store ``value`` under ``key`` for ``ttl`` seconds (see ``Client.set``)."""
-        k = normalize_key(key, self._limits)
-        level = wire_consistency(consistency, self._default)
-        await self._call(k, _SET, [k, self._encode(value), ttl_to_ms(ttl), level])
+        await self._call(commands.SET, *self._set_request(key, value, ttl, consistency))
 
-    async def delete(self, key: Key, *, consistency: Consistency | str | None = None) -> bool:
+    async def delete(self, key: Key, *, consistency: Level = None) -> bool:
         """Delete ``key``; return whether it existed."""
-        k = normalize_key(key, self._limits)
-        level = wire_consistency(consistency, self._default)
-        return bool(await self._call(k, _DELETE, [k, level]))
+        return await self._call(commands.DELETE, *self._delete_request(key, consistency))
 
-    async def get_many(
-        self, keys: Iterable[Key], *, consistency: Consistency | str | None = None
-    ) -> dict[Key, Any]:
+    async def get_many(self, keys: Iterable[Key], *, consistency: Level = None) -> dict[Key, Any]:
         """Return ``{key: value}`` for the keys that are present.
 
         Every key is read as by :meth:`get` (from its owners), all at once (up to
         1024 keys at a time), pipelined on the nodes' connections; each fails over
         on its own. The first error is raised once all are done.
         """
-        level = wire_consistency(consistency, self._default)
-        wire = wire_keys(keys, self._limits)
+        wire, level = self._get_many_request(keys, consistency)
         ks = list(wire)
-        answers: list[Any] = []
+        answers: list[commands.Found | BaseException] = []
         for start in range(0, len(ks), BATCH):
             answers += await asyncio.gather(
                 *(self._read(k, level) for k in ks[start : start + BATCH]),
                 return_exceptions=True,
             )
+        return self._get_many_result(wire, zip(ks, answers, strict=True))
+
+    async def set_many(
+        self, mapping: Mapping[Key, Any], ttl: float | None = None, *, consistency: Level = None
+    ) -> None:
+        """Store every item of ``mapping``, concurrently like :meth:`get_many`."""
+        requests = list(self._set_many_requests(mapping, ttl, consistency).items())
+        answers: list[Any] = []
+        for start in range(0, len(requests), BATCH):
+            answers += await asyncio.gather(
+                *(
+                    self._call(commands.SET, k, payload)
+                    for k, payload in requests[start : start + BATCH]
+                ),
+                return_exceptions=True,
+            )
         for answer in answers:
             if isinstance(answer, BaseException):
                 raise answer
-        out: dict[Key, Any] = {}
-        for k, (found, value) in zip(ks, answers, strict=True):
-            if found:
-                loaded = self._loads(value)
-                for key in wire[k]:
-                    out[key] = loaded
-        return out
-
-    async def set_many(
-        self,
-        mapping: Mapping[Key, Any],
-        ttl: float | None = None,
-        *,
-        consistency: Consistency | str | None = None,
-    ) -> None:
-        """Store every item of ``mapping``, concurrently like :meth:`get_many`."""
-        level = wire_consistency(consistency, self._default)
-        ttl_ms = ttl_to_ms(ttl)
-        requests = []
-        for key, value in mapping.items():
-            k = normalize_key(key, self._limits)
-            requests.append((k, _SET, [k, self._encode(value), ttl_ms, level]))
-        await self._gather(requests)
 
     async def ping(self, address: str | None = None) -> float:
         """Round trip of a PING to ``address`` (or the first reachable node), in seconds."""
         start = time.perf_counter()
-        if address is not None:
-            answer = await self._attempt(address, _PING, None)
+        if address is None:
+            await self._call(commands.PING, None, None)
         else:
-            answer = await self._call(None, _PING, None)
-        elapsed = time.perf_counter() - start
-        if answer != "pong":
-            raise ProtocolError(f"unexpected PING answer: {answer!r:.100}")
-        return elapsed
+            commands.PING.read(await self._attempt(address, commands.PING.op, None))
+        return time.perf_counter() - start
 
     async def topology(self) -> Topology:
         """Fetch the partition table now and return it (routing uses it too)."""
         return await self._refresh()
 
     # ------------------------------------------------------------------ internals
-
-    def _encode(self, value: Any) -> bytes:
-        data = self._dumps(value)
-        self._limits.check_value(data)
-        return data
-
-    async def _gather(self, requests: list[tuple[bytes, int, Any]]) -> list[Any]:
-        answers: list[Any] = []
-        for start in range(0, len(requests), BATCH):
-            chunk = requests[start : start + BATCH]
-            answers += await asyncio.gather(
-                *(self._call(k, op, payload) for k, op, payload in chunk),
-                return_exceptions=True,
-            )
-        for answer in answers:
-            if isinstance(answer, BaseException):
-                raise answer
-        return answers
 
     async def _refresh_due(self) -> None:
         """The table is due: fetch it (first time) or refresh it in the background."""
@@ -252,53 +198,36 @@ class AsyncClient(ClientBase):
         else:
             self._refresh_in_background()
 
-    async def _read(self, key: bytes, level: str | None) -> tuple[bool, Any]:
-        """``[found, value]`` of ``key``: read from its owners (``R_GET``) when the
+    async def _read(self, key: bytes, level: str | None) -> commands.Found:
+        """``(found, value)`` of ``key``: read from its owners (``R_GET``) when the
         table and the level are known, else through a node (``GET``)."""
-        if self._closed:
-            raise NodeUnavailableError("the client is closed")
-        router = self._router
-        if router.needs_refresh(time.monotonic()):
+        if self._begin():
             await self._refresh_due()
-        owners = router.read_owners(key)
-        read_level = None if owners is None else router.read_level(level)
-        if owners is None or read_level is None:
-            return decode_get(await self._call(key, _GET, [key, level]))
-        rd = OwnerRead(key, owners, read_level.required(len(owners)))
-        self.stats.requests += 1
-        self.stats.owner_reads += 1
-        await self._ask_owners(rd)
-        if rd.unreachable:
-            # No owner reachable at all: maybe the table is wrong for this client;
-            # any node that answers can still coordinate the read.
-            self.stats.requests -= 1  # _call counts it again
-            return decode_get(await self._call(key, _GET, [key, level]))
-        best, repairs = rd.outcome()  # QuorumError when too few answered
-        for owner, entry in repairs:
-            self._repair(owner, key, entry)
-        if is_live(best, wall_ms()):
-            assert best is not None
-            return True, best[0]
-        return False, None
+        rd = self._owner_read(key, level)
+        if rd is not None:
+            await self._ask_owners(rd)
+            outcome = self._owner_outcome(rd)  # QuorumError: too few answered
+            if outcome is not None:
+                found, repairs = outcome
+                for owner, payload in repairs:
+                    self._repair(owner, payload)
+                return found
+        return await self._call(commands.GET, key, commands.get_payload(key, level))
 
     async def _ask_owners(self, rd: OwnerRead) -> None:
         """Send ``R_GET`` to ``rd``'s owners, replacing each that fails, until done."""
         payload = [rd.key]
-        stats = self.stats
+        r_get = commands.R_GET.op
         first = rd.start()
         if len(first) == 1:  # ONE (or a single owner): ask one after the other
             address: str | None = first[0]
             while address is not None:
                 try:
-                    raw = await self._attempt(address, _R_GET, payload)
+                    raw = await self._attempt(address, r_get, payload)
                 except HyperCacheError as exc:
-                    address = rd.failed(address, exc)
-                    if address is not None:
-                        stats.failovers += 1
+                    address = self._owner_answer(rd, address, None, exc)
                     continue
-                address = rd.ok(address, raw)
-                if address is not None:
-                    stats.failovers += 1
+                address = self._owner_answer(rd, address, raw, None)
             return
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
@@ -309,13 +238,13 @@ class AsyncClient(ClientBase):
             conn = self._conns.get(address)
             if conn is None or conn.closed:
                 # Not connected yet: connect (shared with other tasks) in a task.
-                task = loop.create_task(self._attempt(address, _R_GET, payload))
+                task = loop.create_task(self._attempt(address, r_get, payload))
                 task.add_done_callback(lambda t: connected(address, t))
                 return
             # Connected: the answer comes back through a callback, no task per owner.
             try:
                 conn.send_callback(
-                    _R_GET,
+                    r_get,
                     payload,
                     timeout,
                     lambda raw, exc: answered(address, conn, raw, exc),
@@ -330,9 +259,7 @@ class AsyncClient(ClientBase):
             exc = task.exception()
             outcome(address, None if exc is not None else task.result(), exc)
 
-        def answered(
-            address: str, conn: ClientConnection, raw: Any, exc: BaseException | None
-        ) -> None:
+        def answered(address: str, conn: Connection, raw: Any, exc: BaseException | None) -> None:
             if exc is not None:
                 self._check_connection(address, conn, exc)
             elif router.is_down(address):
@@ -342,16 +269,13 @@ class AsyncClient(ClientBase):
         def outcome(address: str, raw: Any, exc: BaseException | None) -> None:
             if done.cancelled():  # the caller gave up: replace no one
                 return
-            if exc is None:
-                nxt = rd.ok(address, raw)
-            elif isinstance(exc, HyperCacheError):
-                nxt = rd.failed(address, exc)
-            else:  # not a node's failure: a bug or an interrupt, let it through
+            if exc is not None and not isinstance(exc, HyperCacheError):
+                # not a node's failure: a bug or an interrupt, let it through
                 if not done.done():
                     done.set_exception(exc)
                 return
+            nxt = self._owner_answer(rd, address, raw, exc)
             if nxt is not None:
-                stats.failovers += 1
                 launch(nxt)
             if rd.done and not done.done():
                 done.set_result(None)
@@ -360,14 +284,16 @@ class AsyncClient(ClientBase):
             launch(address)
         await done
 
-    def _repair(self, owner: str, key: bytes, entry: Entry) -> None:
-        """Push ``entry`` to ``owner`` in the background (``R_PUT``), not waiting; dropped
-        when ``max_pending_repairs`` pushes are in flight already."""
+    def _repair(self, owner: str, payload: list[Any]) -> None:
+        """Push ``payload`` to ``owner`` in the background (``R_PUT``), not waiting;
+        dropped when ``max_pending_repairs`` pushes are in flight already."""
         if len(self._background) >= self.max_pending_repairs:
             self.stats.read_repairs_dropped += 1
             return
         self.stats.read_repairs += 1
-        task = asyncio.get_running_loop().create_task(self._attempt(owner, _R_PUT, [key, *entry]))
+        task = asyncio.get_running_loop().create_task(
+            self._attempt(owner, commands.R_PUT.op, payload)
+        )
         self._background.add(task)
         task.add_done_callback(self._repair_done)
 
@@ -375,36 +301,25 @@ class AsyncClient(ClientBase):
         self._background.discard(task)
         _consume(task)
 
-    async def _call(self, key: bytes | None, op: int, payload: Any) -> Any:
-        """Send one request for ``key``, failing over along the router's candidates:
-        after a node could not be reached, always; after a timeout, only a request
-        that changes nothing (:data:`RETRY_AFTER_TIMEOUT`), and only to a node not
-        set aside (a write that timed out raises: it may still be applied)."""
-        if self._closed:
-            raise NodeUnavailableError("the client is closed")
-        router = self._router
-        if router.needs_refresh(time.monotonic()):
+    async def _call(self, cmd: commands.Command[_T], key: bytes | None, payload: Any) -> _T:
+        """Send one request for ``key`` along its candidates (see :class:`Failover`)."""
+        if self._begin():
             await self._refresh_due()
-        self.stats.requests += 1
-        errors: dict[str, BaseException] = {}
-        timed_out: RequestTimeoutError | None = None
-        for address in router.candidates(key):
-            if timed_out is not None and router.is_down(address):
-                break  # only nodes set aside are left: each could cost a timeout more
-            if errors:
-                self.stats.failovers += 1
+        return await self._run(Failover(self, key, cmd), payload)
+
+    async def _run(self, attempts: Attempts[_T], payload: Any) -> _T:
+        """Send one request to each address of ``attempts`` in turn, until one answers
+        (or a failure is to be raised)."""
+        op, read = attempts.op, attempts.read
+        address = attempts.first()
+        while address is not None:
             try:
-                return await self._attempt(address, op, payload)
-            except NodeUnavailableError as exc:
-                errors[address] = exc
-            except RequestTimeoutError as exc:
-                if op not in RETRY_AFTER_TIMEOUT:
+                return read(await self._attempt(address, op, payload))
+            except HyperCacheError as exc:
+                if not attempts.failed(address, exc):
                     raise
-                errors[address] = exc
-                timed_out = timed_out or exc
-        if timed_out is not None:
-            raise timed_out
-        raise unreachable(f"op {Op(op).name}", errors)
+            address = attempts.next()
+        raise attempts.error()
 
     async def _attempt(self, address: str, op: int, payload: Any) -> Any:
         """One request to ``address``. Sets the node aside when it cannot be reached
@@ -429,7 +344,7 @@ class AsyncClient(ClientBase):
             self._recovered(address)
         return answer
 
-    def _check_connection(self, address: str, conn: ClientConnection, exc: BaseException) -> None:
+    def _check_connection(self, address: str, conn: Connection, exc: BaseException) -> None:
         """After a request to ``address`` on ``conn`` failed with ``exc``: if ``conn``
         broke, set the node aside and forget the connection; if no answer came in time
         (:class:`NoAnswerError`, raised on our side; a node's error answer that
@@ -442,9 +357,8 @@ class AsyncClient(ClientBase):
         elif isinstance(exc, NoAnswerError):
             self._suspect(address)
 
-    async def _connection(self, address: str) -> ClientConnection:
-        if self._closed:
-            raise NodeUnavailableError("the client is closed")
+    async def _connection(self, address: str) -> Connection:
+        self._check_open()
         fut = self._connecting.get(address)
         if fut is None:
             loop = asyncio.get_running_loop()
@@ -454,21 +368,19 @@ class AsyncClient(ClientBase):
         # shield: one waiter being cancelled must not cancel the others' connect
         return await asyncio.shield(fut)
 
-    def _connect_done(self, fut: asyncio.Future[ClientConnection]) -> None:
+    def _connect_done(self, fut: asyncio.Future[Connection]) -> None:
         _consume(fut)
         for address, pending in list(self._connecting.items()):
             if pending is fut:
                 del self._connecting[address]
 
-    async def _dial(self, address: str) -> ClientConnection:
-        """Open and handshake one connection to ``address`` (over TCP)."""
-        return await connect(address, self._hello, self._limits, self.options.connect_timeout)
-
-    async def _open(self, address: str) -> ClientConnection:
-        conn = await self._dial(address)
+    async def _open(self, address: str) -> Connection:
+        conn = await self._transport.connect(
+            address, self._hello, self._limits, self.options.connect_timeout
+        )
         if self._closed:
             await conn.close()
-            raise NodeUnavailableError("the client is closed")
+            raise self._closed_error()
         old = self._conns.get(address)
         self._conns[address] = conn
         self.stats.connections_opened += 1
@@ -500,7 +412,7 @@ class AsyncClient(ClientBase):
         is brought back otherwise, or it leaves the table. Never raises a node's error."""
         router, stats = self._router, self.stats
         timeout = self._probe_timeout
-        delays = probe_delays(self.options.retry_down_after)
+        delays = self._probe_delays()
         while router.is_down(address) and not self._closed:
             if not router.knows(address):
                 router.mark_up(address)  # nothing routes to it: forget it
@@ -510,7 +422,7 @@ class AsyncClient(ClientBase):
                 conn = self._conns.get(address)
                 if conn is None or conn.closed:
                     conn = await self._connection(address)
-                await conn.request(_PING, None, timeout)
+                await conn.request(commands.PING.op, None, timeout)
             except HyperCacheError:
                 stats.probes_failed += 1
                 await asyncio.sleep(next(delays))
@@ -518,31 +430,20 @@ class AsyncClient(ClientBase):
             self._recovered(address)
             return
 
-    def _refresh_in_background(self) -> None:
+    def _refresh_in_background(self) -> asyncio.Task[Topology]:
+        """Start fetching the table unless a fetch is in flight; return the fetch."""
         task = self._refresh_task
         if task is None or task.done():
             task = self._refresh_task = asyncio.get_running_loop().create_task(self._fetch())
             task.add_done_callback(_consume)
+        return task
 
     async def _refresh(self) -> Topology:
         """Fetch the table, sharing a fetch already in flight."""
-        task = self._refresh_task
-        if task is None or task.done():
-            task = self._refresh_task = asyncio.get_running_loop().create_task(self._fetch())
-            task.add_done_callback(_consume)
-        return await asyncio.shield(task)
+        return await asyncio.shield(self._refresh_in_background())
 
     async def _fetch(self) -> Topology:
-        router = self._router
-        errors: dict[str, BaseException] = {}
-        for address in router.fetch_order():
-            try:
-                topology = Topology.from_wire(await self._attempt(address, _TOPOLOGY, None))
-            except HyperCacheError as exc:
-                errors[address] = exc
-                continue
-            return self._topology_fetched(address, topology)
-        raise self._topology_unavailable(errors)
+        return await self._run(TopologyFetch(self), None)
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

@@ -3,87 +3,41 @@
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, Unpack
 
-from hypercache.client._common import (
-    BATCH,
-    RETRY_AFTER_TIMEOUT,
-    ClientBase,
-    OwnerRead,
-    decode_get,
-    is_live,
-    probe_delays,
-    ttl_to_ms,
-    unreachable,
-    wall_ms,
-    wire_consistency,
+from hypercache.client import commands
+from hypercache.client._common import BATCH, DEFAULT_SEEDS, ClientArgs, ClientBase, OwnerRead
+from hypercache.client.commands import Level
+from hypercache.client.failover import Attempts, Failover, TopologyFetch
+from hypercache.client.keys import Key
+from hypercache.client.pool import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_IDLE,
+    BlockingConnect,
+    ConnectionPool,
+    after_fork,
 )
-from hypercache.client.keys import Key, normalize_key, wire_keys
 from hypercache.client.topology import Topology
-from hypercache.consistency import Consistency
 from hypercache.errors import (
+    ConfigError,
     HyperCacheError,
     NoAnswerError,
     NodeUnavailableError,
-    ProtocolError,
     QuorumError,
-    RequestTimeoutError,
 )
 from hypercache.net.blocking import BlockingConnection, pipeline_all
-from hypercache.net.protocol import Op
 
 __all__ = ["Client"]
 
 _T = TypeVar("_T")
-_GET: Final = int(Op.GET)
-_SET: Final = int(Op.SET)
-_DELETE: Final = int(Op.DELETE)
-_PING: Final = int(Op.PING)
-_TOPOLOGY: Final = int(Op.TOPOLOGY)
-_R_GET: Final = int(Op.R_GET)
-_R_PUT: Final = int(Op.R_PUT)
 # Worker threads of one client: they send the requests of a read to its other
 # owners while the calling thread sends its own, and push read repairs.
 _WORKERS: Final = 16
-# Idle connections kept per node; more threads at once open more, closed on return.
-_MAX_IDLE: Final = 8
-
-
-class _Pool:
-    """Connections to one node. A connection is used by one thread at a time."""
-
-    __slots__ = ("_closed", "_connect", "_idle", "_lock")
-
-    def __init__(self, connect: Callable[[], BlockingConnection]) -> None:
-        self._connect = connect
-        self._idle: list[BlockingConnection] = []
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def acquire(self) -> BlockingConnection:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return self._connect()
-
-    def release(self, conn: BlockingConnection) -> None:
-        if not conn.closed:
-            with self._lock:
-                if not self._closed and len(self._idle) < _MAX_IDLE:
-                    self._idle.append(conn)
-                    return
-        conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
 
 
 class Client(ClientBase):
@@ -116,12 +70,28 @@ class Client(ClientBase):
     :param limits: size limits; keys and values are checked before sending.
     :param topology_refresh: seconds between two fetches of the partition table.
         It is also fetched again soon after a node is found unreachable.
+    :param max_connections_per_node: connections open at most to each node (default
+        64). A thread that finds them all in use waits for one, for at most
+        ``timeout``, then raises :class:`~hypercache.errors.RequestTimeoutError`
+        (the request was not sent; the node is not set aside). Counted in
+        ``stats.pool_waits`` and ``stats.pool_timeouts``.
+    :param connection_factory: opens one connection:
+        ``(address, hello, limits, connect_timeout) -> BlockingConnection``;
+        :class:`~hypercache.net.blocking.BlockingConnection` by default (or a
+        subclass of it, or a wrapper: for tests, or another socket). The sync
+        counterpart of ``AsyncClient``'s ``transport``.
 
-    Connections are opened lazily (call :meth:`connect` to fail fast) and kept:
-    each node has a small pool, and a connection serves one thread at a time, so a
-    ``Client`` may be shared by any number of threads; requests of concurrent
-    threads go out on separate connections (at most 8 idle connections per node
-    are kept). Not fork-safe: create clients after forking.
+    Connections are opened lazily (call :meth:`connect` to fail fast) and kept: each
+    node has a :class:`~hypercache.client.pool.ConnectionPool`, and a connection
+    serves one thread at a time, so a ``Client`` may be shared by any number of
+    threads; requests of concurrent threads go out on separate connections, up to
+    ``max_connections_per_node`` (8 idle ones per node are kept).
+
+    **Fork safety.** A ``Client`` may be made before ``os.fork()`` and used on both
+    sides: in the child, its first operation notices the new process (``os.getpid()``)
+    and starts again with its own connections (each pool drops the parent's, whose
+    sockets the two processes would otherwise share), locks, worker threads and
+    probes; the parent's connections stay open and in use by the parent.
 
     **Failures.** A node that cannot be reached, or whose request got no answer
     within ``timeout``, is set aside: no operation is sent to it while another
@@ -140,8 +110,26 @@ class Client(ClientBase):
     :raises ConfigError: an argument is invalid (``field`` names it).
     """
 
-    def _init_transport(self) -> None:
-        self._pools: dict[str, _Pool] = {}
+    def __init__(
+        self,
+        seeds: str | Sequence[str] = DEFAULT_SEEDS,
+        *,
+        max_connections_per_node: int = DEFAULT_MAX_CONNECTIONS,
+        connection_factory: BlockingConnect = BlockingConnection,
+        **options: Unpack[ClientArgs],
+    ) -> None:
+        cap = max_connections_per_node
+        if type(cap) is not int or cap < 1:
+            raise ConfigError(
+                "max_connections_per_node", f"must be a positive integer, got {cap!r}"
+            )
+        if not callable(connection_factory):
+            raise ConfigError("connection_factory", "must be callable")
+        super().__init__(seeds, **options)
+        self._max_connections = cap
+        self._connection_factory = connection_factory
+        self._pid = os.getpid()
+        self._pools: dict[str, ConnectionPool] = {}
         self._lock = threading.Lock()
         # address -> the thread probing it while it is set aside (one per node); both
         # guarded by _lock, with _closed
@@ -169,6 +157,7 @@ class Client(ClientBase):
         """Close every connection, once the read repairs still queued went out (each
         bounded by ``timeout``), and stop the probes (each within its deadline).
         Idempotent; the client cannot be used afterwards."""
+        self._check_fork()
         self._stop.set()
         with self._lock:
             executor, self._executor = self._executor, None
@@ -189,24 +178,15 @@ class Client(ClientBase):
         for pool in pools.values():
             pool.close()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"Client(seeds={','.join(self.options.seeds)!r}, route={self.options.route!r})"
-
     # ------------------------------------------------------------------ operations
 
-    def get(
-        self, key: Key, default: Any = None, *, consistency: Consistency | str | None = None
-    ) -> Any:
+    def get(self, key: Key, default: Any = None, *, consistency: Level = None) -> Any:
         """Return the value of ``key``, or ``default`` when it is absent or expired.
 
         :raises TypeError: ``key`` is neither ``str`` nor ``bytes``.
@@ -215,21 +195,14 @@ class Client(ClientBase):
         :raises QuorumError: too few replicas answered for ``consistency``.
         :raises RequestTimeoutError: the node did not answer within ``timeout``.
         """
-        k = normalize_key(key, self._limits)
-        level = wire_consistency(consistency, self._default)
+        k, level = self._get_request(key, consistency)
         result = self._read({k: None}, level)[k]
         if isinstance(result, BaseException):
             raise result
-        found, value = result
-        return self._loads(value) if found else default
+        return self._value(result, default)
 
     def set(
-        self,
-        key: Key,
-        value: Any,
-        ttl: float | None = None,
-        *,
-        consistency: Consistency | str | None = None,
+        self, key: Key, value: Any, ttl: float | None = None, *, consistency: Level = None
     ) -> None:
         """Store ``value`` under ``key``, for ``ttl`` seconds (``None``: no expiry).
 
@@ -239,23 +212,13 @@ class Client(ClientBase):
 
         and the errors of :meth:`get`.
         """
-        k = normalize_key(key, self._limits)
-        payload = [
-            k,
-            self._encode(value),
-            ttl_to_ms(ttl),
-            wire_consistency(consistency, self._default),
-        ]
-        self._call(k, _SET, payload)
+        self._call(commands.SET, *self._set_request(key, value, ttl, consistency))
 
-    def delete(self, key: Key, *, consistency: Consistency | str | None = None) -> bool:
+    def delete(self, key: Key, *, consistency: Level = None) -> bool:
         """Delete ``key``; return whether it existed. Errors as for :meth:`get`."""
-        k = normalize_key(key, self._limits)
-        return bool(self._call(k, _DELETE, [k, wire_consistency(consistency, self._default)]))
+        return self._call(commands.DELETE, *self._delete_request(key, consistency))
 
-    def get_many(
-        self, keys: Iterable[Key], *, consistency: Consistency | str | None = None
-    ) -> dict[Key, Any]:
+    def get_many(self, keys: Iterable[Key], *, consistency: Level = None) -> dict[Key, Any]:
         """Return ``{key: value}`` for the keys that are present (misses are left out).
 
         Each key is read as by :meth:`get`, from its owners: the ``R_GET`` requests
@@ -265,41 +228,15 @@ class Client(ClientBase):
         owner fails moves on to its next owner. The first error of any key is
         raised once all are done.
         """
-        level = wire_consistency(consistency, self._default)
-        wire = wire_keys(keys, self._limits)
-        results = self._read(dict.fromkeys(wire), level)
-        out: dict[Key, Any] = {}
-        first_error: BaseException | None = None
-        for k, result in results.items():
-            if isinstance(result, BaseException):
-                first_error = first_error or result
-                continue
-            found, value = result
-            if found:
-                loaded = self._loads(value)
-                for key in wire[k]:
-                    out[key] = loaded
-        if first_error is not None:
-            raise first_error
-        return out
+        wire, level = self._get_many_request(keys, consistency)
+        return self._get_many_result(wire, self._read(dict.fromkeys(wire), level).items())
 
     def set_many(
-        self,
-        mapping: Mapping[Key, Any],
-        ttl: float | None = None,
-        *,
-        consistency: Consistency | str | None = None,
+        self, mapping: Mapping[Key, Any], ttl: float | None = None, *, consistency: Level = None
     ) -> None:
         """Store every item of ``mapping`` (same ``ttl`` for all), pipelined like
         :meth:`get_many`. The first error is raised once every item was tried."""
-        level = wire_consistency(consistency, self._default)
-        ttl_ms = ttl_to_ms(ttl)
-        limits = self._limits
-        requests = {}
-        for key, value in mapping.items():
-            k = normalize_key(key, limits)
-            requests[k] = (_SET, [k, self._encode(value), ttl_ms, level])
-        self._batch(requests)
+        self._batch(commands.SET, self._set_many_requests(mapping, ttl, consistency))
 
     def ping(self, address: str | None = None) -> float:
         """Round trip of a PING to ``address`` (or to the first reachable node), in seconds.
@@ -307,14 +244,12 @@ class Client(ClientBase):
         :raises NodeUnavailableError: the node (or every node) is unreachable.
         """
         start = time.perf_counter()
-        if address is not None:
-            answer = self._call_at(address, _PING, None)
+        if address is None:
+            self._call(commands.PING, None, None)
         else:
-            answer = self._call(None, _PING, None)
-        elapsed = time.perf_counter() - start
-        if answer != "pong":
-            raise ProtocolError(f"unexpected PING answer: {answer!r:.100}")
-        return elapsed
+            self._check_fork()
+            commands.PING.read(self._attempt(address, commands.PING.op, None, pipeline=False))
+        return time.perf_counter() - start
 
     def topology(self) -> Topology:
         """Fetch the partition table now and return it (routing uses it too).
@@ -325,64 +260,78 @@ class Client(ClientBase):
 
     # ------------------------------------------------------------------ internals
 
-    def _encode(self, value: Any) -> bytes:
-        data = self._dumps(value)
-        self._limits.check_value(data)
-        return data
+    def _begin(self) -> bool:
+        # ClientBase._begin with _check_fork, inline: every operation passes here.
+        if self._pid != os.getpid():
+            after_fork(self)
+        if self._closed:
+            raise self._closed_error()
+        return self._router.needs_refresh(time.monotonic())
 
-    def _pool(self, address: str) -> _Pool:
+    def _check_fork(self) -> None:
+        """Start again in a child process (see "Fork safety" and :func:`after_fork`)."""
+        if self._pid != os.getpid():
+            after_fork(self)
+
+    def _reset_in_child(self) -> None:
+        """The first operation in a child process (see :func:`after_fork`): the
+        parent's threads (probes, workers) do not exist here, and the locks they held
+        stay held; start again with new ones. Each pool drops the parent's
+        connections itself."""
+        self._lock = threading.Lock()
+        self._refreshing = threading.Lock()
+        self._stop = threading.Event()
+        if self._closed:
+            self._stop.set()
+        self._probing = {}
+        self._executor = None
+        self._repairs_pending = 0
+        for pool in list(self._pools.values()):
+            after_fork(pool)  # this client uses them without their own check
+        for address in self._router.down:
+            self._start_probe(address)  # the parent's probes stayed in the parent
+
+    def _pool(self, address: str) -> ConnectionPool:
         pool = self._pools.get(address)
         if pool is None:
             with self._lock:
-                if self._closed:
-                    raise NodeUnavailableError("the client is closed")
+                self._check_open()
                 pool = self._pools.get(address)
                 if pool is None:
-                    pool = self._pools[address] = _Pool(lambda: self._open(address))
+                    pool = self._pools[address] = ConnectionPool(
+                        address,
+                        self._open,
+                        max_connections=self._max_connections,
+                        max_idle=DEFAULT_MAX_IDLE,
+                        stats=self.stats,
+                    )
         return pool
 
     def _open(self, address: str) -> BlockingConnection:
-        options = self.options
-        conn = BlockingConnection(address, self._hello, self._limits, options.connect_timeout)
+        connect_timeout = self.options.connect_timeout
+        conn = self._connection_factory(address, self._hello, self._limits, connect_timeout)
         self.stats.connections_opened += 1
         return conn
 
-    def _call_at(self, address: str, op: int, payload: Any) -> Any:
-        return self._attempt(address, op, payload, pipeline=False)
-
-    def _call(self, key: bytes | None, op: int, payload: Any) -> Any:
-        """Send one request for ``key``, failing over along the router's candidates:
-        after a node could not be reached, always; after a timeout, only a request
-        that changes nothing (:data:`RETRY_AFTER_TIMEOUT`), and only to a node not
-        set aside (a write that timed out raises: it may still be applied)."""
-        if self._closed:
-            raise NodeUnavailableError("the client is closed")
-        router = self._router
-        if router.needs_refresh(time.monotonic()):
+    def _call(self, cmd: commands.Command[_T], key: bytes | None, payload: Any) -> _T:
+        """Send one request for ``key`` along its candidates (see :class:`Failover`)."""
+        if self._begin():
             self._try_refresh()
-        self.stats.requests += 1
-        errors: dict[str, BaseException] = {}
-        timed_out: RequestTimeoutError | None = None
-        for address in router.candidates(key):
-            if timed_out is not None and router.is_down(address):
-                break  # only nodes set aside are left: each could cost a timeout more
-            if errors:
-                self.stats.failovers += 1
+        return self._run(Failover(self, key, cmd), payload)
+
+    def _run(self, attempts: Attempts[_T], payload: Any) -> _T:
+        """Send one request to each address of ``attempts`` in turn, until one answers
+        (or a failure is to be raised)."""
+        op, read = attempts.op, attempts.read
+        address = attempts.first()
+        while address is not None:
             try:
-                result = self._attempt(address, op, payload, pipeline=False)
-            except NodeUnavailableError as exc:
-                errors[address] = exc
-                continue
-            except RequestTimeoutError as exc:
-                if op not in RETRY_AFTER_TIMEOUT:
+                return read(self._attempt(address, op, payload, pipeline=False))
+            except HyperCacheError as exc:
+                if not attempts.failed(address, exc):
                     raise
-                errors[address] = exc
-                timed_out = timed_out or exc
-                continue
-            return result
-        if timed_out is not None:
-            raise timed_out
-        raise unreachable(f"op {Op(op).name}", errors)
+            address = attempts.next()
+        raise attempts.error()
 
     def _attempt(self, address: str, op: int, payload: Any, *, pipeline: bool) -> Any:
         """One attempt on ``address``: a request, or a pipeline when ``pipeline``
@@ -401,9 +350,10 @@ class Client(ClientBase):
         timeout = self._timeout
         pool = self._pool(address)
         try:
-            conn = pool.acquire()
+            conn = pool._acquire(timeout)
         except NodeUnavailableError:
-            self._node_down(address)
+            if not self._closed:
+                self._node_down(address)
             raise
         try:
             if pipeline:
@@ -413,18 +363,22 @@ class Client(ClientBase):
         except NodeUnavailableError:
             if conn.closed:  # our connection broke (not an answer from the node)
                 self._node_down(address)
-            pool.release(conn)
+            pool._release(conn)
             raise
         except HyperCacheError as exc:
-            pool.release(conn)
+            pool._release(conn)
             if isinstance(exc, NoAnswerError):
                 self._suspect(address)
             raise
         except BaseException:
             conn.close()
+            pool._release(conn)
             raise
-        self._health(address, conn, result if pipeline else ())
-        pool.release(conn)
+        if pipeline:
+            self._health(address, conn, result)
+        elif self._router.is_down(address):
+            self._recovered(address)  # it answered
+        pool._release(conn)
         return result
 
     def _health(self, address: str, conn: BlockingConnection, results: Any) -> None:
@@ -460,7 +414,7 @@ class Client(ClientBase):
         gets a new probe."""
         router, stats, stop = self._router, self.stats, self._stop
         timeout = self._probe_timeout
-        delays = probe_delays(self.options.retry_down_after)
+        delays = self._probe_delays()
         while True:
             with self._lock:
                 if self._closed or stop.is_set() or not router.is_down(address):
@@ -496,13 +450,13 @@ class Client(ClientBase):
             pool = self._pool(address)
         except HyperCacheError:
             return False
-        for _ in range(_MAX_IDLE + 1):
+        for _ in range(pool.max_idle + 1):
             try:
-                conn = pool.acquire()
+                conn = pool._acquire(timeout)
             except HyperCacheError:
                 return False  # cannot connect
             try:
-                conn.request(_PING, None, timeout)
+                conn.request(commands.PING.op, None, timeout)
             except HyperCacheError:
                 if not conn.closed:
                     return False  # no answer in time, or an error answer
@@ -511,38 +465,32 @@ class Client(ClientBase):
                 conn.close()
                 raise
             finally:
-                pool.release(conn)
+                pool._release(conn)
             return True
         return False
 
     def _read(
         self, keys: dict[bytes, None], level: str | None
-    ) -> dict[bytes, tuple[bool, Any] | BaseException]:
-        """``[found, value]`` (or the error) of each key, read from its owners
+    ) -> dict[bytes, commands.Found | BaseException]:
+        """``(found, value)`` (or the error) of each key, read from its owners
         (``R_GET``) when the table and the level are known, else through a node."""
-        if self._closed:
-            raise NodeUnavailableError("the client is closed")
-        router = self._router
-        if router.needs_refresh(time.monotonic()):
+        if self._begin():
             self._try_refresh()
-        stats = self.stats
         reads: dict[bytes, OwnerRead] = {}
         proxied: list[bytes] = []
         wave: dict[str, list[bytes]] = {}
         for k in keys:
-            owners = router.read_owners(k)
-            read_level = None if owners is None else router.read_level(level)
-            if owners is None or read_level is None:
+            rd = self._owner_read(k, level)
+            if rd is None:
                 proxied.append(k)
                 continue
-            rd = reads[k] = OwnerRead(k, owners, read_level.required(len(owners)))
+            reads[k] = rd
             for address in rd.start():
                 wave.setdefault(address, []).append(k)
-        stats.requests += len(reads)
-        stats.owner_reads += len(reads)
+        r_get = commands.R_GET.op
         while wave:
             answers = self._fanout(
-                {address: [(_R_GET, [k]) for k in ks] for address, ks in wave.items()}
+                {address: [(r_get, [k]) for k in ks] for address, ks in wave.items()}
             )
             asked, wave = wave, {}
             for address, ks in asked.items():
@@ -550,41 +498,38 @@ class Client(ClientBase):
                 for i, k in enumerate(ks):
                     raw = got if isinstance(got, BaseException) else got[i]
                     if isinstance(raw, HyperCacheError):
-                        nxt = reads[k].failed(address, raw)
+                        nxt = self._owner_answer(reads[k], address, None, raw)
                     else:
-                        nxt = reads[k].ok(address, raw)
+                        nxt = self._owner_answer(reads[k], address, raw, None)
                     if nxt is not None:
-                        stats.failovers += 1
                         wave.setdefault(nxt, []).append(k)
-        out: dict[bytes, tuple[bool, Any] | BaseException] = {}
+        out: dict[bytes, commands.Found | BaseException] = {}
         repairs: dict[str, list[tuple[int, Any]]] = {}
-        now = wall_ms()
         for k, rd in reads.items():
-            if rd.unreachable:
-                # No owner reachable at all: maybe the table is wrong for this
-                # client; any node that answers can still coordinate the read.
-                stats.requests -= 1  # counted again on the proxy path
-                proxied.append(k)
-                continue
             try:
-                best, stale = rd.outcome()
+                outcome = self._owner_outcome(rd)
             except QuorumError as exc:
                 out[k] = exc
                 continue
-            for owner, entry in stale:
-                repairs.setdefault(owner, []).append((_R_PUT, [k, *entry]))
-            out[k] = (True, best[0]) if best is not None and is_live(best, now) else (False, None)
+            if outcome is None:
+                proxied.append(k)
+                continue
+            out[k], stale = outcome
+            for owner, payload in stale:
+                repairs.setdefault(owner, []).append((commands.R_PUT.op, payload))
         if repairs:
             self._repair(repairs)
         if proxied:
             try:
                 if len(proxied) == 1:
                     k = proxied[0]
-                    out[k] = decode_get(self._call(k, _GET, [k, level]))
+                    out[k] = self._call(commands.GET, k, commands.get_payload(k, level))
                 else:
-                    batch = self._batch({k: (_GET, [k, level]) for k in proxied})
-                    for k in proxied:
-                        out[k] = decode_get(batch[k])
+                    out.update(
+                        self._batch(
+                            commands.GET, {k: commands.get_payload(k, level) for k in proxied}
+                        )
+                    )
             except HyperCacheError as exc:
                 for k in proxied:
                     out.setdefault(k, exc)
@@ -594,8 +539,7 @@ class Client(ClientBase):
         executor = self._executor
         if executor is None:
             with self._lock:
-                if self._closed:
-                    raise NodeUnavailableError("the client is closed")
+                self._check_open()
                 executor = self._executor
                 if executor is None:
                     executor = self._executor = ThreadPoolExecutor(
@@ -647,7 +591,7 @@ class Client(ClientBase):
                 for address, requests in items[1:]
             ]
         except RuntimeError:  # the executor shut down: the client was closed meanwhile
-            raise NodeUnavailableError("the client is closed") from None
+            raise self._closed_error() from None
         out = {items[0][0]: self._send_group(*items[0])}
         for (address, _), fut in zip(items[1:], futures, strict=True):
             out[address] = fut.result()
@@ -659,12 +603,16 @@ class Client(ClientBase):
         """:meth:`_fanout` from this thread alone: one connection per node, every
         group sent before any answer is awaited (see ``pipeline_all``)."""
         out: dict[str, list[Any] | BaseException] = {}
-        taken: list[tuple[str, _Pool, BlockingConnection]] = []
+        taken: list[tuple[str, ConnectionPool, BlockingConnection]] = []
+        timeout = self._timeout
         try:
-            for address in groups:
+            # In address order: a thread never waits for a pool while holding a
+            # connection of a later one, so two threads at the cap of two pools
+            # cannot wait for each other.
+            for address in sorted(groups):
                 pool = self._pool(address)
                 try:
-                    taken.append((address, pool, pool.acquire()))
+                    taken.append((address, pool, pool._acquire(timeout)))
                 except HyperCacheError as exc:  # cannot connect, or the HELLO refused
                     if isinstance(exc, NodeUnavailableError):
                         self._node_down(address)
@@ -673,13 +621,14 @@ class Client(ClientBase):
                 [(conn, groups[address]) for address, _, conn in taken], self._timeout
             )
         except BaseException:
-            for _, _, conn in taken:  # streams in doubt
+            for _, pool, conn in taken:  # streams in doubt
                 conn.close()
+                pool._release(conn)
             raise
         for (address, pool, conn), results in zip(taken, answers, strict=True):
             # broke: what it did not answer failed; timed out: the node is set aside
             self._health(address, conn, results)
-            pool.release(conn)
+            pool._release(conn)
             out[address] = results
         return out
 
@@ -713,23 +662,23 @@ class Client(ClientBase):
         with self._lock:
             self._repairs_pending -= n
 
-    def _batch(self, requests: dict[bytes, tuple[int, Any]]) -> dict[bytes, Any]:
-        """Send many keyed requests, pipelined per node; return key -> answer."""
-        if self._closed:
-            raise NodeUnavailableError("the client is closed")
-        router = self._router
-        if router.needs_refresh(time.monotonic()):
+    def _batch(self, cmd: commands.Command[_T], requests: dict[bytes, Any]) -> dict[bytes, _T]:
+        """Send ``cmd`` for many keys (key -> payload), pipelined per node; return
+        key -> what ``cmd`` reads from its answer."""
+        if self._begin():
             self._try_refresh()
+        router = self._router
         groups: dict[str, list[bytes]] = {}
         for k in requests:
             groups.setdefault(router.first(k), []).append(k)
-        answers: dict[bytes, Any] = {}
+        answers: dict[bytes, _T] = {}
         retry: list[bytes] = []
         first_error: BaseException | None = None
+        op, read = cmd.op, cmd.read
         for address, keys in groups.items():
             for start in range(0, len(keys), BATCH):
                 chunk = keys[start : start + BATCH]
-                batch = [requests[k] for k in chunk]
+                batch = [(op, requests[k]) for k in chunk]
                 self.stats.requests += len(chunk)
                 try:
                     results = self._attempt(address, 0, batch, pipeline=True)
@@ -742,13 +691,15 @@ class Client(ClientBase):
                     elif isinstance(result, BaseException):
                         first_error = first_error or result
                     else:
-                        answers[k] = result
+                        try:
+                            answers[k] = read(result)
+                        except HyperCacheError as exc:
+                            first_error = first_error or exc
         for k in retry:
             self.stats.failovers += 1
             self.stats.requests -= 1  # _call counts it again
-            op, payload = requests[k]
             try:
-                answers[k] = self._call(k, op, payload)
+                answers[k] = self._call(cmd, k, requests[k])
             except HyperCacheError as exc:
                 first_error = first_error or exc
         if first_error is not None:
@@ -767,18 +718,9 @@ class Client(ClientBase):
             self._refreshing.release()
 
     def _refresh(self) -> Topology:
+        self._check_fork()
         with self._refreshing:
             return self._refresh_locked()
 
     def _refresh_locked(self) -> Topology:
-        router = self._router
-        errors: dict[str, BaseException] = {}
-        for address in router.fetch_order():
-            try:
-                answer = self._attempt(address, _TOPOLOGY, None, pipeline=False)
-                topology = Topology.from_wire(answer)
-            except HyperCacheError as exc:
-                errors[address] = exc
-                continue
-            return self._topology_fetched(address, topology)
-        raise self._topology_unavailable(errors)
+        return self._run(TopologyFetch(self), None)

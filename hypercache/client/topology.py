@@ -242,6 +242,8 @@ class Router:
         # address set aside -> (monotonic time it was set aside,)
         self._down: dict[str, tuple[float]] = {}
         self._rr = itertools.count()
+        # (wire level, owner count) -> answers needed: a few entries at most
+        self._required: dict[tuple[str, int], int] = {}
 
     # -- the table
 
@@ -318,15 +320,22 @@ class Router:
             return owners
         return up + tuple(a for a in owners if a not in up)
 
-    def read_level(self, level: str | None) -> Consistency | None:
-        """The level of a direct read: ``level``, else the cluster's advertised default
-        read level; ``None`` when neither is known (the node must apply its own)."""
+    def read_required(self, level: str | None, owners: int) -> int | None:
+        """Answers a direct read needs from ``owners`` owners at ``level`` (a wire
+        level), else at the cluster's advertised default read level; ``None`` when
+        neither is known (the node must apply its own).
+
+        Cached per (level, owners): ``Consistency(level).required(owners)`` costs
+        about a microsecond (enum lookups), on every read."""
         if level is None:
             topology = self.topology
             level = None if topology is None else topology.read_consistency
             if level is None:
                 return None
-        return Consistency(level)
+        required = self._required.get((level, owners))
+        if required is None:
+            required = self._required[level, owners] = Consistency(level).required(owners)
+        return required
 
     def first(self, key: bytes | None) -> str:
         """The node a request for ``key`` goes to first (used to group batches)."""

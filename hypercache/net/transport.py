@@ -388,6 +388,11 @@ class Connection(Protocol):
     @property
     def closed(self) -> bool: ...
 
+    @property
+    def pending(self) -> int:
+        """Requests sent (or waiting to be) that have no outcome yet."""
+        ...
+
 
 class Server(Protocol):
     """A listening server (implemented per transport)."""

@@ -1,0 +1,117 @@
+"""The protocol's operations as both clients send them, written once.
+
+A :class:`Command` is an op, whether it may be sent to another node after a timeout,
+and the function that checks and shapes its answer; the clients send it and apply
+``read`` to what comes back (``GET`` -> :func:`decode_get`, ``DELETE`` -> ``bool``,
+``PING`` -> :func:`check_pong`, ``TOPOLOGY`` -> ``Topology.from_wire``). What each
+one sends is built by :class:`~hypercache.client._common.ClientBase` from the
+caller's arguments (``_set_request`` and its siblings) or here
+(:func:`get_payload`); ``PING`` and ``TOPOLOGY`` send no payload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+from hypercache.client.topology import Topology
+from hypercache.consistency import Consistency
+from hypercache.errors import ProtocolError
+from hypercache.net.protocol import Op
+
+__all__ = [
+    "DELETE",
+    "GET",
+    "MISS",
+    "PING",
+    "R_GET",
+    "R_PUT",
+    "SET",
+    "TOPOLOGY",
+    "Command",
+    "Found",
+    "Level",
+    "check_pong",
+    "decode_get",
+    "get_payload",
+]
+
+T_co = TypeVar("T_co", covariant=True)
+
+#: What the operations take as ``consistency=``: a :class:`~hypercache.Consistency`,
+#: its name in any case (``"quorum"``), or ``None`` for the client's default.
+Level = Consistency | str | None
+#: What a read found: ``(True, value bytes)`` or :data:`MISS`.
+Found = tuple[bool, Any]
+#: A read that found nothing (absent, expired or deleted).
+MISS: Final[Found] = (False, None)
+
+
+def decode_get(answer: Any) -> Found:
+    """Split a GET answer ``[found, value]``.
+
+    :raises ProtocolError: the answer has another shape.
+    """
+    if type(answer) is not list or len(answer) != 2 or type(answer[0]) is not bool:
+        raise ProtocolError(f"malformed GET answer: {answer!r:.200}")
+    found, value = answer
+    if found and not isinstance(value, bytes):
+        raise ProtocolError(f"GET answer value must be bytes, got {type(value).__name__}")
+    return found, value
+
+
+def check_pong(answer: Any) -> None:
+    """Check a PING answer.
+
+    :raises ProtocolError: it is not ``"pong"``.
+    """
+    if answer != "pong":
+        raise ProtocolError(f"unexpected PING answer: {answer!r:.100}")
+
+
+def get_payload(key: bytes, level: str | None) -> list[Any]:
+    """The payload of ``GET`` (a read through a node, which coordinates it)."""
+    return [key, level]
+
+
+def _ignore(answer: Any) -> None:
+    return None
+
+
+def _as_is(answer: Any) -> Any:
+    return answer
+
+
+@dataclass(frozen=True, slots=True)
+class Command(Generic[T_co]):
+    """One operation of the protocol as both clients send it.
+
+    :ivar op: the wire op.
+    :ivar retry_after_timeout: whether a request that timed out may be sent to
+        another node in the same call: only if it changes nothing. A ``SET`` or
+        ``DELETE`` that timed out may still be applied by its node (when it wakes
+        up, with a version stamped then), so sending it elsewhere too could apply
+        the write twice, the older one last: it is raised instead.
+    :ivar read: checks the answer's shape and returns what the caller gets
+        (raises :class:`~hypercache.errors.ProtocolError` on a malformed answer).
+    """
+
+    op: int
+    retry_after_timeout: bool
+    read: Callable[[Any], T_co]
+
+    @property
+    def name(self) -> str:
+        return Op(self.op).name
+
+
+GET: Final = Command(int(Op.GET), True, decode_get)
+SET: Final = Command(int(Op.SET), False, _ignore)
+DELETE: Final = Command(int(Op.DELETE), False, bool)
+PING: Final = Command(int(Op.PING), True, check_pong)
+TOPOLOGY: Final = Command(int(Op.TOPOLOGY), True, Topology.from_wire)
+#: replica read; :meth:`OwnerRead.ok` checks the entry
+R_GET: Final = Command(int(Op.R_GET), True, _as_is)
+#: read-repair push
+R_PUT: Final = Command(int(Op.R_PUT), False, _as_is)
