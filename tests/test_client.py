@@ -989,7 +989,9 @@ def test_async_owner_read_cancelled_asks_no_replacement(servers: ServerThread) -
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.1):
                     await client.get("k")
-            await until(lambda: client._conns[a.address].pending == 0, what="a's error back")
+            conn = client._peers[a.address].conn
+            assert conn is not None
+            await until(lambda: conn.pending == 0, what="a's error back")
             assert r_gets(a) == r_gets(b) == [b"k"]
             assert r_gets(c) == []  # nobody asked in a's place for a read given up
             assert client.stats.failovers == 0

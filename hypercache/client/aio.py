@@ -20,6 +20,7 @@ from hypercache.errors import (
     NoAnswerError,
     NodeUnavailableError,
 )
+from hypercache.net.peer import PeerConnection
 from hypercache.net.tcp import TCP
 from hypercache.net.transport import Connection, Transport
 
@@ -70,9 +71,8 @@ class AsyncClient(ClientBase):
     ) -> None:
         super().__init__(seeds, **options)
         self._transport: Transport = TCP if transport is None else transport
-        self._conns: dict[str, Connection] = {}
-        # One connect in flight per address, shared by every task that needs it.
-        self._connecting: dict[str, asyncio.Future[Connection]] = {}
+        # address -> its connection, opened on first use (one attempt shared)
+        self._peers: dict[str, PeerConnection] = {}
         self._refresh_task: asyncio.Task[Topology] | None = None
         # Read repairs in flight (fire and forget; referenced so that they are not
         # collected half-way; at most max_pending_repairs).
@@ -108,10 +108,8 @@ class AsyncClient(ClientBase):
         await asyncio.gather(*probes, return_exceptions=True)
         for pending in list(self._background):
             pending.cancel()
-        for fut in list(self._connecting.values()):
-            fut.cancel()
-        conns, self._conns = self._conns, {}
-        await asyncio.gather(*(conn.close() for conn in conns.values()), return_exceptions=True)
+        peers, self._peers = self._peers, {}
+        await asyncio.gather(*(peer.close() for peer in peers.values()), return_exceptions=True)
 
     async def __aenter__(self) -> AsyncClient:
         try:
@@ -232,38 +230,22 @@ class AsyncClient(ClientBase):
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         timeout = self._timeout
-        router = self._router
 
         def launch(address: str) -> None:
-            conn = self._conns.get(address)
-            if conn is None or conn.closed:
-                # Not connected yet: connect (shared with other tasks) in a task.
-                task = loop.create_task(self._attempt(address, r_get, payload))
-                task.add_done_callback(lambda t: connected(address, t))
-                return
-            # Connected: the answer comes back through a callback, no task per owner.
+            # Connected: the answer comes back through a callback, no task per owner
+            # (not connected yet: the peer connects in a task, then sends).
             try:
-                conn.send_callback(
-                    r_get,
-                    payload,
-                    timeout,
-                    lambda raw, exc: answered(address, conn, raw, exc),
-                )
-            except HyperCacheError as exc:  # closed meanwhile, or cannot be encoded
-                answered(address, conn, None, exc)
-
-        def connected(address: str, task: asyncio.Task[Any]) -> None:
-            if task.cancelled():
-                outcome(address, None, NodeUnavailableError(f"{address}: request cancelled"))
+                peer = self._peer(address)
+            except HyperCacheError as exc:
+                outcome(address, None, exc)
                 return
-            exc = task.exception()
-            outcome(address, None if exc is not None else task.result(), exc)
+            peer.send_callback(
+                r_get, payload, timeout, lambda raw, exc: answered(address, raw, exc)
+            )
 
-        def answered(address: str, conn: Connection, raw: Any, exc: BaseException | None) -> None:
-            if exc is not None:
-                self._check_connection(address, conn, exc)
-            elif router.is_down(address):
-                self._recovered(address)
+        def answered(address: str, raw: Any, exc: BaseException | None) -> None:
+            if isinstance(exc, NoAnswerError):
+                self._suspect(address)
             outcome(address, raw, exc)
 
         def outcome(address: str, raw: Any, exc: BaseException | None) -> None:
@@ -328,65 +310,45 @@ class AsyncClient(ClientBase):
         :raises NodeUnavailableError: cannot connect, or the connection broke.
         :raises RequestTimeoutError: no answer within ``timeout``.
         """
-        conn = self._conns.get(address)
-        if conn is None or conn.closed:
-            try:
-                conn = await self._connection(address)
-            except NodeUnavailableError:
-                self._node_down(address)
-                raise
         try:
-            answer = await conn.request(op, payload, self._timeout)
-        except (NodeUnavailableError, NoAnswerError) as exc:
-            self._check_connection(address, conn, exc)
+            return await self._peer(address).request(op, payload, self._timeout)
+        except NoAnswerError:
+            # no answer in time (raised on our side; a node's error answer that
+            # happens to be a timeout is an answer: the node is alive)
+            self._suspect(address)
             raise
+
+    def _peer(self, address: str) -> PeerConnection:
+        """The connection to ``address``: made on first use. A connection that breaks
+        or cannot be made sets the node aside; any answer brings it back."""
+        peer = self._peers.get(address)
+        if peer is None:
+            self._check_open()
+            peer = self._peers[address] = PeerConnection(
+                address,
+                self._dial,
+                backoff_max=0,  # the client sets a failed node aside and probes it
+                on_answer=functools.partial(self._answered, address),
+                on_lost=functools.partial(self._lost, address),
+                on_connected=self._connected,
+            )
+        return peer
+
+    def _answered(self, address: str) -> None:
         if self._router.is_down(address):
             self._recovered(address)
-        return answer
 
-    def _check_connection(self, address: str, conn: Connection, exc: BaseException) -> None:
-        """After a request to ``address`` on ``conn`` failed with ``exc``: if ``conn``
-        broke, set the node aside and forget the connection; if no answer came in time
-        (:class:`NoAnswerError`, raised on our side; a node's error answer that
-        happens to be a timeout is not one), set the node aside. Other errors are
-        answers: the node is alive."""
-        if isinstance(exc, NodeUnavailableError) and conn.closed:
+    def _lost(self, address: str, exc: BaseException) -> None:
+        if isinstance(exc, NodeUnavailableError):  # (a refused handshake is an answer)
             self._node_down(address)
-            if self._conns.get(address) is conn:
-                del self._conns[address]
-        elif isinstance(exc, NoAnswerError):
-            self._suspect(address)
 
-    async def _connection(self, address: str) -> Connection:
-        self._check_open()
-        fut = self._connecting.get(address)
-        if fut is None:
-            loop = asyncio.get_running_loop()
-            fut = loop.create_task(self._open(address))
-            self._connecting[address] = fut
-            fut.add_done_callback(self._connect_done)
-        # shield: one waiter being cancelled must not cancel the others' connect
-        return await asyncio.shield(fut)
+    def _connected(self, _conn: Connection) -> None:
+        self.stats.connections_opened += 1
 
-    def _connect_done(self, fut: asyncio.Future[Connection]) -> None:
-        _consume(fut)
-        for address, pending in list(self._connecting.items()):
-            if pending is fut:
-                del self._connecting[address]
-
-    async def _open(self, address: str) -> Connection:
-        conn = await self._transport.connect(
+    async def _dial(self, address: str) -> Connection:
+        return await self._transport.connect(
             address, self._hello, self._limits, self.options.connect_timeout
         )
-        if self._closed:
-            await conn.close()
-            raise self._closed_error()
-        old = self._conns.get(address)
-        self._conns[address] = conn
-        self.stats.connections_opened += 1
-        if old is not None and old is not conn:
-            await old.close()
-        return conn
 
     # ------------------------------------------------------------------ probes
 
@@ -419,10 +381,7 @@ class AsyncClient(ClientBase):
                 return
             stats.probes += 1
             try:
-                conn = self._conns.get(address)
-                if conn is None or conn.closed:
-                    conn = await self._connection(address)
-                await conn.request(commands.PING.op, None, timeout)
+                await self._peer(address).request(commands.PING.op, None, timeout)
             except HyperCacheError:
                 stats.probes_failed += 1
                 await asyncio.sleep(next(delays))

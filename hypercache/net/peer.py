@@ -48,7 +48,8 @@ class PeerConnection:
     :param address: ``"host:port"``.
     :param dial: opens and handshakes a connection to ``address`` (raises
         :class:`~hypercache.errors.HyperCacheError` or ``OSError`` when it cannot).
-    :param backoff_max: longest pause between two attempts after failures, seconds.
+    :param backoff_max: longest pause between two attempts after failures, seconds;
+        0 = none (an owner with its own way of setting a failed address aside).
     :param on_answer: called after every answer (the peer is alive).
     :param on_lost: called with the error when the peer could not be reached or the
         connection broke.
@@ -90,7 +91,7 @@ class PeerConnection:
         self.conn: Connection | None = None
         self._connecting: asyncio.Task[Connection] | None = None
         self._retry_at = 0.0
-        self._backoff = _BACKOFF_MIN
+        self._backoff = min(_BACKOFF_MIN, backoff_max)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -108,6 +109,7 @@ class PeerConnection:
         """The open connection, connecting (once, shared) if needed.
 
         :raises NodeUnavailableError: cannot connect, or backing off after a failure.
+        :raises HyperCacheError: what the dial raised (e.g. ``HandshakeError``).
         """
         conn = self.conn
         if conn is not None and not conn.closed:
@@ -127,16 +129,18 @@ class PeerConnection:
         except (HyperCacheError, OSError) as exc:
             self._retry_at = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, self._backoff_max)
+            # An error of ours (a refused handshake: HandshakeError) stays what it
+            # is, so that the caller can tell "wrong cluster" from "not there".
             error = (
                 exc
-                if isinstance(exc, NodeUnavailableError)
+                if isinstance(exc, HyperCacheError)
                 else NodeUnavailableError(f"{self.address}: {exc}")
             )
             self.on_lost(error)
             raise error from None
         finally:
             self._connecting = None
-        self._backoff = _BACKOFF_MIN
+        self._backoff = min(_BACKOFF_MIN, self._backoff_max)
         self._retry_at = 0.0
         old, self.conn = self.conn, conn
         if old is not None and old is not conn:
