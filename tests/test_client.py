@@ -42,7 +42,7 @@ from hypercache.client import (
     Topology,
     normalize_key,
 )
-from hypercache.client._common import parse_seeds, probe_delays, ttl_to_ms, wire_consistency
+from hypercache.client._common import probe_delays, ttl_to_ms, wire_consistency
 from hypercache.client.topology import Router
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.local import ProcessCluster, until, wait_for
@@ -64,6 +64,7 @@ from hypercache.net.inproc import InprocNetwork
 from hypercache.net.protocol import Limits, Op, make_hello
 from hypercache.net.tcp import TcpServer
 from hypercache.net.transport import PeerInfo, ServerOptions
+from hypercache.units import parse_seeds
 
 T = TypeVar("T")
 DEADLINE = 10.0
@@ -348,8 +349,8 @@ def test_consistency_parsing() -> None:
 
 
 def test_options_validation() -> None:
-    assert parse_seeds("a:1, b:2,a:1") == ("a:1", "b:2")
-    assert parse_seeds(["[::1]:7400"]) == ("[::1]:7400",)
+    assert parse_seeds("a:1, b:2,a:1", required=True) == ("a:1", "b:2")
+    assert parse_seeds(["[::1]:7400"], required=True) == ("[::1]:7400",)
     for bad, field in (
         ({"seeds": ""}, "seeds"),
         ({"seeds": "nohost"}, "seeds"),

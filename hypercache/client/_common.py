@@ -50,7 +50,7 @@ from hypercache.replication import (
     plan_repair,
     wall_ms,
 )
-from hypercache.units import parse_hostport
+from hypercache.units import parse_seeds
 
 __all__ = [
     "BATCH",
@@ -68,7 +68,6 @@ __all__ = [
     "Route",
     "entry_from_wire",
     "is_live",
-    "parse_seeds",
     "probe_delays",
     "ttl_to_ms",
     "wire_consistency",
@@ -101,29 +100,6 @@ def probe_delays(cap: float) -> Iterator[float]:
     while True:
         yield delay
         delay = min(delay * 2, cap)
-
-
-def parse_seeds(seeds: str | Sequence[str]) -> tuple[str, ...]:
-    """Return the seed addresses of ``"h:p,h:p"`` or a sequence of ``"h:p"``, deduplicated.
-
-    :raises ConfigError: no seed, or a malformed address (field ``seeds``).
-    """
-    items = seeds.split(",") if isinstance(seeds, str) else list(seeds)
-    out: dict[str, None] = {}
-    for item in items:
-        if not isinstance(item, str):
-            raise ConfigError("seeds", f"addresses must be strings, got {item!r}")
-        text = item.strip()
-        if not text:
-            continue
-        try:
-            parse_hostport(text)
-        except ConfigError as exc:
-            raise ConfigError("seeds", exc.message) from None
-        out[text] = None
-    if not out:
-        raise ConfigError("seeds", "at least one 'host:port' is required")
-    return tuple(out)
 
 
 def wire_consistency(value: Level, fallback: str | None) -> str | None:
@@ -278,7 +254,7 @@ class ClientOptions:
             given["serializer"] = resolve_serializer(given["serializer"])
         if "limits" in given and given["limits"] is None:
             given["limits"] = Limits()
-        return cls(seeds=parse_seeds(seeds), **given)
+        return cls(seeds=parse_seeds(seeds, required=True), **given)
 
     def hello(self) -> dict[str, Any]:
         """The HELLO payload of a client connection."""
