@@ -607,6 +607,36 @@ def test_unreadable_or_invalid_toml_names_config(tmp_path: Path) -> None:
     assert "not valid TOML" in info.value.message
 
 
+def test_a_toml_file_that_is_not_utf8_names_config_and_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('cluster_name = "café"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(argv_values=None, environ={}, toml_path=str(path))
+    assert info.value.field == "config"
+    assert "is not UTF-8 text (byte 19)" in info.value.message
+
+
+def test_only_the_winning_value_is_parsed(tmp_path: Path) -> None:
+    # a bad value that a later layer overrides does not stop the start...
+    config = load(
+        toml='replication = "many"\n',
+        env={"HYPERCACHE_REPLICATION": "zero", "HYPERCACHE_HINT_TTL": "soon"},
+        argv={"replication": "2", "hint_ttl": "30s"},
+        tmp_path=tmp_path,
+    )
+    assert (config.replication, config.hint_ttl) == (2, 30.0)
+    # ...and a bad value that wins still does, naming where it came from
+    with pytest.raises(ConfigError) as info:
+        load(env={"HYPERCACHE_REPLICATION": "zero"}, argv={"replication": None})
+    assert info.value.field == "replication"
+    assert "environment variable HYPERCACHE_REPLICATION" in info.value.message
+
+
+def test_a_flag_overrides_a_bad_environment_variable_on_the_command_line() -> None:
+    config = node_config_from_argv(["--replication", "2"], {"HYPERCACHE_REPLICATION": "zero"})
+    assert config.replication == 2
+
+
 def test_unknown_argv_key_is_rejected() -> None:
     with pytest.raises(ConfigError) as info:
         load(argv={"replicas": "2"})

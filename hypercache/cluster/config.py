@@ -981,6 +981,10 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError("config", f"cannot read {path!r}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            "config", f"{path!r} is not UTF-8 text (byte {exc.start}): TOML files are UTF-8"
+        ) from None
 
 
 def _toml_layer(path: str) -> list[tuple[str, Any, str]]:
@@ -1052,9 +1056,12 @@ def load_config(
     layers += _env_layer(environ)
     layers += _argv_layer(argv_values or {})
 
+    # Only the value that wins is parsed: a bad environment variable that a flag
+    # overrides does not stop the start.
+    winners: dict[str, tuple[Any, str]] = {name: (raw, where) for name, raw, where in layers}
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    for name, raw, where in layers:
+    for name, (raw, where) in winners.items():
         try:
             values[name] = _LOADERS[name](name, raw)
         except ConfigError as exc:
