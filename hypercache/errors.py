@@ -168,7 +168,9 @@ class QuorumError(HyperCacheError):
     code = 7
 
     def __init__(self, acks: int, required: int, message: str | None = None) -> None:
-        super().__init__(message or f"quorum not reached: {acks} of {required} required acks")
+        super().__init__(
+            message or f"quorum not reached: {acks} of {required} required replicas answered"
+        )
         self.acks = acks
         self.required = required
 

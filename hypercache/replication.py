@@ -156,6 +156,7 @@ class QuorumRound:
     __slots__ = (
         "_next",
         "errors",
+        "level",
         "on_complete",
         "on_decided",
         "outstanding",
@@ -164,9 +165,13 @@ class QuorumRound:
         "results",
     )
 
-    def __init__(self, owners: Sequence[str], required: int, *, ask_all: bool = True) -> None:
+    def __init__(
+        self, owners: Sequence[str], required: int, *, ask_all: bool = True, level: str = "quorum"
+    ) -> None:
         self.owners = owners
         self.required = required
+        #: the consistency level's name, for the error
+        self.level = level
         #: owner -> what it answered (for reads: its entry), in arrival order
         self.results: dict[str, Any] = {}
         #: owner -> why it gave no answer
@@ -237,11 +242,19 @@ class QuorumRound:
         acks = len(self.results)
         if acks >= self.required:
             return None
-        reasons = "; ".join(f"{owner}: {why}" for owner, why in list(self.errors.items())[:4])
+        reasons = "; ".join(_reason(owner, why) for owner, why in list(self.errors.items())[:4])
         detail = f" ({reasons})" if reasons else ""
         return QuorumError(
             acks,
             self.required,
-            f"quorum not reached: {acks} of {self.required} required acks from "
-            f"{len(self.owners)} owners{detail}",
+            f"{self.level.upper()} not reached: {acks} of {self.required} required replicas "
+            f"answered, of {len(self.owners)} owners{detail}",
         )
+
+
+def _reason(owner: str, why: BaseException | str) -> str:
+    """``owner: why``, without the owner twice when ``why`` already starts with it."""
+    text = str(why)
+    if text.startswith(owner):
+        text = text[len(owner) :].lstrip(": ")
+    return f"{owner}: {text}"

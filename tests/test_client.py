@@ -883,7 +883,9 @@ def test_cli_errors(servers: ServerThread, capsys: pytest.CaptureFixture[str]) -
     assert "cluster unavailable" in capsys.readouterr().err
     nodes[0].fail = QuorumError(1, 2)
     assert main(["--seeds", seeds, "--route", "any", "set", "k", "v"]) == EXIT_ERROR
-    assert "quorum not reached (1 of 2 acks)" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "hypercache: error: quorum not reached: 1 of 2 required replicas answered\n"
+    )
     assert main(["--help"]) == EXIT_OK
     assert "usage" in capsys.readouterr().out
 

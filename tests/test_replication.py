@@ -119,6 +119,18 @@ def test_a_round_fails_once_nothing_is_left_and_says_why() -> None:
     assert not rnd.unreachable  # a answered
 
 
+def test_a_round_error_names_its_level_and_each_owner_once() -> None:
+    rnd = QuorumRound(("10.0.0.1:7400", "b", "c"), 3, level="all")
+    rnd.start()
+    rnd.ok("c", None)
+    rnd.failed("10.0.0.1:7400", NodeUnavailableError("10.0.0.1:7400: cannot connect"))
+    rnd.failed("b", "down")
+    assert str(rnd.error()) == (
+        "ALL not reached: 1 of 3 required replicas answered, of 3 owners "
+        "(10.0.0.1:7400: cannot connect; b: down)"
+    )
+
+
 def test_a_round_that_asks_what_it_needs_replaces_who_fails() -> None:
     rnd = QuorumRound(("a", "b", "c"), 2, ask_all=False)
     assert list(rnd.start()) == ["a", "b"]

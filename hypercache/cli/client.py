@@ -277,7 +277,7 @@ def _describe(exc: HyperCacheError) -> str:
     if isinstance(exc, NodeUnavailableError):
         return f"cluster unavailable: {exc}"
     if isinstance(exc, QuorumError):
-        return f"quorum not reached ({exc.acks} of {exc.required} acks): {exc}"
+        return str(exc)  # names the level, the acks and why the others gave none
     if isinstance(exc, RequestTimeoutError):
         return f"timed out: {exc}"
     if isinstance(exc, HandshakeError):

@@ -144,8 +144,10 @@ class OwnerRead(QuorumRound):
 
     __slots__ = ("key",)
 
-    def __init__(self, key: bytes, owners: tuple[str, ...], required: int) -> None:
-        super().__init__(owners, required, ask_all=False)
+    def __init__(
+        self, key: bytes, owners: tuple[str, ...], required: int, level: str = "quorum"
+    ) -> None:
+        super().__init__(owners, required, ask_all=False, level=level)
         self.key = key
 
     def start(self) -> list[str]:
@@ -478,7 +480,7 @@ class ClientBase:
         stats = self.stats
         stats.requests += 1
         stats.owner_reads += 1
-        return OwnerRead(key, owners, required)
+        return OwnerRead(key, owners, required, level or router.read_default)
 
     def _owner_answer(
         self, rd: OwnerRead, address: str, raw: Any, exc: HyperCacheError | None

@@ -320,6 +320,13 @@ class Router:
             return owners
         return up + tuple(a for a in owners if a not in up)
 
+    @property
+    def read_default(self) -> str:
+        """The cluster's default read level (its name), ``"quorum"`` if unknown."""
+        topology = self.topology
+        level = None if topology is None else topology.read_consistency
+        return level or "quorum"
+
     def read_required(self, level: str | None, owners: int) -> int | None:
         """Answers a direct read needs from ``owners`` owners at ``level`` (a wire
         level), else at the cluster's advertised default read level; ``None`` when

@@ -256,7 +256,7 @@ class Coordinator:
                 self._latency["get"](time.perf_counter() - start)
                 later.resolve(self._get_answer(entry))
                 return later
-            rnd = QuorumRound(owners, level.required(n))
+            rnd = QuorumRound(owners, level.required(n), level=level.value)
             if level is not _ONE:
                 rnd.on_complete = lambda r: self._repair(key, r)
             payload = [key]
@@ -388,7 +388,7 @@ class Coordinator:
             n = len(owners)
             ts = self.clock.now()
             origin = self._tag
-            rnd = QuorumRound(owners, level.required(n))
+            rnd = QuorumRound(owners, level.required(n), level=level.value)
             payload = [key, value, ts, origin, expire_at, False]
             node_id = self.node_id
             for owner in rnd.start():
@@ -445,7 +445,7 @@ class Coordinator:
             n = len(owners)
             ts = self.clock.now()
             origin = self._tag
-            rnd = QuorumRound(owners, level.required(n))
+            rnd = QuorumRound(owners, level.required(n), level=level.value)
             tomb = [key, b"", ts, origin, 0, True]
             for owner in rnd.start():
                 stats.write_attempts += 1
