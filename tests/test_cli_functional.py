@@ -1,9 +1,12 @@
-"""The ``hypercache`` CLI against real node processes: what a person at a terminal
-sees when the cluster is short of replicas."""
+"""The command-line programs as a person at a terminal meets them: ``hypercache``
+against real node processes when the cluster is short of replicas, and
+``hypercache-node`` when it cannot start."""
 
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from cluster_harness import running_cluster
 
 from hypercache.cli.client import EXIT_ERROR
 from hypercache.cli.client import main as cli
+from hypercache.cluster.local import NODE_COMMAND
 
 pytestmark = pytest.mark.functional
 
@@ -39,3 +43,23 @@ def test_a_quorum_error_names_its_level_and_says_it_once(
         assert err.count("not reached") == 1
         for node in (cluster[1], cluster[2]):  # each owner named once, with its reason
             assert err.count(node.data) == 1, err
+
+
+@pytest.mark.parametrize("flag", ["--bind", "--http"])
+def test_a_port_in_use_names_the_flag_that_asked_for_it(flag: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        flags = {"--bind": "127.0.0.1:0", "--http": "127.0.0.1:0", flag: address}
+        proc = subprocess.run(
+            [*NODE_COMMAND, *(a for kv in flags.items() for a in kv), "--log-level", "error"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"hypercache-node: error: cannot listen on {address} ({flag[2:]}): address already "
+        f"in use (is another node running there?); choose another with {flag}\n"
+    )

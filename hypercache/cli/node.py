@@ -14,6 +14,7 @@ SIGTERM and SIGINT stop it cleanly (exit status 0). Logs go to stderr.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import os
@@ -98,8 +99,17 @@ def main() -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s [" + config.node_id + "] %(message)s",
     )
+    from hypercache.cluster.node import ListenError
+
     try:
         _run_loop(config)
+    except ListenError as exc:
+        hint = " (is another node running there?)" if exc.errno == errno.EADDRINUSE else ""
+        print(
+            f"{PROG}: error: {exc.strerror}{hint}; choose another with --{exc.setting}",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
     except OSError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

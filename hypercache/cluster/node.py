@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ from hypercache.net.tcp import TCP
 from hypercache.net.transport import Later, PeerInfo, Server, ServerOptions, Transport
 from hypercache.replication import WallClock, wall_ms
 
-__all__ = ["Node"]
+__all__ = ["ListenError", "Node"]
 
 _log = logging.getLogger("hypercache.node")
 
@@ -70,6 +71,21 @@ _SWEEP_BUDGET: Final = 10_000
 
 #: A handler of the op table: the payload in, the answer (or a Later) out.
 _OpHandler = Callable[[Any], Any]
+
+
+class ListenError(OSError):
+    """The node cannot listen on one of its addresses.
+
+    :ivar setting: which address: ``"bind"`` (data) or ``"http"`` (management).
+    :ivar address: the address asked for.
+    """
+
+    def __init__(self, setting: str, address: str, cause: OSError) -> None:
+        # (asyncio's own text repeats the address as a tuple)
+        reason = os.strerror(cause.errno).lower() if cause.errno else str(cause)
+        super().__init__(cause.errno, f"cannot listen on {address} ({setting}): {reason}")
+        self.setting = setting
+        self.address = address
 
 
 @dataclass(eq=False)
@@ -248,13 +264,16 @@ class Node:
     async def start(self) -> None:
         """Listen, join the cluster through the seeds, start the management HTTP server.
 
-        :raises OSError: an address cannot be bound.
+        :raises ListenError: an address cannot be bound (an ``OSError``).
         """
         if self._state != "new":
             raise RuntimeError(f"node already {self._state}")
         config = self.config
         server = self.transport.create_server(self, config.bind, self._server_options(config))
-        await server.start()
+        try:
+            await server.start()
+        except OSError as exc:
+            raise ListenError("bind", config.bind, exc) from exc
         # No await from here to the end of the set-up: no HELLO can be handled
         # before the node knows its final id and address.
         if server.address != config.bind:
@@ -281,8 +300,10 @@ class Node:
 
             try:
                 run.http, self.http_address = await start_http(NodeStatus(self), *http)
-            except BaseException:
+            except BaseException as exc:
                 await self.stop()
+                if isinstance(exc, OSError):
+                    raise ListenError("http", config.http or "", exc) from exc
                 raise
             if self.http_address != config.http:
                 self.config = config = dataclasses.replace(config, http=self.http_address)
