@@ -63,3 +63,13 @@ def test_a_port_in_use_names_the_flag_that_asked_for_it(flag: str) -> None:
         f"hypercache-node: error: cannot listen on {address} ({flag[2:]}): address already "
         f"in use (is another node running there?); choose another with {flag}\n"
     )
+
+
+def test_the_client_pointed_at_the_http_port_is_told_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with running_cluster(1, tmp_path) as cluster:
+        assert cli(["--seeds", cluster[0].http, "get", "k"]) == EXIT_ERROR
+        err = capsys.readouterr().err
+        assert "answered in HTTP" in err and "connect to its data port (--bind)" in err, err
+        assert "1213486160" not in err

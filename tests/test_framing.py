@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hypercache._core.framing import BUDGET_BASE, BUDGET_PER_BYTE, MAX_DEPTH
-from hypercache.errors import ProtocolError
+from hypercache.errors import FrameTooLargeError, ProtocolError
 from hypercache.net.protocol import Frame, FrameDecoder, FrameEncoder, MsgType, Op
 
 MiB = 1024 * 1024
@@ -694,3 +694,30 @@ def test_random_bytes_are_a_protocol_error_or_a_frame_and_the_scan_agrees_with_t
     assert error is None
     assert isinstance(frame, Frame)
     assert decoder.buffered == 0
+
+
+@pytest.mark.parametrize(
+    "stream, says",
+    [
+        (b"HTTP/1.1 400 Bad Request\r\n", "answered in HTTP ('HTTP/...')"),
+        (b"GET /health HTTP/1.1\r\n", "sent an HTTP request ('GET' ...)"),
+        (b"POST /cluster/leave HTTP/1.1\r\n", "sent an HTTP request ('POST' ...)"),
+        (b"SSH-2.0-OpenSSH\r\n", "its length header is the text 'SSH-'"),
+        (b"\xff\xff\xff\xff", "frame of 4294967295 bytes exceeds max_frame=1024"),
+    ],
+)
+@pytest.mark.parametrize("way", ["feed", "iterate"])
+def test_a_stream_that_is_not_hypercache_says_what_it_looks_like(
+    stream: bytes, says: str, way: str
+) -> None:
+    dec = FrameDecoder(1024)
+    with pytest.raises(FrameTooLargeError) as info:
+        if way == "feed":
+            dec.feed(stream)
+        else:
+            # feed checks the header at the front; the one after a good frame is
+            # checked as the iteration reaches it
+            dec.feed(FrameEncoder(1024).encode_request(1, Op.PING, None) + stream)
+            next(dec)
+            next(dec)
+    assert says in str(info.value)

@@ -360,6 +360,33 @@ cdef object _scan_error(int code, const _Scan* scan, Py_ssize_t size):
     return ProtocolError(f"undecodable frame body of {size} bytes: it {why}")
 
 
+_HTTP_METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN")
+
+
+def _too_large(bytes header, Py_ssize_t size, Py_ssize_t max_frame):
+    """The error for a length header over ``max_frame``; a header that is text says
+    what it looks like (the usual cause: the other end speaks HTTP)."""
+    text = header.decode("latin-1")
+    if header == b"HTTP":
+        return FrameTooLargeError(
+            "the other end answered in HTTP ('HTTP/...'), not the hypercache protocol: "
+            "this looks like a node's management HTTP port (--http); connect to its "
+            "data port (--bind)"
+        )
+    if header in _HTTP_METHODS:
+        return FrameTooLargeError(
+            f"the other end sent an HTTP request ({text.strip()!r} ...), not the hypercache "
+            "protocol: this is a node's data port (--bind); HTTP is served on its "
+            "management port (--http)"
+        )
+    if all(32 <= c < 127 for c in header):
+        return FrameTooLargeError(
+            f"frame of {size} bytes exceeds max_frame={max_frame}; its length header is "
+            f"the text {text!r}: the other end does not speak the hypercache protocol"
+        )
+    return FrameTooLargeError(f"frame of {size} bytes exceeds max_frame={max_frame}")
+
+
 @cython.final
 cdef class FrameDecoder:
     """Feed it bytes, iterate it for frames; see framing.pyi."""
@@ -398,8 +425,9 @@ cdef class FrameDecoder:
         if PyByteArray_GET_SIZE(buf) - self._pos >= _HEADER:
             size = _read_size(<const unsigned char*>PyByteArray_AS_STRING(buf) + self._pos)
             if size > self.max_frame:
-                raise FrameTooLargeError(
-                    f"frame of {size} bytes exceeds max_frame={self.max_frame}"
+                raise _too_large(
+                    PyByteArray_AS_STRING(buf)[self._pos:self._pos + _HEADER], size,
+                    self.max_frame,
                 )
 
     def __iter__(self):
@@ -421,7 +449,7 @@ cdef class FrameDecoder:
         p = <const unsigned char*>PyByteArray_AS_STRING(buf) + pos
         size = _read_size(p)
         if size > self.max_frame:
-            raise FrameTooLargeError(f"frame of {size} bytes exceeds max_frame={self.max_frame}")
+            raise _too_large((<const char*>p)[:_HEADER], size, self.max_frame)
         if avail < _HEADER + size:
             self._compact()
             raise StopIteration
