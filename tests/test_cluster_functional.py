@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
+import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,22 @@ def test_management_http(cluster: ProcessCluster) -> None:
     assert ring["nodes"] == ["node-1", "node-2", "node-3"]
     dist = node.http_json("/dist/metrics")
     assert dist["write_acks"] > 0 and "set" in dist["latency"]
+
+
+def test_dist_owners_answers_for_the_bytes_the_query_names(cluster: ProcessCluster) -> None:
+    node = cluster[0]
+    raw = node.http_json("/dist/owners?key=%FF%FE")
+    assert raw["key_hex"] == "fffe"  # the bytes sent, not U+FFFD twice
+    assert raw == node.http_json("/dist/owners?key_hex=fffe")
+    assert node.http_json("/dist/owners?key=caf%C3%A9")["key"] == "café"
+    assert node.http_json("/dist/owners?key=a+b%2Bc")["key"] == "a b+c"
+    # a key as long as a URL gets: answered (aiohttp alone stops at 8190 bytes)
+    long_key = "k" * 8192
+    assert node.http_json(f"/dist/owners?key={long_key}")["key"] == long_key
+    with pytest.raises(urllib.error.HTTPError) as info:
+        node.http_json("/dist/owners?key=" + "%41" * (64 * 1024 + 1))
+    assert info.value.code == 400
+    assert info.value.read().decode() == "key: 65537 bytes is over max_key=65536"
 
 
 def test_stale_replica_is_repaired_by_a_quorum_read(cluster: ProcessCluster) -> None:

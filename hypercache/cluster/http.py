@@ -7,7 +7,8 @@
 ``GET /metrics``        Prometheus text exposition (``hypercache_*``)
 ``GET /dist/metrics``   JSON: forwards, write attempts/acks, quorum failures, read
                         repairs, version conflicts, latency histograms
-``GET /dist/owners``    ``?key=K`` (UTF-8) or ``?key_hex=..``: partition and owners
+``GET /dist/owners``    ``?key=K`` (percent-encoded bytes; plain text is UTF-8) or
+                        ``?key_hex=..``: partition and owners
 ``GET /cluster/members`` members with address and liveness
 ``GET /cluster/ring``   ring parameters and per-node load; ``?table=1`` adds the table
 ``GET /dist/antientropy`` anti-entropy counters and current interval
@@ -23,6 +24,7 @@
 from __future__ import annotations
 
 from typing import Any, Protocol
+from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -36,6 +38,11 @@ class NodeView(Protocol):
 
     @property
     def partitions(self) -> int: ...
+
+    @property
+    def max_key(self) -> int:
+        """The longest key the node takes, bytes."""
+        ...
 
     def health(self) -> tuple[dict[str, Any], bool]:
         """The ``/health`` body, and whether the node is running (200, else 503)."""
@@ -84,15 +91,24 @@ async def _dist_metrics(request: web.Request) -> web.Response:
 
 
 def _key_param(request: web.Request) -> bytes:
-    query = request.query
-    if "key_hex" in query:
-        try:
-            return bytes.fromhex(query["key_hex"])
-        except ValueError:
-            raise web.HTTPBadRequest(text="key_hex: not hexadecimal") from None
-    if "key" in query:
-        return query["key"].encode("utf-8")
-    raise web.HTTPBadRequest(text="key: missing query parameter (?key=K or ?key_hex=HEX)")
+    """The key of ``?key=`` (its percent-encoded bytes as they are: ``%FF`` is the
+    byte 0xFF, not U+FFFD) or of ``?key_hex=``."""
+    key = None
+    for part in request.rel_url.raw_query_string.split("&"):
+        name, _, value = part.partition("=")
+        if name == "key_hex":
+            try:
+                key = bytes.fromhex(unquote_to_bytes(value).decode("ascii"))
+            except ValueError:
+                raise web.HTTPBadRequest(text="key_hex: not hexadecimal") from None
+        elif name == "key":
+            key = unquote_to_bytes(value.replace("+", " "))
+    if key is None:
+        raise web.HTTPBadRequest(text="key: missing query parameter (?key=K or ?key_hex=HEX)")
+    limit = _view(request).max_key
+    if len(key) > limit:
+        raise web.HTTPBadRequest(text=f"key: {len(key)} bytes is over max_key={limit}")
+    return key
 
 
 async def _owners(request: web.Request) -> web.Response:
@@ -153,7 +169,9 @@ async def _hints(request: web.Request) -> web.Response:
 
 def make_app(view: NodeView) -> web.Application:
     """The management application of the node that ``view`` reports on."""
-    app = web.Application()
+    # A request line that holds the longest key percent-encoded (3 characters a
+    # byte), and then some: a key past max_key gets our own error, not aiohttp's.
+    app = web.Application(handler_args={"max_line_size": 3 * view.max_key + 8192})
     app[_VIEW] = view
     app.router.add_get("/health", _health)
     app.router.add_get("/stats", _stats)

@@ -65,6 +65,10 @@ class NodeStatus:
     def partitions(self) -> int:
         return int(self.node.store.partitions)
 
+    @property
+    def max_key(self) -> int:
+        return self.node.config.max_key
+
     # ---------------------------------------------------------------- JSON views
 
     def health(self) -> tuple[dict[str, Any], bool]:
