@@ -137,6 +137,23 @@ class ClockSkewError(ProtocolError):
     code = 12
 
 
+class UndecodableValueError(HyperCacheError, ValueError):
+    """A stored value that this client's serializer cannot decode: it was written
+    raw, or by a client with another serializer. Raised by the client (never sent).
+
+    :ivar key: the key asked for, as given.
+    """
+
+    def __init__(self, key: object, size: int, serializer: object, cause: BaseException) -> None:
+        name = type(serializer).__name__
+        super().__init__(
+            f"the value of key {key!r} ({size} bytes) cannot be decoded by {name}: "
+            f"{type(cause).__name__}: {str(cause).rstrip('.')}. It was written raw or with another "
+            "serializer; read it with serializer=RawSerializer() (CLI: --raw)"
+        )
+        self.key = key
+
+
 # ------------------------------------------------------------- what happened out there
 
 

@@ -57,6 +57,7 @@ from hypercache.errors import (
     QuorumError,
     RequestTimeoutError,
     ServerError,
+    UndecodableValueError,
     ValueTooLargeError,
 )
 from hypercache.net.blocking import BlockingConnection
@@ -840,6 +841,38 @@ def test_cli_set_get_delete(servers: ServerThread, capsys: pytest.CaptureFixture
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "not found" in captured.err
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("many", [False, True])
+def test_a_value_the_serializer_cannot_decode_is_an_error_naming_the_key(
+    servers: ServerThread, kind: str, many: bool
+) -> None:
+    nodes, _, _ = cluster(servers, 3, replication=3)
+    for nd in nodes:
+        nd.entries[b"raw"] = [b"\x01\x02 written raw", 10, 1, 0, False]
+        nd.entries[b"fine"] = entry("ok", 10)
+    keys = ["fine", "raw"] if many else ["raw"]
+    out, _ = read(kind, [nd.address for nd in nodes], keys)
+    assert isinstance(out, UndecodableValueError), out
+    assert out.key == "raw"
+    assert str(out).startswith(
+        "the value of key 'raw' (14 bytes) cannot be decoded by MsgpackSerializer: ExtraData"
+    )
+    assert "serializer=RawSerializer() (CLI: --raw)" in str(out)
+    raw, _ = read(kind, [nd.address for nd in nodes], keys, serializer=RawSerializer())
+    assert (raw["raw"] if many else raw) == b"\x01\x02 written raw"
+
+
+def test_cli_get_of_a_raw_value_says_so_without_a_traceback(
+    servers: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nodes, _, _ = cluster(servers, 1, replication=1)
+    nodes[0].store[b"raw"] = b"\x01\x02"  # as the make run banner's wire example writes it
+    assert main(["--seeds", nodes[0].address, "get", "raw"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("hypercache: error: the value of key 'raw' (2 bytes) cannot be")
+    assert "Traceback" not in err and "(CLI: --raw)" in err
 
 
 def test_cli_env_ping_topology_stats(

@@ -41,6 +41,7 @@ from hypercache.errors import (
     NodeUnavailableError,
     QuorumError,
     RequestTimeoutError,
+    UndecodableValueError,
 )
 
 __all__ = ["EXIT_ERROR", "EXIT_MISS", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -282,6 +283,8 @@ def _describe(exc: HyperCacheError) -> str:
         return f"timed out: {exc}"
     if isinstance(exc, HandshakeError):
         return f"refused by the cluster: {exc}"
+    if isinstance(exc, UndecodableValueError):
+        return str(exc)  # names the key, and --raw
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -40,6 +40,7 @@ from hypercache.errors import (
     HyperCacheError,
     NodeUnavailableError,
     ProtocolError,
+    UndecodableValueError,
 )
 from hypercache.net.protocol import Limits, make_hello
 from hypercache.replication import (
@@ -434,9 +435,20 @@ class ClientBase:
 
     # ------------------------------------------------------------------ answers
 
-    def _value(self, found: Found, default: Any) -> Any:
-        """What ``get`` returns for ``found``."""
-        return self._loads(found[1]) if found[0] else default
+    def _value(self, key: Key, found: Found, default: Any) -> Any:
+        """What ``get`` of ``key`` returns for ``found``.
+
+        :raises UndecodableValueError: the serializer cannot decode the value.
+        """
+        if not found[0]:
+            return default
+        try:
+            return self._loads(found[1])
+        except Exception as exc:
+            raise self._undecodable(key, found[1], exc) from exc
+
+    def _undecodable(self, key: Key, data: bytes, exc: Exception) -> UndecodableValueError:
+        return UndecodableValueError(key, len(data), self.options.serializer, exc)
 
     def _get_many_result(
         self,
@@ -457,7 +469,10 @@ class ClientBase:
                 continue
             found, value = result
             if found:
-                loaded = loads(value)
+                try:
+                    loaded = loads(value)
+                except Exception as exc:
+                    raise self._undecodable(wire[k][0], value, exc) from exc
                 for key in wire[k]:
                     out[key] = loaded
         if first_error is not None:

@@ -125,7 +125,7 @@ class AsyncClient(ClientBase):
 
     async def get(self, key: Key, default: Any = None, *, consistency: Level = None) -> Any:
         """Return the value of ``key``, or ``default`` when absent (see ``Client.get``)."""
-        return self._value(await self._read(*self._get_request(key, consistency)), default)
+        return self._value(key, await self._read(*self._get_request(key, consistency)), default)
 
     async def set(
         self, key: Key, value: Any, ttl: float | None = None, *, consistency: Level = None

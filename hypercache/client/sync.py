@@ -194,12 +194,13 @@ class Client(ClientBase):
         :raises NodeUnavailableError: no node could be reached.
         :raises QuorumError: too few replicas answered for ``consistency``.
         :raises RequestTimeoutError: the node did not answer within ``timeout``.
+        :raises UndecodableValueError: the value cannot be decoded by ``serializer``.
         """
         k, level = self._get_request(key, consistency)
         result = self._read({k: None}, level)[k]
         if isinstance(result, BaseException):
             raise result
-        return self._value(result, default)
+        return self._value(key, result, default)
 
     def set(
         self, key: Key, value: Any, ttl: float | None = None, *, consistency: Level = None
