@@ -126,6 +126,14 @@ class Op(IntEnum):
     SET = 3
     DELETE = 4
     TOPOLOGY = 5
+    #: the time left of a key's entry (coordinated like GET)
+    TTL = 6
+    #: give a live key a new TTL (coordinated like SET, by the key's primary)
+    EXPIRE = 7
+    #: one page of the keys this node holds (a client's ``keys``/``scan``)
+    SCAN = 8
+    #: drop every entry this node holds (a client's ``flush``, node by node)
+    FLUSH = 9
     R_GET = 10
     R_PUT = 11
     R_PUT_MANY = 12
