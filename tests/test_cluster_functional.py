@@ -246,3 +246,19 @@ def test_bad_flag_exits_2_naming_the_field(flags: list[str], field: str) -> None
     )
     assert proc.returncode == 2
     assert f"error: {field}:" in proc.stderr
+
+
+def test_health_is_degraded_while_a_member_is_down_naming_it(tmp_path: Path) -> None:
+    with running_cluster(4, tmp_path, ("--replication", "2")) as cluster:
+        assert cluster[0].http_json("/health")["status"] == "ok"
+        cluster.kill(3)
+        cluster.wait_healthy(up=3)
+        health = cluster[0].http_json("/health")
+        assert health["status"] == "degraded"
+        missing = health["missing"]
+        assert missing["down"] == ["node-4"]
+        # replication 2 of 4 members: node-4 owns about half the partitions
+        assert 0.3 < missing["partitions_short"] / missing["partitions"] < 0.7, missing
+        cluster.restart(3)
+        cluster.wait_healthy()
+        assert "missing" not in cluster[0].http_json("/health")

@@ -466,15 +466,17 @@ class ProcessCluster:
         return format_hostport(self.host, port)
 
     def healthy(self, up: int | None = None) -> bool:
-        """Whether every running node answers ``/health`` with status ``ok``, every
-        member listed and ``up`` of them (all by default) up."""
+        """Whether every running node answers ``/health`` with every member listed and
+        ``up`` of them (all by default) up: status ``ok`` when all are, ``degraded``
+        when fewer."""
         want = len(self.nodes) if up is None else up
+        status = "ok" if want == len(self.nodes) else "degraded"
         for node in self.nodes:
             if not node.running:
                 continue
             health = node.http_json("/health", timeout=1.0)
             if (
-                health["status"] != "ok"
+                health["status"] != status
                 or health["members"] != len(self.nodes)
                 or health["members_up"] != want
             ):

@@ -72,18 +72,40 @@ class NodeStatus:
     # ---------------------------------------------------------------- JSON views
 
     def health(self) -> tuple[dict[str, Any], bool]:
+        """``status``: ``ok`` (every member up, so every owner set whole),
+        ``degraded`` (running, but members are down: ``missing`` names them and counts
+        the partitions short of an owner), or the node's own state when it is not
+        running (``new``, ``stopping``, ``stopped``: HTTP 503)."""
         node = self.node
         running = node.state == "running"
         started = node.is_started
-        return {
-            "status": "ok" if running else node.state,
+        missing = self._missing() if running else None
+        body: dict[str, Any] = {
+            "status": node.state if not running else "degraded" if missing else "ok",
             "node_id": node.node_id,
             "address": node.address,
             "members": len(node.members()),
             "members_up": node.membership.up_count() if started else 1,
             "seeds_pending": node.membership.seeds_pending if started else [],
             "epoch": node.epoch,
-        }, running
+        }
+        if missing:
+            body["missing"] = missing
+        return body, running
+
+    def _missing(self) -> dict[str, Any] | None:
+        """The members down and how many partitions they leave short of an owner
+        (``None``: none down)."""
+        node = self.node
+        is_up = node.membership.is_up
+        down = sorted(nid for nid, _ in node.members() if nid != node.node_id and not is_up(nid))
+        if not down:
+            return None
+        ring = node.ring
+        gone = set(down)
+        partitions = int(ring.partitions)
+        short = sum(1 for p in range(partitions) if not gone.isdisjoint(ring.partition_owners(p)))
+        return {"down": down, "partitions_short": short, "partitions": partitions}
 
     def stats(self) -> dict[str, Any]:
         node = self.node
