@@ -190,8 +190,8 @@ class AsyncLoad(Load):
 
 
 def replica_gets(cluster: ProcessCluster, index: int) -> int:
-    """``R_GET`` requests node ``index`` has served (only clients send them here)."""
-    served: int = cluster[index].http_json("/stats")["dist"]["replica_gets"]
+    """``R_GET`` requests node ``index`` has served to clients (route ``direct``)."""
+    served: int = cluster[index].http_json("/stats")["dist"]["direct_gets"]
     return served
 
 
@@ -275,3 +275,37 @@ def test_paused_node_is_routed_around_then_used_again(tmp_path: Path, kind: str)
     assert stats["probes_failed"] >= 1, summary
     assert stats["probes"] > stats["probes_failed"], summary
     assert stats["nodes_recovered"] >= 1, summary
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """``{labels: value}`` of metric ``name`` in a Prometheus exposition."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, _, value = line[len(name) :].rpartition(" ")
+            out[labels] = float(value)
+    return out
+
+
+def test_every_read_a_node_answers_is_counted_with_its_route(tmp_path: Path) -> None:
+    with running_cluster(3, tmp_path) as cluster:
+        seeds = [node.data for node in cluster]
+        with Client(seeds, consistency="quorum") as client:
+            client.set_many({f"k{i}": i for i in range(50)})
+            for i in range(50):
+                assert client.get(f"k{i}") == i  # the client reads the owners itself
+        with Client(seeds, consistency="quorum", route="any") as proxied:
+            for i in range(10):
+                assert proxied.get(f"k{i}") == i  # a node coordinates
+        totals: dict[str, float] = {}
+        for node in cluster:
+            text = node.http_text("/metrics")
+            for labels, n in _samples(text, "hypercache_requests_total").items():
+                totals[labels] = totals.get(labels, 0) + n
+            hist = _samples(text, "hypercache_dist_op_latency_seconds_count")
+            totals["hist direct"] = totals.get("hist direct", 0) + hist['{op="get",route="direct"}']
+        direct = totals['{op="get",route="direct"}']
+        assert direct >= 100  # 50 quorum reads of 2 owners each
+        assert totals["hist direct"] == direct
+        assert totals['{op="get",route="coordinated"}'] == 10
+        assert totals['{op="get",route="replica"}'] >= 10  # the coordinators' own reads

@@ -109,6 +109,7 @@ class DistStats:
     """Counters of the distributed plane; every attribute only grows."""
 
     __slots__ = (
+        "direct_gets",
         "errors",
         "forwards",
         "quorum_failures",
@@ -154,6 +155,8 @@ class DistStats:
         #: received versions refused for being past the clock's horizon (more than
         #: ``max_clock_skew`` ahead), by the path that brought them
         self.versions_refused: dict[str, int] = dict.fromkeys(VERSION_PATHS, 0)
+        #: owner reads served to clients that read the owners themselves (R_GET)
+        self.direct_gets = 0
         #: replica requests served for other nodes
         self.replica_gets = 0
         self.replica_puts = 0
@@ -176,6 +179,7 @@ class DistStats:
             "read_repairs_dropped": self.read_repairs_dropped,
             "version_conflicts": self.version_conflicts,
             "versions_refused": dict(self.versions_refused),
+            "direct_gets": self.direct_gets,
             "replica_gets": self.replica_gets,
             "replica_puts": self.replica_puts,
             "replica_puts_applied": self.replica_puts_applied,
@@ -209,6 +213,8 @@ class NodeMetrics:
         self.stats = DistStats()
         self._sources: list[Source] = []
         self.latency = {op: LatencyHistogram() for op in CLIENT_OPS}
+        #: latency of the reads clients make of this node as an owner (``R_GET``)
+        self.direct_latency = LatencyHistogram()
         self.registry.register(_Collector(self))
 
     def add_source(self, source: Source) -> None:
@@ -231,18 +237,27 @@ class NodeMetrics:
     def _dist_families(self) -> Iterator[Metric]:
         hist_family = HistogramMetricFamily(
             "hypercache_dist_op_latency_seconds",
-            "Latency of client operations coordinated by this node, by op",
-            labels=["op"],
+            "Latency of client operations this node answered, by op and route "
+            "(coordinated: through this node; direct: a client reading this owner).",
+            labels=["op", "route"],
         )
         for op, hist in self.latency.items():
-            hist_family.add_metric([op], hist.cumulative(), hist.sum)
+            hist_family.add_metric([op, "coordinated"], hist.cumulative(), hist.sum)
+        direct = self.direct_latency
+        hist_family.add_metric(["get", "direct"], direct.cumulative(), direct.sum)
         yield hist_family
         s = self.stats
         fam = CounterMetricFamily(
-            "hypercache_requests", "Client requests handled by this node", labels=["op"]
+            "hypercache_requests",
+            "Requests this node answered, by op and route (coordinated: a client's "
+            "request through this node; direct: a client reading this owner itself; "
+            "replica: a peer's read for a request it coordinates).",
+            labels=["op", "route"],
         )
         for op, n in s.requests.items():
-            fam.add_metric([op], n)
+            fam.add_metric([op, "coordinated"], n)
+        fam.add_metric(["get", "direct"], s.direct_gets)
+        fam.add_metric(["get", "replica"], s.replica_gets)
         yield fam
         fam = CounterMetricFamily(
             "hypercache_request_errors", "Client requests that failed", labels=["op", "error"]

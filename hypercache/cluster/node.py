@@ -101,6 +101,9 @@ class _Running:
     handoff: Handoff
     #: op -> (handler, only cluster peers may send it)
     ops: dict[int, tuple[_OpHandler, bool]]
+    #: op -> handler, for a client's connection: the ops open to clients, with the
+    #: handlers that count a client's own read as such (route "direct")
+    client_ops: dict[int, _OpHandler]
     poller: BusyPoller | None = None
     sweeper: asyncio.Task[None] | None = None
     http: Any = None  # the aiohttp runner of the management HTTP
@@ -333,7 +336,12 @@ class Node:
             peer_auth=self.peer_auth,
         )
         replica = Replica(
-            store=self.store, clock=clock, limits=self.limits, stats=metrics.stats, wall=self._wall
+            store=self.store,
+            clock=clock,
+            limits=self.limits,
+            stats=metrics.stats,
+            wall=self._wall,
+            direct_latency=metrics.direct_latency.observe,
         )
         coordinator = Coordinator(
             node_id=config.node_id,
@@ -379,13 +387,24 @@ class Node:
             coordinator=coordinator,
             antientropy=antientropy,
             handoff=handoff,
-            ops=self._op_table(replica, coordinator),
+            ops=(ops := self._op_table(replica, coordinator)),
+            client_ops=self._client_table(ops, replica),
             poller=poller(asyncio.get_running_loop()) if config.busy_poll else None,
         )
         metrics.add_source(NodeStatus(self).collect)
         metrics.add_source(antientropy.collect)
         metrics.add_source(handoff.collect)
         return run
+
+    @staticmethod
+    def _client_table(
+        ops: dict[int, tuple[_OpHandler, bool]], replica: Replica
+    ) -> dict[int, _OpHandler]:
+        """The handlers a client's connection may reach: every op not for peers only;
+        a client's ``R_GET`` (its own read of an owner) counted as a direct read."""
+        table = {op: handler for op, (handler, peers_only) in ops.items() if not peers_only}
+        table[int(Op.R_GET)] = replica.r_get_direct
+        return table
 
     def _op_table(
         self, replica: Replica, coordinator: Coordinator
@@ -554,15 +573,19 @@ class Node:
         run = self._run
         if run is None or self._state != "running":
             raise NodeUnavailableError(f"{self.node_id}: node is {self._state}")
-        entry = run.ops.get(op)
-        if entry is not None:
-            handler, peers_only = entry
-            if peers_only and not conn_info.is_node:
+        if conn_info.is_node:
+            entry = run.ops.get(op)
+            if entry is not None:
+                return entry[0](payload)
+        else:
+            handler = run.client_ops.get(op)
+            if handler is not None:
+                return handler(payload)
+            if op in run.ops:
                 self.peer_ops_refused += 1
                 raise PermissionDeniedError(
                     f"op {Op(op).name} is for cluster peers; this connection is a client"
                 )
-            return handler(payload)
         if op == _PING:
             if conn_info.node_id is not None:
                 run.membership.observe_ping(conn_info.node_id, payload)

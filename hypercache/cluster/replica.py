@@ -18,6 +18,8 @@ evicted while it remembers that eviction. So eviction and repair never fight.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from hypercache._core.vstore import VersionedStore
@@ -77,6 +79,10 @@ def evicted_covers(store: VersionedStore, key: bytes, ts: int, origin: int) -> b
     return ev is not None and (ts, origin) <= ev
 
 
+def _ignore(_seconds: float) -> None:
+    """The default latency observer."""
+
+
 class Replica:
     """Answers what peers ask of this node's store (see the module docstring).
 
@@ -86,6 +92,7 @@ class Replica:
     :param limits: key and value size limits.
     :param stats: the node's counters.
     :param wall: wall-clock ms, what expiries are judged by (injectable).
+    :param direct_latency: observes the seconds each client's own read took.
     """
 
     def __init__(
@@ -96,12 +103,14 @@ class Replica:
         limits: Limits,
         stats: DistStats,
         wall: WallClock = wall_ms,
+        direct_latency: Callable[[float], None] = _ignore,
     ) -> None:
         self.store = store
         self.clock = clock
         self.limits = limits
         self.stats = stats
         self.wall = wall
+        self.direct_latency = direct_latency
 
     # ------------------------------------------------------------ local access
 
@@ -144,11 +153,22 @@ class Replica:
     # ------------------------------------------------------------ peer requests
 
     def r_get(self, payload: Any) -> list[Any] | None:
-        """``R_GET [key]``."""
+        """``R_GET [key]`` from a peer (a read it coordinates)."""
         if type(payload) is not list or len(payload) != 1:
             raise ProtocolError("R_GET payload must be [key]")
         self.stats.replica_gets += 1
         entry = self.get(self.limits.check_key(payload[0]))
+        return None if entry is None else list(entry)
+
+    def r_get_direct(self, payload: Any) -> list[Any] | None:
+        """``R_GET [key]`` from a client reading the key's owners itself: a read this
+        node answers for a client, counted and timed as one (route ``direct``)."""
+        start = time.perf_counter()
+        if type(payload) is not list or len(payload) != 1:
+            raise ProtocolError("R_GET payload must be [key]")
+        self.stats.direct_gets += 1
+        entry = self.get(self.limits.check_key(payload[0]))
+        self.direct_latency(time.perf_counter() - start)
         return None if entry is None else list(entry)
 
     def r_put(self, payload: Any) -> bool:
