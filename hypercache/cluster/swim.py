@@ -292,6 +292,7 @@ class Swim:
     :param rng: the random generator (probe order, helpers); a new one by default.
     :param on_ring: the set of ring members (or an address) changed.
     :param on_liveness: ``(node_id, up)``: a member became alive, or stopped being.
+    :param on_state: ``(node_id, state)``: another member's state changed.
     :param on_restart: ``(node_id)``: a member came back in a new life.
     :param on_claim: ``(node_id, address)``: a member not known at that address was
         claimed; confirm it, then :meth:`admit` it.
@@ -309,6 +310,7 @@ class Swim:
         rng: random.Random | None = None,
         on_ring: Callable[[], None] = _nothing,
         on_liveness: Callable[[str, bool], None] = _nothing,
+        on_state: Callable[[str, State], None] = _nothing,
         on_restart: Callable[[str], None] = _nothing,
         on_claim: Callable[[str, str], None] = _nothing,
     ) -> None:
@@ -318,6 +320,7 @@ class Swim:
         self._rng = rng if rng is not None else random.Random()
         self.on_ring = on_ring
         self.on_liveness = on_liveness
+        self.on_state = on_state
         self.on_restart = on_restart
         self.on_claim = on_claim
         #: this node's own record
@@ -691,6 +694,8 @@ class Swim:
             self._ring_changed()
         if member is self.me:
             return
+        if state is not old_state:
+            self._events.append((self.on_state, (member.node_id, state)))
         if (old_state is State.ALIVE) != (state is State.ALIVE):
             self.liveness_changes += 1
             self._events.append((self.on_liveness, (member.node_id, state is State.ALIVE)))
@@ -712,8 +717,8 @@ class Swim:
         queue[node_id] = 0
 
     def _flush(self) -> None:
-        """Tell the hooks what changed: the ring first, then liveness, restarts and
-        claims in order."""
+        """Tell the hooks what changed: the ring first, then states, liveness,
+        restarts and claims in order."""
         if self._flushing:
             return
         self._flushing = True
