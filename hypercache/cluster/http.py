@@ -8,7 +8,9 @@
 ``GET /dist/metrics``   JSON: forwards, write attempts/acks, quorum failures, read
                         repairs, version conflicts, latency histograms
 ``GET /dist/owners``    ``?key=K`` (UTF-8) or ``?key_hex=..``: partition and owners
-``GET /cluster/members`` members with address and liveness
+``GET /cluster/members`` members: address, state, incarnation, since; the version
+``POST /cluster/remove`` ``?node=ID``: take a dead member out of the ring (409 when
+                        it is not dead nor suspect)
 ``GET /cluster/ring``   ring parameters and per-node load; ``?table=1`` adds the table
 ``GET /dist/antientropy`` anti-entropy counters and current interval
 ``GET /dist/hints``     hinted handoff: ``queued`` (waiting now), per-target pending,
@@ -47,6 +49,10 @@ class NodeView(Protocol):
     def dist_metrics(self) -> dict[str, Any]: ...
     def owners(self, key: bytes) -> dict[str, Any]: ...
     def members(self) -> dict[str, Any]: ...
+    def remove(self, node_id: str) -> tuple[dict[str, Any], int]:
+        """Remove a dead member: the body and the status (200, 404, 409, 503)."""
+        ...
+
     def ring(self, table: bool) -> dict[str, Any]: ...
     def antientropy(self) -> dict[str, Any]: ...
     def hints(self) -> dict[str, Any]: ...
@@ -101,6 +107,14 @@ async def _owners(request: web.Request) -> web.Response:
 
 async def _members(request: web.Request) -> web.Response:
     return web.json_response(_view(request).members())
+
+
+async def _remove(request: web.Request) -> web.Response:
+    node_id = request.query.get("node")
+    if not node_id:
+        raise web.HTTPBadRequest(text="node: missing query parameter (?node=ID)")
+    body, status = _view(request).remove(node_id)
+    return web.json_response(body, status=status)
 
 
 async def _ring(request: web.Request) -> web.Response:
@@ -162,6 +176,7 @@ def make_app(view: NodeView) -> web.Application:
     app.router.add_get("/dist/metrics", _dist_metrics)
     app.router.add_get("/dist/owners", _owners)
     app.router.add_get("/cluster/members", _members)
+    app.router.add_post("/cluster/remove", _remove)
     app.router.add_get("/cluster/ring", _ring)
     app.router.add_get("/dist/antientropy", _antientropy)
     app.router.add_get("/dist/hints", _hints)

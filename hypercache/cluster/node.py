@@ -358,7 +358,7 @@ class Node:
             coordinator=coordinator,
             antientropy=antientropy,
             handoff=handoff,
-            ops=self._op_table(replica, coordinator),
+            ops=self._op_table(replica, coordinator, membership),
             poller=poller(asyncio.get_running_loop()) if config.busy_poll else None,
         )
         metrics.add_source(NodeStatus(self).collect)
@@ -367,7 +367,7 @@ class Node:
         return run
 
     def _op_table(
-        self, replica: Replica, coordinator: Coordinator
+        self, replica: Replica, coordinator: Coordinator, membership: Membership
     ) -> dict[int, tuple[_OpHandler, bool]]:
         """What :meth:`handle_sync` dispatches to, and whether only peers may send it.
 
@@ -403,6 +403,9 @@ class Node:
             int(Op.MERKLE): (replica.merkle, True),
             int(Op.KEYS): (replica.keys, True),
             int(Op.PULL): (replica.pull, True),
+            # Membership (SWIM): indirect probes and push-pull of the member table.
+            int(Op.PING_REQ): (membership.on_ping_req, True),
+            int(Op.MEMBERS): (membership.on_members, True),
         }
 
     async def stop(self) -> None:
@@ -455,10 +458,20 @@ class Node:
         return owners
 
     def _on_members(self, members: list[tuple[str, str]]) -> None:
-        self.ring = Ring([nid for nid, _ in members], **self._ring_args())
+        # The ring follows the membership's ring members (alive, suspect, dead); a
+        # node that left keeps routing through the others (or alone, itself).
+        ids = [nid for nid, _ in members] or [self.node_id]
+        gone = set(self.ring.nodes) - set(ids)
+        self.ring = Ring(ids, **self._ring_args())
         self.epoch += 1
         self._topology = None
-        _log.info("ring rebuilt for %d members (epoch %d)", len(members), self.epoch)
+        run = self._run
+        if run is not None:
+            # A member that left or was removed gets no more hints: drop its queue.
+            for node_id in gone:
+                if not run.membership.hintable(node_id):
+                    run.handoff.forget(node_id)
+        _log.info("ring rebuilt for %d members (epoch %d)", len(ids), self.epoch)
 
     def _on_liveness(self, node_id: str, up: bool) -> None:
         # A peer back up may have missed writes: replay its hints and compare with it.
@@ -498,6 +511,7 @@ class Node:
             ring = self.ring
             topo = self._topology = {
                 "epoch": self.epoch,
+                "version": 0,
                 "partitions": int(ring.partitions),
                 "replication": int(ring.replication),
                 "nodes": self.members(),
@@ -505,6 +519,11 @@ class Node:
                 # Clients coordinate reads themselves; they need the default level.
                 "read_consistency": self.config.read_consistency.value,
             }
+        run = self._run
+        if run is not None:
+            # The membership version moves on changes of state too, not only when
+            # the ring is rebuilt: what clients compare to know their table stale.
+            topo["version"] = run.membership.version
         return topo
 
     # ------------------------------------------------------------------- handler
@@ -543,9 +562,8 @@ class Node:
                 )
             return handler(payload)
         if op == _PING:
-            if conn_info.node_id is not None:
-                run.membership.observe_ping(conn_info.node_id, payload)
-            return "pong"
+            # A client's ping answers "pong"; a peer's carries SWIM gossip.
+            return run.membership.on_ping(conn_info.node_id, payload)
         raise ProtocolError(f"unsupported operation {op}")
 
     def key_count(self) -> int:
