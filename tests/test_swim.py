@@ -273,6 +273,15 @@ def test_removal_is_for_dead_or_suspect_members_and_sticks() -> None:
     assert c.state_of("b") is State.REMOVED and c.version == a.version
     a.receive([rec("b", WALL, State.DEAD), rec("b", WALL, State.ALIVE)], 4.0)
     assert a.state_of("b") is State.REMOVED
+    # If b runs after all (a partition, say), whatever a answers it tells it so, and
+    # b refutes: a removal never shuts out a node that runs.
+    b, _ = make("b", members=("a", "c"))
+    carry(a, b, 4.5)
+    assert b.incarnation == WALL + 1 and b.state_of("b") is State.ALIVE
+    carry(b, a, 4.6)
+    assert a.state_of("b") is State.ALIVE and ("b", "b:1") in a.ring_members()
+    a.receive([rec("b", WALL + 1, State.DEAD)], 4.7)
+    assert a.remove("b", 4.8) is True
     # A suspect may be removed too.
     a.receive([rec("c", WALL, State.SUSPECT)], 5.0)
     assert a.remove("c", 5.0) is True

@@ -79,10 +79,11 @@ Every change of a record queues it for gossip. Every ping and every answer carri
 sender's own record and up to ``max_piggyback`` records in all, the least-sent queued
 ones first; each queued record is sent
 ``retransmit_mult * ceil(log2(members + 1))`` times, then dropped from the queue.
-A message to a member held as suspect or dead carries that member's record first
-(so it can refute). The queue holds one entry per member and at most ``max_queue``;
-past that the most-sent entry is dropped (``gossip_dropped``). The push-pull of
-whole tables (:meth:`table` / :meth:`receive`) repairs whatever the queue lost.
+A message to a member held as suspect, dead or removed carries that member's record
+first (so that it refutes if it runs). The queue holds one entry per member and at
+most ``max_queue``; past that the most-sent entry is dropped (``gossip_dropped``).
+The push-pull of whole tables (:meth:`table` / :meth:`receive`) repairs whatever the
+queue lost.
 
 Trust: a record about a member this node does not know, or at another address than
 the known one, is only a *claim* (``on_claim``): the I/O layer confirms it with a
@@ -149,6 +150,8 @@ class State(IntEnum):
 
 #: States of the members that own partitions (in the ring).
 IN_RING: Final = frozenset({State.ALIVE, State.SUSPECT, State.DEAD})
+#: States a member is told of in every message to it (so that it refutes if it runs).
+_TOLD: Final = frozenset({State.SUSPECT, State.DEAD, State.REMOVED})
 _STATES: Final = tuple(State)
 
 #: A record on the wire: ``[node_id, address, incarnation, state, boot]``.
@@ -527,13 +530,13 @@ class Swim:
 
     def gossip(self, to: str | None = None) -> list[Record]:
         """The records to piggy-back on a message to ``to``: this node's own record,
-        then ``to``'s own record when it is held as suspect or dead (so that it can
-        refute), then the least-sent queued updates."""
+        then ``to``'s own record when it is held as suspect, dead or removed (so that
+        it refutes if it runs), then the least-sent queued updates."""
         me = self.me
         out: list[Record] = [me.record()]
         room = self.settings.max_piggyback - 1
         target = self.members.get(to) if to is not None else None
-        buddy = target is not None and target.state in (State.SUSPECT, State.DEAD)
+        buddy = target is not None and target.state in _TOLD
         if buddy:
             assert target is not None
             out.append(target.record())
