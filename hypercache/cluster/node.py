@@ -22,7 +22,7 @@ server (so that a node bound to port 0 knows its address, hence its id, before
 anything else is built), then builds every collaborator at once, in one
 :class:`_Running` object; the accessors (:attr:`coordinator`, :attr:`membership`,
 ...) raise before that. Background loops, each stopped by :meth:`stop`:
-membership (seeds, heartbeats), expiry sweep (expired entries and tombstones),
+membership (seeds, SWIM probes), expiry sweep (expired entries and tombstones),
 anti-entropy, hint replay (:mod:`hypercache.cluster.handoff`).
 """
 
