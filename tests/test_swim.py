@@ -419,6 +419,21 @@ def test_equal_tables_have_equal_versions_whatever_the_order_heard() -> None:
     assert 0 <= base < 2**53
 
 
+def test_the_version_follows_every_change_once_computed() -> None:
+    a, _ = make("x", members=("b",))
+    before = a.version  # computed (and cached) ...
+    a.admit("c", "c:1", WALL, WALL, 1.0)  # ... then a member joins
+    fresh, _ = make("x", members=("b", "c"))
+    assert a.version != before and a.version == fresh.version
+    a.admit("c", "c:2", WALL, WALL, 2.0)  # a move
+    moved = a.version
+    assert moved != fresh.version
+    a.receive([["c", "c:2", WALL + 1, int(State.ALIVE), WALL]], 3.0)  # a refutation
+    assert a.version != moved
+    a.leave(4.0)  # this node leaves
+    assert a.version != moved
+
+
 def test_the_version_ignores_members_out_of_the_ring() -> None:
     a, _ = make("x", members=("b", "c"))
     never_knew, _ = make("x", members=("b",))

@@ -708,6 +708,7 @@ class Swim:
 
     def _ring_changed(self) -> None:
         self._ring = None
+        self._version = None
         self._ring_dirty = True
 
     def _enqueue(self, node_id: str) -> None:
