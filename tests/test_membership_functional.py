@@ -43,21 +43,36 @@ def samples(node: NodeProcess) -> dict[str, float]:
     }
 
 
-def versions(cluster: ProcessCluster, nodes: list[NodeProcess]) -> set[int]:
-    """The membership version of each node, as every report shows it."""
-    out = set()
+def one_version(cluster: ProcessCluster, nodes: list[NodeProcess]) -> bool:
+    """Whether every report of every node shows the same membership version.
+
+    :raises AssertionError: they differ (with what each node's table holds: the
+        last one is the cause of a wait's time-out).
+    """
+    seen: dict[str, set[int]] = {}
     for node in nodes:
-        out.add(node.http_json("/cluster/members")["version"])
-        out.add(node.http_json("/health")["version"])
-        out.add(node.http_json("/stats")["membership"]["version"])
-        out.add(int(samples(node)["hypercache_dist_membership_version"]))
-        out.add(cluster.request(node.index, Op.TOPOLOGY, None)["version"])
-    return out
+        seen[node.node_id] = {
+            node.http_json("/cluster/members")["version"],
+            node.http_json("/health")["version"],
+            node.http_json("/stats")["membership"]["version"],
+            int(samples(node)["hypercache_dist_membership_version"]),
+            cluster.request(node.index, Op.TOPOLOGY, None)["version"],
+        }
+    if len(set().union(*seen.values())) == 1:
+        return True
+    tables = {
+        node.node_id: [
+            (m["node_id"], m["address"], m["state"], m["incarnation"])
+            for m in node.http_json("/cluster/members")["members"]
+        ]
+        for node in nodes
+    }
+    raise AssertionError(f"versions {seen}, tables {tables}")
 
 
 def test_a_killed_node_goes_dead_and_is_removed_everywhere(tmp_path: Path) -> None:
     with running_cluster(3, tmp_path, ("--suspect-timeout", "0.5")) as cluster:
-        wait_for(lambda: len(versions(cluster, cluster.nodes)) == 1, what="one version")
+        wait_for(lambda: one_version(cluster, cluster.nodes), what="one version")
         live = cluster.nodes[:2]
         cluster.kill(2)  # returns once the others see it down
         wait_for(
@@ -82,7 +97,7 @@ def test_a_killed_node_goes_dead_and_is_removed_everywhere(tmp_path: Path) -> No
         for node in live:
             assert node.http_json("/cluster/ring")["nodes"] == ["node-1", "node-2"]
             assert node.http_json("/health")["members"] == 2
-        wait_for(lambda: len(versions(cluster, live)) == 1, what="one version again")
+        wait_for(lambda: one_version(cluster, live), what="one version again")
         for i in range(20):  # ALL is both remaining owners
             assert cluster.request(i % 2, Op.SET, [b"k%d" % i, b"v", None, "all"]) is True
         assert samples(cluster[0])['hypercache_dist_probes_total{result="ack"}'] > 0
