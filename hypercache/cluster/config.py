@@ -478,9 +478,12 @@ class DistConfig:
     :ivar anti_entropy_interval: base period of anti-entropy rounds. Default 30.
     :ivar anti_entropy_max_interval: longest period (backoff while replicas
         agree), >= ``anti_entropy_interval``. Default 300.
-    :ivar heartbeat_interval: period of heartbeats. Default 1.
-    :ivar failure_timeout: silence after which a peer is considered down, at
-        least twice ``heartbeat_interval``. Default 5.
+    :ivar heartbeat_interval: the probe period: each node probes one member per
+        period (SWIM, :mod:`hypercache.cluster.swim`). Default 1.
+    :ivar failure_timeout: a probe's deadline: a member that answered neither the
+        probe nor the helpers' indirect probes within it is suspected; also how
+        late a period must come for this node to count itself stalled. At least
+        twice ``heartbeat_interval``. Default 5.
     :ivar seed_retry_interval: pause between attempts to reach the seeds. Default 1.
     :ivar indirect_probes: members asked to probe a member that did not answer a
         probe itself, before it is suspected (SWIM), 0..16. Default 3.

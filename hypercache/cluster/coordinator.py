@@ -31,8 +31,9 @@ repairs later). Every answer is checked against the clock's horizon first.
 Hinted handoff: when an owner misses a write or a delete (it is down, the request
 timed out, failed or was refused), the coordinator hands the entry to the node's
 :class:`~hypercache.cluster.handoff.Handoff` for that owner, which replays it when
-the owner is back. Queuing a hint never blocks: a full buffer drops it and counts
-the drop.
+the owner is back; never for a member that left or was removed
+(:meth:`~hypercache.cluster.membership.Membership.hintable`). Queuing a hint never
+blocks: a full buffer drops it and counts the drop.
 
 Cost: the coordinator runs no task per operation nor per replica request. A client
 operation arrives through :meth:`Node.handle_sync` (inline, from the read that
@@ -215,7 +216,9 @@ class Coordinator:
 
     def _hint(self, owner: str, payload: list[Any]) -> None:
         sink = self.hints
-        if sink is not None and not self._stopping:
+        # No hint for a member that left or was removed (out of the ring: a write
+        # that raced its departure has new owners, which the rebalancer fills).
+        if sink is not None and not self._stopping and self.membership.hintable(owner):
             key, value, ts, origin, expire_at, tombstone = payload
             sink.hint(owner, key, value, ts, origin, expire_at, tombstone)
 

@@ -76,6 +76,8 @@ class HintBufferLike(Protocol):
 
     def targets(self) -> list[str]: ...
 
+    def drop_target(self, target: str) -> int: ...
+
     def expire(self, now_ms: int, budget: int) -> int: ...
 
     def stats(self) -> dict[str, int]: ...
@@ -140,6 +142,14 @@ class Handoff:
         """Queue what ``target`` missed; never blocks (a full buffer drops, counted)."""
         # False only for a hint larger than the byte cap (counted as dropped_oversize).
         self.buffer.enqueue(target, key, value, ts, origin, expire_at, tombstone, wall_ms())
+
+    def forget(self, target: str) -> int:
+        """Drop every hint for ``target`` (it left the cluster or was removed: it
+        will never take them); return how many (counted in ``dropped_target``)."""
+        dropped = self.buffer.drop_target(target)
+        if dropped:
+            _log.info("dropped %d hints for %s: out of the cluster", dropped, target)
+        return dropped
 
     # -------------------------------------------------------------- lifecycle
 

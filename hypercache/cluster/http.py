@@ -9,7 +9,9 @@
                         repairs, version conflicts, latency histograms
 ``GET /dist/owners``    ``?key=K`` (percent-encoded bytes; plain text is UTF-8) or
                         ``?key_hex=..``: partition and owners
-``GET /cluster/members`` members with address and liveness
+``GET /cluster/members`` members: address, state, incarnation, since; the version
+``POST /cluster/remove`` ``?node=ID``: take a dead member out of the ring (409 when
+                        it is not dead nor suspect)
 ``GET /cluster/ring``   ring parameters and per-node load; ``?table=1`` adds the table
 ``GET /dist/antientropy`` anti-entropy counters and current interval
 ``GET /dist/hints``     hinted handoff: ``queued`` (waiting now), per-target pending,
@@ -54,6 +56,10 @@ class NodeView(Protocol):
     def dist_metrics(self) -> dict[str, Any]: ...
     def owners(self, key: bytes) -> dict[str, Any]: ...
     def members(self) -> dict[str, Any]: ...
+    def remove(self, node_id: str) -> tuple[dict[str, Any], int]:
+        """Remove a dead member: the body and the status (200, 404, 409, 503)."""
+        ...
+
     def ring(self, table: bool) -> dict[str, Any]: ...
     def antientropy(self) -> dict[str, Any]: ...
     def hints(self) -> dict[str, Any]: ...
@@ -119,6 +125,14 @@ async def _members(request: web.Request) -> web.Response:
     return web.json_response(_view(request).members())
 
 
+async def _remove(request: web.Request) -> web.Response:
+    node_id = request.query.get("node")
+    if not node_id:
+        raise web.HTTPBadRequest(text="node: missing query parameter (?node=ID)")
+    body, status = _view(request).remove(node_id)
+    return web.json_response(body, status=status)
+
+
 async def _ring(request: web.Request) -> web.Response:
     table = request.query.get("table") in ("1", "true", "yes")
     return web.json_response(_view(request).ring(table))
@@ -180,6 +194,7 @@ def make_app(view: NodeView) -> web.Application:
     app.router.add_get("/dist/metrics", _dist_metrics)
     app.router.add_get("/dist/owners", _owners)
     app.router.add_get("/cluster/members", _members)
+    app.router.add_post("/cluster/remove", _remove)
     app.router.add_get("/cluster/ring", _ring)
     app.router.add_get("/dist/antientropy", _antientropy)
     app.router.add_get("/dist/hints", _hints)

@@ -22,7 +22,7 @@ server (so that a node bound to port 0 knows its address, hence its id, before
 anything else is built), then builds every collaborator at once, in one
 :class:`_Running` object; the accessors (:attr:`coordinator`, :attr:`membership`,
 ...) raise before that. Background loops, each stopped by :meth:`stop`:
-membership (seeds, heartbeats), expiry sweep (expired entries and tombstones),
+membership (seeds, SWIM probes), expiry sweep (expired entries and tombstones),
 anti-entropy, hint replay (:mod:`hypercache.cluster.handoff`).
 """
 
@@ -387,7 +387,7 @@ class Node:
             coordinator=coordinator,
             antientropy=antientropy,
             handoff=handoff,
-            ops=(ops := self._op_table(replica, coordinator)),
+            ops=(ops := self._op_table(replica, coordinator, membership)),
             client_ops=self._client_table(ops, replica),
             poller=poller(asyncio.get_running_loop()) if config.busy_poll else None,
         )
@@ -407,7 +407,7 @@ class Node:
         return table
 
     def _op_table(
-        self, replica: Replica, coordinator: Coordinator
+        self, replica: Replica, coordinator: Coordinator, membership: Membership
     ) -> dict[int, tuple[_OpHandler, bool]]:
         """What :meth:`handle_sync` dispatches to, and whether only peers may send it.
 
@@ -443,6 +443,9 @@ class Node:
             int(Op.MERKLE): (replica.merkle, True),
             int(Op.KEYS): (replica.keys, True),
             int(Op.PULL): (replica.pull, True),
+            # Membership (SWIM): indirect probes and push-pull of the member table.
+            int(Op.PING_REQ): (membership.on_ping_req, True),
+            int(Op.MEMBERS): (membership.on_members, True),
         }
 
     async def stop(self) -> None:
@@ -495,10 +498,20 @@ class Node:
         return owners
 
     def _on_members(self, members: list[tuple[str, str]]) -> None:
-        self.ring = Ring([nid for nid, _ in members], **self._ring_args())
+        # The ring follows the membership's ring members (alive, suspect, dead); a
+        # node that left keeps routing through the others (or alone, itself).
+        ids = [nid for nid, _ in members] or [self.node_id]
+        gone = set(self.ring.nodes) - set(ids)
+        self.ring = Ring(ids, **self._ring_args())
         self.epoch += 1
         self._topology = None
-        _log.info("ring rebuilt for %d members (epoch %d)", len(members), self.epoch)
+        run = self._run
+        if run is not None:
+            # A member that left or was removed gets no more hints: drop its queue.
+            for node_id in gone:
+                if not run.membership.hintable(node_id):
+                    run.handoff.forget(node_id)
+        _log.info("ring rebuilt for %d members (epoch %d)", len(ids), self.epoch)
 
     def _on_liveness(self, node_id: str, up: bool) -> None:
         # A peer back up may have missed writes: replay its hints and compare with it.
@@ -538,6 +551,7 @@ class Node:
             ring = self.ring
             topo = self._topology = {
                 "epoch": self.epoch,
+                "version": 0,
                 "partitions": int(ring.partitions),
                 "replication": int(ring.replication),
                 "nodes": self.members(),
@@ -545,6 +559,11 @@ class Node:
                 # Clients coordinate reads themselves; they need the default level.
                 "read_consistency": self.config.read_consistency.value,
             }
+        run = self._run
+        if run is not None:
+            # The membership version moves on changes of state too, not only when
+            # the ring is rebuilt: what clients compare to know their table stale.
+            topo["version"] = run.membership.version
         return topo
 
     # ------------------------------------------------------------------- handler
@@ -587,9 +606,8 @@ class Node:
                     f"op {Op(op).name} is for cluster peers; this connection is a client"
                 )
         if op == _PING:
-            if conn_info.node_id is not None:
-                run.membership.observe_ping(conn_info.node_id, payload)
-            return "pong"
+            # A client's ping answers "pong"; a peer's carries SWIM gossip.
+            return run.membership.on_ping(conn_info.node_id, payload)
         raise ProtocolError(f"unsupported operation {op}")
 
     def key_count(self) -> int:

@@ -13,10 +13,12 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hypercache.cluster.merkle import list_keys
 from hypercache.cluster.metrics import counter, gauge
+from hypercache.cluster.swim import State
+from hypercache.errors import ConfigError
 
 if TYPE_CHECKING:
     from hypercache.cluster.http import NodeView
@@ -88,6 +90,7 @@ class NodeStatus:
             "members_up": node.membership.up_count() if started else 1,
             "seeds_pending": node.membership.seeds_pending if started else [],
             "epoch": node.epoch,
+            "version": node.membership.version if started else 0,
         }
         if missing:
             body["missing"] = missing
@@ -131,6 +134,7 @@ class NodeStatus:
             "members": len(node.members()),
             "members_up": node.membership.up_count() if started else 1,
             "epoch": node.epoch,
+            "membership": self._membership() if started else None,
             "clock": None
             if clock is None
             else {
@@ -150,6 +154,24 @@ class NodeStatus:
             "background": node.coordinator.background if started else 0,
             "busy_poll": self._busy_poll(),
             "cpu_latency_limit": self._cpu_latency(),
+        }
+
+    def _membership(self) -> dict[str, Any]:
+        m = self.node.membership
+        swim = m.swim
+        return {
+            "version": m.version,
+            "incarnation": m.incarnation,
+            "states": {state.label: n for state, n in swim.counts().items()},
+            "probes": dict(swim.probes),
+            "transitions": {state.label: n for state, n in swim.transitions.items()},
+            "refutations": swim.refutations,
+            "restarts": swim.restarts,
+            "stalls": swim.stalls,
+            "gossip_queued": swim.queued,
+            "gossip_dropped": swim.gossip_dropped,
+            "records_refused": swim.records_refused,
+            "indirect_refused": m.indirect_refused,
         }
 
     def _busy_poll(self) -> dict[str, Any] | None:
@@ -201,16 +223,23 @@ class NodeStatus:
     def members(self) -> dict[str, Any]:
         node = self.node
         started = node.is_started
-        out: list[dict[str, Any]] = []
-        for nid, addr in node.members():
-            if nid == node.node_id:
-                out.append({"node_id": nid, "address": addr, "up": True, "self": True})
-            elif started and nid in node.membership.peers:
-                out.append(node.membership.peers[nid].as_dict())
         m = node.membership if started else None
+        out: list[dict[str, Any]]
+        if m is None:
+            out = [{"node_id": node.node_id, "address": node.address, "up": True, "self": True}]
+        else:
+            out = m.member_table()
+            now = time.monotonic()
+            for row in out:
+                peer = m.peers.get(row["node_id"])
+                if peer is not None:
+                    row["last_ok_ago_s"] = round(now - peer.last_ok, 3)
         return {
             "self": node.node_id,
             "epoch": node.epoch,
+            # Equal on every node whose member table agrees (see
+            # hypercache.cluster.swim, "Membership version").
+            "version": m.version if m is not None else 0,
             "members": out,
             "seeds_pending": m.seeds_pending if m is not None else [],
             # Claimed members not confirmed by a handshake with them (see
@@ -219,6 +248,22 @@ class NodeStatus:
             "checks_failed": m.checks_failed if m is not None else 0,
             "candidates_dropped": m.candidates_dropped if m is not None else 0,
         }
+
+    def remove(self, node_id: str) -> tuple[dict[str, Any], int]:
+        """``POST /cluster/remove``: take a dead member out of the ring; 404 for an
+        unknown member, 409 (with the reason) for one that is not dead nor suspect."""
+        node = self.node
+        if not node.is_started or node.state != "running":
+            return {"error": f"node is {node.state}"}, 503
+        m = node.membership
+        state = m.state_of(node_id)
+        if state is None:
+            return {"error": f"{node_id!r} is not a member"}, 404
+        try:
+            removed = m.remove(node_id)
+        except ConfigError as exc:
+            return {"error": exc.message, "node_id": node_id, "state": state.label}, 409
+        return {"node_id": node_id, "removed": removed, "version": m.version}, 200
 
     def ring(self, table: bool) -> dict[str, Any]:
         node = self.node
@@ -318,22 +363,78 @@ class NodeStatus:
         if not node.is_started:
             return
         membership = node.membership
-        yield gauge("hypercache_dist_members", "Members known", len(membership.members))
+        swim = membership.swim
+        members = GaugeMetricFamily(
+            "hypercache_dist_members", "Members in this node's table, per state", labels=["state"]
+        )
+        for state, n in swim.counts().items():
+            members.add_metric([state.label], n)
+        yield members
         yield gauge("hypercache_dist_members_up", "Members up", membership.up_count())
+        yield gauge(
+            "hypercache_dist_membership_version",
+            "Membership version: equal on nodes whose member tables agree",
+            membership.version,
+        )
+        probes = CounterMetricFamily(
+            "hypercache_dist_probes",
+            "Probe verdicts: ack (direct), indirect (through a helper), failed (no ack), "
+            "inconclusive (this node stalled)",
+            labels=["result"],
+        )
+        for result, n in swim.probes.items():
+            probes.add_metric([result], n)
+        yield probes
+        transitions = CounterMetricFamily(
+            "hypercache_dist_member_transitions",
+            "Changes of a member's state in this node's table, per new state (joins "
+            "count as alive)",
+            labels=["to"],
+        )
+        for state in State:
+            transitions.add_metric([state.label], swim.transitions[state])
+        yield transitions
+        yield counter(
+            "hypercache_dist_refutations",
+            "Times this node refuted a record about itself (raised its incarnation)",
+            swim.refutations,
+        )
+        yield counter(
+            "hypercache_dist_member_restarts", "Members seen back in a new life", swim.restarts
+        )
+        yield gauge(
+            "hypercache_dist_gossip_queued",
+            "Members whose record waits to be gossiped",
+            swim.queued,
+        )
+        yield counter(
+            "hypercache_dist_gossip_dropped",
+            "Queued gossip updates dropped at the queue's cap (push-pull repairs them)",
+            swim.gossip_dropped,
+        )
+        yield counter(
+            "hypercache_dist_gossip_records_refused",
+            "Gossiped records refused: malformed, or an incarnation past the horizon",
+            swim.records_refused,
+        )
+        yield counter(
+            "hypercache_dist_indirect_probes_refused",
+            "PING_REQs answered with a nack at once: too many indirect probes running",
+            membership.indirect_refused,
+        )
         yield counter(
             "hypercache_dist_heartbeat_failures",
-            "Heartbeats that failed",
+            "Pings (probes, notices) that got no answer",
             membership.heartbeats_failed,
         )
         yield counter(
             "hypercache_dist_liveness_changes",
-            "Times a peer was marked down or back up",
+            "Times a member stopped being alive or became alive again",
             membership.liveness_changes,
         )
         yield counter(
             "hypercache_dist_heartbeat_stalls",
-            "Heartbeat rounds over failure_timeout late (this node stalled); no peer "
-            "is marked down on them",
+            "Probe periods over failure_timeout late (this node stalled); nobody is judged on them",
             membership.stalls,
         )
         yield gauge(
