@@ -432,7 +432,12 @@ def test_merkle_and_keys_over_the_wire() -> None:
             finally:
                 await client.close()
             assert node.peer_ops_refused == 1
-            hello = make_hello("hypercache", node_id="tester", address="127.0.11.99:7400")
+            hello = make_hello(
+                "hypercache",
+                node_id="tester",
+                address="127.0.11.99:7400",
+                info={"layout": node.membership.layout},
+            )
             net_conn = await node.transport.connect(node.address, hello)
             try:
                 p = node.store.partition_of(b"a")
@@ -520,7 +525,12 @@ def test_one_request_cannot_ask_for_unbounded_work() -> None:
     async def main() -> None:
         async with cluster(size=1) as nodes:
             (node,) = nodes
-            hello = make_hello("hypercache", node_id="tester", address="127.0.11.99:7400")
+            hello = make_hello(
+                "hypercache",
+                node_id="tester",
+                address="127.0.11.99:7400",
+                info={"layout": node.membership.layout},
+            )
             conn = await node.transport.connect(node.address, hello)
             groups = node.store.partitions // merkle.GROUP
             too_much = [

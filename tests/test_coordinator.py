@@ -21,6 +21,7 @@ from hypercache._core.hlc import wall_clock_ms
 from hypercache.cluster import coordinator as coordinator_module
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.local import InprocCluster, until
+from hypercache.cluster.membership import layout_of
 from hypercache.cluster.node import Node
 from hypercache.errors import (
     ClockSkewError,
@@ -64,7 +65,12 @@ async def client(
     """A connection to ``node``: a client's, or (``as_peer``) a peer's, which may send
     the peer operations (``R_DEL``, ``R_PUT_MANY``, anti-entropy)."""
     hello = (
-        make_hello("hypercache", node_id="tester", address="127.0.10.250:7400")
+        make_hello(
+            "hypercache",
+            node_id="tester",
+            address="127.0.10.250:7400",
+            info={"layout": node.membership.layout},
+        )
         if as_peer
         else make_hello("hypercache")
     )
@@ -631,7 +637,9 @@ def test_hlc_horizon_follows_max_clock_skew() -> None:
 
 
 def intruder_hello(node_id: str, address: str, members: list[list[str]]) -> dict[str, Any]:
-    info = {"node_id": node_id, "address": address, "members": members}
+    # the cluster's own layout: what is tested is the word about members
+    layout = layout_of(DistConfig(**FAST))
+    info = {"node_id": node_id, "address": address, "members": members, "layout": layout}
     return make_hello("hypercache", node_id=node_id, address=address, info=info)
 
 

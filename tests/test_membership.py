@@ -40,7 +40,12 @@ async def connect(
     net: InprocNetwork, node: Node, *, as_peer: bool
 ) -> AsyncIterator[ClientConnection]:
     hello = (
-        make_hello("hypercache", node_id="tester", address="127.0.11.250:7400")
+        make_hello(
+            "hypercache",
+            node_id="tester",
+            address="127.0.11.250:7400",
+            info={"layout": node.membership.layout},  # a peer of the same layout
+        )
         if as_peer
         else make_hello("hypercache")
     )

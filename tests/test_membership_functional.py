@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_harness import running_cluster
+from cluster_harness import FAST_FLAGS, running_cluster
 
 from hypercache.cluster.local import NodeProcess, ProcessCluster, wait_for
 from hypercache.net.protocol import Op
@@ -101,3 +101,32 @@ def test_a_killed_node_goes_dead_and_is_removed_everywhere(tmp_path: Path) -> No
         for i in range(20):  # ALL is both remaining owners
             assert cluster.request(i % 2, Op.SET, [b"k%d" % i, b"v", None, "all"]) is True
         assert samples(cluster[0])['hypercache_dist_probes_total{result="ack"}'] > 0
+
+
+def test_a_node_with_another_layout_is_refused_on_both_sides(tmp_path: Path) -> None:
+    with running_cluster(2, tmp_path) as cluster:
+        odd = NodeProcess(
+            9, "odd", tmp_path, (*FAST_FLAGS, "--replication", "1", "--partitions", "256")
+        )
+        odd.start(bind="127.0.0.1:0", http="127.0.0.1:0", seeds=[cluster[0].data])
+        try:
+            odd.wait_ready()
+
+            def refused() -> bool:
+                seed = samples(cluster[0])["hypercache_dist_peer_layout_refused_total"]
+                return seed >= 1 and "refused us" in odd.log_path.read_text()
+
+            wait_for(refused, timeout=15, interval=0.1, what="the layouts refused")
+            assert set(states(cluster[0])) == {"node-1", "node-2"}
+            assert set(states(odd)) == {"odd"}
+            expected = (
+                f"peer 'odd' at {odd.data} runs with partitions=256 replication=1 vnodes=2048; "
+                "node-1 runs with partitions=4096 replication=3 vnodes=2048"
+            )
+            for node, says in ((odd, "refused us"), (cluster[0], "refusing peer")):
+                lines = [ln for ln in node.log_path.read_text().splitlines() if says in ln]
+                assert len(lines) == 1, lines  # once, not at every retry
+                assert expected in lines[0], lines[0]
+            assert cluster[0].http_json("/cluster/members")["layout_refused"] >= 1
+        finally:
+            odd.stop()

@@ -21,7 +21,9 @@ import pytest
 from cluster_harness import running_cluster
 
 from hypercache._core.hlc import wall_clock_ms
+from hypercache.cluster.config import DistConfig
 from hypercache.cluster.local import NODE_COMMAND, NodeProcess, ProcessCluster, wait_for
+from hypercache.cluster.membership import layout_of
 from hypercache.errors import (
     ClockSkewError,
     HandshakeError,
@@ -154,7 +156,9 @@ def test_a_version_a_year_ahead_loses_to_a_later_acknowledged_write(tmp_path: Pa
 
 
 def forged_hello(node_id: str, address: str, members: list[list[str]]) -> dict[str, Any]:
-    info = {"node_id": node_id, "address": address, "members": members}
+    # the cluster's own layout: what is tested is the word about members
+    layout = layout_of(DistConfig())
+    info = {"node_id": node_id, "address": address, "members": members, "layout": layout}
     return make_hello("hypercache", node_id=node_id, address=address, info=info)
 
 

@@ -47,6 +47,7 @@ from typing import Any, Final, TypeVar
 # this module starts (hypercache-node), and it is defined there.
 from hypercache.cli.node import READY_PREFIX
 from hypercache.cluster.config import DistConfig
+from hypercache.cluster.membership import layout_of
 from hypercache.cluster.node import Node
 from hypercache.net import BlockingConnection, InprocNetwork, Op, make_hello
 from hypercache.units import format_hostport
@@ -355,11 +356,20 @@ class NodeProcess:
         """A client connection to this node's data port; with ``as_peer``, one that
         names itself a node (accepted from loopback by a cluster without a secret),
         which may send the peer operations."""
-        hello = (
-            make_hello("hypercache", node_id="harness-peer", address="127.0.0.1:9")
-            if as_peer
-            else make_hello("hypercache")
-        )
+        if as_peer:
+            # a peer must share the node's layout (see Membership.check_layout)
+            config = self.http_json("/config", timeout)
+            layout = layout_of(
+                DistConfig(**{k: config[k] for k in ("partitions", "replication", "vnodes")})
+            )
+            hello = make_hello(
+                "hypercache",
+                node_id="harness-peer",
+                address="127.0.0.1:9",
+                info={"layout": layout},
+            )
+        else:
+            hello = make_hello("hypercache")
         return BlockingConnection(self.data, hello, timeout=timeout)
 
 

@@ -101,6 +101,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+from hypercache._core.ring import DEFAULT_VNODES
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.swim import IN_RING, Probe, State, Swim, SwimSettings
 from hypercache.errors import HandshakeError, HyperCacheError, NodeUnavailableError, ProtocolError
@@ -134,6 +135,11 @@ PUSH_PULL_ROUNDS: Final = 10
 LEAVE_ACKS: Final = 3
 #: Back-off between two checks of one candidate: doubles from the first to the last.
 _CHECK_BACKOFF: Final = (0.2, 30.0)
+#: Seconds between attempts at a seed that refused our HELLO (at least; a seed not
+#: up yet is retried every ``seed_retry_interval``).
+SEED_REFUSED_RETRY: Final = 5.0
+#: Seconds between two log lines about the same refused peer.
+LOG_EVERY: Final = 60.0
 
 
 def _member_entries(raw: Any) -> list[tuple[str, str]]:
@@ -259,6 +265,17 @@ class _Paths:
             self.future.set_result("")
 
 
+def layout_of(config: DistConfig) -> dict[str, int]:
+    """What every node of a cluster must agree on to build the same partition table
+    (sent in the HELLO's ``info.layout``; a peer with another is refused)."""
+    placement = config.placement
+    return {
+        "partitions": placement.partitions,
+        "replication": placement.replication,
+        "vnodes": placement.vnodes or DEFAULT_VNODES,
+    }
+
+
 class Membership:
     """The member table of one node, its peers' connections and the failure detector
     (see the module docstring).
@@ -304,6 +321,15 @@ class Membership:
         #: claims dropped at MAX_CANDIDATES, and checks that failed
         self.candidates_dropped = 0
         self.checks_failed = 0
+        #: what every node of a cluster must agree on to share one partition table;
+        #: a peer whose layout differs is refused in the handshake, either way
+        self.layout = layout_of(config)
+        #: peer handshakes refused because the peer's layout differs from ours
+        self.layout_refused = 0
+        # seed -> why it last refused our HELLO; peer -> when its layout was last
+        # logged (each said once a minute, not at every retry)
+        self._seeds_refused: dict[str, str] = {}
+        self._layout_logged: dict[str, float] = {}
         self.max_backoff = max(config.heartbeat_interval, 1.0)
         self._on_change = on_change
         #: the other ring members: node id -> Peer
@@ -494,11 +520,42 @@ class Membership:
         )
         try:
             self.peer_auth.check_answer(hello, conn.peer_hello)
+            self.check_layout(address, conn.peer_hello.get("info"))
         except HandshakeError:
             await conn.close()
             raise
         conn.busy_poll = self.config.busy_poll
         return conn
+
+    def check_layout(self, who: str, info: Any) -> None:
+        """Refuse a peer (whose HELLO or answer carried ``info``) unless its partition
+        count, replication and vnodes are ours: nodes that disagree would build
+        different tables and each send keys where the other does not look.
+
+        :raises HandshakeError: the layouts differ (logged and counted).
+        """
+        theirs = info.get("layout") if type(info) is dict else None
+        if theirs == self.layout:
+            return
+        self.layout_refused += 1
+
+        def text(layout: Any) -> str:
+            if type(layout) is not dict:
+                return "no layout"
+            return " ".join(f"{k}={layout.get(k)}" for k in self.layout)
+
+        message = (
+            f"{who} runs with {text(theirs)}; {self.node_id} runs with {text(self.layout)}: "
+            "the nodes of one cluster must agree on them (--partitions, --replication, "
+            "--vnodes)"
+        )
+        now = self._clock()
+        if now - self._layout_logged.get(who, -LOG_EVERY) >= LOG_EVERY:
+            if len(self._layout_logged) >= MAX_CANDIDATES:
+                self._layout_logged.clear()
+            self._layout_logged[who] = now
+            _log.warning("refusing peer: %s", message)
+        raise HandshakeError(message)
 
     def hello_info(self) -> dict[str, Any]:
         """The ``info`` map of this node's HELLO and HELLO answers."""
@@ -509,6 +566,7 @@ class Membership:
             "incarnation": me.incarnation,
             "boot": me.boot,
             "members": self.member_list(),
+            "layout": self.layout,
         }
 
     def _admit(self, node_id: str, address: str, info: dict[Any, Any]) -> None:
@@ -611,6 +669,7 @@ class Membership:
         when it proved the cluster secret, else checked first), and claims."""
         node_id, address = hello.get("node_id"), hello.get("address")
         info = hello.get("info")
+        self.check_layout(f"peer {node_id!r} at {address}", info)
         if type(info) is not dict:
             info = {}
         if type(node_id) is str and node_id and type(address) is str and address:
@@ -917,13 +976,20 @@ class Membership:
                 if ok is not True
             ]
             if self._seeds_pending:
-                await asyncio.sleep(self.config.seed_retry_interval)
+                # A seed that refused us will refuse again until someone changes a
+                # setting: ask it less often than one that is not up yet.
+                refused = all(seed in self._seeds_refused for seed in self._seeds_pending)
+                pause = self.config.seed_retry_interval
+                await asyncio.sleep(max(pause, SEED_REFUSED_RETRY) if refused else pause)
 
     async def _try_seed(self, seed: str) -> bool:
         try:
             conn = await self.dial(seed)
         except HandshakeError as exc:
-            _log.error("seed %s refused us: %s", seed, exc)
+            # said once per seed and reason, not at every retry
+            if self._seeds_refused.get(seed) != str(exc):
+                _log.error("seed %s refused us: %s", seed, exc)
+            self._seeds_refused[seed] = str(exc)
             return False
         except (HyperCacheError, OSError) as exc:
             _log.info("seed %s not reachable yet: %s", seed, exc)

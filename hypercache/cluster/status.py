@@ -247,6 +247,7 @@ class NodeStatus:
             "candidates": [[nid, addr] for nid, addr in m.candidates] if m is not None else [],
             "checks_failed": m.checks_failed if m is not None else 0,
             "candidates_dropped": m.candidates_dropped if m is not None else 0,
+            "layout_refused": m.layout_refused if m is not None else 0,
         }
 
     def remove(self, node_id: str) -> tuple[dict[str, Any], int]:
@@ -446,6 +447,12 @@ class NodeStatus:
             "hypercache_dist_member_candidates_dropped",
             "Member claims dropped: too many waiting (MAX_CANDIDATES)",
             membership.candidates_dropped,
+        )
+        yield counter(
+            "hypercache_dist_peer_layout_refused",
+            "Peer handshakes refused because the peer's partitions, replication or vnodes "
+            "differ from this node's",
+            membership.layout_refused,
         )
         yield gauge(
             "hypercache_dist_clock_drift_seconds",
