@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final, Protocol
 
 import msgpack
-from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hypercache._core.vstore import VersionedStore
@@ -65,6 +64,7 @@ from hypercache.cluster.merkle import (
     group_digest,
     parse_key_row,
 )
+from hypercache.cluster.metrics import LatencyHistogram
 from hypercache.cluster.replica import admits_repair, evicted_covers
 from hypercache.errors import ClockSkewError, HyperCacheError, ProtocolError
 from hypercache.net.protocol import Limits, Op
@@ -180,12 +180,7 @@ class AntiEntropy:
         self.max_partitions = max_partitions
         self.max_keys = max_keys
         self.stats = AntiEntropyStats(interval)
-        self.duration = Histogram(
-            "hypercache_dist_antientropy_round_duration_seconds",
-            "Duration of anti-entropy rounds",
-            buckets=ROUND_BUCKETS,
-            registry=None,
-        )
+        self.duration = LatencyHistogram(ROUND_BUCKETS)
         #: (peer, partition) -> (our digest, their digest) of a settled partition
         self._settled: dict[tuple[str, int], tuple[int, int]] = {}
         #: (peer) -> where the next round starts in the lead list
@@ -574,29 +569,32 @@ class AntiEntropy:
     def collect(self) -> Iterator[Metric]:
         s = self.stats
         for name, doc, value in (
-            ("rounds", "Anti-entropy rounds run", s.rounds),
+            ("rounds", "Anti-entropy rounds run.", s.rounds),
             (
                 "rounds_with_differences",
-                "Anti-entropy rounds that applied something",
+                "Anti-entropy rounds that applied something.",
                 s.rounds_with_differences,
             ),
-            ("partitions_compared", "Partitions compared with a peer", s.partitions_compared),
-            ("partitions_differing", "Partitions found different", s.partitions_differing),
-            ("keys_pulled", "Entries pulled from peers and applied", s.keys_pulled),
-            ("keys_pushed", "Entries pushed to peers and applied there", s.keys_pushed),
+            ("partitions_compared", "Partitions compared with a peer.", s.partitions_compared),
+            ("partitions_differing", "Partitions found different.", s.partitions_differing),
+            ("keys_pulled", "Entries pulled from peers and applied.", s.keys_pulled),
+            ("keys_pushed", "Entries pushed to peers and applied there.", s.keys_pushed),
             (
                 "keys_settled",
-                "Differences left alone (evicted, above high-water, expired, refused)",
+                "Differences left alone (evicted, above high-water, expired, refused).",
                 s.keys_settled,
             ),
-            ("bytes_sent", "Payload bytes sent by anti-entropy", s.bytes_sent),
-            ("bytes_received", "Payload bytes received by anti-entropy", s.bytes_received),
-            ("errors", "Anti-entropy exchanges that failed", s.errors),
+            ("sent_bytes", "Payload bytes sent by anti-entropy.", s.bytes_sent),
+            ("received_bytes", "Payload bytes received by anti-entropy.", s.bytes_received),
+            ("errors", "Anti-entropy exchanges that failed.", s.errors),
         ):
             yield CounterMetricFamily(f"hypercache_dist_antientropy_{name}", doc, value=value)
         yield GaugeMetricFamily(
             "hypercache_dist_antientropy_interval_seconds",
-            "Current anti-entropy interval",
+            "Current anti-entropy interval.",
             value=s.interval,
         )
-        yield from self.duration.collect()
+        yield self.duration.family(
+            "hypercache_dist_antientropy_round_duration_seconds",
+            "Duration of anti-entropy rounds.",
+        )

@@ -299,36 +299,36 @@ class Handoff:
         stats = self.buffer.stats()
         pending = self.pending()
         yield GaugeMetricFamily(
-            "hypercache_dist_hints_queued", "Hints waiting for replay", value=sum(pending.values())
+            "hypercache_dist_hints_queued", "Hints waiting for replay.", value=sum(pending.values())
         )
         fam = GaugeMetricFamily(
-            "hypercache_dist_hints_pending", "Hints waiting, per target", labels=["target"]
+            "hypercache_dist_hints_pending", "Hints waiting, per target.", labels=["target"]
         )
         for target, n in sorted(pending.items()):
             fam.add_metric([target], n)
         yield fam
         yield GaugeMetricFamily(
-            "hypercache_dist_hints_bytes", "Bytes charged to queued hints", value=stats["bytes"]
+            "hypercache_dist_hints_bytes", "Bytes charged to queued hints.", value=stats["bytes"]
         )
         yield GaugeMetricFamily(
             "hypercache_dist_hints_max_bytes",
-            "Byte cap of the hint buffer",
+            "Byte cap of the hint buffer.",
             value=stats["max_bytes"],
         )
         for name, doc, value in (
-            ("enqueued", "Hints accepted by the buffer", stats["queued_total"]),
-            ("replayed", "Hints delivered to their target", self.replayed),
+            ("enqueued", "Hints accepted by the buffer.", stats["queued_total"]),
+            ("replayed", "Hints delivered to their target.", self.replayed),
             (
                 "replay_failures",
-                "Replay batches that failed and were requeued",
+                "Replay batches that failed and were requeued.",
                 self.replay_failures,
             ),
-            ("expired", "Hints dropped by their TTL", stats["expired"]),
-            ("superseded", "Hints replaced by a newer one for the same key", stats["superseded"]),
+            ("expired", "Hints dropped by their TTL.", stats["expired"]),
+            ("superseded", "Hints replaced by a newer one for the same key.", stats["superseded"]),
         ):
             yield CounterMetricFamily(f"hypercache_dist_hints_{name}", doc, value=value)
         dropped = CounterMetricFamily(
-            "hypercache_dist_hints_dropped", "Hints dropped by a cap", labels=["cap"]
+            "hypercache_dist_hints_dropped", "Hints dropped by a cap.", labels=["cap"]
         )
         for cap in ("node_cap", "total_cap", "bytes_cap", "oversize", "target"):
             dropped.add_metric([cap], stats[f"dropped_{cap}"])

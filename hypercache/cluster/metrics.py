@@ -68,27 +68,29 @@ LATENCY_BUCKETS: Final = (
 
 _go_float: Callable[[float], str] = floatToGoString  # (untyped in prometheus-client)
 
-#: The ``le`` labels of LATENCY_BUCKETS and of the ``+Inf`` bucket, as Prometheus writes them.
-_LE_LABELS: Final = (*(_go_float(b) for b in LATENCY_BUCKETS), "+Inf")
-
 
 class LatencyHistogram:
-    """A histogram over :data:`LATENCY_BUCKETS` for one event loop's hot path.
+    """A histogram over fixed buckets (by default :data:`LATENCY_BUCKETS`) for one
+    event loop's hot path.
 
     :meth:`observe` costs a bisect and two additions: no lock, unlike
-    prometheus-client's ``Histogram`` (a node updates it from its event loop only).
-    Counts are per bucket (not cumulative) until exported.
+    prometheus-client's ``Histogram`` (a node updates it from its event loop only),
+    and no ``_created`` series on export. Counts are per bucket (not cumulative)
+    until exported.
     """
 
-    __slots__ = ("counts", "sum")
+    __slots__ = ("buckets", "counts", "le", "sum")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        #: the ``le`` labels, as Prometheus writes them, ``+Inf`` last
+        self.le = (*(_go_float(b) for b in buckets), "+Inf")
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
         # bisect_left: a value equal to a bound falls in that bucket (le = "<=").
-        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.counts[bisect_left(self.buckets, seconds)] += 1
         self.sum += seconds
 
     @property
@@ -99,10 +101,16 @@ class LatencyHistogram:
         """``[(le, observations <= le), ...]``, ending with ``("+Inf", count)``."""
         out: list[tuple[str, int]] = []
         total = 0
-        for le, n in zip(_LE_LABELS, self.counts, strict=True):
+        for le, n in zip(self.le, self.counts, strict=True):
             total += n
             out.append((le, total))
         return out
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        """This histogram as a one-sample Prometheus family."""
+        fam = HistogramMetricFamily(name, doc)
+        fam.add_metric([], self.cumulative(), self.sum)
+        return fam
 
 
 class DistStats:
@@ -260,20 +268,20 @@ class NodeMetrics:
         fam.add_metric(["get", "replica"], s.replica_gets)
         yield fam
         fam = CounterMetricFamily(
-            "hypercache_request_errors", "Client requests that failed", labels=["op", "error"]
+            "hypercache_request_errors", "Client requests that failed.", labels=["op", "error"]
         )
         for (op, err), n in s.errors.items():
             fam.add_metric([op, err], n)
         yield fam
         fam = CounterMetricFamily(
-            "hypercache_dist_forwards", "Replica requests sent to other nodes", labels=["op"]
+            "hypercache_dist_forwards", "Replica requests sent to other nodes.", labels=["op"]
         )
         for op, n in s.forwards.items():
             fam.add_metric([op], n)
         yield fam
         fam = CounterMetricFamily(
             "hypercache_dist_quorum_failures",
-            "Operations that missed their consistency level",
+            "Operations that missed their consistency level.",
             labels=["op"],
         )
         for op, n in s.quorum_failures.items():
@@ -282,31 +290,31 @@ class NodeMetrics:
         fam = CounterMetricFamily(
             "hypercache_dist_versions_refused",
             "Received versions refused for running more than max_clock_skew ahead of the "
-            "local clock, by the path that brought them",
+            "local clock, by the path that brought them.",
             labels=["path"],
         )
         for path, n in s.versions_refused.items():
             fam.add_metric([path], n)
         yield fam
         for name, doc, value in (
-            ("write_attempts", "Replica writes attempted", s.write_attempts),
-            ("write_acks", "Replica writes acknowledged", s.write_acks),
-            ("read_attempts", "Replica reads attempted", s.read_attempts),
-            ("read_acks", "Replica reads answered", s.read_acks),
-            ("replica_failures", "Replica requests that failed", s.replica_failures),
-            ("read_repairs", "Newer versions pushed to stale owners", s.read_repairs),
+            ("write_attempts", "Replica writes attempted.", s.write_attempts),
+            ("write_acks", "Replica writes acknowledged.", s.write_acks),
+            ("read_attempts", "Replica reads attempted.", s.read_attempts),
+            ("read_acks", "Replica reads answered.", s.read_acks),
+            ("replica_failures", "Replica requests that failed.", s.replica_failures),
+            ("read_repairs", "Newer versions pushed to stale owners.", s.read_repairs),
             (
                 "read_repairs_dropped",
-                "Read-repair pushes dropped: too many in flight",
+                "Read-repair pushes dropped: too many in flight.",
                 s.read_repairs_dropped,
             ),
             (
                 "version_conflicts",
-                "Received entries not applied (a version as new or newer was held)",
+                "Received entries not applied (a version as new or newer was held).",
                 s.version_conflicts,
             ),
-            ("replica_gets", "Replica reads served for other nodes", s.replica_gets),
-            ("replica_puts", "Replica writes received from other nodes", s.replica_puts),
+            ("replica_gets", "Replica reads served for other nodes.", s.replica_gets),
+            ("replica_puts", "Replica writes received from other nodes.", s.replica_puts),
         ):
             yield CounterMetricFamily(f"hypercache_dist_{name}", doc, value=value)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -26,28 +26,78 @@ if TYPE_CHECKING:
 
 __all__ = ["NodeStatus"]
 
-#: Server counters exported as ``hypercache_net_<name>_total``: traffic, and every
-#: cap and deadline that bites (in-flight cap, write backpressure, request
-#: deadlines, connection caps; see ``ServerOptions``).
-_NET_COUNTERS = (
-    "frames_in",
-    "frames_out",
-    "bytes_in",
-    "bytes_out",
-    "protocol_errors",
-    "handshake_failures",
-    "connections_accepted",
-    "connections_rejected",
-    "inflight_pauses",
-    "write_pauses",
-    "timeouts",
-    "expired",
-    "rejected_source",
-    "rejected_pending",
-    "rejected_clients",
-    "frame_timeouts",
-    "idle_closes",
-    "output_limit_closes",
+#: Server counters exported as ``hypercache_net_<name>_total``: (attribute of
+#: NetStats, name, HELP). Traffic, and every cap and deadline that bites (in-flight
+#: cap, write backpressure, request deadlines, connection caps; see ServerOptions).
+_NET_COUNTERS: Final = (
+    ("frames_in", "received_frames", "Frames received by the data-plane server."),
+    ("frames_out", "sent_frames", "Frames sent by the data-plane server."),
+    ("bytes_in", "received_bytes", "Bytes received by the data-plane server."),
+    ("bytes_out", "sent_bytes", "Bytes sent by the data-plane server."),
+    (
+        "protocol_errors",
+        "protocol_errors",
+        "Malformed or oversized frames received; each closed its connection.",
+    ),
+    (
+        "handshake_failures",
+        "handshake_failures",
+        "Connections whose HELLO was refused (cluster name, protocol version, token, "
+        "peer proof or layout).",
+    ),
+    ("connections_accepted", "connections_accepted", "Connections accepted."),
+    (
+        "connections_rejected",
+        "connections_rejected",
+        "Connections refused on accept or at their HELLO: a cap was reached, or the "
+        "server was closing.",
+    ),
+    (
+        "inflight_pauses",
+        "inflight_pauses",
+        "Times a connection stopped being read with max_inflight requests in flight.",
+    ),
+    (
+        "write_pauses",
+        "write_pauses",
+        "Times the transport asked the server to stop writing (buffer over its high mark).",
+    ),
+    ("timeouts", "timeouts", "Requests that ran out of time."),
+    (
+        "expired",
+        "expired",
+        "Requests refused unstarted because their deadline had passed.",
+    ),
+    (
+        "rejected_source",
+        "rejected_source",
+        "Connections refused: max_connections_per_source reached for their host.",
+    ),
+    (
+        "rejected_pending",
+        "rejected_pending",
+        "Connections refused: max_pending_handshakes reached.",
+    ),
+    (
+        "rejected_clients",
+        "rejected_clients",
+        "Client HELLOs refused: max_connections reached.",
+    ),
+    (
+        "frame_timeouts",
+        "frame_timeouts",
+        "Connections closed: a frame begun did not complete within frame_timeout.",
+    ),
+    (
+        "idle_closes",
+        "idle_closes",
+        "Client connections closed after idle_timeout without a request.",
+    ),
+    (
+        "output_limit_closes",
+        "output_limit_closes",
+        "Connections closed: their unread answers passed max_output_buffer.",
+    ),
 )
 
 
@@ -336,23 +386,23 @@ class NodeStatus:
         anti-entropy and handoff loops have collectors of their own)."""
         node = self.node
         store = node.store
-        yield gauge("hypercache_keys", "Live entries in the local store", node.key_count())
-        yield gauge("hypercache_bytes", "Bytes charged to the local store", int(store.bytes))
-        yield gauge("hypercache_max_bytes", "Byte budget of the store (0 = none)", store.max_bytes)
-        yield gauge("hypercache_tombstones", "Tombstones held", int(store.tombstones))
-        yield counter("hypercache_evictions", "Entries evicted by the budget", store.evictions)
-        yield counter("hypercache_expirations", "Entries expired by TTL", store.expirations)
-        yield counter("hypercache_tombstones_purged", "Tombstones purged", store.tombstones_purged)
-        yield gauge("hypercache_dist_ring_epoch", "Ring rebuilds seen", node.epoch)
+        yield gauge("hypercache_keys", "Live entries in the local store.", node.key_count())
+        yield gauge("hypercache_bytes", "Bytes charged to the local store.", int(store.bytes))
+        yield gauge("hypercache_max_bytes", "Byte budget of the store (0 = none).", store.max_bytes)
+        yield gauge("hypercache_tombstones", "Tombstones held.", int(store.tombstones))
+        yield counter("hypercache_evictions", "Entries evicted by the budget.", store.evictions)
+        yield counter("hypercache_expirations", "Entries expired by TTL.", store.expirations)
+        yield counter("hypercache_tombstones_purged", "Tombstones purged.", store.tombstones_purged)
+        yield gauge("hypercache_dist_ring_epoch", "Ring rebuilds seen.", node.epoch)
         yield counter(
             "hypercache_dist_peer_handshakes_refused",
             "HELLOs naming a node id refused: no, wrong, stale or replayed proof of the "
-            "cluster secret, or (open cluster) not from loopback",
+            "cluster secret, or (open cluster) not from loopback.",
             node.peer_auth.refused,
         )
         yield counter(
             "hypercache_dist_peer_ops_refused",
-            "Peer operations (replica, hint, anti-entropy) refused to client connections",
+            "Peer operations (replica, hint, anti-entropy) refused to client connections.",
             node.peer_ops_refused,
         )
         if node.cpu_latency is not None:
@@ -366,21 +416,21 @@ class NodeStatus:
         membership = node.membership
         swim = membership.swim
         members = GaugeMetricFamily(
-            "hypercache_dist_members", "Members in this node's table, per state", labels=["state"]
+            "hypercache_dist_members", "Members in this node's table, per state.", labels=["state"]
         )
         for state, n in swim.counts().items():
             members.add_metric([state.label], n)
         yield members
-        yield gauge("hypercache_dist_members_up", "Members up", membership.up_count())
+        yield gauge("hypercache_dist_members_up", "Members up.", membership.up_count())
         yield gauge(
             "hypercache_dist_membership_version",
-            "Membership version: equal on nodes whose member tables agree",
+            "Membership version: equal on nodes whose member tables agree.",
             membership.version,
         )
         probes = CounterMetricFamily(
             "hypercache_dist_probes",
             "Probe verdicts: ack (direct), indirect (through a helper), failed (no ack), "
-            "inconclusive (this node stalled)",
+            "inconclusive (this node stalled).",
             labels=["result"],
         )
         for result, n in swim.probes.items():
@@ -389,7 +439,7 @@ class NodeStatus:
         transitions = CounterMetricFamily(
             "hypercache_dist_member_transitions",
             "Changes of a member's state in this node's table, per new state (joins "
-            "count as alive)",
+            "count as alive).",
             labels=["to"],
         )
         for state in State:
@@ -397,66 +447,67 @@ class NodeStatus:
         yield transitions
         yield counter(
             "hypercache_dist_refutations",
-            "Times this node refuted a record about itself (raised its incarnation)",
+            "Times this node refuted a record about itself (raised its incarnation).",
             swim.refutations,
         )
         yield counter(
-            "hypercache_dist_member_restarts", "Members seen back in a new life", swim.restarts
+            "hypercache_dist_member_restarts", "Members seen back in a new life.", swim.restarts
         )
         yield gauge(
             "hypercache_dist_gossip_queued",
-            "Members whose record waits to be gossiped",
+            "Members whose record waits to be gossiped.",
             swim.queued,
         )
         yield counter(
             "hypercache_dist_gossip_dropped",
-            "Queued gossip updates dropped at the queue's cap (push-pull repairs them)",
+            "Queued gossip updates dropped at the queue's cap (push-pull repairs them).",
             swim.gossip_dropped,
         )
         yield counter(
             "hypercache_dist_gossip_records_refused",
-            "Gossiped records refused: malformed, or an incarnation past the horizon",
+            "Gossiped records refused: malformed, or an incarnation past the horizon.",
             swim.records_refused,
         )
         yield counter(
             "hypercache_dist_indirect_probes_refused",
-            "PING_REQs answered with a nack at once: too many indirect probes running",
+            "PING_REQs answered with a nack at once: too many indirect probes running.",
             membership.indirect_refused,
         )
         yield counter(
             "hypercache_dist_heartbeat_failures",
-            "Pings (probes, notices) that got no answer",
+            "Pings (probes, notices) that got no answer.",
             membership.heartbeats_failed,
         )
         yield counter(
             "hypercache_dist_liveness_changes",
-            "Times a member stopped being alive or became alive again",
+            "Times a member stopped being alive or became alive again.",
             membership.liveness_changes,
         )
         yield counter(
             "hypercache_dist_heartbeat_stalls",
-            "Probe periods over failure_timeout late (this node stalled); nobody is judged on them",
+            "Probe periods over failure_timeout late (this node stalled); nobody is judged "
+            "on them.",
             membership.stalls,
         )
         yield gauge(
             "hypercache_dist_member_candidates",
-            "Claimed members waiting for a handshake to confirm them",
+            "Claimed members waiting for a handshake to confirm them.",
             len(membership.candidates),
         )
         yield counter(
             "hypercache_dist_member_candidates_dropped",
-            "Member claims dropped: too many waiting (MAX_CANDIDATES)",
+            "Member claims dropped: too many waiting (MAX_CANDIDATES).",
             membership.candidates_dropped,
         )
         yield counter(
             "hypercache_dist_peer_layout_refused",
             "Peer handshakes refused because the peer's partitions, replication or vnodes "
-            "differ from this node's",
+            "differ from this node's.",
             membership.layout_refused,
         )
         yield gauge(
             "hypercache_dist_clock_drift_seconds",
-            "How far the hybrid logical clock runs ahead of the wall clock",
+            "How far the hybrid logical clock runs ahead of the wall clock.",
             node.clock.drift_ms / 1000,
         )
         poller = node.poller
@@ -473,14 +524,14 @@ class NodeStatus:
             )
         yield gauge(
             "hypercache_dist_background_requests",
-            "Replica requests and repairs still running",
+            "Replica requests and repairs still running.",
             node.coordinator.background,
         )
         net = node.server.stats
-        for name in _NET_COUNTERS:
-            yield counter(f"hypercache_net_{name}", f"Server {name}", getattr(net, name))
-        yield gauge("hypercache_net_connections_open", "Open connections", net.connections_open)
-        yield gauge("hypercache_net_in_flight", "Requests being handled", net.in_flight)
+        for attribute, name, doc in _NET_COUNTERS:
+            yield counter(f"hypercache_net_{name}", doc, getattr(net, attribute))
+        yield gauge("hypercache_net_connections_open", "Open connections.", net.connections_open)
+        yield gauge("hypercache_net_in_flight", "Requests being handled.", net.in_flight)
 
 
 if TYPE_CHECKING:  # NodeStatus is what the management HTTP serves
