@@ -3,7 +3,12 @@
 A coordinator (this node's or a peer's) reads and writes an owner's copy with
 ``R_GET``, ``R_PUT``, ``R_DEL``; hinted handoff and anti-entropy push batches with
 ``R_PUT_MANY``; anti-entropy compares with ``MERKLE``, ``KEYS`` and ``PULL``
-(:mod:`hypercache.cluster.merkle` computes those answers). :class:`Replica` checks
+(:mod:`hypercache.cluster.merkle` computes those answers); rebalancing streams
+partitions with ``STREAM`` and asks ``HOLDS`` (:mod:`hypercache.cluster.rebalance`).
+``R_GET`` answers only for partitions this node holds: one it owns and is still
+streaming to it gets :class:`~hypercache.errors.NotReadyError`, one it neither owns
+nor holds :class:`~hypercache.errors.WrongOwnerError` (never a false miss); writes
+are taken for any partition. :class:`Replica` checks
 each payload, applies newer-wins, and is the one place where a received version
 meets this node's clock: every version it applies moves the clock past it, and one
 past the clock's horizon (``max_clock_skew`` ahead) is refused and counted
@@ -23,6 +28,7 @@ from typing import Any, Final, Protocol
 from hypercache._core.vstore import VersionedStore
 from hypercache.cluster import merkle
 from hypercache.cluster.metrics import DistStats
+from hypercache.cluster.rebalance import PartitionStates, answer_holds, answer_stream
 from hypercache.errors import ClockSkewError, ProtocolError
 from hypercache.net.protocol import MAX_PUT_MANY, Limits
 from hypercache.replication import Entry, KeyedEntry, WallClock, wall_ms
@@ -86,6 +92,8 @@ class Replica:
     :param limits: key and value size limits.
     :param stats: the node's counters.
     :param wall: wall-clock ms, what expiries are judged by (injectable).
+    :param states: which partitions this node holds and owns (rebalancing); ``None``:
+        every partition is held (a store that never moves).
     """
 
     def __init__(
@@ -96,12 +104,14 @@ class Replica:
         limits: Limits,
         stats: DistStats,
         wall: WallClock = wall_ms,
+        states: PartitionStates | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.limits = limits
         self.stats = stats
         self.wall = wall
+        self.states = states if states is not None else PartitionStates(store.partitions, held=True)
 
     # ------------------------------------------------------------ local access
 
@@ -144,11 +154,21 @@ class Replica:
     # ------------------------------------------------------------ peer requests
 
     def r_get(self, payload: Any) -> list[Any] | None:
-        """``R_GET [key]``."""
+        """``R_GET [key]``.
+
+        :raises NotReadyError: the key's partition is owned here and still streaming
+            to this node (ask another owner: this is not a miss).
+        :raises WrongOwnerError: the key's partition is neither owned nor held here
+            (it was handed over, or never came): the asker's table is stale.
+        """
         if type(payload) is not list or len(payload) != 1:
             raise ProtocolError("R_GET payload must be [key]")
         self.stats.replica_gets += 1
-        entry = self.get(self.limits.check_key(payload[0]))
+        key = self.limits.check_key(payload[0])
+        states = self.states
+        if states.missing:
+            states.check(self.store.partition_of(key))
+        entry = self.get(key)
         return None if entry is None else list(entry)
 
     def r_put(self, payload: Any) -> bool:
@@ -231,6 +251,18 @@ class Replica:
     def pull(self, payload: Any) -> list[Any]:
         """``PULL [key, ...]`` (:func:`hypercache.cluster.merkle.answer_pull`)."""
         return merkle.answer_pull(self.store, self.limits, payload, self.wall())
+
+    def stream(self, payload: Any) -> list[Any]:
+        """``STREAM [partition, cursor, max_keys, max_bytes]``
+        (:func:`hypercache.cluster.rebalance.answer_stream`)."""
+        answer = answer_stream(self.store, self.states, self.limits, payload, self.wall())
+        self.stats.streams_served += 1
+        self.stats.stream_entries_served += len(answer[0])
+        return answer
+
+    def holds(self, payload: Any) -> list[bool]:
+        """``HOLDS [p, ...]`` (:func:`hypercache.cluster.rebalance.answer_holds`)."""
+        return answer_holds(self.states, payload)
 
     def check_entry(self, payload: Any) -> KeyedEntry:
         """An ``R_PUT``-shaped entry, checked: key and value within limits, version
