@@ -457,7 +457,8 @@ class ProcessCluster:
 
     def healthy(self, up: int | None = None) -> bool:
         """Whether every running node answers ``/health`` with status ``ok``, every
-        member listed and ``up`` of them (all by default) up."""
+        member listed and ``up`` of them (all by default) up, and ready (it holds
+        every partition it owns: a joining or restarted node streams them first)."""
         want = len(self.nodes) if up is None else up
         for node in self.nodes:
             if not node.running:
@@ -467,6 +468,7 @@ class ProcessCluster:
                 health["status"] != "ok"
                 or health["members"] != len(self.nodes)
                 or health["members_up"] != want
+                or not health.get("ready", True)
             ):
                 return False
         return True
@@ -552,7 +554,8 @@ class InprocCluster:
     loop, on one :class:`~hypercache.net.inproc.InprocNetwork`.
 
     Entering starts node 1, then each other node seeded with node 1's address, and
-    waits until every node lists every member and sees it up; leaving stops them all.
+    waits until every node lists every member, sees it up and is ready; leaving stops
+    them all.
 
     :param settings: :class:`~hypercache.cluster.config.DistConfig` fields of every
         node; the management HTTP server is off unless ``http`` is given.
@@ -626,12 +629,14 @@ class InprocCluster:
             raise
 
     def formed(self) -> bool:
-        """Whether every node lists every member and sees it up."""
+        """Whether every node lists every member, sees it up, and is ready (holds
+        every partition it owns: the nodes seeded with node 1 stream theirs first)."""
         size = self.size
         return all(
             len(node.members()) == size
             and node.membership is not None
             and node.membership.up_count() == size
+            and node.rebalancer.ready
             for node in self.nodes
         )
 

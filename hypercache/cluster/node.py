@@ -14,8 +14,9 @@ client operations answer through a :class:`~hypercache.net.transport.Later`),
 through a table from op to handler. Client operations (``GET``, ``SET``,
 ``DELETE``) are coordinated by :class:`~hypercache.cluster.coordinator.Coordinator`;
 what peers ask of this node's store (``R_GET``, ``R_PUT``, ``R_DEL``,
-``R_PUT_MANY``, ``MERKLE``, ``KEYS``, ``PULL``) is answered by its
-:class:`~hypercache.cluster.replica.Replica`. ``docs/cluster.md`` lists the payloads.
+``R_PUT_MANY``, ``MERKLE``, ``KEYS``, ``PULL``, ``STREAM``, ``HOLDS``) is answered
+by its :class:`~hypercache.cluster.replica.Replica`. ``docs/cluster.md`` lists the
+payloads.
 
 Lifecycle: what a node runs exists only while it runs. :meth:`start` binds the
 server (so that a node bound to port 0 knows its address, hence its id, before
@@ -23,7 +24,8 @@ anything else is built), then builds every collaborator at once, in one
 :class:`_Running` object; the accessors (:attr:`coordinator`, :attr:`membership`,
 ...) raise before that. Background loops, each stopped by :meth:`stop`:
 membership (seeds, heartbeats), expiry sweep (expired entries and tombstones),
-anti-entropy, hint replay (:mod:`hypercache.cluster.handoff`).
+anti-entropy, hint replay (:mod:`hypercache.cluster.handoff`), rebalancing
+(:mod:`hypercache.cluster.rebalance`: every ring change is handed to it).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from hypercache.cluster.cpulatency import CpuLatencyRequest
 from hypercache.cluster.handoff import Handoff
 from hypercache.cluster.membership import Membership
 from hypercache.cluster.metrics import NodeMetrics
+from hypercache.cluster.rebalance import PartitionStates, Rebalancer
 from hypercache.cluster.replica import Replica
 from hypercache.errors import NodeUnavailableError, PermissionDeniedError, ProtocolError
 from hypercache.net.auth import PeerAuthenticator
@@ -83,6 +86,7 @@ class _Running:
     coordinator: Coordinator
     antientropy: AntiEntropy
     handoff: Handoff
+    rebalancer: Rebalancer
     #: op -> (handler, only cluster peers may send it)
     ops: dict[int, tuple[_OpHandler, bool]]
     poller: BusyPoller | None = None
@@ -219,6 +223,10 @@ class Node:
         return self._running().handoff
 
     @property
+    def rebalancer(self) -> Rebalancer:
+        return self._running().rebalancer
+
+    @property
     def poller(self) -> BusyPoller | None:
         """This loop's busy poller, when the node has a window (counted in ``/stats``)."""
         return self._running().poller
@@ -268,6 +276,7 @@ class Node:
         self._state = "running"
         if self.cpu_latency is not None:
             self.cpu_latency.acquire()
+        run.rebalancer.start(self.ring)
         run.membership.start()
         run.antientropy.start()
         run.handoff.start()
@@ -311,9 +320,32 @@ class Node:
             on_change=self._on_members,
             peer_auth=self.peer_auth,
         )
+        # -- rebalancing: a node started with seeds (joining, or restarted empty)
+        # holds no partition until it has streamed it; a founder holds them all.
+        joining = any(seed != config.advertised for seed in config.seeds)
+        states = PartitionStates(config.partitions, held=not joining)
         replica = Replica(
-            store=self.store, clock=clock, limits=self.limits, stats=metrics.stats, wall=self._wall
+            store=self.store,
+            clock=clock,
+            limits=self.limits,
+            stats=metrics.stats,
+            wall=self._wall,
+            states=states,
         )
+        rebalancer = Rebalancer(
+            node_id=config.node_id,
+            store=self.store,
+            states=states,
+            apply=functools.partial(replica.put, path="rebalance"),
+            check=replica.check_entry,
+            peers=lambda: dict(membership.peers),
+            settings=config.rebalance,
+            limits=self.limits,
+            timeout=config.request_timeout,
+            joining=joining,
+            on_change=self._pending_changed,
+        )
+        # -- end rebalancing
         coordinator = Coordinator(
             node_id=config.node_id,
             config=config,
@@ -349,6 +381,7 @@ class Node:
             timeout=config.request_timeout,
         )
         coordinator.hints = handoff
+        coordinator.moves = rebalancer
         membership.liveness_listeners.append(self._on_liveness)
         run = _Running(
             server=server,
@@ -358,12 +391,14 @@ class Node:
             coordinator=coordinator,
             antientropy=antientropy,
             handoff=handoff,
+            rebalancer=rebalancer,
             ops=self._op_table(replica, coordinator),
             poller=poller(asyncio.get_running_loop()) if config.busy_poll else None,
         )
         metrics.add_source(NodeStatus(self).collect)
         metrics.add_source(antientropy.collect)
         metrics.add_source(handoff.collect)
+        metrics.add_source(rebalancer.collect)
         return run
 
     def _op_table(
@@ -403,6 +438,8 @@ class Node:
             int(Op.MERKLE): (replica.merkle, True),
             int(Op.KEYS): (replica.keys, True),
             int(Op.PULL): (replica.pull, True),
+            int(Op.STREAM): (replica.stream, True),
+            int(Op.HOLDS): (replica.holds, True),
         }
 
     async def stop(self) -> None:
@@ -417,6 +454,7 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError):
                 await run.sweeper
             run.sweeper = None
+        await run.rebalancer.stop()
         await run.antientropy.stop()
         await run.handoff.stop()
         if run.http is not None:
@@ -455,10 +493,14 @@ class Node:
         return owners
 
     def _on_members(self, members: list[tuple[str, str]]) -> None:
+        old = self.ring
         self.ring = Ring([nid for nid, _ in members], **self._ring_args())
         self.epoch += 1
         self._topology = None
         _log.info("ring rebuilt for %d members (epoch %d)", len(members), self.epoch)
+        run = self._run
+        if run is not None:  # rebalancing: partitions follow the new ring
+            run.rebalancer.on_ring(old, self.ring)
 
     def _on_liveness(self, node_id: str, up: bool) -> None:
         # A peer back up may have missed writes: replay its hints and compare with it.
@@ -466,6 +508,13 @@ class Node:
         if up and run is not None and self._state == "running":
             run.handoff.wake(node_id)
             run.antientropy.wake()
+            # rebalancing: it may have restarted empty (it pulls by itself), and our
+            # transfers waiting for a source can go on
+            run.rebalancer.on_peer_restart(node_id)
+
+    def _pending_changed(self) -> None:
+        # The topology answer lists the pending owners (rebalancing).
+        self._topology = None
 
     def leads(self, peer_id: str) -> list[int]:
         """Partitions this node syncs with ``peer_id`` by anti-entropy: those both
@@ -492,16 +541,26 @@ class Node:
         return run.membership.member_list()
 
     def topology(self) -> dict[str, Any]:
-        """The ``TOPOLOGY`` answer: what a client needs to route to owners itself."""
+        """The ``TOPOLOGY`` answer: what a client needs to route to owners itself.
+
+        ``pending`` maps each partition being handed over to its previous owners
+        (indexes into ``nodes``), which get its writes too until the hand-over ends.
+        """
         topo = self._topology
         if topo is None:
             ring = self.ring
+            nodes = self.members()
+            run = self._run
+            pending = (
+                {} if run is None else run.rebalancer.pending_indexes([nid for nid, _ in nodes])
+            )
             topo = self._topology = {
                 "epoch": self.epoch,
                 "partitions": int(ring.partitions),
                 "replication": int(ring.replication),
-                "nodes": self.members(),
+                "nodes": nodes,
                 "table": ring.table(),
+                "pending": pending,
                 # Clients coordinate reads themselves; they need the default level.
                 "read_consistency": self.config.read_consistency.value,
             }

@@ -79,6 +79,9 @@ class NodeStatus:
             "members_up": node.membership.up_count() if started else 1,
             "seeds_pending": node.membership.seeds_pending if started else [],
             "epoch": node.epoch,
+            # Holds every partition it owns (a joining or restarted node streams them
+            # first): see /dist/rebalance.
+            "ready": node.rebalancer.ready if started else False,
         }, running
 
     def stats(self) -> dict[str, Any]:
@@ -222,6 +225,14 @@ class NodeStatus:
             body.update(self.node.handoff.as_dict())
         else:
             body["queued"] = 0
+        return body
+
+    def rebalance(self) -> dict[str, Any]:
+        """Readiness, transfers queued and running, pending owners, partitions waiting
+        for removal, the last ring change's diff, the settings and the counters."""
+        body: dict[str, Any] = {"node_id": self.node.node_id}
+        if self.node.is_started:
+            body.update(self.node.rebalancer.report())
         return body
 
     def merkle(self, partition: int | None) -> dict[str, Any]:
