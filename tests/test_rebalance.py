@@ -10,11 +10,15 @@ msgpack round trip; the cluster tests run :class:`InprocCluster` nodes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import functools
 import itertools
-from collections.abc import Callable
+import random
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import cluster_harness
 import msgpack
 import pytest
 from aio_helpers import run
@@ -25,8 +29,10 @@ from hypercache._core.hlc import HLC, make_ts, node_tag, wall_clock_ms
 from hypercache._core.ring import Ring
 from hypercache._core.vstore import VersionedStore
 from hypercache.cluster import rebalance
-from hypercache.cluster.config import RebalanceSettings
+from hypercache.cluster.config import DistConfig, RebalanceSettings
+from hypercache.cluster.local import InprocCluster, until
 from hypercache.cluster.metrics import DistStats
+from hypercache.cluster.node import Node
 from hypercache.cluster.rebalance import (
     PartitionStates,
     Rebalancer,
@@ -37,12 +43,15 @@ from hypercache.cluster.rebalance import (
     ownership_diff,
 )
 from hypercache.cluster.replica import Replica
+from hypercache.cluster.status import NodeStatus
 from hypercache.errors import (
+    ClockSkewError,
     NodeUnavailableError,
     NotReadyError,
     ProtocolError,
     WrongOwnerError,
 )
+from hypercache.net import InprocNetwork
 from hypercache.net.protocol import Limits, Op
 
 # ------------------------------------------------------------------ ownership diff
@@ -725,3 +734,276 @@ def test_hand_over_waits_for_the_owners_without_this_node() -> None:
         await alone.stop()
 
     run(body())
+
+
+# ------------------------------------------------------------------ in-process clusters
+
+FAST: dict[str, Any] = {
+    **cluster_harness.FAST,
+    "request_timeout": 2.0,
+    "anti_entropy_interval": 600.0,  # the rebalancer, not anti-entropy, moves data
+    "anti_entropy_max_interval": 600.0,
+    "removal_grace": 0.5,
+}
+
+
+@contextlib.asynccontextmanager
+async def cluster(size: int, **overrides: Any) -> AsyncIterator[InprocCluster]:
+    async with InprocCluster(
+        size, settings={**FAST, **overrides}, address="127.0.12.{n}:7400"
+    ) as c:
+        await c.connect_peers()
+        yield c
+
+
+async def join(c: InprocCluster, **overrides: Any) -> Node:
+    """Start one more node, seeded with node 1; it is stopped with the cluster."""
+    index = len(c.nodes)
+    config = dataclasses.replace(c.config(index, seeds=[c.nodes[0].address]), **overrides)
+    node = Node(config, transport=c.net)
+    c.nodes.append(node)
+    await node.start()
+    c.size = len(c.nodes)
+    return node
+
+
+async def load(node: Node, n: int, prefix: bytes = b"key-") -> dict[bytes, bytes | None]:
+    """Write ``n`` keys at QUORUM (every 10th deleted again); return what they hold."""
+    want: dict[bytes, bytes | None] = {}
+    sets = [node.coordinator.set(prefix + b"%d" % i, b"v%d" % i, None, "quorum") for i in range(n)]
+    await asyncio.gather(*sets)
+    for i in range(n):
+        want[prefix + b"%d" % i] = b"v%d" % i
+    dels = [node.coordinator.delete(prefix + b"%d" % i, "quorum") for i in range(0, n, 10)]
+    await asyncio.gather(*dels)
+    for i in range(0, n, 10):
+        want[prefix + b"%d" % i] = None
+    return want
+
+
+async def check_reads(nodes: list[Node], want: dict[bytes, bytes | None]) -> None:
+    for i, (key, value) in enumerate(want.items()):
+        node = nodes[i % len(nodes)]
+        found, got = await node.coordinator.get(key, "quorum")
+        assert (found, got) == (value is not None, value), (node.node_id, key)
+
+
+def holders(nodes: list[Node], key: bytes) -> set[str]:
+    return {n.node_id for n in nodes if key in n.store}
+
+
+def test_a_fourth_node_joins_streams_its_share_and_old_owners_drop_theirs() -> None:
+    async def body() -> None:
+        async with cluster(3) as c:
+            want = await load(c.nodes[0], 3000)
+            old = list(c.nodes)
+
+            def moved(node: Node) -> tuple[int, int]:
+                return node.rebalancer.stats.partitions_moved, node.rebalancer.stats.keys_moved
+
+            before = [moved(node) for node in old]
+            new = await join(c)
+            await until(lambda: new.rebalancer.ready and c.formed(), what="the new node ready")
+            # nothing moved between old nodes; the new one took its share
+            assert [moved(node) for node in old] == before
+            owned = sum(new.rebalancer.states.owned)
+            assert abs(owned / 256 - 3 / 4) < 0.15, owned
+            stats = new.rebalancer.stats
+            assert stats.partitions_no_source == 0 and stats.partitions_moved >= owned
+            share = len(new.store) / sum(1 for v in want.values() if v is not None)
+            assert abs(share - 3 / 4) < 0.15, share
+            await check_reads(c.nodes, want)
+            # after the grace, old owners drop what they lost, once confirmed
+            await until(
+                lambda: all(not n.rebalancer._removal for n in old),
+                timeout=20,
+                what="old owners done removing",
+            )
+            for node in old:
+                assert node.rebalancer.stats.partitions_removed > 0
+            ring = new.ring
+            for key in want:
+                assert holders(c.nodes, key) == set(ring.owners(key)), key
+            await check_reads(c.nodes, want)
+            # the new node's store equals its owners' for what it owns
+            for key in list(want)[:300]:
+                if new.node_id in ring.owners(key):
+                    entries = {
+                        n.node_id: n.replica.get(key)
+                        for n in c.nodes
+                        if n.node_id in ring.owners(key)
+                    }
+                    assert len(set(entries.values())) == 1, entries
+            report = new.rebalancer.report()
+            assert report["ready"] and report["queue_depth"] == 0 and report["partitions_moved"] > 0
+
+    run(body(), timeout=90)
+
+
+def test_reads_and_writes_go_on_during_a_join_with_nothing_lost() -> None:
+    async def body() -> None:
+        async with cluster(3, removal_grace=2.0) as c:
+            want = await load(c.nodes[0], 2000)
+            done = asyncio.Event()
+            acked: dict[bytes, bytes] = {}
+            misses: list[bytes] = []
+            rng = random.Random(7)
+
+            async def writer() -> None:
+                i = 0
+                while not done.is_set():
+                    node = c.nodes[rng.randrange(len(c.nodes))]
+                    key = b"w-%d" % (i % 500)
+                    value = b"x%d" % i
+                    with contextlib.suppress(NotReadyError):
+                        await node.coordinator.set(key, value, None, "quorum")
+                        acked[key] = value
+                    i += 1
+                    await asyncio.sleep(0)
+
+            async def reader() -> None:
+                keys = [k for k, v in want.items() if v is not None]
+                while not done.is_set():
+                    node = c.nodes[rng.randrange(len(c.nodes))]
+                    key = rng.choice(keys)
+                    with contextlib.suppress(NotReadyError):
+                        found, _ = await node.coordinator.get(key, "quorum")
+                        if not found:
+                            misses.append(key)
+                    await asyncio.sleep(0)
+
+            tasks = [asyncio.create_task(writer()), asyncio.create_task(reader())]
+            try:
+                # slow enough that the load overlaps the transfer
+                new = await join(c, rebalance_rate=50_000, rebalance_batch_bytes=2048)
+                await until(lambda: new.rebalancer.ready, timeout=30, what="the new node ready")
+                assert new.rebalancer.bucket.throttled > 0
+                await until(
+                    lambda: all(not n.rebalancer._removal for n in c.nodes[:3]),
+                    timeout=30,
+                    what="old owners done removing",
+                )
+            finally:
+                done.set()
+                await asyncio.gather(*tasks)
+            assert misses == []
+            assert len(acked) == 500
+            await check_reads(c.nodes, {**want, **acked})
+            for key in acked:
+                assert holders(c.nodes, key) == set(new.ring.owners(key))
+
+    run(body(), timeout=120)
+
+
+def test_a_read_asks_a_previous_owner_in_place_of_an_owner_not_ready() -> None:
+    async def body() -> None:
+        async with cluster(3, removal_grace=30.0) as c:
+            want = await load(c.nodes[0], 2000)
+            # a new node that streams so slowly that it stays not ready
+            new = await join(c, rebalance_rate=1, rebalance_batch_bytes=200)
+            await until(
+                lambda: (
+                    all(len(n.members()) == 4 for n in c.nodes)
+                    and new.rebalancer.stats.keys_moved > 0
+                ),
+                what="the join under way",
+            )
+            a = c.nodes[0]
+            key = next(
+                k
+                for k, v in want.items()
+                if v is not None
+                and a.node_id in a.ring.owners(k)
+                and new.node_id in a.ring.owners(k)
+                and not new.rebalancer.is_ready(new.store.partition_of(k))
+            )
+            owners = a.ring.owners(key)
+            other = next(n for n in c.nodes if n.node_id in owners and n not in (a, new))
+            previous = a.rebalancer.previous_owners(a.store.partition_of(key))
+            assert len(previous) == 1 and previous[0] not in owners
+            with pytest.raises(NotReadyError):
+                new.replica.r_get([key])
+            await other.stop()
+            await until(lambda: not a.membership.is_up(other.node_id), what="owner down")
+            before = a.metrics.stats.not_ready_substitutions
+            assert await a.coordinator.get(key, "quorum") == [True, want[key]]
+            assert a.metrics.stats.not_ready_substitutions == before + 1
+            # a write reaches the previous owner too
+            await a.coordinator.set(key, b"during", None, "quorum")
+            prev = next(n for n in c.nodes if n.node_id == previous[0])
+            await until(lambda: (prev.replica.get(key) or [b""])[0] == b"during", what="copy")
+            assert await a.coordinator.get(key, "quorum") == [True, b"during"]
+            topology = a.topology()
+            ids = [nid for nid, _ in topology["nodes"]]
+            p = a.store.partition_of(key)
+            assert topology["pending"][p] == [ids.index(previous[0])]
+
+    run(body(), timeout=60)
+
+
+def test_a_node_restarted_empty_is_streamed_whole_again() -> None:
+    async def body() -> None:
+        async with cluster(3) as c:
+            want = await load(c.nodes[0], 2000)
+            gone = c.nodes[2]
+            config = gone.config
+            await gone.stop()
+            await until(lambda: not c.nodes[0].membership.is_up(gone.node_id), what="down")
+            again = Node(
+                dataclasses.replace(
+                    config,
+                    seeds=(c.nodes[0].address, c.nodes[1].address),
+                    rebalance_rate=50_000,
+                    rebalance_batch_bytes=2048,
+                ),
+                transport=c.net,
+            )
+            c.nodes[2] = again
+            await again.start()
+            assert not again.rebalancer.ready
+            # While it streams nothing reads as a false miss at QUORUM, through it
+            # too: it answers (asking the others) or says it is not ready.
+            served_while_streaming = 0
+            sample = list(want.items())[:50]
+            while not again.rebalancer.ready:
+                await check_reads([c.nodes[0]], dict(sample))
+                for key, value in sample:
+                    try:
+                        got = await again.coordinator.get(key, "quorum")
+                    except NotReadyError:
+                        continue
+                    assert got == [value is not None, value], key
+                    served_while_streaming += not again.rebalancer.ready
+                await asyncio.sleep(0.01)
+            assert served_while_streaming > 0
+            assert again.rebalancer.stats.partitions_moved > 0
+            live = [k for k, v in want.items() if v is not None]
+            assert all(again.replica.get(k) == c.nodes[0].replica.get(k) for k in want)
+            assert len(again.store) == len(live)
+            await check_reads(c.nodes, want)
+
+    run(body(), timeout=60)
+
+
+def test_a_node_that_reached_no_seed_coordinates_nothing() -> None:
+    async def body() -> None:
+        config = DistConfig(
+            node_id="lonely", bind="127.0.12.50:7400", seeds=("127.0.12.99:7400",), **FAST
+        )
+        async with Node(config, transport=InprocNetwork()) as lonely:
+            with pytest.raises(NotReadyError):
+                await lonely.coordinator.set(b"k", b"v", None, "one")
+            with pytest.raises(NotReadyError):
+                await lonely.coordinator.get(b"k", "one")
+            health, running = NodeStatus(lonely).health()
+            assert running and health["ready"] is False
+            assert lonely.rebalancer.report()["isolated"] is True
+
+    run(body(), timeout=30)
+
+
+def test_clock_skew_guard_also_guards_the_rebalance_path() -> None:
+    side = Side("n", 4, held=False)
+    with pytest.raises(ClockSkewError):
+        side.replica.put(b"k", b"v", ts(wall_clock_ms() + 3_600_000), 1, 0, False, path="rebalance")
+    assert side.stats.versions_refused["rebalance"] == 1
