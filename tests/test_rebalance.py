@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import itertools
 import random
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +26,7 @@ from hypothesis import strategies as st
 
 from hypercache._core.hlc import HLC, make_ts, node_tag, wall_clock_ms
 from hypercache._core.ring import Ring
-from hypercache._core.vstore import VersionedStore
+from hypercache._core.vstore import STREAM_ENTRY_OVERHEAD, VersionedStore
 from hypercache.cluster import rebalance
 from hypercache.cluster.config import DistConfig, RebalanceSettings
 from hypercache.cluster.local import InprocCluster, until
@@ -288,8 +287,7 @@ def rebalancer(
         node_id=side.node_id,
         store=side.store,
         states=side.states,
-        apply=functools.partial(side.replica.put, path="rebalance"),
-        check=side.replica.check_entry,
+        apply=side.replica.put_stream,
         peers=lambda: peers,
         settings=settings_(**kw),
         limits=Limits(),
@@ -357,6 +355,28 @@ def test_stream_and_holds_answer_only_what_is_held() -> None:
     for bad_holds in (None, [True], [7], list(range(5))):
         with pytest.raises(ProtocolError):
             answer_holds(a.states, bad_holds)
+
+
+def test_put_stream_checks_the_whole_batch_before_applying_any() -> None:
+    n = Side("n", 4, held=False)
+    keys = {n.store.partition_of(b"k%d" % i): b"k%d" % i for i in range(100)}
+    good = [keys[1], b"v", ts(5), 1, 0, False]
+    for bad in (
+        [keys[1], "v", ts(5), 1, 0, False],
+        [keys[1], b"v", -1, 1, 0, False],
+        [keys[1], b"v", ts(5), 2**32, 0, False],
+        [keys[1], b"v", ts(5), 1, 0, 0],
+        [keys[1], b"v", ts(5), 1],
+        [keys[2], b"v", ts(5), 1, 0, False],  # another partition
+    ):
+        with pytest.raises(ProtocolError):
+            n.replica.put_stream(1, [good, bad])
+        assert n.get(keys[1]) is None
+    other = next(k for k in (b"f%d" % i for i in range(999)) if n.store.partition_of(k) == 1)
+    far = [other, b"f", ts(wall_clock_ms() + 3_600_000), 1, 0, False]  # past the horizon
+    size = len(keys[1]) + len(other) + 2 * (1 + STREAM_ENTRY_OVERHEAD)
+    assert n.replica.put_stream(1, [good, far]) == (1, size)
+    assert n.stats.versions_refused["rebalance"] == 1 and other not in n.store
 
 
 def test_r_get_refuses_partitions_not_held() -> None:

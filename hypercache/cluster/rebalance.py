@@ -95,17 +95,15 @@ from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hypercache._core.ring import Ring
-from hypercache._core.vstore import STREAM_ENTRY_OVERHEAD, VersionedStore
+from hypercache._core.vstore import VersionedStore
 from hypercache.cluster.config import RebalanceSettings
 from hypercache.errors import (
-    ClockSkewError,
     HyperCacheError,
     NotReadyError,
     ProtocolError,
     WrongOwnerError,
 )
 from hypercache.net.protocol import MAX_PUT_MANY, Limits, Op
-from hypercache.replication import KeyedEntry
 
 __all__ = [
     "BACKOFF_MAX",
@@ -441,10 +439,10 @@ class _Peer(Protocol):
     async def request(self, op: int, payload: Any, timeout: float) -> Any: ...
 
 
-#: Applies one entry newer-wins (``Replica.put(..., path="rebalance")``).
-Apply = Callable[[bytes, bytes, int, int, int, bool], bool]
-#: Checks one wire entry (``Replica.check_entry``); raises ProtocolError.
-CheckEntry = Callable[[Any], KeyedEntry]
+#: Applies one ``STREAM`` batch of a partition (``Replica.put_stream``): checks every
+#: entry (ProtocolError for a malformed one, or one of another partition), applies
+#: each through ``Replica.put(..., path="rebalance")``, returns ``(applied, bytes)``.
+ApplyBatch = Callable[[int, list[Any]], tuple[int, int]]
 
 
 class RebalanceStats:
@@ -524,10 +522,10 @@ class Rebalancer:
     :param node_id: this node's id.
     :param store: the node's versioned store.
     :param states: what this node holds and owns (shared with the replica side).
-    :param apply: applies one streamed entry newer-wins (``Replica.put`` with
-        ``path="rebalance"``); raises :class:`~hypercache.errors.ClockSkewError` for
-        a version past the horizon (that entry is then skipped).
-    :param check: checks one streamed entry's shape and limits (``Replica.check_entry``).
+    :param apply: checks and applies one ``STREAM`` batch newer-wins
+        (:meth:`~hypercache.cluster.replica.Replica.put_stream`), returns
+        ``(applied, bytes)``; raises :class:`~hypercache.errors.ProtocolError` for a
+        malformed batch.
     :param peers: ``() -> {node_id: peer}`` of the current peers.
     :param settings: batch sizes, concurrency, rate and removal grace.
     :param limits: the frame limit (batches stay within half a frame).
@@ -545,8 +543,7 @@ class Rebalancer:
         node_id: str,
         store: VersionedStore,
         states: PartitionStates,
-        apply: Apply,
-        check: CheckEntry,
+        apply: ApplyBatch,
         peers: Callable[[], Mapping[str, _Peer]],
         settings: RebalanceSettings,
         limits: Limits,
@@ -563,7 +560,6 @@ class Rebalancer:
         self.store = store
         self.states = states
         self._apply = apply
-        self._check = check
         self._peers = peers
         self.settings = settings
         self.limits = limits
@@ -898,8 +894,7 @@ class Rebalancer:
     async def _pull(self, p: int, peer: _Peer) -> bool:
         """Stream partition ``p`` from ``peer`` from its cursor to the end; False when
         it stopped because the partition is no longer wanted."""
-        partition_of = self.store.partition_of
-        check, apply = self._check, self._apply
+        apply = self._apply
         stats = self.stats
         cursor = self._cursors.get(p)
         while True:
@@ -909,16 +904,7 @@ class Rebalancer:
                 _STREAM, [p, cursor, self.batch_keys, self.batch_bytes], self.timeout
             )
             entries, nxt = _parse_stream(answer, cursor)
-            size = applied = 0
-            for raw in entries:
-                key, value, ts, origin, expire_at, tomb = check(raw)
-                if partition_of(key) != p:
-                    raise ProtocolError(f"STREAM answer for partition {p} holds another's key")
-                size += len(key) + len(value) + STREAM_ENTRY_OVERHEAD
-                try:
-                    applied += apply(key, value, ts, origin, expire_at, tomb)
-                except ClockSkewError:  # counted by apply; the rest of the batch goes on
-                    continue
+            applied, size = apply(p, entries)
             stats.keys_moved += len(entries)
             stats.keys_applied += applied
             stats.bytes += size

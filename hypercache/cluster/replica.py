@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Final, Protocol
 
-from hypercache._core.vstore import VersionedStore
+from hypercache._core.vstore import STREAM_ENTRY_OVERHEAD, VersionedStore
 from hypercache.cluster import merkle
 from hypercache.cluster.metrics import DistStats
 from hypercache.cluster.rebalance import PartitionStates, answer_holds, answer_stream
@@ -251,6 +251,53 @@ class Replica:
     def pull(self, payload: Any) -> list[Any]:
         """``PULL [key, ...]`` (:func:`hypercache.cluster.merkle.answer_pull`)."""
         return merkle.answer_pull(self.store, self.limits, payload, self.wall())
+
+    def put_stream(self, p: int, entries: list[Any]) -> tuple[int, int]:
+        """Apply one ``STREAM`` batch of partition ``p`` (rebalancing): every entry is
+        checked first (as :meth:`check_entry` would, and that it belongs to ``p``),
+        then each goes through :meth:`put` with ``path="rebalance"``: newer-wins, the
+        clock's horizon (a version too far ahead is skipped and counted). Return
+        ``(applied, bytes)``, bytes counted as the source counts its batch (key +
+        value + ``STREAM_ENTRY_OVERHEAD`` each).
+
+        :raises ProtocolError: an entry is malformed or of another partition (nothing
+            of the batch is applied).
+        """
+        max_key, max_value = self.limits.max_key, self.limits.max_value
+        partition_of = self.store.partition_of
+        size = 0
+        for raw in entries:
+            # check_entry inlined: this runs for every key a node receives.
+            if type(raw) is not list or len(raw) != 6:
+                raise ProtocolError(
+                    "STREAM entry must be [key, value, ts, origin, expire_at, tomb]"
+                )
+            key, value, ts, origin, expire_at, tombstone = raw
+            if (
+                type(key) is not bytes
+                or len(key) > max_key
+                or type(value) is not bytes
+                or len(value) > max_value
+                or type(ts) is not int
+                or not 0 <= ts < _MAX_REMOTE_TS
+                or type(origin) is not int
+                or not 0 <= origin < 2**32
+                or type(expire_at) is not int
+                or not 0 <= expire_at < 2**63
+                or type(tombstone) is not bool
+            ):
+                raise ProtocolError(f"malformed STREAM entry: {raw!r:.200}")
+            if partition_of(key) != p:
+                raise ProtocolError(f"STREAM batch of partition {p} holds another's key")
+            size += len(key) + len(value) + STREAM_ENTRY_OVERHEAD
+        put = self.put
+        applied = 0
+        for key, value, ts, origin, expire_at, tombstone in entries:
+            try:
+                applied += put(key, value, ts, origin, expire_at, tombstone, "rebalance")
+            except ClockSkewError:  # counted by put; the rest of the batch goes on
+                continue
+        return applied, size
 
     def stream(self, payload: Any) -> list[Any]:
         """``STREAM [partition, cursor, max_keys, max_bytes]``
