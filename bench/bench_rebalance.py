@@ -11,7 +11,8 @@ What one run measures, side by side:
              :data:`PUT_BATCH` entries a request, :data:`PIPELINE` requests in flight
              per node, the three nodes at once. Anti-entropy is out of the way
              (interval 600 s): only streaming moves data.
-``steady``   :data:`CLIENTS` closed-loop workers in this process (uvloop), each on its
+``steady``   ``clients`` (:data:`CLIENTS` by default; 0: no load) closed-loop workers
+             in this process (uvloop), each on its
              own connection to one of the three old nodes (round robin), send QUORUM
              GETs and SETs (half each) of random loaded keys; every request is timed.
              *Before*: the :data:`WINDOW` seconds before node-4 is spawned. *During*:
@@ -262,13 +263,16 @@ async def _join(
     keys: int,
     value: bytes,
     progress: Callable[[str], None],
+    clients: int,
 ) -> tuple[float, float, float, Window, Window, CpuUse | None]:
     load = _Load(cluster.addresses, keys, value)
-    workers = [asyncio.create_task(load.worker(i)) for i in range(CLIENTS)]
+    workers = [asyncio.create_task(load.worker(i)) for i in range(clients)]
     try:
-        await asyncio.sleep(1.0)  # connected and warm
         before_start = _now()
-        await asyncio.sleep(WINDOW)
+        if clients:
+            await asyncio.sleep(1.0)  # connected and warm
+            before_start = _now()
+            await asyncio.sleep(WINDOW)
         progress("spawning node-4")
         cpu0 = CpuSample.take([*cluster.pids])
         t_spawn = _now()
@@ -303,9 +307,14 @@ async def _join(
 
 
 def join_benchmark(
-    keys: int, *, progress: Callable[[str], None], join_flags: Sequence[str] = ()
+    keys: int,
+    *,
+    progress: Callable[[str], None],
+    join_flags: Sequence[str] = (),
+    clients: int = CLIENTS,
 ) -> JoinResult:
-    """One run (see the module docstring); ``join_flags``: more flags for node-4."""
+    """One run (see the module docstring); ``join_flags``: more flags for node-4;
+    ``clients``: workers of the steady load (0: none)."""
     value = os.urandom(VALUE_SIZE)
     with tempfile.TemporaryDirectory(prefix="hc-bench-rebalance-") as tmp:
         workdir = Path(tmp)
@@ -319,7 +328,7 @@ def join_benchmark(
                     if held != keys:
                         raise RuntimeError(f"{node.node_id} holds {held} keys, not {keys}")
                 ready_spawn, ready_line, _, before, during, cpu = uvloop.run(
-                    _join(cluster, node4, keys, value, progress)
+                    _join(cluster, node4, keys, value, progress, clients)
                 )
                 report = node4.http_json("/dist/rebalance")
                 stats = node4.http_json("/stats")

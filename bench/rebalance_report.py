@@ -50,14 +50,14 @@ def median(runs: list[JoinResult], figure: Callable[[JoinResult], float]) -> flo
     return float(statistics.median(figure(r) for r in runs))
 
 
-def render(results: dict[int, list[JoinResult]]) -> list[str]:
+def render(results: dict[int, list[JoinResult]], clients: int) -> list[str]:
     lines = [
         "",
         "## A 4th node joins a loaded 3-node cluster",
         "",
         f"Values of {VALUE_SIZE} B; replication 3, 4096 partitions, default rebalance "
         "settings (batches of 1024 entries / 4 MiB, 4 partitions at once, 128 MiB/s); "
-        f"{CLIENTS} closed-loop QUORUM clients (half GET, half SET) on the 3 old nodes. "
+        f"{clients} closed-loop QUORUM clients (half GET, half SET) on the 3 old nodes. "
         "Medians over the runs; *floor* = the same bytes over one loopback socket, "
         "plain Python sender and receiver threads.",
         "",
@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="runs per size")
     parser.add_argument("--quick", action="store_true", help="one run of 50,000 keys")
     parser.add_argument(
+        "--clients", type=int, default=CLIENTS, help="steady-load workers (0: no load)"
+    )
+    parser.add_argument(
         "--join-flag",
         action="append",
         default=[],
@@ -190,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         for keys in sizes:
             for i in range(runs):
                 progress(f"{keys:,} keys, run {i + 1} of {runs}")
-                result = join_benchmark(keys, progress=progress, join_flags=args.join_flag)
+                result = join_benchmark(
+                    keys, progress=progress, join_flags=args.join_flag, clients=args.clients
+                )
                 results.setdefault(keys, []).append(result)
     except Exception:
         traceback.print_exc()
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {platform.python_version()}",
         f"- load average before: {load_before:.2f}",
         f"- joining node's extra flags: {' '.join(args.join_flag) or 'none'}",
-        *render(results),
+        *render(results, args.clients),
     ]
     print("\n".join(lines))
     return 0
