@@ -640,7 +640,7 @@ def test_a_joining_node_is_isolated_until_it_meets_a_member() -> None:
         with pytest.raises(NotReadyError):
             rb.check_serving()
         rb.step()
-        assert rb.queue_depth == 0 and not rb._running  # nothing planned while alone
+        assert rb.queue_depth == 0 and rb.report()["in_flight"] == []  # nothing while alone
         founder = rebalancer(Side("f", 4, held=True), {}, clock, joining=False)
         founder.start(ring(["f"], 4))
         assert founder.ready and not founder.active
@@ -724,7 +724,7 @@ def test_removal_waits_for_every_new_owner_and_a_node_owning_it_again_keeps_it()
             c.states.hold(p)
         clock.t += rebalance.RECHECK
         rb.on_ring(new, old)  # owned again before the check: kept
-        assert await rb.removal_round() == 0 and rb._removal == {}
+        assert await rb.removal_round() == 0 and rb.report()["removal_pending"] == 0
         assert len(a.store) == 300
         await rb.stop()
 
@@ -835,7 +835,7 @@ def test_a_fourth_node_joins_streams_its_share_and_old_owners_drop_theirs() -> N
             await check_reads(c.nodes, want)
             # after the grace, old owners drop what they lost, once confirmed
             await until(
-                lambda: all(not n.rebalancer._removal for n in old),
+                lambda: all(n.rebalancer.report()["removal_pending"] == 0 for n in old),
                 timeout=20,
                 what="old owners done removing",
             )
@@ -899,7 +899,7 @@ def test_reads_and_writes_go_on_during_a_join_with_nothing_lost() -> None:
                 await until(lambda: new.rebalancer.ready, timeout=30, what="the new node ready")
                 assert new.rebalancer.bucket.throttled > 0
                 await until(
-                    lambda: all(not n.rebalancer._removal for n in c.nodes[:3]),
+                    lambda: all(n.rebalancer.report()["removal_pending"] == 0 for n in c.nodes[:3]),
                     timeout=30,
                     what="old owners done removing",
                 )
