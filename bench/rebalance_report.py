@@ -94,6 +94,14 @@ def render(results: dict[int, list[JoinResult]], clients: int) -> list[str]:
         rows,
         "rrrrrrrrrr",
     )
+    if clients:
+        lines += render_load(results)
+    lines += render_runs(results)
+    return lines
+
+
+def render_load(results: dict[int, list[JoinResult]]) -> list[str]:
+    lines: list[str] = []
     lines += [
         "",
         f"Steady QUORUM load: the {WINDOW:g} s before the join against the join (spawn to ready):",
@@ -127,6 +135,11 @@ def render(results: dict[int, list[JoinResult]], clients: int) -> list[str]:
         rows,
         "rrrrrrrr",
     )
+    return lines
+
+
+def render_runs(results: dict[int, list[JoinResult]]) -> list[str]:
+    lines: list[str] = []
     lines += ["", "Every run:", ""]
     rows = []
     for keys, runs in sorted(results.items()):
