@@ -45,6 +45,7 @@ bench: build
 	$(PY) -m bench.report
 	$(PY) -m bench.cluster_report
 	$(PY) -m bench.convergence_report
+	$(PY) -m bench.rebalance_report
 
 run: build
 	$(PY) -m hypercache.cli.local

@@ -142,6 +142,8 @@ class QuorumRound:
         a write must reach every live owner; a read repairs the others); otherwise
         ask ``required`` of them and replace each that fails by the next one not
         asked yet (a client's read: it asks no more owners than it needs).
+    :param spares: nodes that may answer in place of an owner that is not ready
+        (a moving partition's previous owners), taken in order by :meth:`replace`.
 
     Answers come in through :meth:`ok` and :meth:`failed`, synchronously or from
     request callbacks. The round is *decided* at the ``required``-th answer, or once
@@ -155,6 +157,7 @@ class QuorumRound:
 
     __slots__ = (
         "_next",
+        "_spares",
         "errors",
         "level",
         "on_complete",
@@ -166,9 +169,16 @@ class QuorumRound:
     )
 
     def __init__(
-        self, owners: Sequence[str], required: int, *, ask_all: bool = True, level: str = "quorum"
+        self,
+        owners: Sequence[str],
+        required: int,
+        *,
+        ask_all: bool = True,
+        spares: Sequence[str] = (),
+        level: str = "quorum",
     ) -> None:
         self.owners = owners
+        self._spares = list(spares)
         self.required = required
         #: the consistency level's name, for the error
         self.level = level
@@ -212,6 +222,22 @@ class QuorumRound:
             self.outstanding += 1
         self._step()
         return nxt
+
+    @property
+    def spares(self) -> bool:
+        """Whether a spare is left for :meth:`replace`."""
+        return bool(self._spares)
+
+    def replace(self, owner: str, why: BaseException | str) -> str | None:
+        """Record that ``owner`` gave no answer because it is not ready, and return the
+        spare to ask in its place (its answer counts like an owner's); with no spare
+        left this is :meth:`failed` and returns what it returns."""
+        if not self._spares:
+            return self.failed(owner, why)
+        self.errors[owner] = why
+        spare = self._spares.pop(0)
+        # Still waiting on as many as before: the spare stands for the owner.
+        return spare
 
     def _step(self) -> None:
         self.outstanding -= 1

@@ -51,14 +51,17 @@ from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
     HandshakeError,
+    HyperCacheError,
     KeyTooLargeError,
     NodeUnavailableError,
+    NotReadyError,
     ProtocolError,
     QuorumError,
     RequestTimeoutError,
     ServerError,
     UndecodableValueError,
     ValueTooLargeError,
+    WrongOwnerError,
 )
 from hypercache.net.blocking import BlockingConnection
 from hypercache.net.inproc import InprocNetwork
@@ -791,7 +794,10 @@ def test_async_client_over_an_inproc_network() -> None:
         try:
             for node in nodes:
                 await node.start()
-            await until(lambda: all(len(n.members()) == 2 for n in nodes), what="membership")
+            await until(
+                lambda: all(len(n.members()) == 2 and n.rebalancer.ready for n in nodes),
+                what="membership, every partition held",
+            )
             async with AsyncClient(bind[1], transport=net, consistency="quorum") as client:
                 assert set((await client.topology()).addresses) == set(bind)
                 await client.set("k", {"v": 1})
@@ -1114,6 +1120,32 @@ def test_owner_read_fails_over_to_next_owner(servers: ServerThread, kind: str) -
     assert value == "v"
     assert r_gets(b) == [b"k"] and r_gets(c) == [b"k"]
     assert stats["nodes_marked_down"] >= 1 and stats["failovers"] >= 1
+
+
+@KIND
+@pytest.mark.parametrize(
+    "moved",
+    [
+        NotReadyError("partition 7 is still streaming to this node; ask another owner"),
+        WrongOwnerError("partition 7 is not owned here"),
+    ],
+)
+def test_an_owner_read_the_table_moved_under_goes_through_a_node(
+    servers: ServerThread, kind: str, moved: HyperCacheError
+) -> None:
+    # RF 2, QUORUM 2: an owner that answers "not ready" or "not mine" leaves no
+    # quorum of owners; a node coordinates the read instead (with its own table and
+    # the partition's previous owners) and the client marks its table for a fetch.
+    nodes, _, ring = cluster(servers, 2, replication=2)
+    a, b = owner_nodes(nodes, ring, "k")
+    for nd in (a, b):
+        nd.entries[b"k"] = entry("v", 100)
+        nd.store[b"k"] = MsgpackSerializer().dumps("v")
+    b.fail_r_get = moved
+    value, stats = read(kind, [nd.address for nd in nodes], ["k"])
+    assert value == "v"
+    assert stats["stale_table_reads"] == 1
+    assert [op for op, _ in a.received + b.received].count("GET") == 1
 
 
 @KIND

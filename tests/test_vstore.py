@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import xxhash
@@ -19,7 +20,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from hypercache._core.hlc import make_ts
 from hypercache._core.ring import Ring
-from hypercache._core.vstore import ENTRY_OVERHEAD, VersionedStore, entry_hash
+from hypercache._core.vstore import (
+    ENTRY_OVERHEAD,
+    STREAM_ENTRY_OVERHEAD,
+    VersionedStore,
+    entry_hash,
+)
 from hypercache.errors import ConfigError
 
 MASK = 2**64 - 1
@@ -363,6 +369,170 @@ def test_drop_partition_and_clear() -> None:
     assert s.stats()["evicted_history"] == 0
     s.apply(b"k1", b"v", ts(1), 1, 0, False, 0)
     assert len(s) == 1
+
+
+def test_drop_partition_keeps_digests_budget_and_queues_consistent() -> None:
+    s = VersionedStore(16, sub_buckets=4)
+    for i in range(500):
+        # data, data with a TTL, tombstones: every queue and counter takes part
+        s.apply(b"k%d" % i, b"v" * (i % 9), ts(10), 1, 50_000 if i % 3 == 0 else 0, i % 7 == 0, 0)
+    p = s.partition_of(b"k3")
+    kept = {q: s.digest(q) for q in range(16) if q != p}
+    held = [(k, v) for k, v, *_ in s.entries(p)]
+    before = (len(s), s.tombstones, s.bytes)
+    s.drop_partition(p)
+    gone_live = sum(1 for k, _ in held if s.peek(k, 0) is None)
+    assert gone_live == len(held)
+    assert s.digest(p) == s.recompute_digest(p) == 0 and s.sub_digests(p) == [0] * 4
+    assert {q: s.digest(q) for q in range(16) if q != p} == kept
+    tombs = sum(1 for k, v in held if int(k[1:]) % 7 == 0)
+    assert s.tombstones == before[1] - tombs
+    assert len(s) == before[0] - (len(held) - tombs)
+    assert s.bytes == before[2] - sum(len(k) + len(v) + ENTRY_OVERHEAD for k, v in held)
+    assert (s.evictions, s.expirations, s.tombstones_purged) == (0, 0, 0)
+    # the expiry queues lost the dropped entries: a sweep reclaims only the others
+    expired, purged = s.sweep(10**15)
+    others = [i for i in range(500) if s.partition_of(b"k%d" % i) != p]
+    assert expired + purged == sum(1 for i in others if i % 3 == 0 or i % 7 == 0)
+    # the partition takes writes again, with a fresh digest
+    s.apply(b"k3", b"x", ts(20), 1, 0, False, 10**15)
+    assert s.digest(p) == s.recompute_digest(p) == model_term(b"k3", ts(20), 1, False)
+
+
+# -- streaming a partition ------------------------------------------------------------------
+
+
+def _stream_all(
+    s: VersionedStore, p: int, max_keys: int, max_bytes: int, now: int = 0
+) -> tuple[list[tuple[bytes, bytes, int, int, int, bool]], int]:
+    out: list[tuple[bytes, bytes, int, int, int, bool]] = []
+    cursor = None
+    batches = 0
+    while True:
+        batch, cursor = s.stream(p, cursor, max_keys, max_bytes, now)
+        batches += 1
+        assert len(batch) <= max_keys
+        out += batch
+        if cursor is None:
+            return out, batches
+        assert batch, "a batch that is not the last holds something"
+
+
+@pytest.mark.parametrize("max_keys,max_bytes", [(1, 10**6), (7, 10**6), (10**6, 300), (5, 1)])
+def test_stream_lists_every_entry_once_in_hash_order(max_keys: int, max_bytes: int) -> None:
+    s = VersionedStore(8, sub_buckets=16)
+    for i in range(2000):
+        s.apply(b"k%d" % i, b"v%d" % i, ts(i + 1), i % 5, 0, i % 11 == 0, 0)
+    for p in range(8):
+        got, batches = _stream_all(s, p, max_keys, max_bytes)
+        assert sorted(got) == sorted(s.entries(p))
+        hashes = [xxhash.xxh3_64_intdigest(e[0]) for e in got]
+        assert hashes == sorted(hashes)
+        assert all(s.partition_of(e[0]) == p for e in got)
+        if max_keys == 1:
+            assert batches >= len(got)
+
+
+def test_stream_batches_respect_the_byte_cap() -> None:
+    s = VersionedStore(1, sub_buckets=8)
+    for i in range(300):
+        s.apply(b"k%d" % i, b"x" * 100, ts(1), 1, 0, False, 0)
+    cursor = None
+    while True:
+        batch, cursor = s.stream(0, cursor, 1000, 1000, 0)
+        size = sum(len(k) + len(v) + STREAM_ENTRY_OVERHEAD for k, v, *_ in batch)
+        assert size <= 1000 or len(batch) == 1
+        if cursor is None:
+            break
+    # one entry larger than the cap still goes, alone
+    big = VersionedStore(1)
+    big.apply(b"a", b"y" * 5000, ts(1), 1, 0, False, 0)
+    big.apply(b"b", b"y" * 5000, ts(1), 1, 0, False, 0)
+    first, cursor = big.stream(0, None, 10, 100, 0)
+    assert len(first) == 1 and cursor is not None
+    second, cursor = big.stream(0, cursor, 10, 100, 0)
+    assert len(second) == 1 and cursor is None
+
+
+def test_stream_carries_versions_expiry_tombstones_and_skips_the_expired() -> None:
+    s = VersionedStore(1)
+    s.apply(b"live", b"v", ts(5, 2), 7, 0, False, 0)
+    s.apply(b"ttl", b"t", ts(6), 8, 9_000, False, 0)
+    s.apply(b"gone", b"g", ts(6), 8, 2_000, False, 0)
+    s.apply(b"tomb", b"", ts(7), 9, 0, True, 0)
+    got = {e[0]: e for e in s.stream(0, None, 100, 10**6, 5_000)[0]}
+    assert got[b"live"] == (b"live", b"v", ts(5, 2), 7, 0, False)
+    assert got[b"ttl"] == (b"ttl", b"t", ts(6), 8, 9_000, False)
+    tomb = got[b"tomb"]
+    assert tomb[1:4] == (b"", ts(7), 9) and tomb[5] is True and tomb[4] > 0
+    assert b"gone" not in got  # expired at 2_000: absent
+    assert b"gone" in s  # and not reclaimed by the listing
+
+
+def test_stream_cursor_survives_changes_between_batches() -> None:
+    s = VersionedStore(4, sub_buckets=8)
+    keys = [b"k%d" % i for i in range(1000)]
+    for k in keys:
+        s.apply(k, b"v", ts(1), 1, 0, False, 0)
+    p = s.partition_of(keys[0])
+    mine = sorted((k for k in keys if s.partition_of(k) == p), key=xxhash.xxh3_64_intdigest)
+    first, cursor = s.stream(p, None, 20, 10**6, 0)
+    assert cursor is not None
+    first_cursor = cursor
+    seen = {e[0] for e in first}
+    # remove entries behind and ahead of the cursor, add new ones: nothing ahead that
+    # stays is skipped, nothing is sent twice
+    ahead = [k for k in mine if xxhash.xxh3_64_intdigest(k) >= cursor]
+    removed = set(ahead[:5])
+    for k in removed:
+        s.apply(k, b"", ts(2), 1, 1, False, 2)  # dead on arrival: removes the entry
+    s.drop_partition(p ^ 1)  # another partition
+    for i in range(1000, 1300):
+        s.apply(b"k%d" % i, b"n", ts(3), 1, 0, False, 2)
+    rest = []
+    while cursor is not None:
+        batch, cursor = s.stream(p, cursor, 20, 10**6, 2)
+        rest += [e[0] for e in batch]
+    assert len(rest) == len(set(rest)) and not seen & set(rest)
+    # everything held now at or after the first cursor came, nothing before it
+    held_ahead = {k for k, _, _ in s.keys(p) if xxhash.xxh3_64_intdigest(k) >= first_cursor}
+    assert set(rest) == held_ahead
+    assert set(ahead) - removed <= set(rest)
+
+
+def test_stream_any_replica_resumes_a_cursor() -> None:
+    a, b = VersionedStore(2, sub_buckets=4), VersionedStore(2, sub_buckets=4)
+    for i in range(400):
+        for s in (a, b):
+            s.apply(b"k%d" % i, b"v", ts(1), 1, 0, False, 0)
+    got, cursor = a.stream(1, None, 30, 10**6, 0)
+    while cursor is not None:
+        batch, cursor = b.stream(1, cursor, 30, 10**6, 0)
+        got += batch
+    assert sorted(got) == sorted(a.entries(1))
+
+
+def test_stream_checks_its_arguments() -> None:
+    s = VersionedStore(4)
+    s.apply(b"k", b"v", ts(1), 1, 0, False, 0)
+    p = s.partition_of(b"k")
+    with pytest.raises(IndexError):
+        s.stream(4, None, 1, 1, 0)
+    with pytest.raises(ValueError, match="outside partition"):
+        s.stream(p, ((p + 1) % 4) << 62, 1, 1, 0)
+    bad: Any
+    for bad in (-1, 2**64, True, 1.5, "0"):
+        with pytest.raises(ValueError):
+            s.stream(p, bad, 1, 1, 0)
+    with pytest.raises(ValueError):
+        s.stream(p, None, 0, 1, 0)
+    with pytest.raises(ValueError):
+        s.stream(p, None, 1, 0, 0)
+    assert s.stream(p, p << 62, 1, 1, 0)[0][0][0] == b"k"
+    one = VersionedStore(1, sub_buckets=1)  # no shift by 64 anywhere
+    one.apply(b"k", b"v", ts(1), 1, 0, False, 0)
+    assert one.stream(0, None, 1, 1, 0) == ([(b"k", b"v", ts(1), 1, 0, False)], None)
+    assert one.stream(0, 2**64 - 1, 1, 1, 0)[1] is None
 
 
 def test_bad_arguments_name_the_field() -> None:

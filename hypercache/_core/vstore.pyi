@@ -43,6 +43,8 @@ _Bytes: TypeAlias = bytes
 
 #: Fixed per-entry cost added to ``len(key) + len(value)`` in the byte budget.
 ENTRY_OVERHEAD: int
+#: Bytes a :meth:`VersionedStore.stream` batch counts per entry besides its key and value.
+STREAM_ENTRY_OVERHEAD: int
 DEFAULT_TOMBSTONE_TTL_MS: int
 DEFAULT_SUB_BUCKETS: int
 DEFAULT_EVICTED_HISTORY: int
@@ -180,6 +182,27 @@ class VersionedStore:
         """``(key, value, ts, origin, expire_at, tombstone)`` of every entry held in
         partition ``p``, for migration (unordered)."""
 
+    def stream(
+        self, p: int, cursor: int | None, max_keys: int, max_bytes: int, now_ms: int
+    ) -> tuple[list[tuple[_Bytes, _Bytes, int, int, int, bool]], int | None]:
+        """One batch of partition ``p``'s unexpired entries (tombstones included), for
+        streaming it to another node: ``(entries, next_cursor)``, each entry
+        ``(key, value, ts, origin, expire_at, tombstone)``.
+
+        Entries come in the order of their key's ``xxh3_64`` hash; ``cursor`` is the
+        hash to start from (``None``: the partition's start) and ``next_cursor`` the
+        hash of the first entry left out (``None``: the partition is done). A batch
+        stops before ``max_keys`` entries or ``max_bytes`` bytes (key + value +
+        :data:`STREAM_ENTRY_OVERHEAD` each) would be exceeded, but always holds at
+        least one entry when any is left, and never splits entries of equal hash.
+        The cursor is a place in the hash space, so it stays valid whatever changes
+        between batches, and means the same on every replica of ``p``. Nothing is
+        reclaimed or counted as a use. Costs O(batch + the sub-buckets it walks).
+
+        :raises IndexError: ``p`` is not a partition number.
+        :raises ValueError: ``cursor`` is not in ``p``'s hash range, or a cap is below 1.
+        """
+
     def partition_len(self, p: int) -> int:
         """Entries (data and tombstones) held in partition ``p``."""
 
@@ -189,7 +212,8 @@ class VersionedStore:
 
     def drop_partition(self, p: int) -> int:
         """Remove every entry of partition ``p`` (the node no longer owns it);
-        uncounted, unremembered. Returns how many were removed."""
+        uncounted, unremembered: its digests go to 0 and the byte budget, the item
+        count and the expiry queues lose its entries. Returns how many were removed."""
 
     def clear(self) -> None:
         """Remove every entry and forget evicted keys; counters are kept."""

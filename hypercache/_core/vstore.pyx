@@ -8,7 +8,7 @@ from cpython.long cimport PyLong_AsSsize_t
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport calloc, free, malloc, qsort
 
 from hypercache._core.hlc cimport newer, ts_ms
 from hypercache._core.policy cimport NO_SLOT, LRUPolicy, Policy, grow_array
@@ -82,6 +82,23 @@ MAX_BUCKETS = 1 << 22
 MAX_EVICTED_HISTORY = 1 << 20
 
 cdef bytes _EMPTY = b""
+
+#: Bytes counted per entry of a stream batch besides its key and value (the
+#: msgpack envelope of ``[key, value, ts, origin, expire_at, tombstone]``).
+STREAM_ENTRY_OVERHEAD = 32
+cdef Py_ssize_t _STREAM_OVERHEAD = 32
+
+
+# One entry picked for a stream batch: its key hash (the cursor order) and slot.
+ctypedef struct _Pick:
+    uint64_t khash
+    uint32_t slot
+
+
+cdef int _pick_order(const void* a, const void* b) noexcept nogil:
+    cdef uint64_t x = (<const _Pick*>a).khash
+    cdef uint64_t y = (<const _Pick*>b).khash
+    return -1 if x < y else (1 if x > y else 0)
 
 # How an entry leaves the store (what _drop counts).
 cdef enum:
@@ -672,6 +689,76 @@ cdef class VersionedStore:
     def entries(self, p):
         cdef uint32_t q = self._check_partition(p)
         return self._collect(q << self.sub_bits, self.sub_buckets, True)
+
+    # Streaming a partition (rebalancing). The cursor is a key hash: a batch holds
+    # the unexpired entries whose hash is >= the cursor, in hash order, and the next
+    # cursor is the hash of the first entry left out. Sub-buckets are ranges of
+    # the hash taken in order (the partition's bits, then the sub-bucket's), so a
+    # batch walks the sub-buckets from the cursor's one and sorts each one's few
+    # entries: O(batch + the sub-buckets walked) per call, whatever the partition's size
+    # (a full batch still looks for the next entry, so that the last batch of a
+    # partition says so: no empty batch to ask for).
+    # The cursor names a place in the hash space, not a slot, so it survives
+    # writes, removals and evictions between batches (an entry written behind the
+    # cursor is not sent; an entry removed is simply not met), and means the same
+    # on every replica of the partition: a transfer cut short resumes from any of
+    # them. Entries with the same hash are never split across two batches.
+    def stream(self, p, cursor, Py_ssize_t max_keys, Py_ssize_t max_bytes, int64_t now_ms):
+        cdef uint32_t q = self._check_partition(p)
+        # Two shifts, as partition_of_hash: bits == 0 (one partition) is no shift by 64.
+        cdef uint64_t lo = (<uint64_t>q << 1) << (63 - self.bits)
+        cdef uint64_t span = ((<uint64_t>2) << (63 - self.bits)) - 1  # partition width - 1
+        cdef uint64_t c = lo
+        if max_keys < 1 or max_bytes < 1:
+            raise ValueError("max_keys and max_bytes must be at least 1")
+        if cursor is not None:
+            if (isinstance(cursor, bool) or not isinstance(cursor, int)
+                    or not 0 <= cursor < 2**64):
+                raise ValueError(f"cursor must be nil or a uint64, got {cursor!r}")
+            c = cursor
+            if c - lo > span:  # unsigned: below lo wraps around above span
+                raise ValueError(f"cursor {cursor:#x} is outside partition {q}")
+        cdef uint32_t first = self._bucket_of_hash(c)
+        cdef uint32_t end = (q << self.sub_bits) + self.sub_buckets
+        cdef list out = []
+        cdef Py_ssize_t n = 0, size, total = 0
+        cdef uint64_t last = 0
+        cdef uint32_t g, s, m, i, cap = 64
+        cdef Slot* e
+        cdef _Pick* picks = <_Pick*>malloc(cap * sizeof(_Pick))
+        if picks == NULL:
+            raise MemoryError()
+        try:
+            for g in range(first, end):
+                m = 0
+                s = self.bucket_head[g]
+                while s != VS_NONE:
+                    e = &self.slots[s]
+                    if e.khash >= c and not (e.expire_at != 0 and e.expire_at <= now_ms):
+                        if m == cap:
+                            picks = <_Pick*>grow_array(picks, cap * 2, sizeof(_Pick))
+                            cap *= 2
+                        picks[m].khash = e.khash
+                        picks[m].slot = s
+                        m += 1
+                    s = e.bnext
+                if m > 1:
+                    qsort(picks, m, sizeof(_Pick), _pick_order)
+                for i in range(m):
+                    e = &self.slots[picks[i].slot]
+                    size = (PyBytes_GET_SIZE(<object>e.key) + PyBytes_GET_SIZE(<object>e.value)
+                            + _STREAM_OVERHEAD)
+                    if (n and (n >= max_keys or total + size > max_bytes)
+                            and e.khash != last):
+                        return out, e.khash
+                    out.append((<object>e.key, <object>e.value, e.ts, e.origin, e.expire_at,
+                                bool(e.flags & F_TOMB)))
+                    n += 1
+                    total += size
+                    last = e.khash
+            return out, None
+        finally:
+            free(picks)
 
     def sub_bucket_keys(self, p, b):
         cdef uint32_t q = self._check_partition(p)

@@ -39,8 +39,10 @@ from hypercache.errors import (
     ConfigError,
     HyperCacheError,
     NodeUnavailableError,
+    NotReadyError,
     ProtocolError,
     UndecodableValueError,
+    WrongOwnerError,
 )
 from hypercache.net.protocol import Limits, make_hello
 from hypercache.replication import (
@@ -277,6 +279,9 @@ class ClientStats:
     :ivar nodes_recovered: times a node set aside answered again (a probe's ``PING``
         or another request) and was used again.
     :ivar probes: ``PING`` probes sent to nodes set aside (connecting included).
+    :ivar stale_table_reads: owner reads sent through a node instead because an owner
+        answered that the partition moved (not ready yet, or handed over); each marks
+        the table for a fetch.
     :ivar probes_failed: probes that got no answer (timed out, refused, failed).
     :ivar topology_refreshes: partition tables fetched.
     :ivar topology_errors: table fetches that failed.
@@ -299,6 +304,7 @@ class ClientStats:
     nodes_recovered: int = 0
     probes: int = 0
     probes_failed: int = 0
+    stale_table_reads: int = 0
     topology_refreshes: int = 0
     topology_errors: int = 0
     connections_opened: int = 0
@@ -516,6 +522,17 @@ class ClientBase:
         """
         if rd.unreachable:
             self.stats.requests -= 1  # counted again on the proxy path
+            return None
+        if rd.error() is not None and any(
+            isinstance(why, NotReadyError | WrongOwnerError) for why in rd.errors.values()
+        ):
+            # The table moved under this client (an owner still receiving the
+            # partition, or one that handed it over): a node coordinates the read
+            # with its own table, asking a previous owner in a not-ready one's place,
+            # and the client fetches the new table.
+            self._router.mark_stale(time.monotonic())
+            self.stats.requests -= 1
+            self.stats.stale_table_reads += 1
             return None
         best, stale = rd.outcome()
         found = (True, best[0]) if best is not None and is_live(best, wall_ms()) else MISS

@@ -50,6 +50,18 @@ await the same ``Later``.
 writes the tombstone and answers what the owner held before it (one round trip),
 and the answer is whether the newest of the entries held by acknowledging owners
 was a live value.
+
+Moving partitions (:mod:`hypercache.cluster.rebalance`): while the rebalancer is
+*active* (partitions are changing hands, or this node is not ready), each operation
+looks at its key's partition. A write or a delete also goes to the partition's
+*pending owners* (old owners that left it less than ``removal_grace`` ago), best
+effort: those copies count towards no quorum, are not hinted, and at most
+``MAX_PENDING_COPIES`` are in flight (``pending_copies_dropped`` beyond). A read
+that meets an owner not ready (:class:`~hypercache.errors.NotReadyError`, this
+node's own replica included) asks a pending owner in its place, whose answer counts
+like the owner's (``not_ready_substitutions``); without one it is a failed owner,
+never a miss. A node that is joining and has met no member yet coordinates nothing
+(``NotReadyError``). Otherwise the hot path reads one flag.
 """
 
 from __future__ import annotations
@@ -69,6 +81,7 @@ from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
     HyperCacheError,
+    NotReadyError,
     ProtocolError,
     QuorumError,
     UsageError,
@@ -77,7 +90,7 @@ from hypercache.net.protocol import Limits, Op
 from hypercache.net.transport import Later
 from hypercache.replication import Entry, QuorumRound, entry_from_wire, is_live, newest, plan_repair
 
-__all__ = ["MAX_PENDING_REPAIRS", "Coordinator"]
+__all__ = ["MAX_PENDING_COPIES", "MAX_PENDING_REPAIRS", "Coordinator", "Moves"]
 
 _log = logging.getLogger("hypercache.coordinator")
 
@@ -87,6 +100,9 @@ _R_DEL: Final = int(Op.R_DEL)
 #: Read-repair pushes a coordinator keeps in flight at most; beyond, a push is dropped
 #: (counted in ``read_repairs_dropped``) and anti-entropy repairs the owner later.
 MAX_PENDING_REPAIRS: Final = 1024
+#: Copies of writes to pending (previous) owners kept in flight at most; beyond, one
+#: is not sent (counted in ``pending_copies_dropped``).
+MAX_PENDING_COPIES: Final = 1024
 
 _ONE: Final = Consistency.ONE
 #: wire spelling -> level; anything else goes through Consistency.parse (which
@@ -105,6 +121,26 @@ class Clock(Protocol):
     def update(self, remote_ts: int) -> int: ...
 
     def admits(self, remote_ts: object) -> bool: ...
+
+
+class Moves(Protocol):
+    """What the coordinator asks of the rebalancer
+    (:class:`~hypercache.cluster.rebalance.Rebalancer`) while partitions move."""
+
+    #: whether anything moves (the only thing the hot path reads otherwise)
+    active: bool
+
+    def check_serving(self) -> None:
+        """:raises NotReadyError: this node may not coordinate yet."""
+        ...
+
+    def is_ready(self, p: int) -> bool:
+        """Whether this node holds partition ``p``."""
+        ...
+
+    def previous_owners(self, p: int) -> list[str]:
+        """Partition ``p``'s pending owners (this node may be one)."""
+        ...
 
 
 class Coordinator:
@@ -151,6 +187,10 @@ class Coordinator:
         self._latency = {op: metrics.latency[op].observe for op in ("get", "set", "delete")}
         #: receives the writes owners missed; None: no hinted handoff
         self.hints: Handoff | None = None
+        #: the partitions on the move; None: nothing ever moves
+        self.moves: Moves | None = None
+        self._partition_of = replica.store.partition_of
+        self._copies_pending = 0  # copies to pending owners in flight
 
     # ----------------------------------------------------------------- helpers
 
@@ -199,10 +239,60 @@ class Coordinator:
             self._in_flight -= 1
             if error is None:
                 rnd.ok(owner, value)
+            elif op == _R_GET and rnd.spares and isinstance(error, NotReadyError):
+                self.stats.replica_failures += 1
+                self._substitute(rnd, owner, error, payload)
             else:
                 self._replica_failed(rnd, owner, error, hint)
 
         peer.send_callback(op, payload, self.timeout, answered)
+
+    def _substitute(self, rnd: QuorumRound, owner: str, why: NotReadyError, payload: Any) -> None:
+        """``owner`` is not ready for a read: ask the round's next spare (a pending
+        owner) in its place."""
+        spare = rnd.replace(owner, why)
+        if spare is None:
+            return
+        self.stats.not_ready_substitutions += 1
+        self.stats.read_attempts += 1
+        if spare != self.node_id:
+            self._remote(rnd, spare, _R_GET, payload, "r_get")
+            return
+        moves = self.moves
+        key: bytes = payload[0]
+        if moves is not None and not moves.is_ready(self._partition_of(key)):
+            self._substitute(rnd, spare, NotReadyError("not held here either"), payload)
+        else:
+            rnd.ok(spare, self.replica.get(key))
+
+    def _copy(self, owners: list[str], op: int, payload: list[Any]) -> None:
+        """Send a write or a delete to a moving partition's pending owners too, best
+        effort (no quorum, no hint)."""
+        stats = self.stats
+        for owner in owners:
+            if owner == self.node_id:
+                key, value, ts, origin, expire_at, tombstone = payload
+                stats.pending_copies += 1
+                try:
+                    self.replica.put(key, value, ts, origin, expire_at, tombstone)
+                except HyperCacheError:
+                    stats.pending_copy_failures += 1
+                continue
+            peer = self.membership.peers.get(owner)
+            if peer is None or not peer.up:
+                stats.pending_copy_failures += 1
+                continue
+            if self._copies_pending >= MAX_PENDING_COPIES:
+                stats.pending_copies_dropped += 1
+                continue
+            stats.pending_copies += 1
+            self._copies_pending += 1
+            peer.send_callback(op, payload, self.timeout, self._copied)
+
+    def _copied(self, _value: Any, error: BaseException | None) -> None:
+        self._copies_pending -= 1
+        if error is not None:
+            self.stats.pending_copy_failures += 1
 
     def _replica_failed(
         self, rnd: QuorumRound, owner: str, exc: BaseException, hint: list[Any] | None
@@ -221,6 +311,14 @@ class Coordinator:
         if sink is not None and not self._stopping and self.membership.hintable(owner):
             key, value, ts, origin, expire_at, tombstone = payload
             sink.hint(owner, key, value, ts, origin, expire_at, tombstone)
+
+    def _pending_owners(self, key: bytes, owners: list[str]) -> list[str]:
+        """The pending owners of ``key``'s partition that are not owners (a write
+        goes to them too); raises NotReadyError when this node may not coordinate."""
+        moves = self.moves
+        assert moves is not None
+        moves.check_serving()
+        return [o for o in moves.previous_owners(self._partition_of(key)) if o not in owners]
 
     def _failed(self, op: str, exc: BaseException) -> None:
         stats = self.stats
@@ -251,7 +349,15 @@ class Coordinator:
             owners = self.owners(key)
             n = len(owners)
             node_id = self.node_id
-            if level is _ONE and node_id in owners:
+            local_ready = True
+            spares: list[str] = []
+            moves = self.moves
+            if moves is not None and moves.active:
+                moves.check_serving()
+                p = self._partition_of(key)
+                local_ready = moves.is_ready(p)
+                spares = [o for o in moves.previous_owners(p) if o not in owners]
+            if level is _ONE and node_id in owners and local_ready:
                 # The local replica answers at once; asking others would only add load.
                 stats.read_attempts += 1
                 stats.read_acks += 1
@@ -259,16 +365,19 @@ class Coordinator:
                 self._latency["get"](time.perf_counter() - start)
                 later.resolve(self._get_answer(entry))
                 return later
-            rnd = QuorumRound(owners, level.required(n), level=level.value)
+            rnd = QuorumRound(owners, level.required(n), spares=spares, level=level.value)
             if level is not _ONE:
                 rnd.on_complete = lambda r: self._repair(key, r)
             payload = [key]
             for owner in rnd.start():
                 stats.read_attempts += 1
-                if owner == node_id:
+                if owner != node_id:
+                    self._remote(rnd, owner, _R_GET, payload, "r_get")
+                elif local_ready:
                     rnd.ok(owner, self.replica.get(key))
                 else:
-                    self._remote(rnd, owner, _R_GET, payload, "r_get")
+                    stats.replica_failures += 1
+                    self._substitute(rnd, owner, NotReadyError("not ready here"), payload)
         except HyperCacheError as exc:
             self._failed("get", exc)
             self._latency["get"](time.perf_counter() - start)
@@ -389,6 +498,8 @@ class Coordinator:
             expire_at = 0 if ttl_ms is None else self.wall() + ttl_ms
             owners = self.owners(key)
             n = len(owners)
+            moves = self.moves
+            pending = self._pending_owners(key, owners) if moves and moves.active else []
             ts = self.clock.now()
             origin = self._tag
             rnd = QuorumRound(owners, level.required(n), level=level.value)
@@ -401,6 +512,8 @@ class Coordinator:
                     rnd.ok(owner, True)
                 else:
                     self._remote(rnd, owner, _R_PUT, payload, "r_put", hint=payload)
+            if pending:
+                self._copy(pending, _R_PUT, payload)
         except HyperCacheError as exc:
             self._failed("set", exc)
             self._latency["set"](time.perf_counter() - start)
@@ -446,6 +559,8 @@ class Coordinator:
             level = self._level(consistency, self.config.write_consistency)
             owners = self.owners(key)
             n = len(owners)
+            moves = self.moves
+            pending = self._pending_owners(key, owners) if moves and moves.active else []
             ts = self.clock.now()
             origin = self._tag
             rnd = QuorumRound(owners, level.required(n), level=level.value)
@@ -460,6 +575,8 @@ class Coordinator:
                     # One round trip: R_DEL writes the tombstone and answers what
                     # the owner held before it.
                     self._remote(rnd, owner, _R_DEL, tomb, "r_del", hint=tomb)
+            if pending:
+                self._copy(pending, _R_DEL, tomb)
         except HyperCacheError as exc:
             self._failed("delete", exc)
             self._latency["delete"](time.perf_counter() - start)
@@ -490,8 +607,8 @@ class Coordinator:
 
     @property
     def background(self) -> int:
-        """Replica requests and repair pushes still running."""
-        return self._in_flight + self._repairs_pending
+        """Replica requests, repair pushes and copies to pending owners still running."""
+        return self._in_flight + self._repairs_pending + self._copies_pending
 
     async def stop(self) -> None:
         """Stop queuing hints and pushing repairs.

@@ -16,6 +16,8 @@
 ``GET /dist/antientropy`` anti-entropy counters and current interval
 ``GET /dist/hints``     hinted handoff: ``queued`` (waiting now), per-target pending,
                         counters (queued, replayed, expired, dropped per cap, bytes)
+``GET /dist/rebalance`` rebalancing: readiness, transfers queued, running and
+                        retrying, pending owners, removals waiting, counters
 ``GET /internal/merkle`` partition digests (non-empty partitions; hex), or with
                         ``?partition=P`` its sub-bucket digests
 ``GET /internal/keys``  ``?partition=P&cursor=HEX&limit=L``: one page of the
@@ -63,6 +65,7 @@ class NodeView(Protocol):
     def ring(self, table: bool) -> dict[str, Any]: ...
     def antientropy(self) -> dict[str, Any]: ...
     def hints(self) -> dict[str, Any]: ...
+    def rebalance(self) -> dict[str, Any]: ...
     def merkle(self, partition: int | None) -> dict[str, Any]: ...
     def keys(self, partition: int, cursor: bytes | None, limit: int) -> dict[str, Any]: ...
 
@@ -181,6 +184,10 @@ async def _hints(request: web.Request) -> web.Response:
     return web.json_response(_view(request).hints())
 
 
+async def _rebalance(request: web.Request) -> web.Response:
+    return web.json_response(_view(request).rebalance())
+
+
 def make_app(view: NodeView) -> web.Application:
     """The management application of the node that ``view`` reports on."""
     # A request line that holds the longest key percent-encoded (3 characters a
@@ -198,6 +205,7 @@ def make_app(view: NodeView) -> web.Application:
     app.router.add_get("/cluster/ring", _ring)
     app.router.add_get("/dist/antientropy", _antientropy)
     app.router.add_get("/dist/hints", _hints)
+    app.router.add_get("/dist/rebalance", _rebalance)
     app.router.add_get("/internal/merkle", _merkle)
     app.router.add_get("/internal/keys", _keys)
     return app

@@ -477,8 +477,9 @@ class ProcessCluster:
 
     def healthy(self, up: int | None = None) -> bool:
         """Whether every running node answers ``/health`` with every member listed and
-        ``up`` of them (all by default) up: status ``ok`` when all are, ``degraded``
-        when fewer."""
+        ``up`` of them (all by default) up (status ``ok`` when all are, ``degraded``
+        when fewer), and ready (it holds every partition it owns: a joining or
+        restarted node streams them first)."""
         want = len(self.nodes) if up is None else up
         status = "ok" if want == len(self.nodes) else "degraded"
         for node in self.nodes:
@@ -489,6 +490,7 @@ class ProcessCluster:
                 health["status"] != status
                 or health["members"] != len(self.nodes)
                 or health["members_up"] != want
+                or not health.get("ready", True)
             ):
                 return False
         return True
@@ -574,7 +576,8 @@ class InprocCluster:
     loop, on one :class:`~hypercache.net.inproc.InprocNetwork`.
 
     Entering starts node 1, then each other node seeded with node 1's address, and
-    waits until every node lists every member and sees it up; leaving stops them all.
+    waits until every node lists every member, sees it up and is ready; leaving stops
+    them all.
 
     :param settings: :class:`~hypercache.cluster.config.DistConfig` fields of every
         node; the management HTTP server is off unless ``http`` is given.
@@ -648,12 +651,14 @@ class InprocCluster:
             raise
 
     def formed(self) -> bool:
-        """Whether every node lists every member and sees it up."""
+        """Whether every node lists every member, sees it up, and is ready (holds
+        every partition it owns: the nodes seeded with node 1 stream theirs first)."""
         size = self.size
         return all(
             len(node.members()) == size
             and node.membership is not None
             and node.membership.up_count() == size
+            and node.rebalancer.ready
             for node in self.nodes
         )
 

@@ -43,7 +43,15 @@ __all__ = [
 CLIENT_OPS: Final = ("get", "set", "delete")
 
 #: Paths by which a node receives versions (labels of ``versions_refused``).
-VERSION_PATHS: Final = ("r_put", "r_del", "hints", "repair_push", "antientropy", "read")
+VERSION_PATHS: Final = (
+    "r_put",
+    "r_del",
+    "hints",
+    "repair_push",
+    "antientropy",
+    "read",
+    "rebalance",
+)
 
 #: Histogram buckets in seconds: 50 us .. 5 s, finer where a healthy cluster lives.
 LATENCY_BUCKETS: Final = (
@@ -120,6 +128,10 @@ class DistStats:
         "direct_gets",
         "errors",
         "forwards",
+        "not_ready_substitutions",
+        "pending_copies",
+        "pending_copies_dropped",
+        "pending_copy_failures",
         "quorum_failures",
         "read_acks",
         "read_attempts",
@@ -130,6 +142,8 @@ class DistStats:
         "replica_puts",
         "replica_puts_applied",
         "requests",
+        "stream_entries_served",
+        "streams_served",
         "version_conflicts",
         "versions_refused",
         "write_acks",
@@ -169,6 +183,16 @@ class DistStats:
         self.replica_gets = 0
         self.replica_puts = 0
         self.replica_puts_applied = 0
+        #: writes and deletes also sent to a partition's pending (previous) owners
+        #: during a hand-over, those not sent (too many in flight), those that failed
+        self.pending_copies = 0
+        self.pending_copies_dropped = 0
+        self.pending_copy_failures = 0
+        #: reads that asked a pending owner in place of an owner not ready
+        self.not_ready_substitutions = 0
+        #: STREAM batches served to other nodes, and their entries
+        self.streams_served = 0
+        self.stream_entries_served = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -191,6 +215,12 @@ class DistStats:
             "replica_gets": self.replica_gets,
             "replica_puts": self.replica_puts,
             "replica_puts_applied": self.replica_puts_applied,
+            "pending_copies": self.pending_copies,
+            "pending_copies_dropped": self.pending_copies_dropped,
+            "pending_copy_failures": self.pending_copy_failures,
+            "not_ready_substitutions": self.not_ready_substitutions,
+            "streams_served": self.streams_served,
+            "stream_entries_served": self.stream_entries_served,
         }
 
 
@@ -315,6 +345,36 @@ class NodeMetrics:
             ),
             ("replica_gets", "Replica reads served for other nodes.", s.replica_gets),
             ("replica_puts", "Replica writes received from other nodes.", s.replica_puts),
+            (
+                "pending_copies",
+                "Writes also sent to a moving partition's previous owners.",
+                s.pending_copies,
+            ),
+            (
+                "pending_copies_dropped",
+                "Copies to previous owners not sent: too many in flight.",
+                s.pending_copies_dropped,
+            ),
+            (
+                "pending_copy_failures",
+                "Copies to previous owners that failed.",
+                s.pending_copy_failures,
+            ),
+            (
+                "not_ready_substitutions",
+                "Reads that asked a previous owner instead of an owner not ready.",
+                s.not_ready_substitutions,
+            ),
+            (
+                "rebalance_streams_served",
+                "STREAM batches served to nodes pulling a partition.",
+                s.streams_served,
+            ),
+            (
+                "rebalance_stream_entries_served",
+                "Entries served in STREAM batches.",
+                s.stream_entries_served,
+            ),
         ):
             yield CounterMetricFamily(f"hypercache_dist_{name}", doc, value=value)
 

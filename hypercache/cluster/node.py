@@ -14,8 +14,9 @@ client operations answer through a :class:`~hypercache.net.transport.Later`),
 through a table from op to handler. Client operations (``GET``, ``SET``,
 ``DELETE``) are coordinated by :class:`~hypercache.cluster.coordinator.Coordinator`;
 what peers ask of this node's store (``R_GET``, ``R_PUT``, ``R_DEL``,
-``R_PUT_MANY``, ``MERKLE``, ``KEYS``, ``PULL``) is answered by its
-:class:`~hypercache.cluster.replica.Replica`. ``docs/cluster.md`` lists the payloads.
+``R_PUT_MANY``, ``MERKLE``, ``KEYS``, ``PULL``, ``STREAM``, ``HOLDS``) is answered
+by its :class:`~hypercache.cluster.replica.Replica`. ``docs/cluster.md`` lists the
+payloads.
 
 Lifecycle: what a node runs exists only while it runs. :meth:`start` binds the
 server (so that a node bound to port 0 knows its address, hence its id, before
@@ -23,7 +24,8 @@ anything else is built), then builds every collaborator at once, in one
 :class:`_Running` object; the accessors (:attr:`coordinator`, :attr:`membership`,
 ...) raise before that. Background loops, each stopped by :meth:`stop`:
 membership (seeds, SWIM probes), expiry sweep (expired entries and tombstones),
-anti-entropy, hint replay (:mod:`hypercache.cluster.handoff`).
+anti-entropy, hint replay (:mod:`hypercache.cluster.handoff`), rebalancing
+(:mod:`hypercache.cluster.rebalance`: every ring change is handed to it).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from hypercache.cluster.cpulatency import CpuLatencyRequest
 from hypercache.cluster.handoff import Handoff
 from hypercache.cluster.membership import Membership
 from hypercache.cluster.metrics import NodeMetrics
+from hypercache.cluster.rebalance import PartitionStates, Rebalancer
 from hypercache.cluster.replica import Replica
 from hypercache.errors import NodeUnavailableError, PermissionDeniedError, ProtocolError
 from hypercache.net.auth import PeerAuthenticator
@@ -99,6 +102,7 @@ class _Running:
     coordinator: Coordinator
     antientropy: AntiEntropy
     handoff: Handoff
+    rebalancer: Rebalancer
     #: op -> (handler, only cluster peers may send it)
     ops: dict[int, tuple[_OpHandler, bool]]
     #: op -> handler, for a client's connection: the ops open to clients, with the
@@ -238,6 +242,10 @@ class Node:
         return self._running().handoff
 
     @property
+    def rebalancer(self) -> Rebalancer:
+        return self._running().rebalancer
+
+    @property
     def poller(self) -> BusyPoller | None:
         """This loop's busy poller, when the node has a window (counted in ``/stats``)."""
         return self._running().poller
@@ -290,6 +298,7 @@ class Node:
         self._state = "running"
         if self.cpu_latency is not None:
             self.cpu_latency.acquire()
+        run.rebalancer.start(self.ring)
         run.membership.start()
         run.antientropy.start()
         run.handoff.start()
@@ -335,6 +344,10 @@ class Node:
             on_change=self._on_members,
             peer_auth=self.peer_auth,
         )
+        # -- rebalancing: a node started with seeds (joining, or restarted empty)
+        # holds no partition until it has streamed it; a founder holds them all.
+        joining = any(seed != config.advertised for seed in config.seeds)
+        states = PartitionStates(config.partitions, held=not joining)
         replica = Replica(
             store=self.store,
             clock=clock,
@@ -342,7 +355,21 @@ class Node:
             stats=metrics.stats,
             wall=self._wall,
             direct_latency=metrics.direct_latency.observe,
+            states=states,
         )
+        rebalancer = Rebalancer(
+            node_id=config.node_id,
+            store=self.store,
+            states=states,
+            apply=replica.put_stream,
+            peers=lambda: dict(membership.peers),
+            settings=config.rebalance,
+            limits=self.limits,
+            timeout=config.request_timeout,
+            joining=joining,
+            on_change=self._pending_changed,
+        )
+        # -- end rebalancing
         coordinator = Coordinator(
             node_id=config.node_id,
             config=config,
@@ -378,7 +405,9 @@ class Node:
             timeout=config.request_timeout,
         )
         coordinator.hints = handoff
+        coordinator.moves = rebalancer
         membership.liveness_listeners.append(self._on_liveness)
+        membership.restart_listeners.append(self._on_restart)
         run = _Running(
             server=server,
             clock=clock,
@@ -387,6 +416,7 @@ class Node:
             coordinator=coordinator,
             antientropy=antientropy,
             handoff=handoff,
+            rebalancer=rebalancer,
             ops=(ops := self._op_table(replica, coordinator, membership)),
             client_ops=self._client_table(ops, replica),
             poller=poller(asyncio.get_running_loop()) if config.busy_poll else None,
@@ -394,6 +424,7 @@ class Node:
         metrics.add_source(NodeStatus(self).collect)
         metrics.add_source(antientropy.collect)
         metrics.add_source(handoff.collect)
+        metrics.add_source(rebalancer.collect)
         return run
 
     @staticmethod
@@ -446,6 +477,8 @@ class Node:
             # Membership (SWIM): indirect probes and push-pull of the member table.
             int(Op.PING_REQ): (membership.on_ping_req, True),
             int(Op.MEMBERS): (membership.on_members, True),
+            int(Op.STREAM): (replica.stream, True),
+            int(Op.HOLDS): (replica.holds, True),
         }
 
     async def stop(self) -> None:
@@ -460,6 +493,7 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError):
                 await run.sweeper
             run.sweeper = None
+        await run.rebalancer.stop()
         await run.antientropy.stop()
         await run.handoff.stop()
         if run.http is not None:
@@ -501,7 +535,8 @@ class Node:
         # The ring follows the membership's ring members (alive, suspect, dead); a
         # node that left keeps routing through the others (or alone, itself).
         ids = [nid for nid, _ in members] or [self.node_id]
-        gone = set(self.ring.nodes) - set(ids)
+        old = self.ring
+        gone = set(old.nodes) - set(ids)
         self.ring = Ring(ids, **self._ring_args())
         self.epoch += 1
         self._topology = None
@@ -511,6 +546,7 @@ class Node:
             for node_id in gone:
                 if not run.membership.hintable(node_id):
                     run.handoff.forget(node_id)
+            run.rebalancer.on_ring(old, self.ring)  # partitions follow the new ring
         _log.info("ring rebuilt for %d members (epoch %d)", len(ids), self.epoch)
 
     def _on_liveness(self, node_id: str, up: bool) -> None:
@@ -519,6 +555,18 @@ class Node:
         if up and run is not None and self._state == "running":
             run.handoff.wake(node_id)
             run.antientropy.wake()
+            # rebalancing: it may have restarted empty (it pulls by itself), and our
+            # transfers waiting for a source can go on
+            run.rebalancer.on_peer_restart(node_id)
+
+    def _on_restart(self, node_id: str) -> None:
+        # A peer in a new life (it may have come back empty before anyone saw it
+        # down): the same as a peer back up.
+        self._on_liveness(node_id, True)
+
+    def _pending_changed(self) -> None:
+        # The topology answer lists the pending owners (rebalancing).
+        self._topology = None
 
     def leads(self, peer_id: str) -> list[int]:
         """Partitions this node syncs with ``peer_id`` by anti-entropy: those both
@@ -545,17 +593,27 @@ class Node:
         return run.membership.member_list()
 
     def topology(self) -> dict[str, Any]:
-        """The ``TOPOLOGY`` answer: what a client needs to route to owners itself."""
+        """The ``TOPOLOGY`` answer: what a client needs to route to owners itself.
+
+        ``pending`` maps each partition being handed over to its previous owners
+        (indexes into ``nodes``), which get its writes too until the hand-over ends.
+        """
         topo = self._topology
         if topo is None:
             ring = self.ring
+            nodes = self.members()
+            run = self._run
+            pending = (
+                [] if run is None else run.rebalancer.pending_indexes([nid for nid, _ in nodes])
+            )
             topo = self._topology = {
                 "epoch": self.epoch,
                 "version": 0,
                 "partitions": int(ring.partitions),
                 "replication": int(ring.replication),
-                "nodes": self.members(),
+                "nodes": nodes,
                 "table": ring.table(),
+                "pending": pending,
                 # Clients coordinate reads themselves; they need the default level.
                 "read_consistency": self.config.read_consistency.value,
             }

@@ -3,7 +3,12 @@
 A coordinator (this node's or a peer's) reads and writes an owner's copy with
 ``R_GET``, ``R_PUT``, ``R_DEL``; hinted handoff and anti-entropy push batches with
 ``R_PUT_MANY``; anti-entropy compares with ``MERKLE``, ``KEYS`` and ``PULL``
-(:mod:`hypercache.cluster.merkle` computes those answers). :class:`Replica` checks
+(:mod:`hypercache.cluster.merkle` computes those answers); rebalancing streams
+partitions with ``STREAM`` and asks ``HOLDS`` (:mod:`hypercache.cluster.rebalance`).
+``R_GET`` answers only for partitions this node holds: one it owns and is still
+streaming to it gets :class:`~hypercache.errors.NotReadyError`, one it neither owns
+nor holds :class:`~hypercache.errors.WrongOwnerError` (never a false miss); writes
+are taken for any partition. :class:`Replica` checks
 each payload, applies newer-wins, and is the one place where a received version
 meets this node's clock: every version it applies moves the clock past it, and one
 past the clock's horizon (``max_clock_skew`` ahead) is refused and counted
@@ -22,9 +27,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
-from hypercache._core.vstore import VersionedStore
+from hypercache._core.vstore import STREAM_ENTRY_OVERHEAD, VersionedStore
 from hypercache.cluster import merkle
 from hypercache.cluster.metrics import DistStats
+from hypercache.cluster.rebalance import PartitionStates, answer_holds, answer_stream
 from hypercache.errors import ClockSkewError, ProtocolError
 from hypercache.net.protocol import MAX_PUT_MANY, Limits
 from hypercache.replication import Entry, KeyedEntry, WallClock, wall_ms
@@ -93,6 +99,8 @@ class Replica:
     :param stats: the node's counters.
     :param wall: wall-clock ms, what expiries are judged by (injectable).
     :param direct_latency: observes the seconds each client's own read took.
+    :param states: which partitions this node holds and owns (rebalancing); ``None``:
+        every partition is held (a store that never moves).
     """
 
     def __init__(
@@ -104,6 +112,7 @@ class Replica:
         stats: DistStats,
         wall: WallClock = wall_ms,
         direct_latency: Callable[[float], None] = _ignore,
+        states: PartitionStates | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -111,6 +120,7 @@ class Replica:
         self.stats = stats
         self.wall = wall
         self.direct_latency = direct_latency
+        self.states = states if states is not None else PartitionStates(store.partitions, held=True)
 
     # ------------------------------------------------------------ local access
 
@@ -153,22 +163,35 @@ class Replica:
     # ------------------------------------------------------------ peer requests
 
     def r_get(self, payload: Any) -> list[Any] | None:
-        """``R_GET [key]`` from a peer (a read it coordinates)."""
-        if type(payload) is not list or len(payload) != 1:
-            raise ProtocolError("R_GET payload must be [key]")
+        """``R_GET [key]`` from a peer (a read it coordinates).
+
+        :raises NotReadyError: the key's partition is owned here and still streaming
+            to this node (ask another owner: this is not a miss).
+        :raises WrongOwnerError: the key's partition is neither owned nor held here
+            (it was handed over, or never came): the asker's table is stale.
+        """
         self.stats.replica_gets += 1
-        entry = self.get(self.limits.check_key(payload[0]))
-        return None if entry is None else list(entry)
+        return self._read(payload)
 
     def r_get_direct(self, payload: Any) -> list[Any] | None:
         """``R_GET [key]`` from a client reading the key's owners itself: a read this
-        node answers for a client, counted and timed as one (route ``direct``)."""
+        node answers for a client, counted and timed as one (route ``direct``). The
+        same errors as :meth:`r_get`."""
         start = time.perf_counter()
+        self.stats.direct_gets += 1
+        try:
+            return self._read(payload)
+        finally:
+            self.direct_latency(time.perf_counter() - start)
+
+    def _read(self, payload: Any) -> list[Any] | None:
         if type(payload) is not list or len(payload) != 1:
             raise ProtocolError("R_GET payload must be [key]")
-        self.stats.direct_gets += 1
-        entry = self.get(self.limits.check_key(payload[0]))
-        self.direct_latency(time.perf_counter() - start)
+        key = self.limits.check_key(payload[0])
+        states = self.states
+        if states.missing:
+            states.check(self.store.partition_of(key))
+        entry = self.get(key)
         return None if entry is None else list(entry)
 
     def r_put(self, payload: Any) -> bool:
@@ -251,6 +274,65 @@ class Replica:
     def pull(self, payload: Any) -> list[Any]:
         """``PULL [key, ...]`` (:func:`hypercache.cluster.merkle.answer_pull`)."""
         return merkle.answer_pull(self.store, self.limits, payload, self.wall())
+
+    def put_stream(self, p: int, entries: list[Any]) -> tuple[int, int]:
+        """Apply one ``STREAM`` batch of partition ``p`` (rebalancing): every entry is
+        checked first (as :meth:`check_entry` would, and that it belongs to ``p``),
+        then each goes through :meth:`put` with ``path="rebalance"``: newer-wins, the
+        clock's horizon (a version too far ahead is skipped and counted). Return
+        ``(applied, bytes)``, bytes counted as the source counts its batch (key +
+        value + ``STREAM_ENTRY_OVERHEAD`` each).
+
+        :raises ProtocolError: an entry is malformed or of another partition (nothing
+            of the batch is applied).
+        """
+        max_key, max_value = self.limits.max_key, self.limits.max_value
+        partition_of = self.store.partition_of
+        size = 0
+        for raw in entries:
+            # check_entry inlined: this runs for every key a node receives.
+            if type(raw) is not list or len(raw) != 6:
+                raise ProtocolError(
+                    "STREAM entry must be [key, value, ts, origin, expire_at, tomb]"
+                )
+            key, value, ts, origin, expire_at, tombstone = raw
+            if (
+                type(key) is not bytes
+                or len(key) > max_key
+                or type(value) is not bytes
+                or len(value) > max_value
+                or type(ts) is not int
+                or not 0 <= ts < _MAX_REMOTE_TS
+                or type(origin) is not int
+                or not 0 <= origin < 2**32
+                or type(expire_at) is not int
+                or not 0 <= expire_at < 2**63
+                or type(tombstone) is not bool
+            ):
+                raise ProtocolError(f"malformed STREAM entry: {raw!r:.200}")
+            if partition_of(key) != p:
+                raise ProtocolError(f"STREAM batch of partition {p} holds another's key")
+            size += len(key) + len(value) + STREAM_ENTRY_OVERHEAD
+        put = self.put
+        applied = 0
+        for key, value, ts, origin, expire_at, tombstone in entries:
+            try:
+                applied += put(key, value, ts, origin, expire_at, tombstone, "rebalance")
+            except ClockSkewError:  # counted by put; the rest of the batch goes on
+                continue
+        return applied, size
+
+    def stream(self, payload: Any) -> list[Any]:
+        """``STREAM [partition, cursor, max_keys, max_bytes]``
+        (:func:`hypercache.cluster.rebalance.answer_stream`)."""
+        answer = answer_stream(self.store, self.states, self.limits, payload, self.wall())
+        self.stats.streams_served += 1
+        self.stats.stream_entries_served += len(answer[0])
+        return answer
+
+    def holds(self, payload: Any) -> list[bool]:
+        """``HOLDS [p, ...]`` (:func:`hypercache.cluster.rebalance.answer_holds`)."""
+        return answer_holds(self.states, payload)
 
     def check_entry(self, payload: Any) -> KeyedEntry:
         """An ``R_PUT``-shaped entry, checked: key and value within limits, version

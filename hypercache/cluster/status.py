@@ -141,24 +141,35 @@ class NodeStatus:
             "seeds_pending": node.membership.seeds_pending if started else [],
             "epoch": node.epoch,
             "version": node.membership.version if started else 0,
+            # Holds every partition it owns (a joining or restarted node streams them
+            # first): see /dist/rebalance.
+            "ready": node.rebalancer.ready if started else False,
         }
         if missing:
             body["missing"] = missing
         return body, running
 
     def _missing(self) -> dict[str, Any] | None:
-        """The members down and how many partitions they leave short of an owner
-        (``None``: none down)."""
+        """What keeps the node from ``ok``: the members down and how many partitions
+        they leave short of an owner, and the partitions this node owns but has not
+        received yet (``None``: nothing)."""
         node = self.node
+        missing: dict[str, Any] = {}
         is_up = node.membership.is_up
         down = sorted(nid for nid, _ in node.members() if nid != node.node_id and not is_up(nid))
-        if not down:
-            return None
         ring = node.ring
-        gone = set(down)
         partitions = int(ring.partitions)
-        short = sum(1 for p in range(partitions) if not gone.isdisjoint(ring.partition_owners(p)))
-        return {"down": down, "partitions_short": short, "partitions": partitions}
+        if down:
+            gone = set(down)
+            short = sum(
+                1 for p in range(partitions) if not gone.isdisjoint(ring.partition_owners(p))
+            )
+            missing.update(down=down, partitions_short=short, partitions=partitions)
+        rebalancer = node.rebalancer
+        if not rebalancer.ready:
+            missing["partitions_not_ready"] = rebalancer.states.unready
+            missing["partitions"] = partitions
+        return missing or None
 
     def stats(self) -> dict[str, Any]:
         node = self.node
@@ -344,6 +355,14 @@ class NodeStatus:
             body.update(self.node.handoff.as_dict())
         else:
             body["queued"] = 0
+        return body
+
+    def rebalance(self) -> dict[str, Any]:
+        """Readiness, transfers queued and running, pending owners, partitions waiting
+        for removal, the last ring change's diff, the settings and the counters."""
+        body: dict[str, Any] = {"node_id": self.node.node_id}
+        if self.node.is_started:
+            body.update(self.node.rebalancer.report())
         return body
 
     def merkle(self, partition: int | None) -> dict[str, Any]:
