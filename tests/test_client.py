@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import math
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -28,8 +30,17 @@ from cluster_harness import FAST, running_cluster
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hypercache._core.hlc import wall_clock_ms
 from hypercache._core.ring import Ring
-from hypercache.cli.client import EXIT_ERROR, EXIT_MISS, EXIT_OK, EXIT_USAGE, main
+from hypercache.cli.client import (
+    EXIT_DEGRADED,
+    EXIT_ERROR,
+    EXIT_MISS,
+    EXIT_OK,
+    EXIT_USAGE,
+    main,
+)
+from hypercache.cli.health import assess
 from hypercache.client import (
     AsyncClient,
     Client,
@@ -42,7 +53,13 @@ from hypercache.client import (
     Topology,
     normalize_key,
 )
-from hypercache.client._common import probe_delays, ttl_to_ms, wire_consistency
+from hypercache.client._common import (
+    probe_delays,
+    scan_pattern,
+    ttl_left,
+    ttl_to_ms,
+    wire_consistency,
+)
 from hypercache.client.topology import Router
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.local import ProcessCluster, until, wait_for
@@ -838,7 +855,7 @@ def test_cli_set_get_delete(servers: ServerThread, capsys: pytest.CaptureFixture
         assert client.get("n") == [1, 2]
     assert main(["--seeds", seeds, "--raw", "set", "r", "bytes"]) == EXIT_OK
     assert main(["--seeds", seeds, "--raw", "get", "r"]) == EXIT_OK
-    assert capsys.readouterr().out == "OK\nbytes\n"
+    assert capsys.readouterr().out == "OK\nbytes"  # --raw get: the bytes, nothing added
     assert main(["--seeds", seeds, "delete", "greeting"]) == EXIT_OK
     assert capsys.readouterr().out == "deleted\n"
     assert main(["--seeds", seeds, "delete", "greeting"]) == EXIT_OK
@@ -1324,14 +1341,25 @@ class AsyncView:
     def _router(self) -> Router:
         return self.client._router
 
-    def set(self, key: str, value: Any) -> None:
-        self._run(self.client.set(key, value))
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        self._run(self.client.set(key, value, ttl))
 
     def get(self, key: str) -> Any:
         return self._run(self.client.get(key))
 
     def ping(self, address: str | None = None) -> float:
         return self._run(self.client.ping(address))
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        # any other operation: run it on the client's loop
+        method = getattr(self.client, name)
+        return lambda *args, **kw: self._run(method(*args, **kw))
+
+    def scan(self, *args: Any, **kw: Any) -> list[bytes]:
+        async def go() -> list[bytes]:
+            return [key async for key in self.client.scan(*args, **kw)]
+
+        return self._run(go())
 
     def probing(self) -> list[str]:
         """Addresses with a probe running."""
@@ -1887,3 +1915,511 @@ def _real_stale_replica_repaired(real: ProcessCluster) -> None:
         assert client.get(key) == "new"
         assert client.stats.read_repairs == 1
         wait_for(lambda: real.request(stale, Op.R_GET, [key]) == new)
+
+
+# ============================================================ ttl, expire, scan, keys, flush
+
+# Issue 14: the client face of TTL, EXPIRE, SCAN and FLUSH, against real nodes (on TCP,
+# in the fake servers' loop thread) with both clients, then the routing and the
+# errors against fake nodes.
+
+
+@contextlib.contextmanager
+def either_client(kind: str, seeds: str, **options: Any) -> Iterator[Any]:
+    """A ``Client``, or an :class:`AsyncView` of an ``AsyncClient`` (on a loop of its
+    own), closed on exit."""
+    if kind == "sync":
+        with Client(seeds, **options) as client:
+            yield client
+        return
+    view = AsyncView([seeds], **options)
+    try:
+        yield view
+    finally:
+        view.close()
+
+
+@contextlib.contextmanager
+def real_nodes(servers: ServerThread, n: int, **settings: Any) -> Iterator[list[Node]]:
+    """``n`` real nodes on loopback TCP, in the loop of ``servers``; stopped on exit."""
+    nodes: list[Node] = []
+
+    async def start() -> None:
+        for i in range(n):
+            seeds = (nodes[0].address,) if nodes else ()
+            config = DistConfig(
+                node_id=f"r{i}", bind="127.0.0.1:0", seeds=seeds, **{**FAST, **settings}
+            )
+            nodes.append(Node(config))
+            await nodes[-1].start()
+        await until(
+            lambda: all(len(nd.members()) == n and nd.rebalancer.ready for nd in nodes),
+            what="members, each with its partitions ready",
+        )
+
+    async def stop() -> None:
+        for node in nodes:
+            await node.stop()
+
+    try:
+        servers.run(start())
+        yield nodes
+    finally:
+        servers.run(stop())
+
+
+@KIND
+def test_ttl_and_expire_against_real_nodes(servers: ServerThread, kind: str) -> None:
+    with (
+        real_nodes(servers, 3) as nodes,
+        either_client(kind, nodes[0].address, consistency="quorum") as c,
+    ):
+        c.set("session", "s", ttl=30)
+        c.set("forever", "f")
+        left = c.ttl("session")
+        assert 29 < left <= 30
+        assert c.ttl("forever") is None
+        with pytest.raises(KeyError):
+            c.ttl("absent")
+        assert c.expire("forever", 5) is True
+        assert 4 < c.ttl("forever", consistency="all") <= 5
+        assert c.get("forever") == "f"  # the value is untouched
+        assert c.expire("forever", None) is True
+        assert c.ttl("forever") is None
+        assert c.expire("absent", 5) is False
+        with pytest.raises(KeyError):
+            c.ttl("absent")  # expire wrote nothing
+        c.delete("session")
+        with pytest.raises(KeyError):
+            c.ttl("session")
+        for bad in (0, -1, math.inf, math.nan):
+            with pytest.raises(ConfigError):
+                c.expire("forever", bad)
+        with pytest.raises(TypeError):
+            c.expire("forever", "5")
+
+
+@KIND
+def test_scan_keys_and_flush_against_real_nodes(servers: ServerThread, kind: str) -> None:
+    with (
+        real_nodes(servers, 3, replication=2) as nodes,
+        either_client(kind, nodes[1].address, consistency="all") as c,
+    ):
+        c.set_many({f"user:{i}": i for i in range(120)})
+        c.set_many({f"order:{i}": i for i in range(30)})
+        c.set("user:[x]", 0)
+        everything = {f"user:{i}".encode() for i in range(120)} | {b"user:[x]"}
+        everything |= {f"order:{i}".encode() for i in range(30)}
+        assert c.keys() == sorted(everything)
+        assert c.keys("user:1?") == sorted(f"user:{i}".encode() for i in range(10, 20))
+        assert c.keys("user:[[]x]") == [b"user:[x]"]
+        assert c.keys("order:*") == sorted(k for k in everything if k.startswith(b"order:"))
+        assert c.keys("order:2") == [b"order:2"]
+        assert c.keys("*:2[0-9]") == sorted(
+            k for k in everything if k.split(b":")[1][:1] == b"2" and len(k.split(b":")[1]) == 2
+        )
+        assert len(c.keys(limit=7)) == 7
+        # One node: the keys it holds, each once, as many pages as it takes.
+        held = {k for k in everything if nodes[2].replica.get(k) is not None}
+        assert 0 < len(held) < len(everything)
+        listed = list(c.scan(nodes[2].address, page_size=9))
+        assert len(listed) == len(held) and set(listed) == held
+        assert set(c.scan(nodes[2].address, pattern="order:*")) == {
+            k for k in held if k.startswith(b"order:")
+        }
+        assert set(c.scan()) <= everything  # some node, the same one for every page
+        for bad in ("user:[", "[!"):
+            with pytest.raises(ConfigError) as info:
+                c.scan(nodes[0].address, pattern=bad)
+            assert info.value.field == "pattern"
+        with pytest.raises(ConfigError):
+            c.keys(limit=0)
+        with pytest.raises(ConfigError):
+            c.scan("nohost", pattern="*")
+        with pytest.raises(ConfigError):
+            c.scan(nodes[0].address, page_size=0)
+        # Each key on its 2 owners, and on a previous owner until the grace after
+        # the joins has passed: each node reports what it held.
+        holding = {nd.address: len(nd.store) for nd in nodes}
+        assert sum(holding.values()) >= 2 * len(everything)
+        dropped = c.flush()
+        assert dropped == holding
+        assert all(len(nd.store) == 0 for nd in nodes)
+        assert c.keys() == []
+        assert c.get("user:1") is None
+
+
+def test_scan_pattern_splits_the_literal_prefix_from_the_match() -> None:
+    limits = Limits(max_frame=4096, max_key=8, max_value=1024)
+    assert scan_pattern(None, limits) == (None, None)
+    assert scan_pattern("user:*", limits) == (b"user:", None)
+    assert scan_pattern("*", limits) == (b"", None)
+    prefix, match = scan_pattern("ab", limits)
+    assert prefix == b"ab" and match is not None and match(b"ab") and not match(b"abc")
+    prefix, match = scan_pattern("u?er*x", limits)
+    assert prefix == b"u" and match is not None
+    assert match(b"user-x") and match(b"uxerx") and not match(b"user-y")
+    prefix, match = scan_pattern("é?", limits)  # ? is one character, not one byte
+    assert prefix == "é".encode() and match is not None and match("éé".encode())
+    prefix, match = scan_pattern(b"\xff*\xfe", limits)  # bytes that are not UTF-8
+    assert prefix == b"\xff" and match is not None and match(b"\xff\x00\xfe")
+    assert scan_pattern("[]]*", limits)[0] == b""  # a leading ] is a member
+    for bad in ("a[", "a[!", "a[]", 5, "x" * 9 + "*"):
+        with pytest.raises(ConfigError) as info:
+            scan_pattern(bad, limits)  # type: ignore[arg-type]
+        assert info.value.field == "pattern"
+    assert ttl_left("k", (True, 0), 1000) is None
+    assert ttl_left("k", (True, 2500), 1000) == 1.5
+    assert ttl_left("k", (True, 500), 1000) == 0.0
+    with pytest.raises(KeyError):
+        ttl_left("k", (False, 0), 1000)
+
+
+class ScanNode(FakeNode):
+    """A fake node that also answers TTL, EXPIRE, SCAN (``held``, pages of
+    ``page`` keys) and FLUSH, and records what it was sent."""
+
+    def __init__(self, name: str, store: dict[bytes, bytes], held: list[bytes]) -> None:
+        super().__init__(name, store)
+        self.held = held
+        self.expiries: dict[bytes, int] = {}
+        self.fail_sets: Exception | None = None
+        self.payloads: list[tuple[str, Any]] = []
+        self.flush_error: Exception | None = None
+
+    async def handle(self, conn_info: PeerInfo, op: int, payload: Any) -> Any:
+        if op == Op.SET and self.fail_sets is not None:
+            raise self.fail_sets
+        if op not in (Op.TTL, Op.EXPIRE, Op.SCAN, Op.FLUSH):
+            return await super().handle(conn_info, op, payload)
+        self.payloads.append((Op(op).name, payload))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        if op == Op.TTL:
+            return [payload[0] in self.store, self.expiries.get(payload[0], 0)]
+        if op == Op.EXPIRE:
+            return payload[0] in self.store
+        if op == Op.SCAN:
+            start = 0 if payload[0] is None else int(payload[0])
+            prefix = payload[2] if len(payload) == 3 else b""
+            keys = [k for k in self.held if k.startswith(prefix)]
+            end = start + min(payload[1], 4)
+            return [keys[start:end], str(end).encode() if end < len(keys) else None]
+        if self.flush_error is not None:
+            raise self.flush_error
+        return len(self.held)
+
+
+def scan_cluster(
+    servers: ServerThread, held: list[list[bytes]], replication: int
+) -> tuple[list[ScanNode], Ring]:
+    store: dict[bytes, bytes] = {}
+    nodes = [ScanNode(f"n{i}", store, keys) for i, keys in enumerate(held)]
+    for node in nodes:
+        servers.start(node)
+    payload, ring = topology_payload({nd.name: nd.address for nd in nodes}, replication)
+    for node in nodes:
+        node.topology = payload
+    return nodes, ring
+
+
+@KIND
+def test_ttl_goes_to_the_primary_and_expire_is_not_retried_after_a_timeout(
+    servers: ServerThread, kind: str
+) -> None:
+    nodes, ring = scan_cluster(servers, [[], [], []], replication=3)
+    nodes[0].store[b"k"] = b"v"
+    primary = next(nd for nd in nodes if nd.name == ring.owners(b"k")[0])
+    with either_client(kind, nodes[0].address, timeout=0.3) as c:
+        assert c.ttl("k", consistency="one") is None
+        assert c.expire("k", 1.5) is True
+        assert [name for name, _ in primary.payloads] == ["TTL", "EXPIRE"]
+        assert primary.payloads[0][1] == [b"k", "one"]
+        assert primary.payloads[1][1] == [b"k", 1500, None]
+        primary.delay = 1.0
+        with pytest.raises(RequestTimeoutError):
+            c.expire("k", 1)  # a write: its outcome is unknown, not sent elsewhere
+        assert sum(name == "EXPIRE" for nd in nodes for name, _ in nd.payloads) == 2
+        assert c.ttl("k") is None  # a read: another owner answers
+    primary.delay = 0
+
+
+@KIND
+def test_keys_lists_every_node_and_says_when_partitions_are_missing(
+    servers: ServerThread, kind: str
+) -> None:
+    held = [[b"a:1", b"a:2", b"b:1"], [b"a:2", b"a:3", b"a:4", b"a:5", b"c"], [b"b:1", b"c"]]
+    nodes, _ = scan_cluster(servers, held, replication=2)
+    with either_client(kind, nodes[0].address) as c:
+        assert c.keys() == [b"a:1", b"a:2", b"a:3", b"a:4", b"a:5", b"b:1", b"c"]
+        assert c.keys("a:*") == [b"a:1", b"a:2", b"a:3", b"a:4", b"a:5"]
+        # the prefix went to the nodes; pages of 4 were followed
+        scans = [p for nd in nodes for name, p in nd.payloads if name == "SCAN"]
+        assert [None, 1000, b"a:"] in scans and [b"4", 1000] in scans
+        # With replication 2, one node down leaves every partition an owner listed.
+        servers.stop(nodes[2].address)
+        assert c.keys() == [b"a:1", b"a:2", b"a:3", b"a:4", b"a:5", b"b:1", b"c"]
+        servers.stop(nodes[1].address)
+        with pytest.raises(NodeUnavailableError, match=r"no owner of \d+ partition"):
+            c.keys()
+        assert set(c.scan()) == set(held[0])  # the one node left
+
+
+@KIND
+def test_flush_reports_each_node(servers: ServerThread, kind: str) -> None:
+    nodes, _ = scan_cluster(servers, [[b"x"] * 3, [b"y"] * 5, []], replication=2)
+    nodes[1].flush_error = ServerError("disk on fire")
+    gone = nodes[2].address
+    servers.stop(gone)
+    with either_client(kind, nodes[0].address) as c:
+        c.topology()
+        result = c.flush()
+    assert result[nodes[0].address] == 3
+    assert isinstance(result[nodes[1].address], ServerError)
+    assert isinstance(result[gone], NodeUnavailableError)
+
+
+# ---------------------------------------------------------------- the CLI's new commands
+
+
+def stdin_of(monkeypatch: pytest.MonkeyPatch, data: bytes) -> None:
+    """Make ``data`` the standard input (text and ``.buffer``)."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+
+def test_cli_values_from_stdin_and_files_and_raw_bytes_out(
+    servers: ServerThread,
+    capsysbinary: pytest.CaptureFixture[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    nodes, _ = scan_cluster(servers, [[], []], replication=2)
+    seeds = nodes[0].address
+    blob = bytes(range(256)) * 1064  # 266 KiB, every byte value, not UTF-8
+    (tmp_path / "blob").write_bytes(blob)
+    assert main(["--seeds", seeds, "--raw", "set", "file", f"@{tmp_path / 'blob'}"]) == EXIT_OK
+    assert nodes[0].store[b"file"] == blob  # stored as it is, no msgpack
+    stdin_of(monkeypatch, blob)
+    assert main(["--seeds", seeds, "set", "piped", "-", "--raw"]) == EXIT_OK
+    assert nodes[0].store[b"piped"] == blob
+    capsysbinary.readouterr()
+    assert main(["--seeds", seeds, "--raw", "get", "file"]) == EXIT_OK
+    assert capsysbinary.readouterr().out == blob  # byte for byte, no newline
+    # Text from a file or stdin is stored as text, like an argument.
+    (tmp_path / "note").write_text("héllo\nworld\n")
+    assert main(["--seeds", seeds, "set", "note", f"@{tmp_path / 'note'}"]) == EXIT_OK
+    stdin_of(monkeypatch, b'{"a": [1, 2]}')
+    assert main(["--seeds", seeds, "set", "doc", "-", "--json"]) == EXIT_OK
+    assert main(["--seeds", seeds, "set", "at", "@@home"]) == EXIT_OK
+    capsysbinary.readouterr()
+    with Client(seeds) as client:
+        assert client.get("note") == "héllo\nworld\n"
+        assert client.get("doc") == {"a": [1, 2]}
+        assert client.get("at") == "@home"
+    assert main(["--seeds", seeds, "get", "note"]) == EXIT_OK
+    assert capsysbinary.readouterr().out == "héllo\nworld\n\n".encode()  # text: as before
+
+
+def test_cli_value_errors_are_usage_errors_and_store_nothing(
+    servers: ServerThread,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    nodes, _ = scan_cluster(servers, [[], []], replication=2)
+    for nd in nodes:  # the cluster takes values up to 1000 bytes
+        assert nd.topology is not None
+        nd.topology = {**nd.topology, "max_value": 1000}
+    seeds = nodes[0].address
+    (tmp_path / "big").write_bytes(b"x" * 1001)
+    assert main(["--seeds", seeds, "--raw", "set", "k", f"@{tmp_path / 'big'}"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "over the cluster's max_value (1000 bytes)" in err and "Traceback" not in err
+    assert main(["--seeds", seeds, "set", "k", "y" * 999]) == EXIT_USAGE  # msgpack: 1002
+    assert "is 1002 bytes, over the cluster's max_value (1000 bytes)" in capsys.readouterr().err
+    stdin_of(monkeypatch, b"z" * 5000)
+    assert main(["--seeds", seeds, "--raw", "set", "k", "-"]) == EXIT_USAGE
+    assert "from standard input is over" in capsys.readouterr().err
+    stdin_of(monkeypatch, b"\xff\xfe")
+    assert main(["--seeds", seeds, "set", "k", "-"]) == EXIT_USAGE
+    assert "not UTF-8 text: use --raw" in capsys.readouterr().err
+    assert main(["--seeds", seeds, "set", "k", f"@{tmp_path / 'absent'}"]) == EXIT_USAGE
+    assert "cannot read" in capsys.readouterr().err
+    stdin_of(monkeypatch, b"1")
+    assert main(["--seeds", seeds, "mset", "a", "-", "b", "-"]) == EXIT_USAGE
+    assert "read only once" in capsys.readouterr().err
+    assert main(["--seeds", seeds, "mset", "a", "1", "b"]) == EXIT_USAGE
+    assert main(["--seeds", seeds, "--raw", "set", "k", "v", "--json"]) == EXIT_USAGE
+    assert b"k" not in nodes[0].store and b"a" not in nodes[0].store
+    assert main(["--seeds", seeds, "--raw", "set", "k", "x" * 1000]) == EXIT_OK
+    assert nodes[0].store[b"k"] == b"x" * 1000
+
+
+def test_cli_ttl_expire_mget_mset(
+    servers: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nodes, _ = scan_cluster(servers, [[], []], replication=2)
+    seeds = nodes[0].address
+    assert main(["--seeds", seeds, "mset", "a", "1", "b", "two\tlines\n", "--ttl", "60"]) == 0
+    assert capsys.readouterr().out == "OK (2 keys)\n"
+    assert main(["--seeds", seeds, "mget", "a", "b"]) == EXIT_OK
+    assert capsys.readouterr().out == "a\t1\nb\ttwo\\tlines\\n\n"  # one line per key
+    assert main(["--seeds", seeds, "mget", "a", "nope", "b"]) == EXIT_MISS
+    captured = capsys.readouterr()
+    assert captured.out == "a\t1\nb\ttwo\\tlines\\n\n" and "'nope' not found" in captured.err
+    assert main(["--seeds", seeds, "ttl", "a"]) == EXIT_OK
+    assert capsys.readouterr().out == "none\n"
+    for nd in nodes:
+        nd.expiries[b"a"] = wall_clock_ms() + 30_000
+    assert main(["--seeds", seeds, "ttl", "a"]) == EXIT_OK
+    assert 29 < float(capsys.readouterr().out) <= 30
+    assert main(["--seeds", seeds, "ttl", "nope"]) == EXIT_MISS
+    assert "'nope' not found" in capsys.readouterr().err
+    assert main(["--seeds", seeds, "expire", "a", "2.5"]) == EXIT_OK
+    assert main(["--seeds", seeds, "expire", "a", "none"]) == EXIT_OK
+    assert capsys.readouterr().out == "OK\nOK\n"
+    expires = [p for nd in nodes for name, p in nd.payloads if name == "EXPIRE"]
+    assert expires == [[b"a", 2500, None], [b"a", None, None]]
+    assert main(["--seeds", seeds, "expire", "nope", "5"]) == EXIT_MISS
+    for bad in ("0", "-3", "soon", "inf", "nan"):
+        assert main(["--seeds", seeds, "expire", "a", bad]) == EXIT_USAGE
+        assert "SECONDS" in capsys.readouterr().err
+
+
+def test_cli_keys_scan_and_their_errors(
+    servers: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    held = [[b"a:1", b"a:2", b"b\xff"], [b"a:2", b"a:3", b"c"]]
+    nodes, _ = scan_cluster(servers, held, replication=2)
+    seeds = nodes[0].address
+    assert main(["--seeds", seeds, "keys"]) == EXIT_OK
+    assert capsys.readouterr().out == "a:1\na:2\na:3\nb\\xff\nc\n"
+    assert main(["--seeds", seeds, "keys", "a:*", "--limit", "2"]) == EXIT_OK
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main(["--seeds", seeds, "scan", "--node", nodes[1].address]) == EXIT_OK
+    assert capsys.readouterr().out == "a:2\na:3\nc\n"
+    assert main(["--seeds", seeds, "keys", "?:[23]", "--node", nodes[1].address]) == EXIT_OK
+    assert capsys.readouterr().out == "a:2\na:3\n"
+    dead = dead_address(servers)
+    for argv, field in (
+        (["keys", "--node", dead], "--node: " + dead + " is not a node of the cluster"),
+        (["keys", "--node", "nohost"], "--node"),
+        (["keys", "--limit", "0"], "--limit"),
+        (["keys", "a["], "pattern"),
+        (["keys", "--limit", "x"], "invalid int"),
+    ):
+        assert main(["--seeds", seeds, *argv]) == EXIT_USAGE, argv
+        err = capsys.readouterr().err
+        assert field in err and "Traceback" not in err, err
+
+
+def test_cli_flush_asks_for_the_cluster_name(
+    servers: ServerThread, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nodes, _ = scan_cluster(servers, [[b"x"] * 2, [b"y"] * 3], replication=2)
+    seeds = nodes[0].address
+    stdin_of(monkeypatch, b"yes\n")
+    assert main(["--seeds", seeds, "flush"]) == EXIT_MISS
+    captured = capsys.readouterr()
+    assert "Type the cluster name (hypercache)" in captured.err
+    assert "anti-entropy copies them back" in captured.err
+    assert "nothing was dropped" in captured.err and captured.out == ""
+    assert not any(name == "FLUSH" for nd in nodes for name, _ in nd.payloads)
+    stdin_of(monkeypatch, b"")  # no answer at all
+    assert main(["--seeds", seeds, "clear"]) == EXIT_MISS
+    stdin_of(monkeypatch, b"hypercache\n")
+    assert main(["--seeds", seeds, "flush"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "dropped 2" in out and "dropped 3" in out
+    assert out.endswith("flushed: 5 entries dropped on 2 nodes\n")
+    servers.stop(nodes[1].address)
+    assert main(["--seeds", seeds, "clear", "--yes"]) == EXIT_ERROR
+    captured = capsys.readouterr()
+    assert f"{nodes[1].address}  NOT FLUSHED (NodeUnavailableError" in captured.out
+    assert "1 of 2 nodes were not flushed" in captured.err
+    assert "they keep their entries, and anti-entropy will copy them back" in captured.err
+
+
+def test_cli_members_health_and_ping_strict(
+    servers: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nodes, _ = scan_cluster(servers, [[], [], []], replication=2)
+    seeds = ",".join(nd.address for nd in nodes)
+    assert main(["--seeds", seeds, "health", "--strict"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.startswith("status: ok\nnodes: 3 of 3 reachable\n")
+    assert "all 64 have 2 reachable owners" in out
+    assert main(["--seeds", seeds, "ping", "--strict"]) == EXIT_OK
+    assert main(["--seeds", seeds, "members"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "REACHABLE" in out and out.count(" yes ") == 3
+    servers.stop(nodes[2].address)
+    assert main(["--seeds", seeds, "health"]) == EXIT_OK  # degraded: 0 unless --strict
+    out = capsys.readouterr().out
+    assert out.startswith("status: degraded\nnodes: 2 of 3 reachable\n")
+    assert f"unreachable: n2 at {nodes[2].address}" in out
+    assert "(e.g. partition" in out and "unreachable: n2" in out
+    assert main(["--seeds", seeds, "health", "--strict"]) == EXIT_DEGRADED
+    capsys.readouterr()
+    assert main(["--seeds", seeds, "ping"]) == EXIT_OK
+    assert main(["--seeds", seeds, "ping", "--strict"]) == EXIT_DEGRADED
+    assert "status: degraded" in capsys.readouterr().err
+    assert main(["--seeds", seeds, "members"]) == EXIT_OK
+    assert capsys.readouterr().out.count(" no ") == 1
+    for nd in nodes[:2]:
+        servers.stop(nd.address)
+    assert main(["--seeds", seeds, "--timeout", "0.5", "health"]) == EXIT_ERROR  # down
+    assert capsys.readouterr().out.startswith("status: down\n")
+    assert main(["--seeds", seeds, "--timeout", "0.5", "ping"]) == EXIT_ERROR
+
+
+def test_health_assessment() -> None:
+    payload, _ = topology_payload({"a": "h:1", "b": "h:2", "c": "h:3"}, replication=2)
+    topo = Topology.from_wire(payload)
+    assert assess(topo, {}).status == "ok"
+    one = assess(topo, {"h:3": "refused"})
+    assert one.status == "degraded" and one.unreachable == {"h:3": "refused"}
+    shorts = {p for p in range(64) if "h:3" in topo.partition_owners(p)}
+    assert one.short_partitions == len(shorts) > 0
+    assert all(s.missing == ("c",) and s.reachable == 1 for s in one.short)
+    assert assess(topo, {"h:1": "x", "h:2": "x", "h:3": "x"}).status == "down"
+    assert assess(topo, {"elsewhere:1": "x"}).status == "ok"  # not a node of the table
+    # Fewer nodes than the replication: every partition is short, with no node down.
+    payload, _ = topology_payload({"a": "h:1", "b": "h:2"}, replication=2)
+    small = Topology.from_wire({**payload, "replication": 3})
+    report = assess(small, {})
+    assert report.status == "degraded" and not report.unreachable
+    assert report.short_partitions == 64
+    assert "only 2 owners in the table" in "\n".join(report.lines())
+
+
+def test_cli_bench_runs_a_small_load_and_prints_the_summary(
+    servers: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nodes, _ = scan_cluster(servers, [[], []], replication=2)
+    seeds = nodes[0].address
+    argv = ["--seeds", seeds, "bench", "--requests", "200", "--concurrency", "4"]
+    assert main([*argv, "--value-size", "32", "--keys", "10"]) == EXIT_OK
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("bench: 200 requests per op, concurrency 4, values of 32 bytes")
+    header = ["op", "requests", "errors", "ops/s", "p50", "ms", "p95", "ms", "p99", "ms", "max"]
+    assert lines[1].split() == [*header, "ms"]
+    for op, line in zip(("set", "get"), lines[2:4], strict=True):
+        cells = line.split()
+        assert cells[:3] == [op, "200", "0"], line
+        p50, p95, p99, most = map(float, cells[4:8])
+        assert 0 < p50 <= p95 <= p99 <= most
+    assert "set: 100%" in captured.err and "200/200" in captured.err  # the tqdm bars
+    assert len(nodes[0].store) == 10  # keys bench:0 .. bench:9
+    for bad in (["--requests", "0"], ["--concurrency", "0"], ["--keys", "0"]):
+        assert main(["--seeds", seeds, "bench", *bad]) == EXIT_USAGE
+        assert bad[0] in capsys.readouterr().err
+    for nd in nodes:
+        nd.fail_sets = ServerError("boom")
+    assert main([*argv, "--no-progress"]) == EXIT_ERROR
+    captured = capsys.readouterr()
+    assert "set: 200 x ServerError" in captured.out and "200 requests failed" in captured.err
+    assert captured.err.count("100%") == 0  # --no-progress

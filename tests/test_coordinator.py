@@ -755,3 +755,264 @@ def test_a_member_moves_only_by_its_own_authenticated_word() -> None:
                 await moved.stop()
 
     run(main())
+
+
+# ------------------------------------------------- TTL, EXPIRE, SCAN, FLUSH (issue 14)
+
+
+def test_ttl_answers_the_expiry_of_the_newest_live_version() -> None:
+    async def main() -> None:
+        async with cluster() as (net, nodes), client(net, nodes[1]) as c:
+            before = wall_ms()
+            await c.request(Op.SET, [b"t", b"v", 60_000, "all"], 2)
+            await c.request(Op.SET, [b"forever", b"v", None, "all"], 2)
+            for level in ("one", "quorum", "all", None):
+                found, expire_at = await c.request(Op.TTL, [b"t", level], 2)
+                assert found is True and before + 60_000 <= expire_at <= wall_ms() + 60_000
+                assert await c.request(Op.TTL, [b"forever", level], 2) == [True, 0]
+                assert await c.request(Op.TTL, [b"never", level], 2) == [False, 0]
+            await c.request(Op.DELETE, [b"forever", "all"], 2)
+            assert await c.request(Op.TTL, [b"forever", "quorum"], 2) == [False, 0]
+            for n in nodes:  # the TTL has passed: expired reads as absent
+                n.wall_ms = lambda: wall_clock_ms() + 61_000
+            assert await c.request(Op.TTL, [b"t", "quorum"], 2) == [False, 0]
+            assert nodes[1].metrics.stats.requests["ttl"] == 14
+            with pytest.raises(ConfigError) as info:
+                await c.request(Op.TTL, [b"t", "most"], 2)
+            assert info.value.field == "consistency"
+            with pytest.raises(ProtocolError):
+                await c.request(Op.TTL, [b"t"], 2)
+
+    run(main())
+
+
+def test_ttl_reads_the_newest_version_and_repairs_the_stale_owner() -> None:
+    async def main() -> None:
+        async with cluster() as (net, nodes), client(net, nodes[0]) as c:
+            key = b"ttl-stale"
+            await c.request(Op.SET, [key, b"v", None, "all"], 2)
+            _, ts, origin, _, _ = local(nodes[0], key)
+            owners = nodes[0].ring.owners(key)
+            by_id = {n.node_id: n for n in nodes}
+            fresh, stale = [by_id[o] for o in owners[:2]], by_id[owners[2]]
+            expire_at = wall_ms() + 30_000
+            for n in fresh:  # a newer version, with an expiry, on two owners only
+                assert n.replica.put(key, b"v", ts + 1, origin, expire_at, False)
+            assert await c.request(Op.TTL, [key, "quorum"], 2) == [True, expire_at]
+            await until(lambda: local(stale, key)[3] == expire_at, what="read repair")
+
+    run(main())
+
+
+def test_expire_writes_the_value_back_with_a_new_expiry_as_a_newer_version() -> None:
+    async def main() -> None:
+        async with cluster() as (net, nodes), client(net, nodes[2]) as c:
+            await c.request(Op.SET, [b"e", b"value", None, "all"], 2)
+            old = local(nodes[0], b"e")
+            before = wall_ms()
+            assert await c.request(Op.EXPIRE, [b"e", 5_000, "quorum"], 2) is True
+            found, expire_at = await c.request(Op.TTL, [b"e", "quorum"], 2)
+            assert found and before + 5_000 <= expire_at <= wall_ms() + 5_000
+            await until(lambda: all(local(n, b"e")[3] == expire_at for n in nodes), what="all")
+            for n in nodes:
+                value, ts, _origin, _, tombstone = local(n, b"e")
+                assert value == b"value" and not tombstone and ts > old[1]
+            # nil: no expiry any more
+            assert await c.request(Op.EXPIRE, [b"e", None, "all"], 2) is True
+            assert await c.request(Op.TTL, [b"e", "all"], 2) == [True, 0]
+            assert await c.request(Op.GET, [b"e", "all"], 2) == [True, b"value"]
+            # Absent, deleted, expired: False, and nothing is written.
+            assert await c.request(Op.EXPIRE, [b"absent", 1_000, "all"], 2) is False
+            assert all(local(n, b"absent") is None for n in nodes)
+            await c.request(Op.DELETE, [b"e", "all"], 2)
+            assert await c.request(Op.EXPIRE, [b"e", 1_000, "all"], 2) is False
+            assert all(local(n, b"e")[4] is True for n in nodes)  # still a tombstone
+            await c.request(Op.SET, [b"short", b"v", 1_000, "all"], 2)
+            for n in nodes:
+                n.wall_ms = lambda: wall_clock_ms() + 2_000
+            assert await c.request(Op.EXPIRE, [b"short", 60_000, "all"], 2) is False
+            stats = nodes[2].metrics.stats
+            assert stats.requests["expire"] == 5
+            # A write-back is a SET too: 2 SETs by hand, 2 EXPIREs that found the key.
+            assert stats.requests["set"] == 4
+
+    run(main())
+
+
+def test_a_set_after_expire_wins_and_bad_expires_are_refused() -> None:
+    async def main() -> None:
+        async with cluster() as (net, nodes), client(net, nodes[0]) as c:
+            await c.request(Op.SET, [b"k", b"one", None, "all"], 2)
+            assert await c.request(Op.EXPIRE, [b"k", 60_000, "all"], 2) is True
+            await c.request(Op.SET, [b"k", b"two", None, "all"], 2)  # last writer wins
+            assert await c.request(Op.GET, [b"k", "all"], 2) == [True, b"two"]
+            assert await c.request(Op.TTL, [b"k", "all"], 2) == [True, 0]
+            for bad in (0, -1, 1.5, "10", 2**63):
+                with pytest.raises(ConfigError) as info:
+                    await c.request(Op.EXPIRE, [b"k", bad, None], 2)
+                assert info.value.field == "ttl_ms"
+            with pytest.raises(ProtocolError):
+                await c.request(Op.EXPIRE, [b"k", 1_000], 2)
+            assert await c.request(Op.GET, [b"k", "all"], 2) == [True, b"two"]
+
+    run(main())
+
+
+def test_expire_fails_with_its_quorum_and_writes_nothing_without_it() -> None:
+    async def main() -> None:
+        async with cluster() as (net, nodes):
+            await nodes[2].server.close()  # n3 dies
+            async with client(net, nodes[0]) as c:
+                await c.request(Op.SET, [b"q", b"v", None, "quorum"], 3)
+                with pytest.raises(QuorumError) as info:
+                    await c.request(Op.EXPIRE, [b"q", 1_000, "all"], 3)
+                assert (info.value.acks, info.value.required) == (2, 3)
+                assert await c.request(Op.TTL, [b"q", "quorum"], 3) == [True, 0]
+                assert await c.request(Op.EXPIRE, [b"q", 9_000, "quorum"], 3) is True
+            assert nodes[0].metrics.stats.quorum_failures["expire"] == 1
+
+    run(main())
+
+
+def _live_keys(node: Node) -> set[bytes]:
+    """The keys of ``node``'s live entries (no tombstones, nothing expired)."""
+    now = node.wall_ms()
+    out = set()
+    for p in range(int(node.store.partitions)):
+        for key, _v, _ts, _o, expire_at, tombstone in node.store.entries(p):
+            if not tombstone and (expire_at == 0 or expire_at > now):
+                out.add(key)
+    return out
+
+
+async def _scan_all(c: ClientConnection, limit: int, prefix: bytes | None = None) -> list[bytes]:
+    keys: list[bytes] = []
+    cursor = None
+    pages = 0
+    while True:
+        payload = [cursor, limit] if prefix is None else [cursor, limit, prefix]
+        page, cursor = await c.request(Op.SCAN, payload, 2)
+        assert len(page) <= limit
+        keys += page
+        pages += 1
+        assert pages < 10_000, "the cursor does not advance"
+        if cursor is None:
+            return keys
+
+
+def test_scan_pages_through_the_live_keys_a_node_holds_once_each() -> None:
+    async def main() -> None:
+        # Replication 2 of 3: each node holds about two thirds of the keys.
+        async with cluster(replication=2) as (net, nodes), client(net, nodes[0]) as c:
+            for i in range(300):
+                await c.request(Op.SET, [f"user:{i}".encode(), b"v", None, "all"], 2)
+            for i in range(40):
+                await c.request(Op.SET, [f"tmp:{i}".encode(), b"v", 1_000, "all"], 2)
+            for i in range(0, 300, 10):
+                await c.request(Op.DELETE, [f"user:{i}".encode(), "all"], 2)
+            for n in nodes:  # the tmp: keys expire
+                n.wall_ms = lambda: wall_clock_ms() + 2_000
+            # A previous owner may still hold everything until its grace has passed.
+            assert any(0 < len(_live_keys(n)) < 270 for n in nodes)
+            for n in nodes:
+                async with client(net, n) as cn:
+                    expected = _live_keys(n)
+                    assert 0 < len(expected) <= 270
+                    assert all(k.startswith(b"user:") for k in expected)
+                    for limit in (7, 1000, 10**6):
+                        keys = await _scan_all(cn, limit)
+                        assert len(keys) == len(set(keys))  # once each
+                        assert set(keys) == expected
+                        order = [(n.store.partition_of(k), k) for k in keys]
+                        assert order == sorted(order)
+                    assert set(await _scan_all(cn, 5, b"user:1")) == {
+                        k for k in expected if k.startswith(b"user:1")
+                    }
+                    assert await _scan_all(cn, 5, b"nothing") == []
+            page, cursor = await c.request(Op.SCAN, [None, 10**6], 2)
+            assert cursor is None and set(page) == _live_keys(nodes[0])  # under MAX_SCAN
+
+    run(main())
+
+
+def test_scan_pages_are_bounded_in_keys_bytes_and_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hypercache.cluster import replica as replica_module
+
+    async def main() -> None:
+        async with cluster(1) as (net, nodes), client(net, nodes[0]) as c:
+            for i in range(1200):
+                await c.request(Op.SET, [b"%04d" % i, b"v", None, "one"], 2)
+            page, cursor = await c.request(Op.SCAN, [None, 5000], 2)
+            assert len(page) == replica_module.MAX_SCAN and cursor is not None
+            # bytes: keys of 4 bytes cost 12; 100 bytes hold 8 of them
+            monkeypatch.setattr(replica_module, "SCAN_MAX_BYTES", 100)
+            page, cursor = await c.request(Op.SCAN, [None, 50], 2)
+            assert len(page) == 8 and cursor is not None
+            assert len(await _scan_all(c, 50)) == 1200
+            monkeypatch.setattr(replica_module, "SCAN_MAX_BYTES", 1 << 20)
+            # work: a prefix that matches nothing ends pages at partition boundaries
+            monkeypatch.setattr(replica_module, "SCAN_BUDGET", 20)
+            page, cursor = await c.request(Op.SCAN, [None, 50, b"zzz"], 2)
+            assert page == [] and cursor is not None
+            assert await _scan_all(c, 50, b"zzz") == []
+            assert len(await _scan_all(c, 50)) == 1200
+
+    run(main())
+
+
+def test_scan_refuses_bad_requests_clearly() -> None:
+    async def main() -> None:
+        async with cluster(1, max_key=16) as (net, nodes), client(net, nodes[0]) as c:
+            for limit in (0, -1, 1.5, None, True):
+                with pytest.raises(ConfigError) as info:
+                    await c.request(Op.SCAN, [None, limit], 2)
+                assert info.value.field == "limit"
+            for cursor in (b"", b"\x00\x00", b"\xff\xff\xff\xff", b"\x00\x00\x00\x00\x01", "c"):
+                with pytest.raises(ConfigError) as info:
+                    await c.request(Op.SCAN, [cursor, 10], 2)
+                assert info.value.field == "cursor"
+            with pytest.raises(ProtocolError):
+                await c.request(Op.SCAN, [None], 2)
+            with pytest.raises(ProtocolError):
+                await c.request(Op.SCAN, [None, 10, "text"], 2)
+            with pytest.raises(KeyTooLargeError):
+                await c.request(Op.SCAN, [None, 10, b"p" * 17], 2)
+
+    run(main())
+
+
+def test_flush_drops_what_the_node_holds_and_its_hints_and_counts_it() -> None:
+    async def main() -> None:
+        async with cluster() as (net, nodes), client(net, nodes[0]) as c:
+            for i in range(50):
+                await c.request(Op.SET, [b"f%d" % i, b"v", None, "all"], 2)
+            await c.request(Op.SET, [b"gone", b"v", 1_000, "all"], 2)
+            await c.request(Op.DELETE, [b"f0", "all"], 2)
+            await until(lambda: all(len(n.store) == 50 for n in nodes), what="replicas")
+            hints = nodes[0].handoff
+            hints.hint("n2", b"hinted", b"v", 1, 1, 0, False)
+            assert hints.buffer.stats()["queued"] == 1
+            for n in nodes:  # "gone" expired: not counted as dropped
+                n.wall_ms = lambda: wall_clock_ms() + 2_000
+            assert await c.request(Op.FLUSH, [], 2) == 49  # f1..f49 (f0 is a tombstone)
+            assert len(nodes[0].store) == 0 and nodes[0].store.tombstones == 0
+            assert hints.buffer.stats()["queued"] == 0
+            assert len(nodes[1].store) == 50  # the others keep theirs (not swept yet)
+            assert await c.request(Op.FLUSH, None, 2) == 0
+            stats = nodes[0].metrics.stats
+            assert (stats.flushes, stats.flushed_entries) == (2, 49)
+            text = nodes[0].metrics.render().decode()
+            assert "hypercache_flushes_total 2.0" in text
+            assert "hypercache_flushed_entries_total 49.0" in text
+            with pytest.raises(ProtocolError):
+                await c.request(Op.FLUSH, [1], 2)
+
+    run(main())
+
+
+def test_topology_advertises_max_value() -> None:
+    async def main() -> None:
+        async with cluster(1, max_value=4096) as (net, nodes), client(net, nodes[0]) as c:
+            assert (await c.request(Op.TOPOLOGY, None, 2))["max_value"] == 4096
+
+    run(main())

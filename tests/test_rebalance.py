@@ -814,7 +814,9 @@ def holders(nodes: list[Node], key: bytes) -> set[str]:
 
 def test_a_fourth_node_joins_streams_its_share_and_old_owners_drop_theirs() -> None:
     async def body() -> None:
-        async with cluster(3) as c:
+        # A grace long enough that the hand-over is still on when the new node is
+        # ready and its checks have run (the pending owners expire with it).
+        async with cluster(3, removal_grace=3.0) as c:
             want = await load(c.nodes[0], 3000)
             old = list(c.nodes)
 

@@ -241,7 +241,7 @@ def test_a_client_that_never_reads_cannot_take_the_nodes_memory(tmp_path: Path) 
         finally:
             sock.close()
         # The memory of the unread answers goes back (it took ~590 MB and kept it).
-        wait_for(lambda: rss_mb(node) < before + 100, timeout=10, what="RSS back down")
+        wait_for(lambda: rss_mb(node) < before + 100, timeout=30, what="RSS back down")
         assert cluster.request(1, Op.GET, [b"big", "quorum"])[0] is True
 
 

@@ -6,34 +6,50 @@
 
     hypercache set user:1 Ada --ttl 60
     hypercache get user:1                 # Ada
-    hypercache delete user:1
-    hypercache ping | topology | stats
+    hypercache set photo @photo.jpg --raw # the file's bytes (- : standard input)
+    hypercache --raw get photo > copy.jpg # the same bytes, nothing added
+    hypercache ttl user:1 | expire user:1 30 | delete user:1
+    hypercache mget a b c | mset a 1 b 2
+    hypercache keys 'user:*' [--node H:P] [--limit N]
+    hypercache flush [--yes]              # every entry of every node: asks first
+    hypercache ping [--strict] | health [--strict] | members | topology | stats
+    hypercache bench --requests 10000 --concurrency 8
 
 Options may come before or after the command. Values are stored with msgpack,
 like :class:`hypercache.Client` does, so what the command line writes the Python
 client reads back (``set`` stores text; ``--json`` parses the value as JSON, for
-numbers, lists and maps; ``--raw`` stores and prints plain bytes instead).
+numbers, lists and maps; ``--raw`` stores and prints plain bytes instead). A VALUE
+of ``-`` is read from standard input and ``@FILE`` from a file (``@@...`` is the
+text ``@...``); without ``--raw`` their content must be UTF-8 text.
 
 Environment: ``HYPERCACHE_SEEDS``, ``HYPERCACHE_CLUSTER_NAME`` and
 ``HYPERCACHE_AUTH_TOKEN`` give defaults to ``--seeds``, ``--cluster-name`` and
 ``--auth-token``.
 
-Exit status: 0 success, 1 ``get`` found no value, 2 usage error (bad option or
-value), 3 the cluster failed the request (no node reachable, quorum not reached,
-timeout, refused handshake), 130 interrupted.
+Exit status: 0 success; 1 the answer is no (``get``/``ttl``/``expire`` found no
+key, ``mget`` missed one, ``flush`` was not confirmed, ``health``/``ping
+--strict`` found the cluster degraded); 2 usage error (bad option or value, value
+over ``max_value``, unknown ``--node``); 3 the cluster failed the request (no node
+reachable, quorum not reached, timeout, refused handshake, a node not flushed,
+``health`` found it down, requests failed in ``bench``); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
+import math
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, TextIO
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, BinaryIO, Final, TextIO
 
 from hypercache import __version__
-from hypercache.client import Client, RawSerializer
+from hypercache.cli.health import Health, assess
+from hypercache.client import Client, Key, RawSerializer, Topology
+from hypercache.client._common import check_address
 from hypercache.errors import (
     ConfigError,
     HandshakeError,
@@ -42,13 +58,25 @@ from hypercache.errors import (
     QuorumError,
     RequestTimeoutError,
     UndecodableValueError,
+    UsageError,
+    ValueTooLargeError,
 )
 
-__all__ = ["EXIT_ERROR", "EXIT_MISS", "EXIT_OK", "EXIT_USAGE", "main"]
+__all__ = [
+    "EXIT_DEGRADED",
+    "EXIT_ERROR",
+    "EXIT_MISS",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "main",
+]
 
 PROG: Final = "hypercache"
 EXIT_OK: Final = 0
+#: The command ran and the answer is no: a key not found, a flush not confirmed.
 EXIT_MISS: Final = 1
+#: ``health --strict`` / ``ping --strict`` of a degraded cluster (the answer is no).
+EXIT_DEGRADED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_ERROR: Final = 3
 EXIT_INTERRUPTED: Final = 130
@@ -59,6 +87,8 @@ _ENV: Final = {
     "cluster_name": "HYPERCACHE_CLUSTER_NAME",
     "auth_token": "HYPERCACHE_AUTH_TOKEN",
 }
+
+_VALUE_HELP: Final = "the value; - reads standard input, @FILE a file (@@x is the text @x)"
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -101,9 +131,17 @@ def _common_options() -> argparse.ArgumentParser:
         help="send to the key's owners (default) or to any seed",
     )
     group.add_argument(
-        "--raw", action="store_true", default=S, help="values are plain bytes, not msgpack"
+        "--raw",
+        action="store_true",
+        default=S,
+        help="values are plain bytes, not msgpack (get writes them as they are)",
     )
     return common
+
+
+def _value_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ttl", metavar="S", type=float, help="expire after S seconds")
+    p.add_argument("--json", action="store_true", help="parse each VALUE as JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,26 +151,70 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Command-line client of a hypercache cluster.",
         parents=[common],
-        epilog="exit status: 0 ok, 1 get missed, 2 usage error, 3 cluster error",
+        epilog=(
+            "exit status: 0 ok; 1 the answer is no (not found, not confirmed, degraded "
+            "with --strict); 2 usage error; 3 cluster error; 130 interrupted"
+        ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("get", parents=[common], help="print the value of KEY (exit 1 if absent)")
+    def command(name: str, help: str, *aliases: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, aliases=list(aliases))
+        p.set_defaults(run=name)
+        return p
+
+    p = command("get", "print the value of KEY (exit 1 if absent)")
     p.add_argument("key", metavar="KEY")
 
-    p = sub.add_parser("set", parents=[common], help="store VALUE under KEY")
+    p = command("set", "store VALUE under KEY")
     p.add_argument("key", metavar="KEY")
-    p.add_argument("value", metavar="VALUE")
-    p.add_argument("--ttl", metavar="S", type=float, help="expire after S seconds")
-    p.add_argument("--json", action="store_true", help="parse VALUE as JSON")
+    p.add_argument("value", metavar="VALUE", help=_VALUE_HELP)
+    _value_options(p)
 
-    p = sub.add_parser("delete", parents=[common], help="delete KEY")
+    p = command("delete", "delete KEY")
     p.add_argument("key", metavar="KEY")
 
-    sub.add_parser("ping", parents=[common], help="ping every node")
-    sub.add_parser("topology", parents=[common], help="show nodes and partition ownership")
-    sub.add_parser("stats", parents=[common], help="per-node reachability, latency and load")
+    p = command("ttl", "print the seconds KEY has left, or none (exit 1 if absent)")
+    p.add_argument("key", metavar="KEY")
+
+    p = command("expire", "give KEY a new TTL (exit 1 if absent)")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("seconds", metavar="SECONDS", help="seconds from now, or none: never expire")
+
+    p = command("mget", "print KEY<tab>VALUE for each KEY found (exit 1 if one is absent)")
+    p.add_argument("keys", metavar="KEY", nargs="+")
+
+    p = command("mset", "store each KEY VALUE pair")
+    p.add_argument("pairs", metavar="KEY VALUE", nargs="+", help=_VALUE_HELP)
+    _value_options(p)
+
+    p = command("keys", "list the keys (matching a glob PATTERN), one a line", "scan")
+    p.add_argument("pattern", metavar="PATTERN", nargs="?", help="*, ? and [...] as in a shell")
+    p.add_argument("--node", metavar="H:P", help="only the keys this node holds")
+    p.add_argument("--limit", metavar="N", type=int, help="at most N keys")
+
+    p = command(
+        "flush",
+        "drop every entry of every node (asks for the cluster name first)",
+        "clear",
+    )
+    p.add_argument("--yes", action="store_true", help="do not ask")
+
+    p = command("ping", "ping every node")
+    p.add_argument("--strict", action="store_true", help="exit 1 if the cluster is degraded")
+    p = command("health", "ok, degraded or down, as this client sees the cluster")
+    p.add_argument("--strict", action="store_true", help="exit 1 if the cluster is degraded")
+    command("members", "the nodes: id, address, reachable, latency")
+    command("topology", "show nodes and partition ownership")
+    command("stats", "per-node reachability, latency and load")
+
+    p = command("bench", "a QUORUM set and get load, then latency percentiles")
+    p.add_argument("--requests", metavar="N", type=int, default=10_000, help="per op [10000]")
+    p.add_argument("--concurrency", metavar="C", type=int, default=8, help="threads [8]")
+    p.add_argument("--value-size", metavar="B", type=int, default=100, help="bytes [100]")
+    p.add_argument("--keys", metavar="K", type=int, default=1000, help="distinct keys [1000]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
 
 
@@ -150,8 +232,21 @@ def _format_value(value: Any) -> str:
         return repr(value)
 
 
+def _one_line(text: str) -> str:
+    """``text`` on one line: backslash, newline, carriage return and tab escaped."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def _show_key(key: bytes) -> str:
+    return key.decode("utf-8", "backslashreplace")
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
+
+
+def _err(text: str) -> None:
+    print(f"{PROG}: {text}", file=sys.stderr)
 
 
 class _Command:
@@ -161,31 +256,108 @@ class _Command:
         self.client = client
         self.args = args
         self.out = out
+        self.raw: bool = getattr(args, "raw", False)
+        self._stdin_read = False
+        self._table: Topology | None = None
 
     def echo(self, text: str) -> None:
         print(text, file=self.out)
+
+    # ------------------------------------------------------------------ values
+
+    def _max_value(self) -> tuple[int, str]:
+        """The largest value to send, and whose limit it is: the cluster's
+        ``max_value`` when its table says, if below this client's."""
+        mine = self.client.options.limits.max_value
+        try:
+            theirs = self.client.topology().max_value
+        except HyperCacheError:
+            theirs = None  # the write itself will say what is wrong
+        if theirs is not None and theirs < mine:
+            return theirs, "the cluster's max_value"
+        return mine, "max_value"
+
+    def _source(self, spec: str, limit: int, what: str) -> str | bytes:
+        """The value ``spec`` names: the text itself, or the bytes of standard input
+        (``-``) or of a file (``@FILE``), read up to ``limit`` bytes and one more."""
+        if spec == "-":
+            if self._stdin_read:
+                raise ConfigError(what, "standard input (-) can be read only once")
+            self._stdin_read = True
+            stdin: BinaryIO = sys.stdin.buffer
+            return stdin.read(limit + 1)
+        if spec.startswith("@@"):
+            return spec[1:]
+        if spec.startswith("@"):
+            path = spec[1:]
+            try:
+                with open(path, "rb") as f:
+                    return f.read(limit + 1)
+            except OSError as exc:
+                raise ConfigError(what, f"cannot read {path!r}: {exc.strerror or exc}") from None
+        return spec
+
+    def _value(self, spec: str, limit: tuple[int, str], what: str = "VALUE") -> Any:
+        """What to store for ``spec``: text, parsed JSON, or (``--raw``) bytes."""
+        most, whose = limit
+        source = self._source(spec, most, what)
+        if isinstance(source, bytes) and len(source) > most:
+            origin = "standard input" if spec == "-" else spec[1:]
+            raise ValueTooLargeError(
+                f"{what} from {origin} is over {whose} ({most} bytes); nothing was stored"
+            )
+        if self.raw:
+            if getattr(self.args, "json", False):
+                raise ConfigError("--json", "cannot be combined with --raw")
+            return source if isinstance(source, bytes) else source.encode()
+        if isinstance(source, bytes):
+            try:
+                text = source.decode()
+            except UnicodeDecodeError:
+                origin = "standard input" if spec == "-" else spec[1:]
+                raise ConfigError(
+                    what, f"{origin} is not UTF-8 text: use --raw to store its bytes as they are"
+                ) from None
+        else:
+            text = source
+        if getattr(self.args, "json", False):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(what, f"not valid JSON: {exc}") from None
+        return text
+
+    def _check_size(self, key: str, value: Any, limit: tuple[int, str]) -> None:
+        most, whose = limit
+        size = len(self.client.options.serializer.dumps(value))
+        if size > most:
+            raise ValueTooLargeError(
+                f"the value of {key!r} is {size} bytes, over {whose} ({most} bytes); "
+                "nothing was stored"
+            )
+
+    # ---------------------------------------------------------------- commands
 
     def get(self) -> int:
         missing = object()
         value = self.client.get(self.args.key, missing)
         if value is missing:
-            print(f"{PROG}: {self.args.key!r} not found", file=sys.stderr)
+            _err(f"{self.args.key!r} not found")
             return EXIT_MISS
+        if self.raw and isinstance(value, bytes):
+            self.out.flush()
+            stream: BinaryIO = getattr(self.out, "buffer", sys.stdout.buffer)
+            stream.write(value)  # exactly the bytes: no newline added
+            stream.flush()
+            return EXIT_OK
         self.echo(_format_value(value))
         return EXIT_OK
 
     def set(self) -> int:
         args = self.args
-        value: Any = args.value
-        if args.json:
-            if getattr(args, "raw", False):
-                raise ConfigError("--json", "cannot be combined with --raw")
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ConfigError("VALUE", f"not valid JSON: {exc}") from None
-        elif getattr(args, "raw", False):
-            value = value.encode()
+        limit = self._max_value()
+        value = self._value(args.value, limit)
+        self._check_size(args.key, value, limit)
         self.client.set(args.key, value, ttl=args.ttl)
         self.echo("OK")
         return EXIT_OK
@@ -195,16 +367,151 @@ class _Command:
         self.echo("deleted" if existed else "not found")
         return EXIT_OK
 
+    def ttl(self) -> int:
+        try:
+            left = self.client.ttl(self.args.key)
+        except KeyError:
+            _err(f"{self.args.key!r} not found")
+            return EXIT_MISS
+        self.echo("none" if left is None else f"{left:.3f}")
+        return EXIT_OK
+
+    def expire(self) -> int:
+        text = self.args.seconds.strip()
+        ttl: float | None
+        if text.lower() == "none":
+            ttl = None
+        else:
+            try:
+                ttl = float(text)
+            except ValueError:
+                raise ConfigError("SECONDS", f"expected seconds or none, got {text!r}") from None
+            if not (ttl > 0 and math.isfinite(ttl)):
+                raise ConfigError("SECONDS", f"must be a positive number of seconds, got {text!r}")
+        if not self.client.expire(self.args.key, ttl):
+            _err(f"{self.args.key!r} not found")
+            return EXIT_MISS
+        self.echo("OK")
+        return EXIT_OK
+
+    def mget(self) -> int:
+        keys: list[str] = self.args.keys
+        found = self.client.get_many(keys)
+        status = EXIT_OK
+        for key in keys:
+            if key not in found:
+                _err(f"{key!r} not found")
+                status = EXIT_MISS
+                continue
+            value = found[key]
+            if isinstance(value, bytes):
+                text = value.decode("utf-8", "backslashreplace")
+            else:
+                text = _format_value(value)
+            self.echo(f"{key}\t{_one_line(text)}")
+        return status
+
+    def mset(self) -> int:
+        pairs: list[str] = self.args.pairs
+        if len(pairs) % 2:
+            raise ConfigError("KEY VALUE", f"expected pairs, got {len(pairs)} arguments")
+        limit = self._max_value()
+        mapping: dict[Key, Any] = {}
+        for key, spec in zip(pairs[::2], pairs[1::2], strict=True):
+            value = self._value(spec, limit, f"the value of {key!r}")
+            self._check_size(key, value, limit)
+            mapping[key] = value
+        self.client.set_many(mapping, ttl=self.args.ttl)
+        self.echo(f"OK ({len(mapping)} keys)")
+        return EXIT_OK
+
+    def keys(self) -> int:
+        args = self.args
+        limit = args.limit
+        if limit is not None and limit < 1:
+            raise ConfigError("--limit", f"must be a positive integer, got {limit}")
+        listed: Iterable[bytes]
+        if args.node is not None:
+            address = self._member(args.node)
+            listed = self.client.scan(address, pattern=args.pattern)
+            if limit is not None:
+                listed = itertools.islice(listed, limit)
+        else:
+            listed = self.client.keys(args.pattern, limit=limit)
+        for key in listed:
+            self.echo(_show_key(key))
+        return EXIT_OK
+
+    def _member(self, text: str) -> str:
+        """The address ``--node`` names, which must be a node of the table."""
+        try:
+            address = check_address(text)
+        except ConfigError as exc:
+            raise ConfigError("--node", exc.message) from None
+        known = self._addresses()
+        if address not in known:
+            raise ConfigError(
+                "--node", f"{address} is not a node of the cluster (nodes: {', '.join(known)})"
+            )
+        return address
+
+    def _addresses(self) -> list[str]:
+        if self.client.options.route == "owner":
+            return list(self.client.topology().addresses)
+        return list(self.client.options.seeds)
+
+    def flush(self) -> int:
+        client = self.client
+        nodes = self._addresses()
+        name = client.options.cluster_name
+        if not self.args.yes:
+            print(
+                f"{PROG}: this drops every entry of cluster {name!r} on its {len(nodes)} "
+                f"nodes ({', '.join(nodes)}). A node that does not answer keeps its entries, "
+                "and anti-entropy copies them back to the others.\n"
+                f"Type the cluster name ({name}) to go on: ",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+            answer = sys.stdin.readline()
+            if not answer.endswith("\n"):
+                print(file=sys.stderr)  # (end of input: end the prompt's line)
+            if answer.strip() != name:
+                _err("not confirmed: nothing was dropped")
+                return EXIT_MISS
+        results = client.flush()
+        width = max(map(len, results), default=0)
+        failed = []
+        for address, result in results.items():
+            if isinstance(result, int):
+                self.echo(f"{address:<{width}}  dropped {result}")
+            else:
+                failed.append(address)
+                self.echo(f"{address:<{width}}  NOT FLUSHED ({type(result).__name__}: {result})")
+        if failed:
+            _err(
+                f"{len(failed)} of {len(results)} nodes were not flushed ({', '.join(failed)}): "
+                "they keep their entries, and anti-entropy will copy them back to the "
+                "flushed nodes. Flush again once they answer."
+            )
+            return EXIT_ERROR
+        total = sum(r for r in results.values() if isinstance(r, int))
+        self.echo(f"flushed: {total} entries dropped on {len(results)} nodes")
+        return EXIT_OK
+
+    # ------------------------------------------------------------ nodes, health
+
     def _nodes(self) -> list[str]:
+        """The nodes of the table (kept in ``_table``), or the seeds without one."""
         if self.client.options.route == "owner":
             try:
-                return list(self.client.topology().addresses)
+                self._table = self.client.topology()
+                return list(self._table.addresses)
             except HandshakeError:
                 raise  # every node will refuse us the same way
             except HyperCacheError as exc:
-                print(
-                    f"{PROG}: cannot fetch the topology ({exc}); using the seeds", file=sys.stderr
-                )
+                _err(f"cannot fetch the topology ({exc}); using the seeds")
         return list(self.client.options.seeds)
 
     def _ping_all(self, nodes: Sequence[str]) -> dict[str, float | HyperCacheError]:
@@ -216,6 +523,13 @@ class _Command:
                 results[address] = exc
         return results
 
+    @staticmethod
+    def _none_answered(results: Mapping[str, float | HyperCacheError]) -> HyperCacheError:
+        errors = [r for r in results.values() if isinstance(r, HyperCacheError)]
+        if errors and not isinstance(errors[0], NodeUnavailableError):
+            return errors[0]
+        return NodeUnavailableError("no node answered")
+
     def ping(self) -> int:
         results = self._ping_all(self._nodes())
         width = max(map(len, results), default=0)
@@ -223,10 +537,59 @@ class _Command:
             text = f"pong in {_ms(result)}" if isinstance(result, float) else f"DOWN ({result})"
             self.echo(f"{address:<{width}}  {text}")
         if not any(isinstance(r, float) for r in results.values()):
-            errors = [r for r in results.values() if isinstance(r, HyperCacheError)]
-            if errors and not isinstance(errors[0], NodeUnavailableError):
-                raise errors[0]
-            raise NodeUnavailableError("no node answered")
+            raise self._none_answered(results)
+        if self.args.strict:
+            down = {a: str(r) for a, r in results.items() if not isinstance(r, float)}
+            if self._table is not None:
+                health = assess(self._table, down)
+                if health.status != "ok":
+                    first, *rest = health.lines()
+                    _err(first)
+                    for line in rest:
+                        print(line, file=sys.stderr)
+                    return EXIT_DEGRADED
+            elif down:
+                _err(f"degraded: {len(down)} of {len(results)} seeds did not answer")
+                return EXIT_DEGRADED
+        return EXIT_OK
+
+    def _health(self) -> Health:
+        topology = self.client.topology()
+        results = self._ping_all(topology.addresses)
+        return assess(topology, {a: str(r) for a, r in results.items() if not isinstance(r, float)})
+
+    def health(self) -> int:
+        try:
+            health = self._health()
+        except HandshakeError:
+            raise
+        except HyperCacheError as exc:
+            self.echo("status: down")
+            self.echo(f"no node answered: {exc}")
+            return EXIT_ERROR
+        for line in health.lines():
+            self.echo(line)
+        if health.status == "down":
+            return EXIT_ERROR
+        if health.status == "degraded" and self.args.strict:
+            return EXIT_DEGRADED
+        return EXIT_OK
+
+    def members(self) -> int:
+        topology = self.client.topology()
+        results = self._ping_all(topology.addresses)
+        width = max(4, *(len(n.node_id) for n in topology.nodes))
+        awidth = max(7, *(len(n.address) for n in topology.nodes))
+        self.echo(f"{'NODE':<{width}}  {'ADDRESS':<{awidth}}  {'REACHABLE':<9}  LATENCY")
+        for node in topology.nodes:
+            result = results[node.address]
+            if isinstance(result, float):
+                state, latency = "yes", _ms(result)
+            else:
+                state, latency = "no", f"- ({str(result).removeprefix(node.address + ': ')})"
+            self.echo(f"{node.node_id:<{width}}  {node.address:<{awidth}}  {state:<9}  {latency}")
+        if not any(isinstance(r, float) for r in results.values()):
+            raise self._none_answered(results)
         return EXIT_OK
 
     def topology(self) -> int:
@@ -251,7 +614,7 @@ class _Command:
             try:
                 topo = client.topology()
             except HyperCacheError as exc:
-                print(f"{PROG}: cannot fetch the topology ({exc})", file=sys.stderr)
+                _err(f"cannot fetch the topology ({exc})")
         nodes = list(topo.addresses) if topo is not None else list(client.options.seeds)
         results = self._ping_all(nodes)
         load = topo.load() if topo is not None else {}
@@ -273,6 +636,29 @@ class _Command:
         self.echo("client: " + " ".join(f"{k}={v}" for k, v in client.stats.as_dict().items()))
         return EXIT_OK if up else EXIT_ERROR
 
+    def bench(self) -> int:
+        from hypercache.cli.bench import BenchSettings, run_bench
+
+        args = self.args
+        settings = BenchSettings(
+            requests=args.requests,
+            concurrency=args.concurrency,
+            value_size=args.value_size,
+            keys=args.keys,
+            consistency=getattr(args, "consistency", None) or "quorum",
+            progress=not args.no_progress,
+        )
+        most, whose = self._max_value()
+        if settings.value_size > most - 5:  # room for the msgpack header
+            raise ConfigError("--value-size", f"must be under {whose} ({most} bytes)")
+        self.client.ping()  # fail now, not once per request
+        results = run_bench(self.client, settings, self.out, sys.stderr)
+        failed = sum(sum(r.errors.values()) for r in results)
+        if failed:
+            _err(f"{failed} requests failed")
+            return EXIT_ERROR
+        return EXIT_OK
+
 
 def _describe(exc: HyperCacheError) -> str:
     if isinstance(exc, NodeUnavailableError):
@@ -283,8 +669,8 @@ def _describe(exc: HyperCacheError) -> str:
         return f"timed out: {exc}"
     if isinstance(exc, HandshakeError):
         return f"refused by the cluster: {exc}"
-    if isinstance(exc, UndecodableValueError):
-        return str(exc)  # names the key, and --raw
+    if isinstance(exc, UndecodableValueError | UsageError):
+        return str(exc)  # names the key (and --raw), or the argument
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -329,9 +715,9 @@ def main(
     try:
         with client:
             command = _Command(client, args, sys.stdout)
-            status: int = getattr(command, args.command)()
+            status: int = getattr(command, args.run)()
             return status
-    except ConfigError as exc:
+    except UsageError as exc:  # ConfigError, a key or value over the limits
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except UnicodeError as exc:
@@ -345,6 +731,10 @@ def main(
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `hypercache keys | head`: the reader has gone
+        with contextlib.suppress(Exception):  # (no second error when Python flushes)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

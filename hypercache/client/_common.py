@@ -24,16 +24,18 @@ The clients keep the I/O: connections, sending, waiting, threads or tasks.
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import re
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal, TypedDict, TypeVar, Unpack
 
 from hypercache.client.commands import MISS, Found, Level
 from hypercache.client.keys import Key, normalize_key, wire_keys
 from hypercache.client.serializer import Serializer, resolve_serializer
-from hypercache.client.topology import Router
+from hypercache.client.topology import Router, Topology
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
@@ -53,7 +55,7 @@ from hypercache.replication import (
     plan_repair,
     wall_ms,
 )
-from hypercache.units import parse_seeds
+from hypercache.units import format_hostport, parse_hostport, parse_seeds
 
 __all__ = [
     "BATCH",
@@ -61,18 +63,25 @@ __all__ = [
     "MAX_PENDING_REPAIRS",
     "PROBE_BACKOFF",
     "PROBE_TIMEOUT",
+    "SCAN_PAGE",
     "ClientArgs",
     "ClientBase",
     "ClientOptions",
     "ClientStats",
     "Entry",
+    "KeyMatch",
     "OwnerRead",
     "Repair",
     "Route",
+    "check_address",
+    "check_count",
     "entry_from_wire",
     "is_live",
     "probe_delays",
+    "scan_pattern",
+    "ttl_left",
     "ttl_to_ms",
+    "uncovered_partitions",
     "wire_consistency",
 ]
 
@@ -125,6 +134,120 @@ def ttl_to_ms(ttl: float | None) -> int | None:
     if not (ttl > 0 and math.isfinite(ttl)):
         raise ConfigError("ttl", f"must be a positive finite number of seconds, got {ttl!r}")
     return max(1, math.ceil(ttl * 1000))
+
+
+def ttl_left(key: Key, answer: tuple[bool, int], now_ms: int) -> float | None:
+    """What ``ttl`` returns for a ``TTL`` answer, as :meth:`HyperCache.ttl
+    <hypercache.HyperCache.ttl>` does: seconds left (``0.0`` once past, on this
+    machine's clock), or ``None`` when the entry never expires.
+
+    :raises KeyError: the key is absent (or deleted, or expired).
+    """
+    found, expire_at = answer
+    if not found:
+        raise KeyError(key)
+    if expire_at == 0:
+        return None
+    return max(expire_at - now_ms, 0) / 1000
+
+
+#: Keys asked of a node per ``SCAN`` page by default (the most a node gives).
+SCAN_PAGE: Final = 1000
+
+#: Whether a key (wire bytes) matches the rest of a pattern.
+KeyMatch = Callable[[bytes], bool]
+
+_GLOB: Final = frozenset("*?[")
+
+
+def scan_pattern(
+    pattern: str | bytes | None, limits: Limits
+) -> tuple[bytes | None, KeyMatch | None]:
+    """Split a glob ``pattern`` (``*``, ``?``, ``[...]``, ``[!...]``, as :mod:`fnmatch`;
+    ``[*]`` for a literal ``*``) into the literal prefix a node filters on (``SCAN``'s
+    ``prefix``) and the match of the whole pattern, ``None`` when the prefix decides
+    alone (no pattern, or ``"prefix*"``). Keys and patterns are compared as text:
+    UTF-8, bytes that are not kept as they are (``?`` is one character).
+
+    :raises ConfigError: ``pattern`` is not text or bytes, has a ``[`` never closed,
+        or a prefix longer than ``max_key`` (field ``pattern``).
+    """
+    if pattern is None:
+        return None, None
+    if isinstance(pattern, bytes):
+        text = pattern.decode("utf-8", "surrogateescape")
+    elif isinstance(pattern, str):
+        text = pattern
+    else:
+        raise ConfigError("pattern", f"must be str or bytes, got {type(pattern).__name__}")
+    i, n = 0, len(text)
+    cut = n  # where the first wildcard is
+    while i < n:
+        c = text[i]
+        if c in _GLOB and cut == n:
+            cut = i
+        if c == "[":
+            j = i + 1
+            if j < n and text[j] == "!":
+                j += 1
+            if j < n and text[j] == "]":
+                j += 1  # a leading ] is a member
+            j = text.find("]", j)
+            if j < 0:
+                raise ConfigError(
+                    "pattern", f"'[' at position {i} is never closed (write [[] for a literal '[')"
+                )
+            i = j
+        i += 1
+    try:
+        prefix = text[:cut].encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ConfigError("pattern", f"not encodable as UTF-8: {text!r:.60}") from None
+    if len(prefix) > limits.max_key:
+        raise ConfigError("pattern", f"its prefix is longer than max_key={limits.max_key}")
+    if cut == n:  # no wildcard: that key alone
+        return prefix, prefix.__eq__
+    if text[cut:] == "*":
+        return prefix, None
+    regex = re.compile(fnmatch.translate(text))
+
+    def match(key: bytes) -> bool:
+        return regex.match(key.decode("utf-8", "surrogateescape")) is not None
+
+    return prefix, match
+
+
+def check_count(name: str, value: object, *, allow_none: bool = False) -> int | None:
+    """A positive integer argument (``limit``, ``page_size``), or ``None`` if allowed.
+
+    :raises ConfigError: anything else (``field`` is ``name``).
+    """
+    if value is None and allow_none:
+        return None
+    if type(value) is not int or value < 1:
+        raise ConfigError(name, f"must be a positive integer, got {value!r}")
+    return value
+
+
+def check_address(address: object) -> str:
+    """``"host:port"`` of a node, normalised.
+
+    :raises ConfigError: it is not one (field ``address``).
+    """
+    if not isinstance(address, str):
+        raise ConfigError("address", f"expected HOST:PORT, got {address!r}")
+    host, port = parse_hostport(address)
+    return format_hostport(host, port)
+
+
+def uncovered_partitions(topology: Topology, scanned: set[str]) -> list[int]:
+    """The partitions of which no owner is among ``scanned`` (their keys may be missing
+    from a listing of those nodes)."""
+    return [
+        p
+        for p in range(topology.partitions)
+        if not any(owner in scanned for owner in topology.partition_owners(p))
+    ]
 
 
 class OwnerRead(QuorumRound):
@@ -419,6 +542,40 @@ class ClientBase:
             ttl_to_ms(ttl),
             wire_consistency(consistency, self._default),
         ]
+
+    def _ttl_request(self, key: Key, consistency: Level) -> tuple[bytes, list[Any]]:
+        """The wire key and payload of a ``ttl``: ``TTL [key, level]``."""
+        k = normalize_key(key, self._limits)
+        return k, [k, wire_consistency(consistency, self._default)]
+
+    def _expire_request(
+        self, key: Key, ttl: float | None, consistency: Level
+    ) -> tuple[bytes, list[Any]]:
+        """The wire key and payload of an ``expire``: ``EXPIRE [key, ttl_ms, level]``."""
+        k = normalize_key(key, self._limits)
+        return k, [k, ttl_to_ms(ttl), wire_consistency(consistency, self._default)]
+
+    def _scan_request(
+        self, pattern: str | bytes | None, page_size: int
+    ) -> tuple[bytes | None, KeyMatch | None, int]:
+        """The ``SCAN`` prefix, the match of the rest of ``pattern``, and the page size."""
+        prefix, match = scan_pattern(pattern, self._limits)
+        page = check_count("page_size", page_size)
+        assert page is not None
+        return prefix, match, page
+
+    def _scan_payload(self, cursor: bytes | None, page: int, prefix: bytes | None) -> list[Any]:
+        return [cursor, page] if prefix is None else [cursor, page, prefix]
+
+    def _keys_error(
+        self, uncovered: list[int], errors: Mapping[str, BaseException]
+    ) -> HyperCacheError:
+        """What ``keys`` raises when no owner of some partitions could be listed."""
+        detail = "; ".join(f"{a}: {e}" for a, e in errors.items()) or "no node listed"
+        return NodeUnavailableError(
+            f"keys: no owner of {len(uncovered)} partition(s) could be listed, their keys "
+            f"would be missing ({detail})"
+        )
 
     def _delete_request(self, key: Key, consistency: Level) -> tuple[bytes, list[Any]]:
         """The wire key and payload of a ``delete``: ``DELETE [key, level]``."""

@@ -6,13 +6,25 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, Unpack
 
 from hypercache.client import commands
-from hypercache.client._common import BATCH, DEFAULT_SEEDS, ClientArgs, ClientBase, OwnerRead
+from hypercache.client._common import (
+    BATCH,
+    DEFAULT_SEEDS,
+    SCAN_PAGE,
+    ClientArgs,
+    ClientBase,
+    KeyMatch,
+    OwnerRead,
+    check_address,
+    check_count,
+    ttl_left,
+    uncovered_partitions,
+)
 from hypercache.client.commands import Level
-from hypercache.client.failover import Attempts, Failover, TopologyFetch
+from hypercache.client.failover import Attempts, Failover, TopologyFetch, unreachable
 from hypercache.client.keys import Key
 from hypercache.client.topology import Topology
 from hypercache.errors import (
@@ -23,6 +35,7 @@ from hypercache.errors import (
 from hypercache.net.peer import PeerConnection
 from hypercache.net.tcp import TCP
 from hypercache.net.transport import Connection, Transport
+from hypercache.replication import wall_ms
 
 __all__ = ["AsyncClient"]
 
@@ -185,7 +198,126 @@ class AsyncClient(ClientBase):
         """Fetch the partition table now and return it (routing uses it too)."""
         return await self._refresh()
 
+    async def ttl(self, key: Key, *, consistency: Level = None) -> float | None:
+        """Seconds left before ``key`` expires, ``None`` if never (see ``Client.ttl``).
+
+        :raises KeyError: ``key`` is absent, deleted or expired.
+        """
+        answer = await self._call(commands.TTL, *self._ttl_request(key, consistency))
+        return ttl_left(key, answer, wall_ms())
+
+    async def expire(self, key: Key, ttl: float | None, *, consistency: Level = None) -> bool:
+        """Give a live ``key`` a new TTL; whether it was live (see ``Client.expire``)."""
+        return await self._call(commands.EXPIRE, *self._expire_request(key, ttl, consistency))
+
+    def scan(
+        self,
+        address: str | None = None,
+        *,
+        pattern: str | bytes | None = None,
+        page_size: int = SCAN_PAGE,
+    ) -> AsyncIterator[bytes]:
+        """The keys one node holds, page by page (see ``Client.scan``)::
+
+            async for key in cache.scan("10.0.0.1:7400", pattern="user:*"):
+                ...
+
+        :raises ConfigError: a bad ``address``, ``pattern`` or ``page_size`` (at once).
+        """
+        prefix, match, page = self._scan_request(pattern, page_size)
+        if address is not None:
+            address = check_address(address)
+        return self._scan(address, prefix, match, page)
+
+    async def keys(
+        self, pattern: str | bytes | None = None, *, limit: int | None = None
+    ) -> list[bytes]:
+        """The keys of every node, deduplicated and sorted (see ``Client.keys``)."""
+        prefix, match, page = self._scan_request(pattern, SCAN_PAGE)
+        most = check_count("limit", limit, allow_none=True)
+        topology, nodes = await self._every_node()
+        found: set[bytes] = set()
+        listed: set[str] = set()
+        errors: dict[str, BaseException] = {}
+        for address in nodes:
+            try:
+                async for key in self._scan(address, prefix, match, page):
+                    found.add(key)
+                    if most is not None and len(found) >= most:
+                        return sorted(found)[:most]
+            except HyperCacheError as exc:
+                errors[address] = exc
+                continue
+            listed.add(address)
+        if topology is None:
+            if not listed:
+                raise unreachable("SCAN", errors)
+        else:
+            missing = uncovered_partitions(topology, listed)
+            if missing:
+                raise self._keys_error(missing, errors)
+        return sorted(found)
+
+    async def flush(self) -> dict[str, int | HyperCacheError]:
+        """Drop every entry of every node, all at once (see ``Client.flush``)."""
+        _, nodes = await self._every_node()
+        answers = await asyncio.gather(
+            *(self._attempt(address, commands.FLUSH.op, []) for address in nodes),
+            return_exceptions=True,
+        )
+        out: dict[str, int | HyperCacheError] = {}
+        for address, answer in zip(nodes, answers, strict=True):
+            if isinstance(answer, HyperCacheError):
+                out[address] = answer
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                try:
+                    out[address] = commands.FLUSH.read(answer)
+                except HyperCacheError as exc:
+                    out[address] = exc
+        return out
+
     # ------------------------------------------------------------------ internals
+
+    async def _every_node(self) -> tuple[Topology | None, list[str]]:
+        """The table (``None`` with ``route="any"``) and the nodes to send to."""
+        if self._router.by_owner:
+            topology = await self._refresh()
+            return topology, list(topology.addresses)
+        return None, list(self.options.seeds)
+
+    async def _scan(
+        self, address: str | None, prefix: bytes | None, match: KeyMatch | None, page: int
+    ) -> AsyncIterator[bytes]:
+        scan, op = commands.SCAN, commands.SCAN.op
+        payload = self._scan_payload(None, page, prefix)
+        if address is None:
+            # The first page from the first node that answers; that node for the rest.
+            if self._begin():
+                await self._refresh_due()
+            attempts = Failover(self, None, scan)
+            address = attempts.first()
+            while True:
+                if address is None:
+                    raise attempts.error()
+                try:
+                    keys, cursor = scan.read(await self._attempt(address, op, payload))
+                    break
+                except HyperCacheError as exc:
+                    if not attempts.failed(address, exc):
+                        raise
+                address = attempts.next()
+        else:
+            keys, cursor = scan.read(await self._attempt(address, op, payload))
+        while True:
+            for key in keys:
+                if match is None or match(key):
+                    yield key
+            if cursor is None:
+                return
+            payload = self._scan_payload(cursor, page, prefix)
+            keys, cursor = scan.read(await self._attempt(address, op, payload))
 
     async def _refresh_due(self) -> None:
         """The table is due: fetch it (first time) or refresh it in the background."""

@@ -3,7 +3,8 @@
 A :class:`Command` is an op, whether it may be sent to another node after a timeout,
 and the function that checks and shapes its answer; the clients send it and apply
 ``read`` to what comes back (``GET`` -> :func:`decode_get`, ``DELETE`` -> ``bool``,
-``PING`` -> :func:`check_pong`, ``TOPOLOGY`` -> ``Topology.from_wire``). What each
+``PING`` -> :func:`check_pong`, ``TOPOLOGY`` -> ``Topology.from_wire``, ``TTL`` ->
+:func:`decode_ttl`, ``SCAN`` -> :func:`decode_scan`, ``FLUSH`` -> :func:`decode_flush`). What each
 one sends is built by :class:`~hypercache.client._common.ClientBase` from the
 caller's arguments (``_set_request`` and its siblings) or here
 (:func:`get_payload`); ``PING`` and ``TOPOLOGY`` send no payload.
@@ -22,18 +23,26 @@ from hypercache.net.protocol import Op
 
 __all__ = [
     "DELETE",
+    "EXPIRE",
+    "FLUSH",
     "GET",
     "MISS",
     "PING",
     "R_GET",
     "R_PUT",
+    "SCAN",
     "SET",
     "TOPOLOGY",
+    "TTL",
     "Command",
     "Found",
     "Level",
     "check_pong",
+    "decode_expire",
+    "decode_flush",
     "decode_get",
+    "decode_scan",
+    "decode_ttl",
     "get_payload",
 ]
 
@@ -59,6 +68,58 @@ def decode_get(answer: Any) -> Found:
     if found and not isinstance(value, bytes):
         raise ProtocolError(f"GET answer value must be bytes, got {type(value).__name__}")
     return found, value
+
+
+def decode_ttl(answer: Any) -> tuple[bool, int]:
+    """Split a TTL answer ``[found, expire_at_ms]`` (0: no expiry).
+
+    :raises ProtocolError: the answer has another shape.
+    """
+    if (
+        type(answer) is not list
+        or len(answer) != 2
+        or type(answer[0]) is not bool
+        or type(answer[1]) is not int
+        or answer[1] < 0
+    ):
+        raise ProtocolError(f"malformed TTL answer: {answer!r:.200}")
+    return answer[0], answer[1]
+
+
+def decode_expire(answer: Any) -> bool:
+    """An EXPIRE answer: whether the key was live (and got its new TTL).
+
+    :raises ProtocolError: it is not a bool.
+    """
+    if type(answer) is not bool:
+        raise ProtocolError(f"malformed EXPIRE answer: {answer!r:.100}")
+    return answer
+
+
+def decode_scan(answer: Any) -> tuple[list[bytes], bytes | None]:
+    """Split a SCAN answer ``[[key, ...], next_cursor | nil]``.
+
+    :raises ProtocolError: the answer has another shape.
+    """
+    if (
+        type(answer) is not list
+        or len(answer) != 2
+        or type(answer[0]) is not list
+        or not (answer[1] is None or type(answer[1]) is bytes)
+        or not all(type(k) is bytes for k in answer[0])
+    ):
+        raise ProtocolError(f"malformed SCAN answer: {answer!r:.200}")
+    return answer[0], answer[1]
+
+
+def decode_flush(answer: Any) -> int:
+    """A FLUSH answer: how many entries the node dropped.
+
+    :raises ProtocolError: it is not a natural number.
+    """
+    if type(answer) is not int or answer < 0:
+        raise ProtocolError(f"malformed FLUSH answer: {answer!r:.100}")
+    return answer
 
 
 def check_pong(answer: Any) -> None:
@@ -115,3 +176,11 @@ TOPOLOGY: Final = Command(int(Op.TOPOLOGY), True, Topology.from_wire)
 R_GET: Final = Command(int(Op.R_GET), True, _as_is)
 #: read-repair push
 R_PUT: Final = Command(int(Op.R_PUT), False, _as_is)
+#: ``[key, consistency]`` -> ``[found, expire_at_ms]``; a read: retried elsewhere
+TTL: Final = Command(int(Op.TTL), True, decode_ttl)
+#: ``[key, ttl_ms, consistency]`` -> whether the key was live; a write
+EXPIRE: Final = Command(int(Op.EXPIRE), False, decode_expire)
+#: ``[cursor, limit, prefix]`` -> one page of one node's keys (sent to that node)
+SCAN: Final = Command(int(Op.SCAN), True, decode_scan)
+#: ``[]`` -> entries dropped by that node (sent to each node)
+FLUSH: Final = Command(int(Op.FLUSH), False, decode_flush)

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import builtins
 import functools
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Final, TypeVar, Unpack
 
 from hypercache.client import commands
-from hypercache.client._common import BATCH, DEFAULT_SEEDS, ClientArgs, ClientBase, OwnerRead
+from hypercache.client._common import (
+    BATCH,
+    DEFAULT_SEEDS,
+    SCAN_PAGE,
+    ClientArgs,
+    ClientBase,
+    KeyMatch,
+    OwnerRead,
+    check_address,
+    check_count,
+    ttl_left,
+    uncovered_partitions,
+)
 from hypercache.client.commands import Level
-from hypercache.client.failover import Attempts, Failover, TopologyFetch
+from hypercache.client.failover import Attempts, Failover, TopologyFetch, unreachable
 from hypercache.client.keys import Key
 from hypercache.client.pool import (
     DEFAULT_MAX_CONNECTIONS,
@@ -31,6 +44,7 @@ from hypercache.errors import (
     QuorumError,
 )
 from hypercache.net.blocking import BlockingConnection, pipeline_all
+from hypercache.replication import wall_ms
 
 __all__ = ["Client"]
 
@@ -259,7 +273,170 @@ class Client(ClientBase):
         """
         return self._refresh()
 
+    def ttl(self, key: Key, *, consistency: Level = None) -> float | None:
+        """Seconds left before ``key`` expires, or ``None`` if it never does, as
+        :meth:`HyperCache.ttl <hypercache.HyperCache.ttl>` answers. The node that
+        coordinates it reads the owners as for :meth:`get` (same level default,
+        same read repair); the seconds are counted on this machine's clock from
+        the absolute expiry the entry carries, so clock skew between this machine
+        and the nodes shows in them.
+
+        :raises KeyError: ``key`` is absent, deleted or expired.
+
+        and the errors of :meth:`get`.
+        """
+        answer = self._call(commands.TTL, *self._ttl_request(key, consistency))
+        return ttl_left(key, answer, wall_ms())
+
+    def expire(self, key: Key, ttl: float | None, *, consistency: Level = None) -> bool:
+        """Give ``key`` a new TTL of ``ttl`` seconds from now (``None``: never expire),
+        if it is live; return whether it was (``False``: nothing was written).
+
+        A read then a write, by the key's primary: the value read is written back
+        with the new expiry as a new version, through the write path of :meth:`set`
+        (``consistency`` applies to both; default: the nodes' write level). Not
+        atomic: a ``set`` of the key concurrent with it may lose to it (the old value
+        comes back) or win, whichever the nodes' clocks stamp last.
+
+        :raises ConfigError: ``ttl`` is not positive.
+
+        and the errors of :meth:`set` (a timeout is not retried elsewhere).
+        """
+        return self._call(commands.EXPIRE, *self._expire_request(key, ttl, consistency))
+
+    def scan(
+        self,
+        address: str | None = None,
+        *,
+        pattern: str | bytes | None = None,
+        page_size: int = SCAN_PAGE,
+    ) -> Iterator[bytes]:
+        """The keys one node holds (live entries, as wire ``bytes``), a ``SCAN`` page
+        of at most ``page_size`` keys at a time, in the node's order (partition, then
+        key bytes); a key held from start to end comes exactly once.
+
+        :param address: the node; ``None``: the first one that answers (table
+            order, then the seeds), kept for every page.
+        :param pattern: a glob (``*``, ``?``, ``[...]``) the keys must match; its
+            literal prefix is filtered on the node.
+        :raises ConfigError: a bad ``address``, ``pattern`` or ``page_size`` (at
+            once, before anything is sent).
+        :raises NodeUnavailableError: the node (or, with ``address=None``, every
+            node) cannot be reached; also between pages if it fails then.
+        """
+        self._check_fork()
+        prefix, match, page = self._scan_request(pattern, page_size)
+        if address is not None:
+            address = check_address(address)
+        return self._scan(address, prefix, match, page)
+
+    def keys(self, pattern: str | bytes | None = None, *, limit: int | None = None) -> list[bytes]:
+        """The keys of every node of the table (the seeds with ``route="any"``),
+        listed with :meth:`scan` node after node, deduplicated and sorted. Each node
+        sends every key it holds, so the cost is the keys times the replication.
+
+        :param limit: stop once that many distinct keys are found (which ones is
+            not specified).
+        :raises NodeUnavailableError: some partitions have no owner that could be
+            listed (their keys would be missing), or no node could be.
+        :raises ConfigError: a bad ``pattern`` or ``limit``.
+        """
+        self._check_fork()
+        prefix, match, page = self._scan_request(pattern, SCAN_PAGE)
+        most = check_count("limit", limit, allow_none=True)
+        topology, nodes = self._every_node()
+        found: builtins.set[bytes] = builtins.set()
+        listed: builtins.set[str] = builtins.set()
+        errors: dict[str, BaseException] = {}
+        for address in nodes:
+            try:
+                for key in self._scan(address, prefix, match, page):
+                    found.add(key)
+                    if most is not None and len(found) >= most:
+                        return sorted(found)[:most]
+            except HyperCacheError as exc:
+                errors[address] = exc
+                continue
+            listed.add(address)
+        self._check_listed(topology, listed, errors)
+        return sorted(found)
+
+    def flush(self) -> dict[str, int | HyperCacheError]:
+        """Drop every entry of every node of the table (the seeds with
+        ``route="any"``), sending ``FLUSH`` to all of them at once; return, per
+        address, the entries it dropped or the error that kept it from answering. A
+        node that did not get it keeps its entries, and anti-entropy copies them back
+        to the others: check the result, and flush again once it is back.
+
+        :raises NodeUnavailableError: the table cannot be fetched.
+        """
+        self._check_fork()
+        _, nodes = self._every_node()
+        answers = self._fanout({address: [(commands.FLUSH.op, [])] for address in nodes})
+        return {address: self._flush_result(answers[address]) for address in nodes}
+
     # ------------------------------------------------------------------ internals
+
+    def _every_node(self) -> tuple[Topology | None, list[str]]:
+        """The table (``None`` with ``route="any"``) and the nodes to send to."""
+        if self._router.by_owner:
+            topology = self._refresh()
+            return topology, list(topology.addresses)
+        return None, list(self.options.seeds)
+
+    def _scan(
+        self, address: str | None, prefix: bytes | None, match: KeyMatch | None, page: int
+    ) -> Iterator[bytes]:
+        scan, op = commands.SCAN, commands.SCAN.op
+        payload = self._scan_payload(None, page, prefix)
+        if address is None:
+            # The first page from the first node that answers; that node for the rest.
+            if self._begin():
+                self._try_refresh()
+            attempts = Failover(self, None, scan)
+            address = attempts.first()
+            while True:
+                if address is None:
+                    raise attempts.error()
+                try:
+                    keys, cursor = scan.read(self._attempt(address, op, payload, pipeline=False))
+                    break
+                except HyperCacheError as exc:
+                    if not attempts.failed(address, exc):
+                        raise
+                address = attempts.next()
+        else:
+            keys, cursor = scan.read(self._attempt(address, op, payload, pipeline=False))
+        while True:
+            for key in keys:
+                if match is None or match(key):
+                    yield key
+            if cursor is None:
+                return
+            payload = self._scan_payload(cursor, page, prefix)
+            keys, cursor = scan.read(self._attempt(address, op, payload, pipeline=False))
+
+    def _check_listed(
+        self, topology: Topology | None, listed: builtins.set[str], errors: dict[str, BaseException]
+    ) -> None:
+        if topology is None:
+            if not listed:
+                raise unreachable("SCAN", errors)
+            return
+        missing = uncovered_partitions(topology, listed)
+        if missing:
+            raise self._keys_error(missing, errors)
+
+    def _flush_result(self, answer: list[Any] | BaseException) -> int | HyperCacheError:
+        result = answer if isinstance(answer, BaseException) else answer[0]
+        if isinstance(result, HyperCacheError):
+            return result
+        if isinstance(result, BaseException):
+            raise result
+        try:
+            return commands.FLUSH.read(result)
+        except HyperCacheError as exc:
+            return exc
 
     def _begin(self) -> bool:
         # ClientBase._begin with _check_fork, inline: every operation passes here.

@@ -83,6 +83,8 @@ class Topology:
         ``"all"``) when the answer carries the optional ``read_consistency`` key,
         else ``None``. A client that reads from the owners itself uses it for reads
         without an explicit level; without it such reads go through a node.
+    :ivar max_value: the largest value the nodes take (their ``max_value``, in
+        bytes) when the answer carries the optional ``max_value`` key, else ``None``.
     """
 
     epoch: int
@@ -93,6 +95,7 @@ class Topology:
     _ring: Any = field(repr=False)
     _rows: tuple[tuple[str, ...], ...] = field(repr=False)
     read_consistency: str | None = None
+    max_value: int | None = None
 
     @classmethod
     def from_wire(cls, payload: Any) -> Topology:
@@ -166,6 +169,11 @@ class Topology:
                 raise ProtocolError(
                     f"TOPOLOGY field 'read_consistency' is not a level: {read_level!r:.50}"
                 ) from None
+        max_value = payload.get("max_value")
+        if max_value is not None and (type(max_value) is not int or max_value <= 0):
+            raise ProtocolError(
+                f"TOPOLOGY field 'max_value' must be a positive int, got {max_value!r:.50}"
+            )
         return cls(
             epoch=epoch,
             partitions=partitions,
@@ -175,6 +183,7 @@ class Topology:
             _ring=ring,
             _rows=tuple(rows),
             read_consistency=read_level,
+            max_value=max_value,
         )
 
     @property
@@ -216,6 +225,8 @@ class Topology:
         }
         if self.read_consistency is not None:
             out["read_consistency"] = self.read_consistency
+        if self.max_value is not None:
+            out["max_value"] = self.max_value
         return out
 
 

@@ -46,6 +46,11 @@ network hop (a peer not connected yet is dialed in a task first). The async
 :meth:`Coordinator.get`, :meth:`~Coordinator.set` and :meth:`~Coordinator.delete`
 await the same ``Later``.
 
+``TTL`` reads like ``GET`` and answers the expiry of the newest live version;
+``EXPIRE`` reads like ``GET`` then writes the value it found back with the new
+expiry through the ``SET`` path (a new version: last writer wins against a
+concurrent ``SET``; see ``docs/cluster.md``).
+
 ``DELETE`` answers whether the key existed: each remote owner gets ``R_DEL``, which
 writes the tombstone and answers what the owner held before it (one round trip),
 and the answer is whether the newest of the entries held by acknowledging owners
@@ -75,7 +80,7 @@ from typing import Any, Final, Protocol
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.handoff import Handoff
 from hypercache.cluster.membership import Membership
-from hypercache.cluster.metrics import DistStats, NodeMetrics
+from hypercache.cluster.metrics import CLIENT_OPS, DistStats, NodeMetrics
 from hypercache.cluster.replica import Replica
 from hypercache.consistency import Consistency
 from hypercache.errors import (
@@ -184,7 +189,7 @@ class Coordinator:
         # The running loop, taken once (asyncio.get_running_loop() costs a getpid()
         # system call per call on CPython 3.11).
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._latency = {op: metrics.latency[op].observe for op in ("get", "set", "delete")}
+        self._latency = {op: metrics.latency[op].observe for op in CLIENT_OPS}
         #: receives the writes owners missed; None: no hinted handoff
         self.hints: Handoff | None = None
         #: the partitions on the move; None: nothing ever moves
@@ -602,6 +607,156 @@ class Coordinator:
             return
         self._latency["delete"](time.perf_counter() - start)
         later.resolve(existed)
+
+    # -------------------------------------------------------------- TTL, EXPIRE
+
+    def _read_round(self, key: bytes, level: Consistency) -> QuorumRound:
+        """Read ``key`` from its owners at ``level`` as ``GET`` does (a ONE read on a
+        node that owns the key asks its own replica alone; QUORUM and ALL reads
+        repair the owners that answered with an older version): the round, whose
+        answers may still be coming in."""
+        stats = self.stats
+        owners = self.owners(key)
+        node_id = self.node_id
+        if level is _ONE and node_id in owners:
+            owners = [node_id]
+        rnd = QuorumRound(owners, level.required(len(owners)), level=level.value)
+        if level is not _ONE:
+            rnd.on_complete = lambda r: self._repair(key, r)
+        payload = [key]
+        for owner in rnd.start():
+            stats.read_attempts += 1
+            if owner == node_id:
+                rnd.ok(owner, self.replica.get(key))
+            else:
+                self._remote(rnd, owner, _R_GET, payload, "r_get")
+        return rnd
+
+    def _read_outcome(self, rnd: QuorumRound) -> Entry | None:
+        """The newest entry of a decided :meth:`_read_round` (tombstones included);
+        the clock moves past it.
+
+        :raises QuorumError: too few owners answered.
+        :raises ProtocolError: an owner answered something else than an entry.
+        """
+        error = rnd.error()
+        if error is not None:
+            raise error
+        self.stats.read_acks += rnd.acks
+        best = newest([self._answer_entry(owner, raw) for owner, raw in rnd.results.items()])
+        if best is not None:
+            self.clock.update(best[1])
+        return best
+
+    async def ttl(self, key: bytes, consistency: Any = None) -> list[Any]:
+        """Client ``TTL``: ``[found, expire_at_ms]`` (see :meth:`start_ttl`)."""
+        result: list[Any] = await self.start_ttl(key, consistency).wait()
+        return result
+
+    def start_ttl(self, key: bytes, consistency: Any = None) -> Later:
+        """Start a client ``TTL``: the :class:`Later` gets ``[found, expire_at_ms]`` of
+        the newest version among the owners' answers, read as ``GET`` reads (same
+        level default, same read repair): ``expire_at_ms`` is the absolute expiry in
+        wall-clock ms, 0 for none; ``[False, 0]`` when the newest version is absent,
+        a tombstone or expired.
+
+        :raises HyperCacheError: the request is invalid (the ``Later`` is not returned).
+        """
+        start = time.perf_counter()
+        self.stats.requests["ttl"] += 1
+        later = Later()
+        try:
+            key = self.limits.check_key(key)
+            rnd = self._read_round(key, self._level(consistency, self.config.read_consistency))
+        except HyperCacheError as exc:
+            self._failed("ttl", exc)
+            self._latency["ttl"](time.perf_counter() - start)
+            raise
+        rnd.arm(lambda r: self._ttl_decided(r, later, start))
+        return later
+
+    def _ttl_decided(self, rnd: QuorumRound, later: Later, start: float) -> None:
+        try:
+            best = self._read_outcome(rnd)
+        except Exception as exc:
+            self._settle_failed("ttl", later, start, exc)
+            return
+        self._latency["ttl"](time.perf_counter() - start)
+        if is_live(best, self.wall()):
+            assert best is not None
+            later.resolve([True, best[3]])
+        else:
+            later.resolve([False, 0])
+
+    async def expire(self, key: bytes, ttl_ms: Any, consistency: Any = None) -> bool:
+        """Client ``EXPIRE``: whether the key was live (see :meth:`start_expire`)."""
+        result: bool = await self.start_expire(key, ttl_ms, consistency).wait()
+        return result
+
+    def start_expire(self, key: bytes, ttl_ms: Any, consistency: Any = None) -> Later:
+        """Start a client ``EXPIRE``: give a live key a new TTL (``ttl_ms``; nil: none).
+
+        A read then a write, both at ``consistency`` (default: the write level):
+        the newest version among the owners' answers is read as ``GET`` reads it;
+        if it is live, its value is written back through :meth:`start_set` with the
+        new expiry, as a new version stamped now (so it also counts as a ``set``).
+        The :class:`Later` gets ``True`` once that write reached its level,
+        ``False`` (nothing written) when the key is absent, deleted or expired.
+
+        Not atomic: a ``SET`` or ``DELETE`` of the key stamped between the read and
+        the write loses to it (the old value comes back with the new expiry); one
+        stamped after wins. Last writer wins, as everywhere.
+
+        :raises HyperCacheError: the request is invalid (the ``Later`` is not returned).
+        """
+        start = time.perf_counter()
+        self.stats.requests["expire"] += 1
+        later = Later()
+        try:
+            key = self.limits.check_key(key)
+            if ttl_ms is not None and (type(ttl_ms) is not int or ttl_ms <= 0 or ttl_ms > 2**62):
+                raise ConfigError("ttl_ms", f"must be a positive integer or nil, got {ttl_ms!r}")
+            level = self._level(consistency, self.config.write_consistency)
+            rnd = self._read_round(key, level)
+        except HyperCacheError as exc:
+            self._failed("expire", exc)
+            self._latency["expire"](time.perf_counter() - start)
+            raise
+        rnd.arm(lambda r: self._expire_read(r, key, ttl_ms, level, later, start))
+        return later
+
+    def _expire_read(
+        self,
+        rnd: QuorumRound,
+        key: bytes,
+        ttl_ms: int | None,
+        level: Consistency,
+        later: Later,
+        start: float,
+    ) -> None:
+        try:
+            best = self._read_outcome(rnd)
+            if not is_live(best, self.wall()):
+                self._latency["expire"](time.perf_counter() - start)
+                later.resolve(False)
+                return
+            assert best is not None
+            # The clock is past the version read: the write back is newer than it.
+            written = self.start_set(key, best[0], ttl_ms, level.value)
+        except Exception as exc:
+            self._settle_failed("expire", later, start, exc)
+            return
+
+        def done(_value: Any, error: BaseException | None) -> None:
+            if error is None:
+                self._latency["expire"](time.perf_counter() - start)
+                later.resolve(True)
+            elif isinstance(error, Exception):
+                self._settle_failed("expire", later, start, error)
+            else:
+                later.reject(error)
+
+        written.bind(done)
 
     # --------------------------------------------------------------- lifecycle
 

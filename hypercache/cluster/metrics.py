@@ -39,8 +39,9 @@ __all__ = [
     "NodeMetrics",
 ]
 
-#: Client-facing operations that the coordinator times and counts.
-CLIENT_OPS: Final = ("get", "set", "delete")
+#: Client-facing operations that the coordinator times and counts (an ``expire``
+#: that finds its key live writes it back: that write counts as a ``set`` too).
+CLIENT_OPS: Final = ("get", "set", "delete", "ttl", "expire")
 
 #: Paths by which a node receives versions (labels of ``versions_refused``).
 VERSION_PATHS: Final = (
@@ -127,6 +128,8 @@ class DistStats:
     __slots__ = (
         "direct_gets",
         "errors",
+        "flushed_entries",
+        "flushes",
         "forwards",
         "not_ready_substitutions",
         "pending_copies",
@@ -193,6 +196,9 @@ class DistStats:
         #: STREAM batches served to other nodes, and their entries
         self.streams_served = 0
         self.stream_entries_served = 0
+        #: ``FLUSH`` requests carried out, and the data entries they dropped
+        self.flushes = 0
+        self.flushed_entries = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -221,6 +227,8 @@ class DistStats:
             "not_ready_substitutions": self.not_ready_substitutions,
             "streams_served": self.streams_served,
             "stream_entries_served": self.stream_entries_served,
+            "flushes": self.flushes,
+            "flushed_entries": self.flushed_entries,
         }
 
 
@@ -377,6 +385,15 @@ class NodeMetrics:
             ),
         ):
             yield CounterMetricFamily(f"hypercache_dist_{name}", doc, value=value)
+        # FLUSH is local to the node: not a hypercache_dist_ figure.
+        yield CounterMetricFamily(
+            "hypercache_flushes",
+            "FLUSH requests carried out.",
+            value=s.flushes,
+        )
+        yield CounterMetricFamily(
+            "hypercache_flushed_entries", "Data entries dropped by FLUSH.", value=s.flushed_entries
+        )
 
 
 def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -12,11 +12,12 @@ It is the :class:`~hypercache.net.transport.SyncHandler` of its data-plane serve
 every operation is handled inline by :meth:`Node.handle_sync` (no task per request;
 client operations answer through a :class:`~hypercache.net.transport.Later`),
 through a table from op to handler. Client operations (``GET``, ``SET``,
-``DELETE``) are coordinated by :class:`~hypercache.cluster.coordinator.Coordinator`;
-what peers ask of this node's store (``R_GET``, ``R_PUT``, ``R_DEL``,
-``R_PUT_MANY``, ``MERKLE``, ``KEYS``, ``PULL``, ``STREAM``, ``HOLDS``) is answered
-by its :class:`~hypercache.cluster.replica.Replica`. ``docs/cluster.md`` lists the
-payloads.
+``DELETE``, ``TTL``, ``EXPIRE``) are coordinated by
+:class:`~hypercache.cluster.coordinator.Coordinator`; ``SCAN`` (a page of this
+node's keys) and ``FLUSH`` (drop them all) concern this node alone; what peers
+ask of this node's store (``R_GET``, ``R_PUT``, ``R_DEL``, ``R_PUT_MANY``,
+``MERKLE``, ``KEYS``, ``PULL``, ``STREAM``, ``HOLDS``) is answered by its
+:class:`~hypercache.cluster.replica.Replica`. ``docs/cluster.md`` lists the payloads.
 
 Lifecycle: what a node runs exists only while it runs. :meth:`start` binds the
 server (so that a node bound to port 0 knows its address, hence its id, before
@@ -109,6 +110,8 @@ class _Running:
     #: handlers that count a client's own read as such (route "direct")
     client_ops: dict[int, _OpHandler]
     poller: BusyPoller | None = None
+    #: the handoff's hint buffer (FLUSH clears it)
+    hint_buffer: HintBuffer | None = None
     sweeper: asyncio.Task[None] | None = None
     http: Any = None  # the aiohttp runner of the management HTTP
 
@@ -392,13 +395,14 @@ class Node:
             wall=self._wall,
         )
         hints = config.hints
+        hint_buffer = HintBuffer(
+            max_per_node=hints.hint_max_per_node,
+            max_total=hints.hint_max_total,
+            max_bytes=hints.hint_max_bytes,
+            ttl_ms=int(hints.hint_ttl * 1000),
+        )
         handoff = Handoff(
-            buffer=HintBuffer(
-                max_per_node=hints.hint_max_per_node,
-                max_total=hints.hint_max_total,
-                max_bytes=hints.hint_max_bytes,
-                ttl_ms=int(hints.hint_ttl * 1000),
-            ),
+            buffer=hint_buffer,
             peers=lambda: dict(membership.peers),
             batch=hints.hint_replay_batch,
             batch_bytes=config.max_frame // 2,
@@ -420,6 +424,7 @@ class Node:
             ops=(ops := self._op_table(replica, coordinator, membership)),
             client_ops=self._client_table(ops, replica),
             poller=poller(asyncio.get_running_loop()) if config.busy_poll else None,
+            hint_buffer=hint_buffer,
         )
         metrics.add_source(NodeStatus(self).collect)
         metrics.add_source(antientropy.collect)
@@ -462,7 +467,25 @@ class Node:
             key, consistency = _fields(payload, 2, "DELETE", "[key, consistency]")
             return coordinator.start_delete(key, consistency)
 
+        def ttl(payload: Any) -> Later:
+            key, consistency = _fields(payload, 2, "TTL", "[key, consistency]")
+            return coordinator.start_ttl(key, consistency)
+
+        def expire(payload: Any) -> Later:
+            key, ttl_ms, consistency = _fields(payload, 3, "EXPIRE", "[key, ttl_ms, consistency]")
+            return coordinator.start_expire(key, ttl_ms, consistency)
+
+        def flush(payload: Any) -> int:
+            if payload is not None and payload != []:
+                raise ProtocolError("FLUSH payload must be []")
+            return self.flush()
+
         return {
+            # client face of issue 14: TTL, EXPIRE coordinated; SCAN, FLUSH this node's
+            int(Op.TTL): (ttl, False),
+            int(Op.EXPIRE): (expire, False),
+            int(Op.SCAN): (replica.scan, False),
+            int(Op.FLUSH): (flush, False),
             int(Op.R_PUT): (replica.r_put, False),
             int(Op.R_GET): (replica.r_get, False),
             int(Op.GET): (get, False),
@@ -616,6 +639,8 @@ class Node:
                 "pending": pending,
                 # Clients coordinate reads themselves; they need the default level.
                 "read_consistency": self.config.read_consistency.value,
+                # So that a client can refuse a value the nodes would (optional key).
+                "max_value": self.limits.max_value,
             }
         run = self._run
         if run is not None:
@@ -667,6 +692,27 @@ class Node:
             # A client's ping answers "pong"; a peer's carries SWIM gossip.
             return run.membership.on_ping(conn_info.node_id, payload)
         raise ProtocolError(f"unsupported operation {op}")
+
+    def flush(self) -> int:
+        """``FLUSH``: drop every entry this node holds, tombstones included, and the
+        hints it queued for other nodes (replayed, they would bring flushed writes
+        back); return how many live data entries were dropped (counted in
+        ``hypercache_flushes_total`` and ``hypercache_flushed_entries_total``).
+
+        Only this node: a cluster is flushed node by node (``Client.flush``), and a
+        node that missed it gives its entries back to the others by anti-entropy."""
+        run = self._running()
+        store = self.store
+        store.sweep(self._wall())  # what expired is not counted as dropped
+        dropped = len(store)
+        store.clear()
+        if run.hint_buffer is not None:
+            run.hint_buffer.clear()
+        stats = self.metrics.stats
+        stats.flushes += 1
+        stats.flushed_entries += dropped
+        _log.warning("node %s flushed: %d entries dropped", self.node_id, dropped)
+        return dropped
 
     def key_count(self) -> int:
         """Live entries in the local store (tombstones excluded)."""

@@ -8,7 +8,8 @@ partitions with ``STREAM`` and asks ``HOLDS`` (:mod:`hypercache.cluster.rebalanc
 ``R_GET`` answers only for partitions this node holds: one it owns and is still
 streaming to it gets :class:`~hypercache.errors.NotReadyError`, one it neither owns
 nor holds :class:`~hypercache.errors.WrongOwnerError` (never a false miss); writes
-are taken for any partition. :class:`Replica` checks
+are taken for any partition. Clients list the keys this node holds, a page at a
+time, with ``SCAN`` (:meth:`Replica.scan`). :class:`Replica` checks
 each payload, applies newer-wins, and is the one place where a received version
 meets this node's clock: every version it applies moves the clock past it, and one
 past the clock's horizon (``max_clock_skew`` ahead) is refused and counted
@@ -31,14 +32,17 @@ from hypercache._core.vstore import STREAM_ENTRY_OVERHEAD, VersionedStore
 from hypercache.cluster import merkle
 from hypercache.cluster.metrics import DistStats
 from hypercache.cluster.rebalance import PartitionStates, answer_holds, answer_stream
-from hypercache.errors import ClockSkewError, ProtocolError
+from hypercache.errors import ClockSkewError, ConfigError, ProtocolError
 from hypercache.net.protocol import MAX_PUT_MANY, Limits
 from hypercache.replication import Entry, KeyedEntry, WallClock, wall_ms
 
 __all__ = [
     "HIGH_WATER",
+    "MAX_SCAN",
     "PUT_MANY_HINTS",
     "PUT_MANY_REPAIR",
+    "SCAN_BUDGET",
+    "SCAN_MAX_BYTES",
     "Replica",
     "admits_repair",
     "evicted_covers",
@@ -51,6 +55,19 @@ HIGH_WATER: Final = 0.9
 #: pushes (subject to the capacity rule).
 PUT_MANY_HINTS: Final = 0
 PUT_MANY_REPAIR: Final = 1
+
+#: Keys one ``SCAN`` answer lists at most (a larger ``limit`` is capped to it).
+MAX_SCAN: Final = 1000
+#: Key bytes one ``SCAN`` answer carries at most (always at least one key; also at
+#: most half the node's ``max_frame``).
+SCAN_MAX_BYTES: Final = 1 << 20
+#: Entries one ``SCAN`` request looks at, at most: past it the page ends at the next
+#: partition boundary, however few keys it holds (a prefix that matches little must
+#: not hold the event loop for a pass over the whole store).
+SCAN_BUDGET: Final = 50_000
+# A SCAN cursor: the partition (4 bytes, big-endian), then nothing (start of the
+# partition) or _AFTER and the last key returned from it.
+_AFTER: Final = b"\x00"
 
 # The hybrid logical clock refuses to move past this (it keeps room to tick).
 _MAX_REMOTE_TS: Final = 2**63 - 2
@@ -334,6 +351,77 @@ class Replica:
         """``HOLDS [p, ...]`` (:func:`hypercache.cluster.rebalance.answer_holds`)."""
         return answer_holds(self.states, payload)
 
+    def scan(self, payload: Any) -> list[Any]:
+        """``SCAN [cursor, limit]`` or ``[cursor, limit, prefix]``: one page of the keys
+        of the live entries this node holds (no tombstones, nothing expired), as
+        ``[[key, ...], next_cursor]``; ``next_cursor`` nil on the last page.
+
+        Keys come in (partition, key bytes) order and the cursor is the position
+        after the last key returned, so a key held from the first page to the last
+        is listed exactly once; one written or dropped meanwhile may or may not be.
+        A page holds at most ``min(limit, MAX_SCAN)`` keys and
+        :data:`SCAN_MAX_BYTES` of them, and looks at :data:`SCAN_BUDGET` entries
+        (rounded up to whole partitions): it may be short, even empty, with a
+        cursor still to follow. Cost: each page sorts the keys of the partitions it
+        visits.
+
+        :raises ConfigError: ``limit`` is not a positive integer, or ``cursor`` is
+            not one this node's ``SCAN`` gives (field ``limit`` / ``cursor``).
+        :raises ProtocolError: another shape, or a ``prefix`` that is not bin.
+        """
+        if type(payload) is not list or len(payload) not in (2, 3):
+            raise ProtocolError("SCAN payload must be [cursor, limit] or [cursor, limit, prefix]")
+        cursor, limit = payload[0], payload[1]
+        prefix = None if len(payload) == 2 or payload[2] is None else payload[2]
+        if type(limit) is not int or limit < 1:
+            raise ConfigError("limit", f"must be a positive integer, got {limit!r}")
+        limit = min(limit, MAX_SCAN)
+        if prefix is not None:
+            prefix = self.limits.check_key(prefix)
+        store = self.store
+        partitions = int(store.partitions)
+        p, after = self._scan_position(cursor, partitions)
+        max_bytes = min(SCAN_MAX_BYTES, self.limits.max_frame // 2)
+        now = self.wall()
+        keys: list[bytes] = []
+        size = examined = 0
+        while p < partitions:
+            entries = store.entries(p)
+            examined += len(entries)
+            rows = sorted(
+                key
+                for key, _value, _ts, _origin, expire_at, tombstone in entries
+                if not tombstone
+                and (expire_at == 0 or expire_at > now)
+                and (prefix is None or key.startswith(prefix))
+                and (after is None or key > after)
+            )
+            last = None
+            for key in rows:
+                cost = len(key) + 8  # with its msgpack header, roughly
+                if len(keys) >= limit or (keys and size + cost > max_bytes):
+                    return [keys, _scan_cursor(p, last)]
+                keys.append(key)
+                size += cost
+                last = key
+            p += 1
+            after = None
+            if p < partitions and (len(keys) >= limit or examined >= SCAN_BUDGET):
+                return [keys, _scan_cursor(p, None)]
+        return [keys, None]
+
+    @staticmethod
+    def _scan_position(cursor: Any, partitions: int) -> tuple[int, bytes | None]:
+        if cursor is None:
+            return 0, None
+        if (
+            type(cursor) is bytes
+            and (len(cursor) == 4 or cursor[4:5] == _AFTER)
+            and int.from_bytes(cursor[:4], "big") < partitions
+        ):
+            return int.from_bytes(cursor[:4], "big"), (cursor[5:] if len(cursor) > 4 else None)
+        raise ConfigError("cursor", f"not a SCAN cursor of this node: {cursor!r:.80}")
+
     def check_entry(self, payload: Any) -> KeyedEntry:
         """An ``R_PUT``-shaped entry, checked: key and value within limits, version
         fields within what the store and the clock accept.
@@ -359,3 +447,10 @@ class Replica:
                 "expire_at: int in [0, 2**63), tombstone: bool"
             )
         return key, value, ts, origin, expire_at, tombstone
+
+
+def _scan_cursor(partition: int, last: bytes | None) -> bytes:
+    """The ``SCAN`` cursor of the position after ``last`` in ``partition`` (its start
+    when ``last`` is None)."""
+    head = partition.to_bytes(4, "big")
+    return head if last is None else head + _AFTER + last
