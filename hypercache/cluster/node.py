@@ -481,7 +481,7 @@ class Node:
             return self.flush()
 
         return {
-            # client face of issue 14: TTL, EXPIRE coordinated; SCAN, FLUSH this node's
+            # TTL and EXPIRE are coordinated; SCAN and FLUSH concern this node alone
             int(Op.TTL): (ttl, False),
             int(Op.EXPIRE): (expire, False),
             int(Op.SCAN): (replica.scan, False),
