@@ -32,7 +32,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal, TypedDict, TypeVar, Unpack
 
+from hypercache.client import commands
 from hypercache.client.commands import MISS, Found, Level
+from hypercache.client.failover import unreachable
 from hypercache.client.keys import Key, normalize_key, wire_keys
 from hypercache.client.serializer import Serializer, resolve_serializer
 from hypercache.client.topology import Router, Topology
@@ -566,6 +568,32 @@ class ClientBase:
 
     def _scan_payload(self, cursor: bytes | None, page: int, prefix: bytes | None) -> list[Any]:
         return [cursor, page] if prefix is None else [cursor, page, prefix]
+
+    def _check_listed(
+        self, topology: Topology | None, listed: set[str], errors: Mapping[str, BaseException]
+    ) -> None:
+        """Raise unless the nodes listed cover what ``keys`` promises: with a table,
+        an owner of every partition; without one (``route="any"``), some node."""
+        if topology is None:
+            if not listed:
+                raise unreachable("SCAN", errors)
+            return
+        missing = uncovered_partitions(topology, listed)
+        if missing:
+            raise self._keys_error(missing, errors)
+
+    @staticmethod
+    def _flush_answer(result: object) -> int | HyperCacheError:
+        """One node's FLUSH outcome: the count it dropped, or the error it answered
+        (a lost connection or a bug is raised, not reported)."""
+        if isinstance(result, HyperCacheError):
+            return result
+        if isinstance(result, BaseException):
+            raise result
+        try:
+            return commands.FLUSH.read(result)
+        except HyperCacheError as exc:
+            return exc
 
     def _keys_error(
         self, uncovered: list[int], errors: Mapping[str, BaseException]

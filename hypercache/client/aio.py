@@ -21,10 +21,9 @@ from hypercache.client._common import (
     check_address,
     check_count,
     ttl_left,
-    uncovered_partitions,
 )
 from hypercache.client.commands import Level
-from hypercache.client.failover import Attempts, Failover, TopologyFetch, unreachable
+from hypercache.client.failover import Attempts, Failover, TopologyFetch
 from hypercache.client.keys import Key
 from hypercache.client.topology import Topology
 from hypercache.errors import (
@@ -249,13 +248,7 @@ class AsyncClient(ClientBase):
                 errors[address] = exc
                 continue
             listed.add(address)
-        if topology is None:
-            if not listed:
-                raise unreachable("SCAN", errors)
-        else:
-            missing = uncovered_partitions(topology, listed)
-            if missing:
-                raise self._keys_error(missing, errors)
+        self._check_listed(topology, listed, errors)
         return sorted(found)
 
     async def flush(self) -> dict[str, int | HyperCacheError]:
@@ -265,18 +258,10 @@ class AsyncClient(ClientBase):
             *(self._attempt(address, commands.FLUSH.op, []) for address in nodes),
             return_exceptions=True,
         )
-        out: dict[str, int | HyperCacheError] = {}
-        for address, answer in zip(nodes, answers, strict=True):
-            if isinstance(answer, HyperCacheError):
-                out[address] = answer
-            elif isinstance(answer, BaseException):
-                raise answer
-            else:
-                try:
-                    out[address] = commands.FLUSH.read(answer)
-                except HyperCacheError as exc:
-                    out[address] = exc
-        return out
+        return {
+            address: self._flush_answer(answer)
+            for address, answer in zip(nodes, answers, strict=True)
+        }
 
     # ------------------------------------------------------------------ internals
 

@@ -23,10 +23,9 @@ from hypercache.client._common import (
     check_address,
     check_count,
     ttl_left,
-    uncovered_partitions,
 )
 from hypercache.client.commands import Level
-from hypercache.client.failover import Attempts, Failover, TopologyFetch, unreachable
+from hypercache.client.failover import Attempts, Failover, TopologyFetch
 from hypercache.client.keys import Key
 from hypercache.client.pool import (
     DEFAULT_MAX_CONNECTIONS,
@@ -373,7 +372,12 @@ class Client(ClientBase):
         self._check_fork()
         _, nodes = self._every_node()
         answers = self._fanout({address: [(commands.FLUSH.op, [])] for address in nodes})
-        return {address: self._flush_result(answers[address]) for address in nodes}
+        return {
+            address: self._flush_answer(
+                a if isinstance(a := answers[address], BaseException) else a[0]
+            )
+            for address in nodes
+        }
 
     # ------------------------------------------------------------------ internals
 
@@ -415,28 +419,6 @@ class Client(ClientBase):
                 return
             payload = self._scan_payload(cursor, page, prefix)
             keys, cursor = scan.read(self._attempt(address, op, payload, pipeline=False))
-
-    def _check_listed(
-        self, topology: Topology | None, listed: builtins.set[str], errors: dict[str, BaseException]
-    ) -> None:
-        if topology is None:
-            if not listed:
-                raise unreachable("SCAN", errors)
-            return
-        missing = uncovered_partitions(topology, listed)
-        if missing:
-            raise self._keys_error(missing, errors)
-
-    def _flush_result(self, answer: list[Any] | BaseException) -> int | HyperCacheError:
-        result = answer if isinstance(answer, BaseException) else answer[0]
-        if isinstance(result, HyperCacheError):
-            return result
-        if isinstance(result, BaseException):
-            raise result
-        try:
-            return commands.FLUSH.read(result)
-        except HyperCacheError as exc:
-            return exc
 
     def _begin(self) -> bool:
         # ClientBase._begin with _check_fork, inline: every operation passes here.
