@@ -12,6 +12,8 @@
 ``GET /cluster/members`` members: address, state, incarnation, since; the version
 ``POST /cluster/remove`` ``?node=ID``: take a dead member out of the ring (409 when
                         it is not dead nor suspect)
+``POST /cluster/leave`` this node leaves the cluster, hands its data over, then
+                        stops (202 at once; ``/health`` says ``leaving`` meanwhile)
 ``GET /cluster/ring``   ring parameters and per-node load; ``?table=1`` adds the table
 ``GET /dist/antientropy`` anti-entropy counters and current interval
 ``GET /dist/hints``     hinted handoff: ``queued`` (waiting now), per-target pending,
@@ -60,6 +62,10 @@ class NodeView(Protocol):
     def members(self) -> dict[str, Any]: ...
     def remove(self, node_id: str) -> tuple[dict[str, Any], int]:
         """Remove a dead member: the body and the status (200, 404, 409, 503)."""
+        ...
+
+    def leave(self) -> tuple[dict[str, Any], int]:
+        """Start leaving the cluster (then stop): the body and the status (202, 503)."""
         ...
 
     def ring(self, table: bool) -> dict[str, Any]: ...
@@ -136,6 +142,11 @@ async def _remove(request: web.Request) -> web.Response:
     return web.json_response(body, status=status)
 
 
+async def _leave(request: web.Request) -> web.Response:
+    body, status = _view(request).leave()
+    return web.json_response(body, status=status)
+
+
 async def _ring(request: web.Request) -> web.Response:
     table = request.query.get("table") in ("1", "true", "yes")
     return web.json_response(_view(request).ring(table))
@@ -202,6 +213,7 @@ def make_app(view: NodeView) -> web.Application:
     app.router.add_get("/dist/owners", _owners)
     app.router.add_get("/cluster/members", _members)
     app.router.add_post("/cluster/remove", _remove)
+    app.router.add_post("/cluster/leave", _leave)
     app.router.add_get("/cluster/ring", _ring)
     app.router.add_get("/dist/antientropy", _antientropy)
     app.router.add_get("/dist/hints", _hints)
