@@ -138,10 +138,12 @@ class Load:
 
 def preload(seeds: list[str], history: History) -> None:
     with Client(seeds, consistency="quorum") as client:
-        items = {f"pre-{i}": value_of(f"pre-{i}", 0) for i in range(PRELOAD)}
+        items: dict[str | bytes, Any] = {
+            f"pre-{i}": value_of(f"pre-{i}", 0) for i in range(PRELOAD)
+        }
         client.set_many(items)
-    for key in items:
-        history.attempted[key] = history.acked[key] = 0
+    for i in range(PRELOAD):
+        history.attempted[f"pre-{i}"] = history.acked[f"pre-{i}"] = 0
 
 
 def rebalanced(cluster: ProcessCluster) -> bool:
