@@ -18,7 +18,7 @@ distributed plane (coordination, replication, repair, membership).
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -30,6 +30,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from hypercache.net.faults import FAULT_KINDS
+
 __all__ = [
     "CLIENT_OPS",
     "LATENCY_BUCKETS",
@@ -37,6 +39,7 @@ __all__ = [
     "DistStats",
     "LatencyHistogram",
     "NodeMetrics",
+    "faults_families",
 ]
 
 #: Client-facing operations that the coordinator times and counts (an ``expire``
@@ -404,3 +407,17 @@ def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     """A one-sample counter family (helper for sources)."""
     return CounterMetricFamily(name, doc, value=value)
+
+
+def faults_families(injected: Mapping[str, int] | None) -> Iterator[Metric]:
+    """The counter of injected faults by kind (zeros on a node without fault
+    injection; see :mod:`hypercache.net.faults`)."""
+    fam = CounterMetricFamily(
+        "hypercache_dist_faults_injected",
+        "Faults injected into this node's messages to its peers, by kind (only on a node "
+        "started with --fault-injection).",
+        labels=["kind"],
+    )
+    for kind in FAULT_KINDS:
+        fam.add_metric([kind], 0 if injected is None else injected.get(kind, 0))
+    yield fam
