@@ -322,7 +322,9 @@ class Node:
             from hypercache.cluster.status import NodeStatus
 
             try:
-                run.http, self.http_address = await start_http(NodeStatus(self), *http)
+                run.http, self.http_address = await start_http(
+                    NodeStatus(self), *http, faults=self.faults
+                )
             except BaseException as exc:
                 await self.stop()
                 if isinstance(exc, OSError):
