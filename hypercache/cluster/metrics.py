@@ -147,6 +147,7 @@ class DistStats:
         "replica_gets",
         "replica_puts",
         "replica_puts_applied",
+        "replica_retries",
         "requests",
         "stream_entries_served",
         "streams_served",
@@ -172,6 +173,9 @@ class DistStats:
         self.read_acks = 0
         #: replica requests that failed (down, timeout, error)
         self.replica_failures = 0
+        #: replica writes sent a second time after the first got no answer in half
+        #: the request deadline, or lost its connection (see Coordinator._remote)
+        self.replica_retries = 0
         #: operations that did not reach their consistency level, by op
         self.quorum_failures: dict[str, int] = dict.fromkeys(CLIENT_OPS, 0)
         #: newer versions pushed to stale owners after a read
@@ -214,6 +218,7 @@ class DistStats:
             "read_attempts": self.read_attempts,
             "read_acks": self.read_acks,
             "replica_failures": self.replica_failures,
+            "replica_retries": self.replica_retries,
             "quorum_failures": dict(self.quorum_failures),
             "quorum_failures_total": sum(self.quorum_failures.values()),
             "read_repairs": self.read_repairs,
@@ -343,6 +348,11 @@ class NodeMetrics:
             ("read_attempts", "Replica reads attempted.", s.read_attempts),
             ("read_acks", "Replica reads answered.", s.read_acks),
             ("replica_failures", "Replica requests that failed.", s.replica_failures),
+            (
+                "replica_retries",
+                "Replica writes sent again after the first attempt got no answer.",
+                s.replica_retries,
+            ),
             ("read_repairs", "Newer versions pushed to stale owners.", s.read_repairs),
             (
                 "read_repairs_dropped",
