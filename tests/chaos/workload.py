@@ -21,6 +21,7 @@ class Workload:
 
     :param timeout: each client's request deadline, seconds.
     :param pause: seconds a thread waits between two operations (0: none).
+    :param prefix: of every key (workloads of one history need different ones).
     """
 
     def __init__(
@@ -33,7 +34,9 @@ class Workload:
         keys_per_writer: int = 20,
         timeout: float = 5.0,
         pause: float = 0.002,
+        prefix: str = "",
     ) -> None:
+        self.prefix = prefix
         self.seeds = list(seeds)
         self.history = history
         self.writers = writers
@@ -46,7 +49,7 @@ class Workload:
         self.errors: list[BaseException] = []
 
     def keys_of(self, writer: int) -> list[str]:
-        return [f"w{writer}-k{j}" for j in range(self.keys_per_writer)]
+        return [f"{self.prefix}w{writer}-k{j}" for j in range(self.keys_per_writer)]
 
     def start(self) -> None:
         for t in range(self.writers):
@@ -92,7 +95,7 @@ class Workload:
         with self._client() as client:
             while not self._stop.is_set():
                 writer = rng.randrange(self.writers)
-                key = f"w{writer}-k{rng.randrange(self.keys_per_writer)}"
+                key = f"{self.prefix}w{writer}-k{rng.randrange(self.keys_per_writer)}"
                 self.history.read(client, process, key)
                 if self.pause:
                     self._stop.wait(self.pause)
