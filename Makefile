@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 CORE   := $(wildcard hypercache/_core/*.pyx hypercache/_core/*.pxd) setup.py
 BUILT  := hypercache/_core/.built
 
-.PHONY: dev build test quicktest bench chaos kpi run lint fmt clean
+.PHONY: dev build test quicktest bench chaos kpi soak run lint fmt clean
 
 # The editable install in "compat" mode compiles the extensions in place, once:
 # the build below finds them up to date.
@@ -55,6 +55,11 @@ chaos: build
 # The roadmap's KPIs: kpi-report.md and kpi-latency.png (bench/kpi_report.py).
 kpi: build
 	$(PY) -m bench.kpi_report --long
+
+# 30 minutes of a steady mix with TTLs, deletes and periodic faults: every node's RSS
+# slope after warm-up must stay within noise, and the caps hold (bench/soak.py).
+soak: build
+	$(PY) -m bench.soak --minutes 30
 
 run: build
 	$(PY) -m hypercache.cli.local

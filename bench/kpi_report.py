@@ -159,6 +159,17 @@ def chaos_rows(chaos: dict[str, dict[str, Any]]) -> list[list[str]]:
                 _verdict(slow["p99_ms"] < delay and slow["dead_marks"] == 0),
             ]
         )
+    soak = chaos.get("soak")
+    if soak is not None:
+        rows.append(
+            [
+                f"Memory soak, {soak['minutes']:g} min with {soak['faults']} faults",
+                "RSS slope within noise after warm-up; caps hold",
+                f"RSS {soak['rss_mib']} MiB, slope {soak['slope_mib_per_min']} MiB/min, "
+                f"{soak['caps_broken']} caps broken",
+                _verdict(bool(soak["rss_flat"]) and soak["caps_broken"] == 0),
+            ]
+        )
     rows.append(
         [
             "Data imbalance after a join",
