@@ -24,6 +24,10 @@
                         ``?partition=P`` its sub-bucket digests
 ``GET /internal/keys``  ``?partition=P&cursor=HEX&limit=L``: one page of the
                         partition's entries sorted by key (keys hex)
+``GET /internal/faults`` only with ``--fault-injection``: the fault rules and the
+                        counts of faults injected (:mod:`hypercache.net.faults`)
+``POST /internal/faults`` only with ``--fault-injection``: replace the rule set by
+                        the JSON body (``{"rules": []}`` clears it); 400 if invalid
 ======================  ======================================================
 """
 
@@ -34,6 +38,9 @@ from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from hypercache.errors import ConfigError
+from hypercache.net.faults import FaultInjector
 
 __all__ = ["NodeView", "make_app", "start_http"]
 
@@ -199,8 +206,29 @@ async def _rebalance(request: web.Request) -> web.Response:
     return web.json_response(_view(request).rebalance())
 
 
-def make_app(view: NodeView) -> web.Application:
-    """The management application of the node that ``view`` reports on."""
+_FAULTS: web.AppKey[FaultInjector] = web.AppKey("faults")
+
+
+async def _faults(request: web.Request) -> web.Response:
+    return web.json_response(request.app[_FAULTS].as_dict())
+
+
+async def _set_faults(request: web.Request) -> web.Response:
+    injector = request.app[_FAULTS]
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text="body: not JSON") from None
+    try:
+        injector.load(body)
+    except ConfigError as exc:
+        raise web.HTTPBadRequest(text=f"{exc.field}: {exc.message}") from None
+    return web.json_response(injector.as_dict())
+
+
+def make_app(view: NodeView, faults: FaultInjector | None = None) -> web.Application:
+    """The management application of the node that ``view`` reports on; with
+    ``faults``, also ``/internal/faults`` (else that path does not exist)."""
     # A request line that holds the longest key percent-encoded (3 characters a
     # byte), and then some: a key past max_key gets our own error, not aiohttp's.
     app = web.Application(handler_args={"max_line_size": 3 * view.max_key + 8192})
@@ -220,14 +248,20 @@ def make_app(view: NodeView) -> web.Application:
     app.router.add_get("/dist/rebalance", _rebalance)
     app.router.add_get("/internal/merkle", _merkle)
     app.router.add_get("/internal/keys", _keys)
+    if faults is not None:
+        app[_FAULTS] = faults
+        app.router.add_get("/internal/faults", _faults)
+        app.router.add_post("/internal/faults", _set_faults)
     return app
 
 
-async def start_http(view: NodeView, host: str, port: int) -> tuple[web.AppRunner, str]:
+async def start_http(
+    view: NodeView, host: str, port: int, faults: FaultInjector | None = None
+) -> tuple[web.AppRunner, str]:
     """Serve :func:`make_app` on ``host:port`` (port 0 picks one); return the runner
     and the bound address."""
     runner = web.AppRunner(
-        make_app(view), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        make_app(view, faults), access_log=None, handle_signals=False, shutdown_timeout=1.0
     )
     await runner.setup()
     try:

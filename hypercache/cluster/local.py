@@ -51,7 +51,7 @@ from hypercache.cli.node import READY_PREFIX
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.membership import layout_of
 from hypercache.cluster.node import Node
-from hypercache.net import BlockingConnection, InprocNetwork, Op, make_hello
+from hypercache.net import BlockingConnection, InprocNetwork, Op, Transport, make_hello
 from hypercache.units import format_hostport
 
 __all__ = [
@@ -646,6 +646,8 @@ class InprocCluster:
         is allowed: the network picks a port).
     :param node_id: node ``i``'s id, ``{n}`` likewise.
     :param network: the network (a new one by default).
+    :param transport: node ``i``'s transport, made from the network (the network
+        itself by default); e.g. a :class:`~hypercache.net.faults.FaultyTransport`.
     :param timeout: seconds for the cluster to form.
     """
 
@@ -658,6 +660,7 @@ class InprocCluster:
         address: str = "127.0.0.{n}:7400",
         node_id: str = "n{n}",
         network: InprocNetwork | None = None,
+        transport: Callable[[int, InprocNetwork], Transport] | None = None,
         timeout: float = 10.0,
     ) -> None:
         self.size = size
@@ -666,6 +669,7 @@ class InprocCluster:
         self.address = address
         self.node_id = node_id
         self.net = network if network is not None else InprocNetwork()
+        self._transport = transport
         self.timeout = timeout
         self.nodes: list[Node] = []
 
@@ -702,7 +706,11 @@ class InprocCluster:
         try:
             for index in range(self.size):
                 seeds = (self.nodes[0].address,) if self.nodes else ()
-                node = Node(self.config(index, seeds), transport=self.net)
+                make = self._transport
+                node = Node(
+                    self.config(index, seeds),
+                    transport=self.net if make is None else make(index, self.net),
+                )
                 self.nodes.append(node)
                 await node.start()
             await until(self.formed, timeout=self.timeout, what=f"{self.size} members up")

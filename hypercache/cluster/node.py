@@ -52,12 +52,13 @@ from hypercache.cluster.coordinator import Coordinator
 from hypercache.cluster.cpulatency import CpuLatencyRequest
 from hypercache.cluster.handoff import Handoff
 from hypercache.cluster.membership import Membership
-from hypercache.cluster.metrics import NodeMetrics
+from hypercache.cluster.metrics import NodeMetrics, faults_families
 from hypercache.cluster.rebalance import PartitionStates, Rebalancer
 from hypercache.cluster.replica import Replica
 from hypercache.errors import NodeUnavailableError, PermissionDeniedError, ProtocolError
 from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.busypoll import BusyPoller, poller
+from hypercache.net.faults import FaultInjector, FaultyTransport
 from hypercache.net.protocol import Op
 from hypercache.net.tcp import TCP
 from hypercache.net.transport import Later, PeerInfo, Server, ServerOptions, Transport
@@ -134,6 +135,13 @@ class Node:
     ) -> None:
         self.config = config
         self.transport: Transport = transport if transport is not None else TCP
+        if config.fault_injection and not isinstance(self.transport, FaultyTransport):
+            self.transport = FaultyTransport(self.transport)
+        #: the fault rules of this node's peer messages (``--fault-injection``, or a
+        #: FaultyTransport given); None: no faults can be injected
+        self.faults: FaultInjector | None = (
+            self.transport.injector if isinstance(self.transport, FaultyTransport) else None
+        )
         self.limits = config.limits
         self.store = VersionedStore(
             config.partitions,
@@ -317,7 +325,9 @@ class Node:
             from hypercache.cluster.status import NodeStatus
 
             try:
-                run.http, self.http_address = await start_http(NodeStatus(self), *http)
+                run.http, self.http_address = await start_http(
+                    NodeStatus(self), *http, faults=self.faults
+                )
             except BaseException as exc:
                 await self.stop()
                 if isinstance(exc, OSError):
@@ -433,6 +443,10 @@ class Node:
         metrics.add_source(antientropy.collect)
         metrics.add_source(handoff.collect)
         metrics.add_source(rebalancer.collect)
+        faults = self.faults
+        if faults is not None:
+            faults.local = frozenset((config.node_id, config.advertised))
+        metrics.add_source(lambda: faults_families(None if faults is None else faults.injected))
         return run
 
     @staticmethod
