@@ -14,29 +14,31 @@ more than 10% over or under its ideal share.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
+from chaos.history import History, lost_writes, phantoms, value_of
+from chaos.observe import report
+from chaos.workload import Workload
 from cluster_harness import FAST_FLAGS
 
 from hypercache import Client
 from hypercache.cluster.local import ProcessCluster, wait_for
-from hypercache.errors import HyperCacheError
 from hypercache.net.protocol import Op
 
 pytestmark = pytest.mark.functional
 
 RF = 3
-WRITERS = 3
-KEYS_PER_WRITER = 400
 PRELOAD = 3000
+#: the preloaded keys deleted (acknowledged) before the steps: their tombstones move
+DELETED = [f"pre-{i}" for i in range(0, PRELOAD, 10)]
 #: No anti-entropy during a test (the rebalance must move the data by itself),
 #: partitions dropped by their old owners soon after the hand-over.
 FLAGS = (
@@ -56,97 +58,33 @@ FLAGS = (
 )
 
 
-@dataclass
-class History:
-    """Per key: the highest write index attempted and acknowledged; the keys whose
-    delete was acknowledged (never written again) or may have landed."""
-
-    attempted: dict[str, int] = field(default_factory=dict)
-    acked: dict[str, int] = field(default_factory=dict)
-    deleted: set[str] = field(default_factory=set)
-    unsure_deletes: set[str] = field(default_factory=set)
-    writes: int = 0
-    failed: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def value_of(key: str, index: int) -> str:
-    return f"{key}#{index}"
-
-
-def index_of(key: str, value: str) -> int:
-    owner, _, index = value.rpartition("#")
-    assert owner == key, f"{key} holds {value!r}, written for another key (phantom)"
-    return int(index)
-
-
-class Load:
-    """QUORUM writers of unique values, each over keys of its own, while running."""
-
-    def __init__(self, seeds: list[str], history: History) -> None:
-        self.seeds = seeds
-        self.history = history
-        self.stop_event = threading.Event()
-        self.threads: list[threading.Thread] = []
-
-    def __enter__(self) -> Load:
-        self.stop_event.clear()
-        self.threads = [
-            threading.Thread(target=self._write, args=(t,), daemon=True) for t in range(WRITERS)
-        ]
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop_event.set()
-        for thread in self.threads:
-            thread.join(30)
-
-    def _write(self, t: int) -> None:
-        h = self.history
-        keys = [f"w{t}-k{j}" for j in range(KEYS_PER_WRITER)]
-        with Client(self.seeds, timeout=2.0, consistency="quorum") as client:
-            i = 0
-            while not self.stop_event.is_set():
-                key = keys[i % len(keys)]
-                round_ = i // len(keys)
-                i += 1
-                if key in h.deleted or key in h.unsure_deletes:
-                    continue
-                if round_ == 1 and key.endswith("7"):  # every 10th key: deleted once
-                    try:
-                        client.delete(key)
-                    except HyperCacheError:
-                        h.unsure_deletes.add(key)
-                    else:
-                        h.deleted.add(key)
-                    continue
-                with h.lock:
-                    h.attempted[key] = round_
-                    h.writes += 1
-                try:
-                    client.set(key, value_of(key, round_))
-                except HyperCacheError:
-                    with h.lock:
-                        h.failed += 1
-                else:
-                    with h.lock:
-                        h.acked[key] = round_
-                time.sleep(0.001)
-
-
 def preload(seeds: list[str], history: History) -> None:
+    """``PRELOAD`` keys written at QUORUM (recorded as one writer's), then
+    :data:`DELETED` deleted."""
+    process = 100
+    ops = {
+        f"pre-{i}": history.invoke(
+            process, "write", f"pre-{i}", value_of(f"pre-{i}", 0, process), 0
+        )
+        for i in range(PRELOAD)
+    }
     with Client(seeds, consistency="quorum") as client:
-        items: dict[str | bytes, Any] = {
-            f"pre-{i}": value_of(f"pre-{i}", 0) for i in range(PRELOAD)
-        }
-        client.set_many(items)
-        for i in range(0, PRELOAD, 10):  # deleted before the steps: tombstones move too
-            assert client.delete(f"pre-{i}")
-    for i in range(PRELOAD):
-        history.attempted[f"pre-{i}"] = history.acked[f"pre-{i}"] = 0
-    history.deleted.update(f"pre-{i}" for i in range(0, PRELOAD, 10))
+        client.set_many({key: op.value for key, op in ops.items()})
+        for op in ops.values():
+            history.complete(op, "ok")
+        for key in DELETED:
+            assert client.delete(key)
+
+
+@contextlib.contextmanager
+def load(seeds: list[str], history: History, step: str) -> Iterator[Workload]:
+    """QUORUM writers (and readers) of unique values while the block runs."""
+    workload = Workload(seeds, history, writers=3, readers=1, keys_per_writer=300, prefix=step)
+    workload.start()
+    try:
+        yield workload
+    finally:
+        workload.stop()
 
 
 def rebalanced(cluster: ProcessCluster) -> bool:
@@ -171,105 +109,97 @@ def check(cluster: ProcessCluster, history: History, step: str) -> dict[str, Any
     by_address = {n.data: n for n in nodes}
     with Client([n.data for n in nodes]) as client:
         topology = client.topology()
-        assert sorted(a for a in topology.addresses) == sorted(by_address), step
+        assert sorted(topology.addresses) == sorted(by_address), step
         held = {n.data: {k.decode() for k in client.scan(n.data)} for n in nodes}
-    keys = sorted(history.attempted.keys() | history.deleted | history.unsure_deletes)
+    keys = sorted({*history.keys(), *DELETED})
     owners = {key: topology.owners(key.encode()) for key in keys}
-    asks: dict[str, list[str]] = {}
-    for key in keys:
-        assert len(owners[key]) == RF, (step, key, owners[key])
-        for address in owners[key]:
-            asks.setdefault(address, []).append(key)
-    lost: list[str] = []
-    for address, its_keys in asks.items():
-        conn = cluster.conn(by_address[address].index)
-        answers = conn.pipeline([(Op.R_GET, [k.encode()]) for k in its_keys], 30)
-        for key, answer in zip(its_keys, answers, strict=True):
+    # what each owner alone holds of each key it owns
+    alone: dict[str, dict[str, str | None]] = {}
+    for address, node in by_address.items():
+        mine = [key for key in keys if address in owners[key]]
+        answers = cluster.conn(node.index).pipeline([(Op.R_GET, [k.encode()]) for k in mine], 30)
+        seen = alone[address] = {}
+        for key, answer in zip(mine, answers, strict=True):
             assert not isinstance(answer, BaseException), (step, address, key, answer)
             live = answer is not None and not answer[4]
-            if key in history.deleted:
-                assert not live, f"{step}: {key} deleted, but {address} holds it"
-                continue
-            if key in history.unsure_deletes:
-                continue
-            acked = history.acked.get(key, -1)
-            if not live:
-                if acked >= 0:
-                    lost.append(f"{key}@{address}")
-                continue
-            index = index_of(key, msgpack.unpackb(answer[0]))
-            if index < acked:
-                lost.append(f"{key}@{address}")
-            assert index <= history.attempted[key], f"{step}: {key}#{index} never written"
-    assert not lost, f"{step}: {len(lost)} acknowledged writes lost, e.g. {lost[:5]}"
-    assert history.deleted, "no delete was acknowledged: the load is too short"
+            seen[key] = msgpack.unpackb(answer[0]) if live else None
+    problems: list[str] = []
+    for address, seen in alone.items():
+        for key in DELETED:
+            if key in seen and seen[key] is not None:
+                problems.append(f"{key}: deleted, but {address} holds {seen[key]!r}")
+        data = {k: v for k, v in seen.items() if k not in DELETED}
+        its = History(ops=[op for op in history.ops if op.key in data])  # its keys alone
+        problems += [f"{address}: {p}" for p in lost_writes(its, data) + phantoms(its, data)]
+    assert not problems, f"{step}: {len(problems)} problems, e.g. {problems[:5]}"
     # every live key on exactly its owners; each node near its ideal share
-    live_keys = {k for k in keys if k not in history.deleted and k not in history.unsure_deletes}
-    live_keys -= {k for k in live_keys if history.acked.get(k, -1) < 0}
+    live_keys = {k for seen in alone.values() for k, v in seen.items() if v is not None}
     for key in live_keys:
+        assert len(owners[key]) == RF, (step, key, owners[key])
         holders = {address for address, its in held.items() if key in its}
         assert holders == set(owners[key]), (step, key, holders, owners[key])
     ideal = len(live_keys) * RF / len(nodes)
     counts = {address: len(held[address] & live_keys) for address in held}
     imbalance = max(abs(c - ideal) / ideal for c in counts.values())
     assert imbalance < 0.10, (step, counts, ideal)
-    return {
-        "step": step,
+    counted = history.counts()
+    figures = {
+        "nodes": len(nodes),
         "keys": len(keys),
-        "writes": history.writes,
-        "failed": history.failed,
+        "writes_ok": counted.get("write_ok", 0),
+        "writes_failed": counted.get("write_fail", 0) + counted.get("write_unknown", 0),
         "imbalance": round(imbalance, 4),
     }
+    report(f"elastic {step}", figures)
+    return figures
 
 
 def test_join_then_graceful_leave_under_quorum_load(tmp_path: Path) -> None:
     with ProcessCluster(3, tmp_path, FLAGS) as cluster:
         history = History()
         preload(cluster.addresses, history)
-        with Load(cluster.addresses, history):
-            time.sleep(1)
+        with load(cluster.addresses, history, "join"):
+            time.sleep(1)  # traffic before the change (a workload phase, not a wait)
             new = cluster.add()  # 3 -> 4: waits until it is ready and the cluster healthy
             time.sleep(1)
-        figures = [check(cluster, history, "join 3->4")]
+        check(cluster, history, "join 3->4")
         assert int(new.http_json("/dist/rebalance")["partitions_moved"]) > 0
-        with Load(cluster.addresses, history):
+        with load(cluster.addresses, history, "leave"):
             time.sleep(1)
             status = cluster.leave(1)  # 4 -> 3: SIGTERM, it hands over and exits
             time.sleep(1)
         assert status == 0
         left = cluster.nodes[1].log_path.read_text()
         assert "left the cluster" in left and "'handed_over': True" in left, left[-2000:]
-        figures.append(check(cluster, history, "leave 4->3"))
+        check(cluster, history, "leave 4->3")
         for node in members(cluster):
             states = {
                 m["node_id"]: m["state"] for m in node.http_json("/cluster/members")["members"]
             }
             assert states["node-2"] == "left", states
         # a QUORUM write fails only while an owner set is short, never for long
-        assert history.failed / history.writes < 0.02, figures
-        print(figures)
+        assert history.failure_rate("write") < 0.02, history.counts()
 
 
 def test_dead_node_removed_and_a_node_restarted_empty(tmp_path: Path) -> None:
     with ProcessCluster(4, tmp_path, FLAGS) as cluster:
         history = History()
         preload(cluster.addresses, history)
-        with Load(cluster.addresses, history):
+        with load(cluster.addresses, history, "remove"):
             time.sleep(1)
             cluster.kill(3)
             body = cluster.remove(3, via=0)  # 4 -> 3: out of the ring everywhere
             time.sleep(1)
         assert body["removed"] is True
-        figures = [check(cluster, history, "remove a dead node")]
-        with Load(cluster.addresses[:3], history):
+        check(cluster, history, "remove a dead node")
+        with load(cluster.addresses[:3], history, "restart"):
             time.sleep(1)
             cluster.kill(2)
             time.sleep(1)
             cluster.restart(2)  # empty; streamed its partitions before it is ready
             time.sleep(1)
-        figures.append(check(cluster, history, "restart empty"))
+        check(cluster, history, "restart empty")
         assert int(cluster[2].http_json("/dist/rebalance")["partitions_moved"]) > 0
-        print(figures)
 
 
 def test_leave_and_remove_from_the_cli_and_http(tmp_path: Path) -> None:
