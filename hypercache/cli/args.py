@@ -200,6 +200,19 @@ def build_node_parser() -> argparse.ArgumentParser:
         "0 keeps idle CPUs polling, e.g. 0 or 20us); 'off' = don't ask",
         default_text="off",
     )
+
+    security = parser.add_argument_group("security (docs/security.md)")
+    _add(
+        security,
+        "tokens",
+        "FILE",
+        "client tokens, one 'NAME SCOPE[,SCOPE] sha256:HEX' a line (hypercache token "
+        "makes them); needs --cluster-secret",
+    )
+    _add(security, "tls_cert", "FILE", "PEM certificate: TLS on the data port and HTTP")
+    _add(security, "tls_key", "FILE", "PEM private key of --tls-cert (if not in it)")
+    _add(security, "tls_ca", "FILE", "CA certificates that peer and client certificates chain to")
+    _add(security, "tls_client_auth", "none|optional|required", "client certificates (mTLS)")
     return parser
 
 

@@ -8,7 +8,8 @@ When the node is ready it prints one line to stdout::
 
     hypercache-node ready: node_id=127.0.0.1:7400 data=127.0.0.1:7400 http=127.0.0.1:7480
 
-SIGTERM and SIGINT stop it cleanly (exit status 0). Logs go to stderr.
+SIGTERM and SIGINT stop it cleanly (exit status 0); SIGHUP reloads its TLS files and
+tokens. Logs go to stderr.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 
 from hypercache.cli.args import PROG, node_config_from_argv
 from hypercache.cluster.config import DistConfig
+from hypercache.errors import ConfigError
 
 __all__ = ["READY_PREFIX", "main", "run"]
 
@@ -52,6 +54,8 @@ async def run(config: DistConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     node = Node(config)
+    # SIGHUP: read the TLS certificate, key, CA and tokens files again.
+    loop.add_signal_handler(signal.SIGHUP, node.security.reload)
     try:
         await node.start()
         _tune_gc()
@@ -64,7 +68,7 @@ async def run(config: DistConfig) -> None:
         _log.info("signal received, stopping")
     finally:
         await node.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 
@@ -113,6 +117,9 @@ def main() -> None:
     except OSError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    except ConfigError as exc:  # a TLS or tokens file that cannot be loaded
+        print(f"{PROG}: error: {exc.field}: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:  # a signal before the handlers were installed
         pass
 

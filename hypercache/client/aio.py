@@ -32,7 +32,7 @@ from hypercache.errors import (
     NodeUnavailableError,
 )
 from hypercache.net.peer import PeerConnection
-from hypercache.net.tcp import TCP
+from hypercache.net.tcp import TCP, TcpTransport
 from hypercache.net.transport import Connection, Transport
 from hypercache.replication import wall_ms
 
@@ -82,7 +82,10 @@ class AsyncClient(ClientBase):
         **options: Unpack[ClientArgs],
     ) -> None:
         super().__init__(seeds, **options)
-        self._transport: Transport = TCP if transport is None else transport
+        if transport is None:
+            tls = self.options.ssl
+            transport = TCP if tls is None else TcpTransport(ssl=tls)
+        self._transport: Transport = transport
         # address -> its connection, opened on first use (one attempt shared)
         self._peers: dict[str, PeerConnection] = {}
         self._refresh_task: asyncio.Task[Topology] | None = None

@@ -66,7 +66,12 @@ class Client(ClientBase):
     :param seeds: ``"host:port"`` of one or more nodes, as a comma-separated string
         or a sequence. Any live node can answer; more seeds survive more failures.
     :param cluster_name: the cluster's name (nodes refuse other clusters).
-    :param auth_token: the cluster's shared secret, if it has one.
+    :param auth_token: the cluster's shared secret, or this client's token when the
+        nodes check tokens (see ``docs/security.md``).
+    :param ssl: TLS to the nodes, like redis-py's: an :class:`ssl.SSLContext`,
+        ``True`` (the system's CAs), the path of a CA file, or a dict with ``ca``,
+        ``cert``, ``key`` (a client certificate, for mTLS) and ``check_hostname``.
+        A given ``connection_factory`` is left to open its own TLS.
     :param timeout: deadline of each request, in seconds.
     :param connect_timeout: deadline of opening a connection (and its handshake).
     :param consistency: default level of every operation (``"one"``, ``"quorum"``,
@@ -140,6 +145,9 @@ class Client(ClientBase):
             raise ConfigError("connection_factory", "must be callable")
         super().__init__(seeds, **options)
         self._max_connections = cap
+        tls = self.options.ssl
+        if tls is not None and connection_factory is BlockingConnection:
+            connection_factory = functools.partial(BlockingConnection, ssl=tls)
         self._connection_factory = connection_factory
         self._pid = os.getpid()
         self._pools: dict[str, ConnectionPool] = {}

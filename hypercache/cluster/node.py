@@ -55,6 +55,7 @@ from hypercache.cluster.membership import Membership
 from hypercache.cluster.metrics import NodeMetrics
 from hypercache.cluster.rebalance import PartitionStates, Rebalancer
 from hypercache.cluster.replica import Replica
+from hypercache.cluster.security import NodeSecurity
 from hypercache.errors import NodeUnavailableError, PermissionDeniedError, ProtocolError
 from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.busypoll import BusyPoller, poller
@@ -133,7 +134,9 @@ class Node:
         self, config: DistConfig, *, transport: Transport | None = None, http: bool = True
     ) -> None:
         self.config = config
-        self.transport: Transport = transport if transport is not None else TCP
+        #: TLS contexts, client tokens and their checks (docs/security.md)
+        self.security = NodeSecurity(config.security)
+        self.transport: Transport = transport or self.security.transport() or TCP
         self.limits = config.limits
         self.store = VersionedStore(
             config.partitions,
@@ -264,6 +267,8 @@ class Node:
             peer_auth=self.peer_auth,
             limits=self.limits,
             busy_poll=config.busy_poll,
+            tokens=self.security.tokens,
+            ssl=self.security.server_ssl,
             **{f.name: getattr(caps, f.name) for f in dataclasses.fields(caps)},
         )
 
@@ -314,7 +319,9 @@ class Node:
             from hypercache.cluster.status import NodeStatus
 
             try:
-                run.http, self.http_address = await start_http(NodeStatus(self), *http)
+                run.http, self.http_address = await start_http(
+                    NodeStatus(self), *http, **self.security.http_options()
+                )
             except BaseException as exc:
                 await self.stop()
                 if isinstance(exc, OSError):
@@ -422,7 +429,7 @@ class Node:
             handoff=handoff,
             rebalancer=rebalancer,
             ops=(ops := self._op_table(replica, coordinator, membership)),
-            client_ops=self._client_table(ops, replica),
+            client_ops=self.security.restrict(self._client_table(ops, replica)),
             poller=poller(asyncio.get_running_loop()) if config.busy_poll else None,
             hint_buffer=hint_buffer,
         )
@@ -430,6 +437,7 @@ class Node:
         metrics.add_source(antientropy.collect)
         metrics.add_source(handoff.collect)
         metrics.add_source(rebalancer.collect)
+        metrics.add_source(self.security.collect)
         return run
 
     @staticmethod
@@ -680,6 +688,7 @@ class Node:
             if entry is not None:
                 return entry[0](payload)
         else:
+            self.security.check_op(conn_info, op)
             handler = run.client_ops.get(op)
             if handler is not None:
                 return handler(payload)
