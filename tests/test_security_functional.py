@@ -266,7 +266,7 @@ def test_pre_auth_limits_close_the_connection_and_are_counted(
     token_cluster: ProcessCluster,
 ) -> None:
     host, port = token_cluster[0].data.rsplit(":", 1)
-    stats = token_cluster[0].http_json("/stats")["net"]
+    stats: dict[str, int] = token_cluster[0].http_json("/stats")["net"]
     # A frame header announcing 1 MiB before any HELLO: over the pre-auth limit.
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(struct.pack(">I", 1024 * 1024))
