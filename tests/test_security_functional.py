@@ -9,6 +9,7 @@ nodes' Merkle digests (``/internal/merkle``) before and after.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
 import struct
@@ -23,6 +24,7 @@ from cluster_harness import FAST_FLAGS, running_cluster
 
 from hypercache import Client
 from hypercache._core.hlc import wall_clock_ms
+from hypercache.cli.client import main as cli_main
 from hypercache.cli.devca import DevCA
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.local import ProcessCluster, wait_for
@@ -259,6 +261,28 @@ def test_the_client_works_with_a_token(token_cluster: ProcessCluster, tokens: To
             reader.set("client-key", 2)
 
 
+def test_sighup_reloads_the_tokens_file(token_cluster: ProcessCluster, tokens: Tokens) -> None:
+    secret, line = new_token("late", ["read"])
+    with pytest.raises(HandshakeError, match="bad token"):
+        connect(token_cluster, secret)
+    with tokens.path.open("a") as file:
+        file.write(line + "\n")
+    for node in token_cluster:
+        node.signal(signal.SIGHUP)
+    wait_for(
+        lambda: all(
+            metric(token_cluster, n.index, "hypercache_security_reloads_total") >= 1
+            for n in token_cluster
+        ),
+        timeout=10,
+        what="the tokens reloaded",
+    )
+    with connect(token_cluster, secret) as late:
+        assert late.request(Op.PING, None) is not None
+    with connect(token_cluster, tokens["app"]) as app:  # the others still work
+        assert app.request(Op.GET, [b"nothing-here", "one"]) == [False, None]
+
+
 # ---------------------------------------------------------------- limits
 
 
@@ -380,3 +404,14 @@ def test_mtls_refuses_plaintext_and_bad_certificates(
     with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
         urllib.request.urlopen(f"http://{tls_cluster[0].http}/health", timeout=5).read()
     assert digests(tls_cluster) == before
+
+
+def test_the_command_line_client_over_mtls(
+    tls_cluster: ProcessCluster, pki: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    tls = ["--tls-ca", pki["ca"], "--tls-cert", pki["client"].cert, "--tls-key", pki["client"].key]
+    seeds = ["--seeds", tls_cluster[0].data]
+    assert cli_main([*seeds, *tls, "set", "cli-key", "cli-value"], env={}) == 0
+    assert cli_main([*seeds, *tls, "get", "cli-key"], env={}) == 0
+    assert capsys.readouterr().out.split() == ["OK", "cli-value"]
+    assert cli_main([*seeds, "get", "cli-key"], env={}) == 3  # plaintext: refused
