@@ -261,6 +261,27 @@ def test_the_client_works_with_a_token(token_cluster: ProcessCluster, tokens: To
             reader.set("client-key", 2)
 
 
+def test_a_client_stops_pushing_read_repairs_once_refused(
+    token_cluster: ProcessCluster, tokens: Tokens
+) -> None:
+    """A token client's read finds node 2 stale; its repair push is refused (R_PUT is
+    for peers once tokens are on) and it pushes no more; the read still answers."""
+    seeds = [node.data for node in token_cluster]
+    with Client(seeds, auth_token=tokens["app"], consistency="all") as client:
+        client.set("stale-key", "old")
+        hello = peer_hello(token_cluster, PeerAuthenticator(SECRET), "harness-peer-2")
+        with BlockingConnection(token_cluster[0].data, hello) as peer:
+            _, ts, origin, _, _ = peer.request(Op.R_GET, [b"stale-key"])
+            newer = client.options.serializer.dumps("new")
+            assert peer.request(Op.R_PUT, [b"stale-key", newer, ts + 1, origin, 0, False])
+        refused = token_cluster[1].http_json("/stats")["peer_auth"]["peer_ops_refused"]
+        assert client.get("stale-key") == "new"
+        wait_for(lambda: client._repairs_refused, timeout=10, what="the push refused")
+        assert client.get("stale-key") == "new"  # no second push
+        after = token_cluster[1].http_json("/stats")["peer_auth"]["peer_ops_refused"]
+        assert after == refused + 1
+
+
 def test_sighup_reloads_the_tokens_file(token_cluster: ProcessCluster, tokens: Tokens) -> None:
     secret, line = new_token("late", ["read"])
     with pytest.raises(HandshakeError, match="bad token"):

@@ -496,6 +496,9 @@ class ClientBase:
         self._dumps = opts.serializer.dumps
         self._loads = opts.serializer.loads
         self._closed = False
+        # Set once a node refused a read-repair push (nodes that check tokens take
+        # R_PUT from peers only): no more pushes, anti-entropy repairs instead.
+        self._repairs_refused = False
 
     @property
     def closed(self) -> bool:

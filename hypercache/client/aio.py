@@ -30,6 +30,7 @@ from hypercache.errors import (
     HyperCacheError,
     NoAnswerError,
     NodeUnavailableError,
+    PermissionDeniedError,
 )
 from hypercache.net.peer import PeerConnection
 from hypercache.net.tcp import TCP, TcpTransport
@@ -388,7 +389,10 @@ class AsyncClient(ClientBase):
 
     def _repair(self, owner: str, payload: list[Any]) -> None:
         """Push ``payload`` to ``owner`` in the background (``R_PUT``), not waiting;
-        dropped when ``max_pending_repairs`` pushes are in flight already."""
+        dropped when ``max_pending_repairs`` pushes are in flight already, and not
+        sent at all once a node refused one (it checks tokens)."""
+        if self._repairs_refused:
+            return
         if len(self._background) >= self.max_pending_repairs:
             self.stats.read_repairs_dropped += 1
             return
@@ -401,6 +405,8 @@ class AsyncClient(ClientBase):
 
     def _repair_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
+        if not task.cancelled() and isinstance(task.exception(), PermissionDeniedError):
+            self._repairs_refused = True
         _consume(task)
 
     async def _call(self, cmd: commands.Command[_T], key: bytes | None, payload: Any) -> _T:

@@ -40,6 +40,7 @@ from hypercache.errors import (
     HyperCacheError,
     NoAnswerError,
     NodeUnavailableError,
+    PermissionDeniedError,
     QuorumError,
 )
 from hypercache.net.blocking import BlockingConnection, pipeline_all
@@ -685,7 +686,7 @@ class Client(ClientBase):
             out[k], stale = outcome
             for owner, payload in stale:
                 repairs.setdefault(owner, []).append((commands.R_PUT.op, payload))
-        if repairs:
+        if repairs and not self._repairs_refused:
             self._repair(repairs)
         if proxied:
             try:
@@ -826,9 +827,14 @@ class Client(ClientBase):
             stats.read_repairs += len(requests)
             pushed.add_done_callback(functools.partial(self._repairs_done, len(requests)))
 
-    def _repairs_done(self, n: int, _pushed: object = None) -> None:
+    def _repairs_done(self, n: int, pushed: Future[Any] | None = None) -> None:
         with self._lock:
             self._repairs_pending -= n
+        if pushed is not None and not pushed.cancelled() and pushed.exception() is None:
+            results = pushed.result()
+            answers = results if isinstance(results, list) else [results]
+            if any(isinstance(a, PermissionDeniedError) for a in answers):
+                self._repairs_refused = True
 
     def _batch(self, cmd: commands.Command[_T], requests: dict[bytes, Any]) -> dict[bytes, _T]:
         """Send ``cmd`` for many keys (key -> payload), pipelined per node; return
