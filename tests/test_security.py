@@ -172,6 +172,20 @@ def test_node_security_refuses_files_that_do_not_load(pki: dict[str, Any]) -> No
     assert info.value.field == "tls_cert"
 
 
+def test_sighup_reload_of_certificates_applies_whole_or_not_at_all(tmp_path: Path) -> None:
+    ca = DevCA(tmp_path)
+    node = ca.issue("node")
+    settings = SecuritySettings(tls_cert=node.cert, tls_key=node.key, tls_ca=ca.cert)
+    security = NodeSecurity(settings)
+    assert security.tls and security.server_ssl is not None
+    ca.issue("node")  # a new certificate and key in the same files: rotated
+    security.reload()
+    assert (security.reloads, security.reload_failures) == (1, 0)
+    Path(node.key).write_text("not a key\n")
+    security.reload()
+    assert (security.reloads, security.reload_failures) == (1, 1)
+
+
 def test_http_scopes_and_reload(tmp_path: Path) -> None:
     read, line_r = new_token("dash", ["read"])
     admin, line_a = new_token("ops", ["admin"])
