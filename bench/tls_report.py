@@ -127,7 +127,7 @@ def render(cells: dict[Any, Cell], config: ClusterBenchConfig, mtls: bool, argv:
     lines = [
         f"# TLS against plaintext: {mode}",
         "",
-        f"- command: `python -m bench.tls_report {' '.join(argv)}`".rstrip(),
+        f"- command: `{' '.join(['python -m bench.tls_report', *argv])}`",
         f"- commit {git_commit()}, {cpu_model()}, load {load_average():.2f}",
         f"- 3 nodes each, replication {REPLICATION}, QUORUM, {VALUE_SIZE}-byte values, "
         f"{config.runs} interleaved runs (medians)",
