@@ -348,15 +348,19 @@ def client_context(
     key: str | None = None,
     check_hostname: bool = True,
 ) -> ssl.SSLContext:
-    """The TLS context of a client: servers checked against ``ca`` (the system's
-    CAs when None), presenting ``cert``/``key`` when given (mTLS).
+    """The TLS context of a client: servers checked against ``ca`` alone (the
+    system's CAs when None), presenting ``cert``/``key`` when given (mTLS).
 
     :raises ConfigError: a file cannot be loaded.
     """
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if ca is not None:
+    if ca is None:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    else:
+        # A private CA replaces the system's: a certificate some public CA signed
+        # for the same name must not pass for a node.
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         _load_ca(ctx, ca, "ssl")
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = check_hostname
     if cert is not None:
         _load_chain(ctx, cert, key, "ssl")
