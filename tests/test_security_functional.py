@@ -87,7 +87,7 @@ def token_cluster(
         "--tokens",
         str(tokens.path),
         "--handshake-timeout",
-        "1",
+        "2",
     )
     cluster = running_cluster(2, tmp_path_factory.mktemp("token-cluster"), args)
     for node in cluster.nodes:
@@ -317,7 +317,7 @@ def test_pre_auth_limits_close_the_connection_and_are_counted(
         sock.sendall(struct.pack(">I", 1024 * 1024))
         sock.settimeout(5)
         assert sock.recv(1) == b""  # closed, unanswered
-    # Nothing at all: closed at the handshake deadline (1 s here).
+    # Nothing at all: closed at the handshake deadline (2 s here).
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.settimeout(10)
         assert sock.recv(1) == b""
