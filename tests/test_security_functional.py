@@ -13,6 +13,8 @@ import signal
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -436,3 +438,37 @@ def test_the_command_line_client_over_mtls(
     assert cli_main([*seeds, *tls, "get", "cli-key"], env={}) == 0
     assert capsys.readouterr().out.split() == ["OK", "cli-value"]
     assert cli_main([*seeds, "get", "cli-key"], env={}) == 3  # plaintext: refused
+
+
+def test_make_run_tls_starts_a_secured_cluster(tmp_path: Path) -> None:
+    """``hypercache-local --tls`` (``make run-tls``): what its banner prints connects."""
+    out = tmp_path / "banner"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "hypercache.cli.local", "--tls", "--nodes", "1"),
+                *("--port", "0", "--http-port", "0"),
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        wait_for(lambda: "Ctrl-C stops it" in out.read_text(), timeout=60, what="the banner")
+        fields = {}
+        for line in out.read_text().splitlines():
+            words = line.split()
+            if line.startswith("  node-1"):
+                fields["data"] = words[2]
+            elif line.startswith(("  CA ", "  client cert", "  client key", "  admin token")):
+                fields[" ".join(words[:-1])] = words[-1]
+        tls = {"ca": fields["CA"], "cert": fields["client cert"], "key": fields["client key"]}
+        with Client([fields["data"]], ssl=tls, auth_token=fields["admin token"]) as client:
+            client.set("run-tls", "works")
+            assert client.get("run-tls") == "works"
+        with pytest.raises(HandshakeError), Client([fields["data"]], ssl=tls) as anonymous:
+            anonymous.get("run-tls")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0

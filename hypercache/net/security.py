@@ -40,7 +40,7 @@ import hmac
 import os
 import secrets
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -370,7 +370,7 @@ def client_context(
 #: What clients take as ``ssl=``: a context, ``True`` (the system's CAs), a CA file
 #: path, or a dict of :func:`client_context`'s arguments (``ca``, ``cert``, ``key``,
 #: ``check_hostname``).
-SslArg = ssl.SSLContext | bool | str | dict[str, object] | None
+SslArg = ssl.SSLContext | bool | str | Mapping[str, object] | None
 
 
 def resolve_client_ssl(value: SslArg) -> ssl.SSLContext | None:
@@ -386,7 +386,7 @@ def resolve_client_ssl(value: SslArg) -> ssl.SSLContext | None:
         return client_context()
     if isinstance(value, str):
         return client_context(value)
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         unknown = set(value) - {"ca", "cert", "key", "check_hostname"}
         if unknown:
             raise ConfigError(
