@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 CORE   := $(wildcard hypercache/_core/*.pyx hypercache/_core/*.pxd) setup.py
 BUILT  := hypercache/_core/.built
 
-.PHONY: dev build test quicktest bench chaos kpi soak run lint fmt clean
+.PHONY: dev build test quicktest bench chaos kpi soak run run-tls lint fmt clean
 
 # The editable install in "compat" mode compiles the extensions in place, once:
 # the build below finds them up to date.
@@ -63,6 +63,10 @@ soak: build
 
 run: build
 	$(PY) -m hypercache.cli.local
+
+# The same over mTLS, with a throw-away CA, an admin token and a cluster secret.
+run-tls: build
+	$(PY) -m hypercache.cli.local --tls
 
 lint: $(STAMP)
 	$(PY) -m ruff check hypercache tests bench

@@ -298,6 +298,13 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("cpu_latency_limit", "0"),
     ("cpu_latency_limit", True),
     ("fault_injection", "yes"),
+    # security (TLS and tokens)
+    ("tokens", 7),
+    ("tls_cert", 7),
+    ("tls_key", "node.key"),  # without tls_cert
+    ("tls_ca", "ca.pem"),  # without tls_cert
+    ("tls_client_auth", "sometimes"),
+    ("tls_client_auth", "required"),  # without tls_cert and tls_ca
 ]
 
 

@@ -212,6 +212,18 @@ def build_node_parser() -> argparse.ArgumentParser:
         "messages to its peers (chaos tests only) "
         f"[env {env_var_name('fault_injection')}; default: off]",
     )
+    security = parser.add_argument_group("security (docs/security.md)")
+    _add(
+        security,
+        "tokens",
+        "FILE",
+        "client tokens, one 'NAME SCOPE[,SCOPE] sha256:HEX' a line (hypercache token "
+        "makes them); needs --cluster-secret",
+    )
+    _add(security, "tls_cert", "FILE", "PEM certificate: TLS on the data port and HTTP")
+    _add(security, "tls_key", "FILE", "PEM private key of --tls-cert (if not in it)")
+    _add(security, "tls_ca", "FILE", "CA certificates that peer and client certificates chain to")
+    _add(security, "tls_client_auth", "none|optional|required", "client certificates (mTLS)")
     return parser
 
 

@@ -16,6 +16,8 @@
     hypercache leave --node H:P [--no-wait] # hand its data over, then stop
     hypercache remove NODE_ID             # a dead member out of the ring
     hypercache bench --requests 10000 --concurrency 8
+    hypercache token app read,write       # a new token: the secret and its --tokens line
+    hypercache --tls-ca ca.pem --auth-token SECRET get user:1   # TLS and a token
 
 Options may come before or after the command. Values are stored with msgpack,
 like :class:`hypercache.Client` does, so what the command line writes the Python
@@ -24,9 +26,10 @@ numbers, lists and maps; ``--raw`` stores and prints plain bytes instead). A VAL
 of ``-`` is read from standard input and ``@FILE`` from a file (``@@...`` is the
 text ``@...``); without ``--raw`` their content must be UTF-8 text.
 
-Environment: ``HYPERCACHE_SEEDS``, ``HYPERCACHE_CLUSTER_NAME`` and
-``HYPERCACHE_AUTH_TOKEN`` give defaults to ``--seeds``, ``--cluster-name`` and
-``--auth-token``.
+Environment: ``HYPERCACHE_SEEDS``, ``HYPERCACHE_CLUSTER_NAME``,
+``HYPERCACHE_AUTH_TOKEN``, ``HYPERCACHE_TLS_CA``, ``HYPERCACHE_TLS_CERT`` and
+``HYPERCACHE_TLS_KEY`` give defaults to ``--seeds``, ``--cluster-name``,
+``--auth-token``, ``--tls-ca``, ``--tls-cert`` and ``--tls-key``.
 
 Exit status: 0 success; 1 the answer is no (``get``/``ttl``/``expire`` found no
 key, ``mget`` missed one, ``flush`` was not confirmed, ``health``/``ping
@@ -93,6 +96,9 @@ _ENV: Final = {
     "seeds": "HYPERCACHE_SEEDS",
     "cluster_name": "HYPERCACHE_CLUSTER_NAME",
     "auth_token": "HYPERCACHE_AUTH_TOKEN",
+    "tls_ca": "HYPERCACHE_TLS_CA",
+    "tls_cert": "HYPERCACHE_TLS_CERT",
+    "tls_key": "HYPERCACHE_TLS_KEY",
 }
 
 _VALUE_HELP: Final = "the value; - reads standard input, @FILE a file (@@x is the text @x)"
@@ -120,8 +126,25 @@ def _common_options() -> argparse.ArgumentParser:
         "--auth-token",
         metavar="TOKEN",
         default=S,
-        help=f"shared secret of the cluster [env {_ENV['auth_token']}]",
+        help=f"the cluster's shared secret, or this client's token [env {_ENV['auth_token']}]",
     )
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        default=S,
+        help="connect over TLS, checking the nodes against the system's CAs",
+    )
+    for name, what in (
+        ("tls_ca", "connect over TLS, checking the nodes against these CA certificates"),
+        ("tls_cert", "this client's certificate (PEM), for nodes that require one (mTLS)"),
+        ("tls_key", "the private key of --tls-cert, if not in it"),
+    ):
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            metavar="FILE",
+            default=S,
+            help=f"{what} [env {_ENV[name]}]",
+        )
     group.add_argument(
         "--consistency",
         metavar="LEVEL",
@@ -220,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node_id", metavar="NODE_ID")
     command("topology", "show nodes and partition ownership")
     command("stats", "per-node reachability, latency and load")
+
+    p = command(
+        "token",
+        "print a new random token and its line for a node's --tokens file (no node needed)",
+    )
+    p.add_argument("name", metavar="NAME", help="the token's name (in logs and errors)")
+    p.add_argument("scopes", metavar="SCOPES", help="read, write and/or admin, comma-separated")
 
     p = command("bench", "a QUORUM set and get load, then latency percentiles")
     p.add_argument("--requests", metavar="N", type=int, default=10_000, help="per op [10000]")
@@ -716,6 +746,21 @@ def _describe(exc: HyperCacheError) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _token(name: str, scopes: str) -> int:
+    """``hypercache token``: a new secret (give it to the client) and its hashed line
+    (append it to the nodes' tokens file)."""
+    from hypercache.net.security import new_token
+
+    try:
+        secret, line = new_token(name, scopes.split(","))
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"secret: {secret}")
+    print(f"line:   {line}")
+    return EXIT_OK
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -740,9 +785,16 @@ def main(
             value = environ.get(_ENV[name]) or None  # an empty variable counts as unset
         return default if value is None else value
 
+    if args.run == "token":
+        return _token(args.name, args.scopes)
+    tls: Any = None
+    ca, cert, key = setting("tls_ca", None), setting("tls_cert", None), setting("tls_key", None)
+    if ca is not None or cert is not None or getattr(args, "tls", False):
+        tls = {"ca": ca, "cert": cert, "key": key}
     try:
         client = client_factory(
             setting("seeds", DEFAULT_SEEDS),
+            ssl=tls,
             cluster_name=setting("cluster_name", "hypercache"),
             auth_token=setting("auth_token", None),
             timeout=setting("timeout", 2.0),

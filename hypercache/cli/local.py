@@ -8,23 +8,89 @@ reports all members up on ``/health``, prints how to connect, then waits. Ctrl-C
 SIGTERM stops every node (SIGINT, a stop without leaving, then SIGKILL after a grace
 period); so does the death of any node. A node that exits with status 0 left the
 cluster (``hypercache leave``): the others go on.
+
+``--tls`` (``make run-tls``) runs the cluster secured as ``docs/security.md``
+describes: a throw-away CA made in the temporary directory (the ``cryptography``
+package, a dev dependency), TLS with client certificates required (mTLS) on the
+data ports and the management HTTP, an admin token in a tokens file, and a random
+cluster secret; the banner says how to connect.
 """
 
 from __future__ import annotations
 
 import argparse
+import secrets
 import signal
+import ssl
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from hypercache.cluster.local import NodeExitedError, NodeProcess, ProcessCluster
 
 __all__ = ["main"]
 
 _STOP_GRACE = 10.0
+
+
+def _secure(workdir: Path) -> tuple[list[str], dict[str, str]]:
+    """The node flags of a secured cluster, and what a client needs (paths, token)."""
+    from hypercache.cli.devca import make_dev_pki
+    from hypercache.net.security import new_token
+
+    pki = make_dev_pki(workdir / "pki")
+    token, line = new_token("admin", ["admin"])
+    tokens = workdir / "tokens"
+    tokens.write_text(line + "\n")
+    flags = [
+        "--tls-cert",
+        pki["node_cert"],
+        "--tls-key",
+        pki["node_key"],
+        "--tls-ca",
+        pki["ca"],
+        "--tls-client-auth",
+        "required",
+        "--tokens",
+        str(tokens),
+        "--cluster-secret",
+        secrets.token_urlsafe(24),
+    ]
+    return flags, {**pki, "token": token}
+
+
+def _secure_banner(nodes: list[NodeProcess], tls: dict[str, str]) -> str:
+    seeds = [n.data for n in nodes]
+    ca, cert, key, token = tls["ca"], tls["client_cert"], tls["client_key"], tls["token"]
+    return "\n".join(
+        [
+            f"hypercache: local cluster of {len(nodes)} nodes is up, over mTLS with tokens.",
+            "",
+            *(f"  {n.node_id}  data {n.data}   http https://{n.http}" for n in nodes),
+            "",
+            f"  CA          {ca}",
+            f"  client cert {cert}",
+            f"  client key  {key}",
+            f"  admin token {token}",
+            "",
+            "Try:",
+            f"  curl -s --cacert {ca} --cert {cert} --key {key} \\",
+            f"       -H 'Authorization: Bearer {token}' https://{nodes[0].http}/cluster/members",
+            f"  hypercache --seeds {seeds[0]} --tls-ca {ca} --tls-cert {cert} --tls-key {key} \\",
+            f"       --auth-token {token} set hello world",
+            "",
+            "From Python:",
+            "  import hypercache",
+            f"  tls = {{'ca': {ca!r}, 'cert': {cert!r}, 'key': {key!r}}}",
+            f"  with hypercache.Client({seeds!r}, ssl=tls, auth_token={token!r}) as client:",
+            '      client.set("hello", "world")',
+            "",
+            "The CA, keys and token are deleted when the cluster stops. Ctrl-C stops it.",
+        ]
+    )
 
 
 def _banner(nodes: list[NodeProcess]) -> str:
@@ -82,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--start-timeout", type=float, default=30.0, help="seconds to wait for the cluster"
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="mTLS with a throw-away CA, an admin token and a cluster secret (make run-tls)",
+    )
     args = parser.parse_args(argv)
     if args.nodes < 1:
         parser.error("--nodes must be at least 1")
@@ -93,14 +164,24 @@ def main(argv: list[str] | None = None) -> int:
 
     stopping: list[bool] = []
     with tempfile.TemporaryDirectory(prefix="hypercache-local-") as tmp:
+        flags = ["--log-level", args.log_level]
+        tls: dict[str, str] = {}
+        harness: dict[str, Any] = {}
+        if args.tls:
+            secure_flags, tls = _secure(Path(tmp))
+            flags += secure_flags
+            ctx = ssl.create_default_context(cafile=tls["ca"])
+            ctx.load_cert_chain(tls["client_cert"], tls["client_key"])
+            harness = {"ssl": ctx, "auth": tls["token"]}
         cluster = ProcessCluster(
             args.nodes,
             Path(tmp),
-            ["--log-level", args.log_level],
+            flags,
             host=args.host,
             ports=None if args.port == 0 else (args.port, args.http_port),
             timeout=args.start_timeout,
             log_files=False,
+            **harness,
         )
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -111,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         status = 0
         try:
             cluster.start()
-            print(_banner(cluster.nodes), flush=True)
+            banner = _secure_banner(cluster.nodes, tls) if tls else _banner(cluster.nodes)
+            print(banner, flush=True)
             left: set[str] = set()
             while not stopping:
                 for node in cluster:

@@ -13,7 +13,8 @@ hands its partitions over to their new owners, for at most ``leave_timeout``
 seconds, then stops; a second SIGTERM stops it at once. SIGINT stops it without
 leaving (its peers then see it dead, and it stays an owner until it is back or
 removed). Either way the exit status is 0. A node asked to leave (``LEAVE``,
-``hypercache leave``, ``POST /cluster/leave``) exits once it has. Logs go to stderr.
+``hypercache leave``, ``POST /cluster/leave``) exits once it has. SIGHUP reloads its
+TLS files and tokens. Logs go to stderr.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import sys
 
 from hypercache.cli.args import PROG, node_config_from_argv
 from hypercache.cluster.config import DistConfig
+from hypercache.errors import ConfigError
 
 __all__ = ["READY_PREFIX", "main", "run"]
 
@@ -58,6 +60,8 @@ async def run(config: DistConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
     node = Node(config)
+    # SIGHUP: read the TLS certificate, key, CA and tokens files again.
+    loop.add_signal_handler(signal.SIGHUP, node.security.reload)
     try:
         await node.start()
         _tune_gc()
@@ -86,7 +90,7 @@ async def run(config: DistConfig) -> None:
             received.cancel()
     finally:
         await node.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 
@@ -135,6 +139,9 @@ def main() -> None:
     except OSError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    except ConfigError as exc:  # a TLS or tokens file that cannot be loaded
+        print(f"{PROG}: error: {exc.field}: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:  # a signal before the handlers were installed
         pass
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import ssl as _ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -49,6 +50,7 @@ from hypercache.errors import (
     WrongOwnerError,
 )
 from hypercache.net.protocol import Limits, make_hello
+from hypercache.net.security import SslArg, resolve_client_ssl
 from hypercache.replication import (
     Entry,
     QuorumRound,
@@ -334,6 +336,7 @@ class ClientArgs(TypedDict, total=False):
     route: str
     limits: Limits | None
     topology_refresh: float
+    ssl: SslArg
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -353,6 +356,8 @@ class ClientOptions:
     topology_refresh: float = 30.0
     #: longest pause between two probes of a node set aside (s)
     retry_down_after: float = 1.0
+    #: TLS context of the connections to the nodes (None: plaintext)
+    ssl: _ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
         if type(self.cluster_name) is not str or not self.cluster_name:
@@ -371,6 +376,8 @@ class ClientOptions:
             raise ConfigError("route", f"expected 'owner' or 'any', got {self.route!r}")
         if not isinstance(self.limits, Limits):
             raise ConfigError("limits", f"must be a Limits, got {type(self.limits).__name__}")
+        if self.ssl is not None and not isinstance(self.ssl, _ssl.SSLContext):
+            raise ConfigError("ssl", f"must be an ssl.SSLContext, got {type(self.ssl).__name__}")
 
     @classmethod
     def build(cls, seeds: str | Sequence[str], **options: Unpack[ClientArgs]) -> ClientOptions:
@@ -384,6 +391,8 @@ class ClientOptions:
             given["serializer"] = resolve_serializer(given["serializer"])
         if "limits" in given and given["limits"] is None:
             given["limits"] = Limits()
+        if "ssl" in given:
+            given["ssl"] = resolve_client_ssl(given["ssl"])
         return cls(seeds=parse_seeds(seeds, required=True), **given)
 
     def hello(self) -> dict[str, Any]:
@@ -487,6 +496,9 @@ class ClientBase:
         self._dumps = opts.serializer.dumps
         self._loads = opts.serializer.loads
         self._closed = False
+        # Set once a node refused a read-repair push (nodes that check tokens take
+        # R_PUT from peers only): no more pushes, anti-entropy repairs instead.
+        self._repairs_refused = False
 
     @property
     def closed(self) -> bool:

@@ -30,9 +30,10 @@ from hypercache.errors import (
     HyperCacheError,
     NoAnswerError,
     NodeUnavailableError,
+    PermissionDeniedError,
 )
 from hypercache.net.peer import PeerConnection
-from hypercache.net.tcp import TCP
+from hypercache.net.tcp import TCP, TcpTransport
 from hypercache.net.transport import Connection, Transport
 from hypercache.replication import wall_ms
 
@@ -82,7 +83,10 @@ class AsyncClient(ClientBase):
         **options: Unpack[ClientArgs],
     ) -> None:
         super().__init__(seeds, **options)
-        self._transport: Transport = TCP if transport is None else transport
+        if transport is None:
+            tls = self.options.ssl
+            transport = TCP if tls is None else TcpTransport(ssl=tls)
+        self._transport: Transport = transport
         # address -> its connection, opened on first use (one attempt shared)
         self._peers: dict[str, PeerConnection] = {}
         self._refresh_task: asyncio.Task[Topology] | None = None
@@ -393,7 +397,10 @@ class AsyncClient(ClientBase):
 
     def _repair(self, owner: str, payload: list[Any]) -> None:
         """Push ``payload`` to ``owner`` in the background (``R_PUT``), not waiting;
-        dropped when ``max_pending_repairs`` pushes are in flight already."""
+        dropped when ``max_pending_repairs`` pushes are in flight already, and not
+        sent at all once a node refused one (it checks tokens)."""
+        if self._repairs_refused:
+            return
         if len(self._background) >= self.max_pending_repairs:
             self.stats.read_repairs_dropped += 1
             return
@@ -406,6 +413,8 @@ class AsyncClient(ClientBase):
 
     def _repair_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
+        if not task.cancelled() and isinstance(task.exception(), PermissionDeniedError):
+            self._repairs_refused = True
         _consume(task)
 
     async def _call(self, cmd: commands.Command[_T], key: bytes | None, payload: Any) -> _T:

@@ -40,6 +40,7 @@ from hypercache.errors import (
     HyperCacheError,
     NoAnswerError,
     NodeUnavailableError,
+    PermissionDeniedError,
     QuorumError,
 )
 from hypercache.net.blocking import BlockingConnection, pipeline_all
@@ -66,7 +67,12 @@ class Client(ClientBase):
     :param seeds: ``"host:port"`` of one or more nodes, as a comma-separated string
         or a sequence. Any live node can answer; more seeds survive more failures.
     :param cluster_name: the cluster's name (nodes refuse other clusters).
-    :param auth_token: the cluster's shared secret, if it has one.
+    :param auth_token: the cluster's shared secret, or this client's token when the
+        nodes check tokens (see ``docs/security.md``).
+    :param ssl: TLS to the nodes, like redis-py's: an :class:`ssl.SSLContext`,
+        ``True`` (the system's CAs), the path of a CA file, or a dict with ``ca``,
+        ``cert``, ``key`` (a client certificate, for mTLS) and ``check_hostname``.
+        A given ``connection_factory`` is left to open its own TLS.
     :param timeout: deadline of each request, in seconds.
     :param connect_timeout: deadline of opening a connection (and its handshake).
     :param consistency: default level of every operation (``"one"``, ``"quorum"``,
@@ -140,6 +146,9 @@ class Client(ClientBase):
             raise ConfigError("connection_factory", "must be callable")
         super().__init__(seeds, **options)
         self._max_connections = cap
+        tls = self.options.ssl
+        if tls is not None and connection_factory is BlockingConnection:
+            connection_factory = functools.partial(BlockingConnection, ssl=tls)
         self._connection_factory = connection_factory
         self._pid = os.getpid()
         self._pools: dict[str, ConnectionPool] = {}
@@ -698,7 +707,7 @@ class Client(ClientBase):
             out[k], stale = outcome
             for owner, payload in stale:
                 repairs.setdefault(owner, []).append((commands.R_PUT.op, payload))
-        if repairs:
+        if repairs and not self._repairs_refused:
             self._repair(repairs)
         if proxied:
             try:
@@ -839,9 +848,14 @@ class Client(ClientBase):
             stats.read_repairs += len(requests)
             pushed.add_done_callback(functools.partial(self._repairs_done, len(requests)))
 
-    def _repairs_done(self, n: int, _pushed: object = None) -> None:
+    def _repairs_done(self, n: int, pushed: Future[Any] | None = None) -> None:
         with self._lock:
             self._repairs_pending -= n
+        if pushed is not None and not pushed.cancelled() and pushed.exception() is None:
+            results = pushed.result()
+            answers = results if isinstance(results, list) else [results]
+            if any(isinstance(a, PermissionDeniedError) for a in answers):
+                self._repairs_refused = True
 
     def _batch(self, cmd: commands.Command[_T], requests: dict[bytes, Any]) -> dict[bytes, _T]:
         """Send ``cmd`` for many keys (key -> payload), pipelined per node; return

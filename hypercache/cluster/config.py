@@ -105,6 +105,7 @@ from hypercache.net.protocol import (
     MAX_PUT_MANY,
     Limits,
 )
+from hypercache.net.security import SecuritySettings
 from hypercache.net.transport import ConnectionLimits
 from hypercache.units import (
     MiB,
@@ -366,6 +367,7 @@ _HINTS: Final = _section_fields(HintSettings)
 _ANTI_ENTROPY: Final = _section_fields(AntiEntropySettings)
 _MEMBERSHIP: Final = _section_fields(MembershipSettings)
 _REBALANCE: Final = _section_fields(RebalanceSettings)
+_SECURITY: Final = _section_fields(SecuritySettings)
 _CONNECTIONS: Final = (
     "max_connections",
     "max_connections_per_source",
@@ -585,6 +587,13 @@ class DistConfig:
     busy_poll: float = 0.0
     cpu_latency_limit: float | None = None
     fault_injection: bool = False
+    # -- security: TLS and client tokens (SecuritySettings, docs/security.md)
+    tokens: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_client_auth: str = "none"
+    # -- end security
 
     def _section(self, cls: Any, names: tuple[str, ...]) -> Any:
         """Section ``cls`` of the fields ``names``: built (so validated) by
@@ -620,6 +629,12 @@ class DistConfig:
     @property
     def rebalance(self) -> RebalanceSettings:
         settings: RebalanceSettings = self._section(RebalanceSettings, _REBALANCE)
+        return settings
+
+    @property
+    def security(self) -> SecuritySettings:
+        """TLS and client tokens (see :mod:`hypercache.cluster.security`)."""
+        settings: SecuritySettings = self._section(SecuritySettings, _SECURITY)
         return settings
 
     @property
@@ -698,6 +713,15 @@ class DistConfig:
                 "what lets a node prove it belongs to the cluster",
             )
         put(self, "cluster_secret", secret)
+        # security: TLS and tokens; a client token means nothing if any process
+        # on loopback could pose as a peer, so tokens need the peers' secret.
+        self._check_section(SecuritySettings, _SECURITY)
+        if self.tokens is not None and secret is None:
+            raise ConfigError(
+                "cluster_secret",
+                "is required with tokens: without it any process on this machine can "
+                "claim to be a peer and skip the token check",
+            )
         self._check_section(ConnectionLimits, _CONNECTIONS)
         output = self.max_output_buffer
         if output < max_value + FRAME_OVERHEAD:
@@ -968,6 +992,12 @@ _LOADERS: Final[Mapping[str, _Loader]] = {
     "busy_poll": _load_seconds,
     "cpu_latency_limit": _load_optional_seconds,
     "fault_injection": _load_bool,
+    # security
+    "tokens": _load_optional_str,
+    "tls_cert": _load_optional_str,
+    "tls_key": _load_optional_str,
+    "tls_ca": _load_optional_str,
+    "tls_client_auth": _load_str,
 }
 
 _FIELDS: Final = tuple(field.name for field in dataclasses.fields(DistConfig))

@@ -33,6 +33,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from ssl import SSLContext
 from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
@@ -42,7 +44,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from hypercache.errors import ConfigError
 from hypercache.net.faults import FaultInjector
 
-__all__ = ["NodeView", "make_app", "start_http"]
+__all__ = ["Guard", "NodeView", "make_app", "start_http"]
 
 
 class NodeView(Protocol):
@@ -226,12 +228,42 @@ async def _set_faults(request: web.Request) -> web.Response:
     return web.json_response(injector.as_dict())
 
 
-def make_app(view: NodeView, faults: FaultInjector | None = None) -> web.Application:
+#: ``guard(method, path, authorization)``: why a request is refused (``"401"``, or
+#: ``"403:SCOPE"``), None to let it through (see :mod:`hypercache.cluster.security`).
+Guard = Callable[[str, str, str | None], str | None]
+
+
+def _guarded(guard: Guard) -> Any:
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        why = guard(request.method, request.path, request.headers.get("Authorization"))
+        if why is None:
+            response: web.StreamResponse = await handler(request)
+            return response
+        if why == "401":
+            return web.json_response(
+                {"error": "a bearer token is required (Authorization: Bearer SECRET)"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="hypercache"'},
+            )
+        scope = why.partition(":")[2]
+        return web.json_response({"error": f"this token lacks scope {scope!r}"}, status=403)
+
+    return check
+
+
+def make_app(
+    view: NodeView, faults: FaultInjector | None = None, guard: Guard | None = None
+) -> web.Application:
     """The management application of the node that ``view`` reports on; with
-    ``faults``, also ``/internal/faults`` (else that path does not exist)."""
+    ``faults``, also ``/internal/faults`` (else that path does not exist); every
+    request passes ``guard`` first, when given."""
     # A request line that holds the longest key percent-encoded (3 characters a
     # byte), and then some: a key past max_key gets our own error, not aiohttp's.
-    app = web.Application(handler_args={"max_line_size": 3 * view.max_key + 8192})
+    app = web.Application(
+        handler_args={"max_line_size": 3 * view.max_key + 8192},
+        middlewares=[] if guard is None else [_guarded(guard)],
+    )
     app[_VIEW] = view
     app.router.add_get("/health", _health)
     app.router.add_get("/stats", _stats)
@@ -256,16 +288,22 @@ def make_app(view: NodeView, faults: FaultInjector | None = None) -> web.Applica
 
 
 async def start_http(
-    view: NodeView, host: str, port: int, faults: FaultInjector | None = None
+    view: NodeView,
+    host: str,
+    port: int,
+    *,
+    faults: FaultInjector | None = None,
+    ssl: SSLContext | None = None,
+    guard: Guard | None = None,
 ) -> tuple[web.AppRunner, str]:
-    """Serve :func:`make_app` on ``host:port`` (port 0 picks one); return the runner
-    and the bound address."""
+    """Serve :func:`make_app` on ``host:port`` (port 0 picks one), over TLS with
+    ``ssl``; return the runner and the bound address."""
     runner = web.AppRunner(
-        make_app(view, faults), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        make_app(view, faults, guard), access_log=None, handle_signals=False, shutdown_timeout=1.0
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl)
         await site.start()
     except BaseException:
         await runner.cleanup()

@@ -42,6 +42,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from ssl import SSLContext
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
@@ -213,6 +214,10 @@ class NodeProcess:
     environment are not passed on: only ``args`` configure the node.
 
     :param args: flags for every start, after ``--node-id``, ``--bind`` and ``--http``.
+    :param auth: the token (or shared secret) this harness sends, on the data port
+        and as the management HTTP's bearer token.
+    :param ssl: the client TLS context of the harness's connections and HTTP
+        requests, for nodes that serve TLS.
     """
 
     def __init__(
@@ -223,7 +228,11 @@ class NodeProcess:
         args: Sequence[str] = (),
         *,
         log_files: bool = True,
+        auth: str | None = None,
+        ssl: SSLContext | None = None,
     ) -> None:
+        self.auth = auth
+        self.ssl = ssl
         self.index = index
         self.node_id = node_id
         self.workdir = workdir
@@ -350,7 +359,11 @@ class NodeProcess:
         return json.loads(self.http_text(path, timeout))
 
     def http_text(self, path: str, timeout: float = 5.0) -> str:
-        with urllib.request.urlopen(f"http://{self.http}{path}", timeout=timeout) as resp:
+        scheme = "http" if self.ssl is None else "https"
+        request = urllib.request.Request(f"{scheme}://{self.http}{path}")
+        if self.auth is not None:
+            request.add_header("Authorization", f"Bearer {self.auth}")
+        with urllib.request.urlopen(request, timeout=timeout, context=self.ssl) as resp:
             body: bytes = resp.read()
             return body.decode()
 
@@ -382,8 +395,8 @@ class NodeProcess:
                 info={"layout": layout},
             )
         else:
-            hello = make_hello("hypercache")
-        return BlockingConnection(self.data, hello, timeout=timeout)
+            hello = make_hello("hypercache", auth=self.auth)
+        return BlockingConnection(self.data, hello, timeout=timeout, ssl=self.ssl)
 
 
 class ProcessCluster:
@@ -398,6 +411,7 @@ class ProcessCluster:
     :param timeout: seconds that every wait of the cluster's own allows (a node's
         ready line, the cluster healthy).
     :param log_files: each node's log to its file (else to this process's stderr).
+    :param auth, ssl: what the harness authenticates with (see :class:`NodeProcess`).
 
     :meth:`interrupt` (from a signal handler, say) makes a wait under way raise
     :class:`KeyboardInterrupt` at its next poll, so that the caller unwinds and stops
@@ -414,13 +428,16 @@ class ProcessCluster:
         ports: tuple[int, int] | None = None,
         timeout: float = 30.0,
         log_files: bool = True,
+        auth: str | None = None,
+        ssl: SSLContext | None = None,
     ) -> None:
         self.workdir = workdir
         self.host = host
         self.ports = ports
         self.timeout = timeout
         self.nodes = [
-            NodeProcess(i, f"node-{i + 1}", workdir, args, log_files=log_files) for i in range(size)
+            NodeProcess(i, f"node-{i + 1}", workdir, args, log_files=log_files, auth=auth, ssl=ssl)
+            for i in range(size)
         ]
         self.args = tuple(args)
         self.log_files = log_files

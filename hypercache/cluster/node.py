@@ -55,6 +55,7 @@ from hypercache.cluster.membership import Membership
 from hypercache.cluster.metrics import NodeMetrics, faults_families
 from hypercache.cluster.rebalance import PartitionStates, Rebalancer
 from hypercache.cluster.replica import Replica
+from hypercache.cluster.security import NodeSecurity
 from hypercache.errors import NodeUnavailableError, PermissionDeniedError, ProtocolError
 from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.busypoll import BusyPoller, poller
@@ -134,7 +135,11 @@ class Node:
         self, config: DistConfig, *, transport: Transport | None = None, http: bool = True
     ) -> None:
         self.config = config
-        self.transport: Transport = transport if transport is not None else TCP
+        #: TLS contexts, client tokens and their checks (docs/security.md)
+        self.security = NodeSecurity(config.security)
+        if transport is None:
+            transport = self.security.transport() or TCP
+        self.transport: Transport = transport
         if config.fault_injection and not isinstance(self.transport, FaultyTransport):
             self.transport = FaultyTransport(self.transport)
         #: the fault rules of this node's peer messages (``--fault-injection``, or a
@@ -275,6 +280,8 @@ class Node:
             peer_auth=self.peer_auth,
             limits=self.limits,
             busy_poll=config.busy_poll,
+            tokens=self.security.tokens,
+            ssl=self.security.server_ssl,
             **{f.name: getattr(caps, f.name) for f in dataclasses.fields(caps)},
         )
 
@@ -326,7 +333,7 @@ class Node:
 
             try:
                 run.http, self.http_address = await start_http(
-                    NodeStatus(self), *http, faults=self.faults
+                    NodeStatus(self), *http, faults=self.faults, **self.security.http_options()
                 )
             except BaseException as exc:
                 await self.stop()
@@ -435,7 +442,7 @@ class Node:
             handoff=handoff,
             rebalancer=rebalancer,
             ops=(ops := self._op_table(replica, coordinator, membership)),
-            client_ops=self._client_table(ops, replica),
+            client_ops=self.security.restrict(self._client_table(ops, replica)),
             poller=poller(asyncio.get_running_loop()) if config.busy_poll else None,
             hint_buffer=hint_buffer,
         )
@@ -447,6 +454,7 @@ class Node:
         if faults is not None:
             faults.local = frozenset((config.node_id, config.advertised))
         metrics.add_source(lambda: faults_families(None if faults is None else faults.injected))
+        metrics.add_source(self.security.collect)
         return run
 
     @staticmethod
@@ -802,6 +810,8 @@ class Node:
             if entry is not None:
                 return entry[0](payload)
         else:
+            if conn_info.scopes is not None:  # a token's client (docs/security.md)
+                self.security.check_op(conn_info, op)
             handler = run.client_ops.get(op)
             if handler is not None:
                 return handler(payload)

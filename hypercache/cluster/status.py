@@ -98,6 +98,16 @@ _NET_COUNTERS: Final = (
         "output_limit_closes",
         "Connections closed: their unread answers passed max_output_buffer.",
     ),
+    (
+        "handshake_timeouts",
+        "handshake_timeouts",
+        "Connections closed: no HELLO within handshake_timeout.",
+    ),
+    (
+        "prehello_oversize",
+        "prehello_oversize",
+        "Connections closed: a frame before the HELLO was over the pre-auth frame limit.",
+    ),
 )
 
 

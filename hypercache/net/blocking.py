@@ -17,6 +17,7 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterable
+from ssl import SSLContext, SSLSocket, SSLWantReadError
 from typing import Any, Final
 
 from hypercache._core.hlc import wall_clock_ms
@@ -89,6 +90,8 @@ class BlockingConnection:
         hello: dict[str, Any],
         limits: Limits | None = None,
         timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        *,
+        ssl: SSLContext | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
@@ -110,6 +113,12 @@ class BlockingConnection:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:  # TimeoutError included
             raise NodeUnavailableError(f"{address}: cannot connect: {exc}") from None
+        if ssl is not None:
+            try:
+                sock = ssl.wrap_socket(sock, server_hostname=host.strip("[]"))
+            except OSError as exc:  # SSLError and timeouts included
+                sock.close()
+                raise NodeUnavailableError(f"{address}: TLS handshake failed: {exc}") from None
         self._sock: socket.socket | None = sock
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -246,7 +255,7 @@ class BlockingConnection:
             sock.settimeout(left if block else 0.0)
             try:
                 n = sock.recv_into(view)
-            except (TimeoutError, BlockingIOError):
+            except (TimeoutError, BlockingIOError, SSLWantReadError):
                 return False  # the deadline check above turns it into timeouts
             except OSError as exc:
                 self._lost(f"connection lost: {exc}")
@@ -334,14 +343,21 @@ def pipeline_all(
             waiting[sock.fileno()] = (conn, batch)
     while waiting:
         # Sleep until a socket has something or the earliest deadline passes; a
-        # batch past its deadline is ended by its own _pump.
-        left = min(batch.deadline for _, batch in waiting.values()) - time.monotonic()
-        ready = _readable(list(waiting), max(left, 0.0)) or list(waiting)
+        # batch past its deadline is ended by its own _pump. A TLS socket may hold
+        # decrypted bytes that poll() cannot see: those are read first.
+        ready = [fd for fd, (conn, _) in waiting.items() if _tls_pending(conn._sock)]
+        if not ready:
+            left = min(batch.deadline for _, batch in waiting.values()) - time.monotonic()
+            ready = _readable(list(waiting), max(left, 0.0)) or list(waiting)
         for fd in ready:
             conn, batch = waiting[fd]
             if conn._pump(batch, block=False):
                 del waiting[fd]
     return [batch.results for batch in batches]
+
+
+def _tls_pending(sock: socket.socket | None) -> bool:
+    return isinstance(sock, SSLSocket) and sock.pending() > 0
 
 
 def _readable(fds: list[int], timeout: float) -> list[int]:

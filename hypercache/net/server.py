@@ -386,6 +386,8 @@ class ServerProtocol(FramedProtocol):
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         self.stats.protocol_errors += 1
+        if self.peer is None and isinstance(exc, FrameTooLargeError):
+            self.stats.prehello_oversize += 1  # over HELLO_MAX_FRAME before the HELLO
         _log.warning("closing connection from %s: %s", self.remote, exc)
         self.close()
 
@@ -393,6 +395,7 @@ class ServerProtocol(FramedProtocol):
         self._handshake_timer = None
         if self.peer is None and not self._closing:
             self.stats.handshake_failures += 1
+            self.stats.handshake_timeouts += 1
             _log.warning("closing connection from %s: no HELLO in time", self.remote)
             self.close()
 
@@ -444,10 +447,17 @@ class ServerProtocol(FramedProtocol):
         options = self._options
         encoder = self._encoder
         try:
-            hello = validate_hello(payload, cluster=options.cluster, auth=options.auth)
+            tokens = options.tokens
+            hello = validate_hello(
+                payload, cluster=options.cluster, auth=options.auth if tokens is None else None
+            )
             node_id = hello["node_id"]
             proof = None
-            if node_id is not None:
+            token = None
+            if node_id is None and tokens is not None:
+                # A client, on a node that checks tokens: its token says what it may do.
+                token = tokens.check(payload.get("auth"))
+            elif node_id is not None:
                 # A claim to be a peer: believed only with a proof of the cluster
                 # secret (or, in an open cluster, from loopback).
                 proof = options.peer_auth.check_hello(
@@ -496,6 +506,8 @@ class ServerProtocol(FramedProtocol):
             address=hello["address"],
             info=hello["info"],
             authenticated=proof is not None,
+            scopes=None if token is None else token.scopes,
+            principal=None if token is None else token.name,
         )
         self._decoder.max_frame = options.limits.max_frame
         self._send(body)

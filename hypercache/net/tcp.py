@@ -6,6 +6,7 @@ else is in :mod:`hypercache.net.server` and :mod:`hypercache.net.connection`.
 from __future__ import annotations
 
 import asyncio
+from ssl import SSLContext, SSLError
 from typing import TYPE_CHECKING, Any, Final
 
 from hypercache.errors import NodeUnavailableError
@@ -40,12 +41,19 @@ class TcpServer(ServerBase):
         if self._listener is not None:
             raise RuntimeError("server already started")
         loop = self._loop = asyncio.get_running_loop()
+        options = self.options
+        tls: dict[str, Any] = {}
+        if options.ssl is not None:
+            # A TLS handshake not done within handshake_timeout closes the connection
+            # (a plaintext client sends no ClientHello: refused the same way).
+            tls = {"ssl": options.ssl, "ssl_handshake_timeout": options.handshake_timeout}
         self._listener = await loop.create_server(
             self._new_protocol,
             self._host,
             self._port,
-            backlog=self.options.backlog,
+            backlog=options.backlog,
             reuse_address=True,
+            **tls,
         )
         self._closing = False
         port = self._listener.sockets[0].getsockname()[1]
@@ -73,12 +81,14 @@ async def connect(
     hello: dict[str, Any],
     limits: Limits | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    *,
+    ssl: SSLContext | None = None,
 ) -> ClientConnection:
     """Connect to ``address`` (``"host:port"``) over TCP and handshake with ``hello``.
 
     ``hello`` is the HELLO payload (see :func:`~hypercache.net.protocol.make_hello`);
-    ``version`` is filled in when missing. ``timeout`` covers connecting and the
-    handshake.
+    ``version`` is filled in when missing. ``timeout`` covers connecting (the TLS
+    handshake too, with ``ssl``) and the HELLO.
 
     :raises NodeUnavailableError: cannot connect, or no HELLO answer within ``timeout``.
     :raises HandshakeError: the server refused the HELLO, or answered for another
@@ -91,9 +101,16 @@ async def connect(
     deadline = loop.time() + timeout
     try:
         async with asyncio.timeout(timeout):
-            await loop.create_connection(lambda: conn, host, port)
+            if ssl is None:
+                await loop.create_connection(lambda: conn, host, port)
+            else:
+                await loop.create_connection(
+                    lambda: conn, host, port, ssl=ssl, server_hostname=host.strip("[]")
+                )
     except TimeoutError:
         raise NodeUnavailableError(f"{address}: connect timed out after {timeout}s") from None
+    except SSLError as exc:
+        raise NodeUnavailableError(f"{address}: TLS handshake failed: {exc}") from None
     except OSError as exc:
         raise NodeUnavailableError(f"{address}: cannot connect: {exc}") from None
     await conn.handshake(payload, max(deadline - loop.time(), 0.001))
@@ -101,7 +118,14 @@ async def connect(
 
 
 class TcpTransport:
-    """The TCP :class:`~hypercache.net.transport.Transport`."""
+    """The TCP :class:`~hypercache.net.transport.Transport`.
+
+    :param ssl: TLS context of its dials (a client context); None = plaintext.
+        Servers take theirs from :class:`~hypercache.net.transport.ServerOptions`.
+    """
+
+    def __init__(self, ssl: SSLContext | None = None) -> None:
+        self.ssl = ssl
 
     def create_server(self, handler: Handler, address: str, options: ServerOptions) -> TcpServer:
         return TcpServer(handler, address, options)
@@ -113,7 +137,7 @@ class TcpTransport:
         limits: Limits | None = None,
         timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> ClientConnection:
-        return await connect(address, hello, limits, timeout)
+        return await connect(address, hello, limits, timeout, ssl=self.ssl)
 
 
 #: The TCP transport.

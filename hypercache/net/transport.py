@@ -12,12 +12,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from hypercache.errors import ConfigError
 from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.busypoll import check_window
 from hypercache.net.protocol import Limits
+
+if TYPE_CHECKING:
+    import ssl as _ssl
+
+    from hypercache.net.security import TokenSet
 from hypercache.units import check_int, check_seconds
 
 __all__ = [
@@ -51,6 +56,9 @@ class PeerInfo:
     :ivar authenticated: the peer proved the cluster secret (see
         :mod:`hypercache.net.auth`); False for clients, and for peers of an open
         cluster (taken on their word, from loopback only).
+    :ivar scopes: what a client's token lets it do (see :mod:`hypercache.net.security`);
+        None when the server checks no tokens, and for peers.
+    :ivar principal: the name of the client's token, if any.
     """
 
     remote: str
@@ -60,6 +68,8 @@ class PeerInfo:
     address: str | None
     info: dict[str, Any]
     authenticated: bool = False
+    scopes: frozenset[str] | None = None
+    principal: str | None = None
 
     @property
     def is_node(self) -> bool:
@@ -239,6 +249,10 @@ class NetStats:
     idle_closes: int = 0
     #: connections closed: their unread answers passed ``max_output_buffer``.
     output_limit_closes: int = 0
+    #: connections closed without a HELLO within ``handshake_timeout``.
+    handshake_timeouts: int = 0
+    #: connections closed: a frame before the HELLO passed ``HELLO_MAX_FRAME``.
+    prehello_oversize: int = 0
 
     def add(self, other: NetStats) -> None:
         """Add every counter of ``other`` into this one."""
@@ -317,6 +331,10 @@ class ServerOptions(ConnectionLimits):
     :param limits: size limits (frames received above ``max_frame`` close the connection).
     :param busy_poll: seconds the loop stays awake after a connection writes (see
         :mod:`hypercache.net.busypoll`); 0 = off. Over kernel sockets only.
+    :param tokens: when set, client HELLOs must carry one of these bearer tokens in
+        ``auth`` (``auth`` is then not checked), and each client op is checked
+        against its scopes (see :mod:`hypercache.net.security`).
+    :param ssl: TLS context of the listening socket (TCP only); None = plaintext.
     """
 
     cluster: str
@@ -325,6 +343,8 @@ class ServerOptions(ConnectionLimits):
     peer_auth: PeerAuthenticator = field(default_factory=lambda: PeerAuthenticator(None))
     limits: Limits = field(default_factory=Limits)
     busy_poll: float = 0.0
+    tokens: TokenSet | None = None
+    ssl: _ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
         if type(self.cluster) is not str or not self.cluster:
