@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextvars
 import functools
 import os
 import threading
@@ -43,6 +44,7 @@ from hypercache.errors import (
     QuorumError,
 )
 from hypercache.net.blocking import BlockingConnection, pipeline_all
+from hypercache.observe import tracing
 from hypercache.replication import wall_ms
 
 __all__ = ["Client"]
@@ -210,7 +212,8 @@ class Client(ClientBase):
         :raises UndecodableValueError: the value cannot be decoded by ``serializer``.
         """
         k, level = self._get_request(key, consistency)
-        result = self._read({k: None}, level)[k]
+        with tracing.client_op("Client.get", k):
+            result = self._read({k: None}, level)[k]
         if isinstance(result, BaseException):
             raise result
         return self._value(key, result, default)
@@ -226,11 +229,15 @@ class Client(ClientBase):
 
         and the errors of :meth:`get`.
         """
-        self._call(commands.SET, *self._set_request(key, value, ttl, consistency))
+        k, payload = self._set_request(key, value, ttl, consistency)
+        with tracing.client_op("Client.set", k):
+            self._call(commands.SET, k, payload)
 
     def delete(self, key: Key, *, consistency: Level = None) -> bool:
         """Delete ``key``; return whether it existed. Errors as for :meth:`get`."""
-        return self._call(commands.DELETE, *self._delete_request(key, consistency))
+        k, payload = self._delete_request(key, consistency)
+        with tracing.client_op("Client.delete", k):
+            return self._call(commands.DELETE, k, payload)
 
     def get_many(self, keys: Iterable[Key], *, consistency: Level = None) -> dict[Key, Any]:
         """Return ``{key: value}`` for the keys that are present (misses are left out).
@@ -811,7 +818,11 @@ class Client(ClientBase):
             if not requests:
                 continue
             try:
-                pushed = executor.submit(self._send_group, address, requests)
+                # In the caller's trace context (a read's span): contextvars do not
+                # follow work into the executor's threads by themselves.
+                pushed = executor.submit(
+                    contextvars.copy_context().run, self._send_group, address, requests
+                )
             except RuntimeError:  # closed meanwhile
                 self._repairs_done(len(requests))
                 return

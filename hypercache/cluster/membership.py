@@ -235,10 +235,17 @@ class Peer:
         """
         return await self.link.request(op, payload, timeout)
 
-    def send_callback(self, op: int, payload: Any, timeout: float, callback: Outcome) -> None:
+    def send_callback(
+        self,
+        op: int,
+        payload: Any,
+        timeout: float,
+        callback: Outcome,
+        trace: dict[str, str] | None = None,
+    ) -> None:
         """Send one request without a task when connected (see
         :meth:`~hypercache.net.peer.PeerConnection.send_callback`)."""
-        self.link.send_callback(op, payload, timeout, callback)
+        self.link.send_callback(op, payload, timeout, callback, trace)
 
     async def close(self) -> None:
         await self.link.close()

@@ -50,10 +50,24 @@ __all__ = ["ServerBase", "ServerProtocol"]
 _log = logging.getLogger("hypercache.net")
 
 _HELLO: Final = int(Op.HELLO)
-#: Span names of traced requests; the coordinated ops get their span from the
-#: coordinator (Set, Get, ...), the others a ReplicaApply around their handler.
+#: Traced requests: a replica's ops get a ReplicaApply span around their handler
+#: (named by ``hypercache.op``); the others run in the received context (the
+#: coordinated ones get their span from the coordinator: Set, Get, ...).
 _OP_NAMES: Final = {int(op): op.name for op in Op}
-_COORDINATED: Final = frozenset(int(op) for op in (Op.GET, Op.SET, Op.DELETE, Op.TTL, Op.EXPIRE))
+_REPLICA_OPS: Final = frozenset(
+    int(op)
+    for op in (
+        Op.R_GET,
+        Op.R_PUT,
+        Op.R_PUT_MANY,
+        Op.R_DEL,
+        Op.MERKLE,
+        Op.KEYS,
+        Op.PULL,
+        Op.STREAM,
+        Op.HOLDS,
+    )
+)
 # Period of a server's check of slow and idle connections, seconds.
 _SWEEP_INTERVAL: Final = 1.0
 # The slowest a frame may arrive past frame_timeout: one second per MiB.
@@ -542,7 +556,7 @@ class ServerProtocol(FramedProtocol):
                     result = sync(peer, op, payload)
                 else:  # inside the sender's trace (a span of its own for a replica's op)
                     name = _OP_NAMES.get(op, "")
-                    result = serve(name, op not in _COORDINATED, trace, sync, peer, op, payload)
+                    result = serve(name, op in _REPLICA_OPS, trace, sync, peer, op, payload)
             except Exception as exc:
                 self._answer(request_id, op, None, exc)
                 return

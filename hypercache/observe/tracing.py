@@ -12,6 +12,8 @@ Spans (``docs/observability.md`` draws the tree)::
       ReplicaFanout                 the requests to the key's owners
         ReplicaRequest              one per owner (``hypercache.peer``)
           ReplicaApply              in the owner's own process
+      ReadRepair                    a read's push to a stale owner
+        ReplicaApply
     HintReplay                      one per replayed batch of hints
     MerkleSync                      one per anti-entropy round with a peer
       MerklePull                    one per partition range pulled
@@ -295,7 +297,7 @@ class ReplicaCall:
 
     __slots__ = ("_op", "carrier", "span")
 
-    def __init__(self, op: OpTrace, span_: Span) -> None:
+    def __init__(self, op: OpTrace | None, span_: Span) -> None:
         self._op = op
         self.span = span_
         self.carrier = carrier_of(span_)
@@ -303,7 +305,8 @@ class ReplicaCall:
     def done(self, error: BaseException | str | None = None) -> None:
         """The owner answered (``error`` None) or failed."""
         _end(self.span, error)
-        self._op._child_done()
+        if self._op is not None:
+            self._op._child_done()
 
 
 def _end(span_: Span, error: BaseException | str | None) -> None:
@@ -353,6 +356,17 @@ class OpTrace:
     def local(self, peer: str, op: str, error: BaseException | str | None = None) -> None:
         """A replica handled without a request (this node's own, or one down)."""
         self.replica(peer, op).done(error)
+
+    def repair(self, peer: str) -> ReplicaCall:
+        """Start the ``ReadRepair`` span of a push to ``peer`` (under the operation's
+        own span: the fan-out has ended by then)."""
+        child = self._tracer.start_span(
+            "ReadRepair",
+            context=otel_trace.set_span_in_context(self.span),
+            kind=SpanKind.CLIENT,
+            attributes={ATTR_PEER: peer, ATTR_OP: "r_put"},
+        )
+        return ReplicaCall(None, child)
 
     def _child_done(self) -> None:
         self._open -= 1
