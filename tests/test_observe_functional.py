@@ -1,6 +1,6 @@
 """Traces and JSON logs of real ``hypercache-node`` processes.
 
-The nodes export over OTLP/HTTP to :class:`~tests.otlp_receiver.OtlpReceiver` in
+The nodes export over OTLP/HTTP to :class:`otlp_receiver.OtlpReceiver` in
 this process; the client's spans go to an in-memory exporter. One trace must join
 them all, with the right parent links.
 """
@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cluster_harness import running_cluster
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from otlp_receiver import OtlpReceiver, ReceivedSpan
 
 from hypercache import Client
 from hypercache._core.hlc import make_ts
@@ -23,8 +25,6 @@ from hypercache.cluster.local import ProcessCluster
 from hypercache.net.protocol import Op
 from hypercache.observe import tracing
 from hypercache.replication import wall_ms
-from tests.cluster_harness import running_cluster
-from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.functional
 
