@@ -175,3 +175,57 @@ def test_a_read_that_repairs_continues_the_trace(
         reads = {s.instance for s in spans if s.attributes.get("hypercache.op") == "R_GET"}
         assert reads == {n.node_id for n in cluster}
         assert all(_chain_to(spans, s, root) for s in spans)
+
+
+def test_a_restarted_peer_gets_its_hints_in_traced_replays(
+    tmp_path: Path, receiver: OtlpReceiver
+) -> None:
+    with running_cluster(3, tmp_path, TRACED) as cluster:
+        cluster.kill(2)  # and waits until the others see it down
+        down = cluster[2].node_id
+        with _client(cluster) as client:
+            for i in range(5):
+                client.set(f"h{i}", i, consistency="quorum")
+        cluster.restart(2)
+
+        def replayed(got: list[ReceivedSpan]) -> bool:
+            by_id = {s.span_id: s for s in got}
+            sent = sum(s.attributes["hypercache.count"] for s in got if s.name == "HintReplay")
+            return sent >= 5 and any(
+                s.name == "ReplicaApply"
+                and s.attributes["hypercache.op"] == "R_PUT_MANY"
+                and s.instance == down
+                and by_id.get(s.parent_id, s).name == "HintReplay"
+                for s in got
+            )
+
+        spans = receiver.wait_for(replayed)
+        replays = [s for s in spans if s.name == "HintReplay"]
+        assert all(s.attributes["hypercache.peer"] == down for s in replays)
+        assert all(s.status != 2 for s in replays)  # none failed
+
+
+def test_a_diverged_replica_is_repaired_in_traced_merkle_rounds(
+    tmp_path: Path, receiver: OtlpReceiver
+) -> None:
+    with running_cluster(3, tmp_path, (*TRACED, "--anti-entropy-interval", "0.5")) as cluster:
+        # One node alone holds a key (replication 3: everyone should).
+        entry = [b"only-here", b"v", make_ts(wall_ms(), 0), 9, 0, False]
+        assert cluster.peer_request(0, Op.R_PUT, entry) is True
+
+        def pulled(got: list[ReceivedSpan]) -> bool:
+            by_id = {s.span_id: s for s in got}
+            return any(
+                s.name == "ReplicaApply"
+                and s.attributes["hypercache.op"] == "PULL"
+                and by_id.get(s.parent_id, s).name == "MerklePull"
+                for s in got
+            )
+
+        spans = receiver.wait_for(pulled)
+        by_id = {s.span_id: s for s in spans}
+        for pull in [s for s in spans if s.name == "MerklePull"]:
+            parent = by_id.get(pull.parent_id)
+            assert parent is None or parent.name == "MerkleSync"
+        syncs = [s for s in spans if s.name == "MerkleSync"]
+        assert {s.attributes["hypercache.peer"] for s in syncs} <= {n.node_id for n in cluster}

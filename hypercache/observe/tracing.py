@@ -47,20 +47,25 @@ from hypercache.errors import ConfigError
 
 __all__ = [
     "ATTR_ACKS",
+    "ATTR_APPLIED",
+    "ATTR_COUNT",
     "ATTR_KEY_HASH",
     "ATTR_LEVEL",
     "ATTR_OP",
     "ATTR_OUTCOME",
+    "ATTR_PARTITION",
     "ATTR_PEER",
     "ATTR_REPLICAS",
     "SERVICE_NAME",
     "OpTrace",
     "ReplicaCall",
+    "annotate",
     "begin",
     "client_op",
     "configure_tracing",
     "current_carrier",
     "extract",
+    "failed",
     "install",
     "key_hash",
     "serve",
@@ -81,6 +86,9 @@ ATTR_LEVEL: Final = "hypercache.consistency"
 ATTR_REPLICAS: Final = "hypercache.replicas"
 ATTR_ACKS: Final = "hypercache.acks"
 ATTR_OUTCOME: Final = "hypercache.outcome"
+ATTR_COUNT: Final = "hypercache.count"
+ATTR_PARTITION: Final = "hypercache.partition"
+ATTR_APPLIED: Final = "hypercache.applied"
 
 #: The node's tracer while tracing is on; ``None`` when off (the hot path reads it).
 tracer: Tracer | None = None
@@ -287,6 +295,19 @@ def span(name: str, attributes: Mapping[str, Any] | None = None) -> Any:
     if tr is None:
         return _NULL
     return tr.start_as_current_span(name, attributes=attributes)
+
+
+def failed(span_: Any, error: BaseException) -> None:
+    """Mark ``span_`` (what :func:`span` gave; ``None`` when off) failed with ``error``."""
+    if span_ is not None:
+        span_.record_exception(error)
+        span_.set_status(Status(StatusCode.ERROR, type(error).__name__))
+
+
+def annotate(span_: Any, key: str, value: Any) -> None:
+    """Set an attribute on ``span_`` (what :func:`span` gave; ``None`` when off)."""
+    if span_ is not None:
+        span_.set_attribute(key, value)
 
 
 # ------------------------------------------------------------ coordinators
