@@ -706,6 +706,8 @@ def main(
             timeout=setting("timeout", 2.0),
             consistency=setting("consistency", None),
             serializer=RawSerializer() if getattr(args, "raw", False) else None,
+            # --raw stores the bytes as they are: not compressed either
+            compression=None if getattr(args, "raw", False) else "zstd",
             route=setting("route", "owner"),
         )
     except ConfigError as exc:

@@ -76,6 +76,11 @@ class Client(ClientBase):
         apply its configured read/write defaults.
     :param serializer: how values become bytes; default msgpack (see
         :mod:`hypercache.client.serializer`).
+    :param compression: how values are compressed before they are sent: a
+        :class:`~hypercache.client.compression.Compression` (level, min_size),
+        ``"zstd"`` (default: level 3, from 1 KiB) or ``"off"``/``None``. Values
+        are read back decompressed whatever this setting (see
+        :mod:`hypercache.client.compression`).
     :param route: ``"owner"`` (default) fetches the partition table once, reads
         straight from the key's owners (``R_GET`` to as many as the level needs,
         newest version wins, stale owners repaired in the background) and sends
