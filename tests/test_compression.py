@@ -102,7 +102,7 @@ def test_compression_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="min_size"):
         Compression(min_size=-1)
     with pytest.raises(ConfigError, match="compression"):
-        Client("127.0.0.1:1", compression="lz4")  # type: ignore[arg-type]
+        Client("127.0.0.1:1", compression="lz4")
 
 
 @pytest.mark.functional
