@@ -33,11 +33,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from hypercache.errors import HyperCacheError
 from hypercache.net.protocol import Op
 from hypercache.observe import tracing
+from hypercache.observe.logs import RateLimiter
 from hypercache.replication import KeyedEntry, wall_ms
 
 __all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "TICK", "Handoff", "HintBufferLike"]
 
 _log = logging.getLogger("hypercache.handoff")
+_limited = RateLimiter(60.0)
 
 _R_PUT_MANY: Final = int(Op.R_PUT_MANY)
 
@@ -235,12 +237,17 @@ class Handoff:
                     backoff = min(self._backoff.get(target, BACKOFF_MIN / 2) * 2, BACKOFF_MAX)
                     self._backoff[target] = backoff
                     self._retry_at[target] = time.monotonic() + backoff
-                    _log.info(
+                    # A dead target fails every backoff: one line per target a minute.
+                    _limited.log(
+                        _log,
+                        logging.INFO,
+                        target,
                         "hint replay to %s failed (%s); %d waiting, retry in %.2fs",
                         target,
                         exc,
                         buffer.pending(target),
                         backoff,
+                        extra={"op": "hint_replay", "peer": target, "error": str(exc)},
                     )
                     return
                 if type(applied) is int:
