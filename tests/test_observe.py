@@ -7,7 +7,9 @@ import contextlib
 import io
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import StatusCode
+from test_metrics import exposition, families
 
 from hypercache.cluster.local import InprocCluster, until
 from hypercache.cluster.node import Node
@@ -296,3 +299,29 @@ def test_a_repeated_warning_is_rate_limited_with_a_count(caplog: pytest.LogCaptu
     assert caplog.records[-1].suppressed == 99  # type: ignore[attr-defined]
     limiter.warning(log, ("down", "n4"), "x")  # past max_keys: the oldest is forgotten
     assert len(limiter._seen) == 2
+
+
+# ---------------------------------------------------------------- dashboard
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "examples" / "grafana-dashboard.json"
+
+
+def test_every_dashboard_query_names_a_metric_a_node_exports() -> None:
+    text, by_family = exposition()
+    exported = families(text)
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    assert panels
+    for panel in panels:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            names = re.findall(r"hypercache_[a-z0-9_]+", expr)
+            assert names, expr
+            for name in names:
+                family = re.sub(r"_(bucket|sum|count)$", "", name)
+                assert family in exported, f"{panel['title']}: {name} is not in /metrics"
+                # Grouping labels are the family's own (or Prometheus's instance, le).
+                for group in re.findall(r"by \(([^)]*)\)", expr):
+                    for label in (g.strip() for g in group.split(",")):
+                        assert label in {"instance", "le", *by_family.get(family, [])}, (
+                            f"{panel['title']}: {family} has no label {label!r}"
+                        )
