@@ -15,7 +15,8 @@ Compression: one 3-node cluster; clients with compression on (zstd level 3, from
 1 KiB) and off write then read the same values: 4 KiB and 64 KiB JSON-like
 documents (a list of records), and 4 KiB of random bytes. Reported: the bytes one
 value takes on the wire (what the client sends, and each replica then stores), the
-``hypercache_bytes`` growth of one node per value, and the p50 of ``set`` and ``get``.
+``hypercache_bytes`` growth of one node per value, and the p50 of ``set`` and ``get``
+(QUORUM, the two clients taking turns in rounds).
 
 Progress goes to stderr, the markdown report to stdout. ``--quick``: a smoke test of
 the harness (few ops), not numbers to quote.
@@ -194,52 +195,58 @@ def _store_bytes(cluster: ProcessCluster) -> int:
     return int(cluster[0].http_json("/stats")["store"]["bytes"])
 
 
-def compression_bench(workdir: Path, ops: int) -> str:
+def compression_bench(workdir: Path, rounds: int, ops: int) -> str:
     values = {
         "4 KiB JSON-like": _jsonish(4096),
         "64 KiB JSON-like": _jsonish(65536),
         "4 KiB random": os.urandom(4096),
     }
+    settings: dict[str, Compression | None] = {"off": None, "zstd-3": Compression()}
     rows = [
         "| value | compression | bytes on the wire | hypercache_bytes / value | "
-        "set p50 (µs) | get p50 (µs) | set p50 vs off |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "set p50 (µs) | get p50 (µs) | set p50 vs off | get p50 vs off |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     _say("starting the cluster for compression")
     (workdir / "comp").mkdir()
     with ProcessCluster(3, workdir / "comp", FLAGS, timeout=120.0) as cluster:
-        settings: dict[str, Compression | None] = {"off": None, "zstd-3": Compression()}
         clients = {
             name: Client(cluster.addresses, timeout=10.0, compression=comp)
             for name, comp in settings.items()
         }
         try:
             for label, raw in values.items():
-                base = 0.0
-                for name, c in clients.items():
-                    _say(f"compression {name}: {label}")
-                    codec = ValueCodec(settings[name], 1 << 30)
-                    wire = len(codec.encode(DEFAULT_SERIALIZER.dumps(raw)))
-                    prefix = f"{label}/{name}/"
+                _say(f"compression: {label}")
+                stored: dict[str, float] = {}
+                sets: dict[str, list[float]] = {name: [] for name in settings}
+                gets: dict[str, list[float]] = {name: [] for name in settings}
+                for name, c in clients.items():  # bytes stored: 100 values each
                     before = _store_bytes(cluster)
-                    sets: list[float] = []
-                    gets: list[float] = []
+                    for i in range(100):
+                        c.set(f"{label}/{name}/{i}", raw, consistency="all")
+                    stored[name] = (_store_bytes(cluster) - before) / 100
+                order = list(settings)
+                for r in range(rounds):  # latency: the two take turns
+                    for name in order[r % 2 :] + order[: r % 2]:
+                        c = clients[name]
 
-                    def set_(i: int, c: Client = c, prefix: str = prefix, raw: bytes = raw) -> None:
-                        c.set(prefix + str(i), raw, consistency="quorum")
+                        def set_(
+                            i: int, c: Client = c, key: str = f"{label}/{name}/", v: bytes = raw
+                        ) -> None:
+                            c.set(key + str(i % 100), v, consistency="quorum")
 
-                    def get(i: int, c: Client = c, prefix: str = prefix) -> None:
-                        c.get(prefix + str(i), consistency="quorum")
+                        def get(i: int, c: Client = c, key: str = f"{label}/{name}/") -> None:
+                            c.get(key + str(i % 100), consistency="quorum")
 
-                    _timed(set_, ops, sets)
-                    _timed(get, ops, gets)
-                    time.sleep(0.2)  # the last replica writes land
-                    per_value = (_store_bytes(cluster) - before) / ops
-                    p50 = _pct(sets, 0.5)
-                    base = base or p50
+                        _timed(set_, ops, sets[name])
+                        _timed(get, ops, gets[name])
+                base_set, base_get = _pct(sets["off"], 0.5), _pct(gets["off"], 0.5)
+                for name, comp in settings.items():
+                    wire = len(ValueCodec(comp, 1 << 30).encode(DEFAULT_SERIALIZER.dumps(raw)))
+                    p50s, p50g = _pct(sets[name], 0.5), _pct(gets[name], 0.5)
                     rows.append(
-                        f"| {label} | {name} | {wire} | {per_value:.0f} | {p50 * 1e6:.0f} | "
-                        f"{_pct(gets, 0.5) * 1e6:.0f} | {p50 / base:.3f} |"
+                        f"| {label} | {name} | {wire} | {stored[name]:.0f} | {p50s * 1e6:.0f} | "
+                        f"{p50g * 1e6:.0f} | {p50s / base_set:.3f} | {p50g / base_get:.3f} |"
                     )
         finally:
             for c in clients.values():
@@ -249,19 +256,19 @@ def compression_bench(workdir: Path, ops: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.observe_report")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--ops", type=int, default=2000, help="operations a round, each op")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--ops", type=int, default=1000, help="operations a round, each op")
     parser.add_argument("--quick", action="store_true", help="a smoke test of the harness")
     args = parser.parse_args(argv)
     rounds, ops = (2, 100) if args.quick else (args.rounds, args.ops)
     with tempfile.TemporaryDirectory(prefix="hc-observe-") as tmp:
         workdir = Path(tmp)
         tracing = tracing_bench(workdir, rounds, ops)
-        comp = compression_bench(workdir, max(ops // 4, 50))
+        comp = compression_bench(workdir, rounds, max(ops // 4, 50))
     cmd = "python -m bench.observe_report" + (" --quick" if args.quick else "")
     print(f"## Tracing overhead\n\n`{cmd}` ({rounds} rounds of {ops} ops per mode)\n")
     print(tracing)
-    print(f"\n## Compression\n\n`{cmd}`\n")
+    print(f"\n## Compression\n\n`{cmd}` ({rounds} rounds of {max(ops // 4, 50)} ops a mode)\n")
     print(comp)
     return 0
 

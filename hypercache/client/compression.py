@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Final
 
@@ -97,10 +98,31 @@ def resolve_compression(value: Compression | str | bool | None) -> Compression |
     raise ConfigError("compression", f"expected a Compression, 'zstd' or 'off', got {value!r}")
 
 
+# zstd contexts, one per thread (they are not thread-safe): making one costs more
+# than compressing 4 KiB with it (a compression context of level 3 is ~1 MiB).
+_contexts = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    made: dict[int, zstandard.ZstdCompressor] | None = getattr(_contexts, "c", None)
+    if made is None:
+        made = _contexts.c = {}
+    cctx = made.get(level)
+    if cctx is None:
+        cctx = made[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cctx
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dctx: zstandard.ZstdDecompressor | None = getattr(_contexts, "d", None)
+    if dctx is None:
+        dctx = _contexts.d = zstandard.ZstdDecompressor()
+    return dctx
+
+
 class ValueCodec:
     """Encodes the bytes a client writes and decodes those it reads (see the module
-    docstring). Thread-safe: zstd contexts are made per call (they are cheap next to
-    compressing a kilobyte)."""
+    docstring). Thread-safe: the zstd contexts are per thread."""
 
     __slots__ = ("compression", "max_value")
 
@@ -112,7 +134,7 @@ class ValueCodec:
         """The stored form of ``data`` (the serializer's output)."""
         comp = self.compression
         if comp is not None and len(data) >= comp.min_size and data:
-            packed = zstandard.ZstdCompressor(level=comp.level).compress(data)
+            packed = _compressor(comp.level).compress(data)
             if len(packed) + _HEADER < len(data):
                 return _ZSTD + _size.pack(len(data)) + packed
         if data[:1] == b"\xc1":
@@ -147,10 +169,18 @@ class ValueCodec:
             raise ValueTooLargeError(
                 f"compressed value's frame announces {announced} bytes, over max_value={limit}"
             )
+        if announced >= 0 and announced != size:
+            raise ProtocolError(
+                f"compressed value's frame holds {announced} bytes, declared {size}"
+            )
         try:
-            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(frame))
-            # At most one byte more than declared: enough to tell a lie, never a bomb.
-            out = reader.read(size + 1)
+            if announced == size:  # what encode writes: one call, ``size`` bytes made
+                out = _decompressor().decompress(frame)
+            else:
+                # A frame that does not say: at most one byte more than declared,
+                # enough to tell a lie, never a bomb.
+                reader = _decompressor().stream_reader(io.BytesIO(frame))
+                out = reader.read(size + 1)
         except zstandard.ZstdError as exc:
             raise ProtocolError(f"compressed value does not decompress: {exc}") from None
         if len(out) != size:
