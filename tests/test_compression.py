@@ -148,3 +148,16 @@ def test_compressed_values_survive_hints(tmp_path: Path) -> None:
         )
         with Client(cluster.addresses[2:], timeout=10.0, compression="off") as plain:
             assert plain.get("hinted", consistency="one") == value
+
+
+def test_the_client_cli_sets_compression() -> None:
+    from hypercache.cli.client import _compression, build_parser
+
+    def of(*argv: str) -> Compression | None:
+        return _compression(build_parser().parse_args([*argv, "get", "k"]))
+
+    assert of() == Compression()
+    assert of("--raw") is None
+    assert of("--compression-min", "-1") is None
+    assert of("--compression-min", "4096") == Compression(min_size=4096)
+    assert of("--raw", "--compression-min", "0") == Compression(min_size=0)
