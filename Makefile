@@ -46,6 +46,7 @@ bench: build
 	$(PY) -m bench.cluster_report
 	$(PY) -m bench.convergence_report
 	$(PY) -m bench.rebalance_report
+	$(PY) -m bench.observe_report
 
 run: build
 	$(PY) -m hypercache.cli.local
