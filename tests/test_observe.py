@@ -325,3 +325,20 @@ def test_every_dashboard_query_names_a_metric_a_node_exports() -> None:
                         assert label in {"instance", "le", *by_family.get(family, [])}, (
                             f"{panel['title']}: {family} has no label {label!r}"
                         )
+
+
+def test_tracing_and_log_format_come_from_flags_env_and_toml(tmp_path: Path) -> None:
+    from hypercache.cli.args import node_config_from_argv
+    from hypercache.cluster.config import DistConfig
+
+    config = node_config_from_argv(["--tracing", "on", "--log-format", "JSON"], {})
+    assert (config.tracing, config.log_format) == (True, "json")
+    env = {"HYPERCACHE_TRACING": "off", "HYPERCACHE_LOG_FORMAT": "text"}
+    config = node_config_from_argv([], env)
+    assert (config.tracing, config.log_format) == (False, "text")
+    toml = tmp_path / "node.toml"
+    toml.write_text('tracing = true\nlog_format = "json"\n')
+    config = node_config_from_argv(["--config", str(toml)], {})
+    assert (config.tracing, config.log_format) == (True, "json")
+    with pytest.raises(ConfigError, match="tracing"):
+        DistConfig(tracing="on")  # type: ignore[arg-type]
