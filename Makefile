@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 CORE   := $(wildcard hypercache/_core/*.pyx hypercache/_core/*.pxd) setup.py
 BUILT  := hypercache/_core/.built
 
-.PHONY: dev build test quicktest bench run lint fmt clean
+.PHONY: dev build test quicktest bench chaos kpi soak run lint fmt clean
 
 # The editable install in "compat" mode compiles the extensions in place, once:
 # the build below finds them up to date.
@@ -48,6 +48,20 @@ bench: build
 	$(PY) -m bench.rebalance_report
 	$(PY) -m bench.observe_report
 
+# The chaos scenarios of tests/chaos at full length (their short forms run in `make
+# test`), each printing its summary line.
+chaos: build
+	CHAOS_LONG=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/chaos
+
+# The roadmap's KPIs: kpi-report.md and kpi-latency.png (bench/kpi_report.py).
+kpi: build
+	$(PY) -m bench.kpi_report --long
+
+# 30 minutes of a steady mix with TTLs, deletes and periodic faults: every node's RSS
+# slope after warm-up must stay within noise, and the caps hold (bench/soak.py).
+soak: build
+	$(PY) -m bench.soak --minutes 30
+
 run: build
 	$(PY) -m hypercache.cli.local
 
@@ -62,6 +76,7 @@ fmt: $(STAMP)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .benchmarks
+	rm -f kpi-report.md kpi-latency.png
 	find hypercache -name '*.so' -delete
 	rm -f $(BUILT)
 	find hypercache/_core -name '*.c' -delete

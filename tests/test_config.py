@@ -301,6 +301,7 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("log_format", 1),
     ("tracing", "on"),
     ("tracing", 1),
+    ("fault_injection", "yes"),
 ]
 
 
@@ -553,6 +554,13 @@ def test_cpu_latency_limit_is_off_unless_asked_and_reads_from_every_source(
     assert from_toml.cpu_latency_limit == pytest.approx(0.001)
     assert node_config_from_argv(["--cpu-latency-limit", "0"], {}).cpu_latency_limit == 0.0
     assert node_config_from_argv(["--cpu-latency-limit", "off"], {}).cpu_latency_limit is None
+
+
+def test_fault_injection_is_off_unless_the_flag_or_a_source_asks() -> None:
+    assert DistConfig().fault_injection is False
+    assert node_config_from_argv([], {}).fault_injection is False
+    assert node_config_from_argv(["--fault-injection"], {}).fault_injection is True
+    assert load(env={"HYPERCACHE_FAULT_INJECTION": "true"}).fault_injection is True
 
 
 @pytest.mark.parametrize("text", ["soon", "-5us", "2s"])

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -338,7 +339,7 @@ def _launch_nodes(commands: list[str], block: Block, tmp_path: Path) -> None:
         assert all(p.poll() is None for p in procs)
     finally:
         for proc in procs:
-            proc.terminate()
+            proc.send_signal(signal.SIGINT)  # a stop without leaving: they all go
         for proc in procs:
             try:
                 proc.wait(timeout=15)

@@ -125,6 +125,8 @@ def test_message_types_and_ops_are_stable() -> None:
         "HOLDS": 24,
         "PING_REQ": 30,
         "MEMBERS": 31,
+        "LEAVE": 32,
+        "REMOVE": 33,
     }
 
 

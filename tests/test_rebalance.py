@@ -1039,3 +1039,84 @@ def test_clock_skew_guard_also_guards_the_rebalance_path() -> None:
     with pytest.raises(ClockSkewError):
         side.replica.put(b"k", b"v", ts(wall_clock_ms() + 3_600_000), 1, 0, False, path="rebalance")
     assert side.stats.versions_refused["rebalance"] == 1
+
+
+def test_a_node_leaves_pushes_what_only_it_has_and_the_others_take_over() -> None:
+    async def body() -> None:
+        async with cluster(4, removal_grace=1.0) as c:
+            want = await load(c.nodes[0], 2000)
+            leaver = c.nodes[3]
+            stayers = c.nodes[:3]
+            # Writes only the leaver took (its co-owners missed them): the push is
+            # what carries them to the partitions' new owners.
+            only_here = {}
+            for i in range(200):
+                key = b"only-%d" % i
+                if leaver.node_id in leaver.ring.owners(key):
+                    ts = leaver.clock.now()
+                    assert leaver.replica.put(key, b"mine", ts, leaver.clock.tag, 0, False)
+                    only_here[key] = list(leaver.ring.owners(key))
+            assert len(only_here) > 50
+            assert all(not holders(stayers, key) for key in only_here)
+
+            report = await leaver.leave()
+            assert report["handed_over"] is True and report["peers_told"] >= 1
+            assert report["pushed"] > 0 and leaver.leaving
+            assert await leaver.leave() == report  # idempotent: the same leave
+            stats = leaver.rebalancer.stats
+            assert stats.partitions_pushed == report["pushed"] and stats.push_failures == 0
+            # out of every ring, "left" everywhere, and not hinted for
+            for node in stayers:
+                assert leaver.node_id not in node.ring.nodes
+                state = node.membership.state_of(leaver.node_id)
+                assert state is not None and state.label == "left"
+                assert not node.membership.hintable(leaver.node_id)
+            health, serving = NodeStatus(leaver).health()
+            assert health["status"] == "leaving" and not serving
+            # each key the leaver alone had is held by the owners that gained it
+            new_ring = stayers[0].ring
+            for key, old_owners in only_here.items():
+                gained = set(new_ring.owners(key)) - set(old_owners)
+                assert gained and gained <= holders(stayers, key), key
+            await leaver.stop()
+            await check_reads(stayers, want)
+            await until(
+                lambda: all(n.rebalancer.report()["removal_pending"] == 0 for n in stayers),
+                timeout=20,
+                what="strays dropped",
+            )
+            for key in want:
+                assert holders(stayers, key) == set(new_ring.owners(key)), key
+
+    run(body(), timeout=90)
+
+
+def test_stop_with_leave_hands_over_first_and_a_lone_node_just_stops() -> None:
+    async def body() -> None:
+        async with cluster(3, replication=2) as c:  # (RF 2: the others gain partitions)
+            want = await load(c.nodes[0], 500)
+            leaver = c.nodes[2]
+            await leaver.stop(leave=True)
+            assert leaver.state == "stopped" and leaver.rebalancer.stats.partitions_pushed > 0
+            await leaver.wait_stopped()  # returns at once once stopped
+            for node in c.nodes[:2]:
+                assert leaver.node_id not in node.ring.nodes
+            await check_reads(c.nodes[:2], want)
+            # the same id started again: a new life, which joins like a new node
+            again = Node(
+                dataclasses.replace(leaver.config, seeds=(c.nodes[0].address,)),
+                transport=c.net,
+            )
+            c.nodes[2] = again
+            await again.start()
+            await until(c.formed, what="the node that left back in")
+            assert all(again.node_id in node.ring.nodes for node in c.nodes)
+            await check_reads(c.nodes, want)
+        config = DistConfig(node_id="alone", bind="127.0.12.60:7400", **FAST)
+        alone = Node(config, transport=InprocNetwork())
+        await alone.start()
+        report = await alone.leave()
+        assert report["peers_told"] == 0 and report["handed_over"] is False
+        await asyncio.wait_for(alone.stop(leave=True), 5)
+
+    run(body(), timeout=60)

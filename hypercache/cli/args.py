@@ -202,6 +202,18 @@ def build_node_parser() -> argparse.ArgumentParser:
         "0 keeps idle CPUs polling, e.g. 0 or 20us); 'off' = don't ask",
         default_text="off",
     )
+
+    testing = parser.add_argument_group("testing")
+    testing.add_argument(
+        "--fault-injection",
+        dest="fault_injection",
+        action="store_const",
+        const=True,
+        default=None,
+        help="serve GET/POST /internal/faults to drop, delay or partition this node's "
+        "messages to its peers (chaos tests only) "
+        f"[env {env_var_name('fault_injection')}; default: off]",
+    )
     return parser
 
 

@@ -13,6 +13,8 @@
     hypercache keys 'user:*' [--node H:P] [--limit N]
     hypercache flush [--yes]              # every entry of every node: asks first
     hypercache ping [--strict] | health [--strict] | members | topology | stats
+    hypercache leave --node H:P [--no-wait] # hand its data over, then stop
+    hypercache remove NODE_ID             # a dead member out of the ring
     hypercache bench --requests 10000 --concurrency 8
 
 Options may come before or after the command. Values are stored with msgpack,
@@ -31,7 +33,9 @@ key, ``mget`` missed one, ``flush`` was not confirmed, ``health``/``ping
 --strict`` found the cluster degraded); 2 usage error (bad option or value, value
 over ``max_value``, unknown ``--node``); 3 the cluster failed the request (no node
 reachable, quorum not reached, timeout, refused handshake, a node not flushed,
-``health`` found it down, requests failed in ``bench``); 130 interrupted.
+``health`` found it down, requests failed in ``bench``); 130 interrupted. ``leave``
+exits 1 when the node still runs after its leave timeout, ``remove`` when the member
+is not dead nor suspect (or not a member).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, BinaryIO, Final, TextIO
 
@@ -83,6 +88,8 @@ EXIT_ERROR: Final = 3
 EXIT_INTERRUPTED: Final = 130
 
 DEFAULT_SEEDS: Final = "127.0.0.1:7400"
+#: Seconds ``leave`` waits for the node to stop beyond the leave timeout it reports.
+LEAVE_GRACE: Final = 10.0
 _ENV: Final = {
     "seeds": "HYPERCACHE_SEEDS",
     "cluster_name": "HYPERCACHE_CLUSTER_NAME",
@@ -223,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("health", "ok, degraded or down, as this client sees the cluster")
     p.add_argument("--strict", action="store_true", help="exit 1 if the cluster is degraded")
     command("members", "the nodes: id, address, reachable, latency")
+    p = command("leave", "make a node leave the cluster: it hands its data over, then stops")
+    p.add_argument("--node", metavar="H:P", required=True, help="the node's data address")
+    p.add_argument("--no-wait", action="store_true", help="do not wait until the node has stopped")
+    p = command("remove", "take a dead member out of the ring (exit 1 if it is not dead)")
+    p.add_argument("node_id", metavar="NODE_ID")
     command("topology", "show nodes and partition ownership")
     command("stats", "per-node reachability, latency and load")
 
@@ -607,6 +619,36 @@ class _Command:
             self.echo(f"{node.node_id:<{width}}  {node.address:<{awidth}}  {state:<9}  {latency}")
         if not any(isinstance(r, float) for r in results.values()):
             raise self._none_answered(results)
+        return EXIT_OK
+
+    def leave(self) -> int:
+        address = self.args.node
+        answer = self.client.leave(address)
+        node_id = answer["node_id"]
+        if self.args.no_wait:
+            self.echo(f"{node_id} is leaving")
+            return EXIT_OK
+        # It answers while it hands its partitions over, then stops.
+        start = time.monotonic()
+        deadline = start + float(answer.get("leave_timeout") or 30.0) + LEAVE_GRACE
+        while time.monotonic() < deadline:
+            try:
+                self.client.ping(address)
+            except HyperCacheError:
+                self.echo(f"{node_id} left the cluster ({time.monotonic() - start:.1f} s)")
+                return EXIT_OK
+            time.sleep(0.2)
+        _err(f"{node_id} is still running {time.monotonic() - start:.0f} s later")
+        return EXIT_MISS
+
+    def remove(self) -> int:
+        try:
+            answer = self.client.remove(self.args.node_id)
+        except ConfigError as exc:  # not a member, or not dead: the node said no
+            _err(exc.message)
+            return EXIT_MISS
+        done = "removed" if answer.get("removed") else "was removed already"
+        self.echo(f"{answer['node_id']} {done} (membership version {answer.get('version')})")
         return EXIT_OK
 
     def topology(self) -> int:

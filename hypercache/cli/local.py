@@ -5,8 +5,9 @@ N's data port is ``--port`` + N - 1 (7400, 7401, 7402) and its management HTTP p
 ``--http-port`` + N - 1 (7480, 7481, 7482), the addresses the README's examples use.
 ``--port 0 --http-port 0`` binds free ports instead and reports them. Once every node
 reports all members up on ``/health``, prints how to connect, then waits. Ctrl-C or
-SIGTERM stops every node (SIGTERM, then SIGKILL after a grace period); so does the
-death of any node.
+SIGTERM stops every node (SIGINT, a stop without leaving, then SIGKILL after a grace
+period); so does the death of any node. A node that exits with status 0 left the
+cluster (``hypercache leave``): the others go on.
 """
 
 from __future__ import annotations
@@ -111,11 +112,22 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cluster.start()
             print(_banner(cluster.nodes), flush=True)
+            left: set[str] = set()
             while not stopping:
-                dead = [n for n in cluster if not n.running]
-                if dead:
-                    print(f"hypercache: {dead[0].node_id} exited; stopping the cluster", flush=True)
-                    status = 1
+                for node in cluster:
+                    if node.running or node.node_id in left:
+                        continue
+                    if node.proc is not None and node.proc.returncode == 0:
+                        # It left the cluster (hypercache leave): the others go on.
+                        print(f"hypercache: {node.node_id} left the cluster", flush=True)
+                        left.add(node.node_id)
+                    else:
+                        why = f"{node.node_id} exited; stopping the cluster"
+                        print(f"hypercache: {why}", flush=True)
+                        status = 1
+                        stopping.append(True)
+                        break
+                if len(left) == len(cluster.nodes):
                     break
                 time.sleep(0.2)
         except KeyboardInterrupt:

@@ -8,7 +8,12 @@ When the node is ready it prints one line to stdout::
 
     hypercache-node ready: node_id=127.0.0.1:7400 data=127.0.0.1:7400 http=127.0.0.1:7480
 
-SIGTERM and SIGINT stop it cleanly (exit status 0). Logs go to stderr.
+SIGTERM makes it leave the cluster first (``leave_on_stop``, on by default): it
+hands its partitions over to their new owners, for at most ``leave_timeout``
+seconds, then stops; a second SIGTERM stops it at once. SIGINT stops it without
+leaving (its peers then see it dead, and it stays an owner until it is back or
+removed). Either way the exit status is 0. A node asked to leave (``LEAVE``,
+``hypercache leave``, ``POST /cluster/leave``) exits once it has. Logs go to stderr.
 """
 
 from __future__ import annotations
@@ -48,13 +53,14 @@ GC_THRESHOLDS = (50_000, 20, 20)
 
 
 async def run(config: DistConfig) -> None:
-    """Run a node until SIGTERM or SIGINT, then stop it."""
+    """Run a node until a signal (see the module docstring), or until it has left
+    the cluster when asked to, then stop it."""
     from hypercache.cluster.node import Node
 
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
     node = Node(config)
     try:
         await node.start()
@@ -64,8 +70,24 @@ async def run(config: DistConfig) -> None:
             f"http={node.http_address or 'off'}",
             flush=True,
         )
-        await stop.wait()
-        _log.info("signal received, stopping")
+        received = loop.create_task(signals.get())
+        stopped = loop.create_task(node.wait_stopped())
+        await asyncio.wait((received, stopped), return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if received.done():
+            sig = received.result()
+            leave = sig is signal.SIGTERM and config.leave_on_stop
+            _log.info("%s received, %s", sig.name, "leaving the cluster" if leave else "stopping")
+            if leave:
+                # A second signal cuts the hand-over short.
+                leaving = loop.create_task(node.stop(leave=True))
+                again = loop.create_task(signals.get())
+                await asyncio.wait((leaving, again), return_when=asyncio.FIRST_COMPLETED)
+                if again.done():
+                    _log.warning("%s received again, stopping now", again.result().name)
+                again.cancel()
+        else:
+            received.cancel()
     finally:
         await node.stop()
         from hypercache.observe.tracing import shutdown_tracing

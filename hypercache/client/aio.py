@@ -200,6 +200,14 @@ class AsyncClient(ClientBase):
             commands.PING.read(await self._attempt(address, commands.PING.op, None))
         return time.perf_counter() - start
 
+    async def leave(self, address: str) -> dict[str, Any]:
+        """Ask the node at ``address`` to leave the cluster (see ``Client.leave``)."""
+        return commands.LEAVE.read(await self._attempt(address, commands.LEAVE.op, []))
+
+    async def remove(self, node_id: str) -> dict[str, Any]:
+        """Take a dead member out of the ring (see ``Client.remove``)."""
+        return await self._call(commands.REMOVE, None, [node_id])
+
     async def topology(self) -> Topology:
         """Fetch the partition table now and return it (routing uses it too)."""
         return await self._refresh()

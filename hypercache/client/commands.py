@@ -26,8 +26,10 @@ __all__ = [
     "EXPIRE",
     "FLUSH",
     "GET",
+    "LEAVE",
     "MISS",
     "PING",
+    "REMOVE",
     "R_GET",
     "R_PUT",
     "SCAN",
@@ -41,6 +43,7 @@ __all__ = [
     "decode_expire",
     "decode_flush",
     "decode_get",
+    "decode_membership",
     "decode_scan",
     "decode_ttl",
     "get_payload",
@@ -122,6 +125,16 @@ def decode_flush(answer: Any) -> int:
     return answer
 
 
+def decode_membership(answer: Any) -> dict[str, Any]:
+    """A LEAVE or REMOVE answer: a map with a ``node_id``.
+
+    :raises ProtocolError: it has another shape.
+    """
+    if type(answer) is not dict or type(answer.get("node_id")) is not str:
+        raise ProtocolError(f"malformed answer: {answer!r:.100}")
+    return answer
+
+
 def check_pong(answer: Any) -> None:
     """Check a PING answer.
 
@@ -184,3 +197,7 @@ EXPIRE: Final = Command(int(Op.EXPIRE), False, decode_expire)
 SCAN: Final = Command(int(Op.SCAN), True, decode_scan)
 #: ``[]`` -> entries dropped by that node (sent to each node)
 FLUSH: Final = Command(int(Op.FLUSH), False, decode_flush)
+#: ``[]`` -> ``{"node_id", "leaving", "leave_timeout"}``: that node leaves, then stops
+LEAVE: Final = Command(int(Op.LEAVE), False, decode_membership)
+#: ``[node_id]`` -> ``{"node_id", "removed", "version"}`` (any node; gossiped)
+REMOVE: Final = Command(int(Op.REMOVE), True, decode_membership)

@@ -277,6 +277,27 @@ class Client(ClientBase):
             commands.PING.read(self._attempt(address, commands.PING.op, None, pipeline=False))
         return time.perf_counter() - start
 
+    def leave(self, address: str) -> dict[str, Any]:
+        """Ask the node at ``address`` to leave the cluster: it hands its partitions
+        over to their new owners (for at most its ``leave_timeout``), then stops.
+        Returns at once with ``{"node_id", "leaving", "leave_timeout"}``; the node
+        stops answering once it is done.
+
+        :raises NodeUnavailableError: the node is unreachable.
+        """
+        self._check_fork()
+        answer = self._attempt(address, commands.LEAVE.op, [], pipeline=False)
+        return commands.LEAVE.read(answer)
+
+    def remove(self, node_id: str) -> dict[str, Any]:
+        """Take the dead (or suspect) member ``node_id`` out of the ring, through any
+        node (the removal is gossiped): ``{"node_id", "removed", "version"}``,
+        ``removed`` false when it was removed already. Its hints are dropped.
+
+        :raises ConfigError: (field ``node``) not a member, or not dead nor suspect.
+        """
+        return self._call(commands.REMOVE, None, [node_id])
+
     def topology(self) -> Topology:
         """Fetch the partition table now and return it (routing uses it too).
 

@@ -528,6 +528,13 @@ class DistConfig:
         :mod:`hypercache.cluster.cpulatency`). Machine-wide, costs CPU time, needs
         root; a node that cannot hold it logs a warning and runs on. ``None`` (or
         ``"off"``) = don't ask. Default ``None``.
+
+    Testing:
+
+    :ivar fault_injection: wrap the node's peer connections in a
+        :class:`~hypercache.net.faults.FaultyTransport` and serve ``GET``/``POST
+        /internal/faults`` to set its rules (drops, delays, partitions); for chaos
+        tests only. Default false.
     """
 
     node_id: str = ""
@@ -584,6 +591,7 @@ class DistConfig:
     max_clock_skew: float = 5.0
     busy_poll: float = 0.0
     cpu_latency_limit: float | None = None
+    fault_injection: bool = False
 
     def _section(self, cls: Any, names: tuple[str, ...]) -> Any:
         """Section ``cls`` of the fields ``names``: built (so validated) by
@@ -773,6 +781,10 @@ class DistConfig:
                     f"must be between 0 and {_MAX_CPU_LATENCY_LIMIT:g} s, got {limit!r}",
                 )
             put(self, "cpu_latency_limit", float(limit))
+        if type(self.fault_injection) is not bool:
+            raise ConfigError(
+                "fault_injection", f"expected true or false, got {_describe(self.fault_injection)}"
+            )
 
     # ------------------------------------------------------------------ helpers
 
@@ -970,6 +982,7 @@ _LOADERS: Final[Mapping[str, _Loader]] = {
     "max_clock_skew": _load_seconds,
     "busy_poll": _load_seconds,
     "cpu_latency_limit": _load_optional_seconds,
+    "fault_injection": _load_bool,
 }
 
 _FIELDS: Final = tuple(field.name for field in dataclasses.fields(DistConfig))

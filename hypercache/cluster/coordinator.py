@@ -86,9 +86,11 @@ from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
     HyperCacheError,
+    NodeUnavailableError,
     NotReadyError,
     ProtocolError,
     QuorumError,
+    RequestTimeoutError,
     UsageError,
 )
 from hypercache.net.protocol import Limits, Op
@@ -246,6 +248,40 @@ class Coordinator:
         # brings it (the peer's connection keeps its liveness up to date).
         self._in_flight += 1
         call = None if trace is None else trace.replica(owner, kind)
+        carrier = None if call is None else call.carrier
+        timeout = self.timeout
+        if op == _R_PUT:
+            # Retry policy (docs/design.md, "Retries"): a replica write gets half the
+            # deadline, and when it gets no answer in that time (or loses its
+            # connection) it is sent once more, with what is left of the deadline.
+            # An R_PUT is idempotent (the same version applied twice is a no-op), so
+            # a retry after a lost answer does no harm. No timer is armed for it: the
+            # connection's own deadline of the first attempt starts the second.
+            half = timeout / 2
+            deadline = self._get_loop().time() + timeout
+
+            def retried(value: Any, error: BaseException | None) -> None:
+                self._in_flight -= 1
+                if call is not None:
+                    call.done(error)
+                if error is None:
+                    rnd.ok(owner, value)
+                else:
+                    self._replica_failed(rnd, owner, error, hint)
+
+            def first(value: Any, error: BaseException | None) -> None:
+                if isinstance(error, RequestTimeoutError | NodeUnavailableError) and not (
+                    self._stopping
+                ):
+                    left = deadline - self._get_loop().time()
+                    if left > 0:
+                        self.stats.replica_retries += 1
+                        peer.send_callback(op, payload, left, retried, carrier)
+                        return
+                retried(value, error)
+
+            peer.send_callback(op, payload, half, first, carrier)
+            return
 
         def answered(value: Any, error: BaseException | None) -> None:
             self._in_flight -= 1
@@ -259,9 +295,7 @@ class Coordinator:
             else:
                 self._replica_failed(rnd, owner, error, hint)
 
-        peer.send_callback(
-            op, payload, self.timeout, answered, None if call is None else call.carrier
-        )
+        peer.send_callback(op, payload, timeout, answered, carrier)
 
     def _substitute(self, rnd: QuorumRound, owner: str, why: NotReadyError, payload: Any) -> None:
         """``owner`` is not ready for a read: ask the round's next spare (a pending

@@ -12,6 +12,8 @@
 ``GET /cluster/members`` members: address, state, incarnation, since; the version
 ``POST /cluster/remove`` ``?node=ID``: take a dead member out of the ring (409 when
                         it is not dead nor suspect)
+``POST /cluster/leave`` this node leaves the cluster, hands its data over, then
+                        stops (202 at once; ``/health`` says ``leaving`` meanwhile)
 ``GET /cluster/ring``   ring parameters and per-node load; ``?table=1`` adds the table
 ``GET /dist/antientropy`` anti-entropy counters and current interval
 ``GET /dist/hints``     hinted handoff: ``queued`` (waiting now), per-target pending,
@@ -22,6 +24,10 @@
                         ``?partition=P`` its sub-bucket digests
 ``GET /internal/keys``  ``?partition=P&cursor=HEX&limit=L``: one page of the
                         partition's entries sorted by key (keys hex)
+``GET /internal/faults`` only with ``--fault-injection``: the fault rules and the
+                        counts of faults injected (:mod:`hypercache.net.faults`)
+``POST /internal/faults`` only with ``--fault-injection``: replace the rule set by
+                        the JSON body (``{"rules": []}`` clears it); 400 if invalid
 ======================  ======================================================
 """
 
@@ -32,6 +38,9 @@ from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from hypercache.errors import ConfigError
+from hypercache.net.faults import FaultInjector
 
 __all__ = ["NodeView", "make_app", "start_http"]
 
@@ -60,6 +69,10 @@ class NodeView(Protocol):
     def members(self) -> dict[str, Any]: ...
     def remove(self, node_id: str) -> tuple[dict[str, Any], int]:
         """Remove a dead member: the body and the status (200, 404, 409, 503)."""
+        ...
+
+    def leave(self) -> tuple[dict[str, Any], int]:
+        """Start leaving the cluster (then stop): the body and the status (202, 503)."""
         ...
 
     def ring(self, table: bool) -> dict[str, Any]: ...
@@ -136,6 +149,11 @@ async def _remove(request: web.Request) -> web.Response:
     return web.json_response(body, status=status)
 
 
+async def _leave(request: web.Request) -> web.Response:
+    body, status = _view(request).leave()
+    return web.json_response(body, status=status)
+
+
 async def _ring(request: web.Request) -> web.Response:
     table = request.query.get("table") in ("1", "true", "yes")
     return web.json_response(_view(request).ring(table))
@@ -188,8 +206,29 @@ async def _rebalance(request: web.Request) -> web.Response:
     return web.json_response(_view(request).rebalance())
 
 
-def make_app(view: NodeView) -> web.Application:
-    """The management application of the node that ``view`` reports on."""
+_FAULTS: web.AppKey[FaultInjector] = web.AppKey("faults")
+
+
+async def _faults(request: web.Request) -> web.Response:
+    return web.json_response(request.app[_FAULTS].as_dict())
+
+
+async def _set_faults(request: web.Request) -> web.Response:
+    injector = request.app[_FAULTS]
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text="body: not JSON") from None
+    try:
+        injector.load(body)
+    except ConfigError as exc:
+        raise web.HTTPBadRequest(text=f"{exc.field}: {exc.message}") from None
+    return web.json_response(injector.as_dict())
+
+
+def make_app(view: NodeView, faults: FaultInjector | None = None) -> web.Application:
+    """The management application of the node that ``view`` reports on; with
+    ``faults``, also ``/internal/faults`` (else that path does not exist)."""
     # A request line that holds the longest key percent-encoded (3 characters a
     # byte), and then some: a key past max_key gets our own error, not aiohttp's.
     app = web.Application(handler_args={"max_line_size": 3 * view.max_key + 8192})
@@ -202,20 +241,27 @@ def make_app(view: NodeView) -> web.Application:
     app.router.add_get("/dist/owners", _owners)
     app.router.add_get("/cluster/members", _members)
     app.router.add_post("/cluster/remove", _remove)
+    app.router.add_post("/cluster/leave", _leave)
     app.router.add_get("/cluster/ring", _ring)
     app.router.add_get("/dist/antientropy", _antientropy)
     app.router.add_get("/dist/hints", _hints)
     app.router.add_get("/dist/rebalance", _rebalance)
     app.router.add_get("/internal/merkle", _merkle)
     app.router.add_get("/internal/keys", _keys)
+    if faults is not None:
+        app[_FAULTS] = faults
+        app.router.add_get("/internal/faults", _faults)
+        app.router.add_post("/internal/faults", _set_faults)
     return app
 
 
-async def start_http(view: NodeView, host: str, port: int) -> tuple[web.AppRunner, str]:
+async def start_http(
+    view: NodeView, host: str, port: int, faults: FaultInjector | None = None
+) -> tuple[web.AppRunner, str]:
     """Serve :func:`make_app` on ``host:port`` (port 0 picks one); return the runner
     and the bound address."""
     runner = web.AppRunner(
-        make_app(view), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        make_app(view, faults), access_log=None, handle_signals=False, shutdown_timeout=1.0
     )
     await runner.setup()
     try:

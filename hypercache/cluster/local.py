@@ -13,8 +13,9 @@ benchmarks run::
 No port is guessed: the first node binds port 0 and prints its addresses in its ready
 line; the others get it as their seed and bind port 0 too. A restarted node binds the
 addresses it had (freed by its death) and seeds from every other running node.
-Leaving the ``with`` block stops every process started (SIGTERM, then SIGKILL after a
-grace period) whatever happens, and a failed wait carries the tail of each node's log.
+Leaving the ``with`` block stops every process started (SIGINT: a stop without
+leaving the cluster; then SIGKILL after a grace period) whatever happens, and a
+failed wait carries the tail of each node's log.
 
 :class:`InprocCluster` is the same for :class:`~hypercache.cluster.node.Node` objects
 in the running event loop, on one :class:`~hypercache.net.inproc.InprocNetwork` (unit
@@ -37,6 +38,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -49,7 +51,7 @@ from hypercache.cli.node import READY_PREFIX
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.membership import layout_of
 from hypercache.cluster.node import Node
-from hypercache.net import BlockingConnection, InprocNetwork, Op, make_hello
+from hypercache.net import BlockingConnection, InprocNetwork, Op, Transport, make_hello
 from hypercache.units import format_hostport
 
 __all__ = [
@@ -352,6 +354,17 @@ class NodeProcess:
             body: bytes = resp.read()
             return body.decode()
 
+    def http_post(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+        """``POST`` a management path (no body); the status and the decoded JSON body
+        (an error status too: it is returned, not raised)."""
+        request = urllib.request.Request(f"http://{self.http}{path}", data=b"", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, json.loads(exc.read())
+
     def connect(self, timeout: float = 5.0, *, as_peer: bool = False) -> BlockingConnection:
         """A client connection to this node's data port; with ``as_peer``, one that
         names itself a node (accepted from loopback by a cluster without a secret),
@@ -409,6 +422,10 @@ class ProcessCluster:
         self.nodes = [
             NodeProcess(i, f"node-{i + 1}", workdir, args, log_files=log_files) for i in range(size)
         ]
+        self.args = tuple(args)
+        self.log_files = log_files
+        #: indexes of the nodes that left the cluster or were removed from it
+        self.departed: set[int] = set()
         self._conns: dict[int, BlockingConnection] = {}
         self._interrupted = False
 
@@ -480,15 +497,16 @@ class ProcessCluster:
         ``up`` of them (all by default) up (status ``ok`` when all are, ``degraded``
         when fewer), and ready (it holds every partition it owns: a joining or
         restarted node streams them first)."""
-        want = len(self.nodes) if up is None else up
-        status = "ok" if want == len(self.nodes) else "degraded"
+        members = len(self.nodes) - len(self.departed)
+        want = members if up is None else up
+        status = "ok" if want == members else "degraded"
         for node in self.nodes:
-            if not node.running:
+            if not node.running or node.index in self.departed:
                 continue
             health = node.http_json("/health", timeout=1.0)
             if (
                 health["status"] != status
-                or health["members"] != len(self.nodes)
+                or health["members"] != members
                 or health["members_up"] != want
                 or not health.get("ready", True)
             ):
@@ -500,7 +518,7 @@ class ProcessCluster:
 
         :raises TimeoutError: not within the cluster's timeout (with the log tails).
         """
-        want = len(self.nodes) if up is None else up
+        want = len(self.nodes) - len(self.departed) if up is None else up
 
         def healthy() -> bool:
             self._check()
@@ -518,7 +536,48 @@ class ProcessCluster:
         """SIGKILL one node; wait until the others see it down."""
         self._drop_conn(index)
         self.nodes[index].kill()
-        self.wait_healthy(up=len(self.nodes) - 1)
+        self.wait_healthy(up=len(self.nodes) - len(self.departed) - 1)
+
+    def add(self) -> NodeProcess:
+        """Start one more node (``node-{N+1}``, the same flags), seeded with every
+        running node; wait until the cluster is healthy with it (and it is ready)."""
+        index = len(self.nodes)
+        node = NodeProcess(
+            index, f"node-{index + 1}", self.workdir, self.args, log_files=self.log_files
+        )
+        self.nodes.append(node)
+        seeds = [n.data for n in self.nodes if n is not node and n.running]
+        node.start(bind=self._address(index, 0), http=self._address(index, 1), seeds=seeds)
+        self._wait_ready(node)
+        self.wait_healthy()
+        return node
+
+    def leave(self, index: int, timeout: float = 60.0) -> int:
+        """SIGTERM one node, which leaves the cluster (``leave_on_stop``) and exits;
+        wait for its exit (SIGKILL after ``timeout``), then until the others are
+        healthy without it. Return its exit status."""
+        self._drop_conn(index)
+        status = self.nodes[index].stop(timeout)
+        self.departed.add(index)
+        assert status is not None
+        self.wait_healthy()
+        return status
+
+    def remove(self, index: int, via: int) -> Any:
+        """Take the dead node ``index`` out of the ring with ``POST /cluster/remove``
+        on node ``via``; wait until the others are healthy without it. Return the
+        answer's body.
+
+        :raises RuntimeError: the node refused (the status and body say why).
+        """
+        status, body = self.nodes[via].http_post(
+            f"/cluster/remove?node={self.nodes[index].node_id}"
+        )
+        if status != 200:
+            raise RuntimeError(f"remove {self.nodes[index].node_id}: {status} {body}")
+        self.departed.add(index)
+        self.wait_healthy()
+        return body
 
     def respawn(self, index: int) -> None:
         """Start a stopped node again with its id and addresses, seeded with every
@@ -557,13 +616,14 @@ class ProcessCluster:
         return "\n".join(tail for node in self.nodes if (tail := node.log_tail()))
 
     def stop(self, grace: float = 5.0) -> dict[str, int]:
-        """Stop every node started: SIGTERM to all, then SIGKILL to any still running
-        ``grace`` seconds later. Return the exit status of each."""
+        """Stop every node started: SIGINT to all (a stop without leaving: with every
+        node going, there is nobody to hand data over to), then SIGKILL to any still
+        running ``grace`` seconds later. Return the exit status of each."""
         for index in list(self._conns):
             self._drop_conn(index)
         started = [node for node in self.nodes if node.proc is not None]
         for node in started:
-            node.signal(signal.SIGTERM)
+            node.signal(signal.SIGINT)
         deadline = time.monotonic() + grace
         return {node.node_id: _reap(node.proc, deadline) for node in started if node.proc}
 
@@ -586,6 +646,8 @@ class InprocCluster:
         is allowed: the network picks a port).
     :param node_id: node ``i``'s id, ``{n}`` likewise.
     :param network: the network (a new one by default).
+    :param transport: node ``i``'s transport, made from the network (the network
+        itself by default); e.g. a :class:`~hypercache.net.faults.FaultyTransport`.
     :param timeout: seconds for the cluster to form.
     """
 
@@ -598,6 +660,7 @@ class InprocCluster:
         address: str = "127.0.0.{n}:7400",
         node_id: str = "n{n}",
         network: InprocNetwork | None = None,
+        transport: Callable[[int, InprocNetwork], Transport] | None = None,
         timeout: float = 10.0,
     ) -> None:
         self.size = size
@@ -606,6 +669,7 @@ class InprocCluster:
         self.address = address
         self.node_id = node_id
         self.net = network if network is not None else InprocNetwork()
+        self._transport = transport
         self.timeout = timeout
         self.nodes: list[Node] = []
 
@@ -642,7 +706,11 @@ class InprocCluster:
         try:
             for index in range(self.size):
                 seeds = (self.nodes[0].address,) if self.nodes else ()
-                node = Node(self.config(index, seeds), transport=self.net)
+                make = self._transport
+                node = Node(
+                    self.config(index, seeds),
+                    transport=self.net if make is None else make(index, self.net),
+                )
                 self.nodes.append(node)
                 await node.start()
             await until(self.formed, timeout=self.timeout, what=f"{self.size} members up")

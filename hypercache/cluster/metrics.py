@@ -18,7 +18,7 @@ distributed plane (coordination, replication, repair, membership).
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -30,6 +30,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from hypercache.net.faults import FAULT_KINDS
+
 __all__ = [
     "CLIENT_OPS",
     "LATENCY_BUCKETS",
@@ -37,6 +39,7 @@ __all__ = [
     "DistStats",
     "LatencyHistogram",
     "NodeMetrics",
+    "faults_families",
 ]
 
 #: Client-facing operations that the coordinator times and counts (an ``expire``
@@ -144,6 +147,7 @@ class DistStats:
         "replica_gets",
         "replica_puts",
         "replica_puts_applied",
+        "replica_retries",
         "requests",
         "stream_entries_served",
         "streams_served",
@@ -169,6 +173,9 @@ class DistStats:
         self.read_acks = 0
         #: replica requests that failed (down, timeout, error)
         self.replica_failures = 0
+        #: replica writes sent a second time after the first got no answer in half
+        #: the request deadline, or lost its connection (see Coordinator._remote)
+        self.replica_retries = 0
         #: operations that did not reach their consistency level, by op
         self.quorum_failures: dict[str, int] = dict.fromkeys(CLIENT_OPS, 0)
         #: newer versions pushed to stale owners after a read
@@ -211,6 +218,7 @@ class DistStats:
             "read_attempts": self.read_attempts,
             "read_acks": self.read_acks,
             "replica_failures": self.replica_failures,
+            "replica_retries": self.replica_retries,
             "quorum_failures": dict(self.quorum_failures),
             "quorum_failures_total": sum(self.quorum_failures.values()),
             "read_repairs": self.read_repairs,
@@ -340,6 +348,11 @@ class NodeMetrics:
             ("read_attempts", "Replica reads attempted.", s.read_attempts),
             ("read_acks", "Replica reads answered.", s.read_acks),
             ("replica_failures", "Replica requests that failed.", s.replica_failures),
+            (
+                "replica_retries",
+                "Replica writes sent again after the first attempt got no answer.",
+                s.replica_retries,
+            ),
             ("read_repairs", "Newer versions pushed to stale owners.", s.read_repairs),
             (
                 "read_repairs_dropped",
@@ -404,3 +417,17 @@ def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     """A one-sample counter family (helper for sources)."""
     return CounterMetricFamily(name, doc, value=value)
+
+
+def faults_families(injected: Mapping[str, int] | None) -> Iterator[Metric]:
+    """The counter of injected faults by kind (zeros on a node without fault
+    injection; see :mod:`hypercache.net.faults`)."""
+    fam = CounterMetricFamily(
+        "hypercache_dist_faults_injected",
+        "Faults injected into this node's messages to its peers, by kind (only on a node "
+        "started with --fault-injection).",
+        labels=["kind"],
+    )
+    for kind in FAULT_KINDS:
+        fam.add_metric([kind], 0 if injected is None else injected.get(kind, 0))
+    yield fam

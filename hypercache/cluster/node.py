@@ -52,12 +52,13 @@ from hypercache.cluster.coordinator import Coordinator
 from hypercache.cluster.cpulatency import CpuLatencyRequest
 from hypercache.cluster.handoff import Handoff
 from hypercache.cluster.membership import Membership
-from hypercache.cluster.metrics import NodeMetrics
+from hypercache.cluster.metrics import NodeMetrics, faults_families
 from hypercache.cluster.rebalance import PartitionStates, Rebalancer
 from hypercache.cluster.replica import Replica
 from hypercache.errors import NodeUnavailableError, PermissionDeniedError, ProtocolError
 from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.busypoll import BusyPoller, poller
+from hypercache.net.faults import FaultInjector, FaultyTransport
 from hypercache.net.protocol import Op
 from hypercache.net.tcp import TCP
 from hypercache.net.transport import Later, PeerInfo, Server, ServerOptions, Transport
@@ -134,6 +135,13 @@ class Node:
     ) -> None:
         self.config = config
         self.transport: Transport = transport if transport is not None else TCP
+        if config.fault_injection and not isinstance(self.transport, FaultyTransport):
+            self.transport = FaultyTransport(self.transport)
+        #: the fault rules of this node's peer messages (``--fault-injection``, or a
+        #: FaultyTransport given); None: no faults can be injected
+        self.faults: FaultInjector | None = (
+            self.transport.injector if isinstance(self.transport, FaultyTransport) else None
+        )
         self.limits = config.limits
         self.store = VersionedStore(
             config.partitions,
@@ -159,6 +167,9 @@ class Node:
         self._started_at = 0.0
         self._state = "new"
         self._topology: dict[str, Any] | None = None
+        #: the leave under way or done (:meth:`leave`), and the end of :meth:`stop`
+        self._leaving: asyncio.Task[dict[str, Any]] | None = None
+        self._stopped = asyncio.Event()
         self._leads: tuple[int, dict[str, list[int]]] = (-1, {})
         limit = config.cpu_latency_limit
         #: the CPU wake-up latency limit held while running, if one is configured
@@ -314,7 +325,9 @@ class Node:
             from hypercache.cluster.status import NodeStatus
 
             try:
-                run.http, self.http_address = await start_http(NodeStatus(self), *http)
+                run.http, self.http_address = await start_http(
+                    NodeStatus(self), *http, faults=self.faults
+                )
             except BaseException as exc:
                 await self.stop()
                 if isinstance(exc, OSError):
@@ -430,6 +443,10 @@ class Node:
         metrics.add_source(antientropy.collect)
         metrics.add_source(handoff.collect)
         metrics.add_source(rebalancer.collect)
+        faults = self.faults
+        if faults is not None:
+            faults.local = frozenset((config.node_id, config.advertised))
+        metrics.add_source(lambda: faults_families(None if faults is None else faults.injected))
         return run
 
     @staticmethod
@@ -480,12 +497,26 @@ class Node:
                 raise ProtocolError("FLUSH payload must be []")
             return self.flush()
 
+        def leave(payload: Any) -> dict[str, Any]:
+            if payload is not None and payload != []:
+                raise ProtocolError("LEAVE payload must be []")
+            return self.leave_and_stop()
+
+        def remove(payload: Any) -> dict[str, Any]:
+            (node_id,) = _fields(payload, 1, "REMOVE", "[node_id]")
+            if type(node_id) is not str:
+                raise ProtocolError("REMOVE payload must be [node_id: str]")
+            return self.remove_member(node_id)
+
         return {
             # TTL and EXPIRE are coordinated; SCAN and FLUSH concern this node alone
             int(Op.TTL): (ttl, False),
             int(Op.EXPIRE): (expire, False),
             int(Op.SCAN): (replica.scan, False),
             int(Op.FLUSH): (flush, False),
+            # an operator's: this node leaves (and stops); a dead member is removed
+            int(Op.LEAVE): (leave, False),
+            int(Op.REMOVE): (remove, False),
             int(Op.R_PUT): (replica.r_put, False),
             int(Op.R_GET): (replica.r_get, False),
             int(Op.GET): (get, False),
@@ -504,13 +535,103 @@ class Node:
             int(Op.HOLDS): (replica.holds, True),
         }
 
-    async def stop(self) -> None:
-        """Stop every loop, close every connection and both servers. Idempotent."""
+    @property
+    def leaving(self) -> bool:
+        """Whether the node left or is leaving the cluster (:meth:`leave`)."""
+        return self._leaving is not None
+
+    def leave(self) -> asyncio.Future[dict[str, Any]]:
+        """Leave the cluster gracefully; the node goes on serving until :meth:`stop`.
+
+        In order: ``left`` is announced (out of this node's ring at once, gossiped
+        until a few peers took it), every partition this node holds is pushed to the
+        owners that gained it, then the node waits until the owners of everything it
+        holds, in the table without it, confirm they hold it. ``leave_timeout``
+        bounds the whole (each step gets what the previous ones left of it).
+        Idempotent: every call waits for the same leave. Answers the report:
+        ``{"peers_told", "pushed", "handed_over", "seconds"}`` (``handed_over``
+        false when the timeout passed first, or no other member is left).
+        """
+        if self._leaving is None:
+            self._leaving = asyncio.get_running_loop().create_task(
+                self._leave(), name="hypercache-leave"
+            )
+        return asyncio.shield(self._leaving)
+
+    async def _leave(self) -> dict[str, Any]:
+        run = self._running()
+        start = time.monotonic()
+        deadline = start + self.config.leave_timeout
+        old_table = run.rebalancer.table
+        told = await run.membership.leave()
+        pushed, handed_over = 0, False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                pushed = await run.rebalancer.push_out(old_table, run.replica.wall)
+        left = deadline - time.monotonic()
+        if left > 0:
+            handed_over = await run.rebalancer.hand_over(left)
+        report = {
+            "peers_told": told,
+            "pushed": pushed,
+            "handed_over": handed_over,
+            "seconds": round(time.monotonic() - start, 3),
+        }
+        log = _log.info if handed_over or not told else _log.warning
+        log("left the cluster: %s", report)
+        return report
+
+    def leave_and_stop(self) -> dict[str, Any]:
+        """Start leaving the cluster, then stop once the leave is done (``LEAVE``,
+        ``POST /cluster/leave``); answer at once what was started. The node serves
+        meanwhile; :meth:`wait_stopped` returns when it has stopped."""
+        first = self._leaving is None
+        task = asyncio.ensure_future(self.stop(leave=True))
+        if first:
+            _log.info("asked to leave the cluster")
+        task.add_done_callback(_log_failure)
+        return {
+            "node_id": self.node_id,
+            "leaving": True,
+            "leave_timeout": self.config.leave_timeout,
+        }
+
+    def remove_member(self, node_id: str) -> dict[str, Any]:
+        """Take the dead (or suspect) member ``node_id`` out of the ring, on every
+        node (gossiped); answer ``{"node_id", "removed", "version"}`` (``removed``
+        false when it was removed already).
+
+        :raises ConfigError: (field ``node``) not a member, or neither dead nor suspect.
+        """
+        membership = self._running().membership
+        removed = membership.remove(node_id)
+        return {"node_id": node_id, "removed": removed, "version": membership.version}
+
+    async def wait_stopped(self) -> None:
+        """Wait until :meth:`stop` has finished (however it was called)."""
+        await self._stopped.wait()
+
+    async def stop(self, *, leave: bool = False) -> None:
+        """Stop every loop, close every connection and both servers. Idempotent.
+
+        :param leave: leave the cluster first (:meth:`leave`, bounded by
+            ``leave_timeout``), so that the data this node holds reaches its new
+            owners before it goes.
+        """
+        if leave and self._state == "running":
+            await self.leave()
         if self._state in ("stopping", "stopped", "new"):
             self._state = "stopped" if self._state == "new" else self._state
+            if self._state == "stopped":
+                self._stopped.set()
             return
         self._state = "stopping"
         run = self._running()
+        leaving = self._leaving
+        if leaving is not None and not leaving.done():
+            leaving.cancel()  # stopped before its hand-over was done
+            with contextlib.suppress(asyncio.CancelledError):
+                await leaving
         if run.sweeper is not None:
             run.sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -530,6 +651,7 @@ class Node:
         if self.cpu_latency is not None:
             self.cpu_latency.release()
         self._state = "stopped"
+        self._stopped.set()
         _log.info("node %s stopped", self.node_id)
 
     async def __aenter__(self) -> Node:
@@ -729,6 +851,11 @@ if TYPE_CHECKING:  # Node implements the server's handler interface, fast path i
     from hypercache.net.transport import SyncHandler
 
     _handler: SyncHandler = Node.__new__(Node)
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        _log.error("leaving the cluster failed", exc_info=task.exception())
 
 
 def _fields(payload: Any, n: int, op: str, shape: str) -> list[Any]:

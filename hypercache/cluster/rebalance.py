@@ -74,8 +74,14 @@ it owns from its co-owners as soon as it has met them. The co-owners push nothin
 :meth:`Rebalancer.on_peer_restart` only retries at once the transfers that were
 waiting for a source.
 
-**Leave.** :meth:`Rebalancer.hand_over` waits until the owners of everything this
-node holds, in the table without it, confirm they hold it.
+**Leave.** A node that leaves is out of its own ring first, so this node's
+partitions have new owners in its table; :meth:`Rebalancer.push_out` then pushes
+every partition it holds to the owners that gained it (``R_PUT_MANY`` in mode 0,
+newer-wins on the receiver), and :meth:`Rebalancer.hand_over` waits until the
+owners of everything this node holds, in the table without it, confirm they hold
+it. The gainers also pull the partition from its remaining owners as after any ring
+change (they no longer reach the leaver, out of their rings): the push carries
+what only the leaver had, the writes it took that a co-owner missed.
 """
 
 from __future__ import annotations
@@ -130,6 +136,9 @@ _log = logging.getLogger("hypercache.rebalance")
 
 _STREAM: Final = int(Op.STREAM)
 _HOLDS: Final = int(Op.HOLDS)
+_R_PUT_MANY: Final = int(Op.R_PUT_MANY)
+#: ``R_PUT_MANY`` mode of a leave's push: applied newer-wins, as replayed hints are.
+_PUSH_MODE: Final = 0
 
 #: Quiet time of the member set before a ring change is acted on, seconds.
 SETTLE: Final = 0.05
@@ -458,10 +467,13 @@ class RebalanceStats:
         "holds_refused",
         "keys_applied",
         "keys_moved",
+        "keys_pushed",
         "keys_removed",
         "partitions_moved",
         "partitions_no_source",
+        "partitions_pushed",
         "partitions_removed",
+        "push_failures",
         "retries",
         "ring_changes",
     )
@@ -485,6 +497,11 @@ class RebalanceStats:
         #: partitions dropped here after their new owners confirmed, and their entries
         self.partitions_removed = 0
         self.keys_removed = 0
+        #: leaving: partitions pushed whole to an owner that gained them, their
+        #: entries (once per receiver), and pushes cut short by a failed request
+        self.partitions_pushed = 0
+        self.keys_pushed = 0
+        self.push_failures = 0
         #: HOLDS requests sent, and partitions not confirmed by every new owner
         self.holds_asked = 0
         self.holds_refused = 0
@@ -693,6 +710,11 @@ class Rebalancer:
         self.active = bool(self._previous) or self.states.unready > 0 or self.isolated
 
     # --------------------------------------------------------------- ring changes
+
+    @property
+    def table(self) -> OwnerTable:
+        """The current owner table (replaced, never changed, on a ring change)."""
+        return self._table
 
     def _set_ring(self, ring: Ring) -> list[list[str]]:
         table = owner_table(ring)
@@ -1074,6 +1096,55 @@ class Rebalancer:
             _log.info("dropped %d partitions that their new owners hold", dropped)
         return dropped
 
+    async def push_out(self, old_table: OwnerTable, now_ms: Callable[[], int]) -> int:
+        """Push every partition this node holds data of to the owners that gained it
+        from ``old_table`` to the current table (a leave: this node is out of the
+        current ring), ``rebalance_concurrency`` partitions at a time, in batches
+        capped and rate-limited like streaming. A failed request ends that
+        partition's push to that owner (counted; it pulls the partition from its
+        co-owners anyway). Return how many (partition, owner) pushes completed."""
+        table = self._table
+        me = self.node_id
+        partition_len = self.store.partition_len
+        work = [
+            (p, owner)
+            for p in range(self.states.partitions)
+            if partition_len(p)
+            for owner in table[p]
+            if owner != me and owner not in old_table[p]
+        ]
+        gate = asyncio.Semaphore(self.settings.rebalance_concurrency)
+
+        async def push(p: int, owner: str) -> bool:
+            async with gate:
+                return await self._push(p, owner, now_ms)
+
+        done = await asyncio.gather(*(push(p, owner) for p, owner in work))
+        _log.info("pushed %d of %d partition copies to their new owners", sum(done), len(work))
+        return sum(done)
+
+    async def _push(self, p: int, owner: str, now_ms: Callable[[], int]) -> bool:
+        peer = self._peers().get(owner)
+        if peer is None or not peer.up:
+            self.stats.push_failures += 1
+            return False
+        stream, stats = self.store.stream, self.stats
+        cursor: int | None = None
+        while True:
+            entries, cursor = stream(p, cursor, self.batch_keys, self.batch_bytes, now_ms())
+            if entries:
+                try:
+                    await peer.request(_R_PUT_MANY, [entries, _PUSH_MODE], self.timeout)
+                except (HyperCacheError, OSError) as exc:
+                    _log.info("pushing partition %d to %s failed: %s", p, owner, exc)
+                    stats.push_failures += 1
+                    return False
+                stats.keys_pushed += len(entries)
+                await self.bucket.spend(sum(len(e[0]) + len(e[1]) for e in entries))
+            if cursor is None:
+                stats.partitions_pushed += 1
+                return True
+
     async def hand_over(self, timeout: float, ring: Ring | None = None) -> bool:
         """Wait until the owners of everything this node holds, in ``ring`` (by
         default the current ring without this node), confirm with ``HOLDS`` that they
@@ -1170,6 +1241,17 @@ class Rebalancer:
                 s.partitions_removed,
             ),
             ("keys_removed", "Entries dropped with those partitions.", s.keys_removed),
+            (
+                "partitions_pushed",
+                "Partitions pushed whole to an owner that gained them (leaving).",
+                s.partitions_pushed,
+            ),
+            ("keys_pushed", "Entries pushed to new owners (leaving).", s.keys_pushed),
+            (
+                "push_failures",
+                "Pushes to a new owner cut short by a failed request (leaving).",
+                s.push_failures,
+            ),
             ("holds_asked", "HOLDS requests sent.", s.holds_asked),
             (
                 "holds_refused",

@@ -127,13 +127,18 @@ class NodeStatus:
         """``status``: ``ok`` (every member up, so every owner set whole),
         ``degraded`` (running, but members are down: ``missing`` names them and counts
         the partitions short of an owner), or the node's own state when it is not
-        running (``new``, ``stopping``, ``stopped``: HTTP 503)."""
+        running (``new``, ``stopping``, ``stopped``: HTTP 503), or ``leaving`` (it
+        serves until its hand-over is done: HTTP 503 too)."""
         node = self.node
         running = node.state == "running"
         started = node.is_started
         missing = self._missing() if running else None
+        status = node.state if not running else "degraded" if missing else "ok"
+        if running and node.leaving:
+            # Serving still, but on its way out: a load balancer takes it out.
+            status, running = "leaving", False
         body: dict[str, Any] = {
-            "status": node.state if not running else "degraded" if missing else "ok",
+            "status": status,
             "node_id": node.node_id,
             "address": node.address,
             "members": len(node.members()),
@@ -317,15 +322,21 @@ class NodeStatus:
         node = self.node
         if not node.is_started or node.state != "running":
             return {"error": f"node is {node.state}"}, 503
-        m = node.membership
-        state = m.state_of(node_id)
+        state = node.membership.state_of(node_id)
         if state is None:
             return {"error": f"{node_id!r} is not a member"}, 404
         try:
-            removed = m.remove(node_id)
+            return node.remove_member(node_id), 200
         except ConfigError as exc:
             return {"error": exc.message, "node_id": node_id, "state": state.label}, 409
-        return {"node_id": node_id, "removed": removed, "version": m.version}, 200
+
+    def leave(self) -> tuple[dict[str, Any], int]:
+        """``POST /cluster/leave``: this node leaves the cluster, then stops (202: it
+        has started; the hand-over goes on after the answer)."""
+        node = self.node
+        if not node.is_started or node.state != "running":
+            return {"error": f"node is {node.state}"}, 503
+        return node.leave_and_stop(), 202
 
     def ring(self, table: bool) -> dict[str, Any]:
         node = self.node

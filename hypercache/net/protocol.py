@@ -160,6 +160,10 @@ class Op(IntEnum):
     PING_REQ = 30
     #: membership: exchange the whole member table (push-pull)
     MEMBERS = 31
+    #: membership: this node leaves the cluster (hands its data over), then stops
+    LEAVE = 32
+    #: membership: take a dead member out of the ring (``[node_id]``)
+    REMOVE = 33
 
 
 #: ``MsgType`` values as plain ints, for the hot paths that compare them.

@@ -1,0 +1,290 @@
+"""The roadmap's KPIs in one report: ``python -m bench.kpi_report`` (``make kpi``).
+
+Writes ``kpi-report.md`` (a table: KPI, target, measured, pass/fail, with the
+machine, the commit and the date) and ``kpi-latency.png`` (QUORUM get/set p50, p95
+and p99, in-process and TCP, 1 client and 32 in flight).
+
+Where the figures come from:
+
+* latency: :func:`bench.bench_cluster.measure` on the in-process baseline and a
+  3-node TCP cluster (the same cells and targets as ``bench.cluster_report``;
+  pytest-benchmark times one callable per round and cannot give per-request
+  percentiles with 32 requests in flight, see docs/benchmarks.md);
+* resilience: the chaos scenarios of ``tests/chaos/`` (real nodes, injected faults),
+  which append one JSON line of figures each to ``$CHAOS_REPORT``. By default this
+  runs them (``--long``: their full lengths, ``CHAOS_LONG=1``); ``--chaos-results
+  FILE`` reads the lines a test run already wrote instead (what ``.ci/run`` does
+  after ``make test``).
+
+``--quick``: one short latency run per cell (a smoke test, not figures to quote).
+Exit status 0 whether targets pass or miss; 1 when a measurement itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.bench_cluster import FULL, QUICK, Results, measure
+from bench.report import cpu_model, git_commit, table
+
+ROOT = Path(__file__).resolve().parent.parent
+#: set p95 and get p95 (TCP) at most this many times the in-process p95
+LATENCY_TARGETS = {"set": 3.0, "get": 2.0}
+#: QUORUM write failure share allowed with one node down and at 10% loss
+MAX_FAIL_PCT = 2.0
+
+
+def run_chaos(results: Path, *, long: bool) -> int:
+    """Run the chaos scenarios, their figures appended to ``results``; pytest's status."""
+    env = {**os.environ, "CHAOS_REPORT": str(results)}
+    if long:
+        env["CHAOS_LONG"] = "1"
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/chaos"]
+    return subprocess.run(argv, cwd=ROOT, env=env, check=False).returncode
+
+
+def load_chaos(path: Path) -> dict[str, dict[str, Any]]:
+    """``{scenario: figures}`` from the JSON lines at ``path`` (the last line of a
+    scenario wins)."""
+    out: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                figures = json.loads(line)
+                out[figures.pop("scenario")] = figures
+    return out
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("pass" if ok else "**FAIL**")
+
+
+def latency_rows(results: Results | None) -> list[list[str]]:
+    rows = []
+    for op, limit in LATENCY_TARGETS.items():
+        for clients in (1, 32):
+            name = f"QUORUM {op} p95, {clients} {'client' if clients == 1 else 'in flight'}"
+            base = None if results is None else results.get("inproc", op, clients)
+            tcp = None if results is None else results.get("tcp", op, clients)
+            if base is None or tcp is None:
+                rows.append([name, f"< {limit:g}x in-process", "not measured", _verdict(None)])
+                continue
+            ratio = tcp.median("p95_ns") / base.median("p95_ns")
+            measured = (
+                f"{tcp.median('p95_ns') / 1000:.0f} us vs {base.median('p95_ns') / 1000:.0f} us "
+                f"= {ratio:.2f}x"
+            )
+            rows.append([name, f"< {limit:g}x in-process", measured, _verdict(ratio < limit)])
+    return rows
+
+
+def chaos_rows(chaos: dict[str, dict[str, Any]]) -> list[list[str]]:
+    kill, loss, part = chaos.get("kill"), chaos.get("loss"), chaos.get("partition")
+    rows = []
+    if kill is None:
+        rows.append(["Hint drain after an outage", "drained, 0 dropped", "not measured", "—"])
+        rows.append(
+            ["QUORUM write failure, one node down", f"< {MAX_FAIL_PCT:g}%", "not measured", "—"]
+        )
+    else:
+        drained = kill["hints_dropped"] == 0 and kill["hints_replayed"] > 0
+        rows.append(
+            [
+                f"Hint drain after a {kill['outage_s']:g} s outage (SIGKILL 1 of 5)",
+                "drained, 0 dropped",
+                f"{kill['drain_s']} s, {kill['hints_replayed']} hints replayed "
+                f"({kill['hints_per_s']}/s), {kill['hints_dropped']} dropped",
+                _verdict(drained),
+            ]
+        )
+        pct = kill["quorum_write_fail_pct"]
+        ok = pct < MAX_FAIL_PCT and kill["lost"] == 0 and kill["phantom"] == 0
+        rows.append(
+            [
+                "QUORUM write failure, one node down",
+                f"< {MAX_FAIL_PCT:g}%, 0 lost, 0 phantom",
+                f"{pct}% of {kill['writes']}, {kill['lost']} lost, {kill['phantom']} phantom",
+                _verdict(ok),
+            ]
+        )
+    if loss is None:
+        rows.append(
+            ["QUORUM write failure at 10% loss", f"< {MAX_FAIL_PCT:g}%", "not measured", "—"]
+        )
+    else:
+        pct = loss["quorum_write_fail_pct"]
+        rows.append(
+            [
+                "QUORUM write failure at 10% loss both ways",
+                f"< {MAX_FAIL_PCT:g}%, 0 lost",
+                f"{pct}% of {loss['writes']}, {loss['lost']} lost",
+                _verdict(pct < MAX_FAIL_PCT and loss["lost"] == 0),
+            ]
+        )
+    if part is None:
+        rows.append(["Convergence after a partition", "< sync interval", "not measured", "—"])
+    else:
+        interval = part["anti_entropy_interval_s"]
+        worst = max(part["one_converge_s"], part["minority_converge_s"])
+        rows.append(
+            [
+                "Convergence after a partition heals",
+                f"< anti-entropy interval ({interval:g} s)",
+                f"{worst} s (one node cut off: {part['one_converge_s']} s, 3/2 split: "
+                f"{part['minority_converge_s']} s)",
+                _verdict(worst < interval),
+            ]
+        )
+    slow = chaos.get("slow")
+    if slow is None:
+        rows.append(["QUORUM write p99 with a slow node", "< the delay", "not measured", "—"])
+    else:
+        delay = slow["delay_ms"]
+        rows.append(
+            [
+                f"QUORUM write p99 with one node +{delay:g} ms",
+                f"< {delay:g} ms (the fastest quorum), 0 dead after a "
+                f"{slow['pause_s']:g} s SIGSTOP",
+                f"p99 {slow['p99_ms']} ms (p50 {slow['p50_ms']} ms), "
+                f"{slow['dead_marks']} dead marks",
+                _verdict(slow["p99_ms"] < delay and slow["dead_marks"] == 0),
+            ]
+        )
+    soak = chaos.get("soak")
+    if soak is not None:
+        rows.append(
+            [
+                f"Memory soak, {soak['minutes']:g} min with {soak['faults']} faults",
+                "RSS slope within noise after warm-up; caps hold",
+                f"RSS {soak['rss_mib']} MiB, slope {soak['slope_mib_per_min']} MiB/min, "
+                f"{soak['caps_broken']} caps broken",
+                _verdict(bool(soak["rss_flat"]) and soak["caps_broken"] == 0),
+            ]
+        )
+    rows.append(
+        [
+            "Data imbalance after a join",
+            "—",
+            "not built: needs elastic membership (issue 9)",
+            "not measured",
+        ]
+    )
+    return rows
+
+
+def plot(results: Results, path: Path) -> bool:
+    """Draw QUORUM get/set percentiles per system and client count; False if no cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels: list[str] = []
+    series: dict[str, list[float]] = {"p50": [], "p95": [], "p99": []}
+    for op in ("set", "get"):
+        for clients in (1, 32):
+            for system in ("inproc", "tcp"):
+                cell = results.get(system, op, clients)
+                if cell is None:
+                    continue
+                labels.append(f"{op}\n{system}\n{clients}")
+                for name in series:
+                    series[name].append(cell.median(f"{name}_ns") / 1000)
+    if not labels:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=120)
+    width = 0.27
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([x + (i - 1) * width for x in range(len(labels))], values, width, label=name)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("latency (µs)")
+    ax.set_yscale("log")
+    ax.set_title("QUORUM latency percentiles (op, system, requests in flight)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def render(
+    rows: list[list[str]], *, started: dt.datetime, quick: bool, long: bool, plot_file: str | None
+) -> str:
+    length = "full length (CHAOS_LONG=1)" if long else "short forms"
+    latency = "--quick (one short run per cell: not figures to quote)" if quick else "full"
+    lines = [
+        "# hypercache KPI report",
+        "",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC",
+        f"- commit: {git_commit()}",
+        f"- machine: {cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}",
+        f"- latency: {latency}; chaos scenarios: {length}",
+        "",
+        *table(["KPI", "target", "measured", "result"], rows, "llll"),
+        "",
+    ]
+    if plot_file is not None:
+        lines += [f"![QUORUM latency percentiles]({plot_file})", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.kpi_report", description=__doc__.split("\n", 1)[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="one short latency run per cell")
+    parser.add_argument("--long", action="store_true", help="full-length chaos scenarios")
+    parser.add_argument("--chaos-results", type=Path, help="JSON lines a test run wrote")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency cells")
+    parser.add_argument("--out", type=Path, default=ROOT / "kpi-report.md")
+    parser.add_argument("--plot", type=Path, default=ROOT / "kpi-latency.png")
+    args = parser.parse_args(argv)
+    started = dt.datetime.now(dt.UTC)
+    failed = False
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    results: Results | None = None
+    if not args.no_latency:
+        try:
+            results = measure(
+                QUICK if args.quick else FULL, systems=("inproc", "tcp"), progress=progress
+            )
+        except Exception as exc:  # the report says what was not measured
+            progress(f"latency not measured: {exc!r}")
+            failed = True
+    if args.chaos_results is not None:
+        chaos = load_chaos(args.chaos_results)
+    else:
+        with tempfile.TemporaryDirectory(prefix="hypercache-kpi-") as tmp:
+            path = Path(tmp) / "chaos.jsonl"
+            failed |= run_chaos(path, long=args.long) != 0
+            chaos = load_chaos(path)
+    plot_file = None
+    if results is not None and plot(results, args.plot):
+        plot_file = args.plot.name
+    report = render(
+        latency_rows(results) + chaos_rows(chaos),
+        started=started,
+        quick=args.quick,
+        long=args.long,
+        plot_file=plot_file,
+    )
+    args.out.write_text(report)
+    print(report)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
