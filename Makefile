@@ -46,6 +46,7 @@ bench: build
 	$(PY) -m bench.cluster_report
 	$(PY) -m bench.convergence_report
 	$(PY) -m bench.rebalance_report
+	$(PY) -m bench.observe_report
 
 # The chaos scenarios of tests/chaos at full length (their short forms run in `make
 # test`), each printing its summary line.

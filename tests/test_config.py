@@ -297,6 +297,10 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("cpu_latency_limit", float("nan")),
     ("cpu_latency_limit", "0"),
     ("cpu_latency_limit", True),
+    ("log_format", "xml"),
+    ("log_format", 1),
+    ("tracing", "on"),
+    ("tracing", 1),
     ("fault_injection", "yes"),
     # security (TLS and tokens)
     ("tokens", 7),

@@ -468,7 +468,7 @@ def test_every_legitimate_frame_at_its_largest_is_accepted(
     msg_type, op, payload = case()
     body = FrameEncoder().encode_body(msg_type, 99, op, payload)
     frame = decode_one(body)
-    assert frame == (msg_type, 99, op, payload, 0)
+    assert frame == (msg_type, 99, op, payload, 0, None)
 
 
 @pytest.mark.parametrize("key_len", range(2, 65))
@@ -561,7 +561,7 @@ payloads = st.recursive(
 def test_a_random_payload_passes_the_scan_and_decodes_to_what_was_packed(payload: Any) -> None:
     body = FrameEncoder().encode_body(MsgType.RESPONSE, 5, Op.GET, payload)
     assert model_scan(body)[0] is None
-    assert decode_one(body) == (MsgType.RESPONSE, 5, Op.GET, payload, 0)
+    assert decode_one(body) == (MsgType.RESPONSE, 5, Op.GET, payload, 0, None)
 
 
 @given(payload=payloads)

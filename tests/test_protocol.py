@@ -143,7 +143,7 @@ def test_request_round_trip(request_id: int, op: int, payload: Any) -> None:
 @given(request_id=request_ids, op=ops, payload=payloads)
 def test_response_round_trip(request_id: int, op: int, payload: Any) -> None:
     (frame,) = decode_all(encode_response(request_id, op, payload))
-    assert frame == (MsgType.RESPONSE, request_id, op, payload, 0)
+    assert frame == (MsgType.RESPONSE, request_id, op, payload, 0, None)
 
 
 @given(request_id=request_ids, op=ops, exc=errors)
@@ -359,7 +359,7 @@ def test_encoder_unserialisable_payload_is_a_protocol_error_and_packer_recovers(
     with pytest.raises(ProtocolError):
         encoder.encode_request(1, Op.SET, 2**64)
     (frame,) = decode_all(encoder.encode_request(2, Op.SET, [1, 2]))
-    assert frame == (0, 2, Op.SET, [1, 2], 0)
+    assert frame == (0, 2, Op.SET, [1, 2], 0, None)
 
 
 def test_error_with_unencodable_message_still_encodes() -> None:
@@ -478,9 +478,17 @@ def test_validate_hello_rejects_non_maps() -> None:
 
 def test_validate_hello_answer() -> None:
     answer = {"version": PROTOCOL_VERSION, "cluster": "c", "node_id": "n", "info": {"x": 1}}
-    assert validate_hello_answer(answer, cluster="c") == {**answer, "clock_ms": None}
+    assert validate_hello_answer(answer, cluster="c") == {
+        **answer,
+        "clock_ms": None,
+        "features": frozenset(),
+    }
     timed = {**answer, "clock_ms": 1_800_000_000_000}
-    assert validate_hello_answer(timed, cluster="c") == timed
+    assert validate_hello_answer(timed, cluster="c") == {**timed, "features": frozenset()}
+    featured = {**timed, "features": ["trace", "future"]}
+    assert validate_hello_answer(featured, cluster="c")["features"] == {"trace", "future"}
+    with pytest.raises(HandshakeError, match="features"):
+        validate_hello_answer({**timed, "features": "trace"}, cluster="c")
     for bad_clock in (0, -1, "now", 1.5, True):
         with pytest.raises(HandshakeError, match="clock_ms"):
             validate_hello_answer({**answer, "clock_ms": bad_clock}, cluster="c")

@@ -352,7 +352,7 @@ class FuzzTarget:
                     if not data:
                         break
                     decoder.feed(data)
-                    answers.extend((t, p) for t, _, _, p, _ in decoder)
+                    answers.extend((frame[0], frame[3]) for frame in decoder)
             except (TimeoutError, ConnectionError):
                 pass
             finally:

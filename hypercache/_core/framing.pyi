@@ -1,7 +1,8 @@
 """Incremental decoder of the wire's length-prefixed msgpack frames.
 
 Every frame is a 4-byte big-endian length and a msgpack body
-``[type, request_id, op, payload]`` or ``[type, request_id, op, payload, deadline]``.
+``[type, request_id, op, payload]``, ``[type, request_id, op, payload, deadline]`` or
+``[type, request_id, op, payload, deadline, trace]``.
 :class:`FrameDecoder` is fed the bytes of a stream as they arrive and yields one
 :class:`Frame` per complete body; :mod:`hypercache.net.protocol` re-exports both.
 """
@@ -26,7 +27,8 @@ class Frame(NamedTuple):
     ``deadline`` is the optional fifth element of a request: the wall-clock time, in
     ms since the epoch and on the *receiver's* clock, after which the sender no
     longer waits for the answer (a server does not start a request past it); 0 when
-    the frame carries none.
+    the frame carries none. ``trace`` is the optional sixth element: a map of the W3C
+    ``traceparent`` (and ``tracestate``) of the sender's span, or None.
     """
 
     type: int
@@ -34,6 +36,7 @@ class Frame(NamedTuple):
     op: int
     payload: Any
     deadline: int = 0
+    trace: dict[str, str] | None = None
 
 class FrameDecoder:
     """Incremental decoder: :meth:`feed` it bytes, then iterate to get :class:`Frame`\\ s.

@@ -31,8 +31,12 @@ MAX_DEPTH = 64
 BUDGET_PER_BYTE = 12
 BUDGET_BASE = 8 * 1024 * 1024
 
-Frame = namedtuple("Frame", ("type", "request_id", "op", "payload", "deadline"), defaults=(0,))
-Frame.__doc__ = "A decoded frame body (``deadline`` 0 when the frame carries none)."
+Frame = namedtuple(
+    "Frame", ("type", "request_id", "op", "payload", "deadline", "trace"), defaults=(0, None)
+)
+Frame.__doc__ = (
+    "A decoded frame body (``deadline`` 0 and ``trace`` None when the frame carries none)."
+)
 
 cdef Py_ssize_t _HEADER = 4
 cdef long _MAX_MSG_TYPE = 2
@@ -473,18 +477,27 @@ cdef class FrameDecoder:
             raise ProtocolError(f"undecodable frame body: {exc}") from None
         self._pos = pos + _HEADER + size
         if type(body) is not list:
-            raise ProtocolError("frame body must be a 4- or 5-element array")
+            raise ProtocolError("frame body must be a 4-, 5- or 6-element array")
         n = len(<list>body)
         if n == 4:
             (<list>body).append(0)
-        elif n == 5:
+            (<list>body).append(None)
+        elif n == 5 or n == 6:
             # The optional deadline: wall-clock ms (the receiver's clock) after which
             # the sender no longer waits for the answer; 0 = none.
             deadline = (<list>body)[4]
             if type(deadline) is not int or deadline < 0:
                 raise ProtocolError(f"malformed frame deadline {deadline!r}")
+            if n == 5:
+                (<list>body).append(None)
+            else:
+                # The optional trace context: a map of W3C traceparent/tracestate
+                # (hypercache.observe.tracing reads it; a malformed one is ignored).
+                trace = (<list>body)[5]
+                if trace is not None and type(trace) is not dict:
+                    raise ProtocolError(f"malformed frame trace context {trace!r:.100}")
         else:
-            raise ProtocolError("frame body must be a 4- or 5-element array")
+            raise ProtocolError("frame body must be a 4-, 5- or 6-element array")
         msg_type = (<list>body)[0]
         request_id = (<list>body)[1]
         op = (<list>body)[2]

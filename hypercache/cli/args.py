@@ -115,6 +115,8 @@ def build_node_parser() -> argparse.ArgumentParser:
         "secret shared by the nodes (>= 16 characters); without it only loopback peers are trusted",
     )
     _add(node, "log_level", "LEVEL", f"one of {', '.join(LOG_LEVELS)}")
+    _add(node, "log_format", "text|json", "log lines as text, or one JSON object a line")
+    _add(node, "tracing", "on|off", "OpenTelemetry tracing (OTEL_* variables configure it)")
 
     placement = parser.add_argument_group("placement and consistency")
     _add(placement, "replication", "N", "replicas per key")

@@ -58,6 +58,7 @@ from hypercache import __version__
 from hypercache.cli.health import Health, assess
 from hypercache.client import Client, Key, RawSerializer, Topology
 from hypercache.client._common import check_address
+from hypercache.client.compression import Compression
 from hypercache.errors import (
     ConfigError,
     HandshakeError,
@@ -166,12 +167,28 @@ def _common_options() -> argparse.ArgumentParser:
         default=S,
         help="values are plain bytes, not msgpack (get writes them as they are)",
     )
+    group.add_argument(
+        "--compression-min",
+        metavar="BYTES",
+        type=int,
+        default=S,
+        help="compress values (zstd) from this size; -1 = never [default 1024; off with --raw]",
+    )
     return common
 
 
 def _value_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttl", metavar="S", type=float, help="expire after S seconds")
     p.add_argument("--json", action="store_true", help="parse each VALUE as JSON")
+
+
+def _compression(args: argparse.Namespace) -> Compression | None:
+    """``--compression-min``: from which size values are compressed (``--raw`` stores
+    the bytes as they are: not compressed either, unless asked)."""
+    least = getattr(args, "compression_min", None)
+    if least is None:
+        return None if getattr(args, "raw", False) else Compression()
+    return None if least < 0 else Compression(min_size=least)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -800,6 +817,7 @@ def main(
             timeout=setting("timeout", 2.0),
             consistency=setting("consistency", None),
             serializer=RawSerializer() if getattr(args, "raw", False) else None,
+            compression=_compression(args),
             route=setting("route", "owner"),
         )
     except ConfigError as exc:

@@ -27,9 +27,12 @@ import os
 import signal
 import sys
 
+from hypercache._version import __version__
 from hypercache.cli.args import PROG, node_config_from_argv
 from hypercache.cluster.config import DistConfig
 from hypercache.errors import ConfigError
+from hypercache.observe.logs import setup_logging
+from hypercache.observe.tracing import configure_tracing
 
 __all__ = ["READY_PREFIX", "main", "run"]
 
@@ -90,6 +93,9 @@ async def run(config: DistConfig) -> None:
             received.cancel()
     finally:
         await node.stop()
+        from hypercache.observe.tracing import shutdown_tracing
+
+        shutdown_tracing()  # exports the spans still buffered
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
@@ -120,11 +126,12 @@ def _run_loop(config: DistConfig) -> None:
 def main() -> None:
     """Entry point of the ``hypercache-node`` console script."""
     config = node_config_from_argv(sys.argv[1:], os.environ)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s [" + config.node_id + "] %(message)s",
-    )
+    setup_logging(level=config.log_level, log_format=config.log_format, node_id=config.node_id)
+    try:
+        configure_tracing(enabled=config.tracing, node_id=config.node_id, version=__version__)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     from hypercache.cluster.node import ListenError
 
     try:

@@ -35,6 +35,12 @@ from typing import Any, Final, Literal, TypedDict, TypeVar, Unpack
 
 from hypercache.client import commands
 from hypercache.client.commands import MISS, Found, Level
+from hypercache.client.compression import (
+    DEFAULT_COMPRESSION,
+    Compression,
+    ValueCodec,
+    resolve_compression,
+)
 from hypercache.client.failover import unreachable
 from hypercache.client.keys import Key, normalize_key, wire_keys
 from hypercache.client.serializer import Serializer, resolve_serializer
@@ -333,6 +339,7 @@ class ClientArgs(TypedDict, total=False):
     connect_timeout: float
     consistency: Level
     serializer: Serializer | None
+    compression: Compression | str | bool | None
     route: str
     limits: Limits | None
     topology_refresh: float
@@ -351,6 +358,7 @@ class ClientOptions:
     connect_timeout: float = 1.0
     consistency: str | None = None
     serializer: Serializer = field(default_factory=lambda: resolve_serializer(None))
+    compression: Compression | None = DEFAULT_COMPRESSION
     route: Route = "owner"
     limits: Limits = field(default_factory=Limits)
     topology_refresh: float = 30.0
@@ -374,6 +382,10 @@ class ClientOptions:
                 raise ConfigError(name, f"must be a positive number of seconds, got {value!r}")
         if self.route not in ("owner", "any"):
             raise ConfigError("route", f"expected 'owner' or 'any', got {self.route!r}")
+        if self.compression is not None and not isinstance(self.compression, Compression):
+            raise ConfigError(
+                "compression", f"must be a Compression or None, got {self.compression!r}"
+            )
         if not isinstance(self.limits, Limits):
             raise ConfigError("limits", f"must be a Limits, got {type(self.limits).__name__}")
         if self.ssl is not None and not isinstance(self.ssl, _ssl.SSLContext):
@@ -389,6 +401,8 @@ class ClientOptions:
             given["consistency"] = None if level is None else Consistency.parse(level).value
         if "serializer" in given:
             given["serializer"] = resolve_serializer(given["serializer"])
+        if "compression" in given:
+            given["compression"] = resolve_compression(given["compression"])
         if "limits" in given and given["limits"] is None:
             given["limits"] = Limits()
         if "ssl" in given:
@@ -493,8 +507,14 @@ class ClientBase:
         self._limits = opts.limits
         self._timeout = opts.timeout
         self._default = opts.consistency
-        self._dumps = opts.serializer.dumps
-        self._loads = opts.serializer.loads
+        # Values are compressed after serialisation and decompressed before it is
+        # undone (hypercache.client.compression); reading decompresses whatever
+        # this client's own setting.
+        codec = self._codec = ValueCodec(opts.compression, opts.limits.max_value)
+        dumps, loads = opts.serializer.dumps, opts.serializer.loads
+        encode, decode = codec.encode, codec.decode
+        self._dumps: Callable[[Any], bytes] = lambda obj: encode(dumps(obj))
+        self._loads: Callable[[bytes], Any] = lambda data: loads(decode(data))
         self._closed = False
         # Set once a node refused a read-repair push (nodes that check tokens take
         # R_PUT from peers only): no more pushes, anti-entropy repairs instead.

@@ -35,6 +35,7 @@ from hypercache.errors import (
 from hypercache.net.peer import PeerConnection
 from hypercache.net.tcp import TCP, TcpTransport
 from hypercache.net.transport import Connection, Transport
+from hypercache.observe import tracing
 from hypercache.replication import wall_ms
 
 __all__ = ["AsyncClient"]
@@ -141,17 +142,23 @@ class AsyncClient(ClientBase):
 
     async def get(self, key: Key, default: Any = None, *, consistency: Level = None) -> Any:
         """Return the value of ``key``, or ``default`` when absent (see ``Client.get``)."""
-        return self._value(key, await self._read(*self._get_request(key, consistency)), default)
+        k, level = self._get_request(key, consistency)
+        with tracing.client_op("Client.get", k):
+            return self._value(key, await self._read(k, level), default)
 
     async def set(
         self, key: Key, value: Any, ttl: float | None = None, *, consistency: Level = None
     ) -> None:
         """Store ``value`` under ``key`` for ``ttl`` seconds (see ``Client.set``)."""
-        await self._call(commands.SET, *self._set_request(key, value, ttl, consistency))
+        k, payload = self._set_request(key, value, ttl, consistency)
+        with tracing.client_op("Client.set", k):
+            await self._call(commands.SET, k, payload)
 
     async def delete(self, key: Key, *, consistency: Level = None) -> bool:
         """Delete ``key``; return whether it existed."""
-        return await self._call(commands.DELETE, *self._delete_request(key, consistency))
+        k, payload = self._delete_request(key, consistency)
+        with tracing.client_op("Client.delete", k):
+            return await self._call(commands.DELETE, k, payload)
 
     async def get_many(self, keys: Iterable[Key], *, consistency: Level = None) -> dict[Key, Any]:
         """Return ``{key: value}`` for the keys that are present.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextvars
 import functools
 import os
 import threading
@@ -44,6 +45,7 @@ from hypercache.errors import (
     QuorumError,
 )
 from hypercache.net.blocking import BlockingConnection, pipeline_all
+from hypercache.observe import tracing
 from hypercache.replication import wall_ms
 
 __all__ = ["Client"]
@@ -80,6 +82,11 @@ class Client(ClientBase):
         apply its configured read/write defaults.
     :param serializer: how values become bytes; default msgpack (see
         :mod:`hypercache.client.serializer`).
+    :param compression: how values are compressed before they are sent: a
+        :class:`~hypercache.client.compression.Compression` (level, min_size),
+        ``"zstd"`` (default: level 3, from 1 KiB) or ``"off"``/``None``. Values
+        are read back decompressed whatever this setting (see
+        :mod:`hypercache.client.compression`).
     :param route: ``"owner"`` (default) fetches the partition table once, reads
         straight from the key's owners (``R_GET`` to as many as the level needs,
         newest version wins, stale owners repaired in the background) and sends
@@ -219,7 +226,8 @@ class Client(ClientBase):
         :raises UndecodableValueError: the value cannot be decoded by ``serializer``.
         """
         k, level = self._get_request(key, consistency)
-        result = self._read({k: None}, level)[k]
+        with tracing.client_op("Client.get", k):
+            result = self._read({k: None}, level)[k]
         if isinstance(result, BaseException):
             raise result
         return self._value(key, result, default)
@@ -235,11 +243,15 @@ class Client(ClientBase):
 
         and the errors of :meth:`get`.
         """
-        self._call(commands.SET, *self._set_request(key, value, ttl, consistency))
+        k, payload = self._set_request(key, value, ttl, consistency)
+        with tracing.client_op("Client.set", k):
+            self._call(commands.SET, k, payload)
 
     def delete(self, key: Key, *, consistency: Level = None) -> bool:
         """Delete ``key``; return whether it existed. Errors as for :meth:`get`."""
-        return self._call(commands.DELETE, *self._delete_request(key, consistency))
+        k, payload = self._delete_request(key, consistency)
+        with tracing.client_op("Client.delete", k):
+            return self._call(commands.DELETE, k, payload)
 
     def get_many(self, keys: Iterable[Key], *, consistency: Level = None) -> dict[Key, Any]:
         """Return ``{key: value}`` for the keys that are present (misses are left out).
@@ -841,7 +853,11 @@ class Client(ClientBase):
             if not requests:
                 continue
             try:
-                pushed = executor.submit(self._send_group, address, requests)
+                # In the caller's trace context (a read's span): contextvars do not
+                # follow work into the executor's threads by themselves.
+                pushed = executor.submit(
+                    contextvars.copy_context().run, self._send_group, address, requests
+                )
             except RuntimeError:  # closed meanwhile
                 self._repairs_done(len(requests))
                 return

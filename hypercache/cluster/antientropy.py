@@ -68,6 +68,7 @@ from hypercache.cluster.metrics import LatencyHistogram
 from hypercache.cluster.replica import admits_repair, evicted_covers
 from hypercache.errors import ClockSkewError, HyperCacheError, ProtocolError
 from hypercache.net.protocol import Limits, Op
+from hypercache.observe import tracing
 from hypercache.replication import WallClock, wall_ms
 
 __all__ = ["AntiEntropy", "AntiEntropyStats"]
@@ -262,12 +263,24 @@ class AntiEntropy:
                 parts = self._leads(peer_id)
                 if not parts:
                     continue
-                try:
-                    done = await self._sync(peer, parts)
-                except (HyperCacheError, OSError) as exc:
-                    self.stats.errors += 1
-                    _log.info("anti-entropy with %s stopped: %s", peer_id, exc)
-                    continue
+                # One span per round with a peer; its requests (MERKLE, KEYS, PULL)
+                # carry it, and each range pulled has a MerklePull child.
+                with tracing.span(
+                    "MerkleSync", {tracing.ATTR_PEER: peer_id, tracing.ATTR_COUNT: len(parts)}
+                ) as span:
+                    try:
+                        done = await self._sync(peer, parts)
+                    except (HyperCacheError, OSError) as exc:
+                        tracing.failed(span, exc)
+                        self.stats.errors += 1
+                        _log.info(
+                            "anti-entropy with %s stopped: %s",
+                            peer_id,
+                            exc,
+                            extra={"op": "merkle_sync", "peer": peer_id, "error": str(exc)},
+                        )
+                        continue
+                    tracing.annotate(span, tracing.ATTR_APPLIED, done.applied)
                 applied += done.applied
                 truncated = truncated or done.truncated
             elapsed = time.perf_counter() - start
@@ -498,7 +511,16 @@ class AntiEntropy:
         i = 0
         while i < len(keys):
             chunk = keys[i : i + BATCH_KEYS]
-            rows = check_list(await self._call(peer, _PULL, [k for k, _ in chunk]), "PULL answer")
+            with tracing.span(
+                "MerklePull",
+                {
+                    tracing.ATTR_PEER: peer.node_id,
+                    tracing.ATTR_COUNT: len(chunk),
+                    tracing.ATTR_PARTITION: chunk[0][1],
+                },
+            ):
+                answer = await self._call(peer, _PULL, [k for k, _ in chunk])
+            rows = check_list(answer, "PULL answer")
             where = {key: (n, p) for n, (key, p) in enumerate(chunk)}
             # The answer keeps the request's order, skips keys the peer no longer
             # holds and may stop early (byte budget): go on after its last key.

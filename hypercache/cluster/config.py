@@ -465,6 +465,11 @@ class DistConfig:
         peer does not read; past it the connection is closed. At least
         ``max_value + FRAME_OVERHEAD``. Default 64 MiB.
     :ivar log_level: one of :data:`LOG_LEVELS`. Default ``"info"``.
+    :ivar log_format: ``"text"`` or ``"json"`` (one object a line, see
+        :mod:`hypercache.observe.logs`). Default ``"text"``.
+    :ivar tracing: OpenTelemetry tracing (``on``/``off``; the exporter and sampler
+        come from the ``OTEL_*`` variables, see ``docs/observability.md``). Needs
+        ``pip install 'hypercache[otel]'``. Default off.
 
     Convergence (hinted handoff, tombstones, anti-entropy, failure detection):
 
@@ -562,6 +567,8 @@ class DistConfig:
     idle_timeout: float | None = 300.0
     max_output_buffer: int = 64 * MiB
     log_level: str = "info"
+    log_format: str = "text"
+    tracing: bool = False
     hint_ttl: float = 3600.0
     hint_max_per_node: int = 100_000
     hint_max_total: int = 1_000_000
@@ -737,6 +744,12 @@ class DistConfig:
                 "log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
             )
         put(self, "log_level", level)
+        log_format = _str("log_format", self.log_format).strip().lower()
+        if log_format not in ("text", "json"):
+            raise ConfigError("log_format", f"expected text or json, got {self.log_format!r}")
+        put(self, "log_format", log_format)
+        if type(self.tracing) is not bool:
+            raise ConfigError("tracing", f"expected on or off, got {self.tracing!r}")
 
         # -- convergence
         for name in ("tombstone_ttl", "max_clock_skew"):
@@ -967,6 +980,8 @@ _LOADERS: Final[Mapping[str, _Loader]] = {
     "idle_timeout": _load_optional_seconds,
     "max_output_buffer": _load_size,
     "log_level": _load_str,
+    "log_format": _load_str,
+    "tracing": _load_bool,
     "hint_ttl": _load_seconds,
     "hint_max_per_node": _load_int,
     "hint_max_total": _load_int,

@@ -95,6 +95,8 @@ from hypercache.errors import (
 )
 from hypercache.net.protocol import Limits, Op
 from hypercache.net.transport import Later
+from hypercache.observe import tracing
+from hypercache.observe.tracing import OpTrace
 from hypercache.replication import Entry, QuorumRound, entry_from_wire, is_live, newest, plan_repair
 
 __all__ = ["MAX_PENDING_COPIES", "MAX_PENDING_REPAIRS", "Coordinator", "Moves"]
@@ -225,15 +227,19 @@ class Coordinator:
         payload: Any,
         kind: str,
         hint: list[Any] | None = None,
+        trace: OpTrace | None = None,
     ) -> None:
         """Send one replica request in the background; its outcome goes to ``rnd``.
 
         With ``hint`` (an ``R_PUT`` payload), a failure queues it as a hint for ``owner``.
+        With ``trace``, the request has its ``ReplicaRequest`` span and carries it.
         """
         peer = self.membership.peers.get(owner)
         if peer is None or not peer.up:
             self.stats.replica_failures += 1
             rnd.failed(owner, "down")
+            if trace is not None:
+                trace.local(owner, kind, "down")
             if hint is not None:
                 self._hint(owner, hint)
             return
@@ -241,6 +247,8 @@ class Coordinator:
         # No task, no future when connected: the answer is handled from the read that
         # brings it (the peer's connection keeps its liveness up to date).
         self._in_flight += 1
+        call = None if trace is None else trace.replica(owner, kind)
+        carrier = None if call is None else call.carrier
         timeout = self.timeout
         if op == _R_PUT:
             # Retry policy (docs/design.md, "Retries"): a replica write gets half the
@@ -254,6 +262,8 @@ class Coordinator:
 
             def retried(value: Any, error: BaseException | None) -> None:
                 self._in_flight -= 1
+                if call is not None:
+                    call.done(error)
                 if error is None:
                     rnd.ok(owner, value)
                 else:
@@ -266,15 +276,17 @@ class Coordinator:
                     left = deadline - self._get_loop().time()
                     if left > 0:
                         self.stats.replica_retries += 1
-                        peer.send_callback(op, payload, left, retried)
+                        peer.send_callback(op, payload, left, retried, carrier)
                         return
                 retried(value, error)
 
-            peer.send_callback(op, payload, half, first)
+            peer.send_callback(op, payload, half, first, carrier)
             return
 
         def answered(value: Any, error: BaseException | None) -> None:
             self._in_flight -= 1
+            if call is not None:
+                call.done(error)
             if error is None:
                 rnd.ok(owner, value)
             elif op == _R_GET and rnd.spares and isinstance(error, NotReadyError):
@@ -283,7 +295,7 @@ class Coordinator:
             else:
                 self._replica_failed(rnd, owner, error, hint)
 
-        peer.send_callback(op, payload, timeout, answered)
+        peer.send_callback(op, payload, timeout, answered, carrier)
 
     def _substitute(self, rnd: QuorumRound, owner: str, why: NotReadyError, payload: Any) -> None:
         """``owner`` is not ready for a read: ask the round's next spare (a pending
@@ -381,6 +393,7 @@ class Coordinator:
         stats = self.stats
         stats.requests["get"] += 1
         later = Later()
+        trace: OpTrace | None = None
         try:
             key = self.limits.check_key(key)
             level = self._level(consistency, self.config.read_consistency)
@@ -404,26 +417,36 @@ class Coordinator:
                 later.resolve(self._get_answer(entry))
                 return later
             rnd = QuorumRound(owners, level.required(n), spares=spares, level=level.value)
+            if tracing.tracer is not None:
+                trace = tracing.begin("Get", key, level.value, n)
             if level is not _ONE:
-                rnd.on_complete = lambda r: self._repair(key, r)
+                rnd.on_complete = lambda r: self._repair(key, r, trace)
             payload = [key]
             for owner in rnd.start():
                 stats.read_attempts += 1
                 if owner != node_id:
-                    self._remote(rnd, owner, _R_GET, payload, "r_get")
+                    self._remote(rnd, owner, _R_GET, payload, "r_get", trace=trace)
                 elif local_ready:
+                    if trace is not None:
+                        trace.local(owner, "r_get")
                     rnd.ok(owner, self.replica.get(key))
                 else:
                     stats.replica_failures += 1
                     self._substitute(rnd, owner, NotReadyError("not ready here"), payload)
         except HyperCacheError as exc:
+            if trace is not None:
+                trace.decided(0, exc)
             self._failed("get", exc)
             self._latency["get"](time.perf_counter() - start)
             raise
-        rnd.arm(lambda r: self._get_decided(r, later, start))
+        rnd.arm(lambda r: self._get_decided(r, later, start, trace))
         return later
 
-    def _get_decided(self, rnd: QuorumRound, later: Later, start: float) -> None:
+    def _get_decided(
+        self, rnd: QuorumRound, later: Later, start: float, trace: OpTrace | None = None
+    ) -> None:
+        if trace is not None:
+            trace.decided(rnd.acks, rnd.error())
         try:
             error = rnd.error()
             if error is not None:
@@ -468,8 +491,9 @@ class Coordinator:
         self._latency[op](time.perf_counter() - start)
         later.reject(exc)
 
-    def _repair(self, key: bytes, rnd: QuorumRound) -> None:
-        """Push the newest version seen to every owner that answered with an older one."""
+    def _repair(self, key: bytes, rnd: QuorumRound, trace: OpTrace | None = None) -> None:
+        """Push the newest version seen to every owner that answered with an older one
+        (with ``trace``, each push has a ``ReadRepair`` span under the read's)."""
         if self._stopping:
             return
         try:
@@ -496,11 +520,19 @@ class Coordinator:
             stats.read_repairs += 1
             stats.forwards["r_put"] += 1
             self._repairs_pending += 1
-            peer.send_callback(_R_PUT, [key, *best], self.timeout, self._pushed(owner))
+            call = None if trace is None else trace.repair(owner)
+            carrier = None if call is None else call.carrier
+            peer.send_callback(
+                _R_PUT, [key, *best], self.timeout, self._pushed(owner, call), carrier
+            )
 
-    def _pushed(self, owner: str) -> Callable[[Any, BaseException | None], None]:
+    def _pushed(
+        self, owner: str, call: tracing.ReplicaCall | None = None
+    ) -> Callable[[Any, BaseException | None], None]:
         def done(_value: Any, error: BaseException | None) -> None:
             self._repairs_pending -= 1
+            if call is not None:
+                call.done(error)
             if error is not None:
                 self.stats.replica_failures += 1
                 _log.debug("read repair push to %s failed: %s", owner, error)
@@ -527,6 +559,7 @@ class Coordinator:
         stats = self.stats
         stats.requests["set"] += 1
         later = Later()
+        trace: OpTrace | None = None
         try:
             key = self.limits.check_key(key)
             value = bytes(self.limits.check_value(value))
@@ -543,24 +576,34 @@ class Coordinator:
             rnd = QuorumRound(owners, level.required(n), level=level.value)
             payload = [key, value, ts, origin, expire_at, False]
             node_id = self.node_id
+            if tracing.tracer is not None:
+                trace = tracing.begin("Set", key, level.value, n)
             for owner in rnd.start():
                 stats.write_attempts += 1
                 if owner == node_id:
+                    if trace is not None:
+                        trace.local(owner, "r_put")
                     self.replica.put(key, value, ts, origin, expire_at, False)
                     rnd.ok(owner, True)
                 else:
-                    self._remote(rnd, owner, _R_PUT, payload, "r_put", hint=payload)
+                    self._remote(rnd, owner, _R_PUT, payload, "r_put", hint=payload, trace=trace)
             if pending:
                 self._copy(pending, _R_PUT, payload)
         except HyperCacheError as exc:
+            if trace is not None:
+                trace.decided(0, exc)
             self._failed("set", exc)
             self._latency["set"](time.perf_counter() - start)
             raise
-        rnd.arm(lambda r: self._set_decided(r, later, start))
+        rnd.arm(lambda r: self._set_decided(r, later, start, trace))
         return later
 
-    def _set_decided(self, rnd: QuorumRound, later: Later, start: float) -> None:
+    def _set_decided(
+        self, rnd: QuorumRound, later: Later, start: float, trace: OpTrace | None = None
+    ) -> None:
         error = rnd.error()
+        if trace is not None:
+            trace.decided(rnd.acks, error)
         if error is not None:
             self._settle_failed("set", later, start, error)
             return
@@ -592,6 +635,7 @@ class Coordinator:
         stats = self.stats
         stats.requests["delete"] += 1
         later = Later()
+        trace: OpTrace | None = None
         try:
             key = self.limits.check_key(key)
             level = self._level(consistency, self.config.write_consistency)
@@ -603,26 +647,36 @@ class Coordinator:
             origin = self._tag
             rnd = QuorumRound(owners, level.required(n), level=level.value)
             tomb = [key, b"", ts, origin, 0, True]
+            if tracing.tracer is not None:
+                trace = tracing.begin("Delete", key, level.value, n)
             for owner in rnd.start():
                 stats.write_attempts += 1
                 if owner == self.node_id:
+                    if trace is not None:
+                        trace.local(owner, "r_del")
                     before = self.replica.get(key)
                     self.replica.put(key, b"", ts, origin, 0, True)
                     rnd.ok(owner, before)
                 else:
                     # One round trip: R_DEL writes the tombstone and answers what
                     # the owner held before it.
-                    self._remote(rnd, owner, _R_DEL, tomb, "r_del", hint=tomb)
+                    self._remote(rnd, owner, _R_DEL, tomb, "r_del", hint=tomb, trace=trace)
             if pending:
                 self._copy(pending, _R_DEL, tomb)
         except HyperCacheError as exc:
+            if trace is not None:
+                trace.decided(0, exc)
             self._failed("delete", exc)
             self._latency["delete"](time.perf_counter() - start)
             raise
-        rnd.arm(lambda r: self._delete_decided(r, later, start))
+        rnd.arm(lambda r: self._delete_decided(r, later, start, trace))
         return later
 
-    def _delete_decided(self, rnd: QuorumRound, later: Later, start: float) -> None:
+    def _delete_decided(
+        self, rnd: QuorumRound, later: Later, start: float, trace: OpTrace | None = None
+    ) -> None:
+        if trace is not None:
+            trace.decided(rnd.acks, rnd.error())
         try:
             error = rnd.error()
             if error is not None:

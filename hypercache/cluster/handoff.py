@@ -32,11 +32,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from hypercache.errors import HyperCacheError
 from hypercache.net.protocol import Op
+from hypercache.observe import tracing
+from hypercache.observe.logs import RateLimiter
 from hypercache.replication import KeyedEntry, wall_ms
 
 __all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "TICK", "Handoff", "HintBufferLike"]
 
 _log = logging.getLogger("hypercache.handoff")
+_limited = RateLimiter(60.0)
 
 _R_PUT_MANY: Final = int(Op.R_PUT_MANY)
 
@@ -218,25 +221,37 @@ class Handoff:
                 return
             batch = self._within_bytes(target, batch)
             entries = [list(hint) for hint in batch]
-            try:
-                applied = await peer.request(_R_PUT_MANY, [entries, 0], self.timeout)
-            except asyncio.CancelledError:
-                buffer.requeue_front(target, batch)
-                raise
-            except (HyperCacheError, OSError) as exc:
-                buffer.requeue_front(target, batch)
-                self.replay_failures += 1
-                backoff = min(self._backoff.get(target, BACKOFF_MIN / 2) * 2, BACKOFF_MAX)
-                self._backoff[target] = backoff
-                self._retry_at[target] = time.monotonic() + backoff
-                _log.info(
-                    "hint replay to %s failed (%s); %d waiting, retry in %.2fs",
-                    target,
-                    exc,
-                    buffer.pending(target),
-                    backoff,
-                )
-                return
+            # Its R_PUT_MANY carries the span: the target's ReplicaApply is its child.
+            with tracing.span(
+                "HintReplay", {tracing.ATTR_PEER: target, tracing.ATTR_COUNT: len(entries)}
+            ) as span:
+                try:
+                    applied = await peer.request(_R_PUT_MANY, [entries, 0], self.timeout)
+                except asyncio.CancelledError:
+                    buffer.requeue_front(target, batch)
+                    raise
+                except (HyperCacheError, OSError) as exc:
+                    tracing.failed(span, exc)
+                    buffer.requeue_front(target, batch)
+                    self.replay_failures += 1
+                    backoff = min(self._backoff.get(target, BACKOFF_MIN / 2) * 2, BACKOFF_MAX)
+                    self._backoff[target] = backoff
+                    self._retry_at[target] = time.monotonic() + backoff
+                    # A dead target fails every backoff: one line per target a minute.
+                    _limited.log(
+                        _log,
+                        logging.INFO,
+                        target,
+                        "hint replay to %s failed (%s); %d waiting, retry in %.2fs",
+                        target,
+                        exc,
+                        buffer.pending(target),
+                        backoff,
+                        extra={"op": "hint_replay", "peer": target, "error": str(exc)},
+                    )
+                    return
+                if type(applied) is int:
+                    tracing.annotate(span, tracing.ATTR_APPLIED, applied)
             self._backoff.pop(target, None)
             self._retry_at.pop(target, None)
             self.replayed += len(batch)

@@ -109,6 +109,7 @@ from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.peer import PeerConnection
 from hypercache.net.protocol import Limits, Op, make_hello
 from hypercache.net.transport import Connection, Later, Outcome, Transport
+from hypercache.observe.logs import RateLimiter
 from hypercache.replication import WallClock, wall_ms
 
 __all__ = [
@@ -120,6 +121,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger("hypercache.membership")
+#: Lines that repeat while a peer stays down.
+_limited = RateLimiter(60.0)
 
 _PING: Final = int(Op.PING)
 _PING_REQ: Final = int(Op.PING_REQ)
@@ -235,10 +238,17 @@ class Peer:
         """
         return await self.link.request(op, payload, timeout)
 
-    def send_callback(self, op: int, payload: Any, timeout: float, callback: Outcome) -> None:
+    def send_callback(
+        self,
+        op: int,
+        payload: Any,
+        timeout: float,
+        callback: Outcome,
+        trace: dict[str, str] | None = None,
+    ) -> None:
         """Send one request without a task when connected (see
         :meth:`~hypercache.net.peer.PeerConnection.send_callback`)."""
-        self.link.send_callback(op, payload, timeout, callback)
+        self.link.send_callback(op, payload, timeout, callback, trace)
 
     async def close(self) -> None:
         await self.link.close()
@@ -992,7 +1002,16 @@ class Membership:
             self._seeds_refused[seed] = str(exc)
             return False
         except (HyperCacheError, OSError) as exc:
-            _log.info("seed %s not reachable yet: %s", seed, exc)
+            # Every seed_retry_interval while the seed is down: one line per seed a minute.
+            _limited.log(
+                _log,
+                logging.INFO,
+                ("seed", seed),
+                "seed %s not reachable yet: %s",
+                seed,
+                exc,
+                extra={"op": "join", "peer": seed, "error": str(exc)},
+            )
             return False
         peer_id = conn.peer_hello.get("node_id")
         await conn.close()  # the peer's own connection is made by its Peer

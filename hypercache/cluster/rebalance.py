@@ -110,6 +110,7 @@ from hypercache.errors import (
     WrongOwnerError,
 )
 from hypercache.net.protocol import MAX_PUT_MANY, Limits, Op
+from hypercache.observe import tracing
 
 __all__ = [
     "BACKOFF_MAX",
@@ -918,11 +919,15 @@ class Rebalancer:
         while True:
             if not self._wants(p):
                 return False
-            answer = await peer.request(
-                _STREAM, [p, cursor, self.batch_keys, self.batch_bytes], self.timeout
-            )
-            entries, nxt = _parse_stream(answer, cursor)
-            applied, size = apply(p, entries)
+            # One span per batch streamed; the STREAM request carries it.
+            with tracing.span("Rebalance", {tracing.ATTR_PARTITION: p}) as span:
+                answer = await peer.request(
+                    _STREAM, [p, cursor, self.batch_keys, self.batch_bytes], self.timeout
+                )
+                entries, nxt = _parse_stream(answer, cursor)
+                applied, size = apply(p, entries)
+                tracing.annotate(span, tracing.ATTR_COUNT, len(entries))
+                tracing.annotate(span, tracing.ATTR_APPLIED, applied)
             stats.keys_moved += len(entries)
             stats.keys_applied += applied
             stats.bytes += size

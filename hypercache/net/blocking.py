@@ -30,6 +30,7 @@ from hypercache.errors import (
     error_from_wire,
 )
 from hypercache.net.protocol import (
+    FEATURE_TRACE,
     REQUEST,
     RESPONSE,
     FrameDecoder,
@@ -44,6 +45,7 @@ from hypercache.net.protocol import (
     validate_hello_answer,
 )
 from hypercache.net.transport import DEFAULT_CONNECT_TIMEOUT, NetStats
+from hypercache.observe.tracing import current_carrier
 from hypercache.units import parse_hostport
 
 __all__ = ["BlockingConnection", "pipeline_all"]
@@ -98,6 +100,8 @@ class BlockingConnection:
         self.limits = limits if limits is not None else Limits()
         #: the server's HELLO answer (``version``, ``cluster``, ``node_id``, ``info``)
         self.peer_hello: dict[str, Any] = {}
+        # Whether the server takes a request's trace context (HELLO answer features).
+        self._trace_ok = False
         self.stats = NetStats()
         self._decoder = FrameDecoder(self.limits.max_frame)
         self._encoder = FrameEncoder(self.limits.max_frame)
@@ -125,6 +129,7 @@ class BlockingConnection:
             answer = self.request(Op.HELLO, payload, timeout)
             self.peer_hello = validate_hello_answer(answer, cluster=payload["cluster"])
             self._clock_offset = clock_offset_ms(self.peer_hello, wall_clock_ms())
+            self._trace_ok = FEATURE_TRACE in self.peer_hello["features"]
         except RequestTimeoutError:
             self.close()
             raise NodeUnavailableError(f"{address}: no HELLO answer within {timeout}s") from None
@@ -208,8 +213,10 @@ class BlockingConnection:
         ops: list[int] = []
         request_id = self._next_id
         deadline = request_deadline(self._clock_offset, timeout)
+        # The caller's current span (a client operation's), to a server that takes it.
+        trace = current_carrier() if self._trace_ok else None
         for op, payload in requests:
-            body = encoder.encode_body(REQUEST, request_id, op, payload, deadline)
+            body = encoder.encode_body(REQUEST, request_id, op, payload, deadline, trace)
             out += frame_header(len(body))
             out += body
             slots[request_id] = len(ops)
@@ -283,7 +290,7 @@ class BlockingConnection:
         """
         stats = self.stats
         slots, results = batch.slots, batch.results
-        for msg_type, rid, _, payload, _ in self._decoder:
+        for msg_type, rid, _, payload, _, _ in self._decoder:
             stats.frames_in += 1
             if msg_type == REQUEST:
                 raise ProtocolError("the server sent a REQUEST frame")

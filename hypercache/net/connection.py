@@ -25,6 +25,7 @@ from hypercache.errors import (
 )
 from hypercache.net.framed import FramedProtocol
 from hypercache.net.protocol import (
+    FEATURE_TRACE,
     REQUEST,
     RESPONSE,
     Limits,
@@ -35,6 +36,7 @@ from hypercache.net.protocol import (
     validate_hello_answer,
 )
 from hypercache.net.transport import Outcome
+from hypercache.observe.tracing import current_carrier
 
 __all__ = ["ClientConnection"]
 
@@ -68,6 +70,8 @@ class ClientConnection(FramedProtocol):
         self.address = address
         #: the server's HELLO answer (``version``, ``cluster``, ``node_id``, ``info``)
         self.peer_hello: dict[str, Any] = {}
+        # Whether the server takes a request's trace context (HELLO answer features).
+        self._trace_ok = False
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._callbacks: dict[int, Outcome] = {}
         self._next_id = 1
@@ -131,7 +135,7 @@ class ClientConnection(FramedProtocol):
         try:
             decoder = self._decoder
             decoder.feed(data)
-            for msg_type, request_id, _, payload, _ in decoder:
+            for msg_type, request_id, _, payload, _, _ in decoder:
                 stats.frames_in += 1
                 if msg_type == REQUEST:
                     raise ProtocolError("the server sent a REQUEST frame")
@@ -165,8 +169,13 @@ class ClientConnection(FramedProtocol):
 
     # -- API
 
-    async def request(self, op: int, payload: Any, timeout: float) -> Any:
+    async def request(
+        self, op: int, payload: Any, timeout: float, trace: dict[str, str] | None = None
+    ) -> Any:
         """Send one request and return the answer's payload.
+
+        ``trace`` is the trace context to send (default: the current span's, if any;
+        sent only to a server that takes it).
 
         ``timeout`` is in seconds (``math.inf`` for none); it is honoured with a
         granularity of 5 ms (never early).
@@ -185,7 +194,7 @@ class ClientConnection(FramedProtocol):
             deadline = loop.time() + timeout
             await self._wait_writable(op, timeout)
             timeout = max(deadline - loop.time(), 0.0)
-        request_id = self._encode_and_send(op, payload, timeout)
+        request_id = self._encode_and_send(op, payload, timeout, trace)
         fut = self._pending[request_id] = self._loop.create_future()
         try:
             return await fut
@@ -211,8 +220,16 @@ class ClientConnection(FramedProtocol):
         fut = self._pending[request_id] = self._loop.create_future()
         return fut
 
-    def send_callback(self, op: int, payload: Any, timeout: float, callback: Outcome) -> None:
-        """Send one request now, without a task nor a future.
+    def send_callback(
+        self,
+        op: int,
+        payload: Any,
+        timeout: float,
+        callback: Outcome,
+        trace: dict[str, str] | None = None,
+    ) -> None:
+        """Send one request now, without a task nor a future (``trace`` as for
+        :meth:`request`).
 
         ``callback(answer, error)`` runs exactly once: ``error`` is None on success,
         else what :meth:`request` would raise. It runs from the read that brings the
@@ -228,11 +245,11 @@ class ClientConnection(FramedProtocol):
         if self._closing:
             raise NodeUnavailableError(f"{self.address}: {self._lost_reason}")
         if self._write_paused:
-            task = self._loop.create_task(self._request_then(op, payload, timeout, callback))
+            task = self._loop.create_task(self._request_then(op, payload, timeout, callback, trace))
             self._waiting.add(task)
             task.add_done_callback(self._waiting.discard)
             return
-        request_id = self._encode_and_send(op, payload, timeout)
+        request_id = self._encode_and_send(op, payload, timeout, trace)
         self._callbacks[request_id] = callback
 
     async def close(self) -> None:
@@ -263,7 +280,9 @@ class ClientConnection(FramedProtocol):
         if self._transport is not None:
             self._transport.close()
 
-    def _encode_and_send(self, op: int, payload: Any, timeout: float) -> int:
+    def _encode_and_send(
+        self, op: int, payload: Any, timeout: float, trace: dict[str, str] | None = None
+    ) -> int:
         """Encode and queue one request, arm its deadline; return its request id.
 
         The caller registers the request's future or callback under that id before
@@ -273,7 +292,12 @@ class ClientConnection(FramedProtocol):
         self._next_id = next_request_id(request_id)
         offset = self._clock_offset
         deadline = 0 if offset is None else request_deadline(offset, timeout)
-        self._send(self._encoder.encode_body(REQUEST, request_id, op, payload, deadline))
+        if self._trace_ok:
+            if trace is None:
+                trace = current_carrier()
+        else:
+            trace = None
+        self._send(self._encoder.encode_body(REQUEST, request_id, op, payload, deadline, trace))
         if timeout != _NO_DEADLINE:
             # Arm the deadline in its tick bucket (see _expire_tick).
             loop = self._loop
@@ -293,7 +317,14 @@ class ClientConnection(FramedProtocol):
         except Exception:
             _log.exception("request callback failed")
 
-    async def _request_then(self, op: int, payload: Any, timeout: float, callback: Outcome) -> None:
+    async def _request_then(
+        self,
+        op: int,
+        payload: Any,
+        timeout: float,
+        callback: Outcome,
+        trace: dict[str, str] | None = None,
+    ) -> None:
         # Waits for room in the write buffer, then sends like send_callback: from
         # then on the request counts in ``_callbacks``, so it leaves ``_waiting``
         # (``pending`` counts each request once).
@@ -305,7 +336,7 @@ class ClientConnection(FramedProtocol):
                 await self._wait_writable(op, timeout)
             if self._closing:
                 raise NodeUnavailableError(f"{self.address}: {self._lost_reason}")
-            request_id = self._encode_and_send(op, payload, max(deadline - loop.time(), 0.0))
+            request_id = self._encode_and_send(op, payload, max(deadline - loop.time(), 0.0), trace)
         except asyncio.CancelledError:
             error = NodeUnavailableError(f"{self.address}: request cancelled")
             self._deliver(callback, None, error)
@@ -392,6 +423,7 @@ class ClientConnection(FramedProtocol):
             answer = await self.request(_HELLO, payload, timeout)
             self.peer_hello = validate_hello_answer(answer, cluster=payload["cluster"])
             self._clock_offset = clock_offset_ms(self.peer_hello, wall_clock_ms())
+            self._trace_ok = FEATURE_TRACE in self.peer_hello["features"]
         except BaseException as exc:
             self.abort()
             if not isinstance(exc, asyncio.CancelledError):

@@ -350,7 +350,14 @@ class FaultyConnection:
     def _lost(self, op: int, timeout: float) -> NoAnswerError:
         return NoAnswerError(f"{self.address}: op {op} got no answer within {timeout}s")
 
-    def send_callback(self, op: int, payload: Any, timeout: float, callback: Outcome) -> None:
+    def send_callback(
+        self,
+        op: int,
+        payload: Any,
+        timeout: float,
+        callback: Outcome,
+        trace: dict[str, str] | None = None,
+    ) -> None:
         if self.inner.closed:
             raise NodeUnavailableError(f"{self.address}: connection closed")
         loop = self._loop
@@ -375,19 +382,21 @@ class FaultyConnection:
 
         def send() -> None:
             try:
-                self.inner.send_callback(op, payload, deadline - loop.time(), answered)
+                self.inner.send_callback(op, payload, deadline - loop.time(), answered, trace)
             except HyperCacheError as exc:
                 callback(None, exc)
 
         fate = injector.fate(self.names, "out")
         if fate == 0.0:
-            self.inner.send_callback(op, payload, timeout, answered)
+            self.inner.send_callback(op, payload, timeout, answered, trace)
         elif fate < 0.0 or fate >= timeout:
             self._hold(timeout, callback, timed_out)
         else:
             self._hold(fate, callback, send)
 
-    def send(self, op: int, payload: Any, timeout: float) -> asyncio.Future[Any]:
+    def send(
+        self, op: int, payload: Any, timeout: float, trace: dict[str, str] | None = None
+    ) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self._loop.create_future()
 
         def settle(value: Any, error: BaseException | None) -> None:
@@ -397,11 +406,13 @@ class FaultyConnection:
                 else:
                     fut.set_exception(error)
 
-        self.send_callback(op, payload, timeout, settle)
+        self.send_callback(op, payload, timeout, settle, trace)
         return fut
 
-    async def request(self, op: int, payload: Any, timeout: float) -> Any:
-        return await self.send(op, payload, timeout)
+    async def request(
+        self, op: int, payload: Any, timeout: float, trace: dict[str, str] | None = None
+    ) -> Any:
+        return await self.send(op, payload, timeout, trace)
 
     async def close(self) -> None:
         held, self._held = self._held, {}

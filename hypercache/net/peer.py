@@ -148,7 +148,9 @@ class PeerConnection:
         self.on_connected(conn)
         return conn
 
-    async def request(self, op: int, payload: Any, timeout: float) -> Any:
+    async def request(
+        self, op: int, payload: Any, timeout: float, trace: dict[str, str] | None = None
+    ) -> Any:
         """Send one request (connecting if needed) and return the answer.
 
         :raises NodeUnavailableError: cannot connect, or the connection broke.
@@ -158,22 +160,30 @@ class PeerConnection:
         if conn is None or conn.closed:
             conn = await self.connection()
         try:
-            result = await conn.request(op, payload, timeout)
+            result = await conn.request(op, payload, timeout, trace)
         except HyperCacheError as exc:
             self._settle(exc)
             raise
         self.on_answer()
         return result
 
-    def send_callback(self, op: int, payload: Any, timeout: float, callback: Outcome) -> None:
+    def send_callback(
+        self,
+        op: int,
+        payload: Any,
+        timeout: float,
+        callback: Outcome,
+        trace: dict[str, str] | None = None,
+    ) -> None:
         """Send one request; ``callback(answer, error)`` gets its outcome, exactly once.
+        ``trace``: the trace context to send (default: the current span's, if any).
 
         Over an open connection: at once, no task (the callback runs from the read
         that brings the answer). Otherwise: connect in a task, then send.
         """
         conn = self.conn
         if conn is None or conn.closed:
-            self._track(self._connect_then(op, payload, timeout, callback))
+            self._track(self._connect_then(op, payload, timeout, callback, trace))
             return
 
         def answered(value: Any, error: BaseException | None) -> None:
@@ -181,13 +191,20 @@ class PeerConnection:
             callback(value, error)
 
         try:
-            conn.send_callback(op, payload, timeout, answered)
+            conn.send_callback(op, payload, timeout, answered, trace)
         except HyperCacheError as exc:
             answered(None, exc)
 
-    async def _connect_then(self, op: int, payload: Any, timeout: float, callback: Outcome) -> None:
+    async def _connect_then(
+        self,
+        op: int,
+        payload: Any,
+        timeout: float,
+        callback: Outcome,
+        trace: dict[str, str] | None = None,
+    ) -> None:
         try:
-            value = await self.request(op, payload, timeout)
+            value = await self.request(op, payload, timeout, trace)
         except asyncio.CancelledError:
             callback(None, NodeUnavailableError(f"{self.address}: request cancelled"))
             raise

@@ -1,16 +1,19 @@
 """The hypercache wire protocol: framing, message types, operations, limits, handshake.
 
 Every frame is a 4-byte big-endian unsigned length followed by that many bytes of
-msgpack body, and every body is a 4- or 5-element array::
+msgpack body, and every body is a 4-, 5- or 6-element array::
 
     [type: MsgType, request_id: uint, op: Op, payload: any]
     [type: MsgType, request_id: uint, op: Op, payload: any, deadline: uint]
+    [type: MsgType, request_id: uint, op: Op, payload: any, deadline: uint, trace: map]
 
 A request's ``deadline`` is the wall-clock time (ms since the epoch, on the
 *receiver's* clock, which the sender learns from the HELLO answer's ``clock_ms``)
 past which the sender no longer waits for the answer: a server never starts a
 request after its deadline, so a write its client gave up on is never carried out
-later, over a newer one.
+later, over a newer one. A request's ``trace`` is the W3C trace context of the
+sender's span (``{"traceparent": ..., "tracestate": ...}``), sent only to a server
+whose HELLO answer lists the ``trace`` feature (:data:`FEATURE_TRACE`).
 
 This module is pure (no I/O). The transports (:mod:`hypercache.net.tcp`,
 :mod:`hypercache.net.inproc`, :mod:`hypercache.net.blocking`) feed received bytes
@@ -48,6 +51,8 @@ __all__ = [
     "DEFAULT_MAX_KEY",
     "DEFAULT_MAX_VALUE",
     "ERROR",
+    "FEATURES",
+    "FEATURE_TRACE",
     "FRAME_OVERHEAD",
     "HEADER_SIZE",
     "HELLO_MAX_FRAME",
@@ -77,6 +82,12 @@ __all__ = [
 #: Version spoken by this build. Peers must speak exactly this version (see the
 #: versioning policy in ``docs/protocol.md``).
 PROTOCOL_VERSION: Final = 1
+
+#: Optional features a server lists in its HELLO answer (``features``): a peer uses
+#: one only when the server listed it, so both sides of a version without it still
+#: interoperate. ``trace``: requests may carry a sixth element, the trace context.
+FEATURE_TRACE: Final = "trace"
+FEATURES: Final = (FEATURE_TRACE,)
 
 
 _KiB: Final = 1024
@@ -261,22 +272,32 @@ class FrameEncoder:
         self._pack = msgpack.Packer(use_bin_type=True, datetime=False, autoreset=True).pack
 
     def encode_body(
-        self, msg_type: int, request_id: int, op: int, payload: Any, deadline: int = 0
+        self,
+        msg_type: int,
+        request_id: int,
+        op: int,
+        payload: Any,
+        deadline: int = 0,
+        trace: dict[str, str] | None = None,
     ) -> bytes:
         """Return the msgpack body of a frame, without its length header.
 
         :param deadline: for a request, the wall-clock ms (on the receiver's clock)
             after which the sender no longer waits for the answer; 0 = none (the
             frame then has the 4 elements of every frame before deadlines existed).
+        :param trace: for a request, the W3C ``traceparent``/``tracestate`` map of the
+            sender's span (the sixth element; only to a peer that lists the
+            :data:`FEATURE_TRACE` feature); None = none.
         :raises ProtocolError: the payload cannot be encoded by msgpack.
         :raises FrameTooLargeError: the body is larger than ``max_frame``.
         """
         try:
-            body: bytes = self._pack(
-                [msg_type, request_id, op, payload, deadline]
-                if deadline
-                else [msg_type, request_id, op, payload]
-            )
+            if trace is not None:
+                body: bytes = self._pack([msg_type, request_id, op, payload, deadline, trace])
+            elif deadline:
+                body = self._pack([msg_type, request_id, op, payload, deadline])
+            else:
+                body = self._pack([msg_type, request_id, op, payload])
         except (TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"payload of op {op} cannot be encoded: {exc}") from None
         if len(body) > self.max_frame:
@@ -445,9 +466,9 @@ def validate_hello(payload: Any, *, cluster: str, auth: str | None) -> dict[str,
 def validate_hello_answer(payload: Any, *, cluster: str) -> dict[str, Any]:
     """Check the server's answer to HELLO on the client side; return it normalised.
 
-    The result has ``version``, ``cluster``, ``node_id``, ``info`` and ``clock_ms``
+    The result has ``version``, ``cluster``, ``node_id``, ``info``, ``clock_ms``
     (the server's wall clock when it answered, or None from a server that does not
-    send it).
+    send it) and ``features`` (a frozenset of the optional features it lists).
 
     :raises HandshakeError: version or cluster mismatch, malformed payload.
     """
@@ -461,6 +482,7 @@ def validate_hello_answer(payload: Any, *, cluster: str) -> dict[str, Any]:
         "node_id": _optional_str(payload, "node_id"),
         "info": info,
         "clock_ms": clock_ms,
+        "features": _features(payload.get("features")),
     }
     proof = payload.get("proof")
     if proof is not None:
@@ -468,6 +490,15 @@ def validate_hello_answer(payload: Any, *, cluster: str) -> dict[str, Any]:
             raise HandshakeError("HELLO answer field 'proof' must be a map or nil")
         answer["proof"] = proof
     return answer
+
+
+def _features(raw: Any) -> frozenset[str]:
+    """The features a HELLO answer lists (none from a server that lists none)."""
+    if raw is None:
+        return frozenset()
+    if type(raw) is not list or not all(type(f) is str for f in raw):
+        raise HandshakeError("HELLO answer field 'features' must be a list of strings or nil")
+    return frozenset(raw)
 
 
 def clock_offset_ms(hello_answer: dict[str, Any], received_ms: int) -> int | None:

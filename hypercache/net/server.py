@@ -33,6 +33,7 @@ from hypercache.errors import (
 )
 from hypercache.net.framed import FramedProtocol, remote_host, remote_name
 from hypercache.net.protocol import (
+    FEATURES,
     HELLO_MAX_FRAME,
     PROTOCOL_VERSION,
     REQUEST,
@@ -42,12 +43,31 @@ from hypercache.net.protocol import (
     validate_hello,
 )
 from hypercache.net.transport import NOT_SYNC, Handler, Later, NetStats, PeerInfo, ServerOptions
+from hypercache.observe.tracing import serve
 
 __all__ = ["ServerBase", "ServerProtocol"]
 
 _log = logging.getLogger("hypercache.net")
 
 _HELLO: Final = int(Op.HELLO)
+#: Traced requests: a replica's ops get a ReplicaApply span around their handler
+#: (named by ``hypercache.op``); the others run in the received context (the
+#: coordinated ones get their span from the coordinator: Set, Get, ...).
+_OP_NAMES: Final = {int(op): op.name for op in Op}
+_REPLICA_OPS: Final = frozenset(
+    int(op)
+    for op in (
+        Op.R_GET,
+        Op.R_PUT,
+        Op.R_PUT_MANY,
+        Op.R_DEL,
+        Op.MERKLE,
+        Op.KEYS,
+        Op.PULL,
+        Op.STREAM,
+        Op.HOLDS,
+    )
+)
 # Period of a server's check of slow and idle connections, seconds.
 _SWEEP_INTERVAL: Final = 1.0
 # The slowest a frame may arrive past frame_timeout: one second per MiB.
@@ -410,12 +430,12 @@ class ServerProtocol(FramedProtocol):
         scope = self._scope
         scope.depth += 1
         try:
-            for msg_type, request_id, op, payload, deadline in self._decoder:
+            for msg_type, request_id, op, payload, deadline, trace in self._decoder:
                 stats.frames_in += 1
                 if self.peer is None:
                     self._on_hello(msg_type, request_id, op, payload)
                 else:
-                    self._dispatch(msg_type, request_id, op, payload, deadline)
+                    self._dispatch(msg_type, request_id, op, payload, deadline, trace)
                 if self._reading_paused or self._closing:
                     break
         except ProtocolError as exc:
@@ -482,6 +502,8 @@ class ServerProtocol(FramedProtocol):
                 "info": info,
                 # The peer's requests then carry deadlines on this clock.
                 "clock_ms": wall_clock_ms(),
+                # Optional features: a peer's requests may carry the trace context.
+                "features": list(FEATURES),
             }
             if proof is not None:
                 answer["proof"] = proof
@@ -513,7 +535,13 @@ class ServerProtocol(FramedProtocol):
         self._send(body)
 
     def _dispatch(
-        self, msg_type: int, request_id: int, op: int, payload: Any, deadline: int
+        self,
+        msg_type: int,
+        request_id: int,
+        op: int,
+        payload: Any,
+        deadline: int,
+        trace: dict[str, str] | None = None,
     ) -> None:
         if msg_type != REQUEST:
             raise ProtocolError(f"a client sent a {MsgType(msg_type).name} frame")
@@ -536,7 +564,11 @@ class ServerProtocol(FramedProtocol):
         sync = self._sync
         if sync is not None:
             try:
-                result = sync(peer, op, payload)
+                if trace is None:
+                    result = sync(peer, op, payload)
+                else:  # inside the sender's trace (a span of its own for a replica's op)
+                    name = _OP_NAMES.get(op, "")
+                    result = serve(name, op in _REPLICA_OPS, trace, sync, peer, op, payload)
             except Exception as exc:
                 self._answer(request_id, op, None, exc)
                 return

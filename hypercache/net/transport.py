@@ -368,8 +368,11 @@ class Connection(Protocol):
     #: :mod:`hypercache.net.busypoll`).
     busy_poll: float
 
-    async def request(self, op: int, payload: Any, timeout: float) -> Any:
-        """Send one request and return the response payload.
+    async def request(
+        self, op: int, payload: Any, timeout: float, trace: dict[str, str] | None = None
+    ) -> Any:
+        """Send one request and return the response payload (``trace``: the trace
+        context to carry; default the current span's).
 
         :raises HyperCacheError: the remote error, rebuilt by ``error_from_wire``.
         :raises RequestTimeoutError: no answer within ``timeout`` seconds (the
@@ -380,7 +383,14 @@ class Connection(Protocol):
         """
         ...
 
-    def send_callback(self, op: int, payload: Any, timeout: float, callback: Outcome) -> None:
+    def send_callback(
+        self,
+        op: int,
+        payload: Any,
+        timeout: float,
+        callback: Outcome,
+        trace: dict[str, str] | None = None,
+    ) -> None:
         """Send one request without a task; ``callback(answer, error)`` gets its outcome.
 
         The callback runs exactly once, from the loop (possibly from inside the read

@@ -1,0 +1,163 @@
+"""Value compression (hypercache.client.compression): the codec alone, then
+compressing and uncompressing clients against a real cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import zstandard
+from cluster_harness import running_cluster
+
+from hypercache import Client
+from hypercache.client.compression import MARK, Compression, ValueCodec, resolve_compression
+from hypercache.cluster.local import wait_for
+from hypercache.errors import ConfigError, ProtocolError, ValueTooLargeError
+from hypercache.net.protocol import Op
+
+MAX = 1 << 20
+JSONISH = json.dumps(
+    [{"id": i, "name": f"user-{i}", "tags": ["a", "b"], "active": i % 2 == 0} for i in range(200)]
+).encode()
+
+
+def codec(**kw: int) -> ValueCodec:
+    return ValueCodec(Compression(**kw), MAX)
+
+
+def test_compressible_values_shrink_and_come_back() -> None:
+    c = codec()
+    stored = c.encode(JSONISH)
+    assert stored[0] == MARK and len(stored) * 3 < len(JSONISH)
+    assert c.decode(stored) == JSONISH
+    # Any client decodes, whatever its own setting.
+    assert ValueCodec(None, MAX).decode(stored) == JSONISH
+
+
+def test_small_incompressible_and_empty_values_stay_raw() -> None:
+    c = codec(min_size=1024)
+    small = JSONISH[:1000]
+    assert c.encode(small) == small
+    noise = os.urandom(64 * 1024)
+    assert c.encode(noise) == noise  # never expanded
+    assert c.encode(b"") == b""
+    assert c.decode(b"") == b""
+    assert codec(min_size=0).encode(b"") == b""
+
+
+def test_a_raw_value_that_begins_with_the_mark_is_escaped() -> None:
+    for c in (codec(), ValueCodec(None, MAX)):
+        raw = b"\xc1\x01 looks compressed"
+        stored = c.encode(raw)
+        assert stored == b"\xc1\x00" + raw
+        assert c.decode(stored) == raw
+
+
+def _bomb(size: int) -> bytes:
+    """A zstd frame of ``size`` zero bytes (which announces its size)."""
+    return zstandard.ZstdCompressor().compress(b"\x00" * size)
+
+
+def test_decompression_bombs_are_refused() -> None:
+    c = ValueCodec(Compression(), 64 * 1024)
+    big = 10 * 1024 * 1024
+    # Declared over max_value: refused before anything is decompressed.
+    declared = b"\xc1\x01" + struct.pack(">I", big) + _bomb(big)
+    with pytest.raises(ValueTooLargeError, match="declares"):
+        c.decode(declared)
+    # Declared small, but the frame announces more.
+    with pytest.raises(ValueTooLargeError, match="announces"):
+        c.decode(b"\xc1\x01" + struct.pack(">I", 100) + _bomb(big))
+    # Declared small, a frame that does not say: decompressed one byte past, no more.
+    stream = zstandard.ZstdCompressor(write_content_size=False)
+    frame = stream.compressobj()
+    unannounced = frame.compress(b"\x00" * big) + frame.flush()
+    with pytest.raises(ValueTooLargeError, match="past its declared"):
+        c.decode(b"\xc1\x01" + struct.pack(">I", 100) + unannounced)
+
+
+def test_malformed_compressed_values_are_protocol_errors() -> None:
+    c = codec()
+    with pytest.raises(ProtocolError):
+        c.decode(b"\xc1\x01\x00\x00\x00\x05not zstd")
+    with pytest.raises(ProtocolError, match="unknown encoding"):
+        c.decode(b"\xc1\x07")
+    short = b"\xc1\x01" + struct.pack(">I", 10) + zstandard.ZstdCompressor().compress(b"abc")
+    with pytest.raises(ProtocolError, match="declared"):
+        c.decode(short)
+
+
+def test_compression_settings_are_checked() -> None:
+    assert resolve_compression("off") is None
+    assert resolve_compression(None) is None
+    assert resolve_compression("zstd") == Compression()
+    assert resolve_compression(Compression(level=9)).level == 9  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="compression"):
+        resolve_compression("gzip")
+    with pytest.raises(ConfigError, match="level"):
+        Compression(level=0)
+    with pytest.raises(ConfigError, match="min_size"):
+        Compression(min_size=-1)
+    with pytest.raises(ConfigError, match="compression"):
+        Client("127.0.0.1:1", compression="lz4")
+
+
+@pytest.mark.functional
+def test_compressing_and_plain_clients_share_a_cluster(tmp_path: Path) -> None:
+    value = json.loads(JSONISH)
+    noise = os.urandom(8192)
+    with running_cluster(3, tmp_path, ("--replication", "3")) as cluster:
+        with (
+            Client(cluster.addresses, timeout=10.0) as zclient,
+            Client(cluster.addresses, timeout=10.0, compression="off") as plain,
+        ):
+            zclient.set("j", value, consistency="all")
+            plain.set("p", value, consistency="all")
+            zclient.set("noise", noise, consistency="all")
+            zclient.set("empty", b"", consistency="all")
+            assert plain.get("j") == value
+            assert zclient.get("p") == value
+            assert plain.get("noise") == noise
+            assert plain.get("empty") == b""
+        # Every replica holds the same compressed bytes, about a tenth of the plain ones.
+        held = [cluster.peer_request(i, Op.R_GET, [b"j"]) for i in range(3)]
+        plain_held = cluster.peer_request(0, Op.R_GET, [b"p"])
+        assert all(h[0] == held[0][0] for h in held)
+        assert held[0][0][0] == MARK
+        assert len(held[0][0]) * 3 < len(plain_held[0])
+
+
+@pytest.mark.functional
+def test_compressed_values_survive_hints(tmp_path: Path) -> None:
+    value = json.loads(JSONISH)
+    with running_cluster(3, tmp_path, ("--replication", "3")) as cluster:
+        cluster.kill(2)
+        with Client(cluster.addresses[:2], timeout=10.0) as client:
+            client.set("hinted", value, consistency="quorum")
+            stored = cluster.peer_request(0, Op.R_GET, [b"hinted"])[0]
+        cluster.restart(2)
+        assert stored[0] == MARK
+        # The hint replayed the compressed bytes as they were.
+        wait_for(
+            lambda: (cluster.peer_request(2, Op.R_GET, [b"hinted"]) or [None])[0] == stored,
+            timeout=20.0,
+            what="the hint replayed",
+        )
+        with Client(cluster.addresses[2:], timeout=10.0, compression="off") as plain:
+            assert plain.get("hinted", consistency="one") == value
+
+
+def test_the_client_cli_sets_compression() -> None:
+    from hypercache.cli.client import _compression, build_parser
+
+    def of(*argv: str) -> Compression | None:
+        return _compression(build_parser().parse_args([*argv, "get", "k"]))
+
+    assert of() == Compression()
+    assert of("--raw") is None
+    assert of("--compression-min", "-1") is None
+    assert of("--compression-min", "4096") == Compression(min_size=4096)
+    assert of("--raw", "--compression-min", "0") == Compression(min_size=0)
