@@ -125,6 +125,23 @@ def peer_hello(cluster: ProcessCluster, auth: PeerAuthenticator, node_id: str) -
     )
 
 
+def forget_peer(cluster: ProcessCluster, token: str, node_id: str) -> None:
+    """Take the harness's proved peer out of the ring again: a proved HELLO makes it
+    a member (by its own word), and the module's cluster is shared by the tests."""
+    url = f"http://{cluster[0].http}/cluster/remove?node={node_id}"
+
+    def removed() -> bool:
+        status, _ = _http(url, token, "POST")
+        return status in (200, 404)
+
+    wait_for(removed, timeout=20, what=f"{node_id} removed")
+    wait_for(
+        lambda: all(node_id not in n.http_json("/cluster/ring")["nodes"] for n in cluster),
+        timeout=20,
+        what=f"{node_id} gone from every ring",
+    )
+
+
 # ---------------------------------------------------------------- tokens
 
 
@@ -194,7 +211,9 @@ def test_a_client_token_can_send_no_peer_op(token_cluster: ProcessCluster, token
     assert token_cluster[0].http_json("/stats")["peer_auth"]["peer_ops_refused"] >= 9
 
 
-def test_a_peer_claim_needs_a_fresh_unused_proof(token_cluster: ProcessCluster) -> None:
+def test_a_peer_claim_needs_a_fresh_unused_proof(
+    token_cluster: ProcessCluster, tokens: Tokens
+) -> None:
     before = digests(token_cluster)
     # no proof at all: a client claiming to be a node
     with pytest.raises(HandshakeError, match="without a proof"):
@@ -217,6 +236,7 @@ def test_a_peer_claim_needs_a_fresh_unused_proof(token_cluster: ProcessCluster) 
         BlockingConnection(token_cluster[0].data, hello)
     assert digests(token_cluster) == before
     assert token_cluster[0].http_json("/stats")["peer_auth"]["replays"] >= 1
+    forget_peer(token_cluster, tokens["ops"], "harness-peer")
 
 
 def _http(url: str, token: str | None, method: str = "GET") -> tuple[int, Any]:
@@ -282,6 +302,7 @@ def test_a_client_stops_pushing_read_repairs_once_refused(
         assert client.get("stale-key") == "new"  # no second push
         after = token_cluster[1].http_json("/stats")["peer_auth"]["peer_ops_refused"]
         assert after == refused + 1
+    forget_peer(token_cluster, tokens["ops"], "harness-peer-2")
 
 
 def test_sighup_reloads_the_tokens_file(token_cluster: ProcessCluster, tokens: Tokens) -> None:
