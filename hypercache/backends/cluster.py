@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import Any
 
 from hypercache.backends.base import MISSING, AsyncBackend, Backend, Entry, _Missing
 from hypercache.client import AsyncClient, Client
@@ -31,6 +31,16 @@ def _pattern(namespace: bytes) -> bytes:
     return namespace.decode("latin-1").translate(_GLOB).encode("latin-1") + b"*"
 
 
+def _by_wire(
+    backend: Backend | AsyncBackend, keys: Iterable[str | bytes]
+) -> dict[bytes, list[str | bytes]]:
+    """Each full wire key with the keys given for it ("k" and b"k" are one)."""
+    out: dict[bytes, list[str | bytes]] = {}
+    for key in keys:
+        out.setdefault(backend._k(key), []).append(key)
+    return out
+
+
 class HypercacheBackend(Backend):
     """A backend over a :class:`~hypercache.Client` (which it closes on :meth:`close`)."""
 
@@ -43,8 +53,8 @@ class HypercacheBackend(Backend):
     def get_entry(self, key: str | bytes) -> Entry | _Missing:
         k = self._k(key)
         value: Any = self.client.get(k, MISSING)
-        if value is MISSING:
-            return cast(_Missing, value)
+        if isinstance(value, _Missing):
+            return MISSING
         try:
             left = self.client.ttl(k)
         except KeyError:  # deleted or expired between the two reads
@@ -74,9 +84,9 @@ class HypercacheBackend(Backend):
         return self.client.delete(k)
 
     def get_many(self, keys: Iterable[str | bytes]) -> dict[str | bytes, Any]:
-        given = {self._k(k): k for k in keys}
+        given = _by_wire(self, keys)
         found = self.client.get_many(list(given))
-        return {given[k]: v for k, v in found.items()}  # type: ignore[index]
+        return {key: v for k, v in found.items() for key in given[k]}  # type: ignore[index]
 
     def set_many(self, mapping: Mapping[str | bytes, Any], ttl: float | None = None) -> None:
         self.client.set_many({self._k(k): v for k, v in mapping.items()}, ttl)
@@ -109,8 +119,8 @@ class AsyncHypercacheBackend(AsyncBackend):
     async def get_entry(self, key: str | bytes) -> Entry | _Missing:
         k = self._k(key)
         value: Any = await self.client.get(k, MISSING)
-        if value is MISSING:
-            return cast(_Missing, value)
+        if isinstance(value, _Missing):
+            return MISSING
         try:
             left = await self.client.ttl(k)
         except KeyError:
@@ -140,9 +150,9 @@ class AsyncHypercacheBackend(AsyncBackend):
         return await self.client.delete(k)
 
     async def get_many(self, keys: Iterable[str | bytes]) -> dict[str | bytes, Any]:
-        given = {self._k(k): k for k in keys}
+        given = _by_wire(self, keys)
         found = await self.client.get_many(list(given))
-        return {given[k]: v for k, v in found.items()}  # type: ignore[index]
+        return {key: v for k, v in found.items() for key in given[k]}  # type: ignore[index]
 
     async def set_many(self, mapping: Mapping[str | bytes, Any], ttl: float | None = None) -> None:
         await self.client.set_many({self._k(k): v for k, v in mapping.items()}, ttl)

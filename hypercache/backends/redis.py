@@ -162,9 +162,22 @@ class RedisBackend(Backend):
             return {}
         with _mapped():
             pipe = self.client.pipeline(transaction=False)
-            for k in given:
-                self._get_ttl(keys=[self._k(k)], client=pipe)
-            answers = pipe.execute()
+            if self.cluster:
+                # A cluster pipeline refuses scripts: GET and PTTL, side by side (an
+                # entry that expires between the two is left out).
+                for k in given:
+                    full = self._k(k)
+                    pipe.get(full)
+                    pipe.pttl(full)
+                flat = pipe.execute()
+                answers = [
+                    None if v is None or t == -2 else (v, t)
+                    for v, t in zip(flat[::2], flat[1::2], strict=True)
+                ]
+            else:
+                for k in given:
+                    self._get_ttl(keys=[self._k(k)], client=pipe)
+                answers = pipe.execute()
         loads = self.serializer.loads
         return {
             k: (loads(a[0]), _left(a[1]))
