@@ -427,7 +427,13 @@ class TieredCache(_Tiers):
         """The value of ``key``; if absent, ``factory()``'s, stored with ``ttl``,
         computed once across the threads of this process and the processes sharing
         L2 (see the module docstring). Exceptions of ``factory`` are not cached."""
-        value = self.get(key, MISSING)
+        try:
+            value = self.get(key, MISSING)
+        except BACKEND_DOWN:
+            if not self.serve_local:
+                raise
+            self._computed += 1
+            return factory()
         if value is not MISSING:
             return value
         k = encode_key(key)
@@ -597,7 +603,13 @@ class _AsyncEngine:
     async def get_or_set(
         self, key: str | bytes, factory: Callable[[], Awaitable[Any]], ttl: float | None
     ) -> Any:
-        value = await self.get(key, MISSING)
+        try:
+            value = await self.get(key, MISSING)
+        except BACKEND_DOWN:
+            if not self.t.serve_local:
+                raise
+            self.t._computed += 1
+            return await factory()
         if value is not MISSING:
             return value
         k = encode_key(key)

@@ -66,6 +66,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+#: What an invalidation connection differs in: RESP3 (pushes) and a name to find it by
+#: in ``CLIENT LIST``.
+_TRACKING: dict[str, Any] = {
+    "protocol": 3,
+    "parser_class": _RESP3Parser,
+    "client_name": "hypercache-invalidation",
+}
+
 SyncClient = redis.Redis | redis.cluster.RedisCluster
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 
@@ -286,7 +294,7 @@ class RedisBackend(Backend):
 
             def dial() -> redis.connection.AbstractConnection:
                 return pool.connection_class(  # type: ignore[no-any-return]
-                    **{**kwargs, "protocol": 3, "parser_class": _RESP3Parser}
+                    **{**kwargs, **_TRACKING}
                 )
 
             w = _Tracker(dial, self.namespace, on_keys, self.ping_interval, "redis")
@@ -436,7 +444,7 @@ class _ClusterWatch(Invalidation):
                 cls = node.redis_connection.connection_pool.connection_class
 
                 def dial(kwargs: dict[str, Any] = kwargs, cls: Any = cls) -> Any:
-                    return cls(**{**kwargs, "protocol": 3, "parser_class": _RESP3Parser})
+                    return cls(**{**kwargs, **_TRACKING})
 
                 with self._lock:
                     self._trackers[node.name] = _Tracker(
