@@ -388,6 +388,8 @@ class TieredCache(_Tiers):
         k = encode_key(key)
         epoch = self._epoch
         self.backend.set(k, value, ttl)
+        if self.backend.notifies_synchronously:
+            epoch = self._epoch  # our write's own notifications are done: not a race
         self._fill(k, value, ttl, epoch)
 
     def __setitem__(self, key: str | bytes, value: Any) -> None:
@@ -397,6 +399,8 @@ class TieredCache(_Tiers):
         """Store every item in L2 (one call), then in L1."""
         epoch = self._epoch
         self.backend.set_many(mapping, ttl)
+        if self.backend.notifies_synchronously:
+            epoch = self._epoch
         for key, value in mapping.items():
             self._fill(encode_key(key), value, ttl, epoch)
 
@@ -491,7 +495,14 @@ class TieredCache(_Tiers):
                 self._lease_waits += 1
             time.sleep(self.lease_poll)
         try:
-            self._l2_misses += 1
+            # The holder before us may have stored it and let go between our look and
+            # our lease: look again, now that nobody else can be computing it.
+            epoch = self._epoch
+            entry = self.backend.get_entry(k)
+            if entry is not MISSING:
+                value, left = cast(Entry, entry)
+                self._fill(k, value, left, epoch)
+                return value
             self._computed += 1
             value = factory()
             self.set(k, value, ttl)
@@ -549,6 +560,7 @@ class _Threaded:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        self.notifies_synchronously = backend.notifies_synchronously
 
     async def get_entry(self, key: bytes) -> Entry | _Missing:
         return await asyncio.to_thread(self.backend.get_entry, key)
@@ -675,11 +687,18 @@ class _AsyncEngine:
                 t._lease_waits += 1
             await asyncio.sleep(t.lease_poll)
         try:
-            t._l2_misses += 1
+            epoch = t._epoch  # as in TieredCache._compute: look again under the lease
+            entry = await self.backend.get_entry(k)
+            if entry is not MISSING:
+                value, left = cast(Entry, entry)
+                t._fill(k, value, left, epoch)
+                return value
             t._computed += 1
             value = await factory()
             epoch = t._epoch
             await self.backend.set(k, value, ttl)
+            if self.backend.notifies_synchronously:
+                epoch = t._epoch
             t._fill(k, value, ttl, epoch)
             return value
         finally:
@@ -774,12 +793,16 @@ class AsyncTieredCache(_Tiers):
         k = encode_key(key)
         epoch = self._epoch
         await self.backend.set(k, value, ttl)
+        if self.backend.notifies_synchronously:
+            epoch = self._epoch
         self._fill(k, value, ttl, epoch)
 
     async def set_many(self, mapping: Mapping[str | bytes, Any], ttl: float | None = None) -> None:
         """As :meth:`TieredCache.set_many`."""
         epoch = self._epoch
         await self.backend.set_many(mapping, ttl)
+        if self.backend.notifies_synchronously:
+            epoch = self._epoch
         for key, value in mapping.items():
             self._fill(encode_key(key), value, ttl, epoch)
 

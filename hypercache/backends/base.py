@@ -111,6 +111,10 @@ class _Common:
 
     #: the URL scheme that :func:`hypercache.open` maps to this backend
     scheme: str = ""
+    #: whether :meth:`Backend.watch` callbacks of a write have all run when the write
+    #: returns (in-process stores): a tier in front may then keep its own write
+    #: without waiting for (and being dropped by) its echo
+    notifies_synchronously: bool = False
 
     def __init__(
         self, *, namespace: str | bytes = "", serializer: Serializer | None = None

@@ -55,6 +55,7 @@ class MemoryBackend(Backend):
     """
 
     scheme = "memory"
+    notifies_synchronously = True
 
     def __init__(
         self,
@@ -176,6 +177,7 @@ class AsyncMemoryBackend(AsyncBackend):
     """The asyncio face of a :class:`MemoryBackend` (same parameters; nothing awaits)."""
 
     scheme = "memory"
+    notifies_synchronously = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.sync = MemoryBackend(*args, **kwargs)

@@ -4,7 +4,8 @@
 - :class:`RedisBackend` / :class:`AsyncRedisBackend` wrap a ``redis.Redis`` or a
   ``redis.cluster.RedisCluster`` (their ``redis.asyncio`` twins for the async one).
 - A read that wants the entry's remaining TTL too (:meth:`RedisBackend.get_entry`)
-  is one round trip: a Lua script answering ``GET`` and ``PTTL`` together.
+  is one round trip: ``GET`` and ``PTTL`` written together on one connection (on a
+  cluster, and in :class:`AsyncRedisBackend`, a Lua script answering both).
 - :meth:`RedisBackend.add` is ``SET NX PX``; :meth:`RedisBackend.delete_if` a
   compare-and-delete script: the leases of the tiered cache's stampede protection.
 - :meth:`RedisBackend.watch` is RESP3 client-side tracking in broadcast mode: a
@@ -153,24 +154,45 @@ class RedisBackend(Backend):
         self.ping_interval = ping_interval
         self._get_ttl = client.register_script(_GET_TTL)
         self._del_if = client.register_script(_DEL_IF)
-        self._evalsha = client.execute_command
+        # standalone: get_entry talks to a pooled connection itself (a cluster client
+        # routes by slot, so there it is the script)
+        self._pool: Any = None if self.cluster else client.connection_pool  # type: ignore[union-attr]
         self._watches: list[Invalidation] = []
 
     def get_entry(self, key: str | bytes) -> Entry | _Missing:
-        # EVALSHA straight through execute_command: redis-py's Script object costs
-        # a tenth of a round trip on top; a server that lost the script (a restart,
-        # SCRIPT FLUSH) answers NOSCRIPT, and Script loads it again.
         full = self._k(key)
         try:
-            try:
-                answer = self._evalsha("EVALSHA", self._get_ttl.sha, 1, full)  # type: ignore[no-untyped-call]
-            except redis.exceptions.NoScriptError:
+            if self._pool is not None:
+                value, pttl = self._get_pttl(full)
+            else:
                 answer = self._get_ttl(keys=[full])
+                if answer is None:
+                    return MISSING
+                value, pttl = answer
         except redis.RedisError as exc:
             raise redis_error(exc) from exc
-        if answer is None:
+        if value is None or pttl == -2:
             return MISSING
-        return self.serializer.loads(bytes(answer[0])), _left(answer[1])
+        return self.serializer.loads(bytes(value)), _left(pttl)
+
+    def _get_pttl(self, full: bytes) -> tuple[Any, int]:
+        # GET and PTTL written together on one connection, the two replies read back:
+        # one round trip, and cheaper than EVALSHA (no Lua on the server) or a
+        # redis-py pipeline (no command stack). A failure midway leaves the
+        # connection out of step: it is closed before it goes back to the pool.
+        pool = self._pool
+        assert pool is not None
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_commands([("GET", full), ("PTTL", full)]))
+            value = conn.read_response()
+            pttl = conn.read_response()
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        return value, int(pttl)
 
     def get_entries(self, keys: Iterable[str | bytes]) -> dict[str | bytes, Entry]:
         given = list(keys)
