@@ -271,3 +271,32 @@ def test_a_server_that_does_not_answer_times_out(tmp_path: Path) -> None:
         finally:
             server.proc.send_signal(signal.SIGCONT)
             b.close()
+
+
+@pytest.mark.parametrize("where", ["redis", "redis_cluster"])
+def test_scripts_flushed_on_the_server_are_loaded_again(
+    request: pytest.FixtureRequest, where: str
+) -> None:
+    b = open(backend_url(request, where, _ns()))
+    assert isinstance(b, RedisBackend)
+    try:
+        b.set("k", 1, ttl=30)
+        b.add("lease", "t", ttl=30)
+        b.client.script_flush()
+        entry = b.get_entry("k")
+        assert entry is not MISSING and entry[0] == 1  # type: ignore[index]
+        assert b.delete_if("lease", "t") is True
+
+        async def from_asyncio() -> None:
+            ab = open_async(backend_url(request, where, b.namespace.decode()))
+            try:
+                await ab.client.script_flush()  # type: ignore[attr-defined]
+                entry = await ab.get_entry("k")
+                assert entry is not MISSING and entry[0] == 1  # type: ignore[index]
+            finally:
+                await ab.close()
+
+        asyncio.run(from_asyncio())
+    finally:
+        b.clear()
+        b.close()
