@@ -300,3 +300,19 @@ def test_scripts_flushed_on_the_server_are_loaded_again(
     finally:
         b.clear()
         b.close()
+
+
+def test_the_serializers_of_the_url() -> None:
+    as_json = open("memory://?serializer=json")
+    as_json.set("k", {"a": (1, 2)})
+    assert as_json.get("k") == {"a": [1, 2]}
+    with pytest.raises(TypeError):
+        as_json.set("k", b"bytes")
+    raw = open("memory://?serializer=raw")
+    raw.set("k", b"\x00\x01")
+    assert raw.get("k") == b"\x00\x01"
+    with pytest.raises(TypeError):
+        raw.set("k", "text")
+    pickled = open("memory://?serializer=pickle")
+    pickled.set("k", {1, 2})
+    assert pickled.get("k") == {1, 2}

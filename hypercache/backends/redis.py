@@ -5,7 +5,7 @@
   ``redis.cluster.RedisCluster`` (their ``redis.asyncio`` twins for the async one).
 - A read that wants the entry's remaining TTL too (:meth:`RedisBackend.get_entry`)
   is one round trip: ``GET`` and ``PTTL`` written together on one connection (on a
-  cluster, and in :class:`AsyncRedisBackend`, a Lua script answering both).
+  cluster, a Lua script answering both).
 - :meth:`RedisBackend.add` is ``SET NX PX``; :meth:`RedisBackend.delete_if` a
   compare-and-delete script: the leases of the tiered cache's stampede protection.
 - :meth:`RedisBackend.watch` is RESP3 client-side tracking in broadcast mode: a
@@ -513,21 +513,44 @@ class AsyncRedisBackend(AsyncBackend):
         super().__init__(namespace=namespace, serializer=serializer)
         self.client = client
         self._sync = sync
+        self._pool: Any = (
+            None
+            if isinstance(client, redis.asyncio.cluster.RedisCluster)
+            else client.connection_pool
+        )
         self._get_ttl = client.register_script(_GET_TTL)
         self._del_if = client.register_script(_DEL_IF)
 
     async def get_entry(self, key: str | bytes) -> Entry | _Missing:
         full = self._k(key)
         try:
-            try:  # as RedisBackend.get_entry: EVALSHA without the Script object
-                answer = await self.client.execute_command("EVALSHA", self._get_ttl.sha, 1, full)
-            except redis.exceptions.NoScriptError:
+            if self._pool is not None:
+                value, pttl = await self._get_pttl(full)
+            else:
                 answer = await self._get_ttl(keys=[full])
+                if answer is None:
+                    return MISSING
+                value, pttl = answer
         except redis.RedisError as exc:
             raise redis_error(exc) from exc
-        if answer is None:
+        if value is None or pttl == -2:
             return MISSING
-        return self.serializer.loads(bytes(answer[0])), _left(answer[1])
+        return self.serializer.loads(bytes(value)), _left(pttl)
+
+    async def _get_pttl(self, full: bytes) -> tuple[Any, int]:
+        # As RedisBackend._get_pttl: GET and PTTL in one write on a pooled connection.
+        pool = self._pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(conn.pack_commands([("GET", full), ("PTTL", full)]))
+            value = await conn.read_response()
+            pttl = await conn.read_response()
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+        return value, int(pttl)
 
     async def get(self, key: str | bytes, default: Any = None) -> Any:
         try:
