@@ -26,6 +26,7 @@ from hypercache.errors import (
 __all__ = [
     "POLICIES",
     "AsyncClient",
+    "AsyncTieredCache",
     "CacheStats",
     "Client",
     "ConfigError",
@@ -35,11 +36,16 @@ __all__ = [
     "NodeUnavailableError",
     "QuorumError",
     "RequestTimeoutError",
+    "TieredCache",
     "__version__",
+    "open",
+    "open_async",
 ]
 
 if TYPE_CHECKING:
+    from hypercache.backends import open, open_async
     from hypercache.client import AsyncClient, Client
+    from hypercache.tiered import AsyncTieredCache, TieredCache
 
 
 def __getattr__(name: str) -> Any:
@@ -48,6 +54,19 @@ def __getattr__(name: str) -> Any:
         from hypercache import client
 
         value = getattr(client, name)
+        globals()[name] = value
+        return value
+    # So do the backends (redis-py only for a redis:// URL) and the tiered cache.
+    if name in ("open", "open_async"):
+        from hypercache import backends
+
+        value = getattr(backends, name)
+        globals()[name] = value
+        return value
+    if name in ("TieredCache", "AsyncTieredCache"):
+        from hypercache import tiered
+
+        value = getattr(tiered, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'hypercache' has no attribute {name!r}")

@@ -16,6 +16,7 @@ from hypercache.client.aio import AsyncClient
 from hypercache.client.keys import Key, normalize_key
 from hypercache.client.pool import ConnectionPool, PoolStats
 from hypercache.client.serializer import (
+    JsonSerializer,
     MsgpackSerializer,
     PickleSerializer,
     RawSerializer,
@@ -29,6 +30,7 @@ __all__ = [
     "Client",
     "ClientStats",
     "ConnectionPool",
+    "JsonSerializer",
     "Key",
     "MsgpackSerializer",
     "NodeInfo",

@@ -11,6 +11,8 @@ serialised (see :mod:`hypercache.client.keys`).
                          lists.
 :class:`PickleSerializer`   any picklable Python object. **Only** for a cluster that
                          no untrusted party can write to: unpickling runs code.
+:class:`JsonSerializer`     JSON text (UTF-8): readable by anything; ``None``, bools,
+                         numbers, ``str``, lists and dicts with ``str`` keys.
 :class:`RawSerializer`      bytes in, bytes out, nothing added: for values that are
                          already encoded, or to share keys with non-Python clients.
 =======================  ==========================================================
@@ -21,6 +23,7 @@ passed as ``serializer=`` to :class:`~hypercache.client.Client`.
 
 from __future__ import annotations
 
+import json
 import pickle
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -28,6 +31,7 @@ import msgpack
 
 __all__ = [
     "DEFAULT_SERIALIZER",
+    "JsonSerializer",
     "MsgpackSerializer",
     "PickleSerializer",
     "RawSerializer",
@@ -97,6 +101,25 @@ class PickleSerializer:
         return f"PickleSerializer(protocol={self.protocol})"
 
 
+class JsonSerializer:
+    """:mod:`json`, compact separators, UTF-8 (``ensure_ascii=False``). Tuples come
+    back as lists; bytes and other types raise :class:`TypeError` on :meth:`dumps`."""
+
+    __slots__ = ()
+
+    def dumps(self, obj: Any) -> bytes:
+        try:
+            return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"cannot serialise {type(obj).__name__} as JSON: {exc}") from None
+
+    def loads(self, data: bytes) -> Any:
+        return json.loads(data)
+
+    def __repr__(self) -> str:
+        return "JsonSerializer()"
+
+
 class RawSerializer:
     """Values are bytes and stay bytes: ``dumps`` accepts bytes-like objects only."""
 
@@ -118,6 +141,15 @@ class RawSerializer:
 
 #: The serializer used when none is given.
 DEFAULT_SERIALIZER: Final[Serializer] = MsgpackSerializer()
+
+
+#: Serializers by the names URLs and settings use.
+SERIALIZERS: Final[dict[str, type[Serializer]]] = {
+    "msgpack": MsgpackSerializer,
+    "pickle": PickleSerializer,
+    "json": JsonSerializer,
+    "raw": RawSerializer,
+}
 
 
 def resolve_serializer(serializer: Serializer | None) -> Serializer:
