@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LATENCY_TARGETS = {"set": 3.0, "get": 2.0}
 #: QUORUM write failure share allowed with one node down and at 10% loss
 MAX_FAIL_PCT = 2.0
+#: a node's keys after a join at most this far from the ideal share, %
+MAX_IMBALANCE_PCT = 15.0
 
 
 def run_chaos(results: Path, *, long: bool) -> int:
@@ -170,14 +172,21 @@ def chaos_rows(chaos: dict[str, dict[str, Any]]) -> list[list[str]]:
                 _verdict(bool(soak["rss_flat"]) and soak["caps_broken"] == 0),
             ]
         )
-    rows.append(
-        [
-            "Data imbalance after a join",
-            "—",
-            "not built: needs elastic membership (issue 9)",
-            "not measured",
-        ]
-    )
+    join = chaos.get("join")
+    if join is None:
+        rows.append(
+            ["Data imbalance after a join", "< 15% off the ideal share", "not measured", "—"]
+        )
+    else:
+        pct = join["imbalance_pct"]
+        rows.append(
+            [
+                f"Data imbalance after a join ({join['nodes'] - 1} -> {join['nodes']} nodes)",
+                f"< {MAX_IMBALANCE_PCT:g}% off the ideal share",
+                f"{pct}% (keys held {join['held']}, ideal {join['ideal']})",
+                _verdict(pct < MAX_IMBALANCE_PCT),
+            ]
+        )
     return rows
 
 
