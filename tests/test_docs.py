@@ -1,8 +1,9 @@
 """The README's and the docs' code blocks run as written.
 
 Every fenced block carries a language: ``text`` blocks are formats and are not run;
-``python`` blocks run in a fresh interpreter against a local cluster started the way
-``make run`` starts it; ``sh`` blocks run line by line. A python line that ends in a
+``toml`` blocks are node configurations, read by the node's own loader; ``python``
+blocks run in a fresh interpreter against a local cluster started the way ``make
+run`` starts it; ``sh`` blocks run line by line. A python line that ends in a
 comment starting with a literal (``cache.get("k")   # {'name': 'Ada'}``) asserts that
 value; an sh line ending in ``# prints TEXT`` asserts TEXT in its output.
 
@@ -31,11 +32,12 @@ from pathlib import Path
 import pytest
 from cluster_harness import FAST_FLAGS, free_port_run
 
+from hypercache.cli.args import node_config_from_argv
 from hypercache.cluster.local import ProcessCluster, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-LANGUAGES = {"python", "sh", "text"}
+LANGUAGES = {"python", "sh", "text", "toml"}
 BIN = Path(sys.executable).parent
 FENCE = re.compile(r"^```(\S*)\n(.*?)^```$", re.M | re.S)
 
@@ -91,6 +93,17 @@ class MakeRunPorts:
 
     def __call__(self, text: str) -> str:
         return self.PATTERN.sub(lambda m: str(self.port(int(m.group(0)))), text)
+
+
+# --- toml blocks -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", _blocks("toml"), ids=lambda b: b.name)
+def test_toml_block_is_a_configuration_the_node_accepts(block: Block, tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(block.code, encoding="utf-8")
+    config = node_config_from_argv(["--config", str(path)], {})
+    assert config.to_dict()
 
 
 # --- python blocks -----------------------------------------------------------------
