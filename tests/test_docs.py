@@ -10,7 +10,11 @@ value; an sh line ending in ``# prints TEXT`` asserts TEXT in its output.
 The only liberty taken with the text is the ports: the examples name ``make run``'s
 fixed ports (data 7400-7403, HTTP 7480-7483), which this machine may have in use, so
 each is mapped to a free one; the by-hand ``hypercache-node`` blocks get every
-address mapped to a free loopback port, so the multi-machine example runs here too.
+address mapped to a free loopback port, so the multi-machine example runs here too
+(a node that binds a wildcard address, ``--bind 0.0.0.0:7400``, listens at its
+``--advertise`` address instead: one wildcard port per machine is one port per
+node here). Such a block may set the nodes' environment first with ``export
+NAME=VALUE`` lines.
 """
 
 from __future__ import annotations
@@ -261,6 +265,8 @@ def _shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def _kind(command: str) -> str:
     program = shlex.split(command)[0]
+    if program == "export":
+        return "env"
     if program == "make":
         return "make"
     if program == "hypercache-node":
@@ -316,8 +322,34 @@ def _health(http: str) -> dict[str, object] | None:
         return None
 
 
+_WILDCARD_BIND = re.compile(r"--bind[ =](0\.0\.0\.0|\[::\]):\d+")
+
+
+def _listen_where_advertised(command: str) -> str:
+    """``command`` with a wildcard ``--bind`` replaced by its ``--advertise`` address."""
+    advertise = re.search(r"--advertise[ =](\S+)", command)
+    if advertise is None:
+        return command
+    return _WILDCARD_BIND.sub(f"--bind {advertise[1]}", command)
+
+
+def test_node_blocks_listen_where_they_advertise_and_take_their_exports() -> None:
+    line = "hypercache-node --bind 0.0.0.0:7400 --advertise 10.0.0.2:7400 --http 10.0.0.2:7480"
+    assert _listen_where_advertised(line) == (
+        "hypercache-node --bind 10.0.0.2:7400 --advertise 10.0.0.2:7400 --http 10.0.0.2:7480"
+    )
+    assert _listen_where_advertised("hypercache-node --bind 0.0.0.0:7400") == (
+        "hypercache-node --bind 0.0.0.0:7400"
+    )
+    assert _kind("export HYPERCACHE_CLUSTER_SECRET=x") == "env"
+
+
 def _launch_nodes(commands: list[str], block: Block, tmp_path: Path) -> None:
-    """Start the block's ``hypercache-node`` lines, wait for one healthy cluster, stop."""
+    """Start the block's ``hypercache-node`` lines, with the environment its
+    ``export`` lines set, wait for one healthy cluster, stop."""
+    exports = [shlex.split(c)[1] for c in commands if _kind(c) == "env"]
+    node_env = {**_env(), **dict(e.split("=", 1) for e in exports)}
+    commands = [_listen_where_advertised(c) for c in commands if _kind(c) == "node"]
     addresses = _address_map(commands)
     https = []
     procs = []
@@ -334,7 +366,7 @@ def _launch_nodes(commands: list[str], block: Block, tmp_path: Path) -> None:
                     cwd=tmp_path,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=_env(),
+                    env=node_env,
                 )
             )
             log.close()
@@ -369,6 +401,8 @@ _SH = _blocks("sh")
 def test_sh_block_runs_as_written(block: Block, make_run: MakeRunPorts, tmp_path: Path) -> None:
     commands = _commands(block.code)
     kinds = {_kind(c) for c in commands}
+    if kinds == {"env", "node"}:
+        kinds = {"node"}  # the nodes' environment, then the nodes
     assert len(kinds) == 1, f"{block.name}: one kind of command per block, not {kinds}"
     kind = kinds.pop()
     if kind == "node":
