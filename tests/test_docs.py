@@ -380,7 +380,10 @@ def _launch_nodes(commands: list[str], block: Block, tmp_path: Path) -> None:
                     return False
             return True
 
-        wait_for(everyone_up, timeout=30, interval=0.1, what=f"{block.name}'s nodes healthy")
+        # Nodes that all start with seeds (the deployment example) have every
+        # partition not ready until each has found that nobody holds it: tens of
+        # seconds on a loaded machine (see docs/deployment.md).
+        wait_for(everyone_up, timeout=120, interval=0.2, what=f"{block.name}'s nodes healthy")
         assert all(p.poll() is None for p in procs)
     finally:
         for proc in procs:
