@@ -13,8 +13,8 @@ each is mapped to a free one; the by-hand ``hypercache-node`` blocks get every
 address mapped to a free loopback port, so the multi-machine example runs here too
 (a node that binds a wildcard address, ``--bind 0.0.0.0:7400``, listens at its
 ``--advertise`` address instead: one wildcard port per machine is one port per
-node here). Such a block may set the nodes' environment first with ``export
-NAME=VALUE`` lines.
+node here), and with 256 partitions, to be ready in a second. Such a block may set
+the nodes' environment first with ``export NAME=VALUE`` lines.
 """
 
 from __future__ import annotations
@@ -322,6 +322,11 @@ def _health(http: str) -> dict[str, object] | None:
         return None
 
 
+# Nodes that all start with seeds (the deployment example) have every partition not
+# ready until each has found that nobody holds it: with 4096 partitions that took
+# 10-40 s on a loaded machine (docs/deployment.md says so); with 256, about a second.
+_FEW_PARTITIONS = ("--partitions", "256")
+
 _WILDCARD_BIND = re.compile(r"--bind[ =](0\.0\.0\.0|\[::\]):\d+")
 
 
@@ -362,7 +367,7 @@ def _launch_nodes(commands: list[str], block: Block, tmp_path: Path) -> None:
             log = (tmp_path / f"node-{i}.log").open("w")
             procs.append(
                 subprocess.Popen(
-                    [str(BIN / words[0]), *words[1:], *FAST_FLAGS],
+                    [str(BIN / words[0]), *words[1:], *FAST_FLAGS, *_FEW_PARTITIONS],
                     cwd=tmp_path,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -380,10 +385,7 @@ def _launch_nodes(commands: list[str], block: Block, tmp_path: Path) -> None:
                     return False
             return True
 
-        # Nodes that all start with seeds (the deployment example) have every
-        # partition not ready until each has found that nobody holds it: tens of
-        # seconds on a loaded machine (see docs/deployment.md).
-        wait_for(everyone_up, timeout=120, interval=0.2, what=f"{block.name}'s nodes healthy")
+        wait_for(everyone_up, timeout=60, interval=0.2, what=f"{block.name}'s nodes healthy")
         assert all(p.poll() is None for p in procs)
     finally:
         for proc in procs:
