@@ -1,15 +1,20 @@
 """The README's and the docs' code blocks run as written.
 
 Every fenced block carries a language: ``text`` blocks are formats and are not run;
-``python`` blocks run in a fresh interpreter against a local cluster started the way
-``make run`` starts it; ``sh`` blocks run line by line. A python line that ends in a
+``toml`` blocks are node configurations, read by the node's own loader; ``python``
+blocks run in a fresh interpreter against a local cluster started the way ``make
+run`` starts it; ``sh`` blocks run line by line. A python line that ends in a
 comment starting with a literal (``cache.get("k")   # {'name': 'Ada'}``) asserts that
 value; an sh line ending in ``# prints TEXT`` asserts TEXT in its output.
 
 The only liberty taken with the text is the ports: the examples name ``make run``'s
 fixed ports (data 7400-7403, HTTP 7480-7483), which this machine may have in use, so
 each is mapped to a free one; the by-hand ``hypercache-node`` blocks get every
-address mapped to a free loopback port, so the multi-machine example runs here too.
+address mapped to a free loopback port, so the multi-machine example runs here too
+(a node that binds a wildcard address, ``--bind 0.0.0.0:7400``, listens at its
+``--advertise`` address instead: one wildcard port per machine is one port per
+node here), and with 256 partitions, to be ready in a second. Such a block may set
+the nodes' environment first with ``export NAME=VALUE`` lines.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ from pathlib import Path
 import pytest
 from cluster_harness import FAST_FLAGS, free_port_run
 
+from hypercache.cli.args import node_config_from_argv
 from hypercache.cluster.local import ProcessCluster, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-LANGUAGES = {"python", "sh", "text"}
+LANGUAGES = {"python", "sh", "text", "toml"}
 BIN = Path(sys.executable).parent
 FENCE = re.compile(r"^```(\S*)\n(.*?)^```$", re.M | re.S)
 
@@ -91,6 +97,17 @@ class MakeRunPorts:
 
     def __call__(self, text: str) -> str:
         return self.PATTERN.sub(lambda m: str(self.port(int(m.group(0)))), text)
+
+
+# --- toml blocks -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", _blocks("toml"), ids=lambda b: b.name)
+def test_toml_block_is_a_configuration_the_node_accepts(block: Block, tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(block.code, encoding="utf-8")
+    config = node_config_from_argv(["--config", str(path)], {})
+    assert config.to_dict()
 
 
 # --- python blocks -----------------------------------------------------------------
@@ -248,6 +265,8 @@ def _shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def _kind(command: str) -> str:
     program = shlex.split(command)[0]
+    if program == "export":
+        return "env"
     if program == "make":
         return "make"
     if program == "hypercache-node":
@@ -303,8 +322,39 @@ def _health(http: str) -> dict[str, object] | None:
         return None
 
 
+# Nodes that all start with seeds (the deployment example) have every partition not
+# ready until each has found that nobody holds it: with 4096 partitions that took
+# 10-40 s on a loaded machine (docs/deployment.md says so); with 256, about a second.
+_FEW_PARTITIONS = ("--partitions", "256")
+
+_WILDCARD_BIND = re.compile(r"--bind[ =](0\.0\.0\.0|\[::\]):\d+")
+
+
+def _listen_where_advertised(command: str) -> str:
+    """``command`` with a wildcard ``--bind`` replaced by its ``--advertise`` address."""
+    advertise = re.search(r"--advertise[ =](\S+)", command)
+    if advertise is None:
+        return command
+    return _WILDCARD_BIND.sub(f"--bind {advertise[1]}", command)
+
+
+def test_node_blocks_listen_where_they_advertise_and_take_their_exports() -> None:
+    line = "hypercache-node --bind 0.0.0.0:7400 --advertise 10.0.0.2:7400 --http 10.0.0.2:7480"
+    assert _listen_where_advertised(line) == (
+        "hypercache-node --bind 10.0.0.2:7400 --advertise 10.0.0.2:7400 --http 10.0.0.2:7480"
+    )
+    assert _listen_where_advertised("hypercache-node --bind 0.0.0.0:7400") == (
+        "hypercache-node --bind 0.0.0.0:7400"
+    )
+    assert _kind("export HYPERCACHE_CLUSTER_SECRET=x") == "env"
+
+
 def _launch_nodes(commands: list[str], block: Block, tmp_path: Path) -> None:
-    """Start the block's ``hypercache-node`` lines, wait for one healthy cluster, stop."""
+    """Start the block's ``hypercache-node`` lines, with the environment its
+    ``export`` lines set, wait for one healthy cluster, stop."""
+    exports = [shlex.split(c)[1] for c in commands if _kind(c) == "env"]
+    node_env = {**_env(), **dict(e.split("=", 1) for e in exports)}
+    commands = [_listen_where_advertised(c) for c in commands if _kind(c) == "node"]
     addresses = _address_map(commands)
     https = []
     procs = []
@@ -317,11 +367,11 @@ def _launch_nodes(commands: list[str], block: Block, tmp_path: Path) -> None:
             log = (tmp_path / f"node-{i}.log").open("w")
             procs.append(
                 subprocess.Popen(
-                    [str(BIN / words[0]), *words[1:], *FAST_FLAGS],
+                    [str(BIN / words[0]), *words[1:], *FAST_FLAGS, *_FEW_PARTITIONS],
                     cwd=tmp_path,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=_env(),
+                    env=node_env,
                 )
             )
             log.close()
@@ -335,7 +385,7 @@ def _launch_nodes(commands: list[str], block: Block, tmp_path: Path) -> None:
                     return False
             return True
 
-        wait_for(everyone_up, timeout=30, interval=0.1, what=f"{block.name}'s nodes healthy")
+        wait_for(everyone_up, timeout=60, interval=0.2, what=f"{block.name}'s nodes healthy")
         assert all(p.poll() is None for p in procs)
     finally:
         for proc in procs:
@@ -356,6 +406,8 @@ _SH = _blocks("sh")
 def test_sh_block_runs_as_written(block: Block, make_run: MakeRunPorts, tmp_path: Path) -> None:
     commands = _commands(block.code)
     kinds = {_kind(c) for c in commands}
+    if kinds == {"env", "node"}:
+        kinds = {"node"}  # the nodes' environment, then the nodes
     assert len(kinds) == 1, f"{block.name}: one kind of command per block, not {kinds}"
     kind = kinds.pop()
     if kind == "node":
