@@ -34,8 +34,8 @@ build: $(BUILT)
 
 test: build
 	$(PY) -m pytest -q
-	$(PY) -m ruff check hypercache tests bench
-	$(PY) -m ruff format --check hypercache tests bench
+	$(PY) -m ruff check hypercache tests bench examples
+	$(PY) -m ruff format --check hypercache tests bench examples
 	$(PY) -m mypy
 
 quicktest: build
@@ -70,13 +70,13 @@ run-tls: build
 	$(PY) -m hypercache.cli.local --tls
 
 lint: $(STAMP)
-	$(PY) -m ruff check hypercache tests bench
-	$(PY) -m ruff format --check hypercache tests bench
+	$(PY) -m ruff check hypercache tests bench examples
+	$(PY) -m ruff format --check hypercache tests bench examples
 	$(PY) -m mypy
 
 fmt: $(STAMP)
-	$(PY) -m ruff format hypercache tests bench
-	$(PY) -m ruff check --fix hypercache tests bench
+	$(PY) -m ruff format hypercache tests bench examples
+	$(PY) -m ruff check --fix hypercache tests bench examples
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .benchmarks
