@@ -630,6 +630,28 @@ def test_no_live_source_or_no_holder_means_ready_with_nothing() -> None:
     run(body())
 
 
+def test_a_whole_cluster_started_empty_retries_every_partition_and_drops_none() -> None:
+    async def body() -> None:
+        # More partitions than RETRY_QUEUE_MAX, every one "not held" by the source
+        # (every node started at once with seeds): each goes through its retries to
+        # "no source"; none is dropped to wait for the re-plan.
+        parts = 2 * rebalance.RETRY_QUEUE_MAX
+        clock = FakeClock()
+        b, m = Side("b", parts, held=False), Side("m", parts, held=False)
+        b.states.set_owned(range(parts))
+        rb = rebalancer(m, {"b": FakePeer(b, clock)}, clock, rebalance_concurrency=64)
+        assert rb.retry_queue_max == parts
+        old, new = joined("m", "b", parts)
+        rb.start(old)
+        rb.on_ring(old, new)
+        await settle(rb, clock)
+        assert rb.stats.drops == 0, rb.stats.as_dict()
+        assert rb.ready and rb.stats.partitions_no_source == parts
+        await rb.stop()
+
+    run(body(), timeout=60)
+
+
 def test_a_joining_node_is_isolated_until_it_meets_a_member() -> None:
     async def body() -> None:
         clock = FakeClock()

@@ -45,7 +45,10 @@ source also caps them: ``MAX_PUT_MANY`` entries, half a frame), at most
 the node: a batch that leaves the bucket in debt waits it out (a *throttle event*).
 
 **Retries.** A transfer that failed with every source goes to a retry queue
-(bounded: :data:`RETRY_QUEUE_MAX`) with a backoff doubling from
+(bounded: the partition count, at least :data:`RETRY_QUEUE_MAX`; a partition waits
+in it once at most, so a whole cluster started at once, where every transfer fails
+"not held" until :data:`NO_HOLDER_ATTEMPTS`, retries them all rather than dropping
+most of them until the re-plan) with a backoff doubling from
 :data:`BACKOFF_MIN` to :data:`BACKOFF_MAX`, resuming at its cursor, with whichever
 source is up then. After ``max_attempts`` failures, or when the retry queue is
 full, the partition is *dropped* from the queue (counted) and stays not ready until
@@ -152,7 +155,8 @@ MAX_ATTEMPTS: Final = 8
 #: Attempts in a row in which every live source answered "not held" (not ready,
 #: wrong owner) after which the partition counts as having no source.
 NO_HOLDER_ATTEMPTS: Final = 4
-#: Transfers waiting for a retry, at most; one more is dropped (counted).
+#: Transfers waiting for a retry, at most (or the partition count, when larger); one
+#: more is dropped (counted).
 RETRY_QUEUE_MAX: Final = 1024
 #: Period of the re-plan (queues the owned partitions still not ready), seconds.
 REPLAN_INTERVAL: Final = 10.0
@@ -572,7 +576,7 @@ class Rebalancer:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         settle: float = SETTLE,
         max_attempts: int = MAX_ATTEMPTS,
-        retry_queue_max: int = RETRY_QUEUE_MAX,
+        retry_queue_max: int | None = None,
     ) -> None:
         self.node_id = node_id
         self.store = store
@@ -588,7 +592,9 @@ class Rebalancer:
         self.sleep = sleep
         self.settle = settle
         self.max_attempts = max_attempts
-        self.retry_queue_max = retry_queue_max
+        self.retry_queue_max = (
+            max(RETRY_QUEUE_MAX, states.partitions) if retry_queue_max is None else retry_queue_max
+        )
         self.batch_keys = min(settings.rebalance_batch_keys, MAX_PUT_MANY)
         self.batch_bytes = min(settings.rebalance_batch_bytes, limits.max_frame // 2)
         self.bucket = TokenBucket(
