@@ -7,6 +7,7 @@ them all, with the right parent links.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 
-from hypercache import Client
+from hypercache import AsyncClient, Client
 from hypercache._core.hlc import make_ts
 from hypercache.cluster.local import ProcessCluster
 from hypercache.net.protocol import Op
@@ -28,7 +29,20 @@ from hypercache.replication import wall_ms
 
 pytestmark = pytest.mark.functional
 
-TRACED = ("--tracing", "on", "--replication", "3", "--log-format", "json", "--log-level", "debug")
+# 256 partitions: a fresh cluster's start-up streams every partition, each batch a
+# Rebalance span (and, at debug, a log line) that a loaded machine must export.
+TRACED = (
+    "--tracing",
+    "on",
+    "--replication",
+    "3",
+    "--partitions",
+    "256",
+    "--log-format",
+    "json",
+    "--log-level",
+    "debug",
+)
 
 
 @pytest.fixture
@@ -229,3 +243,25 @@ def test_a_diverged_replica_is_repaired_in_traced_merkle_rounds(
             assert parent is None or parent.name == "MerkleSync"
         syncs = [s for s in spans if s.name == "MerkleSync"]
         assert {s.attributes["hypercache.peer"] for s in syncs} <= {n.node_id for n in cluster}
+
+
+def test_the_async_client_continues_the_callers_trace(
+    tmp_path: Path, exported: InMemorySpanExporter, receiver: OtlpReceiver
+) -> None:
+    async def main(addresses: list[str]) -> None:
+        async with AsyncClient(addresses, timeout=10.0) as client:
+            await client.set("a", [1, 2, 3], consistency="quorum")
+
+    with running_cluster(3, tmp_path, TRACED) as cluster:
+        nodes = {n.node_id for n in cluster}
+        asyncio.run(main(cluster.addresses))
+        (client_span,) = [s for s in exported.get_finished_spans() if s.name == "Client.set"]
+        trace_id = f"{client_span.context.trace_id:032x}"
+        root = f"{client_span.context.span_id:016x}"
+        spans = receiver.wait_for(
+            lambda got: (
+                len([s for s in _of_trace(got, trace_id) if s.name == "ReplicaApply"]) >= 2
+                and any(s.name == "ReplicaFanout" for s in _of_trace(got, trace_id))
+            )
+        )
+        _check_write_tree(_of_trace(spans, trace_id), root, "Set", nodes)

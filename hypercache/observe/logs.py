@@ -83,6 +83,8 @@ def setup_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # The OTLP exporter's HTTP library logs every export at debug: not the node's news.
+    logging.getLogger("urllib3").setLevel(max(root.level, logging.WARNING))
     return handler
 
 
