@@ -120,7 +120,11 @@ def test_l2_down_raises_or_serves_local(tmp_path: Path) -> None:
         try:
             _watching(strict)
             _watching(lenient)
+            heard = lenient._epoch
             strict.set("k", 1)
+            # The write's notification reaches lenient too; a fill before it arrives
+            # would be dropped by it (the race the epoch guards against).
+            wait_until(lambda: lenient._epoch > heard, "the write's notification")
             assert strict.get("k") == 1 and lenient.get("k") == 1
             server.stop()
             wait_until(lambda: not strict.watching and not lenient.watching, "the loss")
