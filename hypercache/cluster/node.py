@@ -174,6 +174,7 @@ class Node:
         self._topology: dict[str, Any] | None = None
         #: the leave under way or done (:meth:`leave`), and the end of :meth:`stop`
         self._leaving: asyncio.Task[dict[str, Any]] | None = None
+        self._stopper: asyncio.Future[None] | None = None  # leave_and_stop's
         self._stopped = asyncio.Event()
         self._leads: tuple[int, dict[str, list[int]]] = (-1, {})
         limit = config.cpu_latency_limit
@@ -593,11 +594,11 @@ class Node:
         """Start leaving the cluster, then stop once the leave is done (``LEAVE``,
         ``POST /cluster/leave``); answer at once what was started. The node serves
         meanwhile; :meth:`wait_stopped` returns when it has stopped."""
-        first = self._leaving is None
-        task = asyncio.ensure_future(self.stop(leave=True))
-        if first:
+        if self._stopper is None:
             _log.info("asked to leave the cluster")
-        task.add_done_callback(_log_failure)
+            # (kept: the loop holds only a weak reference to a task)
+            self._stopper = asyncio.ensure_future(self.stop(leave=True))
+            self._stopper.add_done_callback(_log_failure)
         return {
             "node_id": self.node_id,
             "leaving": True,
