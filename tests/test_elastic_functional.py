@@ -88,12 +88,18 @@ def load(seeds: list[str], history: History, step: str) -> Iterator[Workload]:
 
 
 def rebalanced(cluster: ProcessCluster) -> bool:
-    """Every member ready, nothing queued, and every partition it lost dropped."""
+    """Every member ready, its streamed partitions verified with their other owners,
+    nothing queued, and every partition it lost dropped."""
     for node in cluster.nodes:
         if not node.running or node.index in cluster.departed:
             continue
         report = node.http_json("/dist/rebalance", timeout=2.0)
-        if not report["ready"] or report["queue_depth"] or report["removal_pending"]:
+        if (
+            not report["ready"]
+            or report["queue_depth"]
+            or report["removal_pending"]
+            or report["verifying"]
+        ):
             return False
     return True
 

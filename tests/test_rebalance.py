@@ -282,7 +282,7 @@ def rebalancer(
     changes: list[int] | None = None,
     **kw: Any,
 ) -> Rebalancer:
-    opts = {k: kw.pop(k) for k in ("max_attempts", "retry_queue_max") if k in kw}
+    opts = {k: kw.pop(k) for k in ("max_attempts", "retry_queue_max", "verify") if k in kw}
     return Rebalancer(
         node_id=side.node_id,
         store=side.store,
@@ -650,6 +650,36 @@ def test_a_whole_cluster_started_empty_retries_every_partition_and_drops_none() 
         await rb.stop()
 
     run(body(), timeout=60)
+
+
+def test_streamed_partitions_are_verified_with_their_other_owners_once_held() -> None:
+    async def body() -> None:
+        clock = FakeClock()
+        a, n = Side("a", 8, held=True), Side("n", 8, held=False)
+        for i in range(100):
+            a.put(b"k%d" % i, b"v", ts(10))
+        asked: list[dict[str, list[int]]] = []
+
+        async def verify(parts: Any) -> int:
+            asked.append({peer: list(ps) for peer, ps in parts.items()})
+            return 3
+
+        rb = rebalancer(n, {"a": FakePeer(a, clock)}, clock, verify=verify)
+        old, new = joined("n", "a", 8)
+        rb.start(old)
+        rb.on_ring(old, new)
+        await settle(rb, clock)
+        assert rb.ready
+        while rb.verifying:
+            await asyncio.sleep(0)
+        streamed = [p for p in range(8) if n.store.partition_len(p)]
+        assert streamed and asked == [{"a": sorted(streamed)}]
+        assert rb.stats.partitions_verified == len(streamed)
+        assert rb.stats.keys_verified_repaired == 3
+        assert rb.report()["verifying"] is False
+        await rb.stop()
+
+    run(body())
 
 
 def test_a_joining_node_is_isolated_until_it_meets_a_member() -> None:

@@ -392,6 +392,8 @@ class Node:
             timeout=config.request_timeout,
             joining=joining,
             on_change=self._pending_changed,
+            # (the anti-entropy is built below; verifying starts only once running)
+            verify=lambda parts: antientropy.sync_now(parts),
         )
         # -- end rebalancing
         coordinator = Coordinator(

@@ -77,6 +77,14 @@ it owns from its co-owners as soon as it has met them. The co-owners push nothin
 :meth:`Rebalancer.on_peer_restart` only retries at once the transfers that were
 waiting for a source.
 
+**Verify.** A partition is streamed from one source, which may have missed a write
+that its co-owners took (the write's hint for it still queued elsewhere): the new
+owner would then lack it until anti-entropy. So once every owned partition is held,
+the partitions streamed in that rebalance are compared at once with each of their
+other owners (``verify``: the anti-entropy's Merkle sync of those partitions alone,
+both ways), and what differs is repaired; ``/dist/rebalance`` says ``verifying``
+meanwhile (``partitions_verified``, ``keys_verified_repaired``).
+
 **Leave.** A node that leaves is out of its own ring first, so this node's
 partitions have new owners in its table; :meth:`Rebalancer.push_out` then pushes
 every partition it holds to the owners that gained it (``R_PUT_MANY`` in mode 0,
@@ -457,6 +465,9 @@ class _Peer(Protocol):
 #: entry (ProtocolError for a malformed one, or one of another partition), applies
 #: each through ``Replica.put(..., path="rebalance")``, returns ``(applied, bytes)``.
 ApplyBatch = Callable[[int, list[Any]], tuple[int, int]]
+#: Compares (and repairs) partitions with peers: ``{peer id: [partition, ...]}`` ->
+#: entries repaired (``AntiEntropy.sync_now``).
+Verify = Callable[[Mapping[str, list[int]]], Awaitable[int]]
 
 
 class RebalanceStats:
@@ -473,10 +484,12 @@ class RebalanceStats:
         "keys_moved",
         "keys_pushed",
         "keys_removed",
+        "keys_verified_repaired",
         "partitions_moved",
         "partitions_no_source",
         "partitions_pushed",
         "partitions_removed",
+        "partitions_verified",
         "push_failures",
         "retries",
         "ring_changes",
@@ -506,6 +519,10 @@ class RebalanceStats:
         self.partitions_pushed = 0
         self.keys_pushed = 0
         self.push_failures = 0
+        #: streamed partitions compared with their other owners once held, and the
+        #: entries those comparisons repaired
+        self.partitions_verified = 0
+        self.keys_verified_repaired = 0
         #: HOLDS requests sent, and partitions not confirmed by every new owner
         self.holds_asked = 0
         self.holds_refused = 0
@@ -577,6 +594,7 @@ class Rebalancer:
         settle: float = SETTLE,
         max_attempts: int = MAX_ATTEMPTS,
         retry_queue_max: int | None = None,
+        verify: Verify | None = None,
     ) -> None:
         self.node_id = node_id
         self.store = store
@@ -592,6 +610,10 @@ class Rebalancer:
         self.sleep = sleep
         self.settle = settle
         self.max_attempts = max_attempts
+        self._verify = verify
+        #: partitions streamed in the rebalance under way (verified once it is done)
+        self._streamed: set[int] = set()
+        self._verifying: asyncio.Task[None] | None = None
         self.retry_queue_max = (
             max(RETRY_QUEUE_MAX, states.partitions) if retry_queue_max is None else retry_queue_max
         )
@@ -652,9 +674,9 @@ class Rebalancer:
     async def stop(self) -> None:
         """Stop the loop, every transfer and the removal check."""
         self._stopping = True
-        tasks = [t for t in (self._task, self._removing) if t is not None]
+        tasks = [t for t in (self._task, self._removing, self._verifying) if t is not None]
         tasks += self._running.values()
-        self._task = self._removing = None
+        self._task = self._removing = self._verifying = None
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -953,10 +975,12 @@ class Rebalancer:
         if streamed:
             self.stats.partitions_moved += 1
             self.duration.observe(self.clock() - start)
+            self._streamed.add(p)
         else:
             self.stats.partitions_no_source += 1
         if self.states.unready == 0:
             self._refresh_active()
+            self._start_verify()
             if self._rebalance_started is not None:
                 self.last_rebalance_s = self.clock() - self._rebalance_started
                 self._rebalance_started = None
@@ -965,6 +989,46 @@ class Rebalancer:
                     self.last_rebalance_s,
                     self.stats.partitions_moved,
                 )
+
+    @property
+    def verifying(self) -> bool:
+        """Whether streamed partitions are being compared with their other owners."""
+        return self._verifying is not None and not self._verifying.done()
+
+    def _start_verify(self) -> None:
+        if self._verify is None or not self._streamed or self._stopping:
+            return
+        parts, me = sorted(self._streamed), self.node_id
+        self._streamed.clear()
+        by_peer: dict[str, list[int]] = {}
+        for p in parts:
+            for owner in self._table[p]:
+                if owner != me:
+                    by_peer.setdefault(owner, []).append(p)
+        if not by_peer:
+            return
+        previous = self._verifying
+        self._verifying = asyncio.get_running_loop().create_task(
+            self._verify_after(previous, by_peer, len(parts)), name="hypercache-rebalance-verify"
+        )
+
+    async def _verify_after(
+        self, previous: asyncio.Task[None] | None, by_peer: dict[str, list[int]], count: int
+    ) -> None:
+        if previous is not None:
+            with contextlib.suppress(BaseException):
+                await previous
+        assert self._verify is not None
+        try:
+            repaired = await self._verify(by_peer)
+        except Exception:  # logged; anti-entropy's rounds repair later
+            _log.exception("verifying streamed partitions failed")
+            self.stats.errors += 1
+            return
+        self.stats.partitions_verified += count
+        self.stats.keys_verified_repaired += repaired
+        if repaired:
+            _log.info("verified %d streamed partitions: %d entries repaired", count, repaired)
 
     def _failed(self, p: int, outcome: _Outcome) -> None:
         if not self._wants(p):
@@ -1198,6 +1262,7 @@ class Rebalancer:
             "in_flight": sorted(self._running),
             "pending_partitions": len(self._previous),
             "removal_pending": len(self._removal),
+            "verifying": self.verifying,
             "last_rebalance_s": self.last_rebalance_s,
             "last_diff": None if diff is None else diff.summary(),
             "throttle_events": self.bucket.throttled,
@@ -1257,6 +1322,16 @@ class Rebalancer:
                 "push_failures",
                 "Pushes to a new owner cut short by a failed request (leaving).",
                 s.push_failures,
+            ),
+            (
+                "partitions_verified",
+                "Streamed partitions compared with their other owners once held.",
+                s.partitions_verified,
+            ),
+            (
+                "keys_verified_repaired",
+                "Entries repaired by comparing streamed partitions with their other owners.",
+                s.keys_verified_repaired,
             ),
             ("holds_asked", "HOLDS requests sent.", s.holds_asked),
             (
