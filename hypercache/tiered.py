@@ -150,9 +150,12 @@ class _Tiers:
         self._flights: dict[bytes, asyncio.Future[Any] | _Flight] = {}
         self._flights_lock = threading.Lock()
 
-    def _start_watch(self, watch: Callable[..., Invalidation | None]) -> None:
+    def _start_watch(self, watch: Callable[..., Invalidation | None] | None) -> None:
+        """Listen to the backend's write notifications (``watch``; ``None``: the
+        caller asked for none); without any, L1 entries live ``local_ttl`` at most
+        (:data:`DEFAULT_UNWATCHED_TTL` when unset)."""
         self._trusted = False  # until the link says it is up
-        handle = watch(self._notified)
+        handle = None if watch is None else watch(self._notified)
         if handle is None:
             self._trusted = True
             if self.local_ttl is None:
@@ -283,10 +286,7 @@ class TieredCache(_Tiers):
         if not isinstance(self.backend, Backend):
             raise ConfigError("backend", f"must be a Backend or a URL, got {backend!r}")
         self._async_flights: dict[bytes, asyncio.Future[Any]] = {}
-        if invalidate:
-            self._start_watch(self.backend.watch)
-        elif self.local_ttl is None:
-            self.local_ttl = DEFAULT_UNWATCHED_TTL
+        self._start_watch(self.backend.watch if invalidate else None)
 
     def __repr__(self) -> str:
         return f"TieredCache({self.backend!r}, local={self.local!r})"
@@ -730,10 +730,7 @@ class AsyncTieredCache(_Tiers):
         if not isinstance(self.backend, AsyncBackend):
             raise ConfigError("backend", f"must be an AsyncBackend or a URL, got {backend!r}")
         self._engine = _AsyncEngine(self, self.backend, {})
-        if invalidate:
-            self._start_watch(self.backend.watch)
-        elif self.local_ttl is None:
-            self.local_ttl = DEFAULT_UNWATCHED_TTL
+        self._start_watch(self.backend.watch if invalidate else None)
 
     def __repr__(self) -> str:
         return f"AsyncTieredCache({self.backend!r}, local={self.local!r})"
