@@ -502,7 +502,8 @@ class ServerProtocol(FramedProtocol):
                 "info": info,
                 # The peer's requests then carry deadlines on this clock.
                 "clock_ms": wall_clock_ms(),
-                # Optional features: a peer's requests may carry the trace context.
+                # Optional features: a peer's requests may carry the trace context;
+                # values may be compressed (docs/protocol.md, "Features").
                 "features": list(FEATURES),
             }
             if proof is not None:
@@ -530,6 +531,7 @@ class ServerProtocol(FramedProtocol):
             authenticated=proof is not None,
             scopes=None if token is None else token.scopes,
             principal=None if token is None else token.name,
+            features=hello["features"],
         )
         self._decoder.max_frame = options.limits.max_frame
         self._send(body)
