@@ -3,6 +3,7 @@ no span objects with tracing off, JSON log lines, rate-limited warnings."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -31,6 +32,7 @@ from hypercache.errors import ConfigError, QuorumError
 from hypercache.net.connection import ClientConnection
 from hypercache.net.inproc import InprocNetwork
 from hypercache.net.protocol import Op, make_hello
+from hypercache.net.transport import ServerOptions
 from hypercache.observe import RateLimiter, setup_logging, tracing
 from hypercache.observe.logs import JsonLogFormatter
 
@@ -115,6 +117,56 @@ def test_a_set_has_a_fanout_with_one_child_per_owner_and_an_apply_per_remote_own
         applies = _by_name(spans, "ReplicaApply")
         assert {_parent(s) for s in applies} == remote
         assert {(s.attributes or {})["hypercache.op"] for s in applies} == {"R_PUT"}
+
+    with traced() as exporter:
+        run(main(exporter))
+
+
+class _TaskHandler:
+    """A handler without a synchronous fast path: every request runs in a task."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int]] = []  # (op, trace id, span id) current
+
+    def hello_info(self, peer_hello: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    async def handle(self, conn_info: Any, op: int, payload: Any) -> Any:
+        await asyncio.sleep(0)  # a slow path: it waits
+        sc = otel_trace.get_current_span().get_span_context()
+        self.seen.append((op, sc.trace_id, sc.span_id))
+        return "pong" if op == Op.PING else None
+
+
+def test_a_request_handled_in_a_task_runs_in_the_senders_trace() -> None:
+    async def main(exporter: InMemorySpanExporter) -> None:
+        net = InprocNetwork()
+        handler = _TaskHandler()
+        server = net.create_server(
+            handler, "127.0.11.9:7400", ServerOptions(cluster="hypercache", node_id="srv")
+        )
+        await server.start()
+        try:
+            tracer = otel_trace.get_tracer("test", tracer_provider=tracing._provider)
+            conn = await net.connect(server.address, make_hello("hypercache"))
+            try:
+                with tracer.start_as_current_span("caller") as caller:
+                    assert await conn.request(Op.PING, None, 2) == "pong"
+                    assert await conn.request(Op.R_GET, [b"k"], 2) is None
+                assert await conn.request(Op.PING, None, 2) == "pong"  # untraced
+            finally:
+                await conn.close()
+        finally:
+            await server.close()
+        ctx = caller.get_span_context()
+        (apply,) = _by_name(exporter.get_finished_spans(), "ReplicaApply")
+        assert _parent(apply) == ctx.span_id and apply.context.trace_id == ctx.trace_id
+        assert (apply.attributes or {})["hypercache.op"] == "R_GET"
+        assert handler.seen == [
+            (int(Op.PING), ctx.trace_id, ctx.span_id),  # in the received context
+            (int(Op.R_GET), ctx.trace_id, apply.context.span_id),  # under its apply span
+            (int(Op.PING), 0, 0),
+        ]
 
     with traced() as exporter:
         run(main(exporter))

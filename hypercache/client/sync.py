@@ -803,8 +803,10 @@ class Client(ClientBase):
             return self._send_groups_at_once(groups)
         try:
             executor = self._workers()
+            # Each worker in the caller's trace context (its own copy: one context
+            # cannot be entered by two threads at once).
             futures: list[Future[list[Any] | BaseException]] = [
-                executor.submit(self._send_group, address, requests)
+                executor.submit(contextvars.copy_context().run, self._send_group, address, requests)
                 for address, requests in items[1:]
             ]
         except RuntimeError:  # the executor shut down: the client was closed meanwhile

@@ -31,10 +31,11 @@ Attributes never hold a key or a value: :func:`key_hash` names a key.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Final
 
 from opentelemetry import context as otel_context
@@ -66,9 +67,11 @@ __all__ = [
     "current_carrier",
     "extract",
     "failed",
+    "in_context",
     "install",
     "key_hash",
     "serve",
+    "serve_async",
     "shutdown_tracing",
     "span",
     "tracer",
@@ -300,6 +303,44 @@ def serve(op_name: str, replica_op: bool, carrier: Any, fn: Callable[..., Any], 
             return fn(*args)
     finally:
         otel_context.detach(token)
+
+
+async def serve_async(
+    op_name: str,
+    replica_op: bool,
+    carrier: Any,
+    fn: Callable[..., Awaitable[Any]],
+    *args: Any,
+) -> Any:
+    """:func:`serve` for a request handled in a task of its own (a handler's slow
+    path): ``await fn(*args)`` inside the trace that came with ``carrier``. The
+    task's own copy of the context is changed, nobody else's."""
+    tr = tracer
+    ctx = extract(carrier) if tr is not None else None
+    if tr is None or ctx is None:
+        return await fn(*args)
+    token = otel_context.attach(ctx)
+    try:
+        parent = otel_trace.get_current_span(ctx).get_span_context()
+        if not replica_op or not parent.trace_flags.sampled:
+            return await fn(*args)
+        with tr.start_as_current_span(
+            "ReplicaApply", kind=SpanKind.SERVER, attributes={ATTR_OP: op_name}
+        ):
+            _log.debug("serving %s", op_name, extra={"op": op_name})
+            return await fn(*args)
+    finally:
+        otel_context.detach(token)
+
+
+def in_context() -> Callable[..., Any] | None:
+    """What runs a callback later inside the current trace context (a read that
+    turns into a write from an answer's callback, where the context is the
+    loop's): ``contextvars.copy_context().run`` while tracing is on and a span is
+    current, else ``None`` (nothing allocated; call the function directly)."""
+    if tracer is None or not _current_context():
+        return None
+    return contextvars.copy_context().run
 
 
 def span(name: str, attributes: Mapping[str, Any] | None = None) -> Any:
