@@ -252,6 +252,55 @@ def test_an_unsampled_operation_records_and_sends_nothing(monkeypatch: pytest.Mo
         assert sent == []
 
 
+def _of_requests(spans: tuple[ReadableSpan, ...]) -> list[ReadableSpan]:
+    """The spans of requests (the background loops' own left out)."""
+    loops = {"Rebalance", "MerkleSync", "MerklePull", "HintReplay"}
+    theirs = {s.context.trace_id for s in spans if s.name in loops}
+    return [s for s in spans if s.context.trace_id not in theirs]
+
+
+def test_a_parent_not_sampled_records_nothing_under_a_sampling_provider(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The nodes sample every root (parent-based, always on); the caller's span is
+    # not sampled: no node records anything for its writes, reads and expires,
+    # their write backs included, nor sends a context on; a request without a
+    # parent is still traced.
+    async def main() -> None:
+        async with cluster() as (net, nodes):
+            async with client(net, nodes[0]) as conn:
+                ctx = otel_trace.SpanContext(
+                    0x0AF7651916CD43DD8448EB211C80319C,
+                    0xB7AD6B7169203331,
+                    is_remote=True,
+                    trace_flags=otel_trace.TraceFlags(0),
+                )
+                with otel_trace.use_span(otel_trace.NonRecordingSpan(ctx)):
+                    for i in range(5):
+                        key = f"u{i}".encode()
+                        assert await conn.request(Op.SET, [key, b"v", None, "quorum"], 2)
+                        assert await conn.request(Op.GET, [key, "all"], 2) == [True, b"v"]
+                        assert await conn.request(Op.EXPIRE, [key, 60_000, "all"], 2) is True
+                        assert await conn.request(Op.R_GET, [key], 2) is not None
+                        await until(lambda: all(n.coordinator.background == 0 for n in nodes))
+                assert _of_requests(exporter.get_finished_spans()) == []
+                assert sent == []
+                assert await conn.request(Op.SET, [b"root", b"v", None, "quorum"], 2)
+            await until(lambda: _by_name(exporter.get_finished_spans(), "ReplicaFanout"))
+
+    with traced() as exporter:
+        sent: list[Any] = []
+        real = tracing.carrier_of
+
+        def spy(span: Any) -> dict[str, str]:
+            sent.append(span)
+            return real(span)
+
+        monkeypatch.setattr(tracing, "carrier_of", spy)
+        run(main())
+        assert _by_name(exporter.get_finished_spans(), "Set")
+
+
 def test_a_malformed_carrier_is_ignored() -> None:
     assert tracing.extract("00-nope") is None
     assert tracing.extract({"traceparent": 5}) is None
