@@ -37,7 +37,7 @@ import io
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import zstandard
 
@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_LEVEL",
     "DEFAULT_MIN_SIZE",
     "MARK",
+    "CompressedSerializer",
     "Compression",
     "ValueCodec",
     "parse_compression",
@@ -257,3 +258,31 @@ class ValueCodec:
                 )
             raise ProtocolError(f"compressed value holds {len(out)} bytes, declared {size}")
         return out
+
+
+class CompressedSerializer:
+    """A serializer whose bytes go through a :class:`ValueCodec`: what the backends
+    (:mod:`hypercache.backends`) store, so that a value written to Redis or to the
+    memory backend is compressed from ``min_size`` up, as a client's is. Reads
+    decode every stored form (raw ones too: data written with compression off).
+
+    :param inner: the serializer of the values (msgpack, pickle, ...).
+    :param compression: how to compress (None: write raw, still read compressed).
+    :param max_value: the largest size a stored value may decompress to.
+    """
+
+    __slots__ = ("codec", "inner")
+
+    def __init__(self, inner: Any, compression: Compression | None, max_value: int) -> None:
+        self.inner = inner
+        self.codec = ValueCodec(compression, max_value)
+
+    def dumps(self, obj: Any) -> bytes:
+        data: bytes = self.inner.dumps(obj)
+        return self.codec.encode(data)
+
+    def loads(self, data: bytes) -> Any:
+        return self.inner.loads(self.codec.decode(data))
+
+    def __repr__(self) -> str:
+        return f"CompressedSerializer({self.inner!r}, {self.codec.compression!r})"
