@@ -3,6 +3,7 @@ compressing and uncompressing clients against a real cluster."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -226,6 +227,38 @@ def test_a_client_without_the_feature_reads_values_as_written(tmp_path: Path) ->
             pytest.raises(ValueTooLargeError, match="max_value"),
         ):
             zclient.get("bomb")
+
+
+@pytest.mark.functional
+def test_compressed_values_survive_anti_entropy_and_are_charged_as_stored(
+    tmp_path: Path,
+) -> None:
+    # A compressed value one owner alone holds (the others missed it) reaches the
+    # other two by anti-entropy as the same bytes; each store charges the
+    # compressed size, not the value's.
+    value = json.loads(JSONISH)
+    args = ("--replication", "3", "--anti-entropy-interval", "0.5")
+    with running_cluster(3, tmp_path, args) as cluster:
+        before = [int(n.http_json("/stats")["store"]["bytes"]) for n in cluster.nodes]
+        with Client(cluster.addresses, timeout=10.0) as zclient:
+            stored = ValueCodec(Compression(), MAX).encode(zclient.options.serializer.dumps(value))
+        assert stored[0] == MARK and len(stored) * 3 < len(JSONISH)
+        entry = [b"synced", stored, make_ts(wall_ms(), 0), 9, 0, False]
+        assert cluster.peer_request(0, Op.R_PUT, entry) is True
+
+        def synced(i: int) -> bool:
+            held = cluster.peer_request(i, Op.R_GET, [b"synced"])
+            return held is not None and held[0] == stored
+
+        for i in (1, 2):
+            wait_for(functools.partial(synced, i), timeout=30.0, what=f"node {i} synced")
+        grown = [
+            int(n.http_json("/stats")["store"]["bytes"]) - b
+            for n, b in zip(cluster.nodes, before, strict=True)
+        ]
+        assert all(len(stored) <= g < len(stored) + 512 for g in grown), grown
+        with Client(cluster.addresses[1:], timeout=10.0, compression="off") as plain:
+            assert plain.get("synced", consistency="all") == value
 
 
 def test_the_client_cli_sets_compression() -> None:

@@ -8,7 +8,10 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -322,6 +325,74 @@ def test_configure_tracing_refuses_what_it_cannot_export() -> None:
         with pytest.raises(ConfigError, match="tracing"):
             tracing.configure_tracing(enabled=True, node_id="n", version="1", env=env)
     assert tracing.tracer is None
+
+
+def test_the_hot_path_imports_the_api_alone() -> None:
+    # Without tracing configured, a node's and a client's modules import the
+    # OpenTelemetry API only: the SDK and the exporter are the [otel] extra's.
+    code = (
+        "import sys, hypercache.cluster.node, hypercache.client, hypercache.net.server\n"
+        "from hypercache.observe import tracing\n"
+        "tracing.begin('Set', b'k', 'quorum', 3); tracing.current_carrier()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk')\n"
+        "    or m.startswith('opentelemetry.exporter')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_nodes_resource_names_it_and_takes_the_environments_attributes() -> None:
+    # (in a process of its own: configure_tracing sets the global provider, once)
+    code = (
+        "import json\n"
+        "from opentelemetry.sdk.trace.export.in_memory_span_exporter import"
+        " InMemorySpanExporter\n"
+        "from hypercache.observe import tracing\n"
+        "p = tracing.configure_tracing(enabled=True, node_id='n7', version='9.9',"
+        " exporter=InMemorySpanExporter())\n"
+        "print(json.dumps({k: str(v) for k, v in p.resource.attributes.items()}))\n"
+        "print(type(p.sampler).__name__)\n"
+    )
+    env = {
+        **os.environ,
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test,service.namespace=cache",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.25",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    attrs_line, sampler = out.stdout.strip().splitlines()
+    attrs = json.loads(attrs_line)
+    assert attrs["service.name"] == "hypercache-node"
+    assert attrs["service.instance.id"] == "n7"
+    assert attrs["service.version"] == "9.9"
+    assert attrs["deployment.environment"] == "test"
+    assert attrs["service.namespace"] == "cache"
+    assert sampler == "ParentBasedTraceIdRatio"
+
+
+def test_roots_are_skipped_only_under_a_sampler_that_never_samples_them() -> None:
+    from opentelemetry.sdk.trace.sampling import (
+        ALWAYS_OFF,
+        ALWAYS_ON,
+        ParentBased,
+        TraceIdRatioBased,
+    )
+
+    never = tracing._never_samples_roots
+    assert never(ParentBased(TraceIdRatioBased(0)))
+    assert never(ParentBased(ALWAYS_OFF)) and never(ALWAYS_OFF) and never(TraceIdRatioBased(0))
+    assert not never(ParentBased(ALWAYS_ON)) and not never(ParentBased(TraceIdRatioBased(0.1)))
+    assert not never(None) and not never(object())
+    with traced(sampler=ParentBased(TraceIdRatioBased(0))) as exporter:
+        assert tracing.begin("Set", b"k", "one", 1) is None
+        sampled = otel_trace.SpanContext(1, 2, True, otel_trace.TraceFlags(1))
+        with otel_trace.use_span(otel_trace.NonRecordingSpan(sampled)):
+            op = tracing.begin("Set", b"k", "one", 1)  # a sampled parent still counts
+            assert op is not None
+            op.decided(1)
+        assert sorted(s.name for s in exporter.get_finished_spans()) == ["ReplicaFanout", "Set"]
 
 
 # --------------------------------------------------------------------- logs

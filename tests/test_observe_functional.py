@@ -115,8 +115,8 @@ def test_a_quorum_set_is_one_trace_across_the_client_and_three_nodes(
     with running_cluster(3, tmp_path, TRACED) as cluster:
         nodes = {n.node_id for n in cluster}
         with _client(cluster) as client:
-            client.set("user:1", {"name": "ada"}, consistency="quorum")
-            assert client.get("user:1") == {"name": "ada"}
+            client.set("user:1", {"name": "ada-7f3a9c"}, consistency="quorum")
+            assert client.get("user:1") == {"name": "ada-7f3a9c"}
         (client_span,) = [s for s in exported.get_finished_spans() if s.name == "Client.set"]
         trace_id = f"{client_span.context.trace_id:032x}"
         root = f"{client_span.context.span_id:016x}"
@@ -139,6 +139,7 @@ def test_a_quorum_set_is_one_trace_across_the_client_and_three_nodes(
                 if line.startswith("---- start #"):  # the harness's own marker
                     continue
                 record = json.loads(line)
+                assert "ada-7f3a9c" not in line  # never a value (debug level included)
                 assert record["node_id"] == node.node_id
                 assert {"ts", "level", "logger", "msg"} <= record.keys()
                 assert record["ts"].endswith("Z")
