@@ -8,8 +8,8 @@ over OTLP/HTTP to a sink in this process that takes every batch and decodes noth
 One blocking :class:`~hypercache.Client` per cluster runs QUORUM ``set`` then ``get``
 of 64-byte values over 1000 keys, one request in flight; the three take turns every
 20 operations (``CHUNK``), in rounds of ``--ops`` each op (``--rounds``, the order
-rotating every round), so that whatever else loads the machine loads them alike. Reported: p50 and p99 of each
-operation and ops/s, and each mode's ratio to ``off``.
+rotating every round), so that whatever else loads the machine loads them alike.
+Reported: p50 and p99 of each operation and ops/s, and each mode's ratio to ``off``.
 
 Compression: one 3-node cluster; clients with compression on (zstd level 3, from
 1 KiB) and off write then read the same values: 4 KiB and 64 KiB JSON-like
