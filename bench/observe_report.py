@@ -182,6 +182,69 @@ def tracing_bench(workdir: Path, rounds: int, ops: int) -> str:
     return "\n".join(rows)
 
 
+#: The in-process modes of inproc_bench: what is installed, and the caller's span.
+_INPROC_MODES = ("off", "on, no parent, not sampled", "on, parent not sampled")
+
+
+def inproc_bench(rounds: int, ops: int) -> str:
+    """The tracing code's own cost: a 3-node :class:`InprocCluster` in this process
+    (one event loop, no sockets, so the machine's load and the kernel weigh less),
+    QUORUM sets through one connection in each mode, taking turns every CHUNK sets:
+    tracing off; on with a sampler that samples no root (the requests carry no
+    parent); on with every root sampled but the requests sent inside a caller's
+    span that is not sampled (a traceparent with flags 00 reaches the coordinator)."""
+    import asyncio
+
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+
+    from hypercache.cluster.local import InprocCluster
+    from hypercache.net.protocol import Op, make_hello
+    from hypercache.observe import tracing
+
+    settings = {"http": None, "partitions": 256, "request_timeout": 5.0}
+    providers = {
+        "off": None,
+        "on, no parent, not sampled": TracerProvider(sampler=ParentBased(TraceIdRatioBased(0))),
+        "on, parent not sampled": TracerProvider(sampler=ParentBased(ALWAYS_ON)),
+    }
+    unsampled = otel_trace.NonRecordingSpan(
+        otel_trace.SpanContext(0x1234, 0x5678, True, otel_trace.TraceFlags(0))
+    )
+    lat: dict[str, list[float]] = {m: [] for m in _INPROC_MODES}
+
+    async def main() -> None:
+        async with InprocCluster(3, settings=settings, address="127.0.12.{n}:7400") as c:
+            conn = await c.net.connect(c.nodes[0].address, make_hello("hypercache"))
+            try:
+                for k in range(1000):
+                    await conn.request(Op.SET, [f"k{k}".encode(), b"x" * 64, None, "quorum"], 5)
+                for r in range(rounds):
+                    turn = _INPROC_MODES[r % 3 :] + _INPROC_MODES[: r % 3]
+                    for first in range(0, ops, CHUNK):
+                        for mode in turn:
+                            tracing.install(providers[mode])
+                            span = unsampled if mode == "on, parent not sampled" else None
+                            with otel_trace.use_span(span) if span else contextlib.nullcontext():
+                                for i in range(first, min(first + CHUNK, ops)):
+                                    payload = [f"k{i % 1000}".encode(), b"x" * 64, None, "quorum"]
+                                    t = time.perf_counter()
+                                    await conn.request(Op.SET, payload, 5)
+                                    lat[mode].append(time.perf_counter() - t)
+            finally:
+                tracing.install(None)
+                await conn.close()
+
+    asyncio.run(main())
+    rows = ["| tracing | set p50 (µs) | p50 vs off |", "|---|---:|---:|"]
+    base = _pct(lat["off"], 0.5)
+    for mode in _INPROC_MODES:
+        p50 = _pct(lat[mode], 0.5)
+        rows.append(f"| {mode} | {p50 * 1e6:.1f} | {p50 / base:.3f} |")
+    return "\n".join(rows)
+
+
 def _jsonish(size: int) -> bytes:
     """A JSON document of about ``size`` bytes: records of an API's answer."""
     records: list[dict[str, Any]] = []
@@ -274,10 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hc-observe-") as tmp:
         workdir = Path(tmp)
         tracing = tracing_bench(workdir, rounds, ops)
+        _say("in-process: the tracing code's own cost")
+        inproc = inproc_bench(rounds, ops)
         comp = compression_bench(workdir, rounds, max(ops // 4, 50))
     cmd = "python -m bench.observe_report" + (" --quick" if args.quick else "")
     print(f"## Tracing overhead\n\n`{cmd}` ({rounds} rounds of {ops} ops per mode)\n")
     print(tracing)
+    print(
+        f"\n## The tracing code's own cost (in process)\n\n`{cmd}` ({rounds} rounds of {ops} sets)\n"
+    )
+    print(inproc)
     print(f"\n## Compression\n\n`{cmd}` ({rounds} rounds of {max(ops // 4, 50)} ops a mode)\n")
     print(comp)
     return 0

@@ -87,7 +87,10 @@ class Client(ClientBase):
         :class:`~hypercache.client.compression.Compression` (level, min_size),
         ``"zstd"`` (default: level 3, from 1 KiB) or ``"off"``/``None``. Values
         are read back decompressed whatever this setting (see
-        :mod:`hypercache.client.compression`).
+        :mod:`hypercache.client.compression`). Negotiated: values are compressed
+        only once a node's HELLO answer says it takes them (a first large write
+        reaches a node first), never after one said it does not
+        (:attr:`compressing` tells which).
     :param route: ``"owner"`` (default) fetches the partition table once, reads
         straight from the key's owners (``R_GET`` to as many as the level needs,
         newest version wins, stale owners repaired in the background) and sends
