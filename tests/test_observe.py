@@ -514,3 +514,33 @@ def test_tracing_and_log_format_come_from_flags_env_and_toml(tmp_path: Path) -> 
     assert (config.tracing, config.log_format) == (True, "json")
     with pytest.raises(ConfigError, match="tracing"):
         DistConfig(tracing="on")  # type: ignore[arg-type]
+
+
+def test_the_sync_clients_worker_threads_send_in_the_callers_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Groups over one pipeline (a big get_many or set_many) go to worker threads,
+    # which do not inherit contextvars: each gets a copy of the caller's context,
+    # so its requests carry the caller's span too.
+    from hypercache import Client
+    from hypercache.client._common import BATCH
+
+    client = Client("127.0.0.1:1")
+    seen: list[tuple[str, int]] = []
+
+    def send_group(address: str, requests: list[tuple[int, Any]]) -> list[Any]:
+        seen.append((address, otel_trace.get_current_span().get_span_context().span_id))
+        return [None] * len(requests)
+
+    monkeypatch.setattr(client, "_send_group", send_group)
+    caller = otel_trace.NonRecordingSpan(
+        otel_trace.SpanContext(1, 0xABC, False, otel_trace.TraceFlags(1))
+    )
+    groups = {f"127.0.0.{n}:7400": [(int(Op.R_GET), [b"k"])] * (BATCH + 1) for n in (1, 2, 3)}
+    try:
+        with otel_trace.use_span(caller):
+            out = client._fanout(groups)
+    finally:
+        client.close()
+    assert set(out) == set(groups)
+    assert sorted(seen) == sorted((address, 0xABC) for address in groups)
