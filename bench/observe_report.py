@@ -343,9 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python -m bench.observe_report" + (" --quick" if args.quick else "")
     print(f"## Tracing overhead\n\n`{cmd}` ({rounds} rounds of {ops} ops per mode)\n")
     print(tracing)
-    print(
-        f"\n## The tracing code's own cost (in process)\n\n`{cmd}` ({rounds} rounds of {ops} sets)\n"
-    )
+    title = "The tracing code's own cost (in process)"
+    print(f"\n## {title}\n\n`{cmd}` ({rounds} rounds of {ops} sets)\n")
     print(inproc)
     print(f"\n## Compression\n\n`{cmd}` ({rounds} rounds of {max(ops // 4, 50)} ops a mode)\n")
     print(comp)
