@@ -6,10 +6,10 @@ side, with ``--tracing off``, ``--tracing on`` but never sampled
 sampled at 100 % (the SDK's default, parent-based always-on), the last two exporting
 over OTLP/HTTP to a sink in this process that takes every batch and decodes nothing.
 One blocking :class:`~hypercache.Client` per cluster runs QUORUM ``set`` then ``get``
-of 64-byte values over 1000 keys, one request in flight; the three take turns in
-rounds (``--rounds`` of ``--ops`` each, the order rotating every round), so that
-whatever else loads the machine loads them alike. Reported: p50 and p99 of each
-operation and ops/s, and each mode's ratio to ``off``.
+of 64-byte values over 1000 keys, one request in flight; the three take turns every
+20 operations (``CHUNK``), in rounds of ``--ops`` each op (``--rounds``, the order
+rotating every round), so that whatever else loads the machine loads them alike.
+Reported: p50 and p99 of each operation and ops/s, and each mode's ratio to ``off``.
 
 Compression: one 3-node cluster; clients with compression on (zstd level 3, from
 1 KiB) and off write then read the same values: 4 KiB and 64 KiB JSON-like
@@ -60,6 +60,10 @@ MODES: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     ),
     "on, sampled 100%": (("--tracing", "on"), {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}),
 }
+
+
+#: Operations a mode runs before the next one takes its turn (tracing_bench).
+CHUNK = 20
 
 
 def _say(msg: str) -> None:
@@ -144,17 +148,23 @@ def tracing_bench(workdir: Path, rounds: int, ops: int) -> str:
         order = list(MODES)
         for r in range(rounds):
             _say(f"round {r + 1}/{rounds}")
-            for mode in order[r % len(order) :] + order[: r % len(order)]:
-                c = clients[mode]
+            turn = order[r % len(order) :] + order[: r % len(order)]
+            for op in ("set", "get"):
+                # The modes take turns every CHUNK operations, so that a burst of
+                # load from elsewhere on the machine falls on all of them alike.
+                for first in range(0, ops, CHUNK):
+                    n = min(CHUNK, ops - first)
+                    for mode in turn:
+                        c = clients[mode]
 
-                def set_(i: int, c: Client = c) -> None:
-                    c.set(f"k{i % 1000}", value, consistency="quorum")
+                        def set_(i: int, c: Client = c, first: int = first) -> None:
+                            c.set(f"k{(first + i) % 1000}", value, consistency="quorum")
 
-                def get(i: int, c: Client = c) -> None:
-                    c.get(f"k{i % 1000}", consistency="quorum")
+                        def get(i: int, c: Client = c, first: int = first) -> None:
+                            c.get(f"k{(first + i) % 1000}", consistency="quorum")
 
-                spent[mode]["set"] += _timed(set_, ops, lat[mode]["set"])
-                spent[mode]["get"] += _timed(get, ops, lat[mode]["get"])
+                        fn = set_ if op == "set" else get
+                        spent[mode][op] += _timed(fn, n, lat[mode][op])
     rows = [
         "| tracing | op | p50 (µs) | p99 (µs) | ops/s | ops/s vs off | p50 vs off |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -169,6 +179,69 @@ def tracing_bench(workdir: Path, rounds: int, ops: int) -> str:
                 f"| {mode} | {op} | {p50 * 1e6:.0f} | {p99 * 1e6:.0f} | {rate:.0f} | "
                 f"{rate / base_rate:.3f} | {p50 / base_p50:.3f} |"
             )
+    return "\n".join(rows)
+
+
+#: The in-process modes of inproc_bench: what is installed, and the caller's span.
+_INPROC_MODES = ("off", "on, no parent, not sampled", "on, parent not sampled")
+
+
+def inproc_bench(rounds: int, ops: int) -> str:
+    """The tracing code's own cost: a 3-node :class:`InprocCluster` in this process
+    (one event loop, no sockets, so the machine's load and the kernel weigh less),
+    QUORUM sets through one connection in each mode, taking turns every CHUNK sets:
+    tracing off; on with a sampler that samples no root (the requests carry no
+    parent); on with every root sampled but the requests sent inside a caller's
+    span that is not sampled (a traceparent with flags 00 reaches the coordinator)."""
+    import asyncio
+
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+
+    from hypercache.cluster.local import InprocCluster
+    from hypercache.net.protocol import Op, make_hello
+    from hypercache.observe import tracing
+
+    settings = {"http": None, "partitions": 256, "request_timeout": 5.0}
+    providers = {
+        "off": None,
+        "on, no parent, not sampled": TracerProvider(sampler=ParentBased(TraceIdRatioBased(0))),
+        "on, parent not sampled": TracerProvider(sampler=ParentBased(ALWAYS_ON)),
+    }
+    unsampled = otel_trace.NonRecordingSpan(
+        otel_trace.SpanContext(0x1234, 0x5678, True, otel_trace.TraceFlags(0))
+    )
+    lat: dict[str, list[float]] = {m: [] for m in _INPROC_MODES}
+
+    async def main() -> None:
+        async with InprocCluster(3, settings=settings, address="127.0.12.{n}:7400") as c:
+            conn = await c.net.connect(c.nodes[0].address, make_hello("hypercache"))
+            try:
+                for k in range(1000):
+                    await conn.request(Op.SET, [f"k{k}".encode(), b"x" * 64, None, "quorum"], 5)
+                for r in range(rounds):
+                    turn = _INPROC_MODES[r % 3 :] + _INPROC_MODES[: r % 3]
+                    for first in range(0, ops, CHUNK):
+                        for mode in turn:
+                            tracing.install(providers[mode])
+                            span = unsampled if mode == "on, parent not sampled" else None
+                            with otel_trace.use_span(span) if span else contextlib.nullcontext():
+                                for i in range(first, min(first + CHUNK, ops)):
+                                    payload = [f"k{i % 1000}".encode(), b"x" * 64, None, "quorum"]
+                                    t = time.perf_counter()
+                                    await conn.request(Op.SET, payload, 5)
+                                    lat[mode].append(time.perf_counter() - t)
+            finally:
+                tracing.install(None)
+                await conn.close()
+
+    asyncio.run(main())
+    rows = ["| tracing | set p50 (µs) | p50 vs off |", "|---|---:|---:|"]
+    base = _pct(lat["off"], 0.5)
+    for mode in _INPROC_MODES:
+        p50 = _pct(lat[mode], 0.5)
+        rows.append(f"| {mode} | {p50 * 1e6:.1f} | {p50 / base:.3f} |")
     return "\n".join(rows)
 
 
@@ -264,10 +337,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hc-observe-") as tmp:
         workdir = Path(tmp)
         tracing = tracing_bench(workdir, rounds, ops)
+        _say("in-process: the tracing code's own cost")
+        inproc = inproc_bench(rounds, ops)
         comp = compression_bench(workdir, rounds, max(ops // 4, 50))
     cmd = "python -m bench.observe_report" + (" --quick" if args.quick else "")
     print(f"## Tracing overhead\n\n`{cmd}` ({rounds} rounds of {ops} ops per mode)\n")
     print(tracing)
+    title = "The tracing code's own cost (in process)"
+    print(f"\n## {title}\n\n`{cmd}` ({rounds} rounds of {ops} sets)\n")
+    print(inproc)
     print(f"\n## Compression\n\n`{cmd}` ({rounds} rounds of {max(ops // 4, 50)} ops a mode)\n")
     print(comp)
     return 0

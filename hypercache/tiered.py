@@ -40,7 +40,15 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar, cast
 
-from hypercache.backends import BACKEND_DOWN, MISSING, AsyncBackend, Backend, open, open_async
+from hypercache.backends import (
+    BACKEND_DOWN,
+    MISSING,
+    AsyncBackend,
+    Backend,
+    CompressionArg,
+    open,
+    open_async,
+)
 from hypercache.backends.base import Entry, Invalidation, _Missing, encode_key
 from hypercache.cache import HyperCache, _check_ttl
 from hypercache.errors import ConfigError, EntryTooLargeError
@@ -240,6 +248,13 @@ class _Flight:
         self.owner = threading.get_ident()
 
 
+def _check_compression(backend: object, compression: CompressionArg) -> None:
+    if compression is not ... and not isinstance(backend, str):
+        raise ConfigError(
+            "compression", "applies to a backend opened from a URL; give the backend its own"
+        )
+
+
 class TieredCache(_Tiers):
     """A local :class:`~hypercache.HyperCache` (L1) in front of a backend (L2).
 
@@ -254,6 +269,10 @@ class TieredCache(_Tiers):
 
     :param backend: a :class:`~hypercache.backends.Backend`, or a URL for
         :func:`hypercache.open` (the cache then owns and closes it).
+    :param compression: how the backend opened from a URL compresses what it
+        stores (instead of the URL's ``compression`` option: a
+        :class:`~hypercache.client.compression.Compression`, ``"zstd"``,
+        ``"off"``); a backend given as an object has its own.
     :param local: L1 (any policy, any bounds); by default an LRU of 10,000 items.
     :param local_ttl: the longest an entry stays in L1 (None: as long as in L2,
         when the backend notifies; 1 s when it cannot).
@@ -279,10 +298,14 @@ class TieredCache(_Tiers):
         invalidate: bool = True,
         lease_ttl: float = 10.0,
         lease_poll: float = 0.005,
+        compression: CompressionArg = ...,
     ) -> None:
         super().__init__(local, local_ttl, negative_ttl, on_backend_error, lease_ttl, lease_poll)
         self._owned = isinstance(backend, str)
-        self.backend: Backend = open(backend) if isinstance(backend, str) else backend
+        _check_compression(backend, compression)
+        self.backend: Backend = (
+            open(backend, compression=compression) if isinstance(backend, str) else backend
+        )
         if not isinstance(self.backend, Backend):
             raise ConfigError("backend", f"must be a Backend or a URL, got {backend!r}")
         self._async_flights: dict[bytes, asyncio.Future[Any]] = {}
@@ -723,10 +746,14 @@ class AsyncTieredCache(_Tiers):
         invalidate: bool = True,
         lease_ttl: float = 10.0,
         lease_poll: float = 0.005,
+        compression: CompressionArg = ...,
     ) -> None:
         super().__init__(local, local_ttl, negative_ttl, on_backend_error, lease_ttl, lease_poll)
         self._owned = isinstance(backend, str)
-        self.backend: AsyncBackend = open_async(backend) if isinstance(backend, str) else backend
+        _check_compression(backend, compression)
+        self.backend: AsyncBackend = (
+            open_async(backend, compression=compression) if isinstance(backend, str) else backend
+        )
         if not isinstance(self.backend, AsyncBackend):
             raise ConfigError("backend", f"must be an AsyncBackend or a URL, got {backend!r}")
         self._engine = _AsyncEngine(self, self.backend, {})

@@ -27,7 +27,13 @@ from hypercache.backends import (
 )
 from hypercache.backends.cluster import HypercacheBackend
 from hypercache.backends.redis import RedisBackend
-from hypercache.client.serializer import JsonSerializer, PickleSerializer, RawSerializer
+from hypercache.client.compression import MARK, CompressedSerializer, Compression
+from hypercache.client.serializer import (
+    JsonSerializer,
+    MsgpackSerializer,
+    PickleSerializer,
+    RawSerializer,
+)
 from hypercache.errors import ConfigError, NodeUnavailableError, RequestTimeoutError
 
 
@@ -203,20 +209,27 @@ def test_open_picks_the_backend_of_the_scheme(request: pytest.FixtureRequest) ->
     m = open("memory://?max_items=5&policy=lfu&namespace=x:&serializer=json")
     assert isinstance(m, MemoryBackend)
     assert m.store.capacity == 5 and m.store.policy_name == "lfu"
-    assert m.namespace == b"x:" and isinstance(m.serializer, JsonSerializer)
+    # (the serializer stack: the URL's serializer under the value codec)
+    assert isinstance(m.serializer, CompressedSerializer)
+    assert m.namespace == b"x:" and isinstance(m.serializer.inner, JsonSerializer)
     r = open("redis://:secret@127.0.0.1:1/3?timeout=0.2&serializer=pickle")
     assert isinstance(r, RedisBackend) and not r.cluster
     assert isinstance(r.client, redis.Redis)
     kwargs = r.client.connection_pool.connection_kwargs
     assert kwargs["db"] == 3 and kwargs["password"] == "secret"
     assert kwargs["socket_timeout"] == 0.2 and kwargs["socket_connect_timeout"] == 0.2
-    assert isinstance(r.serializer, PickleSerializer)
+    assert isinstance(r.serializer, CompressedSerializer)
+    assert isinstance(r.serializer.inner, PickleSerializer)
     r.close()
     h = open("hypercache://127.0.0.1:1,127.0.0.1:2?serializer=raw&cluster_name=c")
     assert isinstance(h, HypercacheBackend)
     assert isinstance(h.serializer, RawSerializer)
     assert h.client.options.seeds == ("127.0.0.1:1", "127.0.0.1:2")
+    assert h.client.options.compression == Compression()  # the cluster client's own
     h.close()
+    off = open("hypercache://127.0.0.1:1?compression=off")
+    assert isinstance(off, HypercacheBackend) and off.client.options.compression is None
+    off.close()
     assert hypercache.open is open
     assert isinstance(open_async("memory://"), AsyncMemoryBackend)
 
@@ -234,6 +247,9 @@ def test_open_picks_the_backend_of_the_scheme(request: pytest.FixtureRequest) ->
         ("redis://h:1/zero", "url"),
         ("redis://h:port", "url"),
         ("redis+cluster://?timeout=1", "url"),
+        ("memory://?compression=lz4", "compression"),
+        ("redis://h:1?compression=zstd:99", "compression"),
+        ("hypercache://h:1?compression=zstd:x", "compression"),
     ],
 )
 def test_open_names_what_is_wrong(url: str, field: str) -> None:
@@ -300,6 +316,58 @@ def test_scripts_flushed_on_the_server_are_loaded_again(
     finally:
         b.clear()
         b.close()
+
+
+_DOC = [{"id": i, "name": f"user-{i}", "tags": ["a", "b"]} for i in range(200)]
+
+
+def _memory(url: str, **kw: Any) -> MemoryBackend:
+    b = open(url, **kw)
+    assert isinstance(b, MemoryBackend)
+    return b
+
+
+def test_the_memory_backend_stores_values_compressed_from_the_threshold() -> None:
+    raw = MsgpackSerializer().dumps(_DOC)
+    for url, level in (("memory://", 3), ("memory://?compression=zstd:9", 9)):
+        b = _memory(url)
+        b.set("doc", _DOC)
+        b.set("small", "x" * 100)
+        stored = b.store.get(b"doc")
+        assert stored is not None and stored[0] == MARK and len(stored) * 5 < len(raw)
+        assert b.get("doc") == _DOC and b.get_many(["doc"]) == {"doc": _DOC}
+        assert b.store.get(b"small") == MsgpackSerializer().dumps("x" * 100)
+        assert isinstance(b.serializer, CompressedSerializer)
+        assert b.serializer.codec.compression == Compression(level=level)
+    for off in (_memory("memory://?compression=off"), _memory("memory://", compression=None)):
+        off.set("doc", _DOC)
+        assert off.store.get(b"doc") == raw and off.get("doc") == _DOC
+    # The parameter wins over the URL's option; raw values read back from a
+    # compressing backend (data written with compression off).
+    given = _memory("memory://?compression=off", compression=Compression(level=1))
+    given.set("doc", _DOC)
+    assert (given.store.get(b"doc") or b"")[:1] == bytes([MARK]) and given.get("doc") == _DOC
+    plain = _memory("memory://")
+    plain.store.set(b"old", raw)
+    assert plain.get("old") == _DOC
+
+
+def test_a_tiered_cache_passes_compression_to_the_backend_it_opens() -> None:
+    from hypercache.tiered import AsyncTieredCache, TieredCache
+
+    with TieredCache("memory://", compression="off") as cache:
+        cache.set("doc", _DOC)
+        assert isinstance(cache.backend, MemoryBackend)
+        assert cache.backend.store.get(b"doc") == MsgpackSerializer().dumps(_DOC)
+    with TieredCache("memory://") as cache:
+        cache.set("doc", _DOC)
+        assert isinstance(cache.backend, MemoryBackend)
+        stored = cache.backend.store.get(b"doc")
+        assert stored is not None and stored[0] == MARK
+    with pytest.raises(ConfigError, match="compression"):
+        TieredCache(open("memory://"), compression="zstd")
+    with pytest.raises(ConfigError, match="compression"):
+        AsyncTieredCache("memory://", compression="gzip")
 
 
 def test_the_serializers_of_the_url() -> None:

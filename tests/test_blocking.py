@@ -166,7 +166,7 @@ def connection(address: str, timeout: float = 5.0, **hello: Any) -> Iterator[Blo
 def test_request_round_trips_and_errors(server: ServerThread) -> None:
     with connection(server.address) as conn:
         hello = dict(conn.peer_hello)
-        assert hello.pop("features") == frozenset({"trace"})
+        assert hello.pop("features") == frozenset({"trace", "zstd"})
         assert abs(hello.pop("clock_ms") - wall_clock_ms()) < 60_000
         assert hello == {
             "version": 1,

@@ -335,6 +335,46 @@ def test_key_normalisation_and_limits() -> None:
             normalize_key(bad, limits)
 
 
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
+def test_a_client_compresses_only_for_nodes_that_take_it(
+    servers: ServerThread, monkeypatch: pytest.MonkeyPatch, aio: bool
+) -> None:
+    # The node's HELLO answer lists the compression feature: the client's first
+    # large write is compressed already. A node of a version without it (its answer
+    # lists only "trace"): the same client writes raw, first write included.
+    from hypercache.client.compression import MARK
+    from hypercache.net.protocol import FEATURE_TRACE
+
+    value = [{"id": i, "name": f"user-{i}", "tags": ["a", "b"]} for i in range(100)]
+
+    def write(address: str) -> Any:
+        if not aio:
+            with Client(address, route="any") as client:
+                client.set("big", value)
+                client.set_many({"many": value})
+                return client.compressing
+
+        async def go() -> Any:
+            client = AsyncClient(address, route="any")  # no connect(): the write reaches
+            try:
+                await client.set("big", value)
+                await client.set_many({"many": value})
+                return client.compressing
+            finally:
+                await client.close()
+
+        return run(go())
+
+    new = FakeNode("new", {})
+    assert write(servers.start(new)) is not None
+    assert new.store[b"big"][0] == MARK and new.store[b"many"][0] == MARK
+    monkeypatch.setattr("hypercache.net.server.FEATURES", (FEATURE_TRACE,))
+    old = FakeNode("old", {})
+    assert write(servers.start(old)) is None
+    raw = MsgpackSerializer().dumps(value)
+    assert old.store[b"big"] == raw and old.store[b"many"] == raw
+
+
 def test_limits_checked_before_sending(servers: ServerThread) -> None:
     node = FakeNode("n", {})
     address = servers.start(node)

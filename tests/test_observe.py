@@ -3,11 +3,15 @@ no span objects with tracing off, JSON log lines, rate-limited warnings."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ from hypercache.errors import ConfigError, QuorumError
 from hypercache.net.connection import ClientConnection
 from hypercache.net.inproc import InprocNetwork
 from hypercache.net.protocol import Op, make_hello
+from hypercache.net.transport import ServerOptions
 from hypercache.observe import RateLimiter, setup_logging, tracing
 from hypercache.observe.logs import JsonLogFormatter
 
@@ -120,6 +125,56 @@ def test_a_set_has_a_fanout_with_one_child_per_owner_and_an_apply_per_remote_own
         run(main(exporter))
 
 
+class _TaskHandler:
+    """A handler without a synchronous fast path: every request runs in a task."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int]] = []  # (op, trace id, span id) current
+
+    def hello_info(self, peer_hello: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    async def handle(self, conn_info: Any, op: int, payload: Any) -> Any:
+        await asyncio.sleep(0)  # a slow path: it waits
+        sc = otel_trace.get_current_span().get_span_context()
+        self.seen.append((op, sc.trace_id, sc.span_id))
+        return "pong" if op == Op.PING else None
+
+
+def test_a_request_handled_in_a_task_runs_in_the_senders_trace() -> None:
+    async def main(exporter: InMemorySpanExporter) -> None:
+        net = InprocNetwork()
+        handler = _TaskHandler()
+        server = net.create_server(
+            handler, "127.0.11.9:7400", ServerOptions(cluster="hypercache", node_id="srv")
+        )
+        await server.start()
+        try:
+            tracer = otel_trace.get_tracer("test", tracer_provider=tracing._provider)
+            conn = await net.connect(server.address, make_hello("hypercache"))
+            try:
+                with tracer.start_as_current_span("caller") as caller:
+                    assert await conn.request(Op.PING, None, 2) == "pong"
+                    assert await conn.request(Op.R_GET, [b"k"], 2) is None
+                assert await conn.request(Op.PING, None, 2) == "pong"  # untraced
+            finally:
+                await conn.close()
+        finally:
+            await server.close()
+        ctx = caller.get_span_context()
+        (apply,) = _by_name(exporter.get_finished_spans(), "ReplicaApply")
+        assert _parent(apply) == ctx.span_id and apply.context.trace_id == ctx.trace_id
+        assert (apply.attributes or {})["hypercache.op"] == "R_GET"
+        assert handler.seen == [
+            (int(Op.PING), ctx.trace_id, ctx.span_id),  # in the received context
+            (int(Op.R_GET), ctx.trace_id, apply.context.span_id),  # under its apply span
+            (int(Op.PING), 0, 0),
+        ]
+
+    with traced() as exporter:
+        run(main(exporter))
+
+
 def test_a_failed_quorum_marks_the_span_failed() -> None:
     async def main(exporter: InMemorySpanExporter) -> None:
         async with cluster() as (net, nodes):
@@ -200,6 +255,55 @@ def test_an_unsampled_operation_records_and_sends_nothing(monkeypatch: pytest.Mo
         assert sent == []
 
 
+def _of_requests(spans: tuple[ReadableSpan, ...]) -> list[ReadableSpan]:
+    """The spans of requests (the background loops' own left out)."""
+    loops = {"Rebalance", "MerkleSync", "MerklePull", "HintReplay"}
+    theirs = {s.context.trace_id for s in spans if s.name in loops}
+    return [s for s in spans if s.context.trace_id not in theirs]
+
+
+def test_a_parent_not_sampled_records_nothing_under_a_sampling_provider(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The nodes sample every root (parent-based, always on); the caller's span is
+    # not sampled: no node records anything for its writes, reads and expires,
+    # their write backs included, nor sends a context on; a request without a
+    # parent is still traced.
+    async def main() -> None:
+        async with cluster() as (net, nodes):
+            async with client(net, nodes[0]) as conn:
+                ctx = otel_trace.SpanContext(
+                    0x0AF7651916CD43DD8448EB211C80319C,
+                    0xB7AD6B7169203331,
+                    is_remote=True,
+                    trace_flags=otel_trace.TraceFlags(0),
+                )
+                with otel_trace.use_span(otel_trace.NonRecordingSpan(ctx)):
+                    for i in range(5):
+                        key = f"u{i}".encode()
+                        assert await conn.request(Op.SET, [key, b"v", None, "quorum"], 2)
+                        assert await conn.request(Op.GET, [key, "all"], 2) == [True, b"v"]
+                        assert await conn.request(Op.EXPIRE, [key, 60_000, "all"], 2) is True
+                        assert await conn.request(Op.R_GET, [key], 2) is not None
+                        await until(lambda: all(n.coordinator.background == 0 for n in nodes))
+                assert _of_requests(exporter.get_finished_spans()) == []
+                assert sent == []
+                assert await conn.request(Op.SET, [b"root", b"v", None, "quorum"], 2)
+            await until(lambda: _by_name(exporter.get_finished_spans(), "ReplicaFanout"))
+
+    with traced() as exporter:
+        sent: list[Any] = []
+        real = tracing.carrier_of
+
+        def spy(span: Any) -> dict[str, str]:
+            sent.append(span)
+            return real(span)
+
+        monkeypatch.setattr(tracing, "carrier_of", spy)
+        run(main())
+        assert _by_name(exporter.get_finished_spans(), "Set")
+
+
 def test_a_malformed_carrier_is_ignored() -> None:
     assert tracing.extract("00-nope") is None
     assert tracing.extract({"traceparent": 5}) is None
@@ -221,6 +325,74 @@ def test_configure_tracing_refuses_what_it_cannot_export() -> None:
         with pytest.raises(ConfigError, match="tracing"):
             tracing.configure_tracing(enabled=True, node_id="n", version="1", env=env)
     assert tracing.tracer is None
+
+
+def test_the_hot_path_imports_the_api_alone() -> None:
+    # Without tracing configured, a node's and a client's modules import the
+    # OpenTelemetry API only: the SDK and the exporter are the [otel] extra's.
+    code = (
+        "import sys, hypercache.cluster.node, hypercache.client, hypercache.net.server\n"
+        "from hypercache.observe import tracing\n"
+        "tracing.begin('Set', b'k', 'quorum', 3); tracing.current_carrier()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk')\n"
+        "    or m.startswith('opentelemetry.exporter')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_nodes_resource_names_it_and_takes_the_environments_attributes() -> None:
+    # (in a process of its own: configure_tracing sets the global provider, once)
+    code = (
+        "import json\n"
+        "from opentelemetry.sdk.trace.export.in_memory_span_exporter import"
+        " InMemorySpanExporter\n"
+        "from hypercache.observe import tracing\n"
+        "p = tracing.configure_tracing(enabled=True, node_id='n7', version='9.9',"
+        " exporter=InMemorySpanExporter())\n"
+        "print(json.dumps({k: str(v) for k, v in p.resource.attributes.items()}))\n"
+        "print(type(p.sampler).__name__)\n"
+    )
+    env = {
+        **os.environ,
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test,service.namespace=cache",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.25",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    attrs_line, sampler = out.stdout.strip().splitlines()
+    attrs = json.loads(attrs_line)
+    assert attrs["service.name"] == "hypercache-node"
+    assert attrs["service.instance.id"] == "n7"
+    assert attrs["service.version"] == "9.9"
+    assert attrs["deployment.environment"] == "test"
+    assert attrs["service.namespace"] == "cache"
+    assert sampler == "ParentBasedTraceIdRatio"
+
+
+def test_roots_are_skipped_only_under_a_sampler_that_never_samples_them() -> None:
+    from opentelemetry.sdk.trace.sampling import (
+        ALWAYS_OFF,
+        ALWAYS_ON,
+        ParentBased,
+        TraceIdRatioBased,
+    )
+
+    never = tracing._never_samples_roots
+    assert never(ParentBased(TraceIdRatioBased(0)))
+    assert never(ParentBased(ALWAYS_OFF)) and never(ALWAYS_OFF) and never(TraceIdRatioBased(0))
+    assert not never(ParentBased(ALWAYS_ON)) and not never(ParentBased(TraceIdRatioBased(0.1)))
+    assert not never(None) and not never(object())
+    with traced(sampler=ParentBased(TraceIdRatioBased(0))) as exporter:
+        assert tracing.begin("Set", b"k", "one", 1) is None
+        sampled = otel_trace.SpanContext(1, 2, True, otel_trace.TraceFlags(1))
+        with otel_trace.use_span(otel_trace.NonRecordingSpan(sampled)):
+            op = tracing.begin("Set", b"k", "one", 1)  # a sampled parent still counts
+            assert op is not None
+            op.decided(1)
+        assert sorted(s.name for s in exporter.get_finished_spans()) == ["ReplicaFanout", "Set"]
 
 
 # --------------------------------------------------------------------- logs
@@ -342,3 +514,33 @@ def test_tracing_and_log_format_come_from_flags_env_and_toml(tmp_path: Path) -> 
     assert (config.tracing, config.log_format) == (True, "json")
     with pytest.raises(ConfigError, match="tracing"):
         DistConfig(tracing="on")  # type: ignore[arg-type]
+
+
+def test_the_sync_clients_worker_threads_send_in_the_callers_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Groups over one pipeline (a big get_many or set_many) go to worker threads,
+    # which do not inherit contextvars: each gets a copy of the caller's context,
+    # so its requests carry the caller's span too.
+    from hypercache import Client
+    from hypercache.client._common import BATCH
+
+    client = Client("127.0.0.1:1")
+    seen: list[tuple[str, int]] = []
+
+    def send_group(address: str, requests: list[tuple[int, Any]]) -> list[Any]:
+        seen.append((address, otel_trace.get_current_span().get_span_context().span_id))
+        return [None] * len(requests)
+
+    monkeypatch.setattr(client, "_send_group", send_group)
+    caller = otel_trace.NonRecordingSpan(
+        otel_trace.SpanContext(1, 0xABC, False, otel_trace.TraceFlags(1))
+    )
+    groups = {f"127.0.0.{n}:7400": [(int(Op.R_GET), [b"k"])] * (BATCH + 1) for n in (1, 2, 3)}
+    try:
+        with otel_trace.use_span(caller):
+            out = client._fanout(groups)
+    finally:
+        client.close()
+    assert set(out) == set(groups)
+    assert sorted(seen) == sorted((address, 0xABC) for address in groups)

@@ -31,6 +31,7 @@ from hypercache.net.protocol import (
     DEFAULT_MAX_FRAME,
     DEFAULT_MAX_KEY,
     DEFAULT_MAX_VALUE,
+    FEATURE_COMPRESSION,
     PROTOCOL_VERSION,
     Frame,
     FrameDecoder,
@@ -439,12 +440,19 @@ def test_validate_hello_accepts_and_normalises() -> None:
         "node_id": "n1",
         "address": "10.0.0.1:7000",
         "info": {"a": 1},
+        "features": frozenset(),
     }
     # a server without a token ignores the peer's
     assert validate_hello(hello, cluster="prod", auth=None)["node_id"] == "n1"
-    # a client: no node id, no address, no info
+    # a client: no node id, no address, no info, no features (a previous version's)
     minimal = {"version": PROTOCOL_VERSION, "cluster": "prod"}
     assert validate_hello(minimal, cluster="prod", auth=None)["info"] == {}
+    assert validate_hello(minimal, cluster="prod", auth=None)["features"] == frozenset()
+    # a client that reads compressed values says so
+    client = make_hello("prod", features=(FEATURE_COMPRESSION,))
+    assert validate_hello(client, cluster="prod", auth=None)["features"] == {FEATURE_COMPRESSION}
+    with pytest.raises(HandshakeError, match="features"):
+        validate_hello({**minimal, "features": "zstd"}, cluster="prod", auth=None)
 
 
 @pytest.mark.parametrize(

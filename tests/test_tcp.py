@@ -201,7 +201,7 @@ def test_handshake_exchanges_info(run: Runner[None], transport: Transport) -> No
                 transport, server.address, node_id="n2", address="10.0.0.2:7000", info={"z": 1}
             ) as conn:
                 hello = dict(conn.peer_hello)
-                assert hello.pop("features") == frozenset({"trace"})
+                assert hello.pop("features") == frozenset({"trace", "zstd"})
                 assert abs(hello.pop("clock_ms") - wall_clock_ms()) < 60_000
                 assert hello == {
                     "version": 1,

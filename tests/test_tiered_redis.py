@@ -208,3 +208,38 @@ def test_the_async_tiered_cache_hears_other_writers_too(redis_server: Any) -> No
         asyncio.run(main())
     finally:
         other.close()
+
+
+def test_a_tiered_cache_compresses_what_it_stores_in_redis(redis_server: Any) -> None:
+    # From 1 KiB (serialised) up, the value in Redis is zstd-compressed (the 0xC1
+    # form), a tenth of the size or less for a JSON-like document, and reads back
+    # equal (through L2: another cache with an empty L1). Small values, and all of
+    # them with compression off, are stored as msgpack wrote them.
+    from hypercache.client.compression import MARK
+    from hypercache.client.serializer import MsgpackSerializer
+
+    doc = [{"id": i, "name": f"user-{i}", "tags": ["a", "b"], "ok": i % 2 == 0} for i in range(200)]
+    raw = MsgpackSerializer().dumps(doc)
+    ns = _ns()
+    redis_client = redis_server.client()
+    with TieredCache(redis_server.url + f"?namespace={ns}") as cache:
+        cache.set("doc", doc)
+        cache.set("small", {"a": 1})
+    stored = redis_client.get(f"{ns}doc".encode())
+    assert stored[0] == MARK and len(stored) * 5 < len(raw)
+    assert redis_client.get(f"{ns}small".encode()) == MsgpackSerializer().dumps({"a": 1})
+    with TieredCache(redis_server.url + f"?namespace={ns}", compression="off") as other:
+        assert other.get("doc") == doc  # from Redis: L1 is empty; decoded whatever its own
+        other.set("plain", doc)
+    assert redis_client.get(f"{ns}plain".encode()) == raw
+    with TieredCache(redis_server.url + f"?namespace={ns}&compression=zstd:19") as strong:
+        strong.set("strong", doc)
+    assert len(redis_client.get(f"{ns}strong".encode())) <= len(stored)
+
+    async def via_async() -> Any:
+        async with AsyncTieredCache(redis_server.url + f"?namespace={ns}") as acache:
+            await acache.set("async", doc)
+            return await acache.get("doc")
+
+    assert asyncio.run(via_async()) == doc
+    assert redis_client.get(f"{ns}async".encode())[0] == MARK

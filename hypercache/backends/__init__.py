@@ -15,10 +15,14 @@ URL                                         backend
 ==========================================  =============================================
 
 Query options of every URL: ``namespace`` (key prefix), ``serializer`` (``msgpack``,
-the default, ``pickle``, ``json`` or ``raw``) and ``timeout`` (seconds per call,
-default 1). ``memory://`` also takes ``max_items``, ``max_bytes`` and ``policy``;
-``hypercache://`` also ``cluster_name`` and ``auth_token``. An unknown option or a
-bad value raises :class:`~hypercache.errors.ConfigError` naming it.
+the default, ``pickle``, ``json`` or ``raw``), ``timeout`` (seconds per call,
+default 1) and ``compression`` (``zstd``, the default: values from 1 KiB serialised
+are stored zstd-compressed, level 3; ``zstd:<level>``; ``off``: stored as the
+serializer wrote them, for a store shared with programs that read them; reading
+decodes either form, see :mod:`hypercache.client.compression`). ``memory://`` also
+takes ``max_items``, ``max_bytes`` and ``policy``; ``hypercache://`` also
+``cluster_name`` and ``auth_token``. An unknown option or a bad value raises
+:class:`~hypercache.errors.ConfigError` naming it.
 
 Redis needs the ``redis`` extra: ``pip install 'hypercache[redis]'``.
 """
@@ -26,6 +30,7 @@ Redis needs the ``redis`` extra: ``pip install 'hypercache[redis]'``.
 from __future__ import annotations
 
 import math
+from types import EllipsisType
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -39,8 +44,16 @@ from hypercache.backends.base import (
     InvalidationCallback,
 )
 from hypercache.backends.memory import AsyncMemoryBackend, MemoryBackend
-from hypercache.client.serializer import SERIALIZERS, Serializer
+from hypercache.client.compression import (
+    DEFAULT_COMPRESSION,
+    CompressedSerializer,
+    Compression,
+    parse_compression,
+    resolve_compression,
+)
+from hypercache.client.serializer import SERIALIZERS, Serializer, resolve_serializer
 from hypercache.errors import ConfigError
+from hypercache.net.protocol import DEFAULT_MAX_VALUE
 
 __all__ = [
     "BACKEND_DOWN",
@@ -56,7 +69,10 @@ __all__ = [
     "open_async",
 ]
 
-_COMMON = {"namespace", "serializer", "timeout"}
+_COMMON = {"namespace", "serializer", "timeout", "compression"}
+#: ``open(url, compression=...)``: what a caller (a tiered cache) may give instead
+#: of the URL's option; ``...`` = as the URL says.
+CompressionArg = Compression | str | bool | None | EllipsisType
 _ALLOWED = {
     "memory": _COMMON | {"max_items", "max_bytes", "policy"},
     "redis": _COMMON,
@@ -129,6 +145,13 @@ class _Url:
             )
         return cls()
 
+    def compression(self, given: CompressionArg) -> Compression | None:
+        """The ``compression`` option (or what the caller gave), default zstd."""
+        text = self.options.pop("compression", None)
+        if given is not ...:
+            return resolve_compression(given)
+        return DEFAULT_COMPRESSION if text is None else parse_compression(text)
+
     def host_ports(self, default_port: int) -> list[tuple[str, int]]:
         if not self.hosts:
             raise ConfigError("url", f"{self.url!r} names no host")
@@ -169,12 +192,21 @@ def _db(u: _Url) -> int:
         raise ConfigError("url", f"the database must be a number, got {u.path!r}") from None
 
 
-def open(url: str) -> Backend:
+def _compressed(serializer: Serializer | None, compression: Compression | None) -> Serializer:
+    # The backends' serializer stack: the serializer, then the codec (which reads
+    # raw values too). Bounded like a node's values (max_value's default).
+    return CompressedSerializer(resolve_serializer(serializer), compression, DEFAULT_MAX_VALUE)
+
+
+def open(url: str, *, compression: CompressionArg = ...) -> Backend:
     """A blocking backend for ``url`` (the table of :mod:`hypercache.backends`).
 
     Nothing is dialled yet for Redis and the hypercache cluster: connections open
     on first use (call ``.ping()`` to fail fast).
 
+    :param compression: instead of the URL's ``compression`` option: a
+        :class:`~hypercache.client.compression.Compression`, ``"zstd"``,
+        ``"off"``, ``None``/``False`` (off), ``True`` (the defaults).
     :raises ConfigError: an unknown scheme or option, or a bad value (``field``
         names it).
     """
@@ -182,6 +214,23 @@ def open(url: str) -> Backend:
     namespace = u.options.pop("namespace", "")
     serializer = u.serializer()
     timeout = u.timeout()
+    comp = u.compression(compression)
+    if u.scheme == "hypercache":
+        from hypercache.backends.cluster import HypercacheBackend
+        from hypercache.client import Client
+
+        seeds = [f"{h}:{p}" for h, p in u.host_ports(7400)]
+        extra: dict[str, Any] = dict(u.options)
+        hclient = Client(
+            seeds,
+            timeout=timeout,
+            connect_timeout=timeout,
+            serializer=serializer,
+            compression=comp,
+            **extra,
+        )
+        return HypercacheBackend(hclient, namespace=namespace)
+    serializer = _compressed(serializer, comp)
     if u.scheme == "memory":
         return MemoryBackend(
             max_items=u.pop_int("max_items"),
@@ -190,16 +239,6 @@ def open(url: str) -> Backend:
             namespace=namespace,
             serializer=serializer,
         )
-    if u.scheme == "hypercache":
-        from hypercache.backends.cluster import HypercacheBackend
-        from hypercache.client import Client
-
-        seeds = [f"{h}:{p}" for h, p in u.host_ports(7400)]
-        extra: dict[str, Any] = dict(u.options)
-        hclient = Client(
-            seeds, timeout=timeout, connect_timeout=timeout, serializer=serializer, **extra
-        )
-        return HypercacheBackend(hclient, namespace=namespace)
     import redis
     import redis.cluster
 
@@ -215,16 +254,17 @@ def open(url: str) -> Backend:
     return RedisBackend(client, namespace=namespace, serializer=serializer)
 
 
-def open_async(url: str) -> AsyncBackend:
+def open_async(url: str, *, compression: CompressionArg = ...) -> AsyncBackend:
     """An asyncio backend for ``url`` (as :func:`open`; to be used on one event loop)."""
     u = _Url(url)
     if u.scheme == "memory":
-        sync = open(url)
+        sync = open(url, compression=compression)
         assert isinstance(sync, MemoryBackend)
         return AsyncMemoryBackend(sync.store, namespace=sync.namespace, serializer=sync.serializer)
     namespace = u.options.pop("namespace", "")
     serializer = u.serializer()
     timeout = u.timeout()
+    comp = u.compression(compression)
     if u.scheme == "hypercache":
         from hypercache.backends.cluster import AsyncHypercacheBackend
         from hypercache.client import AsyncClient
@@ -232,9 +272,15 @@ def open_async(url: str) -> AsyncBackend:
         seeds = [f"{h}:{p}" for h, p in u.host_ports(7400)]
         extra: dict[str, Any] = dict(u.options)
         aclient = AsyncClient(
-            seeds, timeout=timeout, connect_timeout=timeout, serializer=serializer, **extra
+            seeds,
+            timeout=timeout,
+            connect_timeout=timeout,
+            serializer=serializer,
+            compression=comp,
+            **extra,
         )
         return AsyncHypercacheBackend(aclient, namespace=namespace)
+    serializer = _compressed(serializer, comp)
     import redis.asyncio
     import redis.asyncio.cluster
 
@@ -249,6 +295,6 @@ def open_async(url: str) -> AsyncBackend:
     else:
         ((host, port),) = u.host_ports(6379)[:1]
         client = redis.asyncio.Redis(host=host, port=port, db=_db(u), **kwargs)
-    sync = open(url)
+    sync = open(url, compression=compression)
     assert isinstance(sync, RedisBackend)
     return AsyncRedisBackend(client, namespace=namespace, serializer=serializer, sync=sync)

@@ -53,9 +53,10 @@ from hypercache.errors import (
     NotReadyError,
     ProtocolError,
     UndecodableValueError,
+    ValueTooLargeError,
     WrongOwnerError,
 )
-from hypercache.net.protocol import Limits, make_hello
+from hypercache.net.protocol import FEATURE_COMPRESSION, Limits, make_hello
 from hypercache.net.security import SslArg, resolve_client_ssl
 from hypercache.replication import (
     Entry,
@@ -411,7 +412,9 @@ class ClientOptions:
 
     def hello(self) -> dict[str, Any]:
         """The HELLO payload of a client connection."""
-        return make_hello(self.cluster_name, auth=self.auth_token)
+        # Every client reads compressed values, whatever its own setting: it says so,
+        # and a node then answers them as stored (docs/protocol.md, "Features").
+        return make_hello(self.cluster_name, auth=self.auth_token, features=(FEATURE_COMPRESSION,))
 
 
 @dataclass(slots=True)
@@ -509,8 +512,10 @@ class ClientBase:
         self._default = opts.consistency
         # Values are compressed after serialisation and decompressed before it is
         # undone (hypercache.client.compression); reading decompresses whatever
-        # this client's own setting.
-        codec = self._codec = ValueCodec(opts.compression, opts.limits.max_value)
+        # this client's own setting. Writes are compressed once a node's HELLO
+        # answer said it takes compressed values (_handshaken), never after one
+        # said it does not.
+        codec = self._codec = ValueCodec(opts.compression, opts.limits.max_value, negotiate=True)
         dumps, loads = opts.serializer.dumps, opts.serializer.loads
         encode, decode = codec.encode, codec.decode
         self._dumps: Callable[[Any], bytes] = lambda obj: encode(dumps(obj))
@@ -523,6 +528,26 @@ class ClientBase:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def compressing(self) -> Compression | None:
+        """How this client compresses the values it writes now: its ``compression``
+        once the nodes it reached take compressed values (see
+        :mod:`hypercache.client.compression`); None while it writes raw."""
+        return self._codec.active
+
+    def _pending(self, requests: Mapping[bytes, list[Any]]) -> bool:
+        """Whether a value of these ``SET`` payloads is raw only because no node said
+        yet that it takes compressed values (see :meth:`ValueCodec.pending`)."""
+        pending = self._codec.pending
+        return any(pending(payload[1]) for payload in requests.values())
+
+    def _handshaken(self, conn: object) -> None:
+        """A connection to a node is open: learn from its HELLO answer whether the
+        node takes compressed values."""
+        hello = getattr(conn, "peer_hello", None)
+        if type(hello) is dict and hello:
+            self._codec.learn(hello.get("features") or frozenset())
 
     def __repr__(self) -> str:
         seeds = ",".join(self.options.seeds)
@@ -667,6 +692,8 @@ class ClientBase:
             return default
         try:
             return self._loads(found[1])
+        except ValueTooLargeError:
+            raise  # a compressed value past max_value (a bomb): not the serializer's
         except Exception as exc:
             raise self._undecodable(key, found[1], exc) from exc
 

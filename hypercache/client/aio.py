@@ -111,6 +111,14 @@ class AsyncClient(ClientBase):
             await self.ping()
         return self
 
+    async def _reach(self) -> bool:
+        # Before a first write that may be compressed: reach a node, whose HELLO
+        # answer says whether it takes compressed values (failing, the write goes
+        # on raw and meets the same failure). Whether values are compressed now.
+        with contextlib.suppress(HyperCacheError):
+            await self.connect()
+        return self._codec.active is not None
+
     async def close(self) -> None:
         """Close every connection, stop the background table refresh and the probes.
         Idempotent."""
@@ -151,6 +159,8 @@ class AsyncClient(ClientBase):
     ) -> None:
         """Store ``value`` under ``key`` for ``ttl`` seconds (see ``Client.set``)."""
         k, payload = self._set_request(key, value, ttl, consistency)
+        if self._codec.pending(payload[1]) and await self._reach():
+            payload[1] = self._encode(value)  # (once: the client's first write)
         with tracing.client_op("Client.set", k):
             await self._call(commands.SET, k, payload)
 
@@ -181,7 +191,10 @@ class AsyncClient(ClientBase):
         self, mapping: Mapping[Key, Any], ttl: float | None = None, *, consistency: Level = None
     ) -> None:
         """Store every item of ``mapping``, concurrently like :meth:`get_many`."""
-        requests = list(self._set_many_requests(mapping, ttl, consistency).items())
+        wire = self._set_many_requests(mapping, ttl, consistency)
+        if self._pending(wire) and await self._reach():
+            wire = self._set_many_requests(mapping, ttl, consistency)  # (once)
+        requests = list(wire.items())
         answers: list[Any] = []
         for start in range(0, len(requests), BATCH):
             answers += await asyncio.gather(
@@ -483,8 +496,9 @@ class AsyncClient(ClientBase):
         if isinstance(exc, NodeUnavailableError):  # (a refused handshake is an answer)
             self._node_down(address)
 
-    def _connected(self, _conn: Connection) -> None:
+    def _connected(self, conn: Connection) -> None:
         self.stats.connections_opened += 1
+        self._handshaken(conn)
 
     async def _dial(self, address: str) -> Connection:
         return await self._transport.connect(

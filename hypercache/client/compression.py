@@ -1,192 +1,27 @@
-"""Value compression: how a client shrinks large values before they leave it.
+"""Value compression of the clients: :mod:`hypercache.net.compression` (the codec
+lives in the wire layer, where a node also decodes values for a client that does
+not read compressed ones). Re-exported here, where the clients' options are."""
 
-Compression happens once, in the client that writes: nodes store, replicate, hint,
-stream and sync the compressed bytes as they store any value (so
-``hypercache_bytes`` charges what is stored), and every client decompresses after
-reading, whatever its own ``compression`` setting. The codec is zstandard (see
-``docs/design.md`` for why).
-
-The stored form is told apart by its first byte, ``0xC1``: the one byte msgpack
-never writes (and pickle starts with ``0x80``), so no value of the built-in
-serializers begins with it::
-
-    anything but 0xC1 ...          a raw value, as the serializer produced it
-    0xC1 0x00 <value>              a raw value that itself begins with 0xC1 (escaped)
-    0xC1 0x01 <size: u32 BE> <zstd frame>    compressed; size = the raw length
-
-A value under ``min_size``, or one that would not shrink, is kept raw: a value is
-never expanded (but for the two escape bytes of the rare raw value that begins
-with ``0xC1``). Reading a compressed value checks its declared size, and the size
-the frame announces, against ``max_value`` before anything is decompressed, and
-decompresses at most that much: a decompression bomb is refused with
-:class:`~hypercache.errors.ValueTooLargeError` in bounded memory.
-"""
-
-from __future__ import annotations
-
-import io
-import struct
-import threading
-from dataclasses import dataclass
-from typing import Final
-
-import zstandard
-
-from hypercache.errors import ConfigError, ProtocolError, ValueTooLargeError
+from hypercache.net.compression import (
+    DEFAULT_COMPRESSION,
+    DEFAULT_LEVEL,
+    DEFAULT_MIN_SIZE,
+    MARK,
+    CompressedSerializer,
+    Compression,
+    ValueCodec,
+    parse_compression,
+    resolve_compression,
+)
 
 __all__ = [
     "DEFAULT_COMPRESSION",
     "DEFAULT_LEVEL",
     "DEFAULT_MIN_SIZE",
     "MARK",
+    "CompressedSerializer",
     "Compression",
     "ValueCodec",
+    "parse_compression",
     "resolve_compression",
 ]
-
-#: First byte of every value that is not stored as is (msgpack's never-used byte).
-MARK: Final = 0xC1
-_RAW: Final = b"\xc1\x00"
-_ZSTD: Final = b"\xc1\x01"
-_HEADER: Final = 6
-_size = struct.Struct(">I")
-
-#: Values from this size up are compressed (bytes, after serialisation). Below it
-#: zstd saves little and costs more than the bytes it saves (bench/bench_compression.py).
-DEFAULT_MIN_SIZE: Final = 1024
-#: zstd level: 3 is zstd's own default, the knee of its speed/ratio curve.
-DEFAULT_LEVEL: Final = 3
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Compression:
-    """How a client compresses the values it writes.
-
-    :param level: zstd level, 1 (fastest) to 22 (smallest). Default 3.
-    :param min_size: values (serialised) shorter than this are stored raw. Default 1024.
-    """
-
-    level: int = DEFAULT_LEVEL
-    min_size: int = DEFAULT_MIN_SIZE
-
-    def __post_init__(self) -> None:
-        if type(self.level) is not int or not 1 <= self.level <= 22:
-            raise ConfigError("compression", f"level must be 1..22, got {self.level!r}")
-        if type(self.min_size) is not int or self.min_size < 0:
-            raise ConfigError(
-                "compression", f"min_size must be a non-negative int, got {self.min_size!r}"
-            )
-
-
-#: What a client uses when given no ``compression``.
-DEFAULT_COMPRESSION: Final = Compression()
-
-
-def resolve_compression(value: Compression | str | bool | None) -> Compression | None:
-    """``Client(compression=...)``: a :class:`Compression`; ``"zstd"`` or ``True`` for the
-    defaults; ``None``, ``False`` or ``"off"`` for none (values are still read back
-    decompressed).
-
-    :raises ConfigError: anything else (field ``compression``).
-    """
-    if isinstance(value, Compression):
-        return value
-    if value is True or value == "zstd":
-        return DEFAULT_COMPRESSION
-    if value is None or value is False or value == "off":
-        return None
-    raise ConfigError("compression", f"expected a Compression, 'zstd' or 'off', got {value!r}")
-
-
-# zstd contexts, one per thread (they are not thread-safe): making one costs more
-# than compressing 4 KiB with it (a compression context of level 3 is ~1 MiB).
-_contexts = threading.local()
-
-
-def _compressor(level: int) -> zstandard.ZstdCompressor:
-    made: dict[int, zstandard.ZstdCompressor] | None = getattr(_contexts, "c", None)
-    if made is None:
-        made = _contexts.c = {}
-    cctx = made.get(level)
-    if cctx is None:
-        cctx = made[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
-    return cctx
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    dctx: zstandard.ZstdDecompressor | None = getattr(_contexts, "d", None)
-    if dctx is None:
-        dctx = _contexts.d = zstandard.ZstdDecompressor()
-    return dctx
-
-
-class ValueCodec:
-    """Encodes the bytes a client writes and decodes those it reads (see the module
-    docstring). Thread-safe: the zstd contexts are per thread."""
-
-    __slots__ = ("compression", "max_value")
-
-    def __init__(self, compression: Compression | None, max_value: int) -> None:
-        self.compression = compression
-        self.max_value = max_value
-
-    def encode(self, data: bytes) -> bytes:
-        """The stored form of ``data`` (the serializer's output)."""
-        comp = self.compression
-        if comp is not None and len(data) >= comp.min_size and data:
-            packed = _compressor(comp.level).compress(data)
-            if len(packed) + _HEADER < len(data):
-                return _ZSTD + _size.pack(len(data)) + packed
-        if data[:1] == b"\xc1":
-            return _RAW + data
-        return data
-
-    def decode(self, data: bytes) -> bytes:
-        """The serializer's bytes back from a stored value.
-
-        :raises ValueTooLargeError: the value would decompress past ``max_value``.
-        :raises ProtocolError: a value marked compressed that is not a valid frame.
-        """
-        if data[:1] != b"\xc1":
-            return data
-        tag = data[:2]
-        if tag == _RAW:
-            return data[2:]
-        if tag != _ZSTD or len(data) < _HEADER:
-            raise ProtocolError(f"value of {len(data)} bytes has an unknown encoding {tag!r}")
-        (size,) = _size.unpack_from(data, 2)
-        limit = self.max_value
-        if size > limit:
-            raise ValueTooLargeError(
-                f"compressed value declares {size} bytes, over max_value={limit}"
-            )
-        frame = memoryview(data)[_HEADER:]
-        try:
-            announced = zstandard.frame_content_size(frame)
-        except zstandard.ZstdError as exc:
-            raise ProtocolError(f"compressed value is not a zstd frame: {exc}") from None
-        if announced > limit:
-            raise ValueTooLargeError(
-                f"compressed value's frame announces {announced} bytes, over max_value={limit}"
-            )
-        if announced >= 0 and announced != size:
-            raise ProtocolError(
-                f"compressed value's frame holds {announced} bytes, declared {size}"
-            )
-        try:
-            if announced == size:  # what encode writes: one call, ``size`` bytes made
-                out = _decompressor().decompress(frame)
-            else:
-                # A frame that does not say: at most one byte more than declared,
-                # enough to tell a lie, never a bomb.
-                reader = _decompressor().stream_reader(io.BytesIO(frame))
-                out = reader.read(size + 1)
-        except zstandard.ZstdError as exc:
-            raise ProtocolError(f"compressed value does not decompress: {exc}") from None
-        if len(out) != size:
-            if len(out) > size:
-                raise ValueTooLargeError(
-                    f"compressed value decompresses past its declared {size} bytes"
-                )
-            raise ProtocolError(f"compressed value holds {len(out)} bytes, declared {size}")
-        return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import contextvars
 import functools
 import os
@@ -86,7 +87,10 @@ class Client(ClientBase):
         :class:`~hypercache.client.compression.Compression` (level, min_size),
         ``"zstd"`` (default: level 3, from 1 KiB) or ``"off"``/``None``. Values
         are read back decompressed whatever this setting (see
-        :mod:`hypercache.client.compression`).
+        :mod:`hypercache.client.compression`). Negotiated: values are compressed
+        only once a node's HELLO answer says it takes them (a first large write
+        reaches a node first), never after one said it does not
+        (:attr:`compressing` tells which).
     :param route: ``"owner"`` (default) fetches the partition table once, reads
         straight from the key's owners (``R_GET`` to as many as the level needs,
         newest version wins, stale owners repaired in the background) and sends
@@ -182,6 +186,14 @@ class Client(ClientBase):
             self.ping()
         return self
 
+    def _reach(self) -> bool:
+        # Before a first write that may be compressed: reach a node, whose HELLO
+        # answer says whether it takes compressed values (failing, the write goes
+        # on raw and meets the same failure). Whether values are compressed now.
+        with contextlib.suppress(HyperCacheError):
+            self.connect()
+        return self._codec.active is not None
+
     def close(self) -> None:
         """Close every connection, once the read repairs still queued went out (each
         bounded by ``timeout``), and stop the probes (each within its deadline).
@@ -244,6 +256,8 @@ class Client(ClientBase):
         and the errors of :meth:`get`.
         """
         k, payload = self._set_request(key, value, ttl, consistency)
+        if self._codec.pending(payload[1]) and self._reach():
+            payload[1] = self._encode(value)  # (once: the client's first write)
         with tracing.client_op("Client.set", k):
             self._call(commands.SET, k, payload)
 
@@ -271,7 +285,10 @@ class Client(ClientBase):
     ) -> None:
         """Store every item of ``mapping`` (same ``ttl`` for all), pipelined like
         :meth:`get_many`. The first error is raised once every item was tried."""
-        self._batch(commands.SET, self._set_many_requests(mapping, ttl, consistency))
+        requests = self._set_many_requests(mapping, ttl, consistency)
+        if self._pending(requests) and self._reach():
+            requests = self._set_many_requests(mapping, ttl, consistency)  # (once)
+        self._batch(commands.SET, requests)
 
     def ping(self, address: str | None = None) -> float:
         """Round trip of a PING to ``address`` (or to the first reachable node), in seconds.
@@ -513,6 +530,7 @@ class Client(ClientBase):
         connect_timeout = self.options.connect_timeout
         conn = self._connection_factory(address, self._hello, self._limits, connect_timeout)
         self.stats.connections_opened += 1
+        self._handshaken(conn)
         return conn
 
     def _call(self, cmd: commands.Command[_T], key: bytes | None, payload: Any) -> _T:
@@ -788,8 +806,10 @@ class Client(ClientBase):
             return self._send_groups_at_once(groups)
         try:
             executor = self._workers()
+            # Each worker in the caller's trace context (its own copy: one context
+            # cannot be entered by two threads at once).
             futures: list[Future[list[Any] | BaseException]] = [
-                executor.submit(self._send_group, address, requests)
+                executor.submit(contextvars.copy_context().run, self._send_group, address, requests)
                 for address, requests in items[1:]
             ]
         except RuntimeError:  # the executor shut down: the client was closed meanwhile

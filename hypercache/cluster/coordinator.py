@@ -291,28 +291,38 @@ class Coordinator:
                 rnd.ok(owner, value)
             elif op == _R_GET and rnd.spares and isinstance(error, NotReadyError):
                 self.stats.replica_failures += 1
-                self._substitute(rnd, owner, error, payload)
+                self._substitute(rnd, owner, error, payload, trace)
             else:
                 self._replica_failed(rnd, owner, error, hint)
 
         peer.send_callback(op, payload, timeout, answered, carrier)
 
-    def _substitute(self, rnd: QuorumRound, owner: str, why: NotReadyError, payload: Any) -> None:
+    def _substitute(
+        self,
+        rnd: QuorumRound,
+        owner: str,
+        why: NotReadyError,
+        payload: Any,
+        trace: OpTrace | None = None,
+    ) -> None:
         """``owner`` is not ready for a read: ask the round's next spare (a pending
-        owner) in its place."""
+        owner) in its place (under the read's ``trace``: this runs from the answer's
+        callback, outside the request's context)."""
         spare = rnd.replace(owner, why)
         if spare is None:
             return
         self.stats.not_ready_substitutions += 1
         self.stats.read_attempts += 1
         if spare != self.node_id:
-            self._remote(rnd, spare, _R_GET, payload, "r_get")
+            self._remote(rnd, spare, _R_GET, payload, "r_get", trace=trace)
             return
         moves = self.moves
         key: bytes = payload[0]
         if moves is not None and not moves.is_ready(self._partition_of(key)):
-            self._substitute(rnd, spare, NotReadyError("not held here either"), payload)
+            self._substitute(rnd, spare, NotReadyError("not held here either"), payload, trace)
         else:
+            if trace is not None:
+                trace.local(spare, "r_get")
             rnd.ok(spare, self.replica.get(key))
 
     def _copy(self, owners: list[str], op: int, payload: list[Any]) -> None:
@@ -432,7 +442,7 @@ class Coordinator:
                     rnd.ok(owner, self.replica.get(key))
                 else:
                     stats.replica_failures += 1
-                    self._substitute(rnd, owner, NotReadyError("not ready here"), payload)
+                    self._substitute(rnd, owner, NotReadyError("not ready here"), payload, trace)
         except HyperCacheError as exc:
             if trace is not None:
                 trace.decided(0, exc)
@@ -809,7 +819,13 @@ class Coordinator:
             self._failed("expire", exc)
             self._latency["expire"](time.perf_counter() - start)
             raise
-        rnd.arm(lambda r: self._expire_read(r, key, ttl_ms, level, later, start))
+        # The write back starts from the read's callback, where the current context
+        # is the loop's: it runs in the request's (its Set joins the caller's trace).
+        in_request = tracing.in_context()
+        if in_request is None:
+            rnd.arm(lambda r: self._expire_read(r, key, ttl_ms, level, later, start))
+        else:
+            rnd.arm(lambda r: in_request(self._expire_read, r, key, ttl_ms, level, later, start))
         return later
 
     def _expire_read(

@@ -59,8 +59,9 @@ from hypercache.cluster.security import NodeSecurity
 from hypercache.errors import NodeUnavailableError, PermissionDeniedError, ProtocolError
 from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.busypoll import BusyPoller, poller
+from hypercache.net.compression import ValueCodec
 from hypercache.net.faults import FaultInjector, FaultyTransport
-from hypercache.net.protocol import Op
+from hypercache.net.protocol import FEATURE_COMPRESSION, Op
 from hypercache.net.tcp import TCP
 from hypercache.net.transport import Later, PeerInfo, Server, ServerOptions, Transport
 from hypercache.replication import WallClock, wall_ms
@@ -70,6 +71,9 @@ __all__ = ["ListenError", "Node"]
 _log = logging.getLogger("hypercache.node")
 
 _PING: Final = int(Op.PING)
+_GET: Final = int(Op.GET)
+_R_GET: Final = int(Op.R_GET)
+_FEATURE_COMPRESSION: Final = FEATURE_COMPRESSION
 
 # Period and batch of the expiry sweep.
 _SWEEP_INTERVAL: Final = 1.0
@@ -111,6 +115,9 @@ class _Running:
     #: op -> handler, for a client's connection: the ops open to clients, with the
     #: handlers that count a client's own read as such (route "direct")
     client_ops: dict[int, _OpHandler]
+    #: the same, for a client that does not read compressed values (its HELLO does
+    #: not list FEATURE_COMPRESSION): the ops that answer values decode them first
+    plain_client_ops: dict[int, _OpHandler]
     poller: BusyPoller | None = None
     #: the handoff's hint buffer (FLUSH clears it)
     hint_buffer: HintBuffer | None = None
@@ -445,7 +452,8 @@ class Node:
             handoff=handoff,
             rebalancer=rebalancer,
             ops=(ops := self._op_table(replica, coordinator, membership)),
-            client_ops=self.security.restrict(self._client_table(ops, replica)),
+            client_ops=(client_ops := self.security.restrict(self._client_table(ops, replica))),
+            plain_client_ops=_plain_values(client_ops, ValueCodec(None, self.limits.max_value)),
             poller=poller(asyncio.get_running_loop()) if config.busy_poll else None,
             hint_buffer=hint_buffer,
         )
@@ -815,7 +823,13 @@ class Node:
         else:
             if conn_info.scopes is not None:  # a token's client (docs/security.md)
                 self.security.check_op(conn_info, op)
-            handler = run.client_ops.get(op)
+            # A client of the previous version reads values as it wrote them.
+            table = (
+                run.client_ops
+                if _FEATURE_COMPRESSION in conn_info.features
+                else run.plain_client_ops
+            )
+            handler = table.get(op)
             if handler is not None:
                 return handler(payload)
             if op in run.ops:
@@ -869,6 +883,58 @@ if TYPE_CHECKING:  # Node implements the server's handler interface, fast path i
 def _log_failure(task: asyncio.Future[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         _log.error("leaving the cluster failed", exc_info=task.exception())
+
+
+def _plain_values(table: dict[int, _OpHandler], codec: ValueCodec) -> dict[int, _OpHandler]:
+    """``table`` for a client that does not read compressed values (its HELLO does not
+    list :data:`~hypercache.net.protocol.FEATURE_COMPRESSION`): the ops that answer a
+    value (``GET``'s ``[found, value]``, ``R_GET``'s entry) answer it decoded, as the
+    client wrote it, bounded by ``max_value`` (a decompression bomb is refused with
+    :class:`~hypercache.errors.ValueTooLargeError`). Peers get the stored bytes as
+    they are. An op added later that answers values must be wrapped here too."""
+    decode = codec.decode
+    plain = dict(table)
+
+    def entry(raw: Any) -> Any:
+        if type(raw) is list and raw and type(raw[0]) is bytes and raw[0][:1] == b"\xc1":
+            return [decode(raw[0]), *raw[1:]]
+        return raw
+
+    def found(answer: Any) -> Any:
+        if type(answer) is list and len(answer) == 2 and type(answer[1]) is bytes:
+            value = answer[1]
+            if value[:1] == b"\xc1":
+                return [answer[0], decode(value)]
+        return answer
+
+    def mapped(handler: _OpHandler, fix: Callable[[Any], Any]) -> _OpHandler:
+        def plain_handler(payload: Any) -> Any:
+            result = handler(payload)
+            if type(result) is not Later:
+                return fix(result)
+            out = Later()
+
+            def settle(value: Any, error: BaseException | None) -> None:
+                if error is not None:
+                    out.reject(error)
+                    return
+                try:
+                    fixed = fix(value)
+                except Exception as exc:
+                    out.reject(exc)
+                    return
+                out.resolve(fixed)
+
+            result.bind(settle)
+            return out
+
+        return plain_handler
+
+    for op, fix in ((_GET, found), (_R_GET, entry)):
+        handler = plain.get(op)
+        if handler is not None:
+            plain[op] = mapped(handler, fix)
+    return plain
 
 
 def _fields(payload: Any, n: int, op: str, shape: str) -> list[Any]:

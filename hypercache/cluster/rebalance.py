@@ -927,7 +927,7 @@ class Rebalancer:
             if peer is None or not peer.up:
                 continue
             try:
-                if await self._pull(p, peer):
+                if await self._pull(p, peer, source):
                     self._held(p, start, streamed=True)
                 return  # held, or no longer wanted
             except (NotReadyError, WrongOwnerError) as exc:
@@ -938,9 +938,9 @@ class Rebalancer:
                 _log.info("streaming partition %d from %s failed: %s", p, source, exc)
         self._failed(p, outcome)
 
-    async def _pull(self, p: int, peer: _Peer) -> bool:
-        """Stream partition ``p`` from ``peer`` from its cursor to the end; False when
-        it stopped because the partition is no longer wanted."""
+    async def _pull(self, p: int, peer: _Peer, source: str = "") -> bool:
+        """Stream partition ``p`` from ``peer`` (node ``source``) from its cursor to
+        the end; False when it stopped because the partition is no longer wanted."""
         apply = self._apply
         stats = self.stats
         cursor = self._cursors.get(p)
@@ -948,7 +948,8 @@ class Rebalancer:
             if not self._wants(p):
                 return False
             # One span per batch streamed; the STREAM request carries it.
-            with tracing.span("Rebalance", {tracing.ATTR_PARTITION: p}) as span:
+            attributes = {tracing.ATTR_PARTITION: p, tracing.ATTR_PEER: source}
+            with tracing.span("Rebalance", attributes) as span:
                 answer = await peer.request(
                     _STREAM, [p, cursor, self.batch_keys, self.batch_bytes], self.timeout
                 )

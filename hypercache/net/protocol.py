@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_MAX_VALUE",
     "ERROR",
     "FEATURES",
+    "FEATURE_COMPRESSION",
     "FEATURE_TRACE",
     "FRAME_OVERHEAD",
     "HEADER_SIZE",
@@ -87,7 +88,13 @@ PROTOCOL_VERSION: Final = 1
 #: one only when the server listed it, so both sides of a version without it still
 #: interoperate. ``trace``: requests may carry a sixth element, the trace context.
 FEATURE_TRACE: Final = "trace"
-FEATURES: Final = (FEATURE_TRACE,)
+#: ``zstd``: values may be stored in the compressed form of
+#: :mod:`hypercache.net.compression` (first byte ``0xC1``). A client lists it in its
+#: own HELLO when it reads that form; a server answering a client that does not
+#: decompresses the values it answers. A client compresses what it writes only to
+#: servers that list it (an older node does neither).
+FEATURE_COMPRESSION: Final = "zstd"
+FEATURES: Final = (FEATURE_TRACE, FEATURE_COMPRESSION)
 
 
 _KiB: Final = 1024
@@ -381,10 +388,13 @@ def make_hello(
     auth: str | None = None,
     info: dict[str, Any] | None = None,
     proof: dict[str, Any] | None = None,
+    features: tuple[str, ...] | list[str] | None = None,
 ) -> dict[str, Any]:
     """Build the payload of a HELLO request (``node_id=None`` for clients; a node
-    adds the ``proof`` of the cluster secret, see :mod:`hypercache.net.auth`)."""
-    hello = {
+    adds the ``proof`` of the cluster secret, see :mod:`hypercache.net.auth`; a
+    client lists the optional ``features`` it takes in answers, such as
+    :data:`FEATURE_COMPRESSION`)."""
+    hello: dict[str, Any] = {
         "version": PROTOCOL_VERSION,
         "cluster": cluster,
         "node_id": node_id,
@@ -394,6 +404,8 @@ def make_hello(
     }
     if proof is not None:
         hello["proof"] = proof
+    if features:
+        hello["features"] = list(features)
     return hello
 
 
@@ -440,9 +452,10 @@ def _check_version_cluster(payload: Any, cluster: str, what: str) -> dict[Any, A
 def validate_hello(payload: Any, *, cluster: str, auth: str | None) -> dict[str, Any]:
     """Check a HELLO request on the server side and return it normalised.
 
-    The result has the keys ``version``, ``cluster``, ``node_id``, ``address`` and
-    ``info``; the auth token is checked (in constant time, when ``auth`` is set)
-    and left out.
+    The result has the keys ``version``, ``cluster``, ``node_id``, ``address``,
+    ``info`` and ``features`` (a frozenset of the optional features the peer takes;
+    none from a peer that lists none); the auth token is checked (in constant time,
+    when ``auth`` is set) and left out.
 
     :raises HandshakeError: version or cluster mismatch, bad auth token, malformed payload.
     """
@@ -460,6 +473,7 @@ def validate_hello(payload: Any, *, cluster: str, auth: str | None) -> dict[str,
         "node_id": node_id,
         "address": address,
         "info": info,
+        "features": _features(payload.get("features"), "HELLO"),
     }
 
 
@@ -482,7 +496,7 @@ def validate_hello_answer(payload: Any, *, cluster: str) -> dict[str, Any]:
         "node_id": _optional_str(payload, "node_id"),
         "info": info,
         "clock_ms": clock_ms,
-        "features": _features(payload.get("features")),
+        "features": _features(payload.get("features"), "HELLO answer"),
     }
     proof = payload.get("proof")
     if proof is not None:
@@ -492,12 +506,12 @@ def validate_hello_answer(payload: Any, *, cluster: str) -> dict[str, Any]:
     return answer
 
 
-def _features(raw: Any) -> frozenset[str]:
-    """The features a HELLO answer lists (none from a server that lists none)."""
+def _features(raw: Any, what: str) -> frozenset[str]:
+    """The features a HELLO or its answer lists (none from a peer that lists none)."""
     if raw is None:
         return frozenset()
-    if type(raw) is not list or not all(type(f) is str for f in raw):
-        raise HandshakeError("HELLO answer field 'features' must be a list of strings or nil")
+    if type(raw) is not list or len(raw) > 64 or not all(type(f) is str for f in raw):
+        raise HandshakeError(f"{what} field 'features' must be a list of strings or nil")
     return frozenset(raw)
 
 

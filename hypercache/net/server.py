@@ -43,7 +43,7 @@ from hypercache.net.protocol import (
     validate_hello,
 )
 from hypercache.net.transport import NOT_SYNC, Handler, Later, NetStats, PeerInfo, ServerOptions
-from hypercache.observe.tracing import serve
+from hypercache.observe.tracing import serve, serve_async
 
 __all__ = ["ServerBase", "ServerProtocol"]
 
@@ -502,7 +502,8 @@ class ServerProtocol(FramedProtocol):
                 "info": info,
                 # The peer's requests then carry deadlines on this clock.
                 "clock_ms": wall_clock_ms(),
-                # Optional features: a peer's requests may carry the trace context.
+                # Optional features: a peer's requests may carry the trace context;
+                # values may be compressed (docs/protocol.md, "Features").
                 "features": list(FEATURES),
             }
             if proof is not None:
@@ -530,6 +531,7 @@ class ServerProtocol(FramedProtocol):
             authenticated=proof is not None,
             scopes=None if token is None else token.scopes,
             principal=None if token is None else token.name,
+            features=hello["features"],
         )
         self._decoder.max_frame = options.limits.max_frame
         self._send(body)
@@ -581,7 +583,7 @@ class ServerProtocol(FramedProtocol):
                 else:
                     self._answer(request_id, op, result, None)
                 return
-        tasks[request_id] = self._loop.create_task(self._run(peer, request_id, op, payload))
+        tasks[request_id] = self._loop.create_task(self._run(peer, request_id, op, payload, trace))
         if len(tasks) + len(later) >= self._max_inflight:
             self._update_flow()
 
@@ -613,11 +615,24 @@ class ServerProtocol(FramedProtocol):
         if self._reading_paused:
             self._update_flow()
 
-    async def _run(self, peer: PeerInfo, request_id: int, op: int, payload: Any) -> None:
+    async def _run(
+        self,
+        peer: PeerInfo,
+        request_id: int,
+        op: int,
+        payload: Any,
+        trace: dict[str, str] | None = None,
+    ) -> None:
         result: Any = None
         error: Exception | None = None
         try:
-            result = await self._handler.handle(peer, op, payload)
+            if trace is None:
+                result = await self._handler.handle(peer, op, payload)
+            else:  # in the sender's trace, as a request handled inline is
+                name = _OP_NAMES.get(op, "")
+                replica = op in _REPLICA_OPS
+                handle = self._handler.handle
+                result = await serve_async(name, replica, trace, handle, peer, op, payload)
         except Exception as exc:
             error = exc
         finally:

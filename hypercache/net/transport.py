@@ -59,6 +59,9 @@ class PeerInfo:
     :ivar scopes: what a client's token lets it do (see :mod:`hypercache.net.security`);
         None when the server checks no tokens, and for peers.
     :ivar principal: the name of the client's token, if any.
+    :ivar features: the optional features the peer's HELLO lists (a client that
+        lists :data:`~hypercache.net.protocol.FEATURE_COMPRESSION` reads compressed
+        values); none from a peer of a version without them.
     """
 
     remote: str
@@ -70,6 +73,7 @@ class PeerInfo:
     authenticated: bool = False
     scopes: frozenset[str] | None = None
     principal: str | None = None
+    features: frozenset[str] = frozenset()
 
     @property
     def is_node(self) -> bool:

@@ -31,10 +31,11 @@ Attributes never hold a key or a value: :func:`key_hash` names a key.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Final
 
 from opentelemetry import context as otel_context
@@ -66,9 +67,11 @@ __all__ = [
     "current_carrier",
     "extract",
     "failed",
+    "in_context",
     "install",
     "key_hash",
     "serve",
+    "serve_async",
     "shutdown_tracing",
     "span",
     "tracer",
@@ -93,6 +96,17 @@ ATTR_APPLIED: Final = "hypercache.applied"
 #: The node's tracer while tracing is on; ``None`` when off (the hot path reads it).
 tracer: Tracer | None = None
 _provider: Any = None
+# Whether the provider's sampler never samples a root (parent-based over ratio 0 or
+# always-off): an operation that arrives without a parent then skips the SDK's
+# sampling (which makes a trace id and a non-recording span: ~5 us a request).
+_roots_unsampled = False
+# Set while a request that came with a parent not sampled is served (see serve):
+# nothing it does is recorded, and it sends no trace context on.
+_unsampled: Final[contextvars.ContextVar[bool]] = contextvars.ContextVar(
+    "hypercache_unsampled", default=False
+)
+# The client's tracer, from the global provider it was got from.
+_client: tuple[Any, Tracer | None] = (None, None)
 
 _propagator: Final = TraceContextTextMapPropagator()
 _NULL: Final = contextlib.nullcontext()
@@ -114,9 +128,29 @@ def install(provider: Any, *, version: str = "") -> None:
     Does not touch OpenTelemetry's global provider: several embedded nodes (or a
     test) may each hand one in turn.
     """
-    global tracer, _provider
+    global tracer, _provider, _roots_unsampled
     _provider = provider
+    _roots_unsampled = provider is not None and _never_samples_roots(
+        getattr(provider, "sampler", None)
+    )
     tracer = None if provider is None else provider.get_tracer("hypercache", version)
+
+
+def _never_samples_roots(sampler: Any) -> bool:
+    """Whether ``sampler`` (an SDK sampler) drops every span without a parent."""
+    try:
+        from opentelemetry.sdk.trace.sampling import (
+            ALWAYS_OFF,
+            ParentBased,
+            TraceIdRatioBased,
+        )
+    except ImportError:  # not the SDK's: ask it every time
+        return False
+    # ParentBased keeps the sampler of roots as _root (no public accessor).
+    root = getattr(sampler, "_root", None) if isinstance(sampler, ParentBased) else sampler
+    if isinstance(root, TraceIdRatioBased):
+        return root.rate <= 0
+    return root is ALWAYS_OFF
 
 
 def configure_tracing(
@@ -244,15 +278,26 @@ def _runtime_context_getter() -> Callable[[], Context]:
 _current_context: Final = _runtime_context_getter()
 
 
+# The last carrier made, by the span context it names: the requests sent inside one
+# span (a caller's, over many cache operations) share it, formatted once (~3 us).
+_last: tuple[SpanContext | None, dict[str, str] | None] = (None, None)
+
+
 def current_carrier() -> dict[str, str] | None:
     """The carrier of the current span, or ``None`` when there is none (no allocation
-    then): what a client connection sends along with a request."""
-    if not _current_context():  # an empty context holds no span
+    then): what a client connection sends along with a request (to be read, not
+    changed: one is shared by the requests of a span)."""
+    global _last
+    ctx = _current_context()
+    if not ctx:  # an empty context holds no span
         return None
-    sc = otel_trace.get_current_span().get_span_context()
-    if not sc.is_valid:
-        return None
-    return _carrier(sc)
+    sc = otel_trace.get_current_span(ctx).get_span_context()
+    known, carrier = _last
+    if sc is known:
+        return carrier
+    carrier = _carrier(sc) if sc.is_valid else None
+    _last = (sc, carrier)
+    return carrier
 
 
 def extract(carrier: Any) -> Context | None:
@@ -283,8 +328,22 @@ def serve(op_name: str, replica_op: bool, carrier: Any, fn: Callable[..., Any], 
     (``replica_op``), a ``ReplicaApply`` span covers it. Without tracing, or with a
     carrier that names no sampled span, it is a plain call."""
     tr = tracer
-    ctx = extract(carrier) if tr is not None else None
-    if tr is None or ctx is None:
+    if tr is None:
+        return fn(*args)
+    if not _sampled_flag(carrier):
+        # A parent not sampled: nothing is recorded under it, here or further on,
+        # so its context is not even parsed. A replica's op is a plain call; a
+        # coordinated one runs with the flag that makes begin() record nothing
+        # (and sends no context to the replicas: they would record nothing either).
+        if replica_op:
+            return fn(*args)
+        flag = _unsampled.set(True)
+        try:
+            return fn(*args)
+        finally:
+            _unsampled.reset(flag)
+    ctx = extract(carrier)
+    if ctx is None:
         return fn(*args)
     token = otel_context.attach(ctx)
     try:
@@ -300,6 +359,57 @@ def serve(op_name: str, replica_op: bool, carrier: Any, fn: Callable[..., Any], 
             return fn(*args)
     finally:
         otel_context.detach(token)
+
+
+async def serve_async(
+    op_name: str,
+    replica_op: bool,
+    carrier: Any,
+    fn: Callable[..., Awaitable[Any]],
+    *args: Any,
+) -> Any:
+    """:func:`serve` for a request handled in a task of its own (a handler's slow
+    path): ``await fn(*args)`` inside the trace that came with ``carrier``. The
+    task's own copy of the context is changed, nobody else's."""
+    tr = tracer
+    ctx = extract(carrier) if tr is not None else None
+    if tr is None or ctx is None:
+        return await fn(*args)
+    token = otel_context.attach(ctx)
+    try:
+        parent = otel_trace.get_current_span(ctx).get_span_context()
+        if not replica_op or not parent.trace_flags.sampled:
+            return await fn(*args)
+        with tr.start_as_current_span(
+            "ReplicaApply", kind=SpanKind.SERVER, attributes={ATTR_OP: op_name}
+        ):
+            _log.debug("serving %s", op_name, extra={"op": op_name})
+            return await fn(*args)
+    finally:
+        otel_context.detach(token)
+
+
+def in_context() -> Callable[..., Any] | None:
+    """What runs a callback later inside the current trace context (a read that
+    turns into a write from an answer's callback, where the context is the
+    loop's): ``contextvars.copy_context().run`` while tracing is on and a span is
+    current, else ``None`` (nothing allocated; call the function directly)."""
+    if tracer is None or not (_current_context() or _unsampled.get()):
+        return None
+    return contextvars.copy_context().run
+
+
+def _sampled_flag(carrier: Any) -> bool:
+    """Whether a received carrier's ``traceparent`` says its span is sampled, read
+    from its flags without parsing the rest (``00-<32>-<16>-<flags>``); a carrier
+    of another form (a later version) is taken as sampled, and parsed."""
+    if type(carrier) is not dict:
+        return True
+    tp = carrier.get("traceparent")
+    if type(tp) is not str or len(tp) != 55 or tp[:3] != "00-":
+        return True
+    last = tp[54]
+    return last not in "02468ace"  # bit 0 of the flags: sampled
 
 
 def span(name: str, attributes: Mapping[str, Any] | None = None) -> Any:
@@ -425,19 +535,22 @@ def begin(name: str, key: bytes, level: str, replicas: int) -> OpTrace | None:
     (what the client's request carried); ``None`` when tracing is off or the
     operation is not sampled (nothing is recorded, nor sent on)."""
     tr = tracer
-    if tr is None:
+    if tr is None or _unsampled.get():
         return None
-    parent = otel_trace.get_current_span().get_span_context()
-    if parent.is_valid and not parent.trace_flags.sampled:
+    ctx = _current_context()  # (an empty one holds no parent: ~2 us less to find out)
+    parent = otel_trace.get_current_span(ctx).get_span_context() if ctx else None
+    if parent is not None and parent.is_valid:
+        if not parent.trace_flags.sampled:
+            return None
+    elif _roots_unsampled:
         return None
     span_ = tr.start_span(
-        name,
-        kind=SpanKind.SERVER,
-        attributes={ATTR_KEY_HASH: key_hash(key), ATTR_LEVEL: level, ATTR_REPLICAS: replicas},
+        name, kind=SpanKind.SERVER, attributes={ATTR_LEVEL: level, ATTR_REPLICAS: replicas}
     )
     if not span_.is_recording():
         span_.end()
         return None
+    span_.set_attribute(ATTR_KEY_HASH, key_hash(key))  # (hashed only when recorded)
     return OpTrace(tr, span_, replicas)
 
 
@@ -445,10 +558,15 @@ def begin(name: str, key: bytes, level: str, replicas: int) -> OpTrace | None:
 
 
 def _client_tracer() -> Tracer | None:
+    global _client
     provider = otel_trace.get_tracer_provider()
     if isinstance(provider, otel_trace.ProxyTracerProvider | otel_trace.NoOpTracerProvider):
         return tracer  # the global one is not set: this process's own, if any
-    return provider.get_tracer("hypercache.client")
+    known, tr = _client
+    if provider is not known:  # (a tracer made once per provider, not per operation)
+        tr = provider.get_tracer("hypercache.client")
+        _client = (provider, tr)
+    return tr
 
 
 @contextlib.contextmanager
