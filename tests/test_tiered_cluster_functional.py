@@ -183,9 +183,7 @@ def test_add_is_won_once_by_concurrent_clients(cluster: ProcessCluster) -> None:
             start.wait()
             wins.append(b.add("lease", n, 30))
 
-        threads = [
-            threading.Thread(target=contend, args=(backends[n % 3], n)) for n in range(30)
-        ]
+        threads = [threading.Thread(target=contend, args=(backends[n % 3], n)) for n in range(30)]
         for t in threads:
             t.start()
         for t in threads:
@@ -265,15 +263,11 @@ def test_an_overflowed_queue_flushes_l1(capped: ProcessCluster) -> None:
             wait_for(lambda: cache.get("k") == "new", what="notifications after it")
     finally:
         other.close()
-    wait_for(
-        lambda: _metric(capped, 0, "hypercache_dist_watchers") == 0, what="the watcher gone"
-    )
+    wait_for(lambda: _metric(capped, 0, "hypercache_dist_watchers") == 0, what="the watcher gone")
 
 
 def test_the_caps_of_watch_refuse_and_are_counted(capped: ProcessCluster) -> None:
-    wait_for(
-        lambda: _metric(capped, 0, "hypercache_dist_watchers") == 0, what="no watcher left"
-    )
+    wait_for(lambda: _metric(capped, 0, "hypercache_dist_watchers") == 0, what="no watcher left")
     hello = make_hello("hypercache")
     address = capped.addresses[0]
     with BlockingConnection(address, hello) as first, BlockingConnection(address, hello) as second:
