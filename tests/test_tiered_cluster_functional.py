@@ -104,7 +104,8 @@ def test_a_write_through_any_node_a_delete_and_an_expiry_drop_l1(
         for i in range(3):
             # A write that node i coordinates, as any other client would send it.
             cluster.request(i, Op.SET, [wire, msgpack.packb(f"v{i}"), None, "one"])
-            wait_for(lambda i=i: cache.get("k") == f"v{i}", what=f"the write via node {i}")
+            expected = f"v{i}"
+            wait_for(lambda: cache.get("k") == expected, what=f"the write via node {i}")  # noqa: B023
             _in_l1(cache, "k", f"v{i}")
         invalidations = cache.stats().invalidations
         cluster.request(1, Op.DELETE, [wire, "one"])

@@ -113,7 +113,14 @@ def test_the_caps_and_bad_payloads_are_refused() -> None:
         with pytest.raises(NodeUnavailableError, match="watch_max_watchers"):
             w.watch(second, {"prefixes": [b"a"]})
         assert w.refused == {"watchers": 1, "prefixes": 1}
-        for bad in (None, [], {"prefixes": "a"}, {"prefixes": ["a"]}, {"prefixes": [b"x" * 65]}):
+        bads: list[Any] = [
+            None,
+            [],
+            {"prefixes": "a"},
+            {"prefixes": ["a"]},
+            {"prefixes": [b"x" * 65]},
+        ]
+        for bad in bads:
             with pytest.raises(ProtocolError):
                 w.watch(second, bad)
         assert w.watch(first, {"prefixes": []}) == {"watching": 0}
