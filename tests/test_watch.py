@@ -128,3 +128,45 @@ def test_the_caps_and_bad_payloads_are_refused() -> None:
         assert len(w) == 1
 
     asyncio.run(main())
+
+
+def test_every_path_that_applies_a_version_tells_the_watchers() -> None:
+    """Replica.put is where replica writes, deletes, hint replays, repair pushes,
+    anti-entropy and rebalancing streams apply versions: each one is heard, and a
+    version that loses to a newer one is not."""
+    from hypercache._core.hlc import HLC, make_ts, node_tag, wall_clock_ms
+    from hypercache._core.vstore import VersionedStore
+    from hypercache.cluster.metrics import DistStats
+    from hypercache.cluster.replica import PUT_MANY_HINTS, PUT_MANY_REPAIR, Replica
+    from hypercache.net.protocol import Limits
+
+    store = VersionedStore(16)
+    replica = Replica(
+        store=store,
+        clock=HLC(node_tag("n1"), max_skew_ms=5_000),
+        limits=Limits(),
+        stats=DistStats(),
+    )
+    heard: list[bytes] = []
+
+    class Recorder:
+        active = True
+
+        def changed(self, key: bytes) -> None:
+            heard.append(key)
+
+    replica.watchers = Recorder()  # type: ignore[assignment]
+    now = wall_clock_ms()
+
+    def entry(key: bytes, ms: int, tomb: bool = False) -> list[Any]:
+        return [key, b"" if tomb else b"v", make_ts(now + ms), 1, 0, tomb]
+
+    replica.r_put(entry(b"r_put", 1))
+    replica.r_del(entry(b"r_put", 2, tomb=True))
+    replica.r_put_many([[entry(b"hint", 1)], PUT_MANY_HINTS])
+    replica.r_put_many([[entry(b"repair", 1)], PUT_MANY_REPAIR])
+    replica.put(*entry(b"antientropy", 1), path="antientropy")  # type: ignore[arg-type]
+    replica.put_stream(store.partition_of(b"moved"), [entry(b"moved", 1)])
+    assert heard == [b"r_put", b"r_put", b"hint", b"repair", b"antientropy", b"moved"]
+    replica.r_put(entry(b"hint", 0))  # older than what is held: not applied
+    assert heard[-1] == b"moved"
