@@ -165,7 +165,8 @@ def test_every_path_that_applies_a_version_tells_the_watchers() -> None:
     replica.r_del(entry(b"r_put", 2, tomb=True))
     replica.r_put_many([[entry(b"hint", 1)], PUT_MANY_HINTS])
     replica.r_put_many([[entry(b"repair", 1)], PUT_MANY_REPAIR])
-    replica.put(*entry(b"antientropy", 1), path="antientropy")  # type: ignore[arg-type]
+    key, value, stamp, origin, expire_at, tomb = entry(b"antientropy", 1)
+    replica.put(key, value, stamp, origin, expire_at, tomb, path="antientropy")
     replica.put_stream(store.partition_of(b"moved"), [entry(b"moved", 1)])
     assert heard == [b"r_put", b"r_put", b"hint", b"repair", b"antientropy", b"moved"]
     replica.r_put(entry(b"hint", 0))  # older than what is held: not applied
