@@ -169,7 +169,8 @@ class ClusterWatch(Invalidation):
         self._stop = threading.Event()
         self._closed = False
         self._topo_conn: BlockingConnection | None = None
-        self._sync_nodes()
+        # The first node list is fetched by the thread too: a cluster that cannot be
+        # reached does not hold up the cache's constructor.
         self._thread = threading.Thread(
             target=self._supervise, name="hypercache-watch-cluster", daemon=True
         )
@@ -262,6 +263,7 @@ class ClusterWatch(Invalidation):
             self._on_state()
 
     def _supervise(self) -> None:
+        self._sync_nodes()
         while not self._stop.wait(self._refresh):
             self._sync_nodes()
 
