@@ -225,6 +225,17 @@ def test_a_killed_node_flushes_l1_and_the_cache_trusts_it_again_once_back(
             _in_l1(cache, "k", "new")
             other.set("k", "newer")
             wait_for(lambda: cache.get("k") == "newer", what="a notification after the return")
+            # A node that joins is watched too (the node list is read every second).
+            joined = c.add()
+            wait_for(
+                lambda: joined.data in cache._watch.nodes and cache.watching,  # type: ignore[union-attr]
+                timeout=30,
+                what="a link to the node that joined",
+            )
+            _in_l1(cache, "k", "newer")
+            wire = (url.split("namespace=")[1] + "k").encode()
+            c.request(3, Op.SET, [wire, msgpack.packb("via the new node"), None, "all"])
+            wait_for(lambda: cache.get("k") == "via the new node", what="the write via it")
         other.close()
 
 
