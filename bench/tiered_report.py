@@ -297,7 +297,11 @@ def _stale_reader(url: str, writes: int, pipe: Connection) -> None:
 
 
 def staleness(server: RedisServer, writes: int) -> dict[str, float]:
-    url = server.url + f"?namespace=sl{uuid.uuid4().hex[:6]}:"
+    return staleness_of(server.url + f"?namespace=sl{uuid.uuid4().hex[:6]}:", writes)
+
+
+def staleness_of(url: str, writes: int) -> dict[str, float]:
+    """The staleness figures of any backend URL (see the module docstring, 3)."""
     writer = hypercache.open(url)
     writer.set("k", "start")
     here, there = SPAWN.Pipe()
@@ -322,6 +326,41 @@ def staleness(server: RedisServer, writes: int) -> dict[str, float]:
     }
 
 
+# ---------------------------------------------------------------- the cluster
+
+
+def cluster_figures(writes: int) -> dict[str, Any]:
+    """Staleness and a 50-caller stampede over a 3-node hypercache cluster (real
+    ``hypercache-node`` processes on loopback, replication 3): the same reader and
+    writer as for Redis, notifications by the nodes' ``WATCH`` pushes; the stampede
+    as 5 processes x 10 threads, the lease being the cluster's ``ADD``."""
+    import tiered_workers
+    from cluster_harness import running_cluster
+
+    workdir = Path(tempfile.mkdtemp(prefix="tiered-cluster-bench-"))
+    with running_cluster(3, workdir) as cluster:
+        seeds = ",".join(cluster.addresses)
+        stale = staleness_of(f"hypercache://{seeds}?namespace=sl{uuid.uuid4().hex[:6]}:", writes)
+        url = f"hypercache://{seeds}?namespace=st{uuid.uuid4().hex[:6]}:"
+        go, computed = workdir / "go", workdir / "computed"
+        out = SPAWN.Queue()
+        procs = [
+            SPAWN.Process(
+                target=tiered_workers.stampede_counted_in_files,
+                args=(url, "k", 10, str(go), str(computed), out),
+            )
+            for _ in range(5)
+        ]
+        for p in procs:
+            p.start()
+        go.touch()
+        results = [r for _ in procs for r in out.get(timeout=120)]
+        for p in procs:
+            p.join(30)
+        calls = len(computed.read_text().splitlines())
+    return {"staleness": stale, "stampede calls": calls, "callers": len(results)}
+
+
 def _table(title: str, rows: dict[str, float], ref: str | None) -> str:
     lines = [f"### {title}", "", "| implementation | ns per read | vs " + (ref or "") + " |"]
     lines.append("| --- | ---: | ---: |")
@@ -334,8 +373,17 @@ def _table(title: str, rows: dict[str, float], ref: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few rounds (smoke test)")
+    parser.add_argument(
+        "--cluster-only",
+        action="store_true",
+        help="only the hypercache cluster's staleness and stampede (no redis-server)",
+    )
     args = parser.parse_args(argv)
     rounds = 20 if args.quick else 300
+    writes = 20 if args.quick else WRITES
+    if args.cluster_only:
+        _print_cluster(cluster_figures(writes))
+        return 0
     with RedisServer(Path(tempfile.mkdtemp(prefix="tiered-bench-"))) as server:
         version = redis.Redis(port=server.port).info("server")["redis_version"]
         backend = hypercache.open(server.url)
@@ -344,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         sync = speed_sync(server, rounds)
         asyn = speed_async(server, rounds)
         storm = stampede(server)
-        stale = staleness(server, 20 if args.quick else WRITES)
+        stale = staleness(server, writes)
+    on_cluster = cluster_figures(writes)
     print(f"redis-server {version}, redis-py {redis.__version__}, {rounds} rounds of {BATCH}")
     print()
     print(_table("sync", sync, "redis-py GET"))
@@ -377,7 +426,21 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for name, v in stale.items():
         print(f"- {name}: {v:.2f}" if isinstance(v, float) else f"- {name}: {v}")
+    print()
+    _print_cluster(on_cluster)
     return 0
+
+
+def _print_cluster(figures: dict[str, Any]) -> None:
+    print("### hypercache cluster (3 nodes): staleness after a write by another process")
+    print()
+    for name, v in figures["staleness"].items():
+        print(f"- {name}: {v:.2f}" if isinstance(v, float) else f"- {name}: {v}")
+    print()
+    print(
+        f"- stampede: {figures['stampede calls']} factory call(s) for "
+        f"{figures['callers']} callers (5 processes x 10 threads)"
+    )
 
 
 if __name__ == "__main__":

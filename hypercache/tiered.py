@@ -53,7 +53,7 @@ from hypercache.backends.base import Entry, Invalidation, _Missing, encode_key
 from hypercache.cache import HyperCache, _check_ttl
 from hypercache.errors import ConfigError, EntryTooLargeError
 
-__all__ = ["AsyncTieredCache", "TieredCache", "TieredStats"]
+__all__ = ["AsyncTieredCache", "TieredCache", "TieredCollector", "TieredStats"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -220,6 +220,14 @@ class _Tiers:
                 return value
         raise exc
 
+    def collector(self, name: str = "default") -> TieredCollector:
+        """A Prometheus collector of :meth:`stats` (``hypercache_tiered_*`` families,
+        labelled ``cache=name``), for a registry of the application's own::
+
+            prometheus_client.REGISTRY.register(cache.collector("profiles"))
+        """
+        return TieredCollector(self, name)
+
     def stats(self) -> TieredStats:
         """Counters of both tiers now (L1's are the local cache's own)."""
         s = self.local.stats()
@@ -236,6 +244,53 @@ class _Tiers:
             lease_waits=self._lease_waits,
             local_size=s.size,
         )
+
+
+#: The counters of :class:`TieredStats` a collector exports, with their HELP.
+_COUNTERS: Final = (
+    ("l1_hits", "Reads answered by the local tier."),
+    ("l1_misses", "Reads the local tier could not answer."),
+    ("l2_hits", "Backend reads that found the key."),
+    ("l2_misses", "Backend reads that did not find the key."),
+    ("invalidations", "Local entries dropped by notifications of writes."),
+    ("flushes", "Times the local tier was flushed (notification link lost, made, overflowed)."),
+    ("backend_errors", "Backend calls that failed because the backend was down or slow."),
+    ("served_local", "Reads answered from the local tier while the backend was down."),
+    ("computed", "Values computed by get_or_set and memoize in this process."),
+    ("lease_waits", "Times this process waited for another's lease."),
+)
+
+
+class TieredCollector:
+    """A Prometheus collector of one tiered cache (see :meth:`TieredCache.collector`):
+    its counters as ``hypercache_tiered_<name>_total``, and the gauges
+    ``hypercache_tiered_local_size`` and ``hypercache_tiered_watching``."""
+
+    def __init__(self, cache: _Tiers, name: str) -> None:
+        self._cache = cache
+        self._name = name
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self._cache.stats()
+        label = [self._name]
+        for field, doc in _COUNTERS:
+            fam = CounterMetricFamily(f"hypercache_tiered_{field}", doc, labels=["cache"])
+            fam.add_metric(label, getattr(s, field))
+            yield fam
+        size = GaugeMetricFamily(
+            "hypercache_tiered_local_size", "Entries in the local tier.", labels=["cache"]
+        )
+        size.add_metric(label, s.local_size)
+        yield size
+        watching = GaugeMetricFamily(
+            "hypercache_tiered_watching",
+            "1 while write notifications flow from the backend, else 0.",
+            labels=["cache"],
+        )
+        watching.add_metric(label, 1.0 if self._cache.watching else 0.0)
+        yield watching
 
 
 class _Flight:

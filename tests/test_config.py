@@ -261,6 +261,10 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("frame_timeout", float("inf")),
     ("idle_timeout", 0),
     ("max_output_buffer", 1024),  # cannot hold the largest answer
+    ("watch_max_watchers", -1),
+    ("watch_max_prefixes", 0),
+    ("watch_max_prefixes", 5000),
+    ("watch_max_pending_bytes", 100),  # not even one key's push
     ("log_level", "verbose"),
     ("hint_ttl", 0),
     ("hint_max_per_node", 0),

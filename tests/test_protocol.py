@@ -128,6 +128,8 @@ def test_message_types_and_ops_are_stable() -> None:
         "MEMBERS": 31,
         "LEAVE": 32,
         "REMOVE": 33,
+        "WATCH": 50,
+        "ADD": 51,
     }
 
 

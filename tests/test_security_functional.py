@@ -170,22 +170,25 @@ def test_each_op_needs_its_scope(token_cluster: ProcessCluster, tokens: Tokens) 
             (Op.SET, [b"scoped", b"v2", None, "all"]),
             (Op.DELETE, [b"scoped", "all"]),
             (Op.EXPIRE, [b"scoped", 1000, "all"]),
+            (Op.ADD, [b"scoped", b"v2", None, "all"]),
             (Op.FLUSH, []),
         ):
             with pytest.raises(PermissionDeniedError, match="needs scope"):
                 dash.request(op, payload)
-    with (
-        connect(token_cluster, tokens["writer"]) as writer,
-        pytest.raises(PermissionDeniedError, match="needs scope 'read'"),
-    ):
-        writer.request(Op.GET, [b"scoped", "quorum"])
+        # Watching writes is reading.
+        assert dash.request(Op.WATCH, {"prefixes": [b"scoped"]})["watching"] == 1
+    with connect(token_cluster, tokens["writer"]) as writer:
+        with pytest.raises(PermissionDeniedError, match="needs scope 'read'"):
+            writer.request(Op.GET, [b"scoped", "quorum"])
+        with pytest.raises(PermissionDeniedError, match="needs scope 'read'"):
+            writer.request(Op.WATCH, {"prefixes": [b"scoped"]})
     with (
         connect(token_cluster, tokens["app"]) as app,
         pytest.raises(PermissionDeniedError, match="needs scope 'admin'"),
     ):
         app.request(Op.FLUSH, [])
     assert digests(token_cluster) == before
-    assert metric(token_cluster, 0, "hypercache_scope_refused_total") >= 6
+    assert metric(token_cluster, 0, "hypercache_scope_refused_total") >= 8
 
 
 def test_a_client_token_can_send_no_peer_op(token_cluster: ProcessCluster, tokens: Tokens) -> None:

@@ -252,6 +252,14 @@ def test_l2_down_raises_or_serves_local_when_asked() -> None:
     s = lenient.stats()
     assert s.served_local == 2 and s.backend_errors >= 3
     assert strict.stats().backend_errors == 1
+    # The count in a Prometheus registry of the application's own.
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(lenient.collector("profiles"))
+    text = generate_latest(registry).decode()
+    assert 'hypercache_tiered_served_local_total{cache="profiles"} 2.0' in text
+    assert 'hypercache_tiered_backend_errors_total{cache="profiles"}' in text
 
 
 def test_without_notifications_l1_entries_are_capped_by_local_ttl() -> None:

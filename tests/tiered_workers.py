@@ -77,3 +77,40 @@ def stampede(url: str, redis_port: int, key: str, threads: int, go: str, out: An
     out.put(results)
     cache.close()
     counter.close()
+
+
+def stampede_counted_in_files(
+    url: str, key: str, threads: int, go: str, computed: str, out: Any
+) -> None:
+    """:func:`stampede` for a backend without Redis beside it: the process starts
+    its threads once the file ``go`` exists, and the factory appends a line to the
+    file ``computed`` (one ``O_APPEND`` write a run: atomic across processes)."""
+    import os
+
+    cache = TieredCache(url, lease_poll=0.005)
+
+    def factory() -> str:
+        fd = os.open(computed, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+        time.sleep(0.3)
+        return "value"
+
+    results: list[Any] = []
+    end = time.monotonic() + 30
+    while not os.path.exists(go):
+        if time.monotonic() > end:
+            raise TimeoutError("no go")
+        time.sleep(0.002)
+    workers = [
+        threading.Thread(target=lambda: results.append(cache.get_or_set(key, factory, ttl=60)))
+        for _ in range(threads)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    out.put(results)
+    cache.close()

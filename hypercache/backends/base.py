@@ -164,8 +164,9 @@ class Backend(_Common, abc.ABC):
     def add(self, key: str | bytes, value: Any, ttl: float | None = None) -> bool:
         """Store ``value`` only if ``key`` is absent; return whether it was stored.
 
-        Atomic on Redis (``SET NX``) and in memory; a read then a write on the
-        hypercache cluster (two writers may both succeed).
+        Atomic on Redis (``SET NX``) and in memory; on the hypercache cluster the
+        key's first live owner checks and writes (``ADD``): one of concurrent adds
+        wins while that owner stands (``docs/backends.md`` on failovers).
         """
 
     @abc.abstractmethod

@@ -5,11 +5,16 @@ Values are serialised by the client's own serializer (the backend's
 ``serializer`` is the client's), so a value written through the backend reads back
 through the client and the CLI. Every call has the client's ``timeout``.
 
-Not (yet) here: write notifications. :meth:`HypercacheBackend.watch` returns
-``None``, so a :class:`~hypercache.tiered.TieredCache` in front of a cluster bounds
-staleness by its local TTL (``local_ttl``) alone. :meth:`~HypercacheBackend.add` is
-a read then a write, not atomic: two processes may both win a lease (the stampede
-protection is then per process, not per cluster).
+Write notifications: :meth:`HypercacheBackend.watch` opens a ``WATCH`` link to
+every node (:class:`~hypercache.backends.watch.ClusterWatch`) for this namespace,
+so a :class:`~hypercache.tiered.TieredCache` in front drops what another process
+overwrites or deletes; a link that breaks (or a node's queue that overflows) makes
+it flush and distrust its local tier until every link is up again.
+
+:meth:`~HypercacheBackend.add` is the cluster's ``ADD``: the key's first live owner
+checks and writes with nothing in between, so of concurrent adds one wins (the
+lease of the stampede protection); a failover of that owner may let a second one
+win (``docs/backends.md``).
 """
 
 from __future__ import annotations
@@ -18,8 +23,18 @@ import contextlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from hypercache.backends.base import MISSING, AsyncBackend, Backend, Entry, _Missing
+from hypercache.backends.base import (
+    MISSING,
+    AsyncBackend,
+    Backend,
+    Entry,
+    Invalidation,
+    InvalidationCallback,
+    _Missing,
+)
+from hypercache.backends.watch import ClusterWatch
 from hypercache.client import AsyncClient, Client
+from hypercache.net.blocking import BlockingConnection
 
 __all__ = ["AsyncHypercacheBackend", "HypercacheBackend"]
 
@@ -29,6 +44,33 @@ _GLOB = str.maketrans({"*": "[*]", "?": "[?]", "[": "[[]"})
 
 def _pattern(namespace: bytes) -> bytes:
     return namespace.decode("latin-1").translate(_GLOB).encode("latin-1") + b"*"
+
+
+def _watch(
+    backend: HypercacheBackend | AsyncHypercacheBackend,
+    client: Client | AsyncClient,
+    callback: InvalidationCallback,
+) -> ClusterWatch:
+    """A :class:`ClusterWatch` of ``backend``'s namespace, over connections made as
+    ``client`` makes its own (same HELLO, token, TLS and limits)."""
+    options = client.options
+    strip = len(backend.namespace)
+
+    def dial(address: str) -> BlockingConnection:
+        conn = BlockingConnection(
+            address,
+            client._hello,
+            client._limits,
+            options.connect_timeout,
+            ssl=options.ssl,
+        )
+        conn.timeout = options.timeout
+        return conn
+
+    def on_keys(keys: list[bytes] | None, connected: bool) -> None:
+        callback(None if keys is None else [k[strip:] for k in keys], connected)
+
+    return ClusterWatch(options.seeds, dial, backend.namespace, on_keys)
 
 
 def _by_wire(
@@ -49,6 +91,7 @@ class HypercacheBackend(Backend):
     def __init__(self, client: Client, *, namespace: str | bytes = "") -> None:
         super().__init__(namespace=namespace, serializer=client.options.serializer)
         self.client = client
+        self._watches: list[ClusterWatch] = []
 
     def get_entry(self, key: str | bytes) -> Entry | _Missing:
         k = self._k(key)
@@ -68,11 +111,7 @@ class HypercacheBackend(Backend):
         self.client.set(self._k(key), value, ttl)
 
     def add(self, key: str | bytes, value: Any, ttl: float | None = None) -> bool:
-        k = self._k(key)
-        if self.client.get(k, MISSING) is not MISSING:
-            return False
-        self.client.set(k, value, ttl)
-        return True
+        return self.client.add(self._k(key), value, ttl)
 
     def delete(self, key: str | bytes) -> bool:
         return self.client.delete(self._k(key))
@@ -103,7 +142,16 @@ class HypercacheBackend(Backend):
     def ping(self) -> None:
         self.client.ping()
 
+    def watch(self, callback: InvalidationCallback) -> Invalidation:
+        """``WATCH`` links to every node, for this namespace (module docstring)."""
+        w = _watch(self, self.client, callback)
+        self._watches.append(w)
+        return w
+
     def close(self) -> None:
+        for w in self._watches:
+            w.close()
+        self._watches.clear()
         self.client.close()
 
 
@@ -115,6 +163,7 @@ class AsyncHypercacheBackend(AsyncBackend):
     def __init__(self, client: AsyncClient, *, namespace: str | bytes = "") -> None:
         super().__init__(namespace=namespace, serializer=client.options.serializer)
         self.client = client
+        self._watches: list[ClusterWatch] = []
 
     async def get_entry(self, key: str | bytes) -> Entry | _Missing:
         k = self._k(key)
@@ -134,11 +183,7 @@ class AsyncHypercacheBackend(AsyncBackend):
         await self.client.set(self._k(key), value, ttl)
 
     async def add(self, key: str | bytes, value: Any, ttl: float | None = None) -> bool:
-        k = self._k(key)
-        if await self.client.get(k, MISSING) is not MISSING:
-            return False
-        await self.client.set(k, value, ttl)
-        return True
+        return await self.client.add(self._k(key), value, ttl)
 
     async def delete(self, key: str | bytes) -> bool:
         return await self.client.delete(self._k(key))
@@ -172,6 +217,15 @@ class AsyncHypercacheBackend(AsyncBackend):
     async def ping(self) -> None:
         await self.client.ping()
 
+    def watch(self, callback: InvalidationCallback) -> Invalidation:
+        """As :meth:`HypercacheBackend.watch` (the links run on threads)."""
+        w = _watch(self, self.client, callback)
+        self._watches.append(w)
+        return w
+
     async def close(self) -> None:
+        for w in self._watches:
+            w.close()
+        self._watches.clear()
         with contextlib.suppress(Exception):
             await self.client.close()

@@ -135,6 +135,9 @@ def build_node_parser() -> argparse.ArgumentParser:
     _add(capacity, "max_connections_per_source", "N", "client connections from one IP")
     _add(capacity, "max_pending_handshakes", "N", "connections still in their handshake")
     _add(capacity, "max_output_buffer", "BYTES", "unread answers a connection may queue")
+    _add(capacity, "watch_max_watchers", "N", "connections watching writes at once")
+    _add(capacity, "watch_max_prefixes", "N", "key prefixes one watching connection names")
+    _add(capacity, "watch_max_pending_bytes", "BYTES", "notifications queued per watcher")
 
     timing = parser.add_argument_group("timeouts and intervals (seconds)")
     _add(timing, "request_timeout", "SECONDS", "deadline of one request to a peer")

@@ -164,6 +164,14 @@ class AsyncClient(ClientBase):
         with tracing.client_op("Client.set", k):
             await self._call(commands.SET, k, payload)
 
+    async def add(
+        self, key: Key, value: Any, ttl: float | None = None, *, consistency: Level = None
+    ) -> bool:
+        """Store ``value`` only if ``key`` holds no live value (see ``Client.add``)."""
+        k, payload = self._set_request(key, value, ttl, consistency)
+        with tracing.client_op("Client.add", k):
+            return await self._call(commands.ADD, k, payload)
+
     async def delete(self, key: Key, *, consistency: Level = None) -> bool:
         """Delete ``key``; return whether it existed."""
         k, payload = self._delete_request(key, consistency)

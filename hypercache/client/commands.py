@@ -22,6 +22,7 @@ from hypercache.errors import ProtocolError
 from hypercache.net.protocol import Op
 
 __all__ = [
+    "ADD",
     "DELETE",
     "EXPIRE",
     "FLUSH",
@@ -40,6 +41,7 @@ __all__ = [
     "Found",
     "Level",
     "check_pong",
+    "decode_add",
     "decode_expire",
     "decode_flush",
     "decode_get",
@@ -125,6 +127,16 @@ def decode_flush(answer: Any) -> int:
     return answer
 
 
+def decode_add(answer: Any) -> bool:
+    """An ADD answer: whether the value was stored (the key held no live value).
+
+    :raises ProtocolError: it is not a bool.
+    """
+    if type(answer) is not bool:
+        raise ProtocolError(f"malformed ADD answer: {answer!r:.100}")
+    return answer
+
+
 def decode_membership(answer: Any) -> dict[str, Any]:
     """A LEAVE or REMOVE answer: a map with a ``node_id``.
 
@@ -195,6 +207,8 @@ TTL: Final = Command(int(Op.TTL), True, decode_ttl)
 EXPIRE: Final = Command(int(Op.EXPIRE), False, decode_expire)
 #: ``[cursor, limit, prefix]`` -> one page of one node's keys (sent to that node)
 SCAN: Final = Command(int(Op.SCAN), True, decode_scan)
+#: ``[key, value, ttl_ms, consistency]`` -> whether it was stored (absent before); a write
+ADD: Final = Command(int(Op.ADD), False, decode_add)
 #: ``[]`` -> entries dropped by that node (sent to each node)
 FLUSH: Final = Command(int(Op.FLUSH), False, decode_flush)
 #: ``[]`` -> ``{"node_id", "leaving", "leave_timeout"}``: that node leaves, then stops

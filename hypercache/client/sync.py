@@ -261,6 +261,18 @@ class Client(ClientBase):
         with tracing.client_op("Client.set", k):
             self._call(commands.SET, k, payload)
 
+    def add(
+        self, key: Key, value: Any, ttl: float | None = None, *, consistency: Level = None
+    ) -> bool:
+        """Store ``value`` under ``key`` only if it holds no live value; return whether
+        it was stored. The key's first live owner checks and writes, with nothing in
+        between, then replicates as :meth:`set` does: of concurrent ``add`` s of one
+        key, one wins (see ``docs/cluster.md`` for what a failover does to that).
+        Errors as for :meth:`set`."""
+        k, payload = self._set_request(key, value, ttl, consistency)
+        with tracing.client_op("Client.add", k):
+            return self._call(commands.ADD, k, payload)
+
     def delete(self, key: Key, *, consistency: Level = None) -> bool:
         """Delete ``key``; return whether it existed. Errors as for :meth:`get`."""
         k, payload = self._delete_request(key, consistency)

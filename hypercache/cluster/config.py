@@ -464,6 +464,13 @@ class DistConfig:
     :ivar max_output_buffer: bytes of answers queued on one connection that its
         peer does not read; past it the connection is closed. At least
         ``max_value + FRAME_OVERHEAD``. Default 64 MiB.
+    :ivar watch_max_watchers: client connections that may watch writes (``WATCH``)
+        on this node at once; more are refused. Default 1024.
+    :ivar watch_max_prefixes: key prefixes one watching connection may name.
+        Default 16.
+    :ivar watch_max_pending_bytes: bytes of notifications queued for one watching
+        connection (its socket's unsent bytes included) before its queue overflows
+        and it is told to drop everything. Default 1 MiB.
     :ivar log_level: one of :data:`LOG_LEVELS`. Default ``"info"``.
     :ivar log_format: ``"text"`` or ``"json"`` (one object a line, see
         :mod:`hypercache.observe.logs`). Default ``"text"``.
@@ -566,6 +573,9 @@ class DistConfig:
     frame_timeout: float = 10.0
     idle_timeout: float | None = 300.0
     max_output_buffer: int = 64 * MiB
+    watch_max_watchers: int = 1024
+    watch_max_prefixes: int = 16
+    watch_max_pending_bytes: int = 1 * MiB
     log_level: str = "info"
     log_format: str = "text"
     tracing: bool = False
@@ -737,6 +747,9 @@ class DistConfig:
                 f"must hold the largest answer: at least max_value + {FRAME_OVERHEAD} = "
                 f"{max_value + FRAME_OVERHEAD}, got {output}",
             )
+        _int("watch_max_watchers", self.watch_max_watchers, low=0)
+        _int("watch_max_prefixes", self.watch_max_prefixes, low=1, high=1024)
+        _int("watch_max_pending_bytes", self.watch_max_pending_bytes, low=4 * 1024)
         level = _str("log_level", self.log_level).strip().lower()
         level = "warning" if level == "warn" else level
         if level not in LOG_LEVELS:
@@ -979,6 +992,9 @@ _LOADERS: Final[Mapping[str, _Loader]] = {
     "frame_timeout": _load_seconds,
     "idle_timeout": _load_optional_seconds,
     "max_output_buffer": _load_size,
+    "watch_max_watchers": _load_int,
+    "watch_max_prefixes": _load_int,
+    "watch_max_pending_bytes": _load_size,
     "log_level": _load_str,
     "log_format": _load_str,
     "tracing": _load_bool,

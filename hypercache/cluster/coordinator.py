@@ -106,6 +106,7 @@ _log = logging.getLogger("hypercache.coordinator")
 _R_GET: Final = int(Op.R_GET)
 _R_PUT: Final = int(Op.R_PUT)
 _R_DEL: Final = int(Op.R_DEL)
+_ADD: Final = int(Op.ADD)
 #: Read-repair pushes a coordinator keeps in flight at most; beyond, a push is dropped
 #: (counted in ``read_repairs_dropped``) and anti-entropy repairs the owner later.
 MAX_PENDING_REPAIRS: Final = 1024
@@ -628,6 +629,65 @@ class Coordinator:
             self.stats.write_acks += rnd.acks - counted
 
         return done
+
+    # --------------------------------------------------------------------- ADD
+
+    def start_add(
+        self,
+        key: bytes,
+        value: Any,
+        ttl_ms: Any = None,
+        consistency: Any = None,
+        forwarded: bool = False,
+    ) -> Later:
+        """Start a client ``ADD``: store ``value`` only if ``key`` holds no live value;
+        the :class:`Later` gets whether it was stored.
+
+        The check and the write are made by one node, the key's first live owner
+        (this node forwards the request to it when it is another), with no wait
+        between reading its own copy and applying the new version there; the version
+        is then replicated at ``consistency`` as a ``SET``'s. Two ``ADD`` s of one key
+        that reach that owner are thus ordered, and one of them wins. A request that
+        was forwarded once (``forwarded``) is carried out where it lands.
+
+        :raises HyperCacheError: the request is invalid (the ``Later`` is not returned).
+        """
+        key = self.limits.check_key(key)
+        if not forwarded:
+            node_id = self.node_id
+            peers = self.membership.peers
+            first = None
+            for owner in self.owners(key):
+                if owner == node_id:
+                    break
+                peer = peers.get(owner)
+                if peer is not None and peer.up:
+                    first = peer
+                    break
+            if first is not None:
+                self.stats.forwards["add"] += 1
+                later = Later()
+
+                def relayed(answer: Any, error: BaseException | None) -> None:
+                    if error is not None:
+                        later.reject(error)
+                    else:
+                        later.resolve(answer is True)
+
+                first.send_callback(
+                    _ADD, [key, value, ttl_ms, consistency, True], self.timeout, relayed
+                )
+                return later
+        if is_live(self.replica.get(key), self.wall()):
+            later = Later()
+            later.resolve(False)
+            return later
+        # No await between the check above and the local apply that start_set makes
+        # before it returns: nothing else runs on this node in between.
+        inner = self.start_set(key, value, ttl_ms, consistency)
+        later = Later()
+        inner.bind(lambda _v, error: later.resolve(True) if error is None else later.reject(error))
+        return later
 
     # ------------------------------------------------------------------ DELETE
 

@@ -163,7 +163,7 @@ class DistStats:
         #: client-facing requests that failed, by (op, error type)
         self.errors: dict[tuple[str, str], int] = {}
         #: replica requests sent to other nodes, by op (R_GET, R_PUT)
-        self.forwards: dict[str, int] = {"r_get": 0, "r_put": 0, "r_del": 0}
+        self.forwards: dict[str, int] = {"r_get": 0, "r_put": 0, "r_del": 0, "add": 0}
         #: replica writes attempted (one per owner per write, local included)
         self.write_attempts = 0
         #: replica writes acknowledged (applied or already newer there)

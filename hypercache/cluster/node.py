@@ -56,6 +56,7 @@ from hypercache.cluster.metrics import NodeMetrics, faults_families
 from hypercache.cluster.rebalance import PartitionStates, Rebalancer
 from hypercache.cluster.replica import Replica
 from hypercache.cluster.security import NodeSecurity
+from hypercache.cluster.watch import Sink, Watchers
 from hypercache.errors import NodeUnavailableError, PermissionDeniedError, ProtocolError
 from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.busypoll import BusyPoller, poller
@@ -123,6 +124,8 @@ class _Running:
     hint_buffer: HintBuffer | None = None
     sweeper: asyncio.Task[None] | None = None
     http: Any = None  # the aiohttp runner of the management HTTP
+    #: the connections watching this node's writes (WATCH)
+    watchers: Watchers | None = None
 
 
 class Node:
@@ -388,6 +391,12 @@ class Node:
             direct_latency=metrics.direct_latency.observe,
             states=states,
         )
+        watchers = replica.watchers = Watchers(
+            max_watchers=config.watch_max_watchers,
+            max_prefixes=config.watch_max_prefixes,
+            max_pending_bytes=config.watch_max_pending_bytes,
+            max_key=self.limits.max_key,
+        )
         rebalancer = Rebalancer(
             node_id=config.node_id,
             store=self.store,
@@ -456,8 +465,10 @@ class Node:
             plain_client_ops=_plain_values(client_ops, ValueCodec(None, self.limits.max_value)),
             poller=poller(asyncio.get_running_loop()) if config.busy_poll else None,
             hint_buffer=hint_buffer,
+            watchers=watchers,
         )
         metrics.add_source(NodeStatus(self).collect)
+        metrics.add_source(watchers.collect)
         metrics.add_source(antientropy.collect)
         metrics.add_source(handoff.collect)
         metrics.add_source(rebalancer.collect)
@@ -476,6 +487,14 @@ class Node:
         a client's ``R_GET`` (its own read of an owner) counted as a direct read."""
         table = {op: handler for op, (handler, peers_only) in ops.items() if not peers_only}
         table[int(Op.R_GET)] = replica.r_get_direct
+        handle_add = table[int(Op.ADD)]
+
+        def add(payload: Any) -> Any:
+            # Only a peer's ADD is taken as forwarded (a client's carries 4 fields).
+            _fields(payload, 4, "ADD", "[key, value, ttl_ms, consistency]")
+            return handle_add(payload)
+
+        table[int(Op.ADD)] = add
         return table
 
     def _op_table(
@@ -498,6 +517,15 @@ class Node:
                 payload, 4, "SET", "[key, value, ttl_ms, consistency]"
             )
             return coordinator.start_set(key, value, ttl_ms, consistency)
+
+        def add(payload: Any) -> Later:
+            # A peer forwards a client's ADD to the key's first live owner with a
+            # fifth field (true): carried out there, not forwarded again.
+            forwarded = type(payload) is list and len(payload) == 5 and payload[4] is True
+            key, value, ttl_ms, consistency = _fields(
+                payload[:4] if forwarded else payload, 4, "ADD", "[key, value, ttl_ms, consistency]"
+            )
+            return coordinator.start_add(key, value, ttl_ms, consistency, forwarded)
 
         def delete(payload: Any) -> Later:
             key, consistency = _fields(payload, 2, "DELETE", "[key, consistency]")
@@ -540,6 +568,7 @@ class Node:
             int(Op.R_GET): (replica.r_get, False),
             int(Op.GET): (get, False),
             int(Op.SET): (set_, False),
+            int(Op.ADD): (add, False),
             int(Op.DELETE): (delete, False),
             int(Op.TOPOLOGY): (lambda _payload: self.topology(), False),
             int(Op.R_DEL): (replica.r_del, True),
@@ -842,6 +871,16 @@ class Node:
             return run.membership.on_ping(conn_info.node_id, payload)
         raise ProtocolError(f"unsupported operation {op}")
 
+    def watch(self, conn_info: PeerInfo, payload: Any, sink: Sink) -> Any:
+        """``WATCH`` (the server hands us the connection, to push notifications on;
+        :mod:`hypercache.cluster.watch`). Scope ``read`` for a token's client."""
+        run = self._run
+        if run is None or self._state != "running" or run.watchers is None:
+            raise NodeUnavailableError(f"{self.node_id}: node is {self._state}")
+        if conn_info.scopes is not None:
+            self.security.check_op(conn_info, int(Op.WATCH))
+        return run.watchers.watch(sink, payload)
+
     def flush(self) -> int:
         """``FLUSH``: drop every entry this node holds, tombstones included, and the
         hints it queued for other nodes (replayed, they would bring flushed writes
@@ -855,6 +894,8 @@ class Node:
         store.sweep(self._wall())  # what expired is not counted as dropped
         dropped = len(store)
         store.clear()
+        if run.watchers is not None:
+            run.watchers.flushed()
         if run.hint_buffer is not None:
             run.hint_buffer.clear()
         stats = self.metrics.stats

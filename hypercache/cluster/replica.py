@@ -32,6 +32,7 @@ from hypercache._core.vstore import STREAM_ENTRY_OVERHEAD, VersionedStore
 from hypercache.cluster import merkle
 from hypercache.cluster.metrics import DistStats
 from hypercache.cluster.rebalance import PartitionStates, answer_holds, answer_stream
+from hypercache.cluster.watch import Watchers
 from hypercache.errors import ClockSkewError, ConfigError, ProtocolError
 from hypercache.net.protocol import MAX_PUT_MANY, Limits
 from hypercache.replication import Entry, KeyedEntry, WallClock, wall_ms
@@ -138,6 +139,8 @@ class Replica:
         self.wall = wall
         self.direct_latency = direct_latency
         self.states = states if states is not None else PartitionStates(store.partitions, held=True)
+        #: the connections told of each version applied (``WATCH``); None: none
+        self.watchers: Watchers | None = None
 
     # ------------------------------------------------------------ local access
 
@@ -175,6 +178,12 @@ class Replica:
         applied = self.store.apply(key, value, ts, origin, expire_at, tombstone, self.wall())
         if not applied:
             self.stats.version_conflicts += 1
+        else:
+            # Every path that applies a version comes through here: the watchers
+            # hear of all of them (coordinated, replica, hints, repair, rebalance).
+            watchers = self.watchers
+            if watchers is not None and watchers.active:
+                watchers.changed(key)
         return applied
 
     # ------------------------------------------------------------ peer requests

@@ -31,6 +31,7 @@ from hypercache.errors import (
 )
 from hypercache.net.protocol import (
     FEATURE_TRACE,
+    PUSH_ID,
     REQUEST,
     RESPONSE,
     FrameDecoder,
@@ -111,6 +112,9 @@ class BlockingConnection:
         # ms from our wall clock to the server's, once the handshake told it:
         # requests then carry a deadline on the server's clock.
         self._clock_offset: int | None = None
+        #: called with ``(op, payload)`` for each frame the server pushes unasked
+        #: (request id ``PUSH_ID``: a ``WATCH`` notification); None: skipped
+        self.on_push: Callable[[int, Any], None] | None = None
         host, port = parse_hostport(address)
         payload = prepare_hello(hello)
         try:
@@ -186,6 +190,41 @@ class BlockingConnection:
             nothing is sent.
         """
         return self._exchange(requests, timeout)
+
+    def read_pushes(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for frames the server pushes (handed to
+        :attr:`on_push`; late answers are skipped); return whether any bytes came.
+
+        :raises NodeUnavailableError: the connection is closed or was lost (it is
+            then closed).
+        """
+        sock = self._sock
+        if sock is None:
+            raise NodeUnavailableError(f"{self.address}: {self._lost_reason}")
+        idle = _Batch([], {}, timeout, 0.0)
+        view = memoryview(self._rbuf)
+        try:
+            sock.settimeout(timeout)
+            try:
+                n = sock.recv_into(view)
+            except (TimeoutError, BlockingIOError, SSLWantReadError):
+                return False
+            except OSError as exc:
+                self._lost(f"connection lost: {exc}")
+                raise NodeUnavailableError(f"{self.address}: {self._lost_reason}") from None
+            if not n:
+                self._lost("connection closed by the server")
+                raise NodeUnavailableError(f"{self.address}: {self._lost_reason}")
+            self.stats.bytes_in += n
+            self._decoder.feed(view[:n])
+            self._take(idle)
+        except ProtocolError as exc:
+            self.stats.protocol_errors += 1
+            self._lost(f"protocol error: {exc}")
+            raise NodeUnavailableError(f"{self.address}: {self._lost_reason}") from None
+        finally:
+            view.release()
+        return True
 
     # -- internals
 
@@ -290,10 +329,13 @@ class BlockingConnection:
         """
         stats = self.stats
         slots, results = batch.slots, batch.results
-        for msg_type, rid, _, payload, _, _ in self._decoder:
+        for msg_type, rid, op, payload, _, _ in self._decoder:
             stats.frames_in += 1
             if msg_type == REQUEST:
                 raise ProtocolError("the server sent a REQUEST frame")
+            if rid == PUSH_ID and self.on_push is not None and msg_type == RESPONSE:
+                self.on_push(op, payload)
+                continue
             slot = slots.pop(rid, None)
             if slot is None:
                 stats.late_responses += 1  # answer to a request that timed out

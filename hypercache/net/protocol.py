@@ -60,6 +60,7 @@ __all__ = [
     "MAX_PUT_MANY",
     "MAX_REQUEST_ID",
     "PROTOCOL_VERSION",
+    "PUSH_ID",
     "REQUEST",
     "RESPONSE",
     "Frame",
@@ -171,12 +172,23 @@ class Op(IntEnum):
     LEAVE = 32
     #: membership: take a dead member out of the ring (``[node_id]``)
     REMOVE = 33
+    #: notifications: tell this connection of the writes this node applies to keys
+    #: under some prefixes; the node then pushes frames with request id
+    #: :data:`PUSH_ID` (``docs/protocol.md``, "Write notifications")
+    WATCH = 50
+    #: a conditional write: store the value only if the key is absent or expired
+    #: (checked and applied by the key's first live owner, then replicated)
+    ADD = 51
 
 
 #: ``MsgType`` values as plain ints, for the hot paths that compare them.
 REQUEST: Final = 0
 RESPONSE: Final = 1
 ERROR: Final = 2
+
+#: The request id of a frame a server sends unasked (a ``WATCH`` push): clients
+#: count their ids from 1, so no answer ever carries it.
+PUSH_ID: Final = 0
 
 #: Request ids wrap after this, so that they always encode as msgpack uint32 or smaller.
 MAX_REQUEST_ID: Final = 0xFFFFFFFF

@@ -36,6 +36,7 @@ from hypercache.net.protocol import (
     FEATURES,
     HELLO_MAX_FRAME,
     PROTOCOL_VERSION,
+    PUSH_ID,
     REQUEST,
     RESPONSE,
     MsgType,
@@ -50,6 +51,7 @@ __all__ = ["ServerBase", "ServerProtocol"]
 _log = logging.getLogger("hypercache.net")
 
 _HELLO: Final = int(Op.HELLO)
+_WATCH: Final = int(Op.WATCH)
 #: Traced requests: a replica's ops get a ReplicaApply span around their handler
 #: (named by ``hypercache.op``); the others run in the received context (the
 #: coordinated ones get their span from the coordinator: Set, Get, ...).
@@ -264,6 +266,13 @@ class ServerProtocol(FramedProtocol):
         self._sync: Callable[[PeerInfo, int, Any], Any] | None = getattr(
             server.handler, "handle_sync", None
         )
+        # The handler's WATCH entry, if it has one: it is handed this connection,
+        # to push notifications on (see push()).
+        self._watch: Callable[[PeerInfo, Any, ServerProtocol], Any] | None = getattr(
+            server.handler, "watch", None
+        )
+        #: called once when the connection is gone (a watch registry forgets it)
+        self.on_lost: list[Callable[[], None]] = []
         # Ids of requests handled inline whose answer comes later (a Later).
         self._later: set[int] = set()
         self._reading_paused = False
@@ -310,6 +319,12 @@ class ServerProtocol(FramedProtocol):
             task.cancel()
         self._later.clear()  # their answers will find the transport closed
         self._server._release(self)
+        callbacks, self.on_lost = self.on_lost, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                _log.exception("a connection-lost callback failed")
         if not self._lost.done():
             self._lost.set_result(None)
 
@@ -403,6 +418,26 @@ class ServerProtocol(FramedProtocol):
                 transport.get_write_buffer_size(),
             )
             self.abort()
+
+    # -- pushes (WATCH)
+
+    def push(self, op: int, payload: Any) -> None:
+        """Queue a frame the peer did not ask for: ``[RESPONSE, PUSH_ID, op, payload]``
+        (a notification of a watched connection), sent with this iteration's answers."""
+        if self._closing:
+            return
+        self._send(self._encoder.encode_body(RESPONSE, PUSH_ID, op, payload))
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued for the peer and not yet handed to the kernel."""
+        transport = self._transport
+        queued = 0 if transport is None else transport.get_write_buffer_size()
+        return queued + len(self._wbuf)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         self.stats.protocol_errors += 1
@@ -563,6 +598,14 @@ class ServerProtocol(FramedProtocol):
             return
         peer = self.peer
         assert peer is not None
+        if op == _WATCH and self._watch is not None:
+            try:
+                result = self._watch(peer, payload, self)
+            except Exception as exc:
+                self._answer(request_id, op, None, exc)
+                return
+            self._answer(request_id, op, result, None)
+            return
         sync = self._sync
         if sync is not None:
             try:
