@@ -166,10 +166,12 @@ def chaos_rows(chaos: dict[str, dict[str, Any]]) -> list[list[str]]:
         rows.append(
             [
                 f"Memory soak, {soak['minutes']:g} min with {soak['faults']} faults",
-                "RSS slope within noise after warm-up; caps hold",
+                "every node judged, RSS slope within noise after warm-up; caps hold",
                 f"RSS {soak['rss_mib']} MiB, slope {soak['slope_mib_per_min']} MiB/min, "
+                f"{soak.get('judged', '?')} nodes judged, tasks max "
+                f"{soak.get('tasks_max', '?')}, connections max {soak.get('conns_max', '?')}, "
                 f"{soak['caps_broken']} caps broken",
-                _verdict(bool(soak["rss_flat"]) and soak["caps_broken"] == 0),
+                _verdict(bool(soak.get("ok", soak["rss_flat"] and soak["caps_broken"] == 0))),
             ]
         )
     join = chaos.get("join")
