@@ -14,7 +14,8 @@ sample: queued hints under the hint caps, tombstones and keys under the key spac
 open connections and asyncio tasks (``/stats``'s ``tasks``, the
 ``hypercache_asyncio_tasks`` gauge) under bounds.
 
-Prints one summary line (and appends it as JSON to ``$CHAOS_REPORT`` when set).
+Prints one summary line (and appends it as JSON to ``$CHAOS_REPORT`` when set, and to
+``--results FILE``: ``make soak`` writes soak-results.jsonl, which ``make kpi`` reads).
 Exit status 0 when everything held, 1 otherwise.
 """
 
@@ -287,14 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--fault-every", type=float, default=60.0, help="seconds between faults")
     parser.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples")
+    parser.add_argument(
+        "--results", type=Path, help="append the figures as a JSON line to this file too"
+    )
     args = parser.parse_args(argv)
     figures = soak(args.minutes, args.fault_every, args.sample_every)
     line = "soak: " + " ".join(f"{k}={v}" for k, v in figures.items())
     print(line)
-    path = os.environ.get("CHAOS_REPORT")
-    if path:
-        with open(path, "a") as out:
-            out.write(json.dumps({"scenario": "soak", **figures}) + "\n")
+    for path in (os.environ.get("CHAOS_REPORT"), args.results):
+        if path:
+            with open(path, "a") as out:
+                out.write(json.dumps({"scenario": "soak", **figures}) + "\n")
     return 0 if figures["ok"] else 1
 
 
