@@ -224,25 +224,40 @@ def soak(minutes: float, fault_every: float, sample_every: float) -> dict[str, A
         faults: list[str] = []
         start = time.monotonic()
         next_fault = start + fault_every
+
+        def sample_all(down: int | None = None) -> None:
+            """Sample every node but ``down`` (the one a fault killed)."""
+            now = time.monotonic() - start
+            for i, node in enumerate(cluster):
+                if i == down:
+                    continue
+                if not node.running or node.proc is None:
+                    # only a fault stops a node, and it restarts it before the next
+                    # sample: this one died on its own
+                    series[i].failures.append(f"t={now:.0f}s: not running")
+                    continue
+                caps_broken.extend(_sample(node, series[i], now))
+
+        def hold(seconds: float, down: int | None = None) -> None:
+            """Keep a fault for ``seconds``, sampling the others half-way (the hints
+            queued for a killed node are seen while it is down)."""
+            time.sleep(seconds / 2)
+            sample_all(down)
+            time.sleep(seconds / 2)
+
         try:
-            while (now := time.monotonic()) - start < duration:
-                for i, node in enumerate(cluster):
-                    if not node.running or node.proc is None:
-                        # only a fault below stops a node, and it restarts it
-                        # before the next sample: this one died on its own
-                        series[i].failures.append(f"t={now - start:.0f}s: not running")
-                        continue
-                    caps_broken += _sample(node, series[i], now - start)
-                if now >= next_fault:
+            while time.monotonic() - start < duration:
+                sample_all()
+                if time.monotonic() >= next_fault:
                     if rng.random() < 0.5:
                         post_faults(cluster, [{"kind": "drop", "rate": 0.1}])
-                        time.sleep(min(5.0, fault_every / 2))
+                        hold(min(5.0, fault_every / 2))
                         post_faults(cluster, [])
                         faults.append("loss")
                     else:
                         victim = rng.randrange(NODES)
                         cluster.kill(victim)
-                        time.sleep(min(5.0, fault_every / 2))
+                        hold(min(5.0, fault_every / 2), down=victim)
                         cluster.restart(victim)  # sampled by its new pid from now on
                         faults.append(f"kill:{victim}")
                     next_fault = time.monotonic() + fault_every
