@@ -220,6 +220,19 @@ def chaos_rows(chaos: dict[str, dict[str, Any]]) -> list[list[str]]:
                 _verdict(bool(soak.get("ok", soak["rss_flat"] and soak["caps_broken"] == 0))),
             ]
         )
+    nemesis = chaos.get("nemesis")
+    if nemesis is not None:
+        faults = len(str(nemesis["faults"]).split(","))
+        rows.append(
+            [
+                f"Combined nemesis: {faults} faults, one every {nemesis['period_s']:g} s",
+                "0 lost, 0 phantom, converged after heal",
+                f"{nemesis['lost']} lost, {nemesis['phantom']} phantom of {nemesis['writes']} "
+                f"writes ({nemesis['quorum_write_fail_pct']}% failed), converged in "
+                f"{nemesis['converge_s']} s",
+                _verdict(nemesis["lost"] == 0 and nemesis["phantom"] == 0),
+            ]
+        )
     join = chaos.get("join")
     if join is None:
         rows.append(
@@ -329,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         failed = status != 0
     try:
-        latency, chaos = read_benchmarks(json.loads(json_path.read_text()))
+        data = json.loads(json_path.read_text())
+        latency, chaos = read_benchmarks(data)
+        if args.from_json is not None and "datetime" in data:  # when it was measured
+            started = dt.datetime.fromisoformat(data["datetime"])
     except (OSError, ValueError) as exc:
         print(f"no benchmark JSON: {exc}", file=sys.stderr)
         latency, chaos, failed = None, {}, True

@@ -91,3 +91,18 @@ def test_the_benchmark_json_gives_the_rows() -> None:
     assert rows["QUORUM get p95, 1 client"][3] == "pass"
     assert rows["QUORUM get p95, 32 in flight"][2] == "not measured"
     assert verdicts(chaos)["QUORUM write failure, one node down"] == "pass"
+
+
+def test_the_nemesis_row_fails_on_a_lost_write() -> None:
+    nemesis = {
+        "faults": "loss:10%,kill:node-1",
+        "period_s": 10.0,
+        "writes": 100,
+        "quorum_write_fail_pct": 5.0,
+        "lost": 0,
+        "phantom": 0,
+        "converge_s": 0.1,
+    }
+    name = "Combined nemesis: 2 faults, one every 10 s"
+    assert verdicts({"nemesis": nemesis})[name] == "pass"
+    assert verdicts({"nemesis": {**nemesis, "lost": 1}})[name] == "**FAIL**"
