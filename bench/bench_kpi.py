@@ -10,7 +10,7 @@ iteration: its time is how long the measurement took), its figures in
 ``benchmark.extra_info`` (``{"kpi": ..., ...}``), which the report judges against the
 targets; a benchmark never asserts a target itself.
 
-``kpi-latency``
+``test_kpi_latency``
     :func:`bench.bench_cluster.measure` of the in-process baseline and a 3-node TCP
     cluster, every cell (QUORUM set/get, 1 client and 32 in flight) interleaved in
     one run so that the ratios compare side by side; ``extra_info["cells"]`` has each
@@ -19,7 +19,7 @@ targets; a benchmark never asserts a target itself.
     round and cannot give per-request percentiles (see docs/benchmarks.md), so the
     percentiles are the harness's and the benchmark carries them.
     ``--bench-quick``: one short run per cell (a smoke test, not figures to quote).
-``kpi-chaos[<scenario>]``
+``test_kpi_chaos[<scenario>]``
     A chaos scenario of ``tests/chaos/`` (real nodes, injected faults): its summary
     line's figures in ``extra_info["figures"]``. They are read from the JSON lines of
     the files in ``$KPI_CHAOS_RESULTS`` (``os.pathsep``-separated: what a test run or

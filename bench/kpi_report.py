@@ -8,11 +8,11 @@ target, measured, pass/fail, with the machine, the commit and the date) and
 
 Where the figures come from (see bench/bench_kpi.py):
 
-* latency: the ``kpi-latency`` benchmark, :func:`bench.bench_cluster.measure` of the
+* latency: the ``test_kpi_latency`` benchmark, :func:`bench.bench_cluster.measure` of the
   in-process baseline and a 3-node TCP cluster, interleaved (the same cells and
   targets as ``bench.cluster_report``); its percentiles are in the benchmark's
   ``extra_info``;
-* resilience: the ``kpi-chaos[...]`` benchmarks, one per chaos scenario of
+* resilience: the ``test_kpi_chaos[...]`` benchmarks, one per chaos scenario of
   ``tests/chaos/`` (real nodes, injected faults). By default they run the scenarios
   (``--long``: their full lengths, ``CHAOS_LONG=1``); ``--chaos-results FILE`` reads
   the JSON lines a test run already wrote instead and runs nothing (what ``.ci/run``
