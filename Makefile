@@ -53,14 +53,16 @@ bench: build
 chaos: build
 	CHAOS_LONG=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/chaos
 
-# The roadmap's KPIs: kpi-report.md and kpi-latency.png (bench/kpi_report.py).
+# The roadmap's KPIs as pytest-benchmark benchmarks (bench/bench_kpi.py, their JSON in
+# kpi-benchmarks.json): kpi-report.md and kpi-latency.png (bench/kpi_report.py), with
+# the last `make soak`'s figures when soak-results.jsonl is there.
 kpi: build
-	$(PY) -m bench.kpi_report --long
+	$(PY) -m bench.kpi_report --long $(addprefix --soak-results ,$(wildcard soak-results.jsonl))
 
 # 30 minutes of a steady mix with TTLs, deletes and periodic faults: every node's RSS
 # slope after warm-up must stay within noise, and the caps hold (bench/soak.py).
 soak: build
-	$(PY) -m bench.soak --minutes 30
+	$(PY) -m bench.soak --minutes 30 --results soak-results.jsonl
 
 run: build
 	$(PY) -m hypercache.cli.local

@@ -1,22 +1,26 @@
 """The roadmap's KPIs in one report: ``python -m bench.kpi_report`` (``make kpi``).
 
-Writes ``kpi-report.md`` (a table: KPI, target, measured, pass/fail, with the
-machine, the commit and the date) and ``kpi-latency.png`` (QUORUM get/set p50, p95
-and p99, in-process and TCP, 1 client and 32 in flight).
+Runs the KPI benchmarks of ``bench/bench_kpi.py`` under pytest-benchmark with
+``--benchmark-json``, then writes, from that JSON, ``kpi-report.md`` (a table: KPI,
+target, measured, pass/fail, with the machine, the commit and the date) and
+``kpi-latency.png`` (QUORUM get/set p50, p95 and p99, in-process and TCP, 1 client and
+32 in flight).
 
-Where the figures come from:
+Where the figures come from (see bench/bench_kpi.py):
 
-* latency: :func:`bench.bench_cluster.measure` on the in-process baseline and a
-  3-node TCP cluster (the same cells and targets as ``bench.cluster_report``;
-  pytest-benchmark times one callable per round and cannot give per-request
-  percentiles with 32 requests in flight, see docs/benchmarks.md);
-* resilience: the chaos scenarios of ``tests/chaos/`` (real nodes, injected faults),
-  which append one JSON line of figures each to ``$CHAOS_REPORT``. By default this
-  runs them (``--long``: their full lengths, ``CHAOS_LONG=1``); ``--chaos-results
-  FILE`` reads the lines a test run already wrote instead (what ``.ci/run`` does
-  after ``make test``).
+* latency: the ``test_kpi_latency`` benchmark, :func:`bench.bench_cluster.measure` of the
+  in-process baseline and a 3-node TCP cluster, interleaved (the same cells and
+  targets as ``bench.cluster_report``); its percentiles are in the benchmark's
+  ``extra_info``;
+* resilience: the ``test_kpi_chaos[...]`` benchmarks, one per chaos scenario of
+  ``tests/chaos/`` (real nodes, injected faults). By default they run the scenarios
+  (``--long``: their full lengths, ``CHAOS_LONG=1``); ``--chaos-results FILE`` reads
+  the JSON lines a test run already wrote instead and runs nothing (what ``.ci/run``
+  does after ``make test``); ``--soak-results FILE`` adds the memory soak's line
+  (``python -m bench.soak --results FILE``; ``make soak`` writes soak-results.jsonl).
 
 ``--quick``: one short latency run per cell (a smoke test, not figures to quote).
+``--from-json FILE``: only render the report from a benchmark JSON already written.
 Exit status 0 whether targets pass or miss; 1 when a measurement itself failed.
 """
 
@@ -29,11 +33,9 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.bench_cluster import FULL, QUICK, Results, measure
 from bench.report import cpu_model, git_commit, table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,13 +47,57 @@ MAX_FAIL_PCT = 2.0
 MAX_IMBALANCE_PCT = 15.0
 
 
-def run_chaos(results: Path, *, long: bool) -> int:
-    """Run the chaos scenarios, their figures appended to ``results``; pytest's status."""
-    env = {**os.environ, "CHAOS_REPORT": str(results)}
+#: ``{(system, op, clients): {"p50_ns", "p95_ns", "p99_ns", "others_cpu", "runs"}}``
+Latency = dict[tuple[str, str, int], dict[str, float]]
+
+
+def run_benchmarks(
+    json_path: Path,
+    *,
+    quick: bool,
+    long: bool,
+    chaos_results: list[Path],
+    run_chaos: bool,
+) -> int:
+    """Run bench/bench_kpi.py under pytest-benchmark, its JSON to ``json_path``;
+    pytest's status."""
+    env = {**os.environ, "KPI_CHAOS_RESULTS": os.pathsep.join(map(str, chaos_results))}
+    env["KPI_CHAOS_RUN"] = "1" if run_chaos else "0"
     if long:
         env["CHAOS_LONG"] = "1"
-    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/chaos"]
+    env.pop("CHAOS_REPORT", None)  # the scenarios run here report to the benchmark
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "python_files=bench_*.py",
+        "-o",
+        "timeout=0",
+        "bench/bench_kpi.py",
+        f"--benchmark-json={json_path}",
+        "--benchmark-columns=max,rounds",
+    ]
+    if quick:
+        argv.append("--bench-quick")
     return subprocess.run(argv, cwd=ROOT, env=env, check=False).returncode
+
+
+def read_benchmarks(data: dict[str, Any]) -> tuple[Latency | None, dict[str, dict[str, Any]]]:
+    """The latency cells and ``{scenario: figures}`` of a pytest-benchmark JSON of
+    bench/bench_kpi.py (a benchmark that was skipped or failed is not in it)."""
+    latency: Latency | None = None
+    chaos: dict[str, dict[str, Any]] = {}
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if info.get("kpi") == "latency":
+            latency = {(c["system"], c["op"], int(c["clients"])): c for c in info["cells"].values()}
+        elif info.get("kpi") == "chaos":
+            chaos[info["scenario"]] = info["figures"]
+    return latency, chaos
 
 
 def load_chaos(path: Path) -> dict[str, dict[str, Any]]:
@@ -70,20 +116,20 @@ def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("pass" if ok else "**FAIL**")
 
 
-def latency_rows(results: Results | None) -> list[list[str]]:
+def latency_rows(latency: Latency | None) -> list[list[str]]:
     rows = []
     for op, limit in LATENCY_TARGETS.items():
         for clients in (1, 32):
             name = f"QUORUM {op} p95, {clients} {'client' if clients == 1 else 'in flight'}"
-            base = None if results is None else results.get("inproc", op, clients)
-            tcp = None if results is None else results.get("tcp", op, clients)
+            base = None if latency is None else latency.get(("inproc", op, clients))
+            tcp = None if latency is None else latency.get(("tcp", op, clients))
             if base is None or tcp is None:
                 rows.append([name, f"< {limit:g}x in-process", "not measured", _verdict(None)])
                 continue
-            ratio = tcp.median("p95_ns") / base.median("p95_ns")
+            ratio = tcp["p95_ns"] / base["p95_ns"]
             measured = (
-                f"{tcp.median('p95_ns') / 1000:.0f} us vs {base.median('p95_ns') / 1000:.0f} us "
-                f"= {ratio:.2f}x"
+                f"{tcp['p95_ns'] / 1000:.0f} us vs {base['p95_ns'] / 1000:.0f} us "
+                f"= {ratio:.2f}x (others' CPU {tcp['others_cpu']:.2f})"
             )
             rows.append([name, f"< {limit:g}x in-process", measured, _verdict(ratio < limit)])
     return rows
@@ -166,10 +212,25 @@ def chaos_rows(chaos: dict[str, dict[str, Any]]) -> list[list[str]]:
         rows.append(
             [
                 f"Memory soak, {soak['minutes']:g} min with {soak['faults']} faults",
-                "RSS slope within noise after warm-up; caps hold",
+                "every node judged, RSS slope within noise after warm-up; caps hold",
                 f"RSS {soak['rss_mib']} MiB, slope {soak['slope_mib_per_min']} MiB/min, "
+                f"{soak.get('judged', '?')} nodes judged, tasks max "
+                f"{soak.get('tasks_max', '?')}, connections max {soak.get('conns_max', '?')}, "
                 f"{soak['caps_broken']} caps broken",
-                _verdict(bool(soak["rss_flat"]) and soak["caps_broken"] == 0),
+                _verdict(bool(soak.get("ok", soak["rss_flat"] and soak["caps_broken"] == 0))),
+            ]
+        )
+    nemesis = chaos.get("nemesis")
+    if nemesis is not None:
+        faults = len(str(nemesis["faults"]).split(","))
+        rows.append(
+            [
+                f"Combined nemesis: {faults} faults, one every {nemesis['period_s']:g} s",
+                "0 lost, 0 phantom, converged after heal",
+                f"{nemesis['lost']} lost, {nemesis['phantom']} phantom of {nemesis['writes']} "
+                f"writes ({nemesis['quorum_write_fail_pct']}% failed), converged in "
+                f"{nemesis['converge_s']} s",
+                _verdict(nemesis["lost"] == 0 and nemesis["phantom"] == 0),
             ]
         )
     join = chaos.get("join")
@@ -190,7 +251,7 @@ def chaos_rows(chaos: dict[str, dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-def plot(results: Results, path: Path) -> bool:
+def plot(latency: Latency, path: Path) -> bool:
     """Draw QUORUM get/set percentiles per system and client count; False if no cell."""
     import matplotlib
 
@@ -202,12 +263,12 @@ def plot(results: Results, path: Path) -> bool:
     for op in ("set", "get"):
         for clients in (1, 32):
             for system in ("inproc", "tcp"):
-                cell = results.get(system, op, clients)
+                cell = latency.get((system, op, clients))
                 if cell is None:
                     continue
                 labels.append(f"{op}\n{system}\n{clients}")
                 for name in series:
-                    series[name].append(cell.median(f"{name}_ns") / 1000)
+                    series[name].append(cell[f"{name}_ns"] / 1000)
     if not labels:
         return False
     fig, ax = plt.subplots(figsize=(9, 4.2), dpi=120)
@@ -253,38 +314,46 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="one short latency run per cell")
     parser.add_argument("--long", action="store_true", help="full-length chaos scenarios")
-    parser.add_argument("--chaos-results", type=Path, help="JSON lines a test run wrote")
-    parser.add_argument("--no-latency", action="store_true", help="skip the latency cells")
+    parser.add_argument(
+        "--chaos-results",
+        type=Path,
+        action="append",
+        default=[],
+        help="JSON lines a test run wrote (repeatable); the scenarios are not run",
+    )
+    parser.add_argument(
+        "--soak-results", type=Path, action="append", default=[], help="the soak's JSON lines"
+    )
+    parser.add_argument("--json", type=Path, default=ROOT / "kpi-benchmarks.json")
+    parser.add_argument("--from-json", type=Path, help="render from this benchmark JSON")
     parser.add_argument("--out", type=Path, default=ROOT / "kpi-report.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "kpi-latency.png")
     args = parser.parse_args(argv)
     started = dt.datetime.now(dt.UTC)
     failed = False
-
-    def progress(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    results: Results | None = None
-    if not args.no_latency:
-        try:
-            results = measure(
-                QUICK if args.quick else FULL, systems=("inproc", "tcp"), progress=progress
-            )
-        except Exception as exc:  # the report says what was not measured
-            progress(f"latency not measured: {exc!r}")
-            failed = True
-    if args.chaos_results is not None:
-        chaos = load_chaos(args.chaos_results)
-    else:
-        with tempfile.TemporaryDirectory(prefix="hypercache-kpi-") as tmp:
-            path = Path(tmp) / "chaos.jsonl"
-            failed |= run_chaos(path, long=args.long) != 0
-            chaos = load_chaos(path)
+    json_path = args.from_json or args.json
+    if args.from_json is None:
+        status = run_benchmarks(
+            json_path,
+            quick=args.quick,
+            long=args.long,
+            chaos_results=args.chaos_results + args.soak_results,
+            run_chaos=not args.chaos_results,
+        )
+        failed = status != 0
+    try:
+        data = json.loads(json_path.read_text())
+        latency, chaos = read_benchmarks(data)
+        if args.from_json is not None and "datetime" in data:  # when it was measured
+            started = dt.datetime.fromisoformat(data["datetime"])
+    except (OSError, ValueError) as exc:
+        print(f"no benchmark JSON: {exc}", file=sys.stderr)
+        latency, chaos, failed = None, {}, True
     plot_file = None
-    if results is not None and plot(results, args.plot):
+    if latency is not None and plot(latency, args.plot):
         plot_file = args.plot.name
     report = render(
-        latency_rows(results) + chaos_rows(chaos),
+        latency_rows(latency) + chaos_rows(chaos),
         started=started,
         quick=args.quick,
         long=args.long,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.kpi_report import chaos_rows, latency_rows, load_chaos
+from bench.kpi_report import chaos_rows, latency_rows, load_chaos, read_benchmarks
 
 KILL = {
     "outage_s": 5.0,
@@ -49,3 +49,60 @@ def test_what_was_not_run_is_reported_as_not_measured(tmp_path: Path) -> None:
     rows = chaos_rows({})
     assert all(row[2] == "not measured" for row in rows)
     assert all(row[3] != "pass" for row in rows + latency_rows(None))
+
+
+def cell(system: str, op: str, clients: int, p95_us: float) -> dict[str, Any]:
+    return {
+        "system": system,
+        "op": op,
+        "clients": clients,
+        "runs": 5,
+        "p50_ns": p95_us * 500,
+        "p95_ns": p95_us * 1000,
+        "p99_ns": p95_us * 2000,
+        "others_cpu": 0.5,
+    }
+
+
+def test_the_benchmark_json_gives_the_rows() -> None:
+    cells = [
+        cell("inproc", "set", 1, 100),
+        cell("tcp", "set", 1, 350),  # 3.5x: over the 3x target
+        cell("inproc", "get", 1, 100),
+        cell("tcp", "get", 1, 150),  # 1.5x: under 2x
+    ]
+    data = {
+        "benchmarks": [
+            {
+                "name": "test_kpi_latency",
+                "extra_info": {"kpi": "latency", "cells": {str(i): c for i, c in enumerate(cells)}},
+            },
+            {
+                "name": "test_kpi_chaos[kill]",
+                "extra_info": {"kpi": "chaos", "scenario": "kill", "figures": KILL},
+            },
+        ]
+    }
+    latency, chaos = read_benchmarks(json.loads(json.dumps(data)))
+    assert chaos == {"kill": KILL}
+    rows = {row[0]: row for row in latency_rows(latency)}
+    assert rows["QUORUM set p95, 1 client"][3] == "**FAIL**"
+    assert "3.50x" in rows["QUORUM set p95, 1 client"][2]
+    assert rows["QUORUM get p95, 1 client"][3] == "pass"
+    assert rows["QUORUM get p95, 32 in flight"][2] == "not measured"
+    assert verdicts(chaos)["QUORUM write failure, one node down"] == "pass"
+
+
+def test_the_nemesis_row_fails_on_a_lost_write() -> None:
+    nemesis = {
+        "faults": "loss:10%,kill:node-1",
+        "period_s": 10.0,
+        "writes": 100,
+        "quorum_write_fail_pct": 5.0,
+        "lost": 0,
+        "phantom": 0,
+        "converge_s": 0.1,
+    }
+    name = "Combined nemesis: 2 faults, one every 10 s"
+    assert verdicts({"nemesis": nemesis})[name] == "pass"
+    assert verdicts({"nemesis": {**nemesis, "lost": 1}})[name] == "**FAIL**"

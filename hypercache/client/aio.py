@@ -25,6 +25,7 @@ from hypercache.client._common import (
 from hypercache.client.commands import Level
 from hypercache.client.failover import Attempts, Failover, TopologyFetch
 from hypercache.client.keys import Key
+from hypercache.client.owner_ask import OwnerAsk
 from hypercache.client.topology import Topology
 from hypercache.errors import (
     HyperCacheError,
@@ -384,44 +385,10 @@ class AsyncClient(ClientBase):
                     continue
                 address = self._owner_answer(rd, address, raw, None)
             return
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        timeout = self._timeout
-
-        def launch(address: str) -> None:
-            # Connected: the answer comes back through a callback, no task per owner
-            # (not connected yet: the peer connects in a task, then sends).
-            try:
-                peer = self._peer(address)
-            except HyperCacheError as exc:
-                outcome(address, None, exc)
-                return
-            peer.send_callback(
-                r_get, payload, timeout, lambda raw, exc: answered(address, raw, exc)
-            )
-
-        def answered(address: str, raw: Any, exc: BaseException | None) -> None:
-            if isinstance(exc, NoAnswerError):
-                self._suspect(address)
-            outcome(address, raw, exc)
-
-        def outcome(address: str, raw: Any, exc: BaseException | None) -> None:
-            if done.cancelled():  # the caller gave up: replace no one
-                return
-            if exc is not None and not isinstance(exc, HyperCacheError):
-                # not a node's failure: a bug or an interrupt, let it through
-                if not done.done():
-                    done.set_exception(exc)
-                return
-            nxt = self._owner_answer(rd, address, raw, exc)
-            if nxt is not None:
-                launch(nxt)
-            if rd.done and not done.done():
-                done.set_result(None)
-
+        ask = OwnerAsk(self, rd, self._timeout)  # callbacks, and no reference cycle
         for address in first:
-            launch(address)
-        await done
+            ask.launch(address)
+        await ask.done
 
     def _repair(self, owner: str, payload: list[Any]) -> None:
         """Push ``payload`` to ``owner`` in the background (``R_PUT``), not waiting;

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hypercache.cluster.merkle import list_keys
-from hypercache.cluster.metrics import counter, gauge
+from hypercache.cluster.metrics import asyncio_tasks, counter, gauge
 from hypercache.cluster.swim import State
 from hypercache.errors import ConfigError
 
@@ -228,6 +228,7 @@ class NodeStatus:
             "dist": node.metrics.stats.as_dict(),
             "antientropy": node.antientropy.stats.as_dict() if started else {},
             "background": node.coordinator.background if started else 0,
+            "tasks": asyncio_tasks(),
             "busy_poll": self._busy_poll(),
             "cpu_latency_limit": self._cpu_latency(),
         }

@@ -1,0 +1,75 @@
+"""The requests in flight of one owner read of :class:`~hypercache.client.AsyncClient`
+(``R_GET`` to ``required`` owners at once, each that fails replaced by the next).
+
+The answers come back through callbacks, not a task per owner. The state of one read
+lives in an :class:`OwnerAsk` whose callbacks are bound methods: nothing it hands out
+refers back to it in a loop, so a finished read is freed by reference counting.
+Closures that name each other (a launch that names the outcome handler, which names
+the launch) would make a reference cycle of about 20 objects per read, left to the
+garbage collector: with a client reading in a loop, a collection every few dozen
+reads, whose pauses land in the read latency's tail (``bench/read_profile.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import TYPE_CHECKING, Any
+
+from hypercache.client import commands
+from hypercache.errors import HyperCacheError, NoAnswerError
+
+if TYPE_CHECKING:
+    from hypercache.client._common import OwnerRead
+    from hypercache.client.aio import AsyncClient
+
+__all__ = ["OwnerAsk"]
+
+_R_GET = commands.R_GET.op
+
+
+class OwnerAsk:
+    """Ask the owners of ``rd`` for it; ``done`` is set once ``rd`` is done (or gets
+    the exception that is not a node's failure: a bug or an interrupt)."""
+
+    __slots__ = ("_client", "_payload", "_timeout", "done", "rd")
+
+    def __init__(self, client: AsyncClient, rd: OwnerRead, timeout: float) -> None:
+        self._client = client
+        self.rd = rd
+        self._payload = [rd.key]
+        self._timeout = timeout
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def launch(self, address: str) -> None:
+        # Connected: the answer comes back through a callback, no task per owner
+        # (not connected yet: the peer connects in a task, then sends).
+        try:
+            peer = self._client._peer(address)
+        except HyperCacheError as exc:
+            self._outcome(address, None, exc)
+            return
+        peer.send_callback(
+            _R_GET, self._payload, self._timeout, functools.partial(self._answered, address)
+        )
+
+    def _answered(self, address: str, raw: Any, exc: BaseException | None) -> None:
+        if isinstance(exc, NoAnswerError):
+            self._client._suspect(address)
+        self._outcome(address, raw, exc)
+
+    def _outcome(self, address: str, raw: Any, exc: BaseException | None) -> None:
+        done = self.done
+        if done.cancelled():  # the caller gave up: replace no one
+            return
+        if exc is not None and not isinstance(exc, HyperCacheError):
+            # not a node's failure: a bug or an interrupt, let it through
+            if not done.done():
+                done.set_exception(exc)
+            return
+        rd = self.rd
+        nxt = self._client._owner_answer(rd, address, raw, exc)
+        if nxt is not None:
+            self.launch(nxt)
+        if rd.done and not done.done():
+            done.set_result(None)
