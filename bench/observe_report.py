@@ -11,8 +11,8 @@ of 64-byte values over 1000 keys, one request in flight; the three take turns ev
 rotating every round), so that whatever else loads the machine loads them alike.
 Reported: p50 and p99 of each operation and ops/s, and each mode's ratio to ``off``.
 
-Compression: one 3-node cluster; clients with compression on (zstd level 3, from
-1 KiB) and off write then read the same values: 4 KiB and 64 KiB JSON-like
+Compression: one 3-node cluster; clients with compression off, zstd level 1 (the
+default) and level 3 (both from 1 KiB) write then read the same values: 4 KiB and 64 KiB JSON-like
 documents (a list of records), and 4 KiB of random bytes. Reported: the bytes one
 value takes on the wire (what the client sends, and each replica then stores), the
 ``hypercache_bytes`` growth of one node per value, and the p50 of ``set`` and ``get``
@@ -274,7 +274,11 @@ def compression_bench(workdir: Path, rounds: int, ops: int) -> str:
         "64 KiB JSON-like": _jsonish(65536),
         "4 KiB random": os.urandom(4096),
     }
-    settings: dict[str, Compression | None] = {"off": None, "zstd-3": Compression()}
+    settings: dict[str, Compression | None] = {
+        "off": None,
+        "zstd-1": Compression(level=1),
+        "zstd-3": Compression(level=3),
+    }
     rows = [
         "| value | compression | bytes on the wire | hypercache_bytes / value | "
         "set p50 (µs) | get p50 (µs) | set p50 vs off | get p50 vs off |",
@@ -300,7 +304,8 @@ def compression_bench(workdir: Path, rounds: int, ops: int) -> str:
                     stored[name] = (_store_bytes(cluster) - before) / 100
                 order = list(settings)
                 for r in range(rounds):  # latency: the two take turns
-                    for name in order[r % 2 :] + order[: r % 2]:
+                    k = r % len(order)
+                    for name in order[k:] + order[:k]:
                         c = clients[name]
 
                         def set_(
@@ -332,22 +337,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--ops", type=int, default=1000, help="operations a round, each op")
     parser.add_argument("--quick", action="store_true", help="a smoke test of the harness")
+    parser.add_argument(
+        "--only", choices=("tracing", "compression"), help="run one of the two parts"
+    )
     args = parser.parse_args(argv)
     rounds, ops = (2, 100) if args.quick else (args.rounds, args.ops)
+    cmd = "python -m bench.observe_report" + " ".join(
+        [""] + (["--quick"] if args.quick else []) + ([f"--only {args.only}"] if args.only else [])
+    )
     with tempfile.TemporaryDirectory(prefix="hc-observe-") as tmp:
         workdir = Path(tmp)
-        tracing = tracing_bench(workdir, rounds, ops)
-        _say("in-process: the tracing code's own cost")
-        inproc = inproc_bench(rounds, ops)
-        comp = compression_bench(workdir, rounds, max(ops // 4, 50))
-    cmd = "python -m bench.observe_report" + (" --quick" if args.quick else "")
-    print(f"## Tracing overhead\n\n`{cmd}` ({rounds} rounds of {ops} ops per mode)\n")
-    print(tracing)
-    title = "The tracing code's own cost (in process)"
-    print(f"\n## {title}\n\n`{cmd}` ({rounds} rounds of {ops} sets)\n")
-    print(inproc)
-    print(f"\n## Compression\n\n`{cmd}` ({rounds} rounds of {max(ops // 4, 50)} ops a mode)\n")
-    print(comp)
+        if args.only != "compression":
+            tracing = tracing_bench(workdir, rounds, ops)
+            _say("in-process: the tracing code's own cost")
+            inproc = inproc_bench(rounds, ops)
+            print(f"## Tracing overhead\n\n`{cmd}` ({rounds} rounds of {ops} ops per mode)\n")
+            print(tracing)
+            title = "The tracing code's own cost (in process)"
+            print(f"\n## {title}\n\n`{cmd}` ({rounds} rounds of {ops} sets)\n")
+            print(inproc)
+        if args.only != "tracing":
+            comp_ops = max(ops // 4, 50)
+            comp = compression_bench(workdir, rounds, comp_ops)
+            print(f"\n## Compression\n\n`{cmd}` ({rounds} rounds of {comp_ops} ops a mode)\n")
+            print(comp)
     return 0
 
 

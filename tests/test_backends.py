@@ -27,7 +27,7 @@ from hypercache.backends import (
 )
 from hypercache.backends.cluster import HypercacheBackend
 from hypercache.backends.redis import RedisBackend
-from hypercache.client.compression import MARK, CompressedSerializer, Compression
+from hypercache.client.compression import DEFAULT_LEVEL, MARK, CompressedSerializer, Compression
 from hypercache.client.serializer import (
     JsonSerializer,
     MsgpackSerializer,
@@ -329,7 +329,7 @@ def _memory(url: str, **kw: Any) -> MemoryBackend:
 
 def test_the_memory_backend_stores_values_compressed_from_the_threshold() -> None:
     raw = MsgpackSerializer().dumps(_DOC)
-    for url, level in (("memory://", 3), ("memory://?compression=zstd:9", 9)):
+    for url, level in (("memory://", DEFAULT_LEVEL), ("memory://?compression=zstd:9", 9)):
         b = _memory(url)
         b.set("doc", _DOC)
         b.set("small", "x" * 100)

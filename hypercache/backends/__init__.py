@@ -17,7 +17,7 @@ URL                                         backend
 Query options of every URL: ``namespace`` (key prefix), ``serializer`` (``msgpack``,
 the default, ``pickle``, ``json`` or ``raw``), ``timeout`` (seconds per call,
 default 1) and ``compression`` (``zstd``, the default: values from 1 KiB serialised
-are stored zstd-compressed, level 3; ``zstd:<level>``; ``off``: stored as the
+are stored zstd-compressed, level 1; ``zstd:<level>``; ``off``: stored as the
 serializer wrote them, for a store shared with programs that read them; reading
 decodes either form, see :mod:`hypercache.client.compression`). ``memory://`` also
 takes ``max_items``, ``max_bytes`` and ``policy``; ``hypercache://`` also

@@ -85,7 +85,7 @@ class Client(ClientBase):
         :mod:`hypercache.client.serializer`).
     :param compression: how values are compressed before they are sent: a
         :class:`~hypercache.client.compression.Compression` (level, min_size),
-        ``"zstd"`` (default: level 3, from 1 KiB) or ``"off"``/``None``. Values
+        ``"zstd"`` (default: level 1, from 1 KiB) or ``"off"``/``None``. Values
         are read back decompressed whatever this setting (see
         :mod:`hypercache.client.compression`). Negotiated: values are compressed
         only once a node's HELLO answer says it takes them (a first large write
