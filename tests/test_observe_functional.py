@@ -177,18 +177,27 @@ def test_a_read_that_repairs_continues_the_trace(
         root = f"{client_span.context.span_id:016x}"
         stale = cluster[2].node_id
 
+        def reads(spans: list[ReceivedSpan]) -> set[str]:
+            return {s.instance for s in spans if s.attributes.get("hypercache.op") == "R_GET"}
+
         def repaired(got: list[ReceivedSpan]) -> bool:
-            return any(
-                s.name == "ReplicaApply"
-                and s.attributes["hypercache.op"] == "R_PUT"
-                and s.instance == stale
-                for s in _of_trace(got, trace_id)
+            # Each process exports in its own batches: wait for the whole tree, not
+            # only for its last span.
+            spans = _of_trace(got, trace_id)
+            return (
+                any(
+                    s.name == "ReplicaApply"
+                    and s.attributes["hypercache.op"] == "R_PUT"
+                    and s.instance == stale
+                    for s in spans
+                )
+                and len(reads(spans)) == 3
+                and all(_chain_to(spans, s, root) for s in spans)
             )
 
         spans = _of_trace(receiver.wait_for(repaired), trace_id)
         # Read from the three owners, each in its own process, all under the client's span.
-        reads = {s.instance for s in spans if s.attributes.get("hypercache.op") == "R_GET"}
-        assert reads == {n.node_id for n in cluster}
+        assert reads(spans) == {n.node_id for n in cluster}
         assert all(_chain_to(spans, s, root) for s in spans)
 
 
