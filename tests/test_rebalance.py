@@ -973,8 +973,14 @@ def test_reads_and_writes_go_on_during_a_join_with_nothing_lost() -> None:
             assert misses == []
             assert len(acked) == 500
             await check_reads(c.nodes, {**want, **acked})
-            for key in acked:
-                assert holders(c.nodes, key) == set(new.ring.owners(key))
+            # A write coordinated from an older table (the new node's first view, or
+            # one where a slow member was briefly out) can leave a copy on a node that
+            # does not own the key: its stray scan drops it after the removal grace.
+            await until(
+                lambda: all(holders(c.nodes, k) == set(new.ring.owners(k)) for k in acked),
+                timeout=30,
+                what="the written keys on their owners only",
+            )
 
     run(body(), timeout=120)
 
