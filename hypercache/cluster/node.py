@@ -50,6 +50,7 @@ from hypercache.cluster.antientropy import AntiEntropy
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.coordinator import Coordinator
 from hypercache.cluster.cpulatency import CpuLatencyRequest
+from hypercache.cluster.direct import DirectWrites
 from hypercache.cluster.handoff import Handoff
 from hypercache.cluster.membership import Membership
 from hypercache.cluster.metrics import NodeMetrics, faults_families
@@ -482,7 +483,7 @@ class Node:
     @staticmethod
     def _client_table(
         ops: dict[int, tuple[_OpHandler, bool]], replica: Replica
-    ) -> dict[int, _OpHandler]:
+    ) -> dict[int, _OpHandler]:  # (W_PUT and W_HINT are open to clients as they are)
         """The handlers a client's connection may reach: every op not for peers only;
         a client's ``R_GET`` (its own read of an owner) counted as a direct read."""
         table = {op: handler for op, (handler, peers_only) in ops.items() if not peers_only}
@@ -539,6 +540,16 @@ class Node:
             key, ttl_ms, consistency = _fields(payload, 3, "EXPIRE", "[key, ttl_ms, consistency]")
             return coordinator.start_expire(key, ttl_ms, consistency)
 
+        direct = DirectWrites(
+            node_id=self.config.node_id,
+            replica=replica,
+            owners=self._owners,
+            moves=lambda: coordinator.moves,
+            hints=lambda: coordinator.hints,
+            membership=membership,
+            max_skew_ms=round(self.config.max_clock_skew * 1000),
+        )
+
         def flush(payload: Any) -> int:
             if payload is not None and payload != []:
                 raise ProtocolError("FLUSH payload must be []")
@@ -568,6 +579,9 @@ class Node:
             int(Op.R_GET): (replica.r_get, False),
             int(Op.GET): (get, False),
             int(Op.SET): (set_, False),
+            # one-hop client writes: a client-stamped version straight to an owner
+            int(Op.W_PUT): (direct.w_put, False),
+            int(Op.W_HINT): (direct.w_hint, False),
             int(Op.ADD): (add, False),
             int(Op.DELETE): (delete, False),
             int(Op.TOPOLOGY): (lambda _payload: self.topology(), False),
@@ -811,6 +825,8 @@ class Node:
                 "read_consistency": self.config.read_consistency.value,
                 # So that a client can refuse a value the nodes would (optional key).
                 "max_value": self.limits.max_value,
+                # Clients that write the owners themselves need the default level.
+                "write_consistency": self.config.write_consistency.value,
             }
         run = self._run
         if run is not None:

@@ -233,6 +233,21 @@ class Replica:
             self.stats.replica_puts_applied += 1
         return applied
 
+    def w_put(self, entry: KeyedEntry) -> bool:
+        """A client-stamped write (``W_PUT``) of a key this node owns, checked by the
+        caller (:meth:`check_entry`, the owner list): applied through :meth:`put` like
+        every other version (newer wins, the WATCH hook), on path ``client`` (a
+        version past the clock's horizon is refused there and counted).
+
+        :raises ClockSkewError: ``ts`` is more than ``max_clock_skew`` ahead.
+        """
+        key, value, ts, origin, expire_at, tombstone = entry
+        self.stats.direct_puts += 1
+        applied = self.put(key, value, ts, origin, expire_at, tombstone, "client")
+        if applied:
+            self.stats.direct_puts_applied += 1
+        return applied
+
     def r_del(self, payload: Any) -> list[Any] | None:
         """``R_DEL [key, b"", ts, origin, 0, true]``: apply the tombstone (newer wins, as
         ``R_PUT``) and answer what was held before it, as ``R_GET`` would have, so a

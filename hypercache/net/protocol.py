@@ -157,6 +157,12 @@ class Op(IntEnum):
     R_PUT = 11
     R_PUT_MANY = 12
     R_DEL = 13
+    #: a client-stamped write sent by the client straight to each owner of the key
+    #: (the one-hop write path, ``docs/design.md``, "Client-stamped writes")
+    W_PUT = 14
+    #: a client's write for an owner it could not reach, handed to an owner that
+    #: took it, to keep as a hint (hinted handoff) for that owner
+    W_HINT = 15
     MERKLE = 20
     KEYS = 21
     PULL = 22
