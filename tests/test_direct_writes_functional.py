@@ -134,30 +134,73 @@ def test_a_client_clock_far_ahead_is_refused_and_the_write_goes_through_a_node(
     behind = (wall_clock_ms() - hour) << LOGICAL_BITS
     with pytest.raises(ClockSkewError, match="behind"):
         cluster.request(0, Op.W_PUT, [key, b"x", behind, 7, 0, False, owners_tag(ids)])
-    with pytest.raises(WrongOwnerError, match="stale"):
-        now = wall_clock_ms() << LOGICAL_BITS
-        cluster.request(0, Op.W_PUT, [key, b"x", now, 7, 0, False, owners_tag(ids[::-1])])
+    # An owner list in another order (the ring moved under the client): an owner
+    # still takes the write (the key is its), and says the client's list is stale.
+    now = wall_clock_ms() << LOGICAL_BITS
+    applied, clock, stale = cluster.request(
+        0, Op.W_PUT, [key, b"x", now, 7, 0, False, owners_tag(ids[::-1])]
+    )
+    assert (applied, stale) == (True, True) and clock > now
 
 
-def test_a_stale_table_is_fetched_again_then_the_write_goes_direct(
+def test_an_owner_list_in_another_order_is_written_and_flagged_stale(
     cluster: ProcessCluster,
 ) -> None:
     with Client(cluster.addresses, consistency="quorum") as client:
         table = client.topology()
-        fetched = client.stats.topology_refreshes
-        # A table whose owner lists are another order than the nodes': stale.
         wire = table.as_dict()
         wire["table"] = [row[1:] + row[:1] for row in wire["table"]]
-        client._router.set_topology(Topology.from_wire(wire), time.monotonic())
-        client._router.fetched_at = 0.0  # (long ago: the write may fetch again)
-        client.set("stale-table", "s")
-        assert client.stats.stale_table_writes == 1
-        assert client.stats.topology_refreshes == fetched + 1
+        now = time.monotonic()
+        client._router.set_topology(Topology.from_wire(wire), now)
+        client.set("reordered", "r")
         assert client.stats.direct_writes == 1
-        assert client.stats.direct_write_fallbacks == 0
-        assert client.get("stale-table") == "s"
-        assert client._router.topology is not None
-        assert client._router.topology.table == table.table
+        assert client.stats.stale_table_writes == 1
+        assert client._router.needs_refresh(now + 1.01)  # fetched again soon, not now
+        assert client.get("reordered") == "r"
+
+
+def test_a_stale_table_is_fetched_again_then_the_write_goes_direct(tmp_path: Path) -> None:
+    """With replication 2 of 3, a table naming a node that does not own the key: that
+    node refuses the write (WrongOwnerError, nothing applied); the client fetches
+    the table and writes again, to the right owners."""
+    with running_cluster(3, tmp_path, ("--replication", "2")) as cl:
+        cl.wait_healthy()
+        with Client(cl.addresses, consistency="quorum") as client:
+            table = client.topology()
+            fetched = client.stats.topology_refreshes
+            n = len(table.nodes)
+            # Each row's owners become the node it lacks, then its primary.
+            wire = table.as_dict()
+            wire["table"] = [
+                [next(i for i in range(n) if i not in row), row[0]] for row in wire["table"]
+            ]
+            stale_table = Topology.from_wire(wire)
+            client._router.set_topology(stale_table, time.monotonic())
+            client._router.fetched_at = 0.0  # (long ago: the write may fetch again)
+            client.set("stale-table", "s")
+            assert client.stats.stale_table_writes >= 1
+            assert client.stats.topology_refreshes == fetched + 1
+            assert client.stats.direct_writes == 1
+            assert client.stats.direct_write_fallbacks == 0
+            assert client.get("stale-table") == "s"
+            assert client._router.topology is not None
+            assert client._router.topology.table == table.table
+        wrong = stale_table.owners(b"stale-table")[0]
+        index = cl.addresses.index(wrong)
+        with pytest.raises(WrongOwnerError):  # it holds nothing of the partition
+            cl.request(index, Op.R_GET, [b"stale-table"])
+        row = cl.request(index, Op.TOPOLOGY, None)
+        ids = [row["nodes"][i][0] for i in stale_table.table[0]]
+        key = next(
+            k for k in (b"w-%d" % i for i in range(10_000)) if stale_table.partition_of(k) == 0
+        )
+        with pytest.raises(WrongOwnerError, match="not an owner"):
+            now = wall_clock_ms() << LOGICAL_BITS
+            cl.request(
+                cl.addresses.index(stale_table.owners(key)[0]),
+                Op.W_PUT,
+                [key, b"x", now, 7, 0, False, owners_tag(ids)],
+            )
 
 
 def test_a_dead_owner_gets_a_hint_that_is_replayed(tmp_path: Path) -> None:

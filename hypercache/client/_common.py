@@ -62,7 +62,13 @@ from hypercache.errors import (
     ValueTooLargeError,
     WrongOwnerError,
 )
-from hypercache.net.protocol import FEATURE_COMPRESSION, Limits, Op, make_hello
+from hypercache.net.protocol import (
+    FEATURE_COMPRESSION,
+    FEATURE_SET_VERSION,
+    Limits,
+    Op,
+    make_hello,
+)
 from hypercache.net.security import SslArg, resolve_client_ssl
 from hypercache.replication import (
     Entry,
@@ -420,9 +426,11 @@ class DirectWrite:
         return send
 
     def answer(self, address: str, raw: Any, exc: BaseException | None) -> None:
-        """Record ``address``'s answer (``[applied, clock]``) or its failure."""
+        """Record ``address``'s answer (``[applied, clock, stale]``) or its failure."""
         self.outstanding -= 1
-        if exc is None and (type(raw) is not list or len(raw) != 2 or type(raw[1]) is not int):
+        if exc is None and (
+            type(raw) is not list or len(raw) not in (2, 3) or type(raw[1]) is not int
+        ):
             exc = ProtocolError(f"malformed W_PUT answer: {raw!r:.100}")
         if exc is not None:
             self.errors[address] = exc
@@ -560,7 +568,13 @@ class ClientOptions:
         """The HELLO payload of a client connection."""
         # Every client reads compressed values, whatever its own setting: it says so,
         # and a node then answers them as stored (docs/protocol.md, "Features").
-        return make_hello(self.cluster_name, auth=self.auth_token, features=(FEATURE_COMPRESSION,))
+        # It also takes SET answered with the version's timestamp (a client that
+        # stamps its own writes moves its clock past the nodes' stamps).
+        return make_hello(
+            self.cluster_name,
+            auth=self.auth_token,
+            features=(FEATURE_COMPRESSION, FEATURE_SET_VERSION),
+        )
 
 
 @dataclass(slots=True)
@@ -594,7 +608,8 @@ class ClientStats:
         owners refused the client's version, a partition moving, too few owners
         reached, a table still stale after a fetch).
     :ivar stale_table_writes: direct writes an owner refused for a stale owner list
-        (each makes the client fetch the table, then try again once).
+        (the client fetches the table, then tries again once), or took while saying
+        the list is stale (the table is fetched again soon).
     :ivar write_hints: ``W_HINT`` s sent: a direct write for an owner that could not
         be reached, handed to an owner that took it.
     :ivar pool_waits: (``Client``) times a thread found ``max_connections_per_node``
@@ -923,10 +938,17 @@ class ClientBase:
 
     def _direct_outcome(self, wr: DirectWrite) -> str:
         """:meth:`DirectWrite.outcome`, counted; the clocks of the answers observed."""
+        stats = self.stats
+        stale = False
         for raw in wr.results.values():
             self._observe(raw[1])
+            stale = stale or (len(raw) > 2 and raw[2] is True)
+        if stale:
+            # An owner took the write but its ring names other owners: the table
+            # moved under this client; it fetches a new one before long.
+            stats.stale_table_writes += 1
+            self._router.mark_stale(time.monotonic())
         outcome = wr.outcome()
-        stats = self.stats
         if outcome == DIRECT_OK:
             stats.direct_writes += 1
         else:

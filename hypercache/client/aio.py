@@ -167,7 +167,9 @@ class AsyncClient(ClientBase):
         with tracing.client_op("Client.set", k):
             if self._direct and await self._write_direct(k, payload):
                 return
-            await self._call(commands.SET, k, payload)
+            ts = await self._call(commands.SET, k, payload)
+            if ts is not None:
+                self._observe(ts)  # the node's stamp: this client's next write is newer
 
     async def add(
         self, key: Key, value: Any, ttl: float | None = None, *, consistency: Level = None
@@ -220,6 +222,8 @@ class AsyncClient(ClientBase):
         for answer in answers:
             if isinstance(answer, BaseException):
                 raise answer
+            if answer is not None:
+                self._observe(answer)
 
     async def ping(self, address: str | None = None) -> float:
         """Round trip of a PING to ``address`` (or the first reachable node), in seconds."""

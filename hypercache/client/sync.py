@@ -267,7 +267,9 @@ class Client(ClientBase):
         with tracing.client_op("Client.set", k):
             if self._direct and self._write_direct(k, payload):
                 return
-            self._call(commands.SET, k, payload)
+            ts = self._call(commands.SET, k, payload)
+            if ts is not None:
+                self._observe(ts)  # the node's stamp: this client's next write is newer
 
     def add(
         self, key: Key, value: Any, ttl: float | None = None, *, consistency: Level = None
@@ -308,7 +310,9 @@ class Client(ClientBase):
         requests = self._set_many_requests(mapping, ttl, consistency)
         if self._pending(requests) and self._reach():
             requests = self._set_many_requests(mapping, ttl, consistency)  # (once)
-        self._batch(commands.SET, requests)
+        stamps = [ts for ts in self._batch(commands.SET, requests).values() if ts is not None]
+        if stamps:
+            self._observe(max(stamps))
 
     def ping(self, address: str | None = None) -> float:
         """Round trip of a PING to ``address`` (or to the first reachable node), in seconds.

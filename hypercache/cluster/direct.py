@@ -6,24 +6,31 @@ logical clock and sends it, as ``W_PUT``, to every owner of the key at once
 
 1. the payload, as an ``R_PUT`` entry (:meth:`Replica.check_entry`), and that it is
    a value (deletes go through ``DELETE``: a node coordinates them);
-2. that the owner list the client names (its :func:`~hypercache.replication.owners_tag`)
-   is this node's own for the key, with this node in it: else
-   :class:`~hypercache.errors.WrongOwnerError` (the client's table is stale: it
-   fetches the table once and tries again, then goes through a node);
-3. that the key's partition is not moving (a hand-over writes its previous owners
-   too, which the client does not know of): else
-   :class:`~hypercache.errors.NotReadyError` (the client goes through a node);
-4. the version's timestamp: not past the clock's horizon (``max_clock_skew`` ahead,
+2. that this node owns the key in its own ring: else
+   :class:`~hypercache.errors.WrongOwnerError`, nothing applied (the client's table
+   is stale: it fetches the table once and tries again, then goes through a node);
+3. the version's timestamp: not past the clock's horizon (``max_clock_skew`` ahead,
    the :meth:`HLC.admits <hypercache._core.hlc.HLC.admits>` rule every path applies)
    nor more than ``max_clock_skew`` behind this node's wall clock: else
    :class:`~hypercache.errors.ClockSkewError`, counted in
    ``hypercache_dist_versions_refused_total{path="client"}`` (the client goes
    through a node, which stamps the version).
 
+An owner applies the write even when the owner list the client names (its
+:func:`~hypercache.replication.owners_tag`) is not this node's own (the ring changed
+under the client): the key is this node's, and a client that stops waiting at its
+quorum would not hear a refusal. It then copies the write to the other owners of its
+own ring (one may be missing from the client's list: a node that just gained the
+partition), and the answer says the client's list is stale (the client fetches the
+table before long). While the key's partition is being handed over, the owner also
+copies the write to the partition's previous owners. Copies are best effort, as a
+coordinator's to previous owners are (``Coordinator.copy_to_pending``).
+
 The write is then applied through :meth:`Replica.put` like every other version (the
-WATCH hook, newer wins) and answered ``[applied, clock]``: whether it was newer than
-what the node held, and the node's clock after it (the client moves its own clock
-past it). The scope check (``write``, for a token's client) is the server's, from
+WATCH hook, newer wins) and answered ``[applied, clock, stale]``: whether it was newer than
+what the node held, the node's clock after it (the client moves its own clock past
+it), and whether the client's owner list differs from this node's. The scope
+check (``write``, for a token's client) is the server's, from
 :data:`~hypercache.net.security.OP_SCOPES`.
 
 ``W_HINT [target, key, value, ts, origin, expire_at, tombstone, tag]``: the client
@@ -39,16 +46,17 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from hypercache._core.hlc import LOGICAL_BITS, wall_clock_ms
-from hypercache.cluster.coordinator import Moves
-from hypercache.cluster.handoff import Handoff
+from hypercache.cluster.coordinator import Coordinator
 from hypercache.cluster.replica import Replica
-from hypercache.errors import ClockSkewError, NotReadyError, ProtocolError, WrongOwnerError
+from hypercache.errors import ClockSkewError, ProtocolError, WrongOwnerError
+from hypercache.net.protocol import Op
 from hypercache.replication import KeyedEntry, owners_tag
 
 __all__ = ["DirectWrites"]
 
 _W_PUT_FIELDS: Final = 7
 _W_HINT_FIELDS: Final = 8
+_R_PUT: Final = int(Op.R_PUT)
 
 
 class _Hintable(Protocol):
@@ -61,8 +69,8 @@ class DirectWrites:
     :param node_id: this node's id.
     :param replica: this node's replica side (its store, clock and counters).
     :param owners: ``key -> [node_id, ...]`` from the current ring.
-    :param moves: the partitions on the move (None: nothing ever moves).
-    :param hints: where hints go (None: no hinted handoff).
+    :param coordinator: this node's coordinator (the partitions on the move, where
+        hints go, the copies to previous owners).
     :param membership: who is worth a hint.
     :param max_skew_ms: how far behind this node's wall clock a client version may be.
     """
@@ -73,16 +81,14 @@ class DirectWrites:
         node_id: str,
         replica: Replica,
         owners: Callable[[bytes], list[str]],
-        moves: Callable[[], Moves | None],
-        hints: Callable[[], Handoff | None],
+        coordinator: Coordinator,
         membership: _Hintable,
         max_skew_ms: int,
     ) -> None:
         self.node_id = node_id
         self.replica = replica
         self.owners = owners
-        self._moves = moves
-        self._hints = hints
+        self.coordinator = coordinator
         self.membership = membership
         self.max_skew_ms = max_skew_ms
         self._partition_of = replica.store.partition_of
@@ -96,9 +102,21 @@ class DirectWrites:
             raise ProtocolError(
                 "W_PUT payload must be [key, value, ts, origin, expire_at, false, owners_tag]"
             )
-        entry = self._checked(payload[:6], payload[6])
+        entry, owners, stale = self._checked(payload[:6], payload[6])
         applied = self.replica.w_put(entry)
-        return [applied, self.replica.clock.update(0)]
+        others: list[str] = []
+        if stale:
+            # The client wrote the owners of a table that is not this node's: an
+            # owner of this node's ring may be left out (one that just gained the
+            # partition, whose stream may be over): every other owner gets a copy.
+            others = [o for o in owners if o != self.node_id]
+        moves = self.coordinator.moves
+        if moves is not None and moves.active:
+            p = self._partition_of(entry[0])
+            others += [o for o in moves.previous_owners(p) if o not in owners]
+        if others:
+            self.coordinator.copy_to_pending(others, _R_PUT, list(entry))
+        return [applied, self.replica.clock.update(0), stale]
 
     def w_hint(self, payload: Any) -> bool:
         """``W_HINT [target, key, value, ts, origin, expire_at_ms, false, owners_tag]``
@@ -112,17 +130,20 @@ class DirectWrites:
         target = payload[0]
         if type(target) is not str:
             raise ProtocolError("W_HINT target must be a node id (str)")
-        key, value, ts, origin, expire_at, tombstone = self._checked(payload[1:7], payload[7])
-        if target == self.node_id or target not in self.owners(key):
+        entry, owners, _stale = self._checked(payload[1:7], payload[7])
+        key, value, ts, origin, expire_at, tombstone = entry
+        if target == self.node_id or target not in owners:
             raise WrongOwnerError(f"W_HINT target {target!r} is not another owner of the key")
-        sink = self._hints()
+        sink = self.coordinator.hints
         if sink is None or not self.membership.hintable(target):
             return False
         self.replica.stats.client_hints += 1
         sink.hint(target, key, value, ts, origin, expire_at, tombstone)
         return True
 
-    def _checked(self, raw: list[Any], tag: Any) -> KeyedEntry:
+    def _checked(self, raw: list[Any], tag: Any) -> tuple[KeyedEntry, tuple[str, ...], bool]:
+        """The checked entry, this node's owners of its key, and whether the client's
+        owner list is another (stale)."""
         replica = self.replica
         entry = replica.check_entry(raw)
         key, _value, ts, _origin, _expire_at, tombstone = entry
@@ -137,20 +158,15 @@ class DirectWrites:
                 self._tags.clear()
             mine = self._tags[owners] = owners_tag(owners)
         stats = replica.stats
-        if tag != mine or self.node_id not in owners:
+        if self.node_id not in owners:
             stats.direct_puts_stale += 1
             raise WrongOwnerError(
-                f"{self.node_id}: the client's owner list of this key is stale "
+                f"{self.node_id}: not an owner of this key: the client's table is stale "
                 f"(this node's ring names {', '.join(owners)})"
             )
-        moves = self._moves()
-        if moves is not None and moves.active:
-            p = self._partition_of(key)
-            if any(o not in owners for o in moves.previous_owners(p)):
-                stats.direct_puts_stale += 1
-                raise NotReadyError(
-                    f"{self.node_id}: partition {p} is being handed over: write through a node"
-                )
+        stale = tag != mine
+        if stale:
+            stats.direct_puts_stale += 1
         floor = (wall_clock_ms() - self.max_skew_ms) << LOGICAL_BITS
         if not replica.clock.admits(ts) or ts < floor:
             stats.versions_refused["client"] += 1
@@ -160,4 +176,4 @@ class DirectWrites:
                 f"{self.max_skew_ms} ms {'behind' if behind else 'ahead of'} this node's "
                 "clock: write through a node, or fix the client's clock"
             )
-        return entry
+        return entry, owners, stale

@@ -198,8 +198,8 @@ class DistStats:
         #: owner reads served to clients that read the owners themselves (R_GET)
         self.direct_gets = 0
         #: client-stamped writes received from clients writing the owners themselves
-        #: (W_PUT), those applied, and those refused for a stale owner list or a
-        #: moving partition (the client refetches its table, or goes through a node)
+        #: (W_PUT), those applied, and those naming a stale owner list (refused by a
+        #: non-owner; taken by an owner, which copies them to its ring's other owners)
         self.direct_puts = 0
         self.direct_puts_applied = 0
         self.direct_puts_stale = 0
@@ -396,8 +396,9 @@ class NodeMetrics:
             ),
             (
                 "direct_puts_stale",
-                "Client-stamped writes refused: the client's owner list was stale, or "
-                "the partition is moving (the client refetches or goes through a node).",
+                "Client-stamped writes naming a stale owner list: refused by a node that "
+                "does not own the key, or taken by an owner and copied to its ring's "
+                "other owners.",
                 s.direct_puts_stale,
             ),
             (

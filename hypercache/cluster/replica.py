@@ -41,6 +41,7 @@ __all__ = [
     "HIGH_WATER",
     "MAX_SCAN",
     "PUT_MANY_HINTS",
+    "PUT_MANY_READ_REPAIR",
     "PUT_MANY_REPAIR",
     "SCAN_BUDGET",
     "SCAN_MAX_BYTES",
@@ -56,6 +57,13 @@ HIGH_WATER: Final = 0.9
 #: pushes (subject to the capacity rule).
 PUT_MANY_HINTS: Final = 0
 PUT_MANY_REPAIR: Final = 1
+#: ... and read repairs a coordinator batched for this owner (applied like ``R_PUT``).
+PUT_MANY_READ_REPAIR: Final = 2
+_PUT_MANY_PATHS: Final = {
+    PUT_MANY_HINTS: "hints",
+    PUT_MANY_REPAIR: "repair_push",
+    PUT_MANY_READ_REPAIR: "r_put",
+}
 
 #: Keys one ``SCAN`` answer lists at most (a larger ``limit`` is capped to it).
 MAX_SCAN: Final = 1000
@@ -265,16 +273,17 @@ class Replica:
     def r_put_many(self, payload: Any) -> int:
         """``R_PUT_MANY [[entry, ...], mode]``, each entry as ``R_PUT``'s payload.
 
-        Mode 0 (replayed hints) applies every entry newer-wins; mode 1 (anti-entropy
-        push) also refuses a missing data entry while the store is above its
-        high-water mark (the capacity rule). Answers how many entries were applied.
+        Mode 0 (replayed hints) and mode 2 (read repairs a coordinator batched for
+        this owner) apply every entry newer-wins; mode 1 (anti-entropy push) also
+        refuses a missing data entry while the store is above its high-water mark
+        (the capacity rule). Answers how many entries were applied.
         The whole batch is checked before any entry is applied.
         """
         if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not list:
             raise ProtocolError("R_PUT_MANY payload must be [[entry, ...], mode]")
         entries, mode = payload
-        if mode not in (PUT_MANY_HINTS, PUT_MANY_REPAIR) or type(mode) is not int:
-            raise ProtocolError(f"R_PUT_MANY mode must be 0 or 1, got {mode!r}")
+        if type(mode) is not int or mode not in _PUT_MANY_PATHS:
+            raise ProtocolError(f"R_PUT_MANY mode must be 0, 1 or 2, got {mode!r}")
         if len(entries) > MAX_PUT_MANY:
             # Bounds the work of one request (~1 us an entry): senders batch below it.
             raise ProtocolError(
@@ -287,7 +296,7 @@ class Replica:
         applied = 0
         store = self.store
         admits = self.clock.admits
-        path = "hints" if mode == PUT_MANY_HINTS else "repair_push"
+        path = _PUT_MANY_PATHS[mode]
         for key, value, ts, origin, expire_at, tombstone in checked:
             # A version past the horizon is skipped, not a reason to refuse the
             # batch: the sender would send the same batch again and again.

@@ -53,6 +53,7 @@ __all__ = [
     "ERROR",
     "FEATURES",
     "FEATURE_COMPRESSION",
+    "FEATURE_SET_VERSION",
     "FEATURE_TRACE",
     "FRAME_OVERHEAD",
     "HEADER_SIZE",
@@ -95,7 +96,12 @@ FEATURE_TRACE: Final = "trace"
 #: decompresses the values it answers. A client compresses what it writes only to
 #: servers that list it (an older node does neither).
 FEATURE_COMPRESSION: Final = "zstd"
-FEATURES: Final = (FEATURE_TRACE, FEATURE_COMPRESSION)
+#: ``set_version``: a client that lists it in its HELLO gets ``SET`` answered as
+#: ``[true, ts]``, the timestamp of the version the node stamped (so that a client
+#: that also stamps its own writes, ``W_PUT``, moves its clock past it: its next write
+#: is newer). Others get ``true``.
+FEATURE_SET_VERSION: Final = "set_version"
+FEATURES: Final = (FEATURE_TRACE, FEATURE_COMPRESSION, FEATURE_SET_VERSION)
 
 
 _KiB: Final = 1024
