@@ -81,7 +81,7 @@ from hypercache.cluster.config import DistConfig
 from hypercache.cluster.handoff import Handoff
 from hypercache.cluster.membership import Membership
 from hypercache.cluster.metrics import CLIENT_OPS, DistStats, NodeMetrics
-from hypercache.cluster.replica import PUT_MANY_READ_REPAIR, Replica
+from hypercache.cluster.replica import PUT_MANY_COPY, PUT_MANY_READ_REPAIR, Replica
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
@@ -330,9 +330,24 @@ class Coordinator:
                 trace.local(spare, "r_get")
             rnd.ok(spare, self.replica.get(key))
 
-    def copy_to_pending(self, owners: list[str], op: int, payload: list[Any]) -> None:
-        """:meth:`_copy`: for the owner of a client's one-hop write (``W_PUT``)."""
-        self._copy(owners, op, payload)
+    def copy_on(self, owners: list[str], entry: list[Any]) -> None:
+        """Send the owner's copy of a client's one-hop write (``W_PUT``) to ``owners``
+        (the other owners of this node's ring, a moving partition's previous owners),
+        best effort as :meth:`_copy`, as ``R_PUT_MANY`` mode 3: a node that neither
+        owns nor holds the partition any more does not keep it."""
+        stats = self.stats
+        payload = [[entry], PUT_MANY_COPY]
+        for owner in owners:
+            peer = self.membership.peers.get(owner)
+            if peer is None or not peer.up:
+                stats.pending_copy_failures += 1
+                continue
+            if self._copies_pending >= MAX_PENDING_COPIES:
+                stats.pending_copies_dropped += 1
+                continue
+            stats.pending_copies += 1
+            self._copies_pending += 1
+            peer.send_callback(_R_PUT_MANY, payload, self.timeout, self._copied)
 
     def _copy(self, owners: list[str], op: int, payload: list[Any]) -> None:
         """Send a write or a delete to a moving partition's pending owners too, best

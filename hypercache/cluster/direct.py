@@ -24,7 +24,8 @@ own ring (one may be missing from the client's list: a node that just gained the
 partition), and the answer says the client's list is stale (the client fetches the
 table before long). While the key's partition is being handed over, the owner also
 copies the write to the partition's previous owners. Copies are best effort, as a
-coordinator's to previous owners are (``Coordinator.copy_to_pending``).
+coordinator's to previous owners are (``Coordinator.copy_on``: ``R_PUT_MANY``
+mode 3, which a node that neither owns nor holds the partition any more drops).
 
 The write is then applied through :meth:`Replica.put` like every other version (the
 WATCH hook, newer wins) and answered ``[applied, clock, stale]``: whether it was newer than
@@ -49,14 +50,12 @@ from hypercache._core.hlc import LOGICAL_BITS, wall_clock_ms
 from hypercache.cluster.coordinator import Coordinator
 from hypercache.cluster.replica import Replica
 from hypercache.errors import ClockSkewError, ProtocolError, WrongOwnerError
-from hypercache.net.protocol import Op
 from hypercache.replication import KeyedEntry, owners_tag
 
 __all__ = ["DirectWrites"]
 
 _W_PUT_FIELDS: Final = 7
 _W_HINT_FIELDS: Final = 8
-_R_PUT: Final = int(Op.R_PUT)
 
 
 class _Hintable(Protocol):
@@ -115,7 +114,7 @@ class DirectWrites:
             p = self._partition_of(entry[0])
             others += [o for o in moves.previous_owners(p) if o not in owners]
         if others:
-            self.coordinator.copy_to_pending(others, _R_PUT, list(entry))
+            self.coordinator.copy_on(others, list(entry))
         return [applied, self.replica.clock.update(0), stale]
 
     def w_hint(self, payload: Any) -> bool:

@@ -40,6 +40,7 @@ from hypercache.replication import Entry, KeyedEntry, WallClock, wall_ms
 __all__ = [
     "HIGH_WATER",
     "MAX_SCAN",
+    "PUT_MANY_COPY",
     "PUT_MANY_HINTS",
     "PUT_MANY_READ_REPAIR",
     "PUT_MANY_REPAIR",
@@ -59,10 +60,16 @@ PUT_MANY_HINTS: Final = 0
 PUT_MANY_REPAIR: Final = 1
 #: ... and read repairs a coordinator batched for this owner (applied like ``R_PUT``).
 PUT_MANY_READ_REPAIR: Final = 2
+#: ... and copies of a client's one-hop write that an owner sends on to the other
+#: owners of its ring, or a moving partition's previous owners: applied like
+#: ``R_PUT``, but only for a partition this node owns or still holds (a copy that
+#: arrives after the partition was handed over and dropped is not kept).
+PUT_MANY_COPY: Final = 3
 _PUT_MANY_PATHS: Final = {
     PUT_MANY_HINTS: "hints",
     PUT_MANY_REPAIR: "repair_push",
     PUT_MANY_READ_REPAIR: "r_put",
+    PUT_MANY_COPY: "client",
 }
 
 #: Keys one ``SCAN`` answer lists at most (a larger ``limit`` is capped to it).
@@ -283,7 +290,7 @@ class Replica:
             raise ProtocolError("R_PUT_MANY payload must be [[entry, ...], mode]")
         entries, mode = payload
         if type(mode) is not int or mode not in _PUT_MANY_PATHS:
-            raise ProtocolError(f"R_PUT_MANY mode must be 0, 1 or 2, got {mode!r}")
+            raise ProtocolError(f"R_PUT_MANY mode must be 0, 1, 2 or 3, got {mode!r}")
         if len(entries) > MAX_PUT_MANY:
             # Bounds the work of one request (~1 us an entry): senders batch below it.
             raise ProtocolError(
@@ -297,7 +304,12 @@ class Replica:
         store = self.store
         admits = self.clock.admits
         path = _PUT_MANY_PATHS[mode]
+        states = self.states
         for key, value, ts, origin, expire_at, tombstone in checked:
+            if mode == PUT_MANY_COPY and states.missing:
+                p = store.partition_of(key)
+                if not states.owned[p] and not states.held[p]:
+                    continue  # handed over and dropped here: not ours to keep
             # A version past the horizon is skipped, not a reason to refuse the
             # batch: the sender would send the same batch again and again.
             if not admits(ts):
