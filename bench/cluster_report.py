@@ -269,9 +269,10 @@ def render_redis(results: Results) -> list[str]:
         "",
         "hypercache-TCP / redis: p50 ratio (above 1: hypercache slower) and ops/s ratio "
         "(below 1: hypercache slower), same op and client count. A QUORUM hypercache "
-        "request makes two network hops (client → primary → a replica, the second in "
-        "parallel to two replicas); a redis request makes one. With 1 client redis runs "
-        "its sync client: both hypercache clients are shown against it.",
+        "request asks the key's owners straight from the client, in parallel: two of "
+        "them for a get (`R_GET`), all three for a set (`W_PUT`, done at two acks); a "
+        "redis request asks one server. With 1 client redis runs its sync client: both "
+        "hypercache clients are shown against it.",
         "",
     ]
     rows = []
