@@ -99,9 +99,10 @@ FEATURE_COMPRESSION: Final = "zstd"
 #: ``set_version``: a client that lists it in its HELLO gets ``SET`` answered as
 #: ``[true, ts]``, the timestamp of the version the node stamped (so that a client
 #: that also stamps its own writes, ``W_PUT``, moves its clock past it: its next write
-#: is newer). Others get ``true``.
+#: is newer). Others get ``true``. Only clients list it (not in :data:`FEATURES`,
+#: what a server lists): a server of the previous version answers ``true``.
 FEATURE_SET_VERSION: Final = "set_version"
-FEATURES: Final = (FEATURE_TRACE, FEATURE_COMPRESSION, FEATURE_SET_VERSION)
+FEATURES: Final = (FEATURE_TRACE, FEATURE_COMPRESSION)
 
 
 _KiB: Final = 1024
