@@ -78,8 +78,6 @@ _R_GET: Final = int(Op.R_GET)
 _FEATURE_COMPRESSION: Final = FEATURE_COMPRESSION
 _FEATURE_SET_VERSION: Final = FEATURE_SET_VERSION
 _SET: Final = int(Op.SET)
-#: where the op tables keep the SET of a client that lists the set_version feature
-_SET_VERSIONED: Final = -_SET
 
 # Period and batch of the expiry sweep.
 _SWEEP_INTERVAL: Final = 1.0
@@ -466,11 +464,7 @@ class Node:
             handoff=handoff,
             rebalancer=rebalancer,
             ops=(ops := self._op_table(replica, coordinator, membership)),
-            client_ops=(
-                client_ops := self._versioned_set(
-                    self.security.restrict(self._client_table(ops, replica)), coordinator
-                )
-            ),
+            client_ops=(client_ops := self.security.restrict(self._client_table(ops, replica))),
             plain_client_ops=_plain_values(client_ops, ValueCodec(None, self.limits.max_value)),
             poller=poller(asyncio.get_running_loop()) if config.busy_poll else None,
             hint_buffer=hint_buffer,
@@ -504,23 +498,6 @@ class Node:
             return handle_add(payload)
 
         table[int(Op.ADD)] = add
-        return table
-
-    @staticmethod
-    def _versioned_set(
-        table: dict[int, _OpHandler], coordinator: Coordinator
-    ) -> dict[int, _OpHandler]:
-        """``table`` with the ``SET`` that answers ``[true, ts]`` (under
-        :data:`_SET_VERSIONED`), for clients that list the ``set_version`` feature."""
-        if _SET in table:
-
-            def set_versioned(payload: Any) -> Later:
-                key, value, ttl_ms, consistency = _fields(
-                    payload, 4, "SET", "[key, value, ttl_ms, consistency]"
-                )
-                return coordinator.start_set(key, value, ttl_ms, consistency, versioned=True)
-
-            table[_SET_VERSIONED] = set_versioned
         return table
 
     def _op_table(
@@ -898,10 +875,16 @@ class Node:
                 if _FEATURE_COMPRESSION in conn_info.features
                 else run.plain_client_ops
             )
-            if op == _SET and _FEATURE_SET_VERSION in conn_info.features:
-                op = _SET_VERSIONED
             handler = table.get(op)
             if handler is not None:
+                if op == _SET and _FEATURE_SET_VERSION in conn_info.features:
+                    # the SET that answers [true, ts] (the set_version feature)
+                    key, value, ttl_ms, consistency = _fields(
+                        payload, 4, "SET", "[key, value, ttl_ms, consistency]"
+                    )
+                    return run.coordinator.start_set(
+                        key, value, ttl_ms, consistency, versioned=True
+                    )
                 return handler(payload)
             if op in run.ops:
                 self.peer_ops_refused += 1
