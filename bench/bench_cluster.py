@@ -14,6 +14,13 @@ What is measured, in one process and one run:
               driven by an ``AsyncClient`` in the benchmark process (uvloop).
 ``tcp-sync``  the same processes driven by the blocking :class:`~hypercache.client.Client`
               (1 client only): the like-for-like peer of redis-py's sync client.
+``tcp-proxy``, ``tcp-sync-proxy``
+              the same processes and clients with ``write_path="proxy"``: a set goes
+              to the key's primary, which stamps and replicates it (client -> primary ->
+              replicas -> primary -> client); the plain ``tcp`` systems write in one
+              hop (``write_path="direct"``, the default: the client stamps the version
+              and sends ``W_PUT`` to the three owners at once, done at two acks). Gets
+              are the same on both (the client reads the owners itself): a control.
 ``redis``     a ``redis-server`` started here on a free loopback port with ``--save ''
               --appendonly no``: ``redis.Redis`` sequentially, ``redis.asyncio.Redis``
               (a pool, one connection per request in flight) for 32 concurrent requests.
@@ -98,10 +105,19 @@ SYSTEMS: Final = {
     "inproc": "hypercache in-process (AsyncClient)",
     "tcp": "hypercache TCP (AsyncClient)",
     "tcp-sync": "hypercache TCP (sync Client)",
+    "tcp-proxy": "hypercache TCP, proxy writes (AsyncClient)",
+    "tcp-sync-proxy": "hypercache TCP, proxy writes (sync Client)",
     "redis": "redis-server (redis-py)",
 }
 #: systems that only run with one client (a blocking client has one request in flight).
-SEQUENTIAL_ONLY: Final = frozenset({"tcp-sync"})
+SEQUENTIAL_ONLY: Final = frozenset({"tcp-sync", "tcp-sync-proxy"})
+#: the hypercache systems over TCP, and the write path of each
+TCP_SYSTEMS: Final = {
+    "tcp": "direct",
+    "tcp-sync": "direct",
+    "tcp-proxy": "proxy",
+    "tcp-sync-proxy": "proxy",
+}
 
 #: Deadlines of the set-up waits, and the per-request timeout of every client.
 START_TIMEOUT: Final = 30.0
@@ -526,8 +542,9 @@ def bench_value() -> bytes:
     return random.Random(SEED).randbytes(VALUE_SIZE)
 
 
-def _client_args() -> dict[str, Any]:
+def _client_args(write_path: str = "direct") -> dict[str, Any]:
     return {
+        "write_path": write_path,
         "consistency": CONSISTENCY,
         "serializer": RawSerializer(),
         "timeout": REQUEST_TIMEOUT,
@@ -710,18 +727,27 @@ async def _main_loop(
             drivers[("inproc", clients)] = _hypercache_async("inproc", inproc, value)
 
         if tcp_seeds is not None:
-            tcp = AsyncClient(tcp_seeds, **_client_args())
-            stack.push_async_callback(tcp.close)
-            await tcp.connect()
-            await _populate_hypercache(tcp, keys, value)
-            if "tcp" in systems:
+            populated = False
+            for system, write_path in TCP_SYSTEMS.items():
+                if system not in systems:
+                    continue
+                if system in SEQUENTIAL_ONLY:
+                    sync_client = Client(tcp_seeds, **_client_args(write_path))
+                    stack.callback(sync_client.close)
+                    sync_client.connect()
+                    drivers[(system, 1)] = _hypercache_sync(system, sync_client, value)
+                    continue
+                tcp = AsyncClient(tcp_seeds, **_client_args(write_path))
+                stack.push_async_callback(tcp.close)
+                await tcp.connect()
+                if not populated:
+                    await _populate_hypercache(tcp, keys, value)
+                    populated = True
                 for clients in CLIENTS:
-                    drivers[("tcp", clients)] = _hypercache_async("tcp", tcp, value)
-            if "tcp-sync" in systems:
-                sync_client = Client(tcp_seeds, **_client_args())
-                stack.callback(sync_client.close)
-                sync_client.connect()
-                drivers[("tcp-sync", 1)] = _hypercache_sync("tcp-sync", sync_client, value)
+                    drivers[(system, clients)] = _hypercache_async(system, tcp, value)
+            if not populated:
+                with Client(tcp_seeds, **_client_args()) as filler:
+                    filler.set_many(dict.fromkeys(keys, value))
 
         if redis_addr is not None:
             sequential, concurrent, close = _redis_drivers(*redis_addr, value)
@@ -784,7 +810,7 @@ def measure(
     stopper = _Stopper()
     results = Results()
     results.versions["redis-server"] = redis_version()
-    want_tcp = "tcp" in systems or "tcp-sync" in systems
+    want_tcp = any(system in systems for system in TCP_SYSTEMS)
     for system in SYSTEMS:
         if system not in systems:
             results.skipped[system] = f"{system}: not selected (--only)"

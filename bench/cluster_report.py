@@ -36,6 +36,7 @@ import sys
 import traceback
 from importlib import metadata
 from pathlib import Path
+from typing import Final
 
 from bench.bench_cluster import (
     CLIENTS,
@@ -64,6 +65,13 @@ VERSIONED = ("hypercache", "uvloop", "msgpack", "redis")
 #: op -> p95 of the TCP cluster over the in-process cluster's, same client count, must
 #: stay strictly below this (the issue's targets).
 P95_GOALS = {"set": 3.0, "get": 2.0}
+
+#: The one-hop write targets (issue 13): one-client set p95 over get p95 at most this,
+SET_OVER_GET_P95: Final = 1.2
+#: one-client get p50 over redis-py GET p50 at most this,
+GET_OVER_REDIS_P50: Final = 1.0
+#: and direct over proxy set p95 at most this (a > 15% cut).
+DIRECT_OVER_PROXY_P95: Final = 0.85
 
 #: How the report names each phase, and the node flags of the tuned ones.
 DEFAULT_PHASE = "nodes as started by default"
@@ -131,7 +139,9 @@ def render_header(
         f"- CPU during the run (average CPUs busy of {usable}): {cpu_use(results)}",
         f"- Command: `{command_line(argv)}`",
         f"- Cluster: {NODES} nodes, replication {REPLICATION}, every request "
-        f"{CONSISTENCY.upper()} (2 of 3 owners ack), clients route to the key's primary; "
+        f"{CONSISTENCY.upper()} (2 of 3 owners ack); clients read the owners themselves; "
+        'they write them in one hop (`write_path="direct"`, the default) or through the '
+        "key's primary (the `proxy writes` systems); "
         f"redis: GET/SET on one `redis-server`, `--save '' --appendonly no`",
         f"- Data: {KEYS:,} keys `key:<n>`, {VALUE_SIZE}-byte values (raw bytes on the wire "
         "for both), all written before timing: every get hits",
@@ -259,9 +269,10 @@ def render_redis(results: Results) -> list[str]:
         "",
         "hypercache-TCP / redis: p50 ratio (above 1: hypercache slower) and ops/s ratio "
         "(below 1: hypercache slower), same op and client count. A QUORUM hypercache "
-        "request makes two network hops (client → primary → a replica, the second in "
-        "parallel to two replicas); a redis request makes one. With 1 client redis runs "
-        "its sync client: both hypercache clients are shown against it.",
+        "request asks the key's owners straight from the client, in parallel: two of "
+        "them for a get (`R_GET`), all three for a set (`W_PUT`, done at two acks); a "
+        "redis request asks one server. With 1 client redis runs its sync client: both "
+        "hypercache clients are shown against it.",
         "",
     ]
     rows = []
@@ -292,6 +303,75 @@ def render_redis(results: Results) -> list[str]:
     return lines
 
 
+def _ratio_row(
+    label: str, num: Cell | None, den: Cell | None, metric: str, goal: float
+) -> list[str]:
+    if num is None or den is None:
+        return [label, "n/a", f"<= {goal:.2f}", "n/a", ""]
+    a, b = num.median(metric), den.median(metric)
+    ratio = a / b
+    return [
+        label,
+        f"{ratio:.2f} ({us(a)} / {us(b)} µs)",
+        f"<= {goal:.2f}",
+        "pass" if ratio <= goal else "**miss**",
+        f"{_per_run(num, metric)} ; {_per_run(den, metric)}",
+    ]
+
+
+def render_onehop(results: Results) -> list[str]:
+    """The one-hop write targets: set against get, direct against proxy, get against
+    redis-py, from the same run."""
+    lines = [
+        "",
+        "## One-hop writes: direct against proxy, set against get, get against redis",
+        "",
+        "`direct`: the client stamps the version and sends the write to the three owners "
+        "at once (`W_PUT`), done at two acks; `proxy`: the key's primary stamps and "
+        "replicates it. Ratios of the medians of the runs; per-run figures (numerator ; "
+        "denominator) alongside.",
+        "",
+    ]
+    get = results.get
+    rows = []
+    for system in ("tcp", "tcp-sync"):
+        rows.append(
+            _ratio_row(
+                f"QUORUM set p95 / QUORUM get p95, clients=1, {SYSTEMS[system]}",
+                get(system, "set", 1),
+                get(system, "get", 1),
+                "p95_ns",
+                SET_OVER_GET_P95,
+            )
+        )
+    for system in ("tcp-sync", "tcp"):
+        rows.append(
+            _ratio_row(
+                f"QUORUM get p50 / redis-py GET p50, clients=1, {SYSTEMS[system]}",
+                get(system, "get", 1),
+                get("redis", "get", 1),
+                "p50_ns",
+                GET_OVER_REDIS_P50,
+            )
+        )
+    for system, proxy, clients in (
+        ("tcp-sync", "tcp-sync-proxy", 1),
+        ("tcp", "tcp-proxy", 1),
+        ("tcp", "tcp-proxy", max(CLIENTS)),
+    ):
+        rows.append(
+            _ratio_row(
+                f"QUORUM set p95 direct / proxy, clients={clients}, {SYSTEMS[system]}",
+                get(system, "set", clients),
+                get(proxy, "set", clients),
+                "p95_ns",
+                DIRECT_OVER_PROXY_P95,
+            )
+        )
+    lines += table(["target", "ratio", "goal", "result", "per-run µs"], rows, "lrrll")
+    return lines
+
+
 def render(
     phases: dict[str, Results],
     config: ClusterBenchConfig,
@@ -306,6 +386,7 @@ def render(
         lines += render_cells(phase_results, phase)
     lines += render_targets(phases)
     lines += render_redis(results)
+    lines += render_onehop(results)
     skipped = [*results.skipped.values(), *notes]
     if skipped:
         lines += ["", "Skipped (n/a above):", ""]

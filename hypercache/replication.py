@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, TypeAlias
 
-from hypercache._core.hlc import wall_clock_ms
+from hypercache._core.hlc import node_tag, wall_clock_ms
 from hypercache.errors import NodeUnavailableError, ProtocolError, QuorumError
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "is_live",
     "newest",
     "older",
+    "owners_tag",
     "plan_repair",
     "version",
     "wall_ms",
@@ -58,6 +59,14 @@ _TS: Final = 1
 _ORIGIN: Final = 2
 _EXPIRE_AT: Final = 3
 _TOMBSTONE: Final = 4
+
+
+def owners_tag(node_ids: Iterable[str]) -> int:
+    """The 32-bit tag of an owner list (node ids, primary first), as a client's
+    ``W_PUT`` names the owners it believes in and a node checks them against its own
+    ring: ``node_tag`` of the ids joined by ``"\\x1f"``. Equal lists give equal tags;
+    a stale list gives another tag (but for a 2**-32 chance)."""
+    return node_tag("\x1f".join(node_ids))
 
 
 def version(entry: Entry) -> tuple[int, int]:

@@ -2465,3 +2465,58 @@ def test_cli_bench_runs_a_small_load_and_prints_the_summary(
     captured = capsys.readouterr()
     assert "set: 200 x ServerError" in captured.out and "200 requests failed" in captured.err
     assert captured.err.count("100%") == 0  # --no-progress
+
+
+# ------------------------------------------------------------------ direct writes
+
+
+def _direct(required: int = 2) -> Any:
+    from hypercache.client._common import DirectWrite
+
+    return DirectWrite(("a:1", "b:1", "c:1"), ("na", "nb", "nc"), required, [b"k", b"v"])
+
+
+def test_a_direct_write_is_ok_at_its_acks_and_hints_the_owner_it_missed() -> None:
+    from hypercache.errors import NodeUnavailableError
+
+    wr = _direct()
+    assert wr.start(lambda address: address == "c:1") == ["a:1", "b:1"]
+    wr.answer("a:1", [True, 5, False], None)
+    assert not wr.decided
+    wr.answer("b:1", [False, 6], None)  # held a newer version: still an ack
+    assert wr.decided and wr.outcome() == "ok"
+    assert isinstance(wr.errors["c:1"], NodeUnavailableError)
+    assert wr.hints() == [("a:1", ["nc", b"k", b"v"])]
+
+
+def test_a_direct_write_refused_says_what_to_do_next() -> None:
+    from hypercache.errors import (
+        ClockSkewError,
+        NotReadyError,
+        PermissionDeniedError,
+        RequestTimeoutError,
+        WrongOwnerError,
+    )
+
+    cases: list[tuple[BaseException, str]] = [
+        (WrongOwnerError("stale"), "stale"),
+        (ClockSkewError("ahead"), "proxy"),
+        (NotReadyError("moving"), "proxy"),
+        (ProtocolError("unsupported operation 14"), "proxy"),
+        (RequestTimeoutError("slow"), "proxy"),  # too few acks
+    ]
+    for exc, outcome in cases:
+        wr = _direct(required=3)
+        wr.start(lambda _address: False)
+        wr.answer("a:1", [True, 1, False], None)
+        wr.answer("b:1", [True, 1, False], None)
+        wr.answer("c:1", None, exc)
+        assert wr.decided and wr.outcome() == outcome, exc
+    wr = _direct()
+    wr.start(lambda _address: False)
+    wr.answer("a:1", None, PermissionDeniedError("op W_PUT needs scope 'write'"))
+    wr.answer("b:1", [True, 1], None)
+    wr.answer("c:1", "garbage", None)  # a malformed answer is no ack
+    assert wr.acks == 1 and isinstance(wr.errors["c:1"], ProtocolError)
+    with pytest.raises(PermissionDeniedError):
+        wr.outcome()

@@ -284,6 +284,60 @@ def test_read_repairs_in_flight_are_capped(monkeypatch: pytest.MonkeyPatch) -> N
     run(main())
 
 
+def test_read_repairs_for_one_owner_are_batched_into_one_put_many() -> None:
+    """Reads completing in the same event-loop iteration that find one owner stale
+    push their repairs to it as one R_PUT_MANY (not one R_PUT a key), and the owner's
+    answer counts the repairs applied."""
+
+    async def main() -> None:
+        async with cluster() as (_net, nodes):
+            coordinator = nodes[0].coordinator
+            assert coordinator is not None
+            stale = nodes[2]
+            keys = [b"batched-%d" % i for i in range(20)]
+            for key in keys:
+                await coordinator.set(key, b"old", None, "all")
+                _, ts, origin, _, _ = local(nodes[0], key)
+                for n in nodes[:2]:  # a newer version everywhere but on node 3
+                    assert n.replica.put(key, b"new", ts + 1, origin, 0, False)
+            stats, seen = nodes[0].metrics.stats, stale.metrics.stats
+            puts_before = seen.replica_puts
+            peers = nodes[0].membership.peers
+            sent: list[tuple[int, int]] = []
+
+            class Spy:
+                """The stale owner's peer, noting what is sent to it."""
+
+                def __init__(self, peer: Any) -> None:
+                    self.peer = peer
+
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(self.peer, name)
+
+                def send_callback(self, op: int, payload: Any, *args: Any) -> None:
+                    if op == Op.R_PUT or (op == Op.R_PUT_MANY and payload[1] == 2):
+                        sent.append((op, len(payload[0]) if op == Op.R_PUT_MANY else 1))
+                    self.peer.send_callback(op, payload, *args)
+
+            peers[stale.node_id] = Spy(peers[stale.node_id])  # type: ignore[assignment]
+            got = await asyncio.gather(*(coordinator.get(k, "all") for k in keys))
+            assert got == [[True, b"new"]] * len(keys)
+            await until(lambda: coordinator.background == 0, what="pushes done")
+            assert all(local(stale, k)[0] == b"new" for k in keys)
+            # (anti-entropy may repair a key or two first)
+            repaired = stats.read_repairs
+            assert len(keys) - 3 <= repaired <= len(keys)
+            assert stats.read_repairs_applied == repaired
+            assert seen.replica_puts >= puts_before + repaired
+            # one request carried them all: a single R_PUT_MANY (mode 2, read repair)
+            assert sent == [(Op.R_PUT_MANY, repaired)]
+            peers[stale.node_id] = peers[stale.node_id].peer  # type: ignore[attr-defined]
+            text = nodes[0].metrics.render().decode()
+            assert f"hypercache_dist_read_repairs_applied_total {repaired}.0" in text
+
+    run(main())
+
+
 def test_one_read_does_not_repair() -> None:
     async def main() -> None:
         async with cluster() as (_net, nodes):

@@ -70,8 +70,10 @@ def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
         yield rx
 
 
-def _client(cluster: ProcessCluster) -> Client:
-    return Client(cluster.addresses, timeout=10.0)
+def _client(cluster: ProcessCluster, write_path: str = "proxy") -> Client:
+    # Writes through a node (the coordinated trees below); the one-hop writes have a
+    # test of their own.
+    return Client(cluster.addresses, timeout=10.0, write_path=write_path)
 
 
 def _of_trace(spans: list[ReceivedSpan], trace_id: str) -> list[ReceivedSpan]:
@@ -147,6 +149,26 @@ def test_a_quorum_set_is_one_trace_across_the_client_and_three_nodes(
                     assert len(record["span_id"]) == 16
                     traced_lines += 1
         assert traced_lines == 2
+
+
+def test_a_one_hop_set_is_one_apply_span_on_each_owner_under_the_client_span(
+    tmp_path: Path, exported: InMemorySpanExporter, receiver: OtlpReceiver
+) -> None:
+    with running_cluster(3, tmp_path, TRACED) as cluster:
+        nodes = {n.node_id for n in cluster}
+        with _client(cluster, "direct") as client:
+            client.set("user:2", "grace", consistency="all")
+            assert client.stats.direct_writes == 1
+        (client_span,) = [s for s in exported.get_finished_spans() if s.name == "Client.set"]
+        trace_id = f"{client_span.context.trace_id:032x}"
+        root = f"{client_span.context.span_id:016x}"
+        spans = receiver.wait_for(
+            lambda got: len([s for s in _of_trace(got, trace_id) if s.name == "ReplicaApply"]) >= 3
+        )
+        applies = [s for s in _of_trace(spans, trace_id) if s.name == "ReplicaApply"]
+        assert {s.instance for s in applies} == nodes
+        assert all(s.parent_id == root for s in applies)  # one hop: no coordinator span
+        assert {s.attributes["hypercache.op"] for s in applies} == {"W_PUT"}
 
 
 def _chain_to(spans: list[ReceivedSpan], span: ReceivedSpan, root: str) -> bool:
@@ -265,7 +287,7 @@ def test_the_async_client_continues_the_callers_trace(
     tmp_path: Path, exported: InMemorySpanExporter, receiver: OtlpReceiver
 ) -> None:
     async def main(addresses: list[str]) -> None:
-        async with AsyncClient(addresses, timeout=10.0) as client:
+        async with AsyncClient(addresses, timeout=10.0, write_path="proxy") as client:
             await client.set("a", [1, 2, 3], consistency="quorum")
 
     with running_cluster(3, tmp_path, TRACED) as cluster:

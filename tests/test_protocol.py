@@ -119,6 +119,8 @@ def test_message_types_and_ops_are_stable() -> None:
         "R_PUT": 11,
         "R_PUT_MANY": 12,
         "R_DEL": 13,
+        "W_PUT": 14,
+        "W_HINT": 15,
         "MERKLE": 20,
         "KEYS": 21,
         "PULL": 22,

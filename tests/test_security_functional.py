@@ -171,6 +171,9 @@ def test_each_op_needs_its_scope(token_cluster: ProcessCluster, tokens: Tokens) 
             (Op.DELETE, [b"scoped", "all"]),
             (Op.EXPIRE, [b"scoped", 1000, "all"]),
             (Op.ADD, [b"scoped", b"v2", None, "all"]),
+            # the one-hop writes: a client-stamped version, and a hint of one
+            (Op.W_PUT, [b"scoped", b"v2", wall_clock_ms() << 16, 7, 0, False, 0]),
+            (Op.W_HINT, ["node-2", b"scoped", b"v2", wall_clock_ms() << 16, 7, 0, False, 0]),
             (Op.FLUSH, []),
         ):
             with pytest.raises(PermissionDeniedError, match="needs scope"):
@@ -188,7 +191,7 @@ def test_each_op_needs_its_scope(token_cluster: ProcessCluster, tokens: Tokens) 
     ):
         app.request(Op.FLUSH, [])
     assert digests(token_cluster) == before
-    assert metric(token_cluster, 0, "hypercache_scope_refused_total") >= 8
+    assert metric(token_cluster, 0, "hypercache_scope_refused_total") >= 10
 
 
 def test_a_client_token_can_send_no_peer_op(token_cluster: ProcessCluster, tokens: Tokens) -> None:
@@ -280,10 +283,18 @@ def test_the_client_works_with_a_token(token_cluster: ProcessCluster, tokens: To
     with Client(seeds, auth_token=tokens["app"]) as client:
         client.set("client-key", {"n": 1})
         assert client.get("client-key") == {"n": 1}
+        assert client.stats.direct_writes == 1  # one hop, stamped by the client
     with Client(seeds, auth_token=tokens["dash"]) as reader:
         assert reader.get("client-key") == {"n": 1}
-        with pytest.raises(PermissionDeniedError):
-            reader.set("client-key", 2)
+        with pytest.raises(PermissionDeniedError, match="W_PUT needs scope 'write'"):
+            reader.set("client-key", 2)  # refused on the direct path, not sent again
+    with (
+        Client(seeds, auth_token=tokens["dash"], write_path="proxy") as proxied,
+        pytest.raises(PermissionDeniedError, match="SET needs scope 'write'"),
+    ):
+        proxied.set("client-key", 2)
+    with Client(seeds, auth_token=tokens["app"]) as client:
+        assert client.get("client-key") == {"n": 1}
 
 
 def test_a_client_stops_pushing_read_repairs_once_refused(

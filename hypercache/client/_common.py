@@ -27,12 +27,14 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import secrets
 import ssl as _ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal, TypedDict, TypeVar, Unpack
 
+from hypercache._core.hlc import HLC
 from hypercache.client import commands
 from hypercache.client.commands import MISS, Found, Level
 from hypercache.client.compression import (
@@ -47,16 +49,26 @@ from hypercache.client.serializer import Serializer, resolve_serializer
 from hypercache.client.topology import Router, Topology
 from hypercache.consistency import Consistency
 from hypercache.errors import (
+    ClockSkewError,
     ConfigError,
     HyperCacheError,
     NodeUnavailableError,
     NotReadyError,
+    PermissionDeniedError,
     ProtocolError,
+    RequestTimeoutError,
     UndecodableValueError,
+    UsageError,
     ValueTooLargeError,
     WrongOwnerError,
 )
-from hypercache.net.protocol import FEATURE_COMPRESSION, Limits, make_hello
+from hypercache.net.protocol import (
+    FEATURE_COMPRESSION,
+    FEATURE_SET_VERSION,
+    Limits,
+    Op,
+    make_hello,
+)
 from hypercache.net.security import SslArg, resolve_client_ssl
 from hypercache.replication import (
     Entry,
@@ -71,6 +83,9 @@ from hypercache.units import format_hostport, parse_hostport, parse_seeds
 __all__ = [
     "BATCH",
     "DEFAULT_SEEDS",
+    "DIRECT_OK",
+    "DIRECT_PROXY",
+    "DIRECT_STALE",
     "MAX_PENDING_REPAIRS",
     "PROBE_BACKOFF",
     "PROBE_TIMEOUT",
@@ -79,6 +94,7 @@ __all__ = [
     "ClientBase",
     "ClientOptions",
     "ClientStats",
+    "DirectWrite",
     "Entry",
     "KeyMatch",
     "OwnerRead",
@@ -100,6 +116,14 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
 Route = Literal["owner", "any"]
+WritePath = Literal["direct", "proxy"]
+
+_W_PUT: Final = int(Op.W_PUT)
+_W_HINT: Final = int(Op.W_HINT)
+#: How far a client's clock follows a version seen in an answer, ahead of its own
+#: wall clock, at most (ms): a forged answer cannot push it further (the nodes would
+#: refuse its versions; it would write through a node meanwhile).
+CLIENT_MAX_SKEW_MS: Final = 60_000
 
 #: Requests sent in one pipelined batch (sync) or gathered at once (async) by
 #: ``get_many``/``set_many``: bounds the buffers of a huge batch.
@@ -326,6 +350,129 @@ class OwnerRead(QuorumRound):
         return plan_repair(self.results, wall_ms())
 
 
+#: What :meth:`DirectWrite.outcome` decides.
+DIRECT_OK: Final = "ok"
+DIRECT_STALE: Final = "stale"
+DIRECT_PROXY: Final = "proxy"
+
+
+class DirectWrite:
+    """One client-stamped write of a key to all its owners (``W_PUT``,
+    ``write_path="direct"``): the payload, the answers, and what to do next. Pure
+    bookkeeping, shared by both clients; they do the sending.
+
+    Every owner not set aside is sent the write at once; one set aside counts as
+    failed from the start (it gets a hint). The write is *decided* at ``required``
+    acks or once nothing is left to wait for. Then :meth:`outcome` says:
+
+    - ``"ok"``: ``required`` owners took it (applied, or held a newer version);
+    - ``"stale"``: an owner said the client's owner list is stale
+      (:class:`WrongOwnerError`): fetch the table, then try once more;
+    - ``"proxy"``: send it through a node instead (a node coordinates with its own
+      table and stamps the version): an owner refused the client's version
+      (:class:`ClockSkewError`), the partition is moving (:class:`NotReadyError`), the
+      node does not know ``W_PUT`` (an older version), or too few owners answered;
+    - or it raises what a node would raise for the same ``SET`` through it: no
+      ``write`` scope, a key or value over the limits.
+
+    :meth:`hints` lists the ``W_HINT`` s to send once it is ``"ok"``: each owner that
+    could not be reached (or gave no answer), to the first owner that took it.
+    """
+
+    __slots__ = (
+        "acks",
+        "addresses",
+        "errors",
+        "ids",
+        "outstanding",
+        "payload",
+        "required",
+        "results",
+    )
+
+    def __init__(
+        self,
+        addresses: tuple[str, ...],
+        ids: tuple[str, ...],
+        required: int,
+        payload: list[Any],
+    ) -> None:
+        self.addresses = addresses
+        self.ids = ids
+        self.required = required
+        #: ``W_PUT [key, value, ts, origin, expire_at, false, owners_tag]``
+        self.payload = payload
+        self.acks = 0
+        #: owner address -> its answer, in arrival order
+        self.results: dict[str, Any] = {}
+        #: owner address -> why it did not take the write
+        self.errors: dict[str, BaseException] = {}
+        self.outstanding = 0
+
+    @property
+    def decided(self) -> bool:
+        return self.acks >= self.required or self.outstanding == 0
+
+    def start(self, is_down: Callable[[str], bool]) -> list[str]:
+        """The owners to send the write to now (those not set aside; each set aside
+        is failed at once, and gets a hint if the write succeeds)."""
+        send = []
+        for address in self.addresses:
+            if is_down(address):
+                self.errors[address] = NodeUnavailableError(f"{address}: set aside")
+            else:
+                send.append(address)
+        self.outstanding = len(send)
+        return send
+
+    def answer(self, address: str, raw: Any, exc: BaseException | None) -> None:
+        """Record ``address``'s answer (``[applied, clock, stale]``) or its failure."""
+        self.outstanding -= 1
+        if exc is None and (
+            type(raw) is not list or len(raw) not in (2, 3) or type(raw[1]) is not int
+        ):
+            exc = ProtocolError(f"malformed W_PUT answer: {raw!r:.100}")
+        if exc is not None:
+            self.errors[address] = exc
+            return
+        self.results[address] = raw
+        self.acks += 1
+
+    def outcome(self) -> str:
+        """What to do now that it is decided (see the class docstring).
+
+        :raises PermissionDeniedError: the client's token lacks the ``write`` scope.
+        :raises UsageError: the key or the value is refused (over a limit).
+        """
+        stale = False
+        proxy = False
+        for exc in self.errors.values():
+            if isinstance(exc, PermissionDeniedError | UsageError):
+                raise exc
+            if isinstance(exc, WrongOwnerError):
+                stale = True
+            elif isinstance(exc, ClockSkewError | NotReadyError | ProtocolError):
+                proxy = True
+        if stale:
+            return DIRECT_STALE
+        if proxy or self.acks < self.required:
+            return DIRECT_PROXY
+        return DIRECT_OK
+
+    def hints(self) -> list[tuple[str, list[Any]]]:
+        """``(address, W_HINT payload)`` for each owner that could not be reached or
+        gave no answer, sent to the first owner that took the write."""
+        if not self.results:
+            return []
+        via = next(iter(self.results))
+        out = []
+        for address, exc in self.errors.items():
+            if isinstance(exc, NodeUnavailableError | RequestTimeoutError):
+                target = self.ids[self.addresses.index(address)]
+                out.append((via, [target, *self.payload]))
+        return out
+
+
 #: Where a client looks for the cluster when given no seeds.
 DEFAULT_SEEDS: Final = "127.0.0.1:7400"
 
@@ -342,6 +489,7 @@ class ClientArgs(TypedDict, total=False):
     serializer: Serializer | None
     compression: Compression | str | bool | None
     route: str
+    write_path: str
     limits: Limits | None
     topology_refresh: float
     ssl: SslArg
@@ -361,6 +509,8 @@ class ClientOptions:
     serializer: Serializer = field(default_factory=lambda: resolve_serializer(None))
     compression: Compression | None = DEFAULT_COMPRESSION
     route: Route = "owner"
+    #: "direct": writes stamped by the client and sent to every owner; "proxy": a node
+    write_path: WritePath = "direct"
     limits: Limits = field(default_factory=Limits)
     topology_refresh: float = 30.0
     #: longest pause between two probes of a node set aside (s)
@@ -383,6 +533,10 @@ class ClientOptions:
                 raise ConfigError(name, f"must be a positive number of seconds, got {value!r}")
         if self.route not in ("owner", "any"):
             raise ConfigError("route", f"expected 'owner' or 'any', got {self.route!r}")
+        if self.write_path not in ("direct", "proxy"):
+            raise ConfigError(
+                "write_path", f"expected 'direct' or 'proxy', got {self.write_path!r}"
+            )
         if self.compression is not None and not isinstance(self.compression, Compression):
             raise ConfigError(
                 "compression", f"must be a Compression or None, got {self.compression!r}"
@@ -414,7 +568,13 @@ class ClientOptions:
         """The HELLO payload of a client connection."""
         # Every client reads compressed values, whatever its own setting: it says so,
         # and a node then answers them as stored (docs/protocol.md, "Features").
-        return make_hello(self.cluster_name, auth=self.auth_token, features=(FEATURE_COMPRESSION,))
+        # It also takes SET answered with the version's timestamp (a client that
+        # stamps its own writes moves its clock past the nodes' stamps).
+        return make_hello(
+            self.cluster_name,
+            auth=self.auth_token,
+            features=(FEATURE_COMPRESSION, FEATURE_SET_VERSION),
+        )
 
 
 @dataclass(slots=True)
@@ -442,6 +602,16 @@ class ClientStats:
         sent by the client after a read whose owners disagreed.
     :ivar read_repairs_dropped: pushes not sent because ``max_pending_repairs`` were
         in flight already.
+    :ivar direct_writes: writes the client stamped and sent to the owners itself
+        (``W_PUT``, ``write_path="direct"``) that reached their level.
+    :ivar direct_write_fallbacks: direct writes sent through a node instead (the
+        owners refused the client's version, a partition moving, too few owners
+        reached, a table still stale after a fetch).
+    :ivar stale_table_writes: direct writes an owner refused for a stale owner list
+        (the client fetches the table, then tries again once), or took while saying
+        the list is stale (the table is fetched again soon).
+    :ivar write_hints: ``W_HINT`` s sent: a direct write for an owner that could not
+        be reached, handed to an owner that took it.
     :ivar pool_waits: (``Client``) times a thread found ``max_connections_per_node``
         connections to a node in use and waited for one.
     :ivar pool_timeouts: (``Client``) waits for a connection that ran out after
@@ -462,6 +632,10 @@ class ClientStats:
     owner_reads: int = 0
     read_repairs: int = 0
     read_repairs_dropped: int = 0
+    direct_writes: int = 0
+    direct_write_fallbacks: int = 0
+    stale_table_writes: int = 0
+    write_hints: int = 0
     pool_waits: int = 0
     pool_timeouts: int = 0
 
@@ -524,6 +698,11 @@ class ClientBase:
         # Set once a node refused a read-repair push (nodes that check tokens take
         # R_PUT from peers only): no more pushes, anti-entropy repairs instead.
         self._repairs_refused = False
+        # The client's hybrid logical clock, for the versions of its direct writes:
+        # a random origin tag (two clients' versions never tie: docs/design.md,
+        # "Client-stamped writes"), moved past every version and node clock seen.
+        self._hlc = HLC(secrets.randbits(32), max_skew_ms=CLIENT_MAX_SKEW_MS)
+        self._direct = opts.write_path == "direct" and opts.route == "owner"
 
     @property
     def closed(self) -> bool:
@@ -729,6 +908,60 @@ class ClientBase:
             raise first_error
         return out
 
+    # ------------------------------------------------------------------ direct writes
+
+    def _observe(self, ts: int) -> None:
+        """Move the client's clock past ``ts`` (a version or a node's clock seen in an
+        answer); one too far ahead is ignored (see :data:`CLIENT_MAX_SKEW_MS`)."""
+        hlc = self._hlc
+        if ts > hlc.last and hlc.admits(ts):
+            hlc.update(ts)
+
+    def _direct_write(self, key: bytes, payload: list[Any]) -> DirectWrite | None:
+        """The direct write of a ``SET`` payload (``[key, value, ttl_ms, level]``) to
+        the key's owners, stamped now and counted; ``None`` when the client does not
+        know the table or the level (the write then goes through a node)."""
+        router = self._router
+        topology = router.topology
+        if topology is None or not router.by_owner:
+            return None
+        addresses, ids, tag = topology.write_owners(key)
+        required = router.write_required(payload[3], len(addresses))
+        if required is None:
+            return None
+        ttl_ms = payload[2]
+        expire_at = 0 if ttl_ms is None else wall_ms() + ttl_ms
+        hlc = self._hlc
+        wire = [key, payload[1], hlc.now(), hlc.tag, expire_at, False, tag]
+        self.stats.requests += 1
+        return DirectWrite(addresses, ids, required, wire)
+
+    def _direct_outcome(self, wr: DirectWrite) -> str:
+        """:meth:`DirectWrite.outcome`, counted; the clocks of the answers observed."""
+        stats = self.stats
+        stale = False
+        for raw in wr.results.values():
+            self._observe(raw[1])
+            stale = stale or (len(raw) > 2 and raw[2] is True)
+        if stale:
+            # An owner took the write but its ring names other owners: the table
+            # moved under this client; it fetches a new one before long.
+            stats.stale_table_writes += 1
+            self._router.mark_stale(time.monotonic())
+        outcome = wr.outcome()
+        if outcome == DIRECT_OK:
+            stats.direct_writes += 1
+        else:
+            stats.requests -= 1  # counted again on the next try
+            if outcome == DIRECT_STALE:
+                stats.stale_table_writes += 1
+        return outcome
+
+    def _stale_refetch_due(self) -> bool:
+        """Whether a stale write should fetch the table (not when another request
+        fetched it just now: it tries again with that one)."""
+        return time.monotonic() - self._router.fetched_at > 0.05
+
     # ------------------------------------------------------------------ owner reads
 
     def _owner_read(self, key: bytes, level: str | None) -> OwnerRead | None:
@@ -779,6 +1012,8 @@ class ClientBase:
             self.stats.stale_table_reads += 1
             return None
         best, stale = rd.outcome()
+        if best is not None and self._direct:
+            self._observe(best[1])
         found = (True, best[0]) if best is not None and is_live(best, wall_ms()) else MISS
         if not stale:  # the owners agree: the common case
             return found, []

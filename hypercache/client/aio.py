@@ -13,6 +13,8 @@ from hypercache.client import commands
 from hypercache.client._common import (
     BATCH,
     DEFAULT_SEEDS,
+    DIRECT_OK,
+    DIRECT_STALE,
     SCAN_PAGE,
     ClientArgs,
     ClientBase,
@@ -25,7 +27,7 @@ from hypercache.client._common import (
 from hypercache.client.commands import Level
 from hypercache.client.failover import Attempts, Failover, TopologyFetch
 from hypercache.client.keys import Key
-from hypercache.client.owner_ask import OwnerAsk
+from hypercache.client.owner_ask import DirectAsk, OwnerAsk
 from hypercache.client.topology import Topology
 from hypercache.errors import (
     HyperCacheError,
@@ -163,7 +165,11 @@ class AsyncClient(ClientBase):
         if self._codec.pending(payload[1]) and await self._reach():
             payload[1] = self._encode(value)  # (once: the client's first write)
         with tracing.client_op("Client.set", k):
-            await self._call(commands.SET, k, payload)
+            if self._direct and await self._write_direct(k, payload):
+                return
+            ts = await self._call(commands.SET, k, payload)
+            if ts is not None:
+                self._observe(ts)  # the node's stamp: this client's next write is newer
 
     async def add(
         self, key: Key, value: Any, ttl: float | None = None, *, consistency: Level = None
@@ -216,6 +222,8 @@ class AsyncClient(ClientBase):
         for answer in answers:
             if isinstance(answer, BaseException):
                 raise answer
+            if answer is not None:
+                self._observe(answer)
 
     async def ping(self, address: str | None = None) -> float:
         """Round trip of a PING to ``address`` (or the first reachable node), in seconds."""
@@ -369,6 +377,34 @@ class AsyncClient(ClientBase):
                     self._repair(owner, payload)
                 return found
         return await self._call(commands.GET, key, commands.get_payload(key, level))
+
+    async def _write_direct(self, key: bytes, payload: list[Any]) -> bool:
+        """Write ``SET``'s ``payload`` to the key's owners in one hop (``W_PUT``); return
+        whether it reached its level (see ``Client._write_direct``)."""
+        if self._begin():
+            await self._refresh_due()
+        for attempt in range(2):
+            wr = self._direct_write(key, payload)
+            if wr is None:
+                return False
+            ask = DirectAsk(self, wr, self._timeout)
+            send = wr.start(self._router.is_down)
+            for address in send:
+                ask.launch(address)
+            if send:
+                await ask.done
+            outcome = self._direct_outcome(wr)
+            if outcome == DIRECT_OK:
+                return True
+            if outcome != DIRECT_STALE or attempt:
+                break
+            if self._stale_refetch_due():
+                try:
+                    await self._refresh()
+                except HyperCacheError:
+                    break
+        self.stats.direct_write_fallbacks += 1
+        return False
 
     async def _ask_owners(self, rd: OwnerRead) -> None:
         """Send ``R_GET`` to ``rd``'s owners, replacing each that fails, until done."""

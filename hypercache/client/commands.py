@@ -75,6 +75,15 @@ def decode_get(answer: Any) -> Found:
     return found, value
 
 
+def decode_set(answer: Any) -> int | None:
+    """A ``SET`` answer: ``true``, or ``[true, ts]`` (the ``set_version`` feature):
+    the timestamp of the version the node stamped, else None."""
+    if type(answer) is list and len(answer) == 2 and type(answer[1]) is int:
+        ts: int = answer[1]
+        return ts
+    return None
+
+
 def decode_ttl(answer: Any) -> tuple[bool, int]:
     """Split a TTL answer ``[found, expire_at_ms]`` (0: no expiry).
 
@@ -193,7 +202,7 @@ class Command(Generic[T_co]):
 
 
 GET: Final = Command(int(Op.GET), True, decode_get)
-SET: Final = Command(int(Op.SET), False, _ignore)
+SET: Final = Command(int(Op.SET), False, decode_set)
 DELETE: Final = Command(int(Op.DELETE), False, bool)
 PING: Final = Command(int(Op.PING), True, check_pong)
 TOPOLOGY: Final = Command(int(Op.TOPOLOGY), True, Topology.from_wire)

@@ -18,14 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 from hypercache.client import commands
 from hypercache.errors import HyperCacheError, NoAnswerError
+from hypercache.net.protocol import Op
 
 if TYPE_CHECKING:
-    from hypercache.client._common import OwnerRead
+    from hypercache.client._common import DirectWrite, OwnerRead
     from hypercache.client.aio import AsyncClient
 
-__all__ = ["OwnerAsk"]
+__all__ = ["DirectAsk", "OwnerAsk"]
 
 _R_GET = commands.R_GET.op
+_W_PUT = int(Op.W_PUT)
+_W_HINT = int(Op.W_HINT)
 
 
 class OwnerAsk:
@@ -73,3 +76,57 @@ class OwnerAsk:
             self.launch(nxt)
         if rd.done and not done.done():
             done.set_result(None)
+
+
+class DirectAsk:
+    """Send the direct write ``wr`` (``W_PUT``) to its owners at once; ``done`` is set
+    once ``wr`` is decided. The answers that come after go on being recorded, and
+    once every owner answered (or failed) the hints of a write that succeeded are
+    sent (``W_HINT``, not waited for)."""
+
+    __slots__ = ("_client", "_timeout", "done", "wr")
+
+    def __init__(self, client: AsyncClient, wr: DirectWrite, timeout: float) -> None:
+        self._client = client
+        self.wr = wr
+        self._timeout = timeout
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def launch(self, address: str) -> None:
+        try:
+            peer = self._client._peer(address)
+        except HyperCacheError as exc:
+            self._answered(address, None, exc)
+            return
+        peer.send_callback(
+            _W_PUT, self.wr.payload, self._timeout, functools.partial(self._answered, address)
+        )
+
+    def _answered(self, address: str, raw: Any, exc: BaseException | None) -> None:
+        if isinstance(exc, NoAnswerError):
+            self._client._suspect(address)
+        done = self.done
+        if exc is not None and not isinstance(exc, HyperCacheError):
+            if not done.done():
+                done.set_exception(exc)
+            return
+        wr = self.wr
+        wr.answer(address, raw, exc)
+        if wr.decided and not done.done():
+            done.set_result(None)
+        if wr.outstanding == 0 and wr.errors and wr.acks >= wr.required:
+            self._hint()
+
+    def _hint(self) -> None:
+        client = self._client
+        for via, payload in self.wr.hints():
+            client.stats.write_hints += 1
+            try:
+                peer = client._peer(via)
+            except HyperCacheError:
+                continue
+            peer.send_callback(_W_HINT, payload, self._timeout, _ignore)
+
+
+def _ignore(_value: Any, _error: BaseException | None) -> None:
+    """A hint that failed is repaired by anti-entropy."""

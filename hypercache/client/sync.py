@@ -17,9 +17,12 @@ from hypercache.client import commands
 from hypercache.client._common import (
     BATCH,
     DEFAULT_SEEDS,
+    DIRECT_OK,
+    DIRECT_STALE,
     SCAN_PAGE,
     ClientArgs,
     ClientBase,
+    DirectWrite,
     KeyMatch,
     OwnerRead,
     check_address,
@@ -45,13 +48,16 @@ from hypercache.errors import (
     PermissionDeniedError,
     QuorumError,
 )
-from hypercache.net.blocking import BlockingConnection, pipeline_all
+from hypercache.net.blocking import UNANSWERED, BlockingConnection, pipeline_all
+from hypercache.net.protocol import Op
 from hypercache.observe import tracing
 from hypercache.replication import wall_ms
 
 __all__ = ["Client"]
 
 _T = TypeVar("_T")
+_W_PUT: Final = int(Op.W_PUT)
+_W_HINT: Final = int(Op.W_HINT)
 # Worker threads of one client: they send the requests of a read to its other
 # owners while the calling thread sends its own, and push read repairs.
 _WORKERS: Final = 16
@@ -259,7 +265,11 @@ class Client(ClientBase):
         if self._codec.pending(payload[1]) and self._reach():
             payload[1] = self._encode(value)  # (once: the client's first write)
         with tracing.client_op("Client.set", k):
-            self._call(commands.SET, k, payload)
+            if self._direct and self._write_direct(k, payload):
+                return
+            ts = self._call(commands.SET, k, payload)
+            if ts is not None:
+                self._observe(ts)  # the node's stamp: this client's next write is newer
 
     def add(
         self, key: Key, value: Any, ttl: float | None = None, *, consistency: Level = None
@@ -300,7 +310,9 @@ class Client(ClientBase):
         requests = self._set_many_requests(mapping, ttl, consistency)
         if self._pending(requests) and self._reach():
             requests = self._set_many_requests(mapping, ttl, consistency)  # (once)
-        self._batch(commands.SET, requests)
+        stamps = [ts for ts in self._batch(commands.SET, requests).values() if ts is not None]
+        if stamps:
+            self._observe(max(stamps))
 
     def ping(self, address: str | None = None) -> float:
         """Round trip of a PING to ``address`` (or to the first reachable node), in seconds.
@@ -767,6 +779,65 @@ class Client(ClientBase):
                     out.setdefault(k, exc)
         return out
 
+    def _write_direct(self, key: bytes, payload: list[Any]) -> bool:
+        """Write ``SET``'s ``payload`` to the key's owners in one hop (``W_PUT``, stamped
+        by this client); return whether it reached its level (else the caller sends
+        it through a node). A stale table is fetched once, and the write tried again.
+
+        :raises PermissionDeniedError: no ``write`` scope (and the errors of a ``SET``
+        that a node would refuse the same way).
+        """
+        if self._begin():
+            self._try_refresh()
+        for attempt in range(2):
+            wr = self._direct_write(key, payload)
+            if wr is None:
+                return False
+            self._send_direct(wr)
+            outcome = self._direct_outcome(wr)
+            if outcome == DIRECT_OK:
+                for via, hint in wr.hints():
+                    self.stats.write_hints += 1
+                    with contextlib.suppress(HyperCacheError):  # anti-entropy, else
+                        self._attempt(via, _W_HINT, hint, pipeline=False)
+                return True
+            if outcome != DIRECT_STALE or attempt:
+                break
+            if self._stale_refetch_due():
+                try:
+                    self._refresh()
+                except HyperCacheError:
+                    break
+        self.stats.direct_write_fallbacks += 1
+        return False
+
+    def _send_direct(self, wr: DirectWrite) -> None:
+        """Send ``wr`` to its owners at once from this thread; return at its level (the
+        owners not answered by then are left: their answers are skipped)."""
+        send = wr.start(self._router.is_down)
+        if not send:
+            return
+        request = [(_W_PUT, wr.payload)]
+        if len(send) == 1:
+            address = send[0]
+            try:
+                raw = self._attempt(address, _W_PUT, wr.payload, pipeline=False)
+            except HyperCacheError as exc:
+                wr.answer(address, None, exc)
+            else:
+                wr.answer(address, raw, None)
+            return
+        answers = self._send_groups_at_once(dict.fromkeys(send, request), need=wr.required)
+        for address in send:
+            got = answers[address]
+            raw = got if isinstance(got, BaseException) else got[0]
+            if raw is UNANSWERED:
+                continue
+            if isinstance(raw, BaseException):
+                wr.answer(address, None, raw)
+            else:
+                wr.answer(address, raw, None)
+
     def _workers(self) -> ThreadPoolExecutor:
         executor = self._executor
         if executor is None:
@@ -832,10 +903,11 @@ class Client(ClientBase):
         return out
 
     def _send_groups_at_once(
-        self, groups: dict[str, list[tuple[int, Any]]]
+        self, groups: dict[str, list[tuple[int, Any]]], need: int | None = None
     ) -> dict[str, list[Any] | BaseException]:
         """:meth:`_fanout` from this thread alone: one connection per node, every
-        group sent before any answer is awaited (see ``pipeline_all``)."""
+        group sent before any answer is awaited (see ``pipeline_all``; with ``need``,
+        only until ``need`` groups are answered without error)."""
         out: dict[str, list[Any] | BaseException] = {}
         taken: list[tuple[str, ConnectionPool, BlockingConnection]] = []
         timeout = self._timeout
@@ -852,7 +924,7 @@ class Client(ClientBase):
                         self._node_down(address)
                     out[address] = exc
             answers = pipeline_all(
-                [(conn, groups[address]) for address, _, conn in taken], self._timeout
+                [(conn, groups[address]) for address, _, conn in taken], self._timeout, need
             )
         except BaseException:
             for _, pool, conn in taken:  # streams in doubt

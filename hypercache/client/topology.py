@@ -53,6 +53,7 @@ from typing import Any, Final
 from hypercache._core.ring import Ring
 from hypercache.consistency import Consistency
 from hypercache.errors import ConfigError, ProtocolError
+from hypercache.replication import owners_tag
 from hypercache.units import parse_hostport
 
 __all__ = ["NodeInfo", "Router", "Topology"]
@@ -85,6 +86,9 @@ class Topology:
         without an explicit level; without it such reads go through a node.
     :ivar max_value: the largest value the nodes take (their ``max_value``, in
         bytes) when the answer carries the optional ``max_value`` key, else ``None``.
+    :ivar write_consistency: the nodes' default write level when the answer carries
+        the optional ``write_consistency`` key, else ``None`` (a client that writes
+        the owners itself then sends writes without an explicit level through a node).
     """
 
     epoch: int
@@ -96,6 +100,11 @@ class Topology:
     _rows: tuple[tuple[str, ...], ...] = field(repr=False)
     read_consistency: str | None = None
     max_value: int | None = None
+    write_consistency: str | None = None
+    #: per partition: (owner addresses, owner ids, owners_tag), for W_PUT
+    _writes: tuple[tuple[tuple[str, ...], tuple[str, ...], int], ...] = field(
+        repr=False, default=()
+    )
 
     @classmethod
     def from_wire(cls, payload: Any) -> Topology:
@@ -155,20 +164,28 @@ class Topology:
             raise ProtocolError(f"TOPOLOGY table rejected: {exc}") from None
         # Many partitions share an owner list: keep one tuple per distinct list.
         interned: dict[tuple[int, ...], tuple[str, ...]] = {}
+        interned_w: dict[tuple[int, ...], tuple[tuple[str, ...], tuple[str, ...], int]] = {}
         rows = []
+        writes = []
         for row in table:
             owners = interned.get(row)
             if owners is None:
                 owners = interned[row] = tuple(nodes[o].address for o in row)
+                ids = tuple(nodes[o].node_id for o in row)
+                interned_w[row] = (owners, ids, owners_tag(ids))
             rows.append(owners)
-        read_level = payload.get("read_consistency")
-        if read_level is not None:
-            try:
-                read_level = Consistency.parse(read_level).value
-            except ConfigError:
-                raise ProtocolError(
-                    f"TOPOLOGY field 'read_consistency' is not a level: {read_level!r:.50}"
-                ) from None
+            writes.append(interned_w[row])
+        levels: dict[str, str | None] = {}
+        for name in ("read_consistency", "write_consistency"):
+            level = payload.get(name)
+            if level is not None:
+                try:
+                    level = Consistency.parse(level).value
+                except ConfigError:
+                    raise ProtocolError(
+                        f"TOPOLOGY field {name!r} is not a level: {level!r:.50}"
+                    ) from None
+            levels[name] = level
         max_value = payload.get("max_value")
         if max_value is not None and (type(max_value) is not int or max_value <= 0):
             raise ProtocolError(
@@ -182,8 +199,10 @@ class Topology:
             table=table,
             _ring=ring,
             _rows=tuple(rows),
-            read_consistency=read_level,
+            read_consistency=levels["read_consistency"],
             max_value=max_value,
+            write_consistency=levels["write_consistency"],
+            _writes=tuple(writes),
         )
 
     @property
@@ -199,6 +218,11 @@ class Topology:
     def owners(self, key: bytes) -> tuple[str, ...]:
         """Addresses of the owners of a wire key, primary first."""
         return self._rows[self._ring.partition_of(key)]
+
+    def write_owners(self, key: bytes) -> tuple[tuple[str, ...], tuple[str, ...], int]:
+        """``(addresses, node ids, owners_tag)`` of the owners of a wire key, primary
+        first: what a client's ``W_PUT`` needs."""
+        return self._writes[self._ring.partition_of(key)]
 
     def partition_owners(self, partition: int) -> tuple[str, ...]:
         """Addresses of the owners of ``partition``, primary first."""
@@ -227,6 +251,8 @@ class Topology:
             out["read_consistency"] = self.read_consistency
         if self.max_value is not None:
             out["max_value"] = self.max_value
+        if self.write_consistency is not None:
+            out["write_consistency"] = self.write_consistency
         return out
 
 
@@ -250,6 +276,8 @@ class Router:
         self.topology: Topology | None = None
         self.topology_refresh = topology_refresh
         self._next_refresh = 0.0  # monotonic time of the next fetch; 0 = now
+        #: monotonic time the table in use was fetched (0: never)
+        self.fetched_at = 0.0
         # address set aside -> (monotonic time it was set aside,)
         self._down: dict[str, tuple[float]] = {}
         self._rr = itertools.count()
@@ -264,6 +292,7 @@ class Router:
 
     def set_topology(self, topology: Topology, now: float) -> None:
         self.topology = topology
+        self.fetched_at = now
         self._next_refresh = now + self.topology_refresh
 
     def refresh_failed(self, now: float) -> None:
@@ -330,6 +359,17 @@ class Router:
         if len(up) == len(owners):
             return owners
         return up + tuple(a for a in owners if a not in up)
+
+    def write_required(self, level: str | None, owners: int) -> int | None:
+        """Acks a direct write needs from ``owners`` owners at ``level`` (a wire level),
+        else at the cluster's advertised default write level; ``None`` when neither
+        is known (the write then goes through a node, which applies its own)."""
+        if level is None:
+            topology = self.topology
+            level = None if topology is None else topology.write_consistency
+            if level is None:
+                return None
+        return self.read_required(level, owners)
 
     @property
     def read_default(self) -> str:

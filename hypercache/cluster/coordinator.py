@@ -81,7 +81,7 @@ from hypercache.cluster.config import DistConfig
 from hypercache.cluster.handoff import Handoff
 from hypercache.cluster.membership import Membership
 from hypercache.cluster.metrics import CLIENT_OPS, DistStats, NodeMetrics
-from hypercache.cluster.replica import Replica
+from hypercache.cluster.replica import PUT_MANY_COPY, PUT_MANY_READ_REPAIR, Replica
 from hypercache.consistency import Consistency
 from hypercache.errors import (
     ConfigError,
@@ -93,7 +93,7 @@ from hypercache.errors import (
     RequestTimeoutError,
     UsageError,
 )
-from hypercache.net.protocol import Limits, Op
+from hypercache.net.protocol import MAX_PUT_MANY, Limits, Op
 from hypercache.net.transport import Later
 from hypercache.observe import tracing
 from hypercache.observe.tracing import OpTrace
@@ -106,6 +106,7 @@ _log = logging.getLogger("hypercache.coordinator")
 _R_GET: Final = int(Op.R_GET)
 _R_PUT: Final = int(Op.R_PUT)
 _R_DEL: Final = int(Op.R_DEL)
+_R_PUT_MANY: Final = int(Op.R_PUT_MANY)
 _ADD: Final = int(Op.ADD)
 #: Read-repair pushes a coordinator keeps in flight at most; beyond, a push is dropped
 #: (counted in ``read_repairs_dropped``) and anti-entropy repairs the owner later.
@@ -190,6 +191,9 @@ class Coordinator:
         self._tag = clock.tag
         self._in_flight = 0  # replica requests sent with a callback, not answered yet
         self._repairs_pending = 0  # read-repair pushes in flight
+        # owner -> read-repair entries for it, sent together at the end of this
+        # event-loop iteration (one R_PUT_MANY per owner, see _repair)
+        self._repair_batches: dict[str, list[list[Any]]] = {}
         self._stopping = False
         # The running loop, taken once (asyncio.get_running_loop() costs a getpid()
         # system call per call on CPython 3.11).
@@ -325,6 +329,25 @@ class Coordinator:
             if trace is not None:
                 trace.local(spare, "r_get")
             rnd.ok(spare, self.replica.get(key))
+
+    def copy_on(self, owners: list[str], entry: list[Any]) -> None:
+        """Send the owner's copy of a client's one-hop write (``W_PUT``) to ``owners``
+        (the other owners of this node's ring, a moving partition's previous owners),
+        best effort as :meth:`_copy`, as ``R_PUT_MANY`` mode 3: a node that neither
+        owns nor holds the partition any more does not keep it."""
+        stats = self.stats
+        payload = [[entry], PUT_MANY_COPY]
+        for owner in owners:
+            peer = self.membership.peers.get(owner)
+            if peer is None or not peer.up:
+                stats.pending_copy_failures += 1
+                continue
+            if self._copies_pending >= MAX_PENDING_COPIES:
+                stats.pending_copies_dropped += 1
+                continue
+            stats.pending_copies += 1
+            self._copies_pending += 1
+            peer.send_callback(_R_PUT_MANY, payload, self.timeout, self._copied)
 
     def _copy(self, owners: list[str], op: int, payload: list[Any]) -> None:
         """Send a write or a delete to a moving partition's pending owners too, best
@@ -520,7 +543,8 @@ class Coordinator:
         for owner, _ in stale:
             if owner == self.node_id:
                 stats.read_repairs += 1
-                self.replica.put(key, value, ts, origin, expire_at, tombstone)
+                if self.replica.put(key, value, ts, origin, expire_at, tombstone):
+                    stats.read_repairs_applied += 1
                 continue
             peer = self.membership.peers.get(owner)
             if peer is None or not peer.up:
@@ -531,22 +555,55 @@ class Coordinator:
             stats.read_repairs += 1
             stats.forwards["r_put"] += 1
             self._repairs_pending += 1
-            call = None if trace is None else trace.repair(owner)
-            carrier = None if call is None else call.carrier
-            peer.send_callback(
-                _R_PUT, [key, *best], self.timeout, self._pushed(owner, call), carrier
-            )
+            if trace is not None:  # a traced read: its push has a span of its own
+                call = trace.repair(owner)
+                carrier = None if call is None else call.carrier
+                peer.send_callback(
+                    _R_PUT, [key, *best], self.timeout, self._pushed(owner, 1, call), carrier
+                )
+                continue
+            # Batched per owner: the repairs of every read that completes in this
+            # event-loop iteration go to each owner as one R_PUT_MANY (mode 2,
+            # applied like R_PUT), not one R_PUT per key.
+            batches = self._repair_batches
+            if not batches:
+                self._get_loop().call_soon(self._flush_repairs)
+            batch = batches.setdefault(owner, [])
+            batch.append([key, *best])
+            if len(batch) >= MAX_PUT_MANY:
+                self._send_repairs(owner, batches.pop(owner))
+
+    def _flush_repairs(self) -> None:
+        """Send the read repairs batched in this event-loop iteration, per owner."""
+        batches, self._repair_batches = self._repair_batches, {}
+        for owner, entries in batches.items():
+            self._send_repairs(owner, entries)
+
+    def _send_repairs(self, owner: str, entries: list[list[Any]]) -> None:
+        peer = self.membership.peers.get(owner)
+        if peer is None or not peer.up or self._stopping:
+            self._repairs_pending -= len(entries)
+            return
+        done = self._pushed(owner, len(entries))
+        if len(entries) == 1:
+            peer.send_callback(_R_PUT, entries[0], self.timeout, done)
+        else:
+            payload = [entries, PUT_MANY_READ_REPAIR]
+            peer.send_callback(_R_PUT_MANY, payload, self.timeout, done)
 
     def _pushed(
-        self, owner: str, call: tracing.ReplicaCall | None = None
+        self, owner: str, n: int = 1, call: tracing.ReplicaCall | None = None
     ) -> Callable[[Any, BaseException | None], None]:
-        def done(_value: Any, error: BaseException | None) -> None:
-            self._repairs_pending -= 1
+        def done(value: Any, error: BaseException | None) -> None:
+            self._repairs_pending -= n
             if call is not None:
                 call.done(error)
             if error is not None:
                 self.stats.replica_failures += 1
-                _log.debug("read repair push to %s failed: %s", owner, error)
+                _log.debug("read repair push of %d to %s failed: %s", n, owner, error)
+            elif type(value) is int or type(value) is bool:
+                # R_PUT answers whether it applied, R_PUT_MANY how many it did
+                self.stats.read_repairs_applied += int(value)
 
         return done
 
@@ -560,9 +617,16 @@ class Coordinator:
         return result
 
     def start_set(
-        self, key: bytes, value: Any, ttl_ms: Any = None, consistency: Any = None
+        self,
+        key: bytes,
+        value: Any,
+        ttl_ms: Any = None,
+        consistency: Any = None,
+        versioned: bool = False,
     ) -> Later:
-        """Start a client ``SET``; the :class:`Later` gets ``True`` at its consistency level.
+        """Start a client ``SET``; the :class:`Later` gets ``True`` at its consistency
+        level (``[True, ts]`` when ``versioned``: the version's timestamp, for a client
+        that lists the ``set_version`` feature).
 
         :raises HyperCacheError: the request is invalid (the ``Later`` is not returned).
         """
@@ -606,11 +670,17 @@ class Coordinator:
             self._failed("set", exc)
             self._latency["set"](time.perf_counter() - start)
             raise
-        rnd.arm(lambda r: self._set_decided(r, later, start, trace))
+        answer: Any = [True, ts] if versioned else True
+        rnd.arm(lambda r: self._set_decided(r, later, start, trace, answer))
         return later
 
     def _set_decided(
-        self, rnd: QuorumRound, later: Later, start: float, trace: OpTrace | None = None
+        self,
+        rnd: QuorumRound,
+        later: Later,
+        start: float,
+        trace: OpTrace | None = None,
+        answer: Any = True,
     ) -> None:
         error = rnd.error()
         if trace is not None:
@@ -622,7 +692,7 @@ class Coordinator:
         # Acks arriving after the quorum are counted when they land.
         rnd.on_complete = self._late_write_acks(rnd.acks) if rnd.outstanding else None
         self._latency["set"](time.perf_counter() - start)
-        later.resolve(True)
+        later.resolve(answer)
 
     def _late_write_acks(self, counted: int) -> Callable[[QuorumRound], None]:
         def done(rnd: QuorumRound) -> None:

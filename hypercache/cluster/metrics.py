@@ -57,6 +57,7 @@ VERSION_PATHS: Final = (
     "antientropy",
     "read",
     "rebalance",
+    "client",
 )
 
 #: Histogram buckets in seconds: 50 us .. 5 s, finer where a healthy cluster lives.
@@ -131,7 +132,11 @@ class DistStats:
     """Counters of the distributed plane; every attribute only grows."""
 
     __slots__ = (
+        "client_hints",
         "direct_gets",
+        "direct_puts",
+        "direct_puts_applied",
+        "direct_puts_stale",
         "errors",
         "flushed_entries",
         "flushes",
@@ -144,6 +149,7 @@ class DistStats:
         "read_acks",
         "read_attempts",
         "read_repairs",
+        "read_repairs_applied",
         "read_repairs_dropped",
         "replica_failures",
         "replica_gets",
@@ -191,6 +197,17 @@ class DistStats:
         self.versions_refused: dict[str, int] = dict.fromkeys(VERSION_PATHS, 0)
         #: owner reads served to clients that read the owners themselves (R_GET)
         self.direct_gets = 0
+        #: client-stamped writes received from clients writing the owners themselves
+        #: (W_PUT), those applied, and those naming a stale owner list (refused by a
+        #: non-owner; taken by an owner, which copies them to its ring's other owners)
+        self.direct_puts = 0
+        self.direct_puts_applied = 0
+        self.direct_puts_stale = 0
+        #: hints queued for another owner at a client's request (W_HINT)
+        self.client_hints = 0
+        #: read-repair entries that were applied by the owner they were pushed to
+        #: (counted from the answers of the pushes, R_PUT_MANY)
+        self.read_repairs_applied = 0
         #: replica requests served for other nodes
         self.replica_gets = 0
         self.replica_puts = 0
@@ -225,9 +242,14 @@ class DistStats:
             "quorum_failures_total": sum(self.quorum_failures.values()),
             "read_repairs": self.read_repairs,
             "read_repairs_dropped": self.read_repairs_dropped,
+            "read_repairs_applied": self.read_repairs_applied,
             "version_conflicts": self.version_conflicts,
             "versions_refused": dict(self.versions_refused),
             "direct_gets": self.direct_gets,
+            "direct_puts": self.direct_puts,
+            "direct_puts_applied": self.direct_puts_applied,
+            "direct_puts_stale": self.direct_puts_stale,
+            "client_hints": self.client_hints,
             "replica_gets": self.replica_gets,
             "replica_puts": self.replica_puts,
             "replica_puts_applied": self.replica_puts_applied,
@@ -313,6 +335,7 @@ class NodeMetrics:
         for op, n in s.requests.items():
             fam.add_metric([op, "coordinated"], n)
         fam.add_metric(["get", "direct"], s.direct_gets)
+        fam.add_metric(["set", "direct"], s.direct_puts)
         fam.add_metric(["get", "replica"], s.replica_gets)
         yield fam
         fam = CounterMetricFamily(
@@ -360,6 +383,28 @@ class NodeMetrics:
                 "read_repairs_dropped",
                 "Read-repair pushes dropped: too many in flight.",
                 s.read_repairs_dropped,
+            ),
+            (
+                "read_repairs_applied",
+                "Read-repair entries the stale owner applied (answers of the pushes).",
+                s.read_repairs_applied,
+            ),
+            (
+                "direct_puts_applied",
+                "Client-stamped writes (W_PUT) this owner applied.",
+                s.direct_puts_applied,
+            ),
+            (
+                "direct_puts_stale",
+                "Client-stamped writes naming a stale owner list: refused by a node that "
+                "does not own the key, or taken by an owner and copied to its ring's "
+                "other owners.",
+                s.direct_puts_stale,
+            ),
+            (
+                "client_hints",
+                "Hints queued at a client's request for an owner it could not reach (W_HINT).",
+                s.client_hints,
             ),
             (
                 "version_conflicts",

@@ -50,6 +50,7 @@ from hypercache.cluster.antientropy import AntiEntropy
 from hypercache.cluster.config import DistConfig
 from hypercache.cluster.coordinator import Coordinator
 from hypercache.cluster.cpulatency import CpuLatencyRequest
+from hypercache.cluster.direct import DirectWrites
 from hypercache.cluster.handoff import Handoff
 from hypercache.cluster.membership import Membership
 from hypercache.cluster.metrics import NodeMetrics, faults_families
@@ -62,7 +63,7 @@ from hypercache.net.auth import PeerAuthenticator
 from hypercache.net.busypoll import BusyPoller, poller
 from hypercache.net.compression import ValueCodec
 from hypercache.net.faults import FaultInjector, FaultyTransport
-from hypercache.net.protocol import FEATURE_COMPRESSION, Op
+from hypercache.net.protocol import FEATURE_COMPRESSION, FEATURE_SET_VERSION, Op
 from hypercache.net.tcp import TCP
 from hypercache.net.transport import Later, PeerInfo, Server, ServerOptions, Transport
 from hypercache.replication import WallClock, wall_ms
@@ -75,6 +76,8 @@ _PING: Final = int(Op.PING)
 _GET: Final = int(Op.GET)
 _R_GET: Final = int(Op.R_GET)
 _FEATURE_COMPRESSION: Final = FEATURE_COMPRESSION
+_FEATURE_SET_VERSION: Final = FEATURE_SET_VERSION
+_SET: Final = int(Op.SET)
 
 # Period and batch of the expiry sweep.
 _SWEEP_INTERVAL: Final = 1.0
@@ -482,7 +485,7 @@ class Node:
     @staticmethod
     def _client_table(
         ops: dict[int, tuple[_OpHandler, bool]], replica: Replica
-    ) -> dict[int, _OpHandler]:
+    ) -> dict[int, _OpHandler]:  # (W_PUT and W_HINT are open to clients as they are)
         """The handlers a client's connection may reach: every op not for peers only;
         a client's ``R_GET`` (its own read of an owner) counted as a direct read."""
         table = {op: handler for op, (handler, peers_only) in ops.items() if not peers_only}
@@ -539,6 +542,15 @@ class Node:
             key, ttl_ms, consistency = _fields(payload, 3, "EXPIRE", "[key, ttl_ms, consistency]")
             return coordinator.start_expire(key, ttl_ms, consistency)
 
+        direct = DirectWrites(
+            node_id=self.config.node_id,
+            replica=replica,
+            owners=self._owners,
+            coordinator=coordinator,
+            membership=membership,
+            max_skew_ms=round(self.config.max_clock_skew * 1000),
+        )
+
         def flush(payload: Any) -> int:
             if payload is not None and payload != []:
                 raise ProtocolError("FLUSH payload must be []")
@@ -568,6 +580,9 @@ class Node:
             int(Op.R_GET): (replica.r_get, False),
             int(Op.GET): (get, False),
             int(Op.SET): (set_, False),
+            # one-hop client writes: a client-stamped version straight to an owner
+            int(Op.W_PUT): (direct.w_put, False),
+            int(Op.W_HINT): (direct.w_hint, False),
             int(Op.ADD): (add, False),
             int(Op.DELETE): (delete, False),
             int(Op.TOPOLOGY): (lambda _payload: self.topology(), False),
@@ -811,6 +826,8 @@ class Node:
                 "read_consistency": self.config.read_consistency.value,
                 # So that a client can refuse a value the nodes would (optional key).
                 "max_value": self.limits.max_value,
+                # Clients that write the owners themselves need the default level.
+                "write_consistency": self.config.write_consistency.value,
             }
         run = self._run
         if run is not None:
@@ -860,6 +877,14 @@ class Node:
             )
             handler = table.get(op)
             if handler is not None:
+                if op == _SET and _FEATURE_SET_VERSION in conn_info.features:
+                    # the SET that answers [true, ts] (the set_version feature)
+                    key, value, ttl_ms, consistency = _fields(
+                        payload, 4, "SET", "[key, value, ttl_ms, consistency]"
+                    )
+                    return run.coordinator.start_set(
+                        key, value, ttl_ms, consistency, versioned=True
+                    )
                 return handler(payload)
             if op in run.ops:
                 self.peer_ops_refused += 1

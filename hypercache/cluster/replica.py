@@ -40,7 +40,9 @@ from hypercache.replication import Entry, KeyedEntry, WallClock, wall_ms
 __all__ = [
     "HIGH_WATER",
     "MAX_SCAN",
+    "PUT_MANY_COPY",
     "PUT_MANY_HINTS",
+    "PUT_MANY_READ_REPAIR",
     "PUT_MANY_REPAIR",
     "SCAN_BUDGET",
     "SCAN_MAX_BYTES",
@@ -56,6 +58,19 @@ HIGH_WATER: Final = 0.9
 #: pushes (subject to the capacity rule).
 PUT_MANY_HINTS: Final = 0
 PUT_MANY_REPAIR: Final = 1
+#: ... and read repairs a coordinator batched for this owner (applied like ``R_PUT``).
+PUT_MANY_READ_REPAIR: Final = 2
+#: ... and copies of a client's one-hop write that an owner sends on to the other
+#: owners of its ring, or a moving partition's previous owners: applied like
+#: ``R_PUT``, but only for a partition this node owns or still holds (a copy that
+#: arrives after the partition was handed over and dropped is not kept).
+PUT_MANY_COPY: Final = 3
+_PUT_MANY_PATHS: Final = {
+    PUT_MANY_HINTS: "hints",
+    PUT_MANY_REPAIR: "repair_push",
+    PUT_MANY_READ_REPAIR: "r_put",
+    PUT_MANY_COPY: "client",
+}
 
 #: Keys one ``SCAN`` answer lists at most (a larger ``limit`` is capped to it).
 MAX_SCAN: Final = 1000
@@ -233,6 +248,21 @@ class Replica:
             self.stats.replica_puts_applied += 1
         return applied
 
+    def w_put(self, entry: KeyedEntry) -> bool:
+        """A client-stamped write (``W_PUT``) of a key this node owns, checked by the
+        caller (:meth:`check_entry`, the owner list): applied through :meth:`put` like
+        every other version (newer wins, the WATCH hook), on path ``client`` (a
+        version past the clock's horizon is refused there and counted).
+
+        :raises ClockSkewError: ``ts`` is more than ``max_clock_skew`` ahead.
+        """
+        key, value, ts, origin, expire_at, tombstone = entry
+        self.stats.direct_puts += 1
+        applied = self.put(key, value, ts, origin, expire_at, tombstone, "client")
+        if applied:
+            self.stats.direct_puts_applied += 1
+        return applied
+
     def r_del(self, payload: Any) -> list[Any] | None:
         """``R_DEL [key, b"", ts, origin, 0, true]``: apply the tombstone (newer wins, as
         ``R_PUT``) and answer what was held before it, as ``R_GET`` would have, so a
@@ -250,16 +280,17 @@ class Replica:
     def r_put_many(self, payload: Any) -> int:
         """``R_PUT_MANY [[entry, ...], mode]``, each entry as ``R_PUT``'s payload.
 
-        Mode 0 (replayed hints) applies every entry newer-wins; mode 1 (anti-entropy
-        push) also refuses a missing data entry while the store is above its
-        high-water mark (the capacity rule). Answers how many entries were applied.
+        Mode 0 (replayed hints) and mode 2 (read repairs a coordinator batched for
+        this owner) apply every entry newer-wins; mode 1 (anti-entropy push) also
+        refuses a missing data entry while the store is above its high-water mark
+        (the capacity rule). Answers how many entries were applied.
         The whole batch is checked before any entry is applied.
         """
         if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not list:
             raise ProtocolError("R_PUT_MANY payload must be [[entry, ...], mode]")
         entries, mode = payload
-        if mode not in (PUT_MANY_HINTS, PUT_MANY_REPAIR) or type(mode) is not int:
-            raise ProtocolError(f"R_PUT_MANY mode must be 0 or 1, got {mode!r}")
+        if type(mode) is not int or mode not in _PUT_MANY_PATHS:
+            raise ProtocolError(f"R_PUT_MANY mode must be 0, 1, 2 or 3, got {mode!r}")
         if len(entries) > MAX_PUT_MANY:
             # Bounds the work of one request (~1 us an entry): senders batch below it.
             raise ProtocolError(
@@ -272,8 +303,13 @@ class Replica:
         applied = 0
         store = self.store
         admits = self.clock.admits
-        path = "hints" if mode == PUT_MANY_HINTS else "repair_push"
+        path = _PUT_MANY_PATHS[mode]
+        states = self.states
         for key, value, ts, origin, expire_at, tombstone in checked:
+            if mode == PUT_MANY_COPY and states.missing:
+                p = store.partition_of(key)
+                if not states.owned[p] and not states.held[p]:
+                    continue  # handed over and dropped here: not ours to keep
             # A version past the horizon is skipped, not a reason to refuse the
             # batch: the sender would send the same batch again and again.
             if not admits(ts):

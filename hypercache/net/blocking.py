@@ -49,10 +49,12 @@ from hypercache.net.transport import DEFAULT_CONNECT_TIMEOUT, NetStats
 from hypercache.observe.tracing import current_carrier
 from hypercache.units import parse_hostport
 
-__all__ = ["BlockingConnection", "pipeline_all"]
+__all__ = ["UNANSWERED", "BlockingConnection", "pipeline_all"]
 
 _RECV_SIZE: Final = 256 * 1024
 _MISSING: Final = object()
+#: What :func:`pipeline_all` returns for a request it stopped waiting for (``need``).
+UNANSWERED: Final = _MISSING
 
 
 class _Batch:
@@ -369,7 +371,9 @@ class BlockingConnection:
 
 
 def pipeline_all(
-    groups: list[tuple[BlockingConnection, list[tuple[int, Any]]]], timeout: float | None = None
+    groups: list[tuple[BlockingConnection, list[tuple[int, Any]]]],
+    timeout: float | None = None,
+    need: int | None = None,
 ) -> list[list[Any]]:
     """Send each group of ``(op, payload)`` requests on its connection, all before
     waiting for any answer, then collect the answers of all of them from this thread.
@@ -379,6 +383,11 @@ def pipeline_all(
     connection's own) is every group's deadline from now. Each connection must be
     a different one and not used by another thread meanwhile.
 
+    With ``need``, it stops waiting once ``need`` groups are complete with no error
+    among their answers (a write at its consistency level): the requests still
+    unanswered are :data:`UNANSWERED` in the result, and their answers, when they
+    come, are skipped as late ones by the next exchange on their connection.
+
     :raises NodeUnavailableError: a connection was already closed.
     :raises ProtocolError, FrameTooLargeError: a request cannot be encoded. Nothing
         of its group is sent; groups sent before it are answered later, and those
@@ -386,11 +395,14 @@ def pipeline_all(
     """
     batches = [conn._begin(requests, timeout) for conn, requests in groups]
     waiting: dict[int, tuple[BlockingConnection, _Batch]] = {}
+    complete = 0
     for (conn, _), batch in zip(groups, batches, strict=True):
         sock = conn._sock
         if batch.missing and sock is not None:
             waiting[sock.fileno()] = (conn, batch)
-    while waiting:
+        elif _clean(batch):
+            complete += 1
+    while waiting and (need is None or complete < need):
         # Sleep until a socket has something or the earliest deadline passes; a
         # batch past its deadline is ended by its own _pump. A TLS socket may hold
         # decrypted bytes that poll() cannot see: those are read first.
@@ -402,7 +414,14 @@ def pipeline_all(
             conn, batch = waiting[fd]
             if conn._pump(batch, block=False):
                 del waiting[fd]
+                if _clean(batch):
+                    complete += 1
     return [batch.results for batch in batches]
+
+
+def _clean(batch: _Batch) -> bool:
+    """Whether every answer of the complete ``batch`` is one (no error, none missing)."""
+    return not batch.missing and not any(isinstance(r, BaseException) for r in batch.results)
 
 
 def _tls_pending(sock: socket.socket | None) -> bool:

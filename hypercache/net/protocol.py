@@ -53,6 +53,7 @@ __all__ = [
     "ERROR",
     "FEATURES",
     "FEATURE_COMPRESSION",
+    "FEATURE_SET_VERSION",
     "FEATURE_TRACE",
     "FRAME_OVERHEAD",
     "HEADER_SIZE",
@@ -95,6 +96,12 @@ FEATURE_TRACE: Final = "trace"
 #: decompresses the values it answers. A client compresses what it writes only to
 #: servers that list it (an older node does neither).
 FEATURE_COMPRESSION: Final = "zstd"
+#: ``set_version``: a client that lists it in its HELLO gets ``SET`` answered as
+#: ``[true, ts]``, the timestamp of the version the node stamped (so that a client
+#: that also stamps its own writes, ``W_PUT``, moves its clock past it: its next write
+#: is newer). Others get ``true``. Only clients list it (not in :data:`FEATURES`,
+#: what a server lists): a server of the previous version answers ``true``.
+FEATURE_SET_VERSION: Final = "set_version"
 FEATURES: Final = (FEATURE_TRACE, FEATURE_COMPRESSION)
 
 
@@ -157,6 +164,12 @@ class Op(IntEnum):
     R_PUT = 11
     R_PUT_MANY = 12
     R_DEL = 13
+    #: a client-stamped write sent by the client straight to each owner of the key
+    #: (the one-hop write path, ``docs/design.md``, "Client-stamped writes")
+    W_PUT = 14
+    #: a client's write for an owner it could not reach, handed to an owner that
+    #: took it, to keep as a hint (hinted handoff) for that owner
+    W_HINT = 15
     MERKLE = 20
     KEYS = 21
     PULL = 22

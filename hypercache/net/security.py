@@ -82,6 +82,8 @@ OP_SCOPES: Final[dict[int, str]] = {
     int(Op.R_GET): READ,
     int(Op.WATCH): READ,
     int(Op.SET): WRITE,
+    int(Op.W_PUT): WRITE,
+    int(Op.W_HINT): WRITE,
     int(Op.ADD): WRITE,
     int(Op.DELETE): WRITE,
     int(Op.EXPIRE): WRITE,

@@ -63,6 +63,8 @@ _REPLICA_OPS: Final = frozenset(
         Op.R_PUT,
         Op.R_PUT_MANY,
         Op.R_DEL,
+        Op.W_PUT,
+        Op.W_HINT,
         Op.MERKLE,
         Op.KEYS,
         Op.PULL,
