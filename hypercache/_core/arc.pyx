@@ -6,11 +6,9 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 from hypercache._core.policy cimport (
-    LINK_STRIDE,
     NO_SLOT,
     Policy,
     SlotList,
-    SlotRec,
     grow_array,
     list_init,
     list_move_head,
@@ -94,9 +92,8 @@ cdef class ARCPolicy(Policy):
         # half-way leaves larger arrays behind, never smaller ones.
         self.where = <uint8_t*>grow_array(self.where, new_cap, sizeof(uint8_t))
         self.hv = <uint32_t*>grow_array(self.hv, new_cap, sizeof(uint32_t))
-        # Records like the resident ones (see policy.pxd): gnext == gprev + 1,
-        # stride LINK_STRIDE; the hash and size words of a ghost go unused.
-        self.gprev = <uint32_t*>grow_array(self.gprev, new_cap, sizeof(SlotRec))
+        # Interleaved like the resident links (see policy.pxd): gnext == gprev + 1.
+        self.gprev = <uint32_t*>grow_array(self.gprev, 2 * <size_t>new_cap, sizeof(uint32_t))
         self.gnext = self.gprev + 1
         self.ghash = <uint32_t*>grow_array(self.ghash, new_cap, sizeof(uint32_t))
         self.gwhere = <uint8_t*>grow_array(self.gwhere, new_cap, sizeof(uint8_t))
@@ -110,11 +107,11 @@ cdef class ARCPolicy(Policy):
         g = self.b1.head
         while g != NO_SLOT:
             self.table_put(g)
-            g = self.gnext[LINK_STRIDE * g]
+            g = self.gnext[2 * g]
         g = self.b2.head
         while g != NO_SLOT:
             self.table_put(g)
-            g = self.gnext[LINK_STRIDE * g]
+            g = self.gnext[2 * g]
         self.gcap = new_cap
         Policy.grow(self, new_cap)
         return 0
@@ -173,7 +170,7 @@ cdef class ARCPolicy(Policy):
             list_unlink(&self.b1, self.gprev, self.gnext, g)
         else:
             list_unlink(&self.b2, self.gprev, self.gnext, g)
-        self.gnext[LINK_STRIDE * g] = self.gfree
+        self.gnext[2 * g] = self.gfree
         self.gfree = g
 
     cdef void ghost_add(self, uint32_t h, uint8_t which) noexcept:
@@ -189,7 +186,7 @@ cdef class ARCPolicy(Policy):
             self.ghost_drop(own.tail if own.size else other.tail)
         if self.gfree != NO_SLOT:
             g = self.gfree
-            self.gfree = self.gnext[LINK_STRIDE * g]
+            self.gfree = self.gnext[2 * g]
         else:
             g = self.gused
             self.gused += 1

@@ -2,18 +2,15 @@ cimport cython
 from cpython.object cimport PyObject
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
-from hypercache._core.policy cimport Policy, SlotRec
+from hypercache._core.policy cimport Policy
 
 
 cdef class CacheCore:
     # Keys and values: kv[2*s], kv[2*s+1], owned by the list kvlist (see cachecore.pyx).
     cdef object kvlist
     cdef PyObject** kv
-    # The policy's per-slot records, whose hash and size words are ours:
-    # always self.policy.recs (re-read after every policy.grow).
-    cdef SlotRec* recs
-    # Sizes of BIG_SIZE bytes and more (rare): allocated on the first one.
-    cdef uint64_t* big_sizes
+    cdef uint32_t* hashes
+    cdef uint64_t* sizes
     cdef uint32_t* index
     cdef uint8_t* ctrl
     cdef uint32_t mask
@@ -87,12 +84,6 @@ cdef class CacheCore:
     @cython.final
     @cython.final
     cdef bint _over_after(self, int64_t s, uint64_t size) noexcept
-    @cython.final
-    cdef uint64_t _size(self, uint32_t s) noexcept
-    @cython.final
-    cdef void _put_size(self, uint32_t s, uint64_t size) noexcept
-    @cython.final
-    cdef int _enable_big_sizes(self) except -1
     @cython.final
     cdef int _enable_expiry(self) except -1
     @cython.final

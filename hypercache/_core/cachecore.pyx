@@ -13,25 +13,20 @@ An entry lives in a *slot*, a small integer. Per-slot state is spread over
 parallel C arrays (struct-of-arrays, so a lookup touches only what it needs):
 
     kv[2*s], kv[2*s+1]   key and value (PyObject*), stored in a Python list
-    recs[s].hash         32 bits of the key's hash; for a free slot, the next free slot
-    recs[s].size         the entry's size in bytes, as ``sizeof`` measured it
-                         (BIG_SIZE: the size is big_sizes[s], allocated on first use)
+    hashes[s]            32 bits of the key's hash; for a free slot, the next free slot
+    sizes[s]             the entry's size in bytes, as ``sizeof`` measured it
     expiry[s]            absolute expiry in monotonic ns, 0 = none (allocated on first TTL)
     heap_pos[s]          the slot's place in the expiry heap
 
-plus the policy's own arrays (frequencies, ...). ``recs`` is the policy's array
-of per-slot records (policy.pxd): the 16 bytes of slot s hold the policy's two
-links and our hash and size, so that a hit or an overwrite finds all four in
-one cache line. At 100,000 entries the three arrays they were before
-(hashes, sizes, links) cost an overwrite three random lines where one does. The index is an
+plus the policy's own arrays (links, frequencies, ...). The index is an
 open-addressing table of uint32 (slot + 1, 0 = empty) with linear probing,
 Fibonacci hashing of the 32-bit hash, and backward-shift deletion, so there are
 no tombstones and a probe ends at the first empty bucket. In front of it, one
 control byte per bucket (0 = empty, else 0x80 | 7 hash bits) lets a probe test
 8 buckets with one load (see _find). The load factor stays under 3/8 below
 2^16 buckets and under 1/2 above (see _index_full). At
-one million entries that is about 42 bytes per entry: 16 (kv) + 16 (record:
-policy links, hash, size) + ~8 (index) + ~2 (control bytes).
+one million entries that is about 46 bytes per entry: 16 (kv) + 4 (hash) +
+8 (policy links) + 8 (size) + ~8 (index) + ~2 (control bytes).
 
 Why the keys and values sit in a Python list rather than a raw C array: the
 list is what the garbage collector traverses, so a value that refers back to
@@ -76,7 +71,7 @@ from libc.stdlib cimport free
 from libc.string cimport memcpy, memset
 
 from hypercache._core.clock cimport coarse_monotonic_ns
-from hypercache._core.policy cimport NO_SLOT, Policy, SlotRec, grow_array, LRUPolicy
+from hypercache._core.policy cimport NO_SLOT, Policy, grow_array, LRUPolicy
 
 import types
 
@@ -105,10 +100,6 @@ cdef enum:
     MIN_SLOTS = 8
     MIN_BUCKETS = 16
     SWEEP_PER_WRITE = 8
-
-cdef extern from *:
-    # recs[s].size of an entry whose size does not fit 32 bits: big_sizes[s] has it.
-    const uint32_t BIG_SIZE "((uint32_t)0xFFFFFFFFu)"
 
 cdef extern from *:
     """
@@ -440,6 +431,8 @@ cdef class CacheCore:
         self.kvlist = [_FREE] * (2 * MIN_SLOTS)
         self.kv = (<PyListObject*>self.kvlist).ob_item
         self.cap = MIN_SLOTS
+        self.hashes = <uint32_t*>grow_array(NULL, MIN_SLOTS, sizeof(uint32_t))
+        self.sizes = <uint64_t*>grow_array(NULL, MIN_SLOTS, sizeof(uint64_t))
         self.index = <uint32_t*>grow_array(NULL, MIN_BUCKETS, sizeof(uint32_t))
         memset(self.index, 0, MIN_BUCKETS * sizeof(uint32_t))
         self.ctrl = <uint8_t*>grow_array(NULL, MIN_BUCKETS + 8, 1)
@@ -450,13 +443,13 @@ cdef class CacheCore:
         self.free_head = NO_SLOT
         self.policy = LRUPolicy(0)
         self.policy.grow(MIN_SLOTS)
-        self.recs = self.policy.recs
         self.timer = None
         self.size_fn = None
 
     def __dealloc__(self):
         # The kv list releases keys and values itself.
-        free(self.big_sizes)
+        free(self.hashes)
+        free(self.sizes)
         free(self.index)
         free(self.ctrl)
         free(self.expiry)
@@ -473,11 +466,6 @@ cdef class CacheCore:
             raise OverflowError("capacity too large")
         policy.grow(self.cap)
         self.policy = policy
-        # The new policy's records hold no hashes: forget the free list too (the
-        # table is empty, so every slot is free).
-        self.recs = policy.recs
-        self.used = 0
-        self.free_head = NO_SLOT
         self.item_limit = <uint32_t>max_items
         self.byte_limit = max_bytes
         self.default_ttl_ns = self._ttl_ns(default_ttl) if default_ttl > 0 else 0
@@ -558,13 +546,13 @@ cdef class CacheCore:
                 m &= (empty & (~empty + 1)) - 1
             while m:
                 s = self.index[(i + (ctz64(m) >> 3)) & self.mask] - 1
-                # The slot's record (hash, and the policy's links that a
-                # hit goes on to): start that load now, beside the key's.
-                prefetch(self.recs + s)
+                # A hit goes on to the policy's links of this slot: start
+                # that load now so it overlaps the key comparison's.
+                prefetch(self.policy.prev + 2 * s)
                 k = self.kv[2 * s]
                 if k == <PyObject*>key:
                     return s
-                if self.recs[s].hash == h:
+                if self.hashes[s] == h:
                     # An equal key that is another object: settled in place for
                     # exact str, bytes and int (no Python code can run, so the
                     # table cannot change under the probe), else the guarded path.
@@ -593,7 +581,7 @@ cdef class CacheCore:
                 if b == 0:
                     return -1
                 b -= 1
-                if self.recs[b].hash == h:
+                if self.hashes[b] == h:
                     k = self.kv[2 * b]
                     if k == <PyObject*>key:
                         return b
@@ -643,11 +631,11 @@ cdef class CacheCore:
         # Fields live in locals: the stores through ``index`` and ``ctrl`` would
         # otherwise make the compiler reload them on every step.
         cdef uint32_t* index = self.index
-        cdef SlotRec* recs = self.recs
+        cdef uint32_t* hashes = self.hashes
         cdef uint8_t* ctrl = self.ctrl
         cdef uint32_t mask = self.mask
         cdef int shift = self.shift
-        cdef uint32_t i = <uint32_t>((<uint64_t>recs[slot].hash * FIB) >> shift)
+        cdef uint32_t i = <uint32_t>((<uint64_t>hashes[slot] * FIB) >> shift)
         cdef uint32_t j, home, b
         while index[i] != slot + 1:
             i = (i + 1) & mask
@@ -657,7 +645,7 @@ cdef class CacheCore:
             b = index[j]
             if b == 0:
                 break
-            home = <uint32_t>((<uint64_t>recs[b - 1].hash * FIB) >> shift)
+            home = <uint32_t>((<uint64_t>hashes[b - 1] * FIB) >> shift)
             if i <= j:
                 if i < home <= j:
                     continue
@@ -703,7 +691,7 @@ cdef class CacheCore:
         self.shift -= 1
         for s in range(self.used):
             if self.kv[2 * s] != FREE:
-                self._index_insert(s, self.recs[s].hash)
+                self._index_insert(s, self.hashes[s])
         return 0
 
     # ------------------------------------------------------------------ slots
@@ -729,18 +717,14 @@ cdef class CacheCore:
             return 0
         self.kvlist = grown
         self.kv = (<PyListObject*>self.kvlist).ob_item
-        if self.big_sizes != NULL:
-            self.big_sizes = <uint64_t*>grow_array(self.big_sizes, new_cap, sizeof(uint64_t))
+        self.hashes = <uint32_t*>grow_array(self.hashes, new_cap, sizeof(uint32_t))
+        self.sizes = <uint64_t*>grow_array(self.sizes, new_cap, sizeof(uint64_t))
         if self.expiry != NULL:
             self.expiry = <int64_t*>grow_array(self.expiry, new_cap, sizeof(int64_t))
             self.heap_pos = <uint32_t*>grow_array(self.heap_pos, new_cap, sizeof(uint32_t))
             self.heap = <uint32_t*>grow_array(self.heap, new_cap, sizeof(uint32_t))
             memset(self.expiry + old, 0, (new_cap - old) * sizeof(int64_t))
-        try:
-            self.policy.grow(new_cap)
-        finally:
-            # Even a grow that failed half-way may have moved the records.
-            self.recs = self.policy.recs
+        self.policy.grow(new_cap)
         self.cap = new_cap
         self.mutations += 1
         return 0
@@ -754,7 +738,7 @@ cdef class CacheCore:
         cdef uint32_t s
         if self.free_head != NO_SLOT:
             s = self.free_head
-            self.free_head = self.recs[s].hash
+            self.free_head = self.hashes[s]
         else:
             s = self.used
             self.used += 1
@@ -795,36 +779,14 @@ cdef class CacheCore:
         Py_INCREF(_FREE)
         self.kv[2 * s] = FREE
         self.kv[2 * s + 1] = FREE
-        self.nbytes -= self._size(s)
+        self.nbytes -= self.sizes[s]
         if self.expiry != NULL and self.expiry[s]:
             self._heap_remove(s)
             self.expiry[s] = 0
-        self.recs[s].hash = self.free_head
+        self.hashes[s] = self.free_head
         self.free_head = s
         self.count -= 1
         self.mutations += 1
-
-    # ------------------------------------------------------------------ sizes
-
-    @cython.final
-    cdef inline uint64_t _size(self, uint32_t s) noexcept:
-        cdef uint32_t v = self.recs[s].size
-        return v if v != BIG_SIZE else self.big_sizes[s]
-
-    @cython.final
-    cdef inline void _put_size(self, uint32_t s, uint64_t size) noexcept:
-        # A size of BIG_SIZE or more needs big_sizes (_enable_big_sizes ran first).
-        if size < BIG_SIZE:
-            self.recs[s].size = <uint32_t>size
-        else:
-            self.recs[s].size = BIG_SIZE
-            self.big_sizes[s] = size
-
-    @cython.final
-    cdef int _enable_big_sizes(self) except -1:
-        # Only slots whose record says BIG_SIZE are read: no need to clear it.
-        self.big_sizes = <uint64_t*>grow_array(NULL, self.cap, sizeof(uint64_t))
-        return 0
 
     # ------------------------------------------------------------------ expiry heap
 
@@ -1081,8 +1043,6 @@ cdef class CacheCore:
         if self.byte_limit and size > self.byte_limit:
             raise EntryTooLargeError(
                 f"value of {size} bytes exceeds the cache's max_bytes={self.byte_limit}")
-        if size >= BIG_SIZE and self.big_sizes == NULL:
-            self._enable_big_sizes()
         if self.heap_len and now == NO_TIME:
             now = self._now()
         s = self._find(key, h)
@@ -1127,8 +1087,8 @@ cdef class CacheCore:
             self._defer(self.kv[2 * slot + 1])
             Py_INCREF(value)
             self.kv[2 * slot + 1] = <PyObject*>value
-            self.nbytes += size - self._size(slot)
-            self._put_size(slot, size)
+            self.nbytes += size - self.sizes[slot]
+            self.sizes[slot] = size
             if self.expiry != NULL:
                 self._set_expiry(slot, at)
             self.policy.update(slot, h)
@@ -1140,8 +1100,8 @@ cdef class CacheCore:
             Py_INCREF(value)
             self.kv[2 * slot] = <PyObject*>key
             self.kv[2 * slot + 1] = <PyObject*>value
-            self.recs[slot].hash = h
-            self._put_size(slot, size)
+            self.hashes[slot] = h
+            self.sizes[slot] = size
             self.nbytes += size
             if self.expiry != NULL:
                 self.expiry[slot] = 0
@@ -1163,7 +1123,7 @@ cdef class CacheCore:
         if s < 0:
             return ((self.item_limit and self.count + 1 > self.item_limit)
                     or (self.byte_limit and size > self.byte_limit - self.nbytes))
-        return self.byte_limit and size > self.byte_limit - (self.nbytes - self._size(<uint32_t>s))
+        return self.byte_limit and size > self.byte_limit - (self.nbytes - self.sizes[s])
 
     def set(self, key, value, ttl=None):
         """Store ``value`` under ``key``; ``ttl`` seconds (None: the default TTL)."""

@@ -12,19 +12,17 @@ cdef class Policy:
         if limit < 0 or limit > 0xFFFFFFFE:
             raise ValueError("policy limit out of range")
         self.limit = <uint32_t>limit
-        self.recs = NULL
         self.prev = NULL
         self.nxt = NULL
         self.cap = 0
         self.count = 0
 
     def __dealloc__(self):
-        free(self.recs)  # prev and nxt point into it
+        free(self.prev)  # nxt points into the same block
 
     cdef int grow(self, uint32_t new_cap) except -1:
-        self.recs = <SlotRec*>grow_array(self.recs, new_cap, sizeof(SlotRec))
-        self.prev = &self.recs[0].prev
-        self.nxt = &self.recs[0].next
+        self.prev = <uint32_t*>grow_array(self.prev, 2 * <size_t>new_cap, sizeof(uint32_t))
+        self.nxt = self.prev + 1
         self.cap = new_cap
         return 0
 
