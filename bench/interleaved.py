@@ -58,8 +58,8 @@ from bench.bench_embedded import (
     loop_args,
     loop_build_only,
     loop_for,
-    resident,
     resident_fraction,
+    stored_keys,
 )
 from bench.report import cpu_model, git_commit, load_average, ns, table, versions
 
@@ -116,7 +116,7 @@ def contenders(kind: str, op: str, size: int, names: Sequence[str], cell: Cell) 
         impl = IMPLS[name]
         cache = impl.make(size)
         set_ = impl.set(cache)
-        for k in resident(size):
+        for k in stored_keys(kind, size):
             set_(k, VALUE)
         cell.resident[name] = resident_fraction(impl, cache, size)
         get = impl.get(cache)
