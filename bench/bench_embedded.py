@@ -26,14 +26,26 @@ one the cache stores:
 
 Operations (``mix`` with identical keys only):
 
-``get-hit``        read resident keys, batches cycle over a seeded permutation of them
+``get-hit``        read resident keys: each pass over them follows a new seeded
+                   permutation, cut into batches (see "Hit order" below)
 ``get-miss``       read keys that were never inserted (``key:N ..``)
 ``set-new``        insert never-seen keys into the full cache: every insert evicts (an
                    admission policy may reject instead). ``dict`` cannot evict: it is
                    cleared in the untimed setup whenever the next batch would take it
                    past ``N``, so it times plain inserts into a dict of up to ``N`` keys
-``set-overwrite``  write resident keys again (same permutation as ``get-hit``)
+``set-overwrite``  write resident keys again (same passes as ``get-hit``)
 ``mix``            90% ``get`` / 10% ``set`` of resident keys, keys drawn Zipf(0.9)
+
+Hit order: ``get-hit`` and ``set-overwrite`` draw a new permutation for every pass over
+the resident keys (:data:`HIT_ORDERS`; ``replayed``, one permutation cycled, is kept to
+reproduce older figures). Replaying one order is not neutral at 100,000 keys: after one
+pass an LRU list is that order itself, so the neighbour that each hit unlinks from, and
+so touches, is the key of the *next* operation, whose entry is then already in the CPU
+caches. Caches that keep a whole entry (key pointer, value, links) in one node gain
+most; on ``set-overwrite`` that stacks with cachebox storing the caller's key object on
+an overwrite (dict, lru-dict, cachetools and HyperCache keep the stored one), so its
+stored keys come to lie in memory in the order they are next compared. An application's
+next key is not its last key's recency neighbour; a fresh order per pass removes that.
 
 A missed or new key is never the stored object, so ``get-miss`` and ``set-new`` time
 the same work with ``identical`` and ``equal`` keys; both rows are kept so that each
@@ -80,6 +92,9 @@ BUILD_ONLY = "build key only"
 MIX_WRITE_FRACTION = 0.10
 MIX_ZIPF_S = 0.9
 SEED = 20240601
+#: How ``get-hit`` and ``set-overwrite`` visit the resident keys pass after pass: a new
+#: seeded permutation for every pass (the default), or one permutation replayed.
+HIT_ORDERS = ("shuffled", "replayed")
 
 VALUE = object()
 
@@ -147,16 +162,50 @@ def resident(size: int) -> list[str]:
     return prehashed(keys(0, size))
 
 
+def stored_keys(kind: str, size: int) -> list[str]:
+    """The keys one contender is filled with.
+
+    With ``identical`` keys, the shared resident objects: the batches are those very
+    objects. With ``equal`` and ``fresh`` keys, a copy of its own for each contender.
+    Filled from one shared list, every cache that keeps the key it was filled with
+    (dict, lru-dict, cachetools, HyperCache) compares a hit against the same objects
+    as the others, so in ``bench.interleaved`` whichever runs later in a round finds
+    them in the CPU caches, fetched by another cache; cachebox stores the caller's
+    key on an overwrite and drops out of that sharing. In an application no other
+    cache reads a cache's stored keys.
+    """
+    if kind == "identical":
+        return resident(size)
+    return prehashed(keys(0, size))
+
+
 def _chunks(seq: list[Any], n: int) -> list[list[Any]]:
     return [seq[i : i + n] for i in range(0, len(seq), n)]
 
 
 @functools.cache
 def hit_ids(size: int) -> list[list[int]]:
-    """Batches of resident ids: one seeded permutation of ``0..size-1``."""
+    """Batches of resident ids: one seeded permutation of ``0..size-1`` (the first pass)."""
     order = list(range(size))
     random.Random(SEED).shuffle(order)
     return _chunks(order, BATCH)
+
+
+def hit_passes(size: int, order: str = "shuffled") -> Iterator[list[int]]:
+    """Batches of resident ids, pass after pass over all of them: :func:`hit_ids`'
+    permutation first, then a new seeded one for every further pass (``shuffled``),
+    or :func:`hit_ids`' again and again (``replayed``)."""
+    if order not in HIT_ORDERS:
+        raise ValueError(f"hit order must be one of {HIT_ORDERS}, got {order!r}")
+    if order == "replayed":
+        yield from cycle(hit_ids(size))
+    yield from hit_ids(size)
+    n = 1
+    while True:
+        ids = list(range(size))
+        random.Random(f"{SEED} pass {n}").shuffle(ids)
+        yield from _chunks(ids, BATCH)
+        n += 1
 
 
 @functools.cache
@@ -170,12 +219,6 @@ def miss_ids(size: int) -> list[list[int]]:
 def new_ids(size: int, n_batches: int) -> list[list[int]]:
     """Fresh ids for ``n_batches`` batches of set-new, from ``2*size`` on."""
     return _chunks(list(range(2 * size, 2 * size + n_batches * BATCH)), BATCH)
-
-
-@functools.cache
-def hit_batches(size: int) -> list[list[str]]:
-    names = resident(size)
-    return [[names[i] for i in ids] for ids in hit_ids(size)]
 
 
 @functools.cache
@@ -202,12 +245,16 @@ def cycle(batches: list[Any]) -> Iterator[Any]:
         yield from batches
 
 
-def batch_source(kind: str, op: str, size: int, n_batches: int) -> Iterator[Any]:
+def batch_source(
+    kind: str, op: str, size: int, n_batches: int, order: str = "shuffled"
+) -> Iterator[Any]:
     """The batches of one benchmark, one per round (warm-up rounds included).
 
-    ``set-new`` yields ``n_batches`` batches of keys no cache has seen; the others
-    cycle. ``equal`` batches are built as they are taken: every round gets new
-    objects, so a cache that keeps the key of an overwrite never meets it again.
+    ``set-new`` yields ``n_batches`` batches of keys no cache has seen; ``get-hit``
+    and ``set-overwrite`` make pass after pass over the resident keys in ``order``
+    (:func:`hit_passes`); the others cycle. ``equal`` batches are built as they are
+    taken: every round gets new objects, so a cache that keeps the key of an
+    overwrite never meets it again.
     """
     if kind not in KEY_KINDS or op not in KIND_OPS[kind]:
         raise ValueError(f"no {op} benchmark with {kind} keys")
@@ -217,10 +264,15 @@ def batch_source(kind: str, op: str, size: int, n_batches: int) -> Iterator[Any]
         ids: Iterator[list[int]] = iter(new_ids(size, n_batches))
         if kind == "identical":
             return iter(new_batches(size, n_batches))
-    else:
-        ids = cycle(miss_ids(size) if op == "get-miss" else hit_ids(size))
+    elif op == "get-miss":
+        ids = cycle(miss_ids(size))
         if kind == "identical":
-            return cycle(miss_batches(size) if op == "get-miss" else hit_batches(size))
+            return cycle(miss_batches(size))
+    else:
+        ids = hit_passes(size, order)
+        if kind == "identical":
+            names = resident(size)
+            return ([names[i] for i in batch] for batch in ids)
     if kind == "fresh":
         # New int objects for each round, allocated together, as a request's freshly
         # parsed id would be: the shuffled ids of one long list lie scattered in memory,
@@ -255,13 +307,13 @@ def n_batches_for(bench_config: BenchConfig) -> int:
 # -- the benchmark ---------------------------------------------------------------------
 
 
-def build(impl: Impl, size: int) -> Any:
+def build(impl: Impl, size: int, kind: str = "identical") -> Any:
     try:
         cache = impl.make(size)
     except (ImportError, ValueError) as exc:  # ValueError includes hypercache's ConfigError
         pytest.skip(f"{impl.name}: {exc}")
     set_ = impl.set(cache)
-    for k in resident(size):
+    for k in stored_keys(kind, size):
         set_(k, VALUE)
     return cache
 
@@ -294,7 +346,7 @@ def test_speed(
 ) -> None:
     kind, op, size = case
     impl = IMPLS[impl_name]
-    cache = build(impl, size)
+    cache = build(impl, size, kind)
     get = impl.get(cache)
     set_ = impl.set(cache)
     target = loop_for(kind, op)

@@ -49,6 +49,7 @@ from bench import IMPLS, Impl
 from bench.bench_embedded import (
     BATCH,
     BUILD_ONLY,
+    HIT_ORDERS,
     KEY_KINDS,
     KIND_OPS,
     SIZES,
@@ -57,8 +58,8 @@ from bench.bench_embedded import (
     loop_args,
     loop_build_only,
     loop_for,
-    resident,
     resident_fraction,
+    stored_keys,
 )
 from bench.report import cpu_model, git_commit, load_average, ns, table, versions
 
@@ -115,7 +116,7 @@ def contenders(kind: str, op: str, size: int, names: Sequence[str], cell: Cell) 
         impl = IMPLS[name]
         cache = impl.make(size)
         set_ = impl.set(cache)
-        for k in resident(size):
+        for k in stored_keys(kind, size):
             set_(k, VALUE)
         cell.resident[name] = resident_fraction(impl, cache, size)
         get = impl.get(cache)
@@ -152,12 +153,20 @@ def contenders(kind: str, op: str, size: int, names: Sequence[str], cell: Cell) 
     return out
 
 
-def run_cell(kind: str, op: str, size: int, names: Sequence[str], rounds: int, warmup: int) -> Cell:
+def run_cell(
+    kind: str,
+    op: str,
+    size: int,
+    names: Sequence[str],
+    rounds: int,
+    warmup: int,
+    hit_order: str = "shuffled",
+) -> Cell:
     cell = Cell(kind, op, size)
     players = contenders(kind, op, size, names, cell)
     for p in players:
         cell.ns[p.name] = []
-    source = batch_source(kind, op, size, rounds + warmup)
+    source = batch_source(kind, op, size, rounds + warmup, hit_order)
     clock = time.perf_counter_ns
     rng = random.Random(f"{kind} {op} {size}")
     try:
@@ -256,6 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    parser.add_argument(
+        "--hit-order",
+        choices=HIT_ORDERS,
+        default=HIT_ORDERS[0],
+        help="get-hit and set-overwrite: a new permutation every pass (default), or one "
+        "replayed (the order of figures before 2026-12-06; see bench.bench_embedded)",
+    )
     parser.add_argument("--quick", action="store_true", help="15 rounds: a smoke test")
     args = parser.parse_args(argv)
     rounds, warmup = (15, 2) if args.quick else (args.rounds, args.warmup)
@@ -271,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             for size in args.sizes:
                 print(f"{kind} {op} {size:,}", file=sys.stderr, flush=True)
-                cells.append(run_cell(kind, op, size, names, rounds, warmup))
+                cells.append(run_cell(kind, op, size, names, rounds, warmup, args.hit_order))
                 gc.collect()
     load_after = load_average()
     exe = Path(sys.executable)
@@ -284,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- Load average (1 min) before / after the run: {load_before:.2f} / {load_after:.2f}",
         f"- Command: `{shlex.join([str(exe), '-m', 'bench.interleaved', *given])}`",
         f"- Rounds: {rounds} of {BATCH:,} ops per cache and cell, after {warmup} warm-up rounds",
+        f"- Hit order (get-hit, set-overwrite): {args.hit_order}",
         f"- Versions: {versions()}",
     ]
     if args.quick:

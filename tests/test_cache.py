@@ -903,6 +903,38 @@ def test_byte_bound_holds_with_huge_sizes() -> None:
     assert "b" in c
 
 
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_sizes_past_32_bits_are_kept_whole(policy: str) -> None:
+    # A slot's size lives in 32 bits of its record; 2**32 - 1 and up go to a
+    # side array. Every path that reads a size back (overwrite, delete,
+    # eviction, expiry, the byte bound) must see the full value.
+    sizes = {"small": 7, "edge": 2**32 - 2, "marker": 2**32 - 1, "big": 2**32 + 5, "huge": 2**60}
+    c: HyperCache[str, str] = HyperCache(
+        capacity=1000, max_bytes=2**62, policy=policy, sizeof=lambda v: sizes[v]
+    )
+    for name in sizes:
+        c[f"k-{name}"] = name
+    assert c.stats().bytes == sum(sizes.values())
+    c["k-big"] = "small"  # overwrite: big -> small
+    c["k-small"] = "huge"  # small -> huge
+    expect = sum(sizes.values()) - sizes["big"] + sizes["small"] - sizes["small"] + sizes["huge"]
+    assert c.stats().bytes == expect
+    assert c.delete("k-huge") and c.delete("k-small")
+    assert c.stats().bytes == expect - 2 * sizes["huge"]
+    # Grow the slot arrays past their first size with the side array in use.
+    for i in range(100):
+        c[f"n{i}"] = "marker"
+    assert c.stats().bytes == expect - 2 * sizes["huge"] + 100 * sizes["marker"]
+    for k in list(c):
+        c.delete(k)
+    assert c.stats().bytes == 0 and len(c) == 0
+    # The byte bound with sizes past 32 bits: the second entry evicts the first.
+    b: HyperCache[str, str] = HyperCache(max_bytes=2**33, policy=policy, sizeof=lambda v: sizes[v])
+    b["a"] = "big"
+    b["b"] = "big"
+    assert len(b) == 1 and b.stats().bytes == sizes["big"]
+
+
 # --------------------------------------------------------------------------- keys
 
 
