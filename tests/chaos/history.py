@@ -135,9 +135,11 @@ class History:
             out[name] = out.get(name, 0) + 1
         return out
 
-    def failure_rate(self, kind: Kind = "write") -> float:
-        """Share of ``kind`` operations that did not end ``ok``."""
-        done = [op for op in self.ops if op.kind == kind]
+    def failure_rate(self, kind: Kind = "write", processes: Iterable[int] | None = None) -> float:
+        """Share of ``kind`` operations (of the clients ``processes``, default all)
+        that did not end ``ok``."""
+        of = None if processes is None else set(processes)
+        done = [op for op in self.ops if op.kind == kind and (of is None or op.process in of)]
         return sum(op.outcome != "ok" for op in done) / len(done) if done else 0.0
 
 

@@ -2,7 +2,11 @@
 
 Every writer thread owns its keys and writes them in turn with unique values (so a
 key's versions order its writes); reader threads read random keys of every writer.
-All operations are QUORUM. Start it, do harm to the cluster, stop it.
+All operations are QUORUM. Writers take the write paths in turn (by default the even
+ones write through a node, ``write_path="proxy"``, the odd ones straight to the
+owners, ``"direct"``): the injected faults act on the links between nodes, which a
+proxied write crosses and a direct one does not, so a run covers both. Start it, do
+harm to the cluster, stop it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class Workload:
     :param timeout: each client's request deadline, seconds.
     :param pause: seconds a thread waits between two operations (0: none).
     :param prefix: of every key (workloads of one history need different ones).
+    :param write_paths: the ``write_path`` of writer ``n`` is ``write_paths[n % len]``.
     """
 
     def __init__(
@@ -35,8 +40,10 @@ class Workload:
         timeout: float = 5.0,
         pause: float = 0.002,
         prefix: str = "",
+        write_paths: Sequence[str] = ("proxy", "direct"),
     ) -> None:
         self.prefix = prefix
+        self.write_paths = tuple(write_paths)
         self.seeds = list(seeds)
         self.history = history
         self.writers = writers
@@ -47,6 +54,11 @@ class Workload:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.errors: list[BaseException] = []
+
+    def writers_on(self, write_path: str) -> set[int]:
+        """The writer processes that write by ``write_path``."""
+        paths = self.write_paths
+        return {t for t in range(self.writers) if paths[t % len(paths)] == write_path}
 
     def keys_of(self, writer: int) -> list[str]:
         return [f"{self.prefix}w{writer}-k{j}" for j in range(self.keys_per_writer)]
@@ -77,12 +89,13 @@ class Workload:
         self._threads.append(thread)
         thread.start()
 
-    def _client(self) -> Client:
-        return Client(self.seeds, timeout=self.timeout, consistency="quorum")
+    def _client(self, write_path: str = "direct") -> Client:
+        return Client(self.seeds, timeout=self.timeout, consistency="quorum", write_path=write_path)
 
     def _write(self, process: int) -> None:
         keys = self.keys_of(process)
-        with self._client() as client:
+        paths = self.write_paths
+        with self._client(paths[process % len(paths)]) as client:
             i = 0
             while not self._stop.is_set():
                 self.history.write(client, process, keys[i % len(keys)], i // len(keys))
