@@ -106,3 +106,15 @@ def test_the_nemesis_row_fails_on_a_lost_write() -> None:
     name = "Combined nemesis: 2 faults, one every 10 s"
     assert verdicts({"nemesis": nemesis})[name] == "pass"
     assert verdicts({"nemesis": {**nemesis, "lost": 1}})[name] == "**FAIL**"
+
+
+def test_the_loss_row_fails_when_either_write_path_fails_too_often() -> None:
+    loss = {"loss_pct": 10, "writes": 1000, "quorum_write_fail_pct": 1.5, "lost": 0}
+    row = "QUORUM write failure at 10% loss both ways"
+    assert verdicts({"loss": loss})[row] == "pass"
+    split = {**loss, "proxy_write_fail_pct": 2.9, "direct_write_fail_pct": 0.1}
+    assert verdicts({"loss": split})[row] == "**FAIL**"
+    ok = {**loss, "proxy_write_fail_pct": 1.9, "direct_write_fail_pct": 1.1}
+    assert verdicts({"loss": ok})[row] == "pass"
+    (measured,) = [r[2] for r in chaos_rows({"loss": ok}) if r[0] == row]
+    assert "through a node 1.9%" in measured and "one hop 1.1%" in measured
