@@ -5,7 +5,8 @@ side, with ``--tracing off``, ``--tracing on`` but never sampled
 (``OTEL_TRACES_SAMPLER=parentbased_traceidratio``, ratio 0) and ``--tracing on``
 sampled at 100 % (the SDK's default, parent-based always-on), the last two exporting
 over OTLP/HTTP to a sink in this process that takes every batch and decodes nothing.
-One blocking :class:`~hypercache.Client` per cluster runs QUORUM ``set`` then ``get``
+One blocking :class:`~hypercache.Client` per cluster (sets through a node,
+``write_path="proxy"``: the coordinator's traced path) runs QUORUM ``set`` then ``get``
 of 64-byte values over 1000 keys, one request in flight; the three take turns every
 20 operations (``CHUNK``), in rounds of ``--ops`` each op (``--rounds``, the order
 rotating every round), so that whatever else loads the machine loads them alike.
@@ -142,7 +143,12 @@ def tracing_bench(workdir: Path, rounds: int, ops: int) -> str:
                 cluster = stack.enter_context(
                     ProcessCluster(3, workdir / f"trace{i}", (*FLAGS, *flags), timeout=120.0)
                 )
-            clients[mode] = stack.enter_context(Client(cluster.addresses, timeout=10.0))
+            # Sets through a node (the coordinator's Set span and its fan-out, the
+            # path tracing costs most on): a one-hop write from a process without a
+            # tracer of its own carries no context, and no node starts a trace for it.
+            clients[mode] = stack.enter_context(
+                Client(cluster.addresses, timeout=10.0, write_path="proxy")
+            )
             for k in range(1000):  # warm: connections, the table, every key present
                 clients[mode].set(f"k{k}", value, consistency="quorum")
         order = list(MODES)
