@@ -335,19 +335,9 @@ class Coordinator:
         (the other owners of this node's ring, a moving partition's previous owners),
         best effort as :meth:`_copy`, as ``R_PUT_MANY`` mode 3: a node that neither
         owns nor holds the partition any more does not keep it."""
-        stats = self.stats
         payload = [[entry], PUT_MANY_COPY]
         for owner in owners:
-            peer = self.membership.peers.get(owner)
-            if peer is None or not peer.up:
-                stats.pending_copy_failures += 1
-                continue
-            if self._copies_pending >= MAX_PENDING_COPIES:
-                stats.pending_copies_dropped += 1
-                continue
-            stats.pending_copies += 1
-            self._copies_pending += 1
-            peer.send_callback(_R_PUT_MANY, payload, self.timeout, self._copied)
+            self._send_copy(owner, _R_PUT_MANY, payload)
 
     def _copy(self, owners: list[str], op: int, payload: list[Any]) -> None:
         """Send a write or a delete to a moving partition's pending owners too, best
@@ -362,16 +352,22 @@ class Coordinator:
                 except HyperCacheError:
                     stats.pending_copy_failures += 1
                 continue
-            peer = self.membership.peers.get(owner)
-            if peer is None or not peer.up:
-                stats.pending_copy_failures += 1
-                continue
-            if self._copies_pending >= MAX_PENDING_COPIES:
-                stats.pending_copies_dropped += 1
-                continue
-            stats.pending_copies += 1
-            self._copies_pending += 1
-            peer.send_callback(op, payload, self.timeout, self._copied)
+            self._send_copy(owner, op, payload)
+
+    def _send_copy(self, owner: str, op: int, payload: list[Any]) -> None:
+        """One best-effort copy to the peer ``owner``: counted, not sent when it is
+        down or when :data:`MAX_PENDING_COPIES` are in flight (counted as dropped)."""
+        stats = self.stats
+        peer = self.membership.peers.get(owner)
+        if peer is None or not peer.up:
+            stats.pending_copy_failures += 1
+            return
+        if self._copies_pending >= MAX_PENDING_COPIES:
+            stats.pending_copies_dropped += 1
+            return
+        stats.pending_copies += 1
+        self._copies_pending += 1
+        peer.send_callback(op, payload, self.timeout, self._copied)
 
     def _copied(self, _value: Any, error: BaseException | None) -> None:
         self._copies_pending -= 1
