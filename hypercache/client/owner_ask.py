@@ -31,16 +31,16 @@ _W_PUT = int(Op.W_PUT)
 _W_HINT = int(Op.W_HINT)
 
 
-class OwnerAsk:
-    """Ask the owners of ``rd`` for it; ``done`` is set once ``rd`` is done (or gets
-    the exception that is not a node's failure: a bug or an interrupt)."""
+class _Ask:
+    """One request (``_op`` with ``_payload``) sent to owners, each answer to
+    ``_answered(address, raw, exc)``; ``done`` is set by the subclass."""
 
-    __slots__ = ("_client", "_payload", "_timeout", "done", "rd")
+    __slots__ = ("_client", "_payload", "_timeout", "done")
+    _op: int
 
-    def __init__(self, client: AsyncClient, rd: OwnerRead, timeout: float) -> None:
+    def __init__(self, client: AsyncClient, payload: Any, timeout: float) -> None:
         self._client = client
-        self.rd = rd
-        self._payload = [rd.key]
+        self._payload = payload
         self._timeout = timeout
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -50,11 +50,26 @@ class OwnerAsk:
         try:
             peer = self._client._peer(address)
         except HyperCacheError as exc:
-            self._outcome(address, None, exc)
+            self._answered(address, None, exc)
             return
         peer.send_callback(
-            _R_GET, self._payload, self._timeout, functools.partial(self._answered, address)
+            self._op, self._payload, self._timeout, functools.partial(self._answered, address)
         )
+
+    def _answered(self, address: str, raw: Any, exc: BaseException | None) -> None:
+        raise NotImplementedError
+
+
+class OwnerAsk(_Ask):
+    """Ask the owners of ``rd`` for it; ``done`` is set once ``rd`` is done (or gets
+    the exception that is not a node's failure: a bug or an interrupt)."""
+
+    __slots__ = ("rd",)
+    _op = _R_GET
+
+    def __init__(self, client: AsyncClient, rd: OwnerRead, timeout: float) -> None:
+        super().__init__(client, [rd.key], timeout)
+        self.rd = rd
 
     def _answered(self, address: str, raw: Any, exc: BaseException | None) -> None:
         if isinstance(exc, NoAnswerError):
@@ -78,29 +93,18 @@ class OwnerAsk:
             done.set_result(None)
 
 
-class DirectAsk:
+class DirectAsk(_Ask):
     """Send the direct write ``wr`` (``W_PUT``) to its owners at once; ``done`` is set
     once ``wr`` is decided. The answers that come after go on being recorded, and
     once every owner answered (or failed) the hints of a write that succeeded are
     sent (``W_HINT``, not waited for)."""
 
-    __slots__ = ("_client", "_timeout", "done", "wr")
+    __slots__ = ("wr",)
+    _op = _W_PUT
 
     def __init__(self, client: AsyncClient, wr: DirectWrite, timeout: float) -> None:
-        self._client = client
+        super().__init__(client, wr.payload, timeout)
         self.wr = wr
-        self._timeout = timeout
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def launch(self, address: str) -> None:
-        try:
-            peer = self._client._peer(address)
-        except HyperCacheError as exc:
-            self._answered(address, None, exc)
-            return
-        peer.send_callback(
-            _W_PUT, self.wr.payload, self._timeout, functools.partial(self._answered, address)
-        )
 
     def _answered(self, address: str, raw: Any, exc: BaseException | None) -> None:
         if isinstance(exc, NoAnswerError):
